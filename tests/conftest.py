@@ -1,0 +1,133 @@
+"""Tiny models built offline once per test run, and a helper that runs the real CLI entry point."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+GPL3 = Path("/usr/share/common-licenses/GPL-3")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory):
+    """Keep GGUF conversions of the test run out of the user's cache, but share them across tests."""
+    import os
+
+    if "LLMCLI_CACHE" not in os.environ:
+        os.environ["LLMCLI_CACHE"] = str(tmp_path_factory.mktemp("llmcli-cache"))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    yield
+
+
+def gpl_text() -> str:
+    return GPL3.read_text()
+
+
+def train_tokenizer(vocab_size: int = 400):
+    """A byte-level BPE tokenizer trained on the GPL-3 text, wrapped for transformers."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tokenizer.train_from_iterator(gpl_text().splitlines(), trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+
+
+def save_tiny(path: Path, config, tokenizer, chat_template: str | None = None) -> Path:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.eos_token_id
+    model.save_pretrained(path)
+    if chat_template:
+        tokenizer.chat_template = chat_template
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return train_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory, tiny_tokenizer) -> Path:
+    from transformers import GPT2Config
+
+    config = GPT2Config(
+        vocab_size=len(tiny_tokenizer), n_positions=256, n_embd=64, n_layer=2, n_head=4,
+        bos_token_id=tiny_tokenizer.eos_token_id, eos_token_id=tiny_tokenizer.eos_token_id,
+    )
+    return save_tiny(tmp_path_factory.mktemp("tiny-gpt2"), config, tiny_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory, tiny_tokenizer) -> Path:
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(
+        vocab_size=len(tiny_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        bos_token_id=tiny_tokenizer.eos_token_id, eos_token_id=tiny_tokenizer.eos_token_id,
+    )
+    return save_tiny(tmp_path_factory.mktemp("tiny-llama"), config, tiny_tokenizer, CHAT_TEMPLATE)
+
+
+@dataclass
+class CliResult:
+    exit_code: int
+    stdout: str
+    stderr: str
+
+    def json_lines(self) -> list[dict]:
+        return [json.loads(line) for line in self.stdout.splitlines() if line.strip()]
+
+
+def run_cli(*args: str, input: str | None = None) -> CliResult:
+    """Run `llmcli ARGS` through the real entry point (`llmcli.cli.main`) in this process."""
+    from llmcli.cli import main
+
+    runner = CliRunner()
+    with runner.isolation(input=input) as (stdout, stderr, _):
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        return CliResult(code, stdout.getvalue().decode(), stderr.getvalue().decode())
+
+
+def hf_greedy(model_dir: Path, prompts: list[str], max_new_tokens: int) -> list[list[int]]:
+    """The plain Hugging Face reference: left-padded batch, greedy, new tokens up to the first EOS."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    inputs = tokenizer(prompts, return_tensors="pt", padding=len(prompts) > 1)
+    output = model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens,
+                            pad_token_id=tokenizer.pad_token_id)
+    return [trim_after_eos(row[inputs["input_ids"].shape[1]:].tolist(), tokenizer.eos_token_id) for row in output]
+
+
+def trim_after_eos(ids: list[int], eos: int) -> list[int]:
+    return ids[: ids.index(eos) + 1] if eos in ids else ids

@@ -1,0 +1,186 @@
+"""`llmcli generate`: faithfulness to Hugging Face generate, sampling, stops, EOS, inputs, JSON, chat."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from conftest import hf_greedy, run_cli
+
+PROMPTS = ["This License", "the GNU General Public License is", "You may convey"]
+JSON_KEYS = {"prompt", "index", "text", "token_ids", "finish_reason", "prompt_tokens", "generated_tokens", "seconds"}
+
+
+def greedy(model_dir, *prompts, n=12, extra=()):
+    result = run_cli("generate", *prompts, "-m", model_dir, "-t", "0", "--no-chat", "-n", n, "--json", *extra)
+    assert result.exit_code == 0, result.stderr
+    return result.json_lines()
+
+
+@pytest.mark.parametrize("model", ["tiny_gpt2", "tiny_llama"])
+def test_greedy_equals_hf_generate(model, request):
+    model_dir = request.getfixturevalue(model)
+    [record] = greedy(model_dir, PROMPTS[1], n=20)
+    assert record["token_ids"] == hf_greedy(model_dir, [PROMPTS[1]], 20)[0]
+    assert set(record) == JSON_KEYS
+    assert record["generated_tokens"] == len(record["token_ids"])
+
+
+@pytest.mark.parametrize("model", ["tiny_gpt2", "tiny_llama"])
+def test_batched_equals_hf_left_padded_batch(model, request):
+    model_dir = request.getfixturevalue(model)
+    records = greedy(model_dir, *PROMPTS, n=10, extra=("--batch-size", "3"))
+    assert [r["prompt"] for r in records] == PROMPTS  # input order kept
+    assert [r["token_ids"] for r in records] == hf_greedy(model_dir, PROMPTS, 10)
+
+
+def test_prompt_tokenized_as_plain_tokenizer_call(tiny_gpt2, tiny_tokenizer):
+    [record] = greedy(tiny_gpt2, PROMPTS[0], n=3)
+    assert record["prompt_tokens"] == len(tiny_tokenizer(PROMPTS[0])["input_ids"])
+
+
+def test_seeded_sampling_is_reproducible(tiny_gpt2):
+    args = ("generate", "This License", "-m", tiny_gpt2, "-t", "1.0", "-n", "16", "--json",
+            "--num-return-sequences", "3")
+    first = run_cli(*args, "--seed", "7").json_lines()
+    again = run_cli(*args, "--seed", "7").json_lines()
+    other = run_cli(*args, "--seed", "8").json_lines()
+    assert [r["token_ids"] for r in first] == [r["token_ids"] for r in again]
+    assert [r["token_ids"] for r in first] != [r["token_ids"] for r in other]
+    assert [r["index"] for r in first] == [0, 1, 2]
+    assert len({tuple(r["token_ids"]) for r in first}) > 1  # three samples, not one repeated
+
+
+def test_stop_string_cuts_text_and_reports_stop(tiny_gpt2):
+    [full] = greedy(tiny_gpt2, PROMPTS[1], n=24)
+    text = full["text"]
+    stop = text[len(text) // 2: len(text) // 2 + 3]
+    assert stop.strip(), f"pick a visible stop string from {text!r}"
+    [cut] = greedy(tiny_gpt2, PROMPTS[1], n=24, extra=("--stop", stop))
+    assert cut["finish_reason"] == "stop"
+    assert cut["text"] == text[: text.find(stop)]
+    assert cut["token_ids"] == full["token_ids"][: len(cut["token_ids"])]
+    assert len(cut["token_ids"]) < len(full["token_ids"])
+
+
+def test_eos_ends_generation(tiny_gpt2, tmp_path):
+    """Make the third greedily generated token the model's EOS: generation must end there."""
+    [full] = greedy(tiny_gpt2, PROMPTS[1], n=12)
+    eos = full["token_ids"][2]
+    model_dir = tmp_path / "eos-model"
+    shutil.copytree(tiny_gpt2, model_dir)
+    config_path = model_dir / "generation_config.json"
+    config = json.loads(config_path.read_text())
+    config["eos_token_id"] = eos
+    config_path.write_text(json.dumps(config))
+    [record] = greedy(model_dir, PROMPTS[1], n=12)
+    first_eos = full["token_ids"].index(eos)
+    assert record["finish_reason"] == "eos"
+    assert record["token_ids"] == full["token_ids"][: first_eos + 1]
+    assert full["finish_reason"] == "length" and full["generated_tokens"] == 12
+
+
+def test_prompts_from_stdin_and_file(tiny_gpt2, tmp_path):
+    expected = [r["token_ids"] for r in greedy(tiny_gpt2, *PROMPTS, n=6)]
+    stdin = run_cli("generate", "-", "-m", tiny_gpt2, "--no-chat", "-n", "6", "--json", input="\n".join(PROMPTS) + "\n")
+    assert [r["token_ids"] for r in stdin.json_lines()] == expected
+    jsonl = tmp_path / "prompts.jsonl"
+    jsonl.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    from_file = run_cli("generate", "-f", jsonl, "-m", tiny_gpt2, "--no-chat", "-n", "6", "--json", "--batch-size", "2")
+    assert [r["token_ids"] for r in from_file.json_lines()] == expected
+
+
+def test_chat_template_applied_by_default(tiny_llama, tiny_tokenizer):
+    [plain] = greedy(tiny_llama, "Hello there", n=2)
+    chat = run_cli("generate", "Hello there", "-m", tiny_llama, "-n", "2", "--json", "--system", "Be brief.")
+    [record] = chat.json_lines()
+    templated = "<|system|>Be brief.\n<|user|>Hello there\n<|assistant|>"
+    assert record["prompt_tokens"] == len(tiny_tokenizer(templated)["input_ids"])
+    assert plain["prompt_tokens"] == len(tiny_tokenizer("Hello there")["input_ids"])
+
+
+def test_messages_jsonl_uses_chat_template(tiny_llama, tiny_tokenizer, tmp_path):
+    data = tmp_path / "chats.jsonl"
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+                {"role": "user", "content": "Bye"}]
+    data.write_text(json.dumps({"messages": messages}) + "\n")
+    [record] = run_cli("generate", "-f", data, "-m", tiny_llama, "-n", "2", "--json").json_lines()
+    templated = "<|user|>Hi\n<|assistant|>Hello\n<|user|>Bye\n<|assistant|>"
+    assert record["prompt"] == "Bye"
+    assert record["prompt_tokens"] == len(tiny_tokenizer(templated)["input_ids"])
+
+
+def test_plain_output_streams_text(tiny_gpt2):
+    [record] = greedy(tiny_gpt2, PROMPTS[0], n=10)
+    result = run_cli("generate", PROMPTS[0], "-m", tiny_gpt2, "-n", "10", "--stats")
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == record["text"] + "\n"
+    assert "tokens/s" in result.stderr and "time to first token" in result.stderr
+
+
+def test_streamer_never_splits_multibyte_characters(tiny_tokenizer):
+    """Feed a multi-byte text token by token (byte-level BPE splits characters) and check every piece."""
+    import torch
+
+    from llmcli.tasks.generate import TokenStreamer
+
+    text = "naïve café — 東京 😀 done"
+    ids = tiny_tokenizer(text)["input_ids"]
+    assert len(ids) > len(text) // 2  # many of these characters span several byte tokens
+    pieces: list[str] = []
+    streamer = TokenStreamer(tiny_tokenizer, pieces.append, stops=["STOP"], eos=set())
+    streamer.put(torch.tensor([0]))  # the prompt
+    for token in ids:
+        streamer.put(torch.tensor([token]))
+    streamer.end()
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in piece for piece in pieces)
+
+
+def test_streamer_holds_back_a_partial_stop_string(tiny_tokenizer):
+    import torch
+
+    from llmcli.tasks.generate import TokenStreamer
+
+    pieces: list[str] = []
+    streamer = TokenStreamer(tiny_tokenizer, pieces.append, stops=["END"], eos=set())
+    streamer.put(torch.tensor([0]))
+    for token in tiny_tokenizer("abc EN")["input_ids"]:
+        streamer.put(torch.tensor([token]))
+    assert "".join(pieces) == "abc "  # "EN" may begin the stop string: not shown yet
+    for token in tiny_tokenizer("D more")["input_ids"]:
+        streamer.put(torch.tensor([token]))
+    streamer.end()
+    assert "".join(pieces) == "abc "
+
+
+def test_chat_repl_keeps_history(tiny_llama):
+    result = run_cli("chat", "-m", tiny_llama, "-n", "3", input="Hello\n/system Be brief.\nAgain\n/reset\n/exit\nnever\n")
+    assert result.exit_code == 0, result.stderr
+    assert "System message set" in result.stderr and "Conversation cleared." in result.stderr
+    assert len(result.stdout.splitlines()) == 2  # two replies; nothing after /exit
+
+
+@pytest.mark.slow
+def test_embedded_model_greedy_equals_hf_and_answers():
+    """The embedded SmolLM2: our cached conversion generates what transformers' own GGUF load does."""
+    from transformers import AutoModelForCausalLM
+
+    from llmcli import models
+
+    prompt = "The three primary colors are"
+    [record] = greedy("smollm2", prompt, n=24)
+    path = models.embedded_gguf_path()
+    loaded = models.load_model(None)
+    reference = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
+    inputs = loaded.tokenizer(prompt, return_tensors="pt")
+    output = reference.generate(**inputs, do_sample=False, max_new_tokens=24)
+    assert record["token_ids"] == output[0, inputs["input_ids"].shape[1]:].tolist()[: len(record["token_ids"])]
+    assert record["generated_tokens"] == 24 or record["finish_reason"] == "eos"
+
+    answer = run_cli("generate", "What is the capital of France?", "-n", "40", "--json")
+    [chat] = answer.json_lines()
+    assert "Paris" in chat["text"] and chat["finish_reason"] == "eos"
+    assert "Using the embedded model" in answer.stderr
