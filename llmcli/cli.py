@@ -9,8 +9,12 @@ import sys
 import traceback
 from typing import Annotated, Optional
 
-import click
 import typer
+
+try:  # typer 0.2x vendors its own click, whose exceptions are not click's
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError
+except ImportError:  # older typer runs on click itself
+    from click.exceptions import ClickException, NoArgsIsHelpError
 
 from llmcli import __version__, render
 from llmcli.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, LlmcliError, UsageError
@@ -206,13 +210,15 @@ def main(argv: list[str] | None = None) -> None:
     command = typer.main.get_command(app)
     try:
         code = command.main(args=argv, prog_name="llmcli", standalone_mode=False)
-    except click.exceptions.Exit as exc:
+    except typer.Exit as exc:
         code = exc.exit_code
-    except click.ClickException as exc:  # bad option values and unknown options, from click itself
+    except NoArgsIsHelpError:  # bare `llmcli`: the help was printed, which is what was asked for
+        code = 0
+    except ClickException as exc:  # bad option values and unknown options, from click itself
         context = getattr(exc, "ctx", None)
         render.error(exc.format_message(), f"Run '{context.command_path if context else 'llmcli'} --help' for usage.")
         code = EXIT_USAGE
-    except (KeyboardInterrupt, click.exceptions.Abort):
+    except (KeyboardInterrupt, typer.Abort):
         render.write("")
         render.error("interrupted")
         code = EXIT_INTERRUPTED

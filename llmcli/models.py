@@ -66,6 +66,9 @@ def resolve_model(arg: str | None) -> ModelSource:
                 f"{arg} is a file but not a .gguf model",
                 "Pass a .gguf file, a directory written by save_pretrained, or a hub id.",
             )
+        with path.open("rb") as file:
+            if file.read(4) != b"GGUF":
+                raise ModelLoadError(f"{arg} is not a GGUF model (no GGUF header)", "Check that the file is complete.")
         return ModelSource("gguf", str(path), path.name)
     if path.is_dir():
         if not (path / "config.json").is_file():
