@@ -21,7 +21,7 @@ from llmcli.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, LlmcliErr
 
 app = typer.Typer(
     name="llmcli",
-    help="Pretrained language models from the shell: generate, chat. Offline by default.",
+    help="Pretrained language models from the shell: generate, chat, fill-mask. Offline by default.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -82,20 +82,21 @@ def peak_memory_mb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def collect_prompts(prompts: list[str], file: str | None):
-    from llmcli.data import STDIN, Prompt, read_prompts
+def collect_inputs(arguments: list[str], file: str | None, read, what: str) -> list:
+    """Inputs from arguments, '-' (stdin) or --file, read with `read` (a data.py reader)."""
+    from llmcli.data import STDIN
 
-    if file is not None and prompts:
-        raise UsageError("give prompts as arguments or with --file, not both")
+    if file is not None and arguments:
+        raise UsageError(f"give {what}s as arguments or with --file, not both")
     if file is not None:
-        return read_prompts(file)
-    if prompts == [STDIN]:
-        return read_prompts(STDIN)
-    if not prompts:
-        raise UsageError("no prompt given", "Pass a prompt, '-' to read stdin, or --file PATH.")
-    if any(not p.strip() for p in prompts):
-        raise UsageError("empty prompt", "Pass some text to continue.")
-    return [Prompt(text=p) for p in prompts]
+        return read(file)
+    if arguments == [STDIN]:
+        return read(STDIN)
+    if not arguments:
+        raise UsageError(f"no {what} given", f"Pass a {what}, '-' to read stdin, or --file PATH.")
+    if any(not a.strip() for a in arguments):
+        raise UsageError(f"empty {what}", "Pass some text.")
+    return arguments
 
 
 @app.command()
@@ -135,7 +136,10 @@ def generate(
         stop=stop or [], system=system, chat=chat, batch_size=batch_size,
     )
     validate(options)  # before the slow model load
-    prompt_list = collect_prompts(prompts or [], file)
+    from llmcli.data import Prompt, read_prompts
+
+    prompt_list = [p if isinstance(p, Prompt) else Prompt(text=p)
+                   for p in collect_inputs(prompts or [], file, read_prompts, "prompt")]
     loaded = load(model, "causal", device, dtype, trust_remote_code)
     single = len(prompt_list) == 1 and num_return_sequences == 1
     streaming = (single if stream is None else stream) and not json_output
@@ -154,6 +158,48 @@ def generate(
         render.write("\n")
     if stats:
         render.generation_stats(results, peak_memory_mb(loaded.device))
+
+
+@app.command("fill-mask")
+def fill_mask(
+    texts: Annotated[Optional[list[str]], typer.Argument(help="Texts with [MASK] blanks; '-' reads stdin.",
+                                                         show_default=False)] = None,
+    file: Annotated[Optional[str], typer.Option("--file", "-f", help="Read texts from a file: one per line, "
+                                                "or JSONL with 'text'.")] = None,
+    model: ModelOption = None,
+    top_k: Annotated[int, typer.Option(help="Predictions per blank.")] = 5,
+    targets: Annotated[Optional[list[str]], typer.Option(help="Score only these words (repeatable).")] = None,
+    mode: Annotated[str, typer.Option(help="auto (from the model type), mlm (masked LM) or causal "
+                                      "(candidate rescoring with a causal LM).")] = "auto",
+    max_mask_tokens: Annotated[int, typer.Option(help="Causal mode: tokens one blank may stand for "
+                                                 "(words of several tokens).")] = 3,
+    batch_size: Annotated[int, typer.Option(help="Texts (or candidate sentences) per forward pass.")] = 32,
+    all_positions: Annotated[bool, typer.Option(help="Also print the argmax token at every position "
+                                                "(the original BERT example).")] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="JSON Lines: one object per input text.")] = False,
+    device: DeviceOption = None,
+    dtype: DtypeOption = "auto",
+    trust_remote_code: TrustOption = False,
+) -> None:
+    """Fill [MASK] blanks. Masked LMs score as the fill-mask pipeline does; causal LMs (the default
+    embedded model) rescore candidate words with the whole sentence, filling several blanks left to
+    right, each conditioned on the earlier ones' best word."""
+    from llmcli.data import read_texts
+    from llmcli.tasks.fill_mask import FillMaskOptions, fill_mask as run_fill_mask, validate
+
+    options = FillMaskOptions(top_k=top_k, targets=targets or [], batch_size=batch_size,
+                              max_mask_tokens=max_mask_tokens, all_positions=all_positions)
+    validate(options)
+    kinds = {"auto": "auto", "mlm": "masked", "causal": "causal"}
+    if mode not in kinds:
+        raise UsageError(f"unknown --mode {mode!r}", "Use auto, mlm or causal.")
+    inputs = collect_inputs(texts or [], file, read_texts, "text")
+    loaded = load(model, kinds[mode], device, dtype, trust_remote_code)
+    for result in run_fill_mask(loaded, inputs, options):
+        if json_output:
+            render.json_line(render.fill_mask_record(result))
+        else:
+            render.fill_mask_table(result, loaded.source.name)
 
 
 @app.command()

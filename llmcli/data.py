@@ -66,14 +66,19 @@ def parse_messages(value: Any, where: str) -> list[dict[str, str]]:
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
-def parse_prompt_line(line: str, where: str) -> Prompt:
-    """One JSONL line with a `prompt` string or a `messages` list."""
+def parse_json_object(line: str, where: str, example: str) -> dict[str, Any]:
     try:
         record = json.loads(line)
     except json.JSONDecodeError as exc:
         raise DataError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})", "Fix the line or remove it.") from exc
     if not isinstance(record, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}", 'Use {"prompt": "..."}.')
+        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}", f"Use {example}.")
+    return record
+
+
+def parse_prompt_line(line: str, where: str) -> Prompt:
+    """One JSONL line with a `prompt` string or a `messages` list."""
+    record = parse_json_object(line, where, '{"prompt": "..."}')
     if "messages" in record:
         return Prompt(messages=parse_messages(record["messages"], where))
     prompt = record.get("prompt")
@@ -85,16 +90,35 @@ def parse_prompt_line(line: str, where: str) -> Prompt:
     return Prompt(text=prompt)
 
 
-def read_prompts(path: str) -> list[Prompt]:
-    """Prompts from a file or stdin: one per line, or JSONL when the file is .jsonl or starts with `{`.
-
-    Blank lines are skipped. In JSONL mode every line must be a valid record.
-    """
+def numbered_lines(path: str, what: str) -> tuple[str, list[tuple[int, str]], bool]:
+    """Display name, non-blank (line number, line) pairs, and whether the input is JSONL
+    (a .jsonl file, or a first line starting with `{`)."""
     name = "standard input" if path == STDIN else path
     lines = [(n, line) for n, line in enumerate(read_text(path).splitlines(), 1) if line.strip()]
     if not lines:
-        raise DataError(f"{name} contains no prompts", "Put one prompt per line.")
+        raise DataError(f"{name} contains no {what}", f"Put one of the {what} per line.")
     jsonl = path.endswith(".jsonl") or lines[0][1].lstrip().startswith("{")
+    return name, lines, jsonl
+
+
+def read_prompts(path: str) -> list[Prompt]:
+    """Prompts from a file or stdin: one per line, or JSONL records with `prompt` or `messages`."""
+    name, lines, jsonl = numbered_lines(path, "prompts")
     if jsonl:
         return [parse_prompt_line(line, f"{name} line {n}") for n, line in lines]
     return [Prompt(text=line) for _, line in lines]
+
+
+def read_texts(path: str) -> list[str]:
+    """Texts from a file or stdin: one per line, or JSONL records with a `text` string."""
+    name, lines, jsonl = numbered_lines(path, "texts")
+    if not jsonl:
+        return [line for _, line in lines]
+    texts = []
+    for n, line in lines:
+        record = parse_json_object(line, f"{name} line {n}", '{"text": "..."}')
+        if not isinstance(record.get("text"), str) or not record["text"].strip():
+            raise DataError(f"{name} line {n}: expected a JSON object with a non-empty string 'text' field",
+                            'Use {"text": "..."}.')
+        texts.append(record["text"])
+    return texts

@@ -42,6 +42,7 @@ class LoadedModel:
     tokenizer: Any  # a transformers tokenizer
     source: ModelSource
     device: Any  # torch.device
+    kind: str = "causal"  # "causal" | "masked"
 
 
 def embedded_gguf_path() -> Path:
@@ -259,7 +260,7 @@ def load_model(
     dtype: str = "auto",
     trust_remote_code: bool = False,
 ) -> LoadedModel:
-    """Load tokenizer and model for `arg`; kind is "causal" or "masked"."""
+    """Load tokenizer and model for `arg`; kind is "causal", "masked" or "auto" (from the config)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -269,11 +270,13 @@ def load_model(
     torch_device = choose_device(device)
     torch_dtype = choose_dtype(dtype, torch_device)
     location = local_model_dir(source)
-    model_class = {"causal": AutoModelForCausalLM, "masked": AutoModelForMaskedLM}[kind]
     try:
         config = AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"could not read the config of {source.name}: {exc}", "Check the model files.") from exc
+    if kind == "auto":
+        kind = model_kind(config, source)
+    model_class = {"causal": AutoModelForCausalLM, "masked": AutoModelForMaskedLM}[kind]
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
         model = model_class.from_pretrained(
@@ -293,4 +296,21 @@ def load_model(
         raise ModelLoadError(f"could not load model {source.name}: {exc}", "Check that the model files are complete.") from exc
     model.to(torch_device).eval()
     torch.set_grad_enabled(False)
-    return LoadedModel(model=model, tokenizer=tokenizer, source=source, device=torch_device)
+    return LoadedModel(model=model, tokenizer=tokenizer, source=source, device=torch_device, kind=kind)
+
+
+def model_kind(config: Any, source: ModelSource) -> str:
+    """"masked" or "causal". Masked is tried first: BERT-style models also map to a causal head class."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    if config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        return "masked"
+    if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return "causal"
+    raise ModelLoadError(
+        f"{source.name} ({config.model_type}) is neither a masked LM nor a causal LM",
+        "Choose a BERT-style masked LM or a GPT/Llama-style causal LM.",
+    )

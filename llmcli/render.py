@@ -73,3 +73,30 @@ def generation_stats(generations: list[Any], peak_memory_mb: float) -> None:
     table.add_row("tokens/s", f"{generated / seconds:.1f}" if seconds else "-")
     table.add_row("peak memory", f"{peak_memory_mb:.0f} MB")
     stderr.print(table)
+
+
+def fill_mask_record(result: Any) -> dict[str, Any]:
+    """The `--json` object of the contract: text and, per mask, the ranked predictions."""
+    record = {"text": result.text, "predictions": [[asdict(p) for p in row] for row in result.predictions]}
+    if result.all_positions is not None:
+        record["all_positions"] = result.all_positions
+    return record
+
+
+def fill_mask_table(result: Any, model_name: str) -> None:
+    caption = (f"causal LM rescoring estimate ({model_name}): softmax over candidate sentences' log-likelihoods"
+               if result.method == "causal-rescoring" else f"masked LM ({model_name})")
+    for number, row in enumerate(result.predictions, 1):
+        title = result.text if len(result.predictions) == 1 else f"{result.text}  (blank {number})"
+        table = Table(title=title, caption=caption, title_justify="left")
+        table.add_column("#", justify="right")
+        table.add_column("token")
+        table.add_column("probability", justify="right")
+        table.add_column("")
+        table.add_column("sequence")
+        for rank, prediction in enumerate(row, 1):
+            bar = "█" * round(prediction.score * 20)
+            table.add_row(str(rank), prediction.token_str, f"{prediction.score:.4f}", bar, prediction.sequence)
+        Console(highlight=False).print(table)
+    if result.all_positions is not None:
+        write(f"all positions: {result.all_positions}\n")

@@ -1,0 +1,294 @@
+"""Fill in `[MASK]` blanks: masked LMs exactly as the fill-mask pipeline, causal LMs by rescoring.
+
+Masked LMs: one batched forward pass, softmax over the vocabulary at each mask, top-k; sequences
+and token strings built as `FillMaskPipeline.postprocess` builds them (transformers 5).
+
+Causal LMs have no mask token, so a blank is filled by candidate rescoring: propose the tokens the
+model predicts from the left context, extend the best ones into words of several tokens, score each
+whole sentence (so the right context counts), and report a softmax over sentence log-likelihoods.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from llmcli.errors import DataError, UsageError
+from llmcli.models import LoadedModel
+
+MASK_MARKER = "[MASK]"
+
+
+@dataclass
+class FillMaskOptions:
+    top_k: int = 5
+    targets: list[str] = field(default_factory=list)
+    batch_size: int = 32
+    max_mask_tokens: int = 3  # causal mode: tokens one blank may stand for
+    all_positions: bool = False
+
+
+@dataclass
+class Prediction:
+    token: int  # first token id of the filling
+    token_str: str
+    score: float
+    sequence: str
+
+
+@dataclass
+class FillMaskResult:
+    text: str
+    predictions: list[list[Prediction]]  # one ranked list per mask
+    method: str  # "masked-lm" | "causal-rescoring"
+    all_positions: str | None = None  # argmax at every position, decoded (--all-positions)
+
+
+def validate(options: FillMaskOptions) -> None:
+    if options.top_k <= 0:
+        raise UsageError(f"--top-k must be at least 1, got {options.top_k}")
+    if options.batch_size <= 0:
+        raise UsageError(f"--batch-size must be at least 1, got {options.batch_size}")
+    if options.max_mask_tokens <= 0:
+        raise UsageError(f"--max-mask-tokens must be at least 1, got {options.max_mask_tokens}")
+    if any(not target.strip() for target in options.targets):
+        raise UsageError("--targets must not be empty")
+
+
+def fill_mask(loaded: LoadedModel, texts: list[str], options: FillMaskOptions) -> list[FillMaskResult]:
+    validate(options)
+    if loaded.kind == "masked":
+        return fill_masked_lm(loaded, texts, options)
+    if options.all_positions:
+        raise UsageError("--all-positions needs a masked LM (BERT-style)", "Pass --model with a masked LM.")
+    return [fill_causal_lm(loaded, text, options) for text in texts]
+
+
+# ---------------------------------------------------------------- masked LMs
+
+
+def with_model_mask(tokenizer: Any, text: str) -> str:
+    """`[MASK]` becomes the model's own mask token (`<mask>` for RoBERTa); the own token is kept."""
+    mask = tokenizer.mask_token
+    text = text.replace(MASK_MARKER, mask)
+    if mask not in text:
+        raise DataError(f"no mask in {text!r}", f"Mark each blank with {MASK_MARKER} (or the model's {mask}).")
+    return text
+
+
+def target_ids(tokenizer: Any, targets: list[str]) -> list[int]:
+    """Vocabulary ids of the targets, looked up as the pipeline does, but a multi-token word is an error."""
+    vocab = tokenizer.get_vocab()
+    ids = []
+    for target in targets:
+        if target in vocab:
+            ids.append(vocab[target])
+            continue
+        pieces = tokenizer(target, add_special_tokens=False)["input_ids"]
+        if len(pieces) != 1:
+            shown = tokenizer.convert_ids_to_tokens(pieces)
+            raise UsageError(
+                f"target {target!r} is not a single token of this model's vocabulary (it splits into {shown})",
+                "Pick a single-token word, or use a causal LM (--mode causal), which scores words of any length.",
+            )
+        ids.append(pieces[0])
+    return sorted(set(ids))
+
+
+def fill_masked_lm(loaded: LoadedModel, texts: list[str], options: FillMaskOptions) -> list[FillMaskResult]:
+    import torch
+
+    tokenizer, model = loaded.tokenizer, loaded.model
+    texts_with_masks = [with_model_mask(tokenizer, text) for text in texts]
+    targets = target_ids(tokenizer, options.targets) if options.targets else None
+    max_length = getattr(tokenizer, "model_max_length", None) or 10**9
+    results = []
+    for start in range(0, len(texts), options.batch_size):
+        chunk = texts_with_masks[start:start + options.batch_size]
+        encoded = [tokenizer(text)["input_ids"] for text in chunk]
+        for text, ids in zip(chunk, encoded):
+            if len(ids) > max_length:
+                raise DataError(f"input of {len(ids)} tokens is longer than the model's {max_length}: {text[:60]!r}...",
+                                "Shorten the text.")
+        batch = tokenizer.pad({"input_ids": encoded}, return_tensors="pt").to(loaded.device)
+        logits = model(**batch).logits.float()
+        for row, (text, ids) in enumerate(zip(texts[start:], encoded)):
+            input_ids = torch.tensor(ids)
+            masked_index = torch.nonzero(input_ids == tokenizer.mask_token_id).squeeze(-1)
+            probs = logits[row, masked_index.to(logits.device), :].softmax(dim=-1).cpu()
+            if targets is not None:
+                probs = probs[..., targets]
+            values, predictions = probs.topk(min(options.top_k, probs.shape[-1]))
+            single_mask = len(masked_index) == 1
+            ranked = []
+            for i, (scores, tokens) in enumerate(zip(values.tolist(), predictions.tolist())):
+                row_predictions = []
+                for score, token in zip(scores, tokens):
+                    token = targets[token] if targets is not None else token
+                    filled = input_ids.clone()
+                    filled[masked_index[i]] = token
+                    # as the pipeline: other masks stay visible when there are several
+                    sequence = tokenizer.decode(filled.tolist(), skip_special_tokens=single_mask)
+                    row_predictions.append(Prediction(token, tokenizer.decode([token]), score, sequence))
+                ranked.append(row_predictions)
+            argmax_text = None
+            if options.all_positions:
+                argmax = logits[row, : len(ids)].argmax(-1).cpu()
+                special = torch.tensor(tokenizer.get_special_tokens_mask(ids, already_has_special_tokens=True)).bool()
+                argmax_text = tokenizer.decode(argmax[~special].tolist())
+            results.append(FillMaskResult(text, ranked, "masked-lm", argmax_text))
+    return results
+
+
+# ---------------------------------------------------------------- causal LMs by rescoring
+
+
+def start_token(tokenizer: Any) -> int:
+    """The token a sentence is conditioned on: the pretraining document separator where there is one.
+
+    SmolLM2-Instruct's BOS is the chat token <|im_start|>; conditioned on it, "Birds can fly because
+    they have wings." scores -38.0 nats and " fly" is not among the 100 likeliest next tokens after
+    "Birds can"; conditioned on <|endoftext|> it scores -31.5 and " fly" ranks 4th (measured).
+    """
+    vocab = tokenizer.get_vocab()
+    for token in ("<|endoftext|>", tokenizer.bos_token, tokenizer.eos_token):
+        if token is not None and token in vocab:
+            return vocab[token]
+    raise UsageError("this causal LM's tokenizer has neither a BOS nor an EOS token to condition on")
+
+
+def encode_with_start(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    start = start_token(tokenizer)
+    return [[start] + tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+
+
+def padded(loaded: LoadedModel, sequences: list[list[int]]) -> tuple[Any, Any]:
+    import torch
+
+    width = max(len(s) for s in sequences)
+    ids = torch.zeros(len(sequences), width, dtype=torch.long)
+    mask = torch.zeros(len(sequences), width, dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        ids[row, : len(sequence)] = torch.tensor(sequence)
+        mask[row, : len(sequence)] = 1
+    return ids.to(loaded.device), mask.to(loaded.device)
+
+
+def next_token_logprobs(loaded: LoadedModel, prefixes: list[str], batch_size: int) -> Any:
+    """Log-probabilities of the token after each prefix, [len(prefixes), vocab]."""
+    import torch
+
+    rows = []
+    for start in range(0, len(prefixes), batch_size):
+        sequences = encode_with_start(loaded.tokenizer, prefixes[start:start + batch_size])
+        ids, mask = padded(loaded, sequences)
+        logits = loaded.model(input_ids=ids, attention_mask=mask).logits
+        last = torch.tensor([len(s) - 1 for s in sequences], device=logits.device)
+        rows.append(logits[torch.arange(len(sequences)), last].float().log_softmax(-1).cpu())
+    return torch.cat(rows)
+
+
+def sentence_logprobs(loaded: LoadedModel, sentences: list[str], batch_size: int) -> list[float]:
+    """Total log-likelihood of each sentence, every token conditioned on all before it."""
+    totals: list[float] = []
+    for start in range(0, len(sentences), batch_size):
+        sequences = encode_with_start(loaded.tokenizer, sentences[start:start + batch_size])
+        ids, mask = padded(loaded, sequences)
+        logprobs = loaded.model(input_ids=ids, attention_mask=mask).logits[:, :-1].float().log_softmax(-1)
+        token_lp = logprobs.gather(-1, ids[:, 1:, None]).squeeze(-1) * mask[:, 1:]
+        totals.extend(token_lp.sum(-1).tolist())
+    return totals
+
+
+def word_candidates(loaded: LoadedModel, left: str, needs_space: bool, count: int, batch_size: int) -> list[str]:
+    """The `count` most likely next tokens after `left` that can start the blank's word, most likely first."""
+    tokenizer = loaded.tokenizer
+    logprobs = next_token_logprobs(loaded, [left], batch_size)[0]
+    special = set(tokenizer.all_special_ids)
+    candidates: list[str] = []
+    for token in logprobs.argsort(descending=True).tolist():
+        piece = tokenizer.decode([token])
+        word = piece.strip()
+        starts_word = piece.startswith(" ") if needs_space else not piece[:1].isspace()
+        if token not in special and word and starts_word and word.isprintable() and piece not in candidates:
+            candidates.append(piece)
+        if len(candidates) == count:
+            break
+    return candidates
+
+
+def extend_candidates(loaded: LoadedModel, left: str, seeds: list[str], options: FillMaskOptions) -> list[str]:
+    """Grow candidates greedily by word-continuing pieces (no leading space), up to --max-mask-tokens,
+    so a blank can stand for a word the tokenizer splits (" Pythag" + "oras")."""
+    special = set(loaded.tokenizer.all_special_ids)
+    frontier, grown = seeds, []
+    for _ in range(options.max_mask_tokens - 1):
+        logprobs = next_token_logprobs(loaded, [left + c for c in frontier], options.batch_size)
+        extended = []
+        for candidate, row in zip(frontier, logprobs):
+            for token in row.topk(2).indices.tolist():
+                piece = loaded.tokenizer.decode([token])
+                if piece[:1].isalnum() and token not in special:
+                    extended.append(candidate + piece)
+        grown.extend(extended)
+        frontier = extended
+        if not frontier:
+            break
+    return grown
+
+
+def softmax_ranked(candidates: list[str], scores: list[float], sentences: list[str]) -> list[tuple[str, float, str]]:
+    import math
+
+    top = max(scores)
+    total = sum(math.exp(s - top) for s in scores)
+    ranked = sorted(zip(candidates, scores, sentences), key=lambda item: item[1], reverse=True)
+    return [(c, math.exp(s - top) / total, sentence) for c, s, sentence in ranked]
+
+
+def fill_one_blank(
+    loaded: LoadedModel, left: str, right: str, options: FillMaskOptions
+) -> list[tuple[str, float, str]]:
+    """Ranked (filling, probability, sentence) for the blank between left and right."""
+    needs_space = left != left.rstrip() and bool(left.strip())
+    left = left.rstrip() if needs_space else left
+    if options.targets:
+        candidates = [(" " + t.strip()) if needs_space else t.strip() for t in options.targets]
+        sentences = [left + c + right for c in candidates]
+        return softmax_ranked(candidates, sentence_logprobs(loaded, sentences, options.batch_size), sentences)
+    # The left context alone is a weak proposer ("Birds can" rarely predicts " fly"), so take many
+    # first tokens: scoring a short sentence is cheap next to missing the answer.
+    candidates = word_candidates(loaded, left, needs_space, max(10 * options.top_k, 100), options.batch_size)
+    scores = sentence_logprobs(loaded, [left + c + right for c in candidates], options.batch_size)
+    # Extend both the best sentences and the most likely first pieces: a word prefix (" Pythag")
+    # is likely from the left but scores badly as a whole word until it is completed.
+    by_sentence = [c for _, c in sorted(zip(scores, candidates), reverse=True)[: options.top_k]]
+    seeds = list(dict.fromkeys(by_sentence + candidates[: options.top_k]))
+    grown = [c for c in extend_candidates(loaded, left, seeds, options) if c not in candidates]
+    sentences = [left + c + right for c in grown]
+    return softmax_ranked(
+        candidates + grown, scores + sentence_logprobs(loaded, sentences, options.batch_size),
+        [left + c + right for c in candidates] + sentences,
+    )
+
+
+def fill_causal_lm(loaded: LoadedModel, text: str, options: FillMaskOptions) -> FillMaskResult:
+    """Blanks are filled left to right: each sees earlier blanks filled with their best word and the
+    right context up to the next blank."""
+    parts = text.split(MASK_MARKER)
+    if len(parts) < 2:
+        raise DataError(f"no mask in {text!r}", f"Mark each blank with {MASK_MARKER}.")
+    tokenizer = loaded.tokenizer
+    filled_left = parts[0]
+    predictions = []
+    for blank, right in enumerate(parts[1:]):
+        ranked = fill_one_blank(loaded, filled_left, right, options)
+        after = MASK_MARKER.join(parts[blank + 2:])
+        row = []
+        for filling, score, sentence in ranked[: options.top_k]:
+            sequence = sentence + (MASK_MARKER + after if blank + 2 < len(parts) else "")
+            first_token = tokenizer(filling, add_special_tokens=False)["input_ids"][0]
+            row.append(Prediction(first_token, filling.strip(), score, sequence))
+        predictions.append(row)
+        filled_left = ranked[0][2]
+    return FillMaskResult(text, predictions, "causal-rescoring")
