@@ -62,6 +62,75 @@ def save_tiny(path: Path, config, tokenizer, chat_template: str | None = None) -
     return path
 
 
+def train_wordpiece_tokenizer(vocab_size: int = 600):
+    """A BERT-style uncased WordPiece tokenizer trained on the GPL-3 text."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.decoder = decoders.WordPiece()
+    tokenizer.train_from_iterator(gpl_text().splitlines(), trainers.WordPieceTrainer(vocab_size=vocab_size,
+                                                                                    special_tokens=specials))
+    cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]",
+                                   cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+
+
+def train_roberta_tokenizer(vocab_size: int = 500):
+    """A RoBERTa-style byte-level BPE tokenizer with <s> ... </s> and a <mask> token."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator(gpl_text().splitlines(), trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+        cls_token="<s>", sep_token="</s>", mask_token=AddedToken("<mask>", lstrip=True, special=True),
+    )
+
+
+def save_tiny_masked(path: Path, config, tokenizer) -> Path:
+    import torch
+    from transformers import AutoModelForMaskedLM
+
+    torch.manual_seed(0)
+    AutoModelForMaskedLM.from_config(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    from transformers import BertConfig
+
+    tokenizer = train_wordpiece_tokenizer()
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=128, max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id)
+    return save_tiny_masked(tmp_path_factory.mktemp("tiny-bert"), config, tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_roberta(tmp_path_factory) -> Path:
+    from transformers import RobertaConfig
+
+    tokenizer = train_roberta_tokenizer()
+    config = RobertaConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=128, max_position_embeddings=130, pad_token_id=tokenizer.pad_token_id,
+                           bos_token_id=0, eos_token_id=2)
+    return save_tiny_masked(tmp_path_factory.mktemp("tiny-roberta"), config, tokenizer)
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     return train_tokenizer()

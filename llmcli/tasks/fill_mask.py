@@ -134,8 +134,9 @@ def fill_masked_lm(loaded: LoadedModel, texts: list[str], options: FillMaskOptio
             argmax_text = None
             if options.all_positions:
                 argmax = logits[row, : len(ids)].argmax(-1).cpu()
+                # drop the [CLS]/[SEP]-like positions, keep the blanks
                 special = torch.tensor(tokenizer.get_special_tokens_mask(ids, already_has_special_tokens=True)).bool()
-                argmax_text = tokenizer.decode(argmax[~special].tolist())
+                argmax_text = tokenizer.decode(argmax[~special | (input_ids == tokenizer.mask_token_id)].tolist())
             results.append(FillMaskResult(text, ranked, "masked-lm", argmax_text))
     return results
 

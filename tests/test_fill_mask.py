@@ -1,0 +1,184 @@
+"""`llmcli fill-mask`: equal to the fill-mask pipeline on masked LMs; causal rescoring on the embedded model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import run_cli
+from test_errors import assert_clean_error
+
+SINGLE = ["the program is [MASK] software.", "you may [MASK] copies of the program."]
+MULTI = "the [MASK] general public license is a [MASK] license."
+PREDICTION_KEYS = {"token", "token_str", "score", "sequence"}
+
+
+def pipeline_predictions(model_dir, text: str, **kwargs):
+    """The Hugging Face reference, always as a list of per-mask lists."""
+    from transformers import pipeline
+
+    fill = pipeline("fill-mask", model=str(model_dir), device="cpu")
+    output = fill(text.replace("[MASK]", fill.tokenizer.mask_token), **kwargs)
+    return output if isinstance(output[0], list) else [output]
+
+
+def assert_same_predictions(ours, reference):
+    assert len(ours) == len(reference)
+    for our_row, ref_row in zip(ours, reference):
+        assert [p["token"] for p in our_row] == [p["token"] for p in ref_row]
+        assert [p["token_str"] for p in our_row] == [p["token_str"] for p in ref_row]
+        assert [p["sequence"] for p in our_row] == [p["sequence"] for p in ref_row]
+        for ours_p, ref_p in zip(our_row, ref_row):
+            assert ours_p["score"] == pytest.approx(ref_p["score"], abs=1e-5)
+
+
+def fill(*args, input=None):
+    result = run_cli("fill-mask", *args, "--json", input=input)
+    assert result.exit_code == 0, result.stderr
+    return result.json_lines()
+
+
+@pytest.mark.parametrize("model", ["tiny_bert", "tiny_roberta"])
+def test_single_and_multi_mask_equal_pipeline(model, request):
+    model_dir = request.getfixturevalue(model)
+    records = fill(*SINGLE, MULTI, "-m", model_dir, "--top-k", "4", "--batch-size", "2")
+    assert [r["text"] for r in records] == [*SINGLE, MULTI]
+    for record in records:
+        assert set(record) == {"text", "predictions"}
+        assert all(set(p) == PREDICTION_KEYS for row in record["predictions"] for p in row)
+        assert_same_predictions(record["predictions"], pipeline_predictions(model_dir, record["text"], top_k=4))
+    assert len(records[-1]["predictions"]) == 2  # one ranked list per mask
+
+
+@pytest.mark.parametrize("model", ["tiny_bert", "tiny_roberta"])
+def test_targets_equal_pipeline(model, request):
+    from transformers import AutoTokenizer
+
+    model_dir = request.getfixturevalue(model)
+    vocab = AutoTokenizer.from_pretrained(model_dir).get_vocab()
+    # three whole-word vocabulary entries, spelled as the vocabulary spells them (Ġ marks a space in BPE)
+    targets = sorted(t for t in vocab if t.lstrip("Ġ").isalpha() and len(t.lstrip("Ġ")) > 4)[:3]
+    [record] = fill(SINGLE[0], "-m", model_dir, *sum((["--targets", t] for t in targets), []))
+    reference = pipeline_predictions(model_dir, SINGLE[0], targets=targets, top_k=5)
+    assert len(record["predictions"][0]) == 3
+    assert_same_predictions(record["predictions"], reference)
+
+
+def test_model_mask_token_accepted_and_file_and_stdin_input(tiny_roberta, tmp_path):
+    path = tmp_path / "texts.txt"
+    path.write_text("the program is <mask> software.\n\nyou may [MASK] copies of the program.\n")
+    from_file = fill("-f", path, "-m", tiny_roberta)
+    from_stdin = fill("-", "-m", tiny_roberta, input=path.read_text())
+    from_args = fill(*SINGLE, "-m", tiny_roberta)
+    assert [r["predictions"] for r in from_file] == [r["predictions"] for r in from_stdin]
+    assert [r["predictions"] for r in from_file] == [r["predictions"] for r in from_args]
+
+
+def test_batching_keeps_order_and_values(tiny_bert, tmp_path):
+    lines = [line.strip() for line in open("/usr/share/common-licenses/GPL-3") if len(line.split()) > 6][:12]
+    texts = [" ".join(w if i != 3 else "[MASK]" for i, w in enumerate(line.split())) for line in lines]
+    path = tmp_path / "many.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    batched = fill("-f", path, "-m", tiny_bert, "--batch-size", "5")
+    one_by_one = fill("-f", path, "-m", tiny_bert, "--batch-size", "1")
+    assert [r["text"] for r in batched] == texts
+    for a, b in zip(batched, one_by_one):
+        assert [p["token"] for p in a["predictions"][0]] == [p["token"] for p in b["predictions"][0]]
+
+
+def test_all_positions_is_argmax_everywhere(tiny_bert):
+    import torch
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    [record] = fill(SINGLE[0], "-m", tiny_bert, "--all-positions")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    model = AutoModelForMaskedLM.from_pretrained(tiny_bert)
+    inputs = tokenizer(SINGLE[0], return_tensors="pt")
+    with torch.no_grad():
+        argmax = model(**inputs).logits[0].argmax(-1)[1:-1]  # drop [CLS] and [SEP] positions
+    assert record["all_positions"] == tokenizer.decode(argmax.tolist())
+
+
+def test_table_output(tiny_bert):
+    result = run_cli("fill-mask", SINGLE[0], "-m", tiny_bert, "--top-k", "3")
+    assert result.exit_code == 0, result.stderr
+    [top] = fill(SINGLE[0], "-m", tiny_bert, "--top-k", "3")[0]["predictions"]
+    for prediction in top:
+        assert prediction["token_str"] in result.stdout and f"{prediction['score']:.4f}" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["no blank here"], "no mask in 'no blank here'"),
+        (["the [MASK] program", "--top-k", "0"], "--top-k must be at least 1, got 0"),
+        (["the [MASK] program", "--targets", "zzzqqqxxx"], "target 'zzzqqqxxx' is not a single token"),
+        (["the [MASK] program", "--mode", "seq2seq"], "unknown --mode 'seq2seq'"),
+        (["the [MASK] program", "--max-mask-tokens", "0"], "--max-mask-tokens must be at least 1"),
+    ],
+)
+def test_bad_input(tiny_bert, args, fragment):
+    assert_clean_error(run_cli("fill-mask", *args, "-m", tiny_bert), fragment)
+
+
+def test_no_mask_names_the_model_mask_token(tiny_roberta):
+    assert_clean_error(run_cli("fill-mask", "nothing", "-m", tiny_roberta), "[MASK]", "<mask>")
+
+
+def test_empty_file(tmp_path):
+    path = tmp_path / "empty.txt"
+    path.write_text("")
+    assert_clean_error(run_cli("fill-mask", "-f", path), "contains no texts")
+
+
+def test_model_neither_masked_nor_causal(tmp_path):
+    from transformers import T5Config
+
+    T5Config(d_model=32, num_layers=1, num_heads=2, d_ff=64, vocab_size=100).save_pretrained(tmp_path)
+    assert_clean_error(run_cli("fill-mask", "a [MASK]", "-m", tmp_path), "neither a masked LM nor a causal LM")
+
+
+def test_causal_rescoring_on_a_tiny_model_agrees_with_sentence_scores(tiny_gpt2):
+    """The reported probabilities are a softmax over whole-sentence log-likelihoods."""
+    import math
+
+    from llmcli.models import load_model
+    from llmcli.tasks.fill_mask import sentence_logprobs
+
+    targets = ["free", "proprietary", "the"]
+    [record] = fill("the program is [MASK] software.", "-m", tiny_gpt2, *sum((["--targets", t] for t in targets), []))
+    loaded = load_model(str(tiny_gpt2))
+    sentences = [f"the program is {t} software." for t in targets]
+    scores = sentence_logprobs(loaded, sentences, batch_size=1)
+    expected = {t: math.exp(s) / sum(math.exp(x) for x in scores) for t, s in zip(targets, scores)}
+    got = {p["token_str"]: p["score"] for p in record["predictions"][0]}
+    assert got == pytest.approx(expected, rel=1e-4)
+    assert [p["sequence"] for p in record["predictions"][0]] == sorted(sentences, key=lambda s: -scores[sentences.index(s)])
+
+
+@pytest.mark.slow
+def test_embedded_model_answers_cloze_sentences():
+    cloze = {
+        "The capital of France is [MASK].": "Paris",
+        "Birds can [MASK] because they have wings.": "fly",
+        "The opposite of hot is [MASK].": "cold",
+        "Water freezes at zero degrees [MASK].": "Celsius",
+        "I [MASK] a book yesterday.": "read",
+        # " Pythagoras" is two tokens of this tokenizer: the blank stands for a split word
+        "The theorem about right triangles is named after the Greek mathematician [MASK].": "Pythagoras",
+    }
+    result = run_cli("fill-mask", *cloze, "--json", "--top-k", "3")
+    assert result.exit_code == 0, result.stderr
+    answers = {r["text"]: r["predictions"][0][0]["token_str"] for r in result.json_lines()}
+    assert answers == cloze
+    assert "Using the embedded model" in result.stderr
+
+
+@pytest.mark.slow
+def test_embedded_model_fills_several_blanks_left_to_right():
+    [record] = fill("The sky is [MASK] and the grass is [MASK].", "--top-k", "2")
+    first, second = record["predictions"]
+    assert first[0]["token_str"] == "blue" and second[0]["token_str"] == "green"
+    assert first[0]["sequence"] == "The sky is blue and the grass is [MASK]."
+    assert second[0]["sequence"] == "The sky is blue and the grass is green."
