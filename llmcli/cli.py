@@ -21,7 +21,7 @@ from llmcli.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, LlmcliErr
 
 app = typer.Typer(
     name="llmcli",
-    help="Pretrained language models from the shell: generate, chat, fill-mask. Offline by default.",
+    help="Pretrained language models from the shell: generate, chat, fill-mask, eval. Offline by default.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -200,6 +200,57 @@ def fill_mask(
             render.json_line(render.fill_mask_record(result))
         else:
             render.fill_mask_table(result, loaded.source.name)
+
+
+@app.command("eval")
+def evaluate(
+    data: Annotated[str, typer.Option("--data", "-d", help="Text to score: .txt, JSONL with 'text', or '-' "
+                                      "for stdin.", show_default=False)],
+    model: Annotated[Optional[list[str]], typer.Option("--model", "-m", help="Model to evaluate (repeatable: one "
+                                                       "row each). Default: the embedded SmolLM2.")] = None,
+    metric: Annotated[Optional[str], typer.Option(help="perplexity (causal LMs), pseudo-perplexity or accuracy "
+                                                  "(masked LMs). Default: from the model type.")] = None,
+    max_length: Annotated[Optional[int], typer.Option(help="Window length in tokens. Default: the model's "
+                                                      "context, at most 1024.")] = None,
+    stride: Annotated[Optional[int], typer.Option(help="Tokens a sliding window moves. Default: max-length / 2.")]
+    = None,
+    llama_cpp: Annotated[bool, typer.Option("--llama-cpp", help="llama-perplexity's method: chunks of --ctx "
+                                            "tokens, second half scored.")] = False,
+    ctx: Annotated[int, typer.Option(help="Chunk size for --llama-cpp (llama-perplexity -c).")] = 512,
+    lm_eval: Annotated[bool, typer.Option("--lm-eval", help="lm-evaluation-harness's rolling log-likelihood: "
+                                          "every token scored, disjoint windows of max-length.")] = False,
+    batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 4,
+    seed: Annotated[int, typer.Option(help="Seed of the 15% masking for --metric accuracy.")] = 0,
+    json_output: Annotated[bool, typer.Option("--json", help="JSON Lines: one object per model.")] = False,
+    device: DeviceOption = None,
+    dtype: DtypeOption = "auto",
+    trust_remote_code: TrustOption = False,
+) -> None:
+    """Score a text: perplexity for causal LMs (sliding window by default), pseudo-perplexity or
+    accuracy for masked LMs. Every result names its protocol, token count and standard error."""
+    from llmcli.data import read_document
+    from llmcli.tasks.evaluate import EvalOptions, evaluate as run_evaluate
+
+    if llama_cpp and lm_eval:
+        raise UsageError("--llama-cpp and --lm-eval are two different protocols", "Choose one.")
+    if stride is not None and stride <= 0:
+        raise UsageError(f"--stride must be at least 1, got {stride}")
+    if stride is not None and max_length is not None and stride > max_length:
+        raise UsageError(f"--stride ({stride}) must not exceed --max-length ({max_length})")
+    protocol = "llama.cpp" if llama_cpp else "rolling" if lm_eval else "sliding"
+    options = EvalOptions(metric=metric, protocol=protocol, max_length=max_length, stride=stride, ctx=ctx,
+                          batch_size=batch_size, seed=seed)
+    text = read_document(data)
+    results = []
+    for name in model or [None]:
+        loaded = load(name, "auto", device, dtype, trust_remote_code)
+        with render.progress(f"Scoring with {loaded.source.name}") as (start, advance):
+            result = run_evaluate(loaded, text, options, on_start=start, on_progress=advance)
+        results.append(result)
+        if json_output:
+            render.json_line(render.eval_record(result))
+    if not json_output:
+        render.eval_table(results)
 
 
 @app.command()

@@ -122,3 +122,13 @@ def read_texts(path: str) -> list[str]:
                             'Use {"text": "..."}.')
         texts.append(record["text"])
     return texts
+
+
+def read_document(path: str) -> str:
+    """One text to evaluate: a .jsonl file's `text` records joined by blank lines, else the whole file."""
+    if path.endswith(".jsonl"):
+        return "\n\n".join(read_texts(path))
+    text = read_text(path)
+    if not text.strip():
+        raise DataError(f"{'standard input' if path == STDIN else path} is empty", "Pass a file with some text.")
+    return text

@@ -295,7 +295,6 @@ def load_model(
     except (OSError, RuntimeError, json.JSONDecodeError) as exc:
         raise ModelLoadError(f"could not load model {source.name}: {exc}", "Check that the model files are complete.") from exc
     model.to(torch_device).eval()
-    torch.set_grad_enabled(False)
     return LoadedModel(model=model, tokenizer=tokenizer, source=source, device=torch_device, kind=kind)
 
 

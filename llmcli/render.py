@@ -9,6 +9,7 @@ from dataclasses import asdict
 from typing import Any, Iterator
 
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 # rich honours NO_COLOR and drops styling when stderr is not a terminal.
@@ -100,3 +101,34 @@ def fill_mask_table(result: Any, model_name: str) -> None:
         Console(highlight=False).print(table)
     if result.all_positions is not None:
         write(f"all positions: {result.all_positions}\n")
+
+
+@contextmanager
+def progress(description: str) -> Iterator[tuple[Any, Any]]:
+    """A progress bar on stderr; yields (start(total), advance(n)) callbacks for a task to call."""
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                   console=stderr, transient=True, disable=not stderr.is_terminal)
+    task = bar.add_task(description, total=None)
+    with bar:
+        yield (lambda total: bar.update(task, total=total)), (lambda n: bar.advance(task, n))
+
+
+def eval_record(result: Any) -> dict[str, Any]:
+    """The `--json` object of the contract, plus the protocol and standard error."""
+    record = asdict(result)
+    record["seconds"] = round(record["seconds"], 4)
+    return record
+
+
+def eval_table(results: list[Any]) -> None:
+    higher_is_better = results[0].metric == "accuracy"
+    values = [r.value for r in results]
+    best = max(values) if higher_is_better else min(values)
+    table = Table(caption="; ".join(sorted({r.protocol for r in results})), title_justify="left")
+    for column in ("model", "metric", "value", "± stderr", "tokens", "bits/byte", "seconds"):
+        table.add_column(column, justify="left" if column in ("model", "metric") else "right")
+    for r in results:
+        style = "bold green" if len(results) > 1 and r.value == best else None
+        table.add_row(r.model, r.metric, f"{r.value:.4f}", f"{r.stderr:.4f}", str(r.tokens),
+                      "-" if r.bits_per_byte is None else f"{r.bits_per_byte:.4f}", f"{r.seconds:.1f}", style=style)
+    Console(highlight=False).print(table)

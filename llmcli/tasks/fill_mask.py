@@ -56,12 +56,15 @@ def validate(options: FillMaskOptions) -> None:
 
 
 def fill_mask(loaded: LoadedModel, texts: list[str], options: FillMaskOptions) -> list[FillMaskResult]:
+    import torch
+
     validate(options)
-    if loaded.kind == "masked":
-        return fill_masked_lm(loaded, texts, options)
-    if options.all_positions:
+    if options.all_positions and loaded.kind != "masked":
         raise UsageError("--all-positions needs a masked LM (BERT-style)", "Pass --model with a masked LM.")
-    return [fill_causal_lm(loaded, text, options) for text in texts]
+    with torch.inference_mode():
+        if loaded.kind == "masked":
+            return fill_masked_lm(loaded, texts, options)
+        return [fill_causal_lm(loaded, text, options) for text in texts]
 
 
 # ---------------------------------------------------------------- masked LMs

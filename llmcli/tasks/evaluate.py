@@ -1,0 +1,310 @@
+"""Perplexity and friends, each result naming the exact protocol that produced it.
+
+Causal LMs:
+- sliding(max_length, stride): the window layout of the Hugging Face guide "Perplexity of
+  fixed-length models"; every token from the second on is scored exactly once, and the value is
+  exp(total NLL / scored tokens). (The guide's own code weights each window's mean loss by its
+  labelled tokens - 1, which is off by ~1e-4 relative when stride < max_length; we report the exact
+  per-token value. With stride == max_length the two agree.)
+- rolling(lm-eval): lm-evaluation-harness's loglikelihood_rolling: the first token conditioned on
+  the prefix token (BOS, else EOS), then disjoint windows of max_length; every token scored.
+- llama.cpp(ctx): llama-perplexity's method: chunks of ctx tokens, BOS replacing the first token of
+  each chunk when the model adds one, only the second half of each chunk scored.
+Masked LMs: pseudo-perplexity (each token masked in turn, Salazar et al. 2020) and accuracy
+(seeded 15% masking).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+from llmcli.errors import DataError, UsageError
+from llmcli.models import LoadedModel
+
+ProgressCallback = Callable[[int], None]  # called with the number of windows just finished
+
+
+@dataclass
+class EvalOptions:
+    metric: str | None = None  # perplexity | pseudo-perplexity | accuracy; None: from the model type
+    protocol: str = "sliding"  # sliding | rolling | llama.cpp (causal perplexity only)
+    max_length: int | None = None  # None: the model's context, at most 1024
+    stride: int | None = None  # None: max_length // 2
+    ctx: int = 512  # llama.cpp chunk size
+    batch_size: int = 4
+    seed: int = 0  # accuracy's masking
+
+
+@dataclass
+class EvalResult:
+    model: str
+    metric: str
+    protocol: str
+    value: float
+    stderr: float  # standard error of the value (delta method over per-token NLL)
+    tokens: int  # tokens scored
+    nll: float  # total negative log-likelihood, nats
+    bits_per_byte: float | None
+    word_perplexity: float | None
+    seconds: float
+
+
+@dataclass
+class Window:
+    """One forward pass: the window's tokens, of which the last `scored` are predicted and scored.
+
+    The forward pass reads ids[:-1]: the last token is only ever a target, and leaving it out gives
+    the same logits for a causal model and keeps an lm-eval window within the context."""
+
+    ids: list[int]
+    scored: int
+
+
+def model_context(loaded: LoadedModel) -> int | None:
+    config = loaded.model.config
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
+def sliding_windows(ids: list[int], max_length: int, stride: int) -> list[Window]:
+    """The guide's layout: windows of max_length moved by stride; each scores only its new tokens."""
+    windows, previous_end = [], 0
+    for begin in range(0, len(ids), stride):
+        end = min(begin + max_length, len(ids))
+        new = end - previous_end
+        # the first window's first token has no context, so it scores one token less
+        windows.append(Window(ids[begin:end], min(new, end - begin - 1)))
+        previous_end = end
+        if end == len(ids):
+            break
+    return windows
+
+
+def rolling_windows(ids: list[int], prefix: int, max_length: int) -> list[Window]:
+    """lm-eval's get_rolling_token_windows(context_len=1) + make_disjoint_window, as forward passes."""
+    sequence = [prefix] + ids
+    return [Window(sequence[start:start + max_length + 1], len(sequence[start + 1:start + max_length + 1]))
+            for start in range(0, len(ids), max_length)]
+
+
+def llama_cpp_windows(ids: list[int], ctx: int, bos: int | None) -> list[Window]:
+    """llama-perplexity: whole chunks of ctx tokens; tokens after position ctx/2 are scored."""
+    windows = []
+    for start in range(0, len(ids) - ctx + 1, ctx):
+        chunk = ids[start:start + ctx]
+        if bos is not None:
+            chunk = [bos] + chunk[1:]
+        windows.append(Window(chunk, ctx - 1 - ctx // 2))
+    return windows
+
+
+def batches(windows: list[Window], batch_size: int) -> Iterator[list[Window]]:
+    """Runs of windows with equal length and scored count, so batches need no padding."""
+    run: list[Window] = []
+    for window in windows:
+        if run and (len(run) == batch_size or (len(window.ids), window.scored) != (len(run[0].ids), run[0].scored)):
+            yield run
+            run = []
+        run.append(window)
+    if run:
+        yield run
+
+
+def window_nlls(loaded: LoadedModel, windows: list[Window], batch_size: int,
+                on_progress: ProgressCallback | None = None) -> list[float]:
+    """Per-token NLL of every scored token, in text order. Logits are computed only for scored
+    positions (`logits_to_keep`), so memory grows with batch size and window, not text length."""
+    import torch
+
+    nlls: list[float] = []
+    for run in batches(windows, batch_size):
+        ids = torch.tensor([w.ids for w in run], device=loaded.device)
+        scored = run[0].scored
+        logits = loaded.model(input_ids=ids[:, :-1], logits_to_keep=scored).logits.float()
+        targets = ids[:, -scored:]
+        token_nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+        nlls.extend(token_nll.flatten().tolist())
+        if on_progress:
+            on_progress(len(run))
+    return nlls
+
+
+def summary(nlls: list[float], text: str) -> tuple[float, float, float, float, float]:
+    """value (perplexity), its standard error, total NLL, bits per byte, word perplexity."""
+    n = len(nlls)
+    total = math.fsum(nlls)
+    mean = total / n
+    variance = math.fsum((x - mean) ** 2 for x in nlls) / max(n - 1, 1)
+    perplexity = math.exp(mean)
+    stderr = perplexity * math.sqrt(variance / n)  # delta method: d exp(m) = exp(m) dm
+    words = len(re.split(r"\s+", text))  # lm-eval's word count for word_perplexity
+    bits_per_byte = total / (math.log(2) * len(text.encode("utf-8")))
+    return perplexity, stderr, total, bits_per_byte, math.exp(total / words)
+
+
+def causal_perplexity(loaded: LoadedModel, text: str, options: EvalOptions,
+                      on_start: Callable[[int], None] | None = None,
+                      on_progress: ProgressCallback | None = None) -> tuple[str, list[float]]:
+    tokenizer = loaded.tokenizer
+    if options.protocol == "llama.cpp":
+        ids = tokenizer(text)["input_ids"]
+        if len(ids) < 2 * options.ctx:
+            raise DataError(f"the text has {len(ids)} tokens; llama.cpp's method needs at least 2 × ctx = "
+                            f"{2 * options.ctx}", "Use a longer text or a smaller --ctx.")
+        adds_bos = tokenizer.bos_token_id is not None and ids[:1] == [tokenizer.bos_token_id]
+        windows = llama_cpp_windows(ids, options.ctx, tokenizer.bos_token_id if adds_bos else None)
+        protocol = f"llama.cpp(ctx={options.ctx})"
+    elif options.protocol == "rolling":
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        windows = rolling_windows(ids, prefix, options.max_length)
+        protocol = f"rolling(lm-eval,max_length={options.max_length})"
+    else:
+        ids = tokenizer(text)["input_ids"]
+        if len(ids) < 2:
+            raise DataError(f"the text is {len(ids)} token long; perplexity needs at least 2", "Use a longer text.")
+        windows = sliding_windows(ids, options.max_length, options.stride)
+        protocol = f"sliding(max_length={options.max_length},stride={options.stride})"
+    if on_start:
+        on_start(len(windows))
+    return protocol, window_nlls(loaded, windows, options.batch_size, on_progress)
+
+
+def special_affixes(tokenizer: Any) -> tuple[list[int], list[int]]:
+    """The special tokens the tokenizer puts before and after a text ([CLS] and [SEP] for BERT).
+
+    transformers 5 tokenizers no longer offer build_inputs_with_special_tokens, so they are read off
+    one encoded word."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a")["input_ids"]
+    start = next(i for i in range(len(full)) if full[i:i + len(plain)] == plain)
+    return full[:start], full[start + len(plain):]
+
+
+def masked_chunks(tokenizer: Any, text: str, max_length: int) -> list[list[int]]:
+    """The text's tokens cut into pieces that fit max_length with the special tokens around each."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise DataError("the text has no tokens", "Use a longer text.")
+    prefix, suffix = special_affixes(tokenizer)
+    body = max_length - len(prefix) - len(suffix)
+    return [prefix + ids[i:i + body] + suffix for i in range(0, len(ids), body)]
+
+
+def pseudo_log_likelihoods(loaded: LoadedModel, text: str, options: EvalOptions,
+                           on_start: Callable[[int], None] | None = None,
+                           on_progress: ProgressCallback | None = None) -> tuple[str, list[float]]:
+    """Per-token NLL with each token masked in turn, in chunks of max_length with [CLS]/[SEP] added;
+    the masked copies of a chunk are batched (batch_size copies per forward pass)."""
+    import torch
+
+    tokenizer = loaded.tokenizer
+    jobs = []
+    for chunk in masked_chunks(tokenizer, text, options.max_length):
+        special = tokenizer.get_special_tokens_mask(chunk, already_has_special_tokens=True)
+        jobs += [(chunk, position) for position, is_special in enumerate(special) if not is_special]
+    if on_start:
+        on_start(len(jobs))
+    nlls: list[float] = []
+    for start in range(0, len(jobs), options.batch_size):
+        run = jobs[start:start + options.batch_size]
+        width = max(len(chunk) for chunk, _ in run)
+        batch = torch.full((len(run), width), tokenizer.pad_token_id or 0)
+        attention = torch.zeros((len(run), width), dtype=torch.long)
+        for row, (chunk, position) in enumerate(run):
+            batch[row, : len(chunk)] = torch.tensor(chunk)
+            attention[row, : len(chunk)] = 1
+            batch[row, position] = tokenizer.mask_token_id
+        logits = loaded.model(input_ids=batch.to(loaded.device), attention_mask=attention.to(loaded.device)).logits
+        for row, (chunk, position) in enumerate(run):
+            nlls.append(-logits[row, position].float().log_softmax(-1)[chunk[position]].item())
+        if on_progress:
+            on_progress(len(run))
+    return f"pseudo-perplexity(max_length={options.max_length})", nlls
+
+
+def masked_accuracy(loaded: LoadedModel, text: str, options: EvalOptions) -> tuple[str, int, int]:
+    """Correct and total predictions when a seeded 15% of tokens (at least one per chunk) are masked."""
+    import torch
+
+    tokenizer = loaded.tokenizer
+    generator = torch.Generator().manual_seed(options.seed)
+    correct = total = 0
+    for ids in masked_chunks(tokenizer, text, options.max_length):
+        chunk = torch.tensor(ids)
+        special = torch.tensor(tokenizer.get_special_tokens_mask(chunk.tolist(), already_has_special_tokens=True))
+        candidates = (special == 0).nonzero().squeeze(-1)
+        count = max(1, round(0.15 * len(candidates)))
+        masked = candidates[torch.randperm(len(candidates), generator=generator)[:count]]
+        inputs = chunk.clone()
+        inputs[masked] = tokenizer.mask_token_id
+        logits = loaded.model(input_ids=inputs[None].to(loaded.device)).logits[0]
+        correct += int((logits[masked].argmax(-1).cpu() == chunk[masked]).sum())
+        total += count
+    return f"masked-accuracy(p=0.15,seed={options.seed},max_length={options.max_length})", correct, total
+
+
+def resolve_options(loaded: LoadedModel, options: EvalOptions) -> EvalOptions:
+    """Fill in defaults from the model and check the options against it."""
+    default_metric = "pseudo-perplexity" if loaded.kind == "masked" else "perplexity"
+    metric = options.metric or default_metric
+    if metric not in ("perplexity", "pseudo-perplexity", "accuracy"):
+        raise UsageError(f"unknown --metric {metric!r}", "Use perplexity, pseudo-perplexity or accuracy.")
+    if loaded.kind == "causal" and metric != "perplexity":
+        raise UsageError(f"--metric {metric} needs a masked LM, but {loaded.source.name} is a causal LM",
+                         "Use --metric perplexity.")
+    if loaded.kind == "masked" and metric == "perplexity":
+        raise UsageError(f"--metric perplexity needs a causal LM, but {loaded.source.name} is a masked LM",
+                         "Use --metric pseudo-perplexity (or accuracy).")
+    context = model_context(loaded)
+    max_length = options.max_length or min(context or 1024, 1024)
+    if max_length < 2:
+        raise UsageError(f"--max-length must be at least 2, got {max_length}")
+    if context and max_length > context:
+        raise UsageError(f"--max-length {max_length} is above the model's context of {context} tokens",
+                         f"Use --max-length {context} or less.")
+    stride = options.stride if options.stride is not None else max(1, max_length // 2)
+    if not 0 < stride <= max_length:
+        raise UsageError(f"--stride must be in 1..max-length ({max_length}), got {stride}")
+    if options.protocol == "llama.cpp" and context and options.ctx > context:
+        raise UsageError(f"--ctx {options.ctx} is above the model's context of {context} tokens")
+    if options.ctx < 4:
+        raise UsageError(f"--ctx must be at least 4, got {options.ctx}")
+    if options.batch_size <= 0:
+        raise UsageError(f"--batch-size must be at least 1, got {options.batch_size}")
+    return EvalOptions(metric=metric, protocol=options.protocol, max_length=max_length, stride=stride,
+                       ctx=options.ctx, batch_size=options.batch_size, seed=options.seed)
+
+
+def evaluate(loaded: LoadedModel, text: str, options: EvalOptions,
+             on_start: Callable[[int], None] | None = None,
+             on_progress: ProgressCallback | None = None) -> EvalResult:
+    import torch
+
+    if not text.strip():
+        raise DataError("the evaluation text is empty", "Pass a file with some text.")
+    options = resolve_options(loaded, options)
+    with torch.inference_mode():
+        return score(loaded, text, options, on_start, on_progress)
+
+
+def score(loaded: LoadedModel, text: str, options: EvalOptions, on_start: Callable[[int], None] | None,
+          on_progress: ProgressCallback | None) -> EvalResult:
+    began = time.perf_counter()
+    if options.metric == "accuracy":
+        protocol, correct, total = masked_accuracy(loaded, text, options)
+        value = correct / total
+        return EvalResult(loaded.source.name, "accuracy", protocol, value, math.sqrt(value * (1 - value) / total),
+                          total, float("nan"), None, None, time.perf_counter() - began)
+    if options.metric == "pseudo-perplexity":
+        protocol, nlls = pseudo_log_likelihoods(loaded, text, options, on_start, on_progress)
+    else:
+        protocol, nlls = causal_perplexity(loaded, text, options, on_start, on_progress)
+    if not nlls:
+        raise DataError("no token could be scored", "Use a longer text.")
+    value, stderr, total, bits_per_byte, word_perplexity = summary(nlls, text)
+    return EvalResult(loaded.source.name, options.metric, protocol, value, stderr, len(nlls), total,
+                      bits_per_byte, word_perplexity, time.perf_counter() - began)

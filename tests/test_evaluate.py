@@ -1,0 +1,249 @@
+"""`llmcli eval`: perplexity equal to reference computations, protocols named, masked-LM metrics, errors."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+import torch
+
+from conftest import gpl_text, run_cli
+from test_errors import assert_clean_error
+
+TEXT = gpl_text()[:6000]
+RESULT_KEYS = {"model", "metric", "protocol", "value", "stderr", "tokens", "nll", "bits_per_byte",
+               "word_perplexity", "seconds"}
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("eval") / "gpl.txt"
+    path.write_text(TEXT)
+    return path
+
+
+def evaluate(text_file, model_dir, *options):
+    result = run_cli("eval", "--data", text_file, "-m", model_dir, "--json", *options)
+    assert result.exit_code == 0, result.stderr
+    [record] = result.json_lines()
+    return record
+
+
+def load_hf(model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(model_dir).eval(), AutoTokenizer.from_pretrained(model_dir)
+
+
+def reference_sliding(model_dir, max_length, stride):
+    """Per-token loop over the guide's windows: full-window forward passes, each token scored once."""
+    model, tokenizer = load_hf(model_dir)
+    ids = tokenizer(TEXT, return_tensors="pt").input_ids[0]
+    nlls, previous_end = [], 0
+    for begin in range(0, len(ids), stride):
+        end = min(begin + max_length, len(ids))
+        with torch.no_grad():
+            logprobs = model(ids[None, begin:end]).logits[0].log_softmax(-1)
+        for position in range(max(previous_end, begin + 1), end):
+            nlls.append(-logprobs[position - begin - 1, ids[position]].item())
+        previous_end = end
+        if end == len(ids):
+            break
+    return math.exp(sum(nlls) / len(nlls)), len(nlls)
+
+
+def guide_code(model_dir, max_length, stride):
+    """The guide's own code, verbatim in substance (transformers docs, perplexity.md)."""
+    model, tokenizer = load_hf(model_dir)
+    encodings = tokenizer(TEXT, return_tensors="pt")
+    seq_len = encodings.input_ids.size(1)
+    nll_sum, n_tokens, prev_end_loc = 0.0, 0, 0
+    for begin_loc in range(0, seq_len, stride):
+        end_loc = min(begin_loc + max_length, seq_len)
+        trg_len = end_loc - prev_end_loc
+        input_ids = encodings.input_ids[:, begin_loc:end_loc]
+        target_ids = input_ids.clone()
+        target_ids[:, :-trg_len] = -100
+        with torch.no_grad():
+            neg_log_likelihood = model(input_ids, labels=target_ids).loss
+        num_loss_tokens = (target_ids != -100).sum().item() - target_ids.size(0)
+        nll_sum += neg_log_likelihood * num_loss_tokens
+        n_tokens += num_loss_tokens
+        prev_end_loc = end_loc
+        if end_loc == seq_len:
+            break
+    return torch.exp(nll_sum / n_tokens).item()
+
+
+@pytest.mark.parametrize("model", ["tiny_gpt2", "tiny_llama"])
+@pytest.mark.parametrize("max_length, stride", [(64, 32), (64, 64), (100, 30)])
+@pytest.mark.parametrize("batch_size", ["1", "3"])
+def test_sliding_perplexity_equals_per_token_reference(model, max_length, stride, batch_size, request, text_file):
+    model_dir = request.getfixturevalue(model)
+    record = evaluate(text_file, model_dir, "--max-length", max_length, "--stride", stride, "--batch-size", batch_size)
+    value, tokens = reference_sliding(model_dir, max_length, stride)
+    assert record["value"] == pytest.approx(value, rel=1e-5)
+    assert record["tokens"] == tokens
+    assert record["protocol"] == f"sliding(max_length={max_length},stride={stride})"
+    assert set(record) == RESULT_KEYS
+
+
+def test_equals_the_guide_code_when_stride_is_max_length(tiny_gpt2, text_file):
+    record = evaluate(text_file, tiny_gpt2, "--max-length", "64", "--stride", "64")
+    # the guide sums window losses in float32 tensors; we sum per-token NLL in float64
+    assert record["value"] == pytest.approx(guide_code(tiny_gpt2, 64, 64), rel=1e-5)
+
+
+def test_the_guide_code_undercounts_overlapping_windows(tiny_gpt2, text_file):
+    """Our exact per-token value differs from the guide's weighting by a small, nonzero amount."""
+    record = evaluate(text_file, tiny_gpt2, "--max-length", "64", "--stride", "32")
+    relative = abs(record["value"] - guide_code(tiny_gpt2, 64, 32)) / record["value"]
+    assert 1e-5 < relative < 1e-2
+
+
+def test_lm_eval_rolling_matches_its_reference_loop(tiny_llama, text_file):
+    """lm-eval's loglikelihood_rolling: get_rolling_token_windows(context_len=1), reimplemented plainly."""
+    model, tokenizer = load_hf(tiny_llama)
+    tokens = tokenizer(TEXT, add_special_tokens=False).input_ids
+    prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    max_length, total, predicted = 64, 0.0, 0
+    windows = [([prefix] + tokens[: max_length - 1], tokens[:max_length])]
+    predicted = min(max_length, len(tokens))
+    while predicted < len(tokens):
+        pred_len = min(len(tokens) - predicted, max_length)
+        end = predicted + pred_len
+        windows.append((tokens[end - max_length - 1:end - 1], tokens[end - pred_len:end]))
+        predicted += pred_len
+    for context, continuation in windows:
+        with torch.no_grad():
+            logprobs = model(torch.tensor([context])).logits[0].log_softmax(-1)
+        for offset, token in enumerate(continuation):
+            total += logprobs[len(context) - len(continuation) + offset, token].item()
+    record = evaluate(text_file, tiny_llama, "--lm-eval", "--max-length", max_length)
+    assert record["tokens"] == len(tokens)
+    assert record["nll"] == pytest.approx(-total, rel=1e-5)
+    words = len(re.split(r"\s+", TEXT))
+    # compared in log space: exp turns a 1e-6 relative NLL difference into 2e-5 here
+    assert math.log(record["word_perplexity"]) == pytest.approx(-total / words, rel=1e-5)
+    assert record["bits_per_byte"] == pytest.approx(-total / len(TEXT.encode()) / math.log(2), rel=1e-5)
+    assert record["protocol"] == "rolling(lm-eval,max_length=64)"
+
+
+def test_llama_cpp_layout(tiny_gpt2, text_file):
+    """Chunks of ctx tokens, only positions ctx/2+1 .. ctx-1 of each scored, leftover tokens dropped."""
+    model, tokenizer = load_hf(tiny_gpt2)
+    ids = tokenizer(TEXT).input_ids
+    ctx = 64
+    nlls = []
+    for start in range(0, len(ids) - ctx + 1, ctx):
+        chunk = torch.tensor([ids[start:start + ctx]])
+        with torch.no_grad():
+            logprobs = model(chunk).logits[0].log_softmax(-1)
+        nlls += [-logprobs[j, chunk[0, j + 1]].item() for j in range(ctx // 2, ctx - 1)]
+    record = evaluate(text_file, tiny_gpt2, "--llama-cpp", "--ctx", ctx)
+    assert record["tokens"] == (len(ids) // ctx) * (ctx - 1 - ctx // 2)
+    assert record["tokens"] == len(nlls)
+    assert record["value"] == pytest.approx(math.exp(sum(nlls) / len(nlls)), rel=1e-5)
+    assert record["protocol"] == "llama.cpp(ctx=64)"
+
+
+def test_standard_error_is_the_delta_method(tiny_gpt2, text_file):
+    from llmcli.models import load_model
+    from llmcli.tasks.evaluate import EvalOptions, causal_perplexity
+
+    loaded = load_model(str(tiny_gpt2))
+    _, nlls = causal_perplexity(loaded, TEXT, EvalOptions(max_length=64, stride=64, batch_size=2))
+    mean = sum(nlls) / len(nlls)
+    sd = math.sqrt(sum((x - mean) ** 2 for x in nlls) / (len(nlls) - 1))
+    record = evaluate(text_file, tiny_gpt2, "--max-length", "64", "--stride", "64")
+    assert record["stderr"] == pytest.approx(math.exp(mean) * sd / math.sqrt(len(nlls)), rel=1e-6)
+
+
+def test_pseudo_perplexity_equals_one_mask_at_a_time(tiny_bert, text_file):
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    short = TEXT[:700]
+    path = text_file.parent / "short.txt"
+    path.write_text(short)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    model = AutoModelForMaskedLM.from_pretrained(tiny_bert).eval()
+    ids = tokenizer(short, add_special_tokens=False).input_ids
+    nlls = []
+    for start in range(0, len(ids), 62):  # max_length 64 = [CLS] + 62 tokens + [SEP]
+        chunk = [tokenizer.cls_token_id] + ids[start:start + 62] + [tokenizer.sep_token_id]
+        for position in range(1, len(chunk) - 1):
+            masked = list(chunk)
+            masked[position] = tokenizer.mask_token_id
+            with torch.no_grad():
+                logprobs = model(torch.tensor([masked])).logits[0, position].log_softmax(-1)
+            nlls.append(-logprobs[chunk[position]].item())
+    record = evaluate(path, tiny_bert, "--max-length", "64", "--batch-size", "16")
+    assert record["metric"] == "pseudo-perplexity"
+    assert record["tokens"] == len(ids)
+    assert record["value"] == pytest.approx(math.exp(sum(nlls) / len(nlls)), rel=1e-5)
+
+
+def test_masked_accuracy_is_seeded(tiny_bert, text_file):
+    first = evaluate(text_file, tiny_bert, "--metric", "accuracy", "--max-length", "64", "--seed", "1")
+    again = evaluate(text_file, tiny_bert, "--metric", "accuracy", "--max-length", "64", "--seed", "1")
+    assert first["value"] == again["value"] and 0 <= first["value"] <= 1
+    assert first["tokens"] > 0.1 * len(TEXT) / 10  # about 15% of the tokens were masked
+
+
+def test_several_models_one_row_each(tiny_gpt2, tiny_llama, text_file):
+    result = run_cli("eval", "--data", text_file, "-m", tiny_gpt2, "-m", tiny_llama, "--max-length", "64")
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.count("perplexity") == 2 and "sliding(max_length=64,stride=32)" in result.stdout
+    records = run_cli("eval", "--data", text_file, "-m", tiny_gpt2, "-m", tiny_llama, "--max-length", "64",
+                      "--json").json_lines()
+    assert [r["model"] for r in records] == [str(tiny_gpt2), str(tiny_llama)]
+
+
+def test_finetuned_model_scores_lower_on_its_training_text(tiny_gpt2, text_file, tmp_path):
+    """A few plain optimizer steps on the text must lower its perplexity: eval sees the difference."""
+    model, tokenizer = load_hf(tiny_gpt2)
+    ids = tokenizer(TEXT, return_tensors="pt").input_ids[:, :64 * 8].reshape(8, 64)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(30):
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    before = evaluate(text_file, tiny_gpt2, "--max-length", "64")
+    after = evaluate(text_file, tmp_path, "--max-length", "64")
+    assert after["value"] < 0.8 * before["value"]
+
+
+@pytest.mark.parametrize(
+    "options, fragment",
+    [
+        (["--stride", "80", "--max-length", "64"], "--stride (80) must not exceed --max-length (64)"),
+        (["--stride", "0"], "--stride must be at least 1, got 0"),
+        (["--max-length", "1000"], "--max-length 1000 is above the model's context of 256 tokens"),
+        (["--metric", "pseudo-perplexity"], "needs a masked LM"),
+        (["--metric", "bleu"], "unknown --metric 'bleu'"),
+        (["--llama-cpp", "--lm-eval"], "two different protocols"),
+        (["--llama-cpp", "--ctx", "4096"], "--ctx 4096 is above the model's context"),
+    ],
+)
+def test_bad_options(tiny_gpt2, text_file, options, fragment):
+    assert_clean_error(run_cli("eval", "--data", text_file, "-m", tiny_gpt2, *options), fragment)
+
+
+def test_bad_texts(tiny_gpt2, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    assert_clean_error(run_cli("eval", "--data", empty, "-m", tiny_gpt2), "is empty")
+    one_token = tmp_path / "one.txt"
+    one_token.write_text("a")
+    assert_clean_error(run_cli("eval", "--data", one_token, "-m", tiny_gpt2), "at least 2")
+    assert_clean_error(run_cli("eval", "--data", tmp_path / "missing.txt", "-m", tiny_gpt2), "does not exist")
+    assert_clean_error(run_cli("eval", "--data", empty, "-m", tiny_gpt2, "--llama-cpp", "--ctx", "64"), "is empty")
+    short = tmp_path / "short.txt"
+    short.write_text(TEXT[:300])
+    assert_clean_error(run_cli("eval", "--data", short, "-m", tiny_gpt2, "--llama-cpp", "--ctx", "128"),
+                       "needs at least 2 × ctx")
