@@ -21,7 +21,8 @@ from llmcli.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, LlmcliErr
 
 app = typer.Typer(
     name="llmcli",
-    help="Pretrained language models from the shell: generate, chat, fill-mask, eval. Offline by default.",
+    help="Pretrained language models from the shell: generate, chat, fill-mask, finetune, eval. "
+    "Offline by default.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -56,6 +57,10 @@ def root(
 ) -> None:
     global debug_mode
     debug_mode = debug
+    if debug:  # models.quiet_libraries leaves library output alone then
+        import os
+
+        os.environ["LLMCLI_DEBUG"] = "1"
 
 
 def load(model: str | None, kind: str, device: str | None, dtype: str, trust_remote_code: bool):
@@ -254,6 +259,125 @@ def evaluate(
 
 
 @app.command()
+def finetune(
+    data: Annotated[str, typer.Option("--data", "-d", help="Training data: JSONL (text, prompt+completion or "
+                                      "messages), .txt, .csv, or a save_to_disk directory.", show_default=False)],
+    output: Annotated[str, typer.Option("--output", "-o", help="Output directory for the model, metrics and "
+                                        "checkpoints.")] = "llmcli-finetuned",
+    data_eval: Annotated[Optional[str], typer.Option(help="Evaluation data, same format.")] = None,
+    model: ModelOption = None,
+    objective: Annotated[str, typer.Option(help="auto (from the model), clm or mlm.")] = "auto",
+    from_scratch: Annotated[bool, typer.Option(help="Random weights instead of pretrained ones.")] = False,
+    arch: Annotated[Optional[str], typer.Option(help="Architecture for --from-scratch: gpt2, llama or bert.")] = None,
+    config_overrides: Annotated[str, typer.Option(help="Config changes for --from-scratch, e.g. "
+                                                  "n_layer=2,n_embd=128,n_head=4.")] = "",
+    tokenizer_vocab_size: Annotated[Optional[int], typer.Option(help="Train a tokenizer of this size on the data "
+                                                                "(--from-scratch).")] = None,
+    text_column: Annotated[str, typer.Option(help="Column holding the text in a .csv file.")] = "text",
+    line_by_line: Annotated[bool, typer.Option(help=".txt: one example per line instead of per paragraph.")] = False,
+    epochs: Annotated[float, typer.Option(help="Passes over the data (fractions allowed).")] = 1.0,
+    max_steps: Annotated[Optional[int], typer.Option(help="Optimizer steps; overrides --epochs.")] = None,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 5e-5,
+    batch_size: Annotated[int, typer.Option(help="Examples per batch per process.")] = 8,
+    grad_accum: Annotated[int, typer.Option(help="Batches per optimizer step.")] = 1,
+    max_length: Annotated[int, typer.Option(help="Tokens per example (block size when packing).")] = 512,
+    packing: Annotated[Optional[bool], typer.Option("--packing/--no-packing", help="Concatenate and cut into "
+                                                    "--max-length blocks. Default: on for plain text.",
+                                                    show_default=False)] = None,
+    mask_prompt: Annotated[Optional[bool], typer.Option("--mask-prompt/--no-mask-prompt", help="Loss only on "
+                                                        "completions / assistant turns. Default: on for those "
+                                                        "formats.", show_default=False)] = None,
+    warmup: Annotated[float, typer.Option(help="Warmup steps, or a fraction of all steps when below 1.")] = 0.0,
+    scheduler: Annotated[str, typer.Option(help="LR schedule: linear, cosine, constant, ...")] = "linear",
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay (not on biases and norms).")] = 0.0,
+    max_grad_norm: Annotated[float, typer.Option(help="Gradient clipping norm (0 = off).")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Seed for weights, data order, dropout and masking.")] = 42,
+    val_split: Annotated[float, typer.Option(help="Fraction of the data held out for evaluation.")] = 0.0,
+    eval_every: Annotated[Optional[int], typer.Option(help="Evaluate every N steps (and at the end).")] = None,
+    save_every: Annotated[Optional[int], typer.Option(help="Checkpoint every N steps.")] = None,
+    keep_checkpoints: Annotated[Optional[int], typer.Option(help="Keep only the last N checkpoints.")] = None,
+    log_every: Annotated[int, typer.Option(help="Write a metrics line every N steps.")] = 10,
+    resume: Annotated[Optional[str], typer.Option(help="Continue from the latest checkpoint in --output, or "
+                                                  "from the checkpoint directory given.", show_default=False)] = None,
+    lora: Annotated[bool, typer.Option(help="Train LoRA adapters (peft) instead of all weights.")] = False,
+    lora_r: Annotated[int, typer.Option(help="LoRA rank.")] = 8,
+    lora_alpha: Annotated[int, typer.Option(help="LoRA alpha.")] = 16,
+    lora_dropout: Annotated[float, typer.Option(help="LoRA dropout.")] = 0.05,
+    lora_targets: Annotated[str, typer.Option(help="Modules to adapt: all-linear or names like q_proj,v_proj.")]
+    = "all-linear",
+    merge_lora: Annotated[bool, typer.Option(help="Write the merged model instead of the adapter.")] = False,
+    bf16: Annotated[bool, typer.Option("--bf16", help="bfloat16 mixed precision.")] = False,
+    fp16: Annotated[bool, typer.Option("--fp16", help="float16 mixed precision (GPU).")] = False,
+    grad_checkpointing: Annotated[bool, typer.Option(help="Trade compute for memory.")] = False,
+    num_processes: Annotated[int, typer.Option(help="Processes to launch (data parallel; gloo on CPU).")] = 1,
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty --output.")] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,
+    device: DeviceOption = None,
+    trust_remote_code: TrustOption = False,
+) -> None:
+    """Finetune a model (or train one from scratch) on your data, with checkpoints that resume exactly."""
+    import os
+
+    from llmcli.tasks.finetune import FinetuneOptions, run, validate
+
+    if bf16 and fp16:
+        raise UsageError("--bf16 and --fp16 both given", "Choose one.")
+    if num_processes <= 0:
+        raise UsageError(f"--num-processes must be at least 1, got {num_processes}")
+    options = FinetuneOptions(
+        data=data, output=output, data_eval=data_eval, model=model, objective=objective, from_scratch=from_scratch,
+        arch=arch, config_overrides=config_overrides, tokenizer_vocab_size=tokenizer_vocab_size,
+        text_column=text_column, line_by_line=line_by_line, epochs=epochs, max_steps=max_steps, lr=lr,
+        batch_size=batch_size, grad_accum=grad_accum, max_length=max_length, packing=packing,
+        mask_prompt=mask_prompt, warmup=warmup, scheduler=scheduler, weight_decay=weight_decay,
+        max_grad_norm=max_grad_norm, seed=seed, val_split=val_split, eval_every=eval_every, save_every=save_every,
+        keep_checkpoints=keep_checkpoints, log_every=log_every, resume=resume, lora=lora, lora_r=lora_r,
+        lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_targets=lora_targets, merge_lora=merge_lora,
+        mixed_precision="bf16" if bf16 else "fp16" if fp16 else "no", grad_checkpointing=grad_checkpointing,
+        overwrite=overwrite, device=device, trust_remote_code=trust_remote_code, num_processes=num_processes,
+    )
+    validate(options)
+    if num_processes > 1 and "LOCAL_RANK" not in os.environ:
+        raise typer.Exit(launch_processes(num_processes, device))
+    if model is None and not from_scratch:
+        render.notice("Using the embedded model SmolLM2-135M-Instruct (pass --model to choose another).")
+    rank = int(os.environ.get("RANK", "0"))
+    with render.training_progress(enabled=rank == 0) as reporter:
+        result = run(options, reporter)
+    if rank == 0:
+        if json_output:
+            render.json_line(render.finetune_record(result))
+        else:
+            render.finetune_summary(result)
+
+
+def launch_processes(count: int, device: str | None) -> int:
+    """Run this same command in `count` processes with torchrun; on CPU accelerate then uses gloo DDP."""
+    import os
+    import socket
+    import subprocess
+
+    argv = sys.argv[1:]
+    for i, arg in enumerate(argv):  # the workers must not launch again
+        if arg.startswith("--num-processes"):
+            del argv[i: i + (1 if "=" in arg else 2)]
+            break
+    with socket.socket() as probe:  # a free port for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = dict(os.environ)
+    if device in (None, "cpu"):
+        import torch
+
+        if device == "cpu" or not torch.cuda.is_available():
+            env["ACCELERATE_USE_CPU"] = "1"
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={count}",
+               f"--master_port={port}", "-m", "llmcli", *argv]
+    render.notice(f"Launching {count} processes: {' '.join(command[2:])}")
+    return subprocess.call(command, env=env)
+
+
+@app.command()
 def chat(
     model: ModelOption = None,
     system: Annotated[Optional[str], typer.Option(help="System message (change it later with /system).")] = None,
@@ -302,11 +426,23 @@ def chat(
             render.write("\n")
 
 
+def with_resume_default(argv: list[str]) -> list[str]:
+    """`--resume` may stand alone (latest checkpoint) or take a directory; click wants a value, so a
+    bare `--resume` becomes `--resume latest`."""
+    argv = list(argv)
+    for i, arg in enumerate(argv):
+        if arg == "--resume" and (i + 1 == len(argv) or argv[i + 1].startswith("-")):
+            argv.insert(i + 1, "latest")
+            break
+    return argv
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app and turn every failure into the exit-code contract."""
     command = typer.main.get_command(app)
     try:
-        code = command.main(args=argv, prog_name="llmcli", standalone_mode=False)
+        code = command.main(args=with_resume_default(sys.argv[1:] if argv is None else argv), prog_name="llmcli",
+                            standalone_mode=False)
     except typer.Exit as exc:
         code = exc.exit_code
     except NoArgsIsHelpError:  # bare `llmcli`: the help was printed, which is what was asked for

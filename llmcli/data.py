@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,3 +133,116 @@ def read_document(path: str) -> str:
     if not text.strip():
         raise DataError(f"{'standard input' if path == STDIN else path} is empty", "Pass a file with some text.")
     return text
+
+
+# ---------------------------------------------------------------- training data
+
+TRAINING_FORMATS = {"text": ("text",), "prompt-completion": ("prompt", "completion"), "chat": ("messages",)}
+TRAINING_HINT = 'Use {"text": ...}, {"prompt": ..., "completion": ...} or {"messages": [...]} on every line.'
+
+
+def record_format(record: dict[str, Any]) -> str | None:
+    if "messages" in record:
+        return "chat"
+    if "prompt" in record and "completion" in record:
+        return "prompt-completion"
+    if "text" in record:
+        return "text"
+    return None
+
+
+def check_training_record(record: dict[str, Any], expected: str, where: str) -> dict[str, Any]:
+    """The record's fields for `expected` format, or a DataError naming the line."""
+    found = record_format(record)
+    if found is None:
+        raise DataError(f"{where}: no 'text', 'prompt'/'completion' or 'messages' field "
+                        f"(keys: {', '.join(sorted(record)) or 'none'})", TRAINING_HINT)
+    if found != expected:
+        raise DataError(f"{where}: a {found} record in a {expected} file (formats must not be mixed; "
+                        "the first record sets the format)", TRAINING_HINT)
+    if expected == "chat":
+        return {"messages": parse_messages(record["messages"], where)}
+    for key in TRAINING_FORMATS[expected]:
+        if not isinstance(record[key], str):
+            raise DataError(f"{where}: '{key}' must be a string, got {type(record[key]).__name__}", TRAINING_HINT)
+    if not "".join(record[key] for key in TRAINING_FORMATS[expected]).strip():
+        raise DataError(f"{where}: empty {expected} record", "Remove the line or fill it in.")
+    return {key: record[key] for key in TRAINING_FORMATS[expected]}
+
+
+def jsonl_records(path: str) -> tuple[str, list[dict[str, Any]]]:
+    name, lines, _ = numbered_lines(path, "records")
+    records, expected = [], None
+    for n, line in lines:
+        where = f"{name} line {n}"
+        record = parse_json_object(line, where, '{"text": "..."}')
+        expected = expected or record_format(record) or "text"
+        records.append(check_training_record(record, expected, where))
+    return expected, records
+
+
+def text_records(path: str, line_by_line: bool) -> list[dict[str, Any]]:
+    text = read_text(path)
+    blocks = text.splitlines() if line_by_line else re.split(r"\n\s*\n", text)
+    records = [{"text": block.strip("\n")} for block in blocks if block.strip()]
+    if not records:
+        raise DataError(f"{path} contains no text", "Pass a file with some text.")
+    return records
+
+
+def csv_records(path: str, text_column: str) -> list[dict[str, Any]]:
+    import csv
+    import io
+
+    reader = csv.DictReader(io.StringIO(read_text(path)))
+    if text_column not in (reader.fieldnames or []):
+        raise DataError(f"{path} has no column {text_column!r} (columns: {', '.join(reader.fieldnames or [])})",
+                        "Name the column with --text-column.")
+    records = []
+    for row in reader:
+        value = row[text_column]
+        if value is None:
+            raise DataError(f"{path} line {reader.line_num}: missing {text_column!r} value", "Fix the row.")
+        if value.strip():
+            records.append({"text": value})
+    if not records:
+        raise DataError(f"{path} has no non-empty {text_column!r} values", "Pass a file with some text.")
+    return records
+
+
+def saved_dataset_records(path: str) -> tuple[str, Any]:
+    import datasets
+
+    try:
+        dataset = datasets.load_from_disk(path)
+    except (FileNotFoundError, ValueError) as exc:
+        raise DataError(f"{path} is a directory but not a dataset saved with save_to_disk ({exc})",
+                        "Pass a JSONL, .txt or .csv file, or a save_to_disk directory.") from exc
+    if isinstance(dataset, datasets.DatasetDict):
+        if "train" not in dataset:
+            raise DataError(f"{path} holds splits {list(dataset)} but no 'train'", "Save the train split.")
+        dataset = dataset["train"]
+    for format_name, columns in TRAINING_FORMATS.items():
+        if all(c in dataset.column_names for c in columns) and format_name != "text":
+            return format_name, dataset.select_columns(list(columns))
+    if "text" in dataset.column_names:
+        return "text", dataset.select_columns(["text"])
+    raise DataError(f"{path} has columns {dataset.column_names}, none of text/prompt+completion/messages",
+                    TRAINING_HINT)
+
+
+def load_training_data(path: str, text_column: str = "text", line_by_line: bool = False) -> tuple[str, Any]:
+    """A training file as (format, datasets.Dataset). Format: text, prompt-completion or chat."""
+    import datasets
+
+    file = Path(path)
+    if path != STDIN and file.is_dir():
+        return saved_dataset_records(path)
+    suffix = file.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        data_format, records = jsonl_records(path)
+    elif suffix == ".csv":
+        data_format, records = "text", csv_records(path, text_column)
+    else:
+        data_format, records = "text", text_records(path, line_by_line)
+    return data_format, datasets.Dataset.from_list(records)

@@ -11,6 +11,7 @@ import os
 import shutil
 import socket
 import uuid
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ CACHE_MARKER = "llmcli-cache.json"
 
 @dataclass(frozen=True)
 class ModelSource:
-    kind: str  # "gguf" | "dir" | "hub"
+    kind: str  # "gguf" | "dir" | "adapter" (a LoRA adapter directory) | "hub"
     location: str  # file path, directory path or hub id
     name: str  # what to show the user
 
@@ -72,6 +73,8 @@ def resolve_model(arg: str | None) -> ModelSource:
                 raise ModelLoadError(f"{arg} is not a GGUF model (no GGUF header)", "Check that the file is complete.")
         return ModelSource("gguf", str(path), path.name)
     if path.is_dir():
+        if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+            return ModelSource("adapter", str(path), str(path))
         if not (path / "config.json").is_file():
             raise ModelLoadError(
                 f"{arg} is a directory without config.json, so it is not a saved model",
@@ -234,7 +237,7 @@ def local_model_dir(source: ModelSource) -> Path | str:
     """Where from_pretrained should load this source from, converting or locating it first."""
     if source.kind == "gguf":
         return convert_gguf(Path(source.location))
-    if source.kind == "dir":
+    if source.kind in ("dir", "adapter"):
         return source.location
     from huggingface_hub import snapshot_download
 
@@ -253,6 +256,36 @@ def local_model_dir(source: ModelSource) -> Path | str:
         raise ModelNotFound(f"could not download model {source.location!r}: {exc}", "Check the hub id.") from exc
 
 
+def quiet_libraries() -> None:
+    """Progress bars and advice from transformers/datasets would clutter our stderr (--debug shows them)."""
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    if os.environ.get("LLMCLI_DEBUG"):
+        return
+    warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation notes meant for library authors
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+
+
+def load_adapter(source: ModelSource, kind: str, device: str | None, dtype: str, trust_remote_code: bool) -> LoadedModel:
+    """A LoRA adapter saved by `llmcli finetune --lora`: its base model with the adapter applied."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    config = json.loads((Path(source.location) / "adapter_config.json").read_text())
+    base_path = config.get("base_model_name_or_path")
+    if not base_path:
+        raise ModelLoadError(f"{source.location} is a LoRA adapter without a base model path",
+                             "Set base_model_name_or_path in its adapter_config.json.")
+    base = load_model(base_path, kind=kind, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+    model = PeftModel.from_pretrained(base.model, source.location).to(base.device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(source.location)
+    return LoadedModel(model=model, tokenizer=tokenizer, source=source, device=base.device, kind=base.kind)
+
+
 def load_model(
     arg: str | None,
     kind: str = "causal",
@@ -263,10 +296,11 @@ def load_model(
     """Load tokenizer and model for `arg`; kind is "causal", "masked" or "auto" (from the config)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # its per-tensor bars would clutter our stderr
+    quiet_libraries()
     source = resolve_model(arg)
+    if source.kind == "adapter":
+        return load_adapter(source, kind, device, dtype, trust_remote_code)
     torch_device = choose_device(device)
     torch_dtype = choose_dtype(dtype, torch_device)
     location = local_model_dir(source)

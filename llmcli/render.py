@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -131,4 +132,47 @@ def eval_table(results: list[Any]) -> None:
         style = "bold green" if len(results) > 1 and r.value == best else None
         table.add_row(r.model, r.metric, f"{r.value:.4f}", f"{r.stderr:.4f}", str(r.tokens),
                       "-" if r.bits_per_byte is None else f"{r.bits_per_byte:.4f}", f"{r.seconds:.1f}", style=style)
+    Console(highlight=False).print(table)
+
+
+@contextmanager
+def training_progress(enabled: bool = True) -> Iterator[Any]:
+    """A Reporter drawing a progress bar (step, loss, lr, tokens/s, ETA) on stderr."""
+    from llmcli.tasks.finetune import Reporter
+
+    bar = Progress(TextColumn("step"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[status]}"),
+                   TimeRemainingColumn(), console=stderr, disable=not (enabled and stderr.is_terminal))
+    task = bar.add_task("train", total=None, status="")
+
+    def log(record: dict[str, Any]) -> None:
+        parts = [f"loss {record['loss']:.4f}" if "loss" in record else "",
+                 f"lr {record['lr']:.2e}" if "lr" in record else "",
+                 f"{record['tokens_per_second']:.0f} tok/s" if "tokens_per_second" in record else "",
+                 f"eval {record['eval_loss']:.4f}" if "eval_loss" in record else ""]
+        bar.update(task, completed=record["step"], status="  ".join(p for p in parts if p))
+        if not stderr.is_terminal and enabled:
+            notice(json.dumps(record))
+
+    with bar:
+        yield Reporter(start=lambda total, done: bar.update(task, total=total, completed=done), log=log,
+                       note=lambda message: notice(message) if enabled else None)
+
+
+def finetune_record(result: Any) -> dict[str, Any]:
+    record = asdict(result)
+    record.pop("history")
+    return record
+
+
+def finetune_summary(result: Any) -> None:
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_row("output", result.output)
+    table.add_row("objective / data", f"{result.objective} / {result.data_format} ({result.train_examples} blocks)")
+    table.add_row("steps", str(result.steps))
+    if result.final_loss is not None:
+        table.add_row("final train loss", f"{result.final_loss:.4f}")
+    if result.eval_loss is not None:
+        table.add_row("eval loss / perplexity", f"{result.eval_loss:.4f} / {math.exp(min(result.eval_loss, 700)):.2f}")
+    table.add_row("tokens/s", f"{result.tokens_per_second:.0f} ({result.world_size} process(es))")
+    table.add_row("time", f"{result.seconds:.1f} s")
     Console(highlight=False).print(table)

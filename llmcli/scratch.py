@@ -1,0 +1,115 @@
+"""Models trained from scratch: a named architecture with config overrides, and a tokenizer trained
+on the training data (the "custom transformer: n layers, heads, d_model, d_ff, dropout" use case)."""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+from llmcli.errors import UsageError
+
+ARCHITECTURES = {"gpt2": "GPT2Config", "llama": "LlamaConfig", "bert": "BertConfig"}
+
+
+def parse_overrides(text: str) -> dict[str, Any]:
+    """`n_layer=2,n_embd=128,resid_pdrop=0.1,tie_word_embeddings=false` -> typed values."""
+    overrides: dict[str, Any] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip() or not raw.strip():
+            raise UsageError(f"bad --config-overrides item {item!r}", "Write key=value pairs: n_layer=2,n_embd=128.")
+        overrides[key.strip()] = typed_value(raw.strip())
+    return overrides
+
+
+def typed_value(raw: str) -> Any:
+    if raw.lower() in ("true", "false"):
+        return raw.lower() == "true"
+    if raw.lower() in ("none", "null"):
+        return None
+    for kind in (int, float):
+        try:
+            return kind(raw)
+        except ValueError:
+            pass
+    return raw
+
+
+def apply_overrides(config: Any, overrides: dict[str, Any]) -> None:
+    for key, value in overrides.items():
+        if not hasattr(config, key):
+            known = sorted(k for k in config.to_dict() if not k.startswith("_"))[:40]
+            raise UsageError(f"--config-overrides: {type(config).__name__} has no setting {key!r}",
+                             f"Known settings include: {', '.join(known)}.")
+        setattr(config, key, value)
+
+
+def training_texts(dataset: Any, data_format: str) -> Iterator[str]:
+    for row in dataset:
+        if data_format == "text":
+            yield row["text"]
+        elif data_format == "prompt-completion":
+            yield row["prompt"] + row["completion"]
+        else:
+            yield "\n".join(m["content"] for m in row["messages"])
+
+
+def train_tokenizer(texts: Iterator[str], vocab_size: int, arch: str) -> Any:
+    """WordPiece for BERT, byte-level BPE (no unknown tokens) for GPT-2 and Llama."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if arch == "bert":
+        specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+        tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+        tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tokenizer.decoder = decoders.WordPiece()
+        tokenizer.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials))
+        cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+        return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]",
+                                       cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>")
+
+
+def build_from_scratch(arch: str | None, base_config: Any, base_tokenizer: Any, overrides: str,
+                       vocab_size: int | None, dataset: Any, data_format: str) -> tuple[Any, Any, str]:
+    """A randomly initialised model, its tokenizer and its kind ("causal" or "masked")."""
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+    if base_config is None:
+        if arch not in ARCHITECTURES:
+            raise UsageError(f"unknown --arch {arch!r}", f"Use one of {', '.join(ARCHITECTURES)}, or --model.")
+        config = getattr(transformers, ARCHITECTURES[arch])()
+    else:
+        config = base_config
+    arch_name = arch or ("bert" if config.model_type in ("bert", "roberta", "distilbert") else config.model_type)
+    if vocab_size is not None:
+        if vocab_size < 300:  # byte-level BPE starts from 256 byte tokens
+            raise UsageError(f"--tokenizer-vocab-size must be at least 300, got {vocab_size}")
+        tokenizer = train_tokenizer(training_texts(dataset, data_format), vocab_size, arch_name)
+    elif base_tokenizer is not None:
+        tokenizer = base_tokenizer
+    else:
+        raise UsageError("--from-scratch needs a tokenizer", "Add --tokenizer-vocab-size N, or --model to take its.")
+    config.vocab_size = len(tokenizer)
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        token_id = getattr(tokenizer, name)
+        if token_id is not None:
+            setattr(config, name, token_id)
+    apply_overrides(config, parse_overrides(overrides))
+    masked = arch_name == "bert" or config.model_type in ("bert", "roberta", "distilbert")
+    model_class = AutoModelForMaskedLM if masked else AutoModelForCausalLM
+    try:
+        model = model_class.from_config(config)
+    except (ValueError, TypeError, RuntimeError, AssertionError) as exc:
+        raise UsageError(f"cannot build the model from this config: {exc}", "Check --config-overrides.") from exc
+    return model, tokenizer, "masked" if masked else "causal"

@@ -1,0 +1,321 @@
+"""Finetuning (or training from scratch) with an accelerate loop: CPU, one GPU or many processes.
+
+Our own loop rather than `Trainer`, for exact resume: the data order is a seeded permutation per
+epoch, a checkpoint records how many batches were consumed, and every RNG state is saved, so a run
+killed after step k and resumed ends with bit-identical weights on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import signal
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from llmcli.errors import DataError, UsageError
+
+# Options that may differ between a run and its resumption; all others must match.
+RESUMABLE_CHANGES = {"resume", "overwrite", "save_every", "keep_checkpoints", "eval_every", "log_every",
+                     "num_processes", "max_steps", "epochs", "json"}
+
+
+@dataclass
+class FinetuneOptions:
+    data: str
+    output: str
+    data_eval: str | None = None
+    model: str | None = None
+    objective: str = "auto"  # auto | clm | mlm
+    from_scratch: bool = False
+    arch: str | None = None
+    config_overrides: str = ""
+    tokenizer_vocab_size: int | None = None
+    text_column: str = "text"
+    line_by_line: bool = False
+    epochs: float = 1.0
+    max_steps: int | None = None
+    lr: float = 5e-5
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_length: int = 512
+    packing: bool | None = None  # default: on for plain text, off for prompt/completion and chat
+    mask_prompt: bool | None = None  # default: on for prompt/completion and chat
+    warmup: float = 0.0  # steps, or a fraction of all steps when below 1
+    scheduler: str = "linear"
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    val_split: float = 0.0
+    eval_every: int | None = None
+    save_every: int | None = None
+    keep_checkpoints: int | None = None
+    log_every: int = 10
+    resume: str | None = None  # "latest" or a checkpoint directory
+    lora: bool = False
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_targets: str = "all-linear"
+    merge_lora: bool = False
+    mixed_precision: str = "no"  # no | bf16 | fp16
+    grad_checkpointing: bool = False
+    overwrite: bool = False
+    device: str | None = None
+    trust_remote_code: bool = False
+    num_processes: int = 1
+
+
+@dataclass
+class FinetuneResult:
+    output: str
+    objective: str
+    data_format: str
+    steps: int
+    train_examples: int
+    final_loss: float | None
+    eval_loss: float | None
+    seconds: float
+    tokens: int
+    tokens_per_second: float
+    world_size: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class Reporter:
+    """How the task tells the CLI what is happening; the CLI draws it."""
+
+    start: Callable[[int, int], None] = lambda total, done: None
+    log: Callable[[dict[str, Any]], None] = lambda record: None
+    note: Callable[[str], None] = lambda message: None
+
+
+def validate(options: FinetuneOptions) -> None:
+    checks = [
+        (options.objective in ("auto", "clm", "mlm"), f"unknown --objective {options.objective!r}", "Use auto, clm or mlm."),
+        (options.epochs > 0, f"--epochs must be positive, got {options.epochs}", None),
+        (options.max_steps is None or options.max_steps > 0, f"--max-steps must be at least 1, got {options.max_steps}", None),
+        (options.lr > 0, f"--lr must be positive, got {options.lr}", None),
+        (options.batch_size > 0, f"--batch-size must be at least 1, got {options.batch_size}", None),
+        (options.grad_accum > 0, f"--grad-accum must be at least 1, got {options.grad_accum}", None),
+        (options.max_length >= 2, f"--max-length must be at least 2, got {options.max_length}", None),
+        (options.warmup >= 0, f"--warmup must not be negative, got {options.warmup}", None),
+        (options.weight_decay >= 0, f"--weight-decay must not be negative, got {options.weight_decay}", None),
+        (options.max_grad_norm >= 0, f"--max-grad-norm must not be negative, got {options.max_grad_norm}", None),
+        (0 <= options.val_split < 1, f"--val-split must be in [0, 1), got {options.val_split}", None),
+        (not (options.val_split and options.data_eval), "--val-split and --data-eval both given", "Choose one."),
+        (options.eval_every is None or options.eval_every > 0, "--eval-every must be at least 1", None),
+        (options.save_every is None or options.save_every > 0, "--save-every must be at least 1", None),
+        (options.keep_checkpoints is None or options.keep_checkpoints > 0, "--keep-checkpoints must be at least 1", None),
+        (options.log_every > 0, "--log-every must be at least 1", None),
+        (options.lora_r > 0, f"--lora-r must be at least 1, got {options.lora_r}", None),
+        (0 <= options.lora_dropout < 1, f"--lora-dropout must be in [0, 1), got {options.lora_dropout}", None),
+        (not options.merge_lora or options.lora, "--merge-lora needs --lora", "Add --lora."),
+        (not (options.lora and options.from_scratch), "--lora trains adapters on a pretrained model, not from scratch",
+         "Drop --lora or --from-scratch."),
+        (options.mixed_precision in ("no", "bf16", "fp16"), f"unknown precision {options.mixed_precision!r}", None),
+        (not (options.resume and options.overwrite), "--resume and --overwrite contradict each other", "Choose one."),
+        (options.from_scratch or not (options.arch or options.config_overrides or options.tokenizer_vocab_size),
+         "--arch, --config-overrides and --tokenizer-vocab-size need --from-scratch", "Add --from-scratch."),
+        (not (options.from_scratch and options.arch is None and options.model is None),
+         "--from-scratch needs an architecture", "Add --arch gpt2|llama|bert, or --model to take its config."),
+    ]
+    for ok, message, hint in checks:
+        if not ok:
+            raise UsageError(message, hint)
+    from transformers import SchedulerType
+
+    if options.scheduler not in [s.value for s in SchedulerType]:
+        raise UsageError(f"unknown --scheduler {options.scheduler!r}",
+                         "Use linear, cosine, constant, constant_with_warmup, polynomial or inverse_sqrt.")
+
+
+def check_output_dir(options: FinetuneOptions) -> Path:
+    output = Path(options.output)
+    if output.exists() and not output.is_dir():
+        raise UsageError(f"output {output} is a file, not a directory", "Pass a directory path with --output.")
+    if options.resume is None and output.is_dir() and any(output.iterdir()) and not options.overwrite:
+        raise UsageError(f"output directory {output} is not empty",
+                         "Pass --overwrite to replace it, --resume to continue its run, or another --output.")
+    probe = output if output.exists() else next((p for p in output.parents if p.exists()), Path("."))
+    if not probe.is_dir() or not _writable(probe):
+        raise UsageError(f"cannot write to {probe}", "Choose an --output where you have write permission.")
+    return output
+
+
+def _writable(path: Path) -> bool:
+    import os
+
+    return os.access(path, os.W_OK | os.X_OK)
+
+
+def load_datasets(options: FinetuneOptions) -> tuple[str, Any, Any]:
+    from llmcli.data import load_training_data
+
+    data_format, train = load_training_data(options.data, options.text_column, options.line_by_line)
+    evaluation = None
+    if options.data_eval:
+        eval_format, evaluation = load_training_data(options.data_eval, options.text_column, options.line_by_line)
+        if eval_format != data_format:
+            raise DataError(f"{options.data_eval} holds {eval_format} records but {options.data} holds {data_format}",
+                            "Use the same format for training and evaluation data.")
+    elif options.val_split:
+        if len(train) < 2:
+            raise DataError(f"{options.data} has {len(train)} record, too few to split off validation data",
+                            "Drop --val-split or add data.")
+        split = train.train_test_split(test_size=options.val_split, seed=options.seed)
+        train, evaluation = split["train"], split["test"]
+    return data_format, train, evaluation
+
+
+def load_model(options: FinetuneOptions, train: Any, data_format: str) -> tuple[Any, Any, str, str]:
+    """(model, tokenizer, kind, base location): pretrained, or a fresh model from scratch."""
+    from llmcli import models
+    from llmcli.scratch import build_from_scratch
+
+    if options.from_scratch:
+        base_config = base_tokenizer = None
+        if options.model is not None:
+            from transformers import AutoConfig, AutoTokenizer
+
+            location = models.local_model_dir(models.resolve_model(options.model))
+            base_config = AutoConfig.from_pretrained(location, trust_remote_code=options.trust_remote_code)
+            if options.tokenizer_vocab_size is None:
+                base_tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=options.trust_remote_code)
+        model, tokenizer, kind = build_from_scratch(options.arch, base_config, base_tokenizer, options.config_overrides,
+                                                    options.tokenizer_vocab_size, train, data_format)
+        return model, tokenizer, kind, ""
+    kind = {"auto": "auto", "clm": "causal", "mlm": "masked"}[options.objective]
+    loaded = models.load_model(options.model, kind=kind, device="cpu", dtype="float32",
+                               trust_remote_code=options.trust_remote_code)
+    return loaded.model, loaded.tokenizer, loaded.kind, str(models.local_model_dir(loaded.source))
+
+
+def add_lora(model: Any, options: FinetuneOptions, kind: str) -> Any:
+    from peft import LoraConfig, get_peft_model
+
+    targets: Any = options.lora_targets
+    if targets != "all-linear":
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    config = LoraConfig(r=options.lora_r, lora_alpha=options.lora_alpha, lora_dropout=options.lora_dropout,
+                        target_modules=targets, task_type="CAUSAL_LM" if kind == "causal" else None)
+    try:
+        return get_peft_model(model, config)
+    except ValueError as exc:
+        raise UsageError(f"--lora-targets {options.lora_targets!r}: {exc}",
+                         "Name linear layers of this model, e.g. q_proj,v_proj, or use all-linear.") from exc
+
+
+def epoch_batches(size: int, epoch: int, seed: int, batch_size: int, world: int, rank: int) -> list[list[int]]:
+    """This rank's batches of example indices for an epoch: a seeded permutation, wrapped around so
+    that every rank gets the same number of full batches (as DistributedSampler pads)."""
+    import torch
+
+    order = torch.randperm(size, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    per_step = batch_size * world
+    steps = math.ceil(size / per_step)
+    order = (order * math.ceil(steps * per_step / size))[: steps * per_step]
+    return [order[s * per_step + rank * batch_size: s * per_step + (rank + 1) * batch_size] for s in range(steps)]
+
+
+def optimizer_for(model: Any, options: FinetuneOptions) -> Any:
+    """AdamW without weight decay on biases and norm weights (the usual split)."""
+    import torch
+
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            (no_decay if parameter.ndim < 2 else decay).append(parameter)
+    groups = [{"params": decay, "weight_decay": options.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=options.lr)
+
+
+def training_config(options: FinetuneOptions) -> dict[str, Any]:
+    return {k: v for k, v in asdict(options).items() if k not in RESUMABLE_CHANGES}
+
+
+def check_resume_config(output: Path, options: FinetuneOptions) -> None:
+    run_file = output / "run.json"
+    if not run_file.is_file():
+        return
+    saved = json.loads(run_file.read_text()).get("training", {})
+    current = training_config(options)
+    changed = sorted(k for k in current if k in saved and saved[k] != current[k])
+    if changed:
+        raise UsageError(f"--resume with different settings than the run in {output}: {', '.join(changed)}",
+                         "Resume with the original options (see run.json).")
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for package in ("llmcli", "torch", "transformers", "accelerate", "datasets", "peft", "tokenizers"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            pass
+    return found
+
+
+def run(options: FinetuneOptions, reporter: Reporter | None = None) -> FinetuneResult:
+    from llmcli.tasks.finetune_loop import train
+
+    from llmcli.models import quiet_libraries
+
+    reporter = reporter or Reporter()
+    quiet_libraries()
+    validate(options)
+    output = check_output_dir(options)
+    data_format, train_data, eval_data = load_datasets(options)
+    if options.resume is not None:
+        check_resume_config(output, options)
+    model, tokenizer, kind, base = load_model(options, train_data, data_format)
+    objective = {"causal": "clm", "masked": "mlm"}[kind]
+    if options.objective != "auto" and options.objective != objective:
+        raise UsageError(f"--objective {options.objective} does not fit this {kind} model",
+                         f"Use --objective {objective} or auto.")
+    packing = options.packing if options.packing is not None else data_format == "text" or objective == "mlm"
+    mask_prompt = options.mask_prompt if options.mask_prompt is not None else data_format != "text"
+    context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if context and options.max_length > context:
+        raise UsageError(f"--max-length {options.max_length} is above the model's context of {context} tokens",
+                         f"Use --max-length {context} or less.")
+    from llmcli.training_data import prepare
+
+    settings = dict(objective=objective, max_length=options.max_length, packing=packing, mask_prompt=mask_prompt)
+    train_blocks = prepare(train_data, tokenizer, data_format, name=options.data, **settings)
+    eval_blocks = prepare(eval_data, tokenizer, data_format, name=options.data_eval or "validation split",
+                          **settings) if eval_data is not None else None
+    if options.lora:
+        model = add_lora(model, options, kind)
+    if options.grad_checkpointing:
+        model.gradient_checkpointing_enable()
+    resolved = {"objective": objective, "data_format": data_format, "packing": packing, "mask_prompt": mask_prompt,
+                "train_blocks": len(train_blocks), "eval_blocks": len(eval_blocks) if eval_blocks else 0,
+                "base_model": base}
+    previous = signal.signal(signal.SIGTERM, _raise_interrupted)
+    try:
+        return train(options, output, model, tokenizer, train_blocks, eval_blocks, resolved, reporter)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_interrupted(signum: int, frame: Any) -> None:
+    """SIGTERM is handled as Ctrl-C: checkpoint, then exit 130."""
+    raise KeyboardInterrupt
+
+
+def replace_dir_contents(output: Path) -> None:
+    """--overwrite: empty the output directory (only after every input has been validated)."""
+    for child in output.iterdir():
+        shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+
+
+def no_sync_unless(last: bool, accelerator: Any, model: Any) -> Any:
+    """Skip DDP's gradient all-reduce on all but the last micro-batch of an accumulation."""
+    return nullcontext() if last or accelerator.num_processes == 1 else accelerator.no_sync(model)

@@ -1,0 +1,245 @@
+"""The training loop of `llmcli finetune`: steps, evaluation, logging, checkpoints and the final save."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from llmcli import checkpoints
+from llmcli.tasks.finetune import (
+    FinetuneOptions,
+    FinetuneResult,
+    Reporter,
+    epoch_batches,
+    no_sync_unless,
+    optimizer_for,
+    replace_dir_contents,
+    training_config,
+    versions,
+)
+from llmcli.training_data import make_collator
+
+
+def make_accelerator(options: FinetuneOptions) -> Any:
+    import torch
+    from accelerate import Accelerator
+
+    # cpu=True is what turns a torchrun launch on CPU into gloo DDP (MULTI_CPU)
+    use_cpu = options.device == "cpu" or not (torch.cuda.is_available() or torch.backends.mps.is_available())
+    return Accelerator(cpu=use_cpu, mixed_precision=options.mixed_precision)
+
+
+def total_steps(options: FinetuneOptions, batches_per_epoch: int) -> int:
+    steps_per_epoch = max(1, batches_per_epoch // options.grad_accum)
+    return options.max_steps or max(1, math.ceil(options.epochs * steps_per_epoch))
+
+
+def evaluate_loss(model: Any, blocks: Any, collate: Any, options: FinetuneOptions, accelerator: Any,
+                  objective: str) -> float:
+    """Token-weighted mean loss over the evaluation blocks, summed across processes. The RNG is
+    forked and seeded, so MLM's eval masking is the same every time and training randomness is untouched."""
+    import torch
+
+    model.eval()
+    total = torch.zeros(2, device=accelerator.device)  # summed loss, scored tokens
+    indices = list(range(accelerator.process_index, len(blocks), accelerator.num_processes))
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(options.seed)
+        for start in range(0, len(indices), options.batch_size):
+            batch = collate([blocks[i] for i in indices[start:start + options.batch_size]])
+            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            with accelerator.autocast():
+                loss = model(**batch).loss
+            labels = batch["labels"][:, 1:] if objective == "clm" else batch["labels"]  # CLM shifts by one
+            tokens = (labels != -100).sum()
+            total += torch.stack([loss.float() * tokens, tokens.float()])
+    model.train()
+    total = accelerator.reduce(total, "sum")
+    return (total[0] / total[1].clamp(min=1)).item()
+
+
+def write_metrics(output: Path, records: list[dict[str, Any]]) -> None:
+    with open(output / "metrics.jsonl", "w") as file:
+        file.writelines(json.dumps(r) + "\n" for r in records)
+
+
+def plot_losses(output: Path, records: list[dict[str, Any]]) -> bool:
+    try:
+        import matplotlib
+    except ImportError:
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4))
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    if train:
+        axes.plot(*zip(*train), label="train loss")
+    if evals:
+        axes.plot(*zip(*evals), "o-", label="eval loss")
+    axes.set_xlabel("step")
+    axes.set_ylabel("loss")
+    axes.legend()
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(output / "loss.png", dpi=100)
+    plt.close(figure)
+    return True
+
+
+def save_final(output: Path, model: Any, tokenizer: Any, options: FinetuneOptions, base: str) -> None:
+    """The model (or LoRA adapter, or merged model) and tokenizer, written to a temporary directory
+    and moved into place file by file, so a crash never leaves a half-written model."""
+    tmp = output / ".tmp-final"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    if options.lora and options.merge_lora:
+        model = model.merge_and_unload()
+    elif options.lora:
+        model.peft_config["default"].base_model_name_or_path = base
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    for file in tmp.iterdir():
+        file.replace(output / file.name)
+    tmp.rmdir()
+
+
+def train(options: FinetuneOptions, output: Path, model: Any, tokenizer: Any, train_blocks: Any, eval_blocks: Any,
+          resolved: dict[str, Any], reporter: Reporter) -> FinetuneResult:
+    import torch
+    from transformers import get_scheduler, set_seed
+
+    accelerator = make_accelerator(options)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    main = accelerator.is_main_process
+    set_seed(options.seed)
+    collate = make_collator(tokenizer, resolved["objective"])
+    batches_per_epoch = len(epoch_batches(len(train_blocks), 0, options.seed, options.batch_size, world, rank))
+    steps = total_steps(options, batches_per_epoch)
+    warmup = int(options.warmup * steps) if options.warmup < 1 else int(options.warmup)
+    model.train()
+    optimizer = optimizer_for(model, options)
+    scheduler = get_scheduler(options.scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "tokens": 0}
+    history: list[dict[str, Any]] = []
+    if options.resume is not None:
+        path = checkpoints.find_checkpoint(output, options.resume)
+        state = checkpoints.load_checkpoint(path, accelerator.unwrap_model(model), optimizer, scheduler, rank)
+        history = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()
+                   if line.strip() and json.loads(line)["step"] <= state["step"]] if (output / "metrics.jsonl").is_file() else []
+        reporter.note(f"Resuming from {path} (step {state['step']}).")
+    elif main:
+        if options.overwrite and output.is_dir():
+            replace_dir_contents(output)
+        output.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    if main:
+        run = {"training": training_config(options), "resolved": {**resolved, "total_steps": steps,
+               "warmup_steps": warmup, "world_size": world, "device": str(accelerator.device),
+               "distributed_type": str(accelerator.distributed_type)}, "versions": versions()}
+        (output / "run.json").write_text(json.dumps(run, indent=2, default=str))
+        write_metrics(output, history)
+    writer = tensorboard_writer(output) if main else None
+
+    def checkpoint() -> None:
+        if main:
+            checkpoints.save_checkpoint(output, state["step"], accelerator.unwrap_model(model), optimizer, scheduler,
+                                        dict(state), rank, options.keep_checkpoints)
+        accelerator.wait_for_everyone()
+
+    reporter.start(steps, state["step"])
+    began, tokens_at_start = time.perf_counter(), state["tokens"]
+    order = epoch_batches(len(train_blocks), state["epoch"], options.seed, options.batch_size, world, rank)
+    last_loss = last_eval = None
+    try:
+        while state["step"] < steps:
+            step_loss = torch.zeros((), device=accelerator.device)
+            step_tokens = 0
+            for micro in range(options.grad_accum):
+                if state["batch_in_epoch"] >= len(order):
+                    state["epoch"] += 1
+                    state["batch_in_epoch"] = 0
+                    order = epoch_batches(len(train_blocks), state["epoch"], options.seed, options.batch_size, world, rank)
+                batch = collate([train_blocks[i] for i in order[state["batch_in_epoch"]]])
+                batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+                with no_sync_unless(micro == options.grad_accum - 1, accelerator, model):
+                    with accelerator.autocast():
+                        loss = model(**batch).loss / options.grad_accum
+                    accelerator.backward(loss)
+                step_loss += loss.detach()
+                step_tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+                state["batch_in_epoch"] += 1
+            if options.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(model.parameters(), options.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state["step"] += 1
+            state["tokens"] += int(accelerator.reduce(torch.tensor(step_tokens, device=accelerator.device), "sum"))
+            last_loss = accelerator.reduce(step_loss, "mean").item()
+            record: dict[str, Any] = {}
+            if state["step"] % options.log_every == 0 or state["step"] == steps:
+                seconds = time.perf_counter() - began
+                record = {"step": state["step"], "epoch": round(state["epoch"] + state["batch_in_epoch"] / len(order), 4),
+                          "loss": last_loss, "lr": scheduler.get_last_lr()[0], "tokens": state["tokens"],
+                          "tokens_per_second": (state["tokens"] - tokens_at_start) / seconds if seconds else 0.0}
+            if eval_blocks is not None and options.eval_every and (state["step"] % options.eval_every == 0
+                                                                    or state["step"] == steps):
+                last_eval = evaluate_loss(model, eval_blocks, collate, options, accelerator, resolved["objective"])
+                record = record or {"step": state["step"]}
+                record.update(eval_loss=last_eval, eval_perplexity=math.exp(min(last_eval, 700)))
+            if record:
+                history.append(record)
+                if main:
+                    with open(output / "metrics.jsonl", "a") as file:
+                        file.write(json.dumps(record) + "\n")
+                    log_tensorboard(writer, record)
+                reporter.log(record)
+            if options.save_every and state["step"] % options.save_every == 0 and state["step"] < steps:
+                checkpoint()
+    except KeyboardInterrupt:
+        if state["step"] > 0:
+            checkpoint()
+            reporter.note(f"Interrupted: saved checkpoints/step-{state['step']}; continue with --resume.")
+        raise
+    if eval_blocks is not None and last_eval is None:
+        last_eval = evaluate_loss(model, eval_blocks, collate, options, accelerator, resolved["objective"])
+        history.append({"step": state["step"], "eval_loss": last_eval, "eval_perplexity": math.exp(min(last_eval, 700))})
+        if main:
+            write_metrics(output, history)
+    accelerator.wait_for_everyone()
+    if main:
+        save_final(output, accelerator.unwrap_model(model), tokenizer, options, resolved["base_model"])
+        plot_losses(output, history)
+        if writer:
+            writer.close()
+    seconds = time.perf_counter() - began
+    trained = state["tokens"] - tokens_at_start
+    return FinetuneResult(str(output), resolved["objective"], resolved["data_format"], state["step"],
+                          len(train_blocks), last_loss, last_eval, seconds, state["tokens"],
+                          trained / seconds if seconds else 0.0, world, history)
+
+
+def tensorboard_writer(output: Path) -> Any:
+    """TensorBoard event files when tensorboard is installed; nothing otherwise."""
+    try:
+        import tensorboard  # noqa: F401
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(output / "tensorboard"))
+
+
+def log_tensorboard(writer: Any, record: dict[str, Any]) -> None:
+    if writer is None:
+        return
+    for key, value in record.items():
+        if key != "step" and isinstance(value, (int, float)):
+            writer.add_scalar(key, value, record["step"])
