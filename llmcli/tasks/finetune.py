@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from llmcli import checkpoints
 from llmcli.errors import DataError, UsageError
 
 # Options that may differ between a run and its resumption; all others must match.
@@ -121,6 +122,8 @@ def validate(options: FinetuneOptions) -> None:
         (not (options.resume and options.overwrite), "--resume and --overwrite contradict each other", "Choose one."),
         (options.from_scratch or not (options.arch or options.config_overrides or options.tokenizer_vocab_size),
          "--arch, --config-overrides and --tokenizer-vocab-size need --from-scratch", "Add --from-scratch."),
+        (options.arch is None or options.arch in ("gpt2", "llama", "bert"), f"unknown --arch {options.arch!r}",
+         "Use gpt2, llama or bert, or --model to take its config."),
         (not (options.from_scratch and options.arch is None and options.model is None),
          "--from-scratch needs an architecture", "Add --arch gpt2|llama|bert, or --model to take its config."),
     ]
@@ -265,15 +268,20 @@ def versions() -> dict[str, str]:
 def run(options: FinetuneOptions, reporter: Reporter | None = None) -> FinetuneResult:
     from llmcli.tasks.finetune_loop import train
 
+    from transformers import set_seed
+
     from llmcli.models import quiet_libraries
 
     reporter = reporter or Reporter()
     quiet_libraries()
     validate(options)
     output = check_output_dir(options)
-    data_format, train_data, eval_data = load_datasets(options)
+    resume_from = None
     if options.resume is not None:
+        resume_from = checkpoints.find_checkpoint(output, options.resume)
         check_resume_config(output, options)
+    data_format, train_data, eval_data = load_datasets(options)
+    set_seed(options.seed)  # before any weights are made: from-scratch and LoRA initialisation
     model, tokenizer, kind, base = load_model(options, train_data, data_format)
     objective = {"causal": "clm", "masked": "mlm"}[kind]
     if options.objective != "auto" and options.objective != objective:
@@ -300,7 +308,7 @@ def run(options: FinetuneOptions, reporter: Reporter | None = None) -> FinetuneR
                 "base_model": base}
     previous = signal.signal(signal.SIGTERM, _raise_interrupted)
     try:
-        return train(options, output, model, tokenizer, train_blocks, eval_blocks, resolved, reporter)
+        return train(options, output, model, tokenizer, train_blocks, eval_blocks, resolved, reporter, resume_from)
     finally:
         signal.signal(signal.SIGTERM, previous)
 

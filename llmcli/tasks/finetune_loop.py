@@ -110,7 +110,7 @@ def save_final(output: Path, model: Any, tokenizer: Any, options: FinetuneOption
 
 
 def train(options: FinetuneOptions, output: Path, model: Any, tokenizer: Any, train_blocks: Any, eval_blocks: Any,
-          resolved: dict[str, Any], reporter: Reporter) -> FinetuneResult:
+          resolved: dict[str, Any], reporter: Reporter, resume_from: Path | None) -> FinetuneResult:
     import torch
     from transformers import get_scheduler, set_seed
 
@@ -129,12 +129,11 @@ def train(options: FinetuneOptions, output: Path, model: Any, tokenizer: Any, tr
 
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "tokens": 0}
     history: list[dict[str, Any]] = []
-    if options.resume is not None:
-        path = checkpoints.find_checkpoint(output, options.resume)
-        state = checkpoints.load_checkpoint(path, accelerator.unwrap_model(model), optimizer, scheduler, rank)
+    if resume_from is not None:
+        state = checkpoints.load_checkpoint(resume_from, accelerator.unwrap_model(model), optimizer, scheduler, rank)
         history = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()
                    if line.strip() and json.loads(line)["step"] <= state["step"]] if (output / "metrics.jsonl").is_file() else []
-        reporter.note(f"Resuming from {path} (step {state['step']}).")
+        reporter.note(f"Resuming from {resume_from} (step {state['step']}).")
     elif main:
         if options.overwrite and output.is_dir():
             replace_dir_contents(output)
