@@ -264,3 +264,31 @@ def test_bad_texts(tiny_gpt2, tmp_path):
     short.write_text(TEXT[:300])
     assert_clean_error(run_cli("eval", "--data", short, "-m", tiny_gpt2, "--llama-cpp", "--ctx", "128"),
                        "needs at least 2 × ctx")
+
+
+@pytest.mark.slow
+def test_embedded_tokenizer_equals_llama_tokenize():
+    """The corrected GGUF tokenizer splits digits as llama.cpp does: same ids over the whole GPL-3."""
+    import json
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from llmcli.models import convert_gguf, embedded_gguf_path
+
+    tokenizer = AutoTokenizer.from_pretrained(convert_gguf(embedded_gguf_path()))
+    reference = json.loads((Path(__file__).parent / "data" / "gpl3_llama_tokenize_ids.json").read_text())
+    assert tokenizer(gpl_text())["input_ids"] == reference
+
+
+@pytest.mark.slow
+def test_llama_cpp_protocol_agrees_with_llama_perplexity():
+    """llama-perplexity -c 512 on the F32 dequantized embedded model printed 18.2992 +/- 0.85944
+    (tests/data/README.md); our --llama-cpp on the same weights must agree within 1e-4."""
+    from conftest import GPL3
+
+    record = evaluate(GPL3, "smollm2", "--llama-cpp", "--ctx", "512")
+    assert record["value"] == pytest.approx(18.2992, rel=1e-4)
+    assert record["stderr"] == pytest.approx(0.85944, rel=1e-3)
+    assert record["tokens"] == 14 * (512 - 1 - 256)
+    assert record["bits_per_byte"] is None

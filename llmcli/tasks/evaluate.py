@@ -314,5 +314,7 @@ def score(loaded: LoadedModel, text: str, options: EvalOptions, on_start: Callab
     if not nlls:
         raise DataError("no token could be scored", "Use a longer text.")
     value, stderr, total, bits_per_byte, word_perplexity = summary(nlls, text)
+    if options.protocol == "llama.cpp" and options.metric == "perplexity":
+        bits_per_byte = word_perplexity = None  # only half of each chunk is scored: per byte/word is undefined
     return EvalResult(loaded.source.name, options.metric, protocol, value, stderr, len(nlls), total,
                       bits_per_byte, word_perplexity, time.perf_counter() - began)
