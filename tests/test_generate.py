@@ -184,3 +184,25 @@ def test_embedded_model_greedy_equals_hf_and_answers():
     [chat] = answer.json_lines()
     assert "Paris" in chat["text"] and chat["finish_reason"] == "eos"
     assert "Using the embedded model" in answer.stderr
+
+
+@pytest.mark.parametrize("assist", [("--prompt-lookup", "3"), ("--draft-model", "tiny_llama")])
+def test_assisted_decoding_keeps_greedy_output(tiny_llama, assist):
+    flag, value = assist
+    value = str(tiny_llama) if value == "tiny_llama" else value
+    repetitive = "the program the program the program the program"
+    [plain] = greedy(tiny_llama, repetitive, n=16)
+    [assisted] = greedy(tiny_llama, repetitive, n=16, extra=(flag, value))
+    assert assisted["token_ids"] == plain["token_ids"]
+
+
+def test_fast_mode_equals_hf_in_bfloat16(tiny_gpt2):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    [record] = greedy(tiny_gpt2, PROMPTS[1], n=12, extra=("--fast",))
+    model = AutoModelForCausalLM.from_pretrained(tiny_gpt2, dtype=torch.bfloat16)
+    inputs = AutoTokenizer.from_pretrained(tiny_gpt2)(PROMPTS[1], return_tensors="pt")
+    output = model.generate(**inputs, do_sample=False, max_new_tokens=12)
+    assert record["token_ids"] == output[0, inputs["input_ids"].shape[1]:].tolist()
+    assert "--fast sets the dtype" in run_cli("generate", "x", "-m", tiny_gpt2, "--fast", "--dtype", "float32").stderr

@@ -31,6 +31,7 @@ class GenerateOptions:
     system: str | None = None
     chat: bool | None = None  # None: use the chat template when the tokenizer has one
     batch_size: int = 1
+    prompt_lookup: int | None = None  # prompt-lookup decoding: tokens proposed per step from the prompt
 
 
 @dataclass
@@ -88,6 +89,8 @@ def sampling_kwargs(options: GenerateOptions) -> dict[str, Any]:
         kwargs["num_return_sequences"] = options.num_return_sequences
     if options.stop:
         kwargs["stop_strings"] = options.stop
+    if options.prompt_lookup:
+        kwargs["prompt_lookup_num_tokens"] = options.prompt_lookup
     return kwargs
 
 
@@ -200,6 +203,8 @@ def validate(options: GenerateOptions) -> None:
         )
     if any(stop == "" for stop in options.stop):
         raise UsageError("--stop must not be empty")
+    if options.prompt_lookup is not None and options.prompt_lookup <= 0:
+        raise UsageError(f"--prompt-lookup must be at least 1, got {options.prompt_lookup}")
 
 
 def generate(
@@ -207,8 +212,12 @@ def generate(
     prompts: list[Prompt],
     options: GenerateOptions,
     on_text: TextCallback | None = None,
+    draft: LoadedModel | None = None,
 ) -> Iterator[Generation]:
-    """Yield generations in input order, batch by batch; `on_text` streams a lone sequence's text."""
+    """Yield generations in input order, batch by batch; `on_text` streams a lone sequence's text.
+
+    With a `draft` model (assisted decoding) or --prompt-lookup, the main model verifies several
+    proposed tokens per forward pass; greedy output is the same, only faster when proposals hit."""
     from transformers import set_seed
 
     validate(options)
@@ -236,8 +245,13 @@ def generate(
         batch = tokenizer.pad({"input_ids": batch_ids}, return_tensors="pt").to(loaded.device)
         streamer = TokenStreamer(tokenizer, stream, options.stop, eos)
         began = time.perf_counter()
+        assisted = {}
+        if draft is not None:
+            assisted = {"assistant_model": draft.model}
+            if draft.tokenizer.get_vocab() != tokenizer.get_vocab():  # universal assisted decoding
+                assisted["assistant_tokenizer"] = draft.tokenizer
         output = model.generate(
-            **batch, **sampling_kwargs(options), streamer=streamer, tokenizer=tokenizer,
+            **batch, **sampling_kwargs(options), **assisted, streamer=streamer, tokenizer=tokenizer,
             pad_token_id=tokenizer.pad_token_id,
         )
         seconds = time.perf_counter() - began
