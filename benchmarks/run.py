@@ -1,0 +1,349 @@
+"""`make bench`: llmcli against the plain Hugging Face way of doing the same job, in one run.
+
+Each figure is a median of repeated runs with a warm-up excluded; the table shows llmcli's figure,
+the baseline's, their ratio (>1 means llmcli is better), the goal and whether it was met. Raw
+figures go to benchmarks/results/latest.json and a chart to latest.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parent
+RESULTS = ROOT / "results"
+BIN = Path(sys.executable).parent
+GPL3 = Path("/usr/share/common-licenses/GPL-3")
+sys.path.insert(0, str(ROOT.parent / "tests"))  # the tiny-model builders of the test suite
+
+
+@dataclass
+class Figure:
+    name: str
+    ours: float
+    baseline: float | None
+    unit: str
+    higher_is_better: bool = True
+    goal: float | None = None  # minimum ratio
+    note: str = ""
+    raw: dict = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> float | None:
+        if self.baseline is None:
+            return None
+        return self.ours / self.baseline if self.higher_is_better else self.baseline / self.ours
+
+
+def median_time(run: Callable[[], object], repeats: int, warmup: bool = True) -> tuple[float, object]:
+    """Median wall time of `repeats` runs after one warm-up run, and the last run's result."""
+    result = run() if warmup else None
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), result
+
+
+def startup(repeats: int) -> Figure:
+    def command(*args: str) -> Callable[[], object]:
+        return lambda: subprocess.run(args, capture_output=True, check=True)
+
+    ours, _ = median_time(command(str(BIN / "llmcli"), "--help"), repeats)
+    theirs, _ = median_time(command(str(BIN / "transformers"), "--help"), repeats)
+    return Figure("P1 startup: --help", ours, theirs, "s", higher_is_better=False, goal=10,
+                  note="llmcli --help vs transformers --help")
+
+
+def generation(loaded, new_tokens: int, repeats: int, device: str) -> list[Figure]:
+    import torch
+
+    from llmcli import models
+    from llmcli.data import Prompt
+    from llmcli.tasks.generate import GenerateOptions, encode_prompt, generate
+
+    prompt = Prompt(text="Write a long, detailed story about a robot who learns to paint.")
+    options = GenerateOptions(max_new_tokens=new_tokens)
+    tokenizer, model = loaded.tokenizer, loaded.model
+    ids = torch.tensor([encode_prompt(tokenizer, prompt, options)], device=loaded.device)
+
+    def ours(target=loaded, opts=options, text=prompt) -> int:
+        return sum(g.generated_tokens for g in generate(target, [text], opts))
+
+    def plain(input_ids=ids) -> int:
+        output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
+                                max_new_tokens=new_tokens, pad_token_id=tokenizer.pad_token_id)
+        return output.shape[1] - input_ids.shape[1]
+
+    figures = []
+    seconds, count = median_time(ours, repeats)
+    base_seconds, base_count = median_time(plain, repeats)
+    baseline = base_count / base_seconds
+    figures.append(Figure(f"P2 generate greedy {new_tokens} tok", count / seconds, baseline, "tok/s", goal=1.0,
+                          note="embedded SmolLM2, same loaded model, model.generate baseline"))
+    fast = models.load_model(None, device=device, dtype="bfloat16")
+    seconds, count = median_time(lambda: ours(target=fast), repeats)
+    figures.append(Figure("P2 generate --fast (bf16)", count / seconds, baseline, "tok/s", goal=1.5,
+                          note="bf16 weights vs fp32 model.generate"))
+    repetitive = Prompt(text="Repeat this list exactly three times: apple, banana, cherry, date, elderberry, fig, "
+                             "grape, honeydew, kiwi, lemon, mango.")
+    lookup = GenerateOptions(max_new_tokens=new_tokens, prompt_lookup=10)
+    rep_ids = torch.tensor([encode_prompt(tokenizer, repetitive, lookup)], device=loaded.device)
+    seconds, count = median_time(lambda: ours(opts=lookup, text=repetitive), repeats)
+    base_seconds, base_count = median_time(lambda: plain(rep_ids), repeats)
+    figures.append(Figure("P2 generate --prompt-lookup 10", count / seconds, base_count / base_seconds, "tok/s",
+                          goal=1.0, note="repetitive prompt; same greedy tokens"))
+    return figures
+
+
+def loading(repeats: int, device: str) -> Figure:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmcli import models
+
+    path = models.embedded_gguf_path()
+    models.convert_gguf(path)  # the figure is the second load: conversion happened once before
+    ours, _ = median_time(lambda: models.load_model(None, device=device), repeats)
+
+    def from_gguf() -> object:
+        AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name).to(device)
+
+    # no warm-up run here: each GGUF load takes ~25 s, and imports are already warm from llmcli's side
+    theirs, _ = median_time(from_gguf, repeats, warmup=False)
+    return Figure("P3 second load of the embedded model", ours, theirs, "s", higher_is_better=False, goal=10,
+                  note="cached safetensors vs transformers' GGUF load (dequantizing)")
+
+
+def small_models(workdir: Path) -> tuple[Path, Path]:
+    """A small BERT and a small GPT-2 (4 layers, 256 wide), tokenizers trained on GPL-3."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, BertConfig, GPT2Config
+
+    from conftest import train_tokenizer, train_wordpiece_tokenizer
+
+    torch.manual_seed(0)
+    bert_tokenizer = train_wordpiece_tokenizer(vocab_size=2000)
+    bert = AutoModelForMaskedLM.from_config(BertConfig(
+        vocab_size=len(bert_tokenizer), hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+        intermediate_size=1024, max_position_embeddings=512, pad_token_id=bert_tokenizer.pad_token_id))
+    bert.save_pretrained(workdir / "bert")
+    bert_tokenizer.save_pretrained(workdir / "bert")
+    gpt_tokenizer = train_tokenizer(vocab_size=2000)
+    gpt = AutoModelForCausalLM.from_config(GPT2Config(
+        vocab_size=len(gpt_tokenizer), n_embd=256, n_layer=4, n_head=4, n_positions=512,
+        bos_token_id=gpt_tokenizer.eos_token_id, eos_token_id=gpt_tokenizer.eos_token_id))
+    gpt.save_pretrained(workdir / "gpt2")
+    gpt_tokenizer.save_pretrained(workdir / "gpt2")
+    return workdir / "bert", workdir / "gpt2"
+
+
+def fill_mask(bert: Path, lines: int, repeats: int, device: str) -> Figure:
+    from transformers import pipeline
+
+    from llmcli import models
+    from llmcli.tasks.fill_mask import FillMaskOptions, fill_mask as run_fill_mask
+
+    sentences = [line.strip() for line in GPL3.read_text().splitlines() if len(line.split()) > 6]
+    texts = [" ".join("[MASK]" if i == 3 else w for i, w in enumerate(s.split())) for s in sentences][:lines]
+    loaded = models.load_model(str(bert), kind="masked", device=device)
+    ours, results = median_time(lambda: run_fill_mask(loaded, texts, FillMaskOptions(batch_size=32)), repeats)
+    fill = pipeline("fill-mask", model=str(bert), device=device)
+    theirs, reference = median_time(lambda: [fill(t, top_k=5) for t in texts], repeats)
+    same = all([p.token for p in r.predictions[0]] == [p["token"] for p in ref] for r, ref in zip(results, reference))
+    return Figure(f"P4 fill-mask {len(texts)} lines", len(texts) / ours, len(texts) / theirs, "lines/s", goal=4,
+                  note=f"small BERT; pipeline one line at a time; same top-5: {same}")
+
+
+def guide_perplexity(model, ids, max_length: int, stride: int) -> float:
+    """The guide's loop (transformers docs, "Perplexity of fixed-length models"), batch size 1."""
+    import torch
+
+    nll_sum, n_tokens, prev_end = 0.0, 0, 0
+    for begin in range(0, ids.size(1), stride):
+        end = min(begin + max_length, ids.size(1))
+        trg_len = end - prev_end
+        input_ids = ids[:, begin:end]
+        target_ids = input_ids.clone()
+        target_ids[:, :-trg_len] = -100
+        with torch.no_grad():
+            loss = model(input_ids, labels=target_ids).loss
+        valid = (target_ids != -100).sum().item() - 1
+        nll_sum += loss * valid
+        n_tokens += valid
+        prev_end = end
+        if end == ids.size(1):
+            break
+    return torch.exp(nll_sum / n_tokens).item()
+
+
+def perplexity(gpt2: Path, repeats: int, device: str, text_bytes: int) -> Figure:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmcli import models
+    from llmcli.tasks.evaluate import EvalOptions, evaluate
+
+    text = (GPL3.read_text() * (text_bytes // 30000 + 1))[:text_bytes]
+    loaded = models.load_model(str(gpt2), device=device)
+    options = EvalOptions(max_length=512, stride=512)  # llmcli's default batch size for the device
+    ours, result = median_time(lambda: evaluate(loaded, text, options), repeats)
+    model = AutoModelForCausalLM.from_pretrained(gpt2).to(device).eval()
+    ids = AutoTokenizer.from_pretrained(gpt2)(text, return_tensors="pt").input_ids.to(device)
+    theirs, value = median_time(lambda: guide_perplexity(model, ids, 512, 512), repeats)
+    return Figure("P5 eval perplexity", result.tokens / ours, result.tokens / theirs, "tok/s", goal=3,
+                  note=f"small GPT-2, {text_bytes // 1000} KB, windows 512/512; values {result.value:.4f} vs {value:.4f}")
+
+
+def finetune(gpt2: Path, steps: int, workdir: Path) -> list[Figure]:
+    data = workdir / "gpl.txt"
+    data.write_text(GPL3.read_text())
+    settings = ["--max-length", "128", "--batch-size", "8", "--max-steps", str(steps), "--lr", "1e-3",
+                "--seed", "0"]
+    rss_file = workdir / "rss.txt"
+    ours = subprocess.run([sys.executable, str(ROOT / "peak_rss.py"), str(rss_file), "finetune", "--data", str(data),
+                           "-m", str(gpt2), "-o", str(workdir / "ours"), "--json",
+                           "--device", "cpu", "--log-every", str(steps), *settings],
+                          capture_output=True, text=True, check=True)
+    ours_result = json.loads(ours.stdout.strip().splitlines()[-1])
+    ours_rss = float(rss_file.read_text())
+    theirs = subprocess.run([sys.executable, str(ROOT / "trainer_baseline.py"), "--model", str(gpt2), "--data",
+                             str(data), "--output", str(workdir / "trainer"), *settings],
+                            capture_output=True, text=True, check=True)
+    baseline = json.loads(theirs.stdout.strip().splitlines()[-1])
+    return [
+        Figure("P6 finetune speed", ours_result["tokens_per_second"], baseline["tokens_per_second"], "tok/s",
+               goal=1.1, note=f"small GPT-2, {steps} steps of 8x128 tokens, vs transformers.Trainer"),
+        Figure("P6 finetune peak memory", ours_rss, baseline["peak_rss_mb"], "MB RSS", higher_is_better=False,
+               goal=1.0, note="whole process, including imports"),
+    ]
+
+
+def scaling(loaded, gpt2: Path, batch_sizes: list[int], sizes: list[int], device: str) -> list[Figure]:
+    from llmcli import models
+    from llmcli.data import Prompt
+    from llmcli.tasks.evaluate import EvalOptions, evaluate
+    from llmcli.tasks.generate import GenerateOptions, generate
+
+    figures = []
+    prompts = [Prompt(text=f"Tell me a fact about the number {n}.") for n in range(max(batch_sizes))]
+    for size in batch_sizes:
+        options = GenerateOptions(max_new_tokens=32, batch_size=size)
+        seconds, count = median_time(lambda: sum(g.generated_tokens for g in generate(loaded, prompts[:size],
+                                                                                       options)), 1)
+        figures.append(Figure(f"P7 generate batch {size}", count / seconds, None, "tok/s"))
+    small = models.load_model(str(gpt2), device=device)
+    text = GPL3.read_text()
+    for size in sizes:
+        document = (text * (size // len(text) + 1))[:size]
+        seconds, result = median_time(lambda: evaluate(small, document, EvalOptions(max_length=512, stride=256,
+                                                                                    batch_size=8)), 1)
+        figures.append(Figure(f"P7 eval {size // 1000} KB", result.tokens / seconds, None, "tok/s",
+                              note="flat tok/s = cost linear in text size"))
+    return figures
+
+
+def machine() -> dict:
+    from importlib.metadata import version
+
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "")
+    return {"platform": platform.platform(), "python": platform.python_version(), "cpu": cpu,
+            "cores": os.cpu_count(), "versions": {p: version(p) for p in ("torch", "transformers", "accelerate")}}
+
+
+def report(figures: list[Figure], path: Path, args: argparse.Namespace) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"llmcli vs plain Hugging Face ({args.device}{', quick' if args.quick else ''})")
+    for column in ("benchmark", "llmcli", "baseline", "ratio", "goal", ""):
+        table.add_column(column, justify="left" if column == "benchmark" else "right")
+    for f in figures:
+        met = "" if f.goal is None or f.ratio is None else ("pass" if f.ratio >= f.goal else "miss")
+        table.add_row(f.name, f"{f.ours:.3g} {f.unit}", "-" if f.baseline is None else f"{f.baseline:.3g} {f.unit}",
+                      "-" if f.ratio is None else f"{f.ratio:.2f}x", "-" if f.goal is None else f"≥{f.goal}x",
+                      met, style="green" if met == "pass" else "red" if met == "miss" else None)
+    console = Console(width=140)
+    console.print(table)
+    for f in figures:
+        if f.note:
+            console.print(f"  {f.name}: {f.note}", style="dim")
+    path.write_text(json.dumps({"machine": machine(), "device": args.device, "quick": args.quick,
+                                "figures": [{**asdict(f), "ratio": f.ratio} for f in figures]}, indent=2))
+    plot(figures, path.with_suffix(".png"))
+
+
+def plot(figures: list[Figure], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    compared = [f for f in figures if f.ratio is not None]
+    scaled = [f for f in figures if f.ratio is None]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [3, 2]})
+    left.barh([f.name for f in compared], [f.ratio for f in compared],
+              color=["tab:green" if f.goal is None or f.ratio >= f.goal else "tab:red" for f in compared])
+    for i, f in enumerate(compared):
+        if f.goal:
+            left.plot([f.goal, f.goal], [i - 0.4, i + 0.4], "k--", linewidth=1)
+    left.axvline(1, color="gray", linewidth=0.8)
+    left.set_xscale("log")
+    left.set_xlabel("ratio vs Hugging Face baseline (log; dashed = goal)")
+    left.invert_yaxis()
+    right.bar([f.name.replace("P7 ", "") for f in scaled], [f.ours for f in scaled], color="tab:blue")
+    right.set_ylabel("tokens/s")
+    right.set_title("P7 scaling")
+    right.tick_params(axis="x", rotation=45)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="a smaller run (under 3 minutes on 2 cores)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--only", nargs="*", default=None, help="run only these benchmarks, e.g. P2 P6")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    repeats = 3
+    from llmcli import models
+
+    models.quiet_libraries()
+    wanted = lambda key: args.only is None or key in args.only  # noqa: E731
+    figures = [startup(5)] if wanted("P1") else []
+    loaded = models.load_model(None, device=args.device)
+    if wanted("P2"):
+        figures += generation(loaded, 32 if args.quick else 128, repeats, args.device)
+    if wanted("P3"):
+        figures.append(loading(1 if args.quick else repeats, args.device))
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        bert, gpt2 = small_models(workdir)
+        if wanted("P4"):
+            figures.append(fill_mask(bert, 64 if args.quick else 256, repeats, args.device))
+        if wanted("P5"):
+            figures.append(perplexity(gpt2, repeats, args.device, 30_000 if args.quick else 100_000))
+        if wanted("P6"):
+            figures += finetune(gpt2, 10 if args.quick else 40, workdir)
+        if wanted("P7"):
+            figures += scaling(loaded, gpt2, [1, 4] if args.quick else [1, 4, 16],
+                               [10_000, 100_000] if args.quick else [10_000, 100_000, 1_000_000], args.device)
+    RESULTS.mkdir(exist_ok=True)
+    name = "latest" if args.device == "cpu" else f"latest-{args.device}"
+    partial = "-partial" if args.only else ""
+    report(figures, RESULTS / f"{name}{'-quick' if args.quick else ''}{partial}.json", args)
+
+
+if __name__ == "__main__":
+    main()
