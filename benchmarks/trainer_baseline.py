@@ -4,7 +4,6 @@ Prints one JSON line: tokens_per_second (from Trainer's own train_runtime) and p
 
 import argparse
 import json
-import resource
 
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments, default_data_collator
@@ -38,5 +37,5 @@ training_args = TrainingArguments(
 )
 result = Trainer(model=model, args=training_args, train_dataset=train, data_collator=default_data_collator).train()
 tokens = args.max_steps * args.batch_size * args.max_length
-print(json.dumps({"tokens_per_second": tokens / result.metrics["train_runtime"],
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+peak = next(int(line.split()[1]) / 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(json.dumps({"tokens_per_second": tokens / result.metrics["train_runtime"], "peak_rss_mb": peak}))

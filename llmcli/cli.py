@@ -40,6 +40,8 @@ ModelOption = Annotated[
 DeviceOption = Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:N or mps. Default: accelerate's choice.")]
 DtypeOption = Annotated[str, typer.Option(help="auto (bf16 on capable GPUs, else fp32), float32, bfloat16, float16.")]
 TrustOption = Annotated[bool, typer.Option(help="Allow the model repository's own Python code to run.")]
+PickleOption = Annotated[bool, typer.Option(help="Allow pickle weights (*.bin), which can run code when loaded; "
+                                            "safetensors are always preferred.")]
 
 
 def version_callback(value: bool) -> None:
@@ -63,7 +65,8 @@ def root(
         os.environ["LLMCLI_DEBUG"] = "1"
 
 
-def load(model: str | None, kind: str, device: str | None, dtype: str, trust_remote_code: bool):
+def load(model: str | None, kind: str, device: str | None, dtype: str, trust_remote_code: bool,
+         allow_pickle: bool = False):
     """Load a model with notices about the default model and a one-time GGUF conversion."""
     from llmcli import models
 
@@ -73,7 +76,8 @@ def load(model: str | None, kind: str, device: str | None, dtype: str, trust_rem
     if not models.is_cached(source):
         render.notice(f"Converting {source.name} to safetensors once; later loads skip this (about 20 s).")
     with render.status(f"Loading {source.name}"):
-        return models.load_model(model, kind=kind, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+        return models.load_model(model, kind=kind, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+                                 allow_pickle=allow_pickle)
 
 
 def peak_memory_mb(device) -> float:
@@ -128,6 +132,8 @@ def generate(
                                                        "verify (assisted decoding; same greedy output).")] = None,
     prompt_lookup: Annotated[Optional[int], typer.Option(help="Propose N tokens per step by matching the prompt "
                                                          "(fast on repetitive text; same greedy output).")] = None,
+    truncate: Annotated[str, typer.Option(help="A prompt too long for the context: 'error', or 'left' to keep "
+                                          "its end.")] = "error",
     fast: Annotated[bool, typer.Option("--fast", help="bfloat16 weights: ~1.5x faster on CPU, close to but not "
                                        "token-identical with float32.")] = False,
     stream: Annotated[Optional[bool], typer.Option("--stream/--no-stream", help="Print tokens as they come. "
@@ -137,6 +143,7 @@ def generate(
     device: DeviceOption = None,
     dtype: DtypeOption = "auto",
     trust_remote_code: TrustOption = False,
+    allow_pickle: PickleOption = False,
 ) -> None:
     """Generate text from prompts with a causal LM (greedy by default; equals Hugging Face generate)."""
     from llmcli.tasks.generate import GenerateOptions, generate as run_generate, validate
@@ -145,6 +152,7 @@ def generate(
         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
         repetition_penalty=repetition_penalty, seed=seed, num_return_sequences=num_return_sequences,
         stop=stop or [], system=system, chat=chat, batch_size=batch_size, prompt_lookup=prompt_lookup,
+        truncate=truncate,
     )
     validate(options)  # before the slow model load
     if fast and dtype != "auto":
@@ -155,8 +163,9 @@ def generate(
 
     prompt_list = [p if isinstance(p, Prompt) else Prompt(text=p)
                    for p in collect_inputs(prompts or [], file, read_prompts, "prompt")]
-    loaded = load(model, "causal", device, "bfloat16" if fast else dtype, trust_remote_code)
-    draft = load(draft_model, "causal", device, "bfloat16" if fast else dtype, trust_remote_code) if draft_model else None
+    loaded = load(model, "causal", device, "bfloat16" if fast else dtype, trust_remote_code, allow_pickle)
+    draft = (load(draft_model, "causal", device, "bfloat16" if fast else dtype, trust_remote_code, allow_pickle)
+             if draft_model else None)
     single = len(prompt_list) == 1 and num_return_sequences == 1
     streaming = (single if stream is None else stream) and not json_output
     if stream and not single:
@@ -196,6 +205,7 @@ def fill_mask(
     device: DeviceOption = None,
     dtype: DtypeOption = "auto",
     trust_remote_code: TrustOption = False,
+    allow_pickle: PickleOption = False,
 ) -> None:
     """Fill [MASK] blanks. Masked LMs score as the fill-mask pipeline does; causal LMs (the default
     embedded model) rescore candidate words with the whole sentence, filling several blanks left to
@@ -210,7 +220,7 @@ def fill_mask(
     if mode not in kinds:
         raise UsageError(f"unknown --mode {mode!r}", "Use auto, mlm or causal.")
     inputs = collect_inputs(texts or [], file, read_texts, "text")
-    loaded = load(model, kinds[mode], device, dtype, trust_remote_code)
+    loaded = load(model, kinds[mode], device, dtype, trust_remote_code, allow_pickle)
     for result in run_fill_mask(loaded, inputs, options):
         if json_output:
             render.json_line(render.fill_mask_record(result))
@@ -242,6 +252,7 @@ def evaluate(
     device: DeviceOption = None,
     dtype: DtypeOption = "auto",
     trust_remote_code: TrustOption = False,
+    allow_pickle: PickleOption = False,
 ) -> None:
     """Score a text: perplexity for causal LMs (sliding window by default), pseudo-perplexity or
     accuracy for masked LMs. Every result names its protocol, token count and standard error."""
@@ -260,7 +271,7 @@ def evaluate(
     text = read_document(data)
     results = []
     for name in model or [None]:
-        loaded = load(name, "auto", device, dtype, trust_remote_code)
+        loaded = load(name, "auto", device, dtype, trust_remote_code, allow_pickle)
         with render.progress(f"Scoring with {loaded.source.name}") as (start, advance):
             result = run_evaluate(loaded, text, options, on_start=start, on_progress=advance)
         results.append(result)
@@ -326,6 +337,7 @@ def finetune(
     json_output: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,
     device: DeviceOption = None,
     trust_remote_code: TrustOption = False,
+    allow_pickle: PickleOption = False,
 ) -> None:
     """Finetune a model (or train one from scratch) on your data, with checkpoints that resume exactly."""
     import os
@@ -347,6 +359,7 @@ def finetune(
         lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_targets=lora_targets, merge_lora=merge_lora,
         mixed_precision="bf16" if bf16 else "fp16" if fp16 else "no", grad_checkpointing=grad_checkpointing,
         overwrite=overwrite, device=device, trust_remote_code=trust_remote_code, num_processes=num_processes,
+        allow_pickle=allow_pickle,
     )
     validate(options)
     if num_processes > 1 and "LOCAL_RANK" not in os.environ:
@@ -403,6 +416,7 @@ def chat(
     device: DeviceOption = None,
     dtype: DtypeOption = "auto",
     trust_remote_code: TrustOption = False,
+    allow_pickle: PickleOption = False,
 ) -> None:
     """Chat interactively, keeping the conversation. Commands: /reset, /system TEXT, /exit (or Ctrl-D)."""
     from llmcli.tasks.chat import ChatSession
@@ -413,7 +427,7 @@ def chat(
         repetition_penalty=repetition_penalty, seed=seed, chat=True,
     )
     validate(options)
-    loaded = load(model, "causal", device, dtype, trust_remote_code)
+    loaded = load(model, "causal", device, dtype, trust_remote_code, allow_pickle)
     session = ChatSession(loaded, options, system=system)
     interactive = sys.stdin.isatty()
     if interactive:
@@ -449,8 +463,20 @@ def with_resume_default(argv: list[str]) -> list[str]:
     return argv
 
 
+def interrupt_on_sigterm() -> None:
+    """SIGTERM (kill, a job scheduler's timeout) gets Ctrl-C's cleanup: flushed output, a finetune
+    checkpoint, no half-written cache, exit 130."""
+    import signal
+
+    def raise_interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, raise_interrupt)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app and turn every failure into the exit-code contract."""
+    interrupt_on_sigterm()
     command = typer.main.get_command(app)
     try:
         code = command.main(args=with_resume_default(sys.argv[1:] if argv is None else argv), prog_name="llmcli",

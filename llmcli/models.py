@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import socket
+import time
 import uuid
 import warnings
 from dataclasses import dataclass
@@ -119,7 +120,40 @@ def gguf_cache_dir(gguf_path: Path) -> Path:
 
 def is_cached(source: ModelSource) -> bool:
     """True unless loading this source needs a slow GGUF conversion first."""
-    return source.kind != "gguf" or (gguf_cache_dir(Path(source.location)) / CACHE_MARKER).is_file()
+    return source.kind != "gguf" or cache_entry_complete(gguf_cache_dir(Path(source.location)))
+
+
+def cache_entry_complete(entry: Path) -> bool:
+    """The marker is written last and lists every file's size, so a truncated or half-deleted
+    entry (disk full, a crash in another tool) is detected and rebuilt rather than loaded."""
+    try:
+        marker = json.loads((entry / CACHE_MARKER).read_text())
+        return all((entry / name).stat().st_size == size for name, size in marker["files"].items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
+def acquire_conversion_lock(target: Path) -> Any:
+    """One conversion of a file at a time: a second process waits, then finds the finished entry.
+    The lock is held until the returned file is closed, or the process dies."""
+    lock = open(target.parent / f".{target.name}.lock", "w")
+    try:
+        import fcntl
+
+        fcntl.flock(lock, fcntl.LOCK_EX)
+    except ImportError:  # no fcntl (Windows): the atomic rename alone keeps entries whole
+        pass
+    return lock
+
+
+def remove_stale_temporaries(root: Path, older_than: float = 3600) -> None:
+    """Temporary directories of conversions killed with SIGKILL (nothing else can remove them)."""
+    for tmp in root.glob(".tmp-*"):
+        try:
+            if time.time() - tmp.stat().st_mtime > older_than:
+                shutil.rmtree(tmp, ignore_errors=True)
+        except OSError:
+            pass
 
 
 def read_gguf_metadata(gguf_path: Path) -> dict[str, Any]:
@@ -154,20 +188,43 @@ def fix_gguf_tokenizer(tokenizer: Any, metadata: dict[str, Any]) -> None:
 def convert_gguf(gguf_path: Path) -> Path:
     """Dequantize a GGUF file once into a safetensors model directory; later loads skip the ~15 s.
 
-    transformers refuses `save_pretrained` on a GGUF-loaded model, so the weights are written with
-    safetensors directly. The entry is built in a temporary directory and renamed into place, so a
-    killed run never leaves a half-written entry, and two concurrent conversions both succeed.
+    The entry is built in a temporary directory and renamed into place, so a killed run never leaves
+    a half-written entry; a lock makes a second concurrent conversion wait and reuse the first's.
+    An entry whose files do not match its marker is rebuilt.
     """
+    target = gguf_cache_dir(gguf_path)
+    if cache_entry_complete(target):
+        return target
+    metadata = read_gguf_metadata(gguf_path)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        lock = acquire_conversion_lock(target)
+    except OSError as exc:
+        raise ModelLoadError(f"cannot write the model cache at {target.parent} ({exc.strerror})",
+                             "Set LLMCLI_CACHE to a writable directory.") from exc
+    try:
+        if cache_entry_complete(target):  # another process finished it while we waited
+            return target
+        if target.exists():  # incomplete or corrupt: rebuild it
+            shutil.rmtree(target, ignore_errors=True)
+        remove_stale_temporaries(target.parent)
+        write_cache_entry(gguf_path, metadata, target)
+    finally:
+        lock.close()
+    for stale in target.parent.glob(f"{gguf_path.stem}-*"):  # older conversions of this file: 0.5 GB each
+        if stale != target and stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+    return target
+
+
+def write_cache_entry(gguf_path: Path, metadata: dict[str, Any], target: Path) -> None:
+    """Convert into a temporary directory, then rename it to `target`.
+
+    transformers refuses `save_pretrained` on a GGUF-loaded model, so the weights are written with
+    safetensors directly."""
     from safetensors.torch import save_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target = gguf_cache_dir(gguf_path)
-    if (target / CACHE_MARKER).is_file():
-        return target
-    if target.exists():  # an entry without its marker is corrupt: rebuild it
-        shutil.rmtree(target, ignore_errors=True)
-    metadata = read_gguf_metadata(gguf_path)
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".tmp-{target.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
@@ -182,21 +239,14 @@ def convert_gguf(gguf_path: Path) -> Path:
         model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        marker = {"format": CACHE_FORMAT, "source": str(gguf_path), "size": gguf_path.stat().st_size, **metadata}
+        files = {f.name: f.stat().st_size for f in tmp.iterdir()}
+        marker = {"format": CACHE_FORMAT, "source": str(gguf_path), "files": files, **metadata}
         (tmp / CACHE_MARKER).write_text(json.dumps(marker, indent=2, default=str))
-        try:
-            tmp.rename(target)
-        except OSError:
-            if not (target / CACHE_MARKER).is_file():  # someone else's entry must be complete to win
-                raise
+        tmp.rename(target)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"could not convert {gguf_path}: {exc}", "Check the file and free disk space.") from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    for stale in target.parent.glob(f"{gguf_path.stem}-*"):  # older conversions of this file: 0.5 GB each
-        if stale != target:
-            shutil.rmtree(stale, ignore_errors=True)
-    return target
 
 
 # ---------------------------------------------------------------- device, dtype, loading
@@ -268,7 +318,8 @@ def local_model_dir(source: ModelSource) -> Path | str:
             f"Pass a local model directory or .gguf file, or omit --model to use the embedded {EMBEDDED_NAME}.",
         )
     try:
-        return snapshot_download(source.location, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+        return snapshot_download(source.location, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt",
+                                                                  "*.jinja", "*.bin"])
     except Exception as exc:
         raise ModelNotFound(f"could not download model {source.location!r}: {exc}", "Check the hub id.") from exc
 
@@ -309,9 +360,14 @@ def load_model(
     device: str | None = None,
     dtype: str = "auto",
     trust_remote_code: bool = False,
+    allow_pickle: bool = False,
 ) -> LoadedModel:
-    """Load tokenizer and model for `arg`; kind is "causal", "masked" or "auto" (from the config)."""
+    """Load tokenizer and model for `arg`; kind is "causal", "masked" or "auto" (from the config).
+
+    Weights load from safetensors only, unless `allow_pickle` admits pickle files (*.bin), which can
+    run code when unpickled."""
     import torch
+    from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
     quiet_libraries()
@@ -321,12 +377,17 @@ def load_model(
     torch_device = choose_device(device)
     torch_dtype = choose_dtype(dtype, torch_device)
     location = local_model_dir(source)
+    check_weight_format(Path(location), source, allow_pickle)
     try:
         config = AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"could not read the config of {source.name}: {exc}", "Check the model files.") from exc
     if kind == "auto":
         kind = model_kind(config, source)
+    elif kind == "causal" and model_kind(config, source) == "masked":
+        # BERT-style models also map to a causal head class, but random-headed: refuse them here
+        raise ModelLoadError(f"{source.name} ({config.model_type}) is a masked LM, not a causal (text generation) LM",
+                             "Use it with fill-mask or eval, or choose a GPT/Llama-style model.")
     model_class = {"causal": AutoModelForCausalLM, "masked": AutoModelForMaskedLM}[kind]
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
@@ -343,10 +404,23 @@ def load_model(
             f"{source.name} ({config.model_type}) is not {what}",
             "Choose a model of the right type for this command.",
         ) from exc
-    except (OSError, RuntimeError, json.JSONDecodeError) as exc:
-        raise ModelLoadError(f"could not load model {source.name}: {exc}", "Check that the model files are complete.") from exc
+    except (OSError, RuntimeError, json.JSONDecodeError, SafetensorError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelLoadError(f"could not load model {source.name}: {reason}",
+                             "Check that the model files are complete (re-download or re-save them).") from exc
     model.to(torch_device).eval()
     return LoadedModel(model=model, tokenizer=tokenizer, source=source, device=torch_device, kind=kind)
+
+
+def check_weight_format(location: Path, source: ModelSource, allow_pickle: bool) -> None:
+    if not location.is_dir() or any(location.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in location.glob("*.bin")) + sorted(p.name for p in location.glob("*.pt"))
+    if pickles and not allow_pickle:
+        raise ModelLoadError(
+            f"{source.name} has only pickle weights ({pickles[0]}), which can run code when loaded",
+            "Pass --allow-pickle if you trust where it came from, or convert it to safetensors.",
+        )
 
 
 def model_kind(config: Any, source: ModelSource) -> str:

@@ -1,13 +1,17 @@
-"""Bad input: exit 2, one `Error:` line naming the problem (plus an optional hint), no traceback."""
+"""Bad input, every command: exit 2, one `Error:` line naming the problem (and a hint), no traceback,
+and no file created or changed."""
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from conftest import gpl_text, run_cli
 
 
 def assert_clean_error(result, *fragments: str, code: int = 2) -> None:
@@ -20,99 +24,168 @@ def assert_clean_error(result, *fragments: str, code: int = 2) -> None:
         assert fragment in result.stderr, (fragment, result.stderr)
 
 
-def test_missing_model_path(tmp_path):
-    assert_clean_error(run_cli("generate", "hi", "-m", tmp_path / "nope"), "does not exist")
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, tiny_gpt2, tiny_bert) -> Path:
+    """Input files of every kind of badness, and broken models, in one directory."""
+    root = tmp_path_factory.mktemp("bad-inputs")
+    files = {
+        "gpl.txt": gpl_text()[:20000],
+        "short.txt": gpl_text()[:300],
+        "empty.txt": "\n \n",
+        "notes.txt": "hello",
+        "long-line.txt": "short prompt\n" + "word " * 300 + "\n",
+        "prompt5.jsonl": '{"prompt": 5}\n',
+        "broken.jsonl": '{"prompt": "ok"}\n{"prompt": "no end\n',
+        "nofield.jsonl": '{"prompt": "ok"}\n\n{"title": "x"}\n',
+        "list.jsonl": '{"prompt": "ok"}\n["a list"]\n',
+        "badmsg.jsonl": '{"messages": [{"role": "user"}]}\n',
+        "train-broken.jsonl": '{"text": "ok"}\n{"text": "broken\n',
+        "train-mixed.jsonl": '{"text": "ok"}\n{"prompt": "p", "completion": "c"}\n',
+        "train-missing.jsonl": '{"prompt": "p", "completion": "c"}\n{"prompt": "only"}\n',
+        "train-type.jsonl": '{"text": 5}\n',
+        "train-empty.jsonl": "\n",
+        "table.csv": "title,body\nx,y\n",
+        "fake.gguf": "this is not gguf at all" * 10,
+    }
+    for name, text in files.items():
+        (root / name).write_text(text)
+    (root / "data.bin").write_bytes(b"abc\x00def")
+    (root / "latin1.txt").write_bytes("café\n".encode("latin-1"))
+    (root / "not-a-model").mkdir()
+    (root / "not-a-dataset").mkdir()
+    (root / "not-a-dataset" / "readme.txt").write_text("x")
+    truncated = root / "truncated-model"
+    shutil.copytree(tiny_gpt2, truncated)
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    pickled = root / "pickle-model"  # transformers 5 saves only safetensors: write the pickle by hand
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_gpt2)
+    model.config.save_pretrained(pickled)
+    AutoTokenizer.from_pretrained(tiny_gpt2).save_pretrained(pickled)
+    torch.save(model.state_dict(), pickled / "pytorch_model.bin")
+    (root / "full-output").mkdir()
+    (root / "full-output" / "precious.txt").write_text("keep me")
+    return root
 
 
-def test_directory_that_is_not_a_model(tmp_path):
-    assert_clean_error(run_cli("generate", "hi", "-m", tmp_path), "without config.json")
+# (command line with {ws} = workspace, {gpt2}, {bert}; what the error must say)
+MATRIX = [
+    # generate
+    ("generate hi -m {ws}/missing-model", "does not exist"),
+    ("generate hi -m {ws}/not-a-model", "without config.json"),
+    ("generate hi -m {ws}/notes.txt", "not a .gguf model"),
+    ("generate hi -m {ws}/fake.gguf", "not a GGUF model"),
+    ("generate hi -m {ws}/truncated-model -n 2", "could not load model"),
+    ("generate hi -m {ws}/pickle-model -n 2", "only pickle weights"),
+    ("generate hi -m nobody/no-such-model-xyz", "hub is unreachable"),
+    ("generate hi -m {bert} -n 2", "(bert) is a masked LM, not a causal (text generation) LM"),
+    ("generate hi -m {gpt2} -n 0", "--max-new-tokens must be at least 1, got 0"),
+    ("generate hi -m {gpt2} -n -5", "--max-new-tokens must be at least 1, got -5"),
+    ("generate hi -m {gpt2} -n abc", "Input should be a valid integer"),
+    ("generate hi -m {gpt2} -n 300", "leaves no room in the model's context of 256"),
+    ("generate hi -m {gpt2} -t -0.5", "--temperature must be 0 (greedy) or positive, got -0.5"),
+    ("generate hi -m {gpt2} -n 2 --top-p 0", "--top-p must be in (0, 1], got 0.0"),
+    ("generate hi -m {gpt2} --top-p 1.5", "--top-p must be in (0, 1], got 1.5"),
+    ("generate hi -m {gpt2} --batch-size 0", "--batch-size must be at least 1"),
+    ("generate hi -m {gpt2} --num-return-sequences 2", "needs sampling"),
+    ("generate hi -m {gpt2} --truncate right", "unknown --truncate 'right'"),
+    ("generate hi -m {gpt2} --fast --dtype float32", "--fast sets the dtype"),
+    ("generate hi -m {gpt2} --dtype float8", "unknown dtype 'float8'"),
+    ("generate hi -m {gpt2} --device cuda", "CUDA is not available"),
+    ("generate a b -m {gpt2} --stream", "--stream works with one prompt"),
+    ("generate hi -m {gpt2} --no-such-option", "No such option"),
+    ("generate", "no prompt given"),
+    ("generate ' '", "empty prompt"),
+    ("generate -f {ws}/missing.txt", "missing.txt does not exist"),
+    ("generate -f {ws}/empty.txt", "contains no prompts"),
+    ("generate -f {ws}/data.bin", "binary file"),
+    ("generate -f {ws}/latin1.txt", "not valid UTF-8"),
+    ("generate -f {ws}/broken.jsonl", "broken.jsonl line 2: invalid JSON"),
+    ("generate -f {ws}/list.jsonl", "list.jsonl line 2: expected a JSON object"),
+    ("generate -f {ws}/nofield.jsonl", "nofield.jsonl line 3: expected a non-empty string 'prompt'"),
+    ("generate -f {ws}/prompt5.jsonl", "prompt5.jsonl line 1: expected a non-empty string 'prompt'"),
+    ("generate -f {ws}/badmsg.jsonl", "line 1: each message needs string 'role' and 'content'"),
+    ("generate -f {ws}/badmsg.jsonl hi", "not both"),
+    ("generate -f {ws}/long-line.txt -m {gpt2} -n 8 --no-chat --batch-size 2", "exceeds the model's context"),
+    # fill-mask
+    ("fill-mask 'no blank here' -m {bert}", "no mask in 'no blank here'"),
+    ("fill-mask 'the [MASK]' -m {bert} --top-k 0", "--top-k must be at least 1, got 0"),
+    ("fill-mask 'the [MASK]' -m {bert} --targets zzzqqqxxx", "target 'zzzqqqxxx' is not a single token"),
+    ("fill-mask 'the [MASK]' -m {bert} --mode seq2seq", "unknown --mode 'seq2seq'"),
+    ("fill-mask 'the [MASK]' -m {bert} --max-mask-tokens 0", "--max-mask-tokens must be at least 1"),
+    ("fill-mask 'the [MASK]' -m {gpt2} --all-positions", "--all-positions needs a masked LM"),
+    ("fill-mask 'the [MASK]' -m {bert} --mode causal", "is a masked LM, not a causal"),
+    ("fill-mask -f {ws}/empty.txt -m {bert}", "contains no texts"),
+    ("fill-mask -f {ws}/gpl.txt -m {bert}", "no mask in"),
+    ("fill-mask '{long} [MASK]' -m {bert}", "longer than the model's 128"),
+    # eval
+    ("eval --data {ws}/gpl.txt -m {gpt2} --stride 80 --max-length 64", "--stride (80) must not exceed --max-length (64)"),
+    ("eval --data {ws}/gpl.txt -m {gpt2} --stride 0", "--stride must be at least 1, got 0"),
+    ("eval --data {ws}/gpl.txt -m {gpt2} --max-length 1000", "--max-length 1000 is above the model's context of 256"),
+    ("eval --data {ws}/gpl.txt -m {gpt2} --metric pseudo-perplexity", "needs a masked LM"),
+    ("eval --data {ws}/gpl.txt -m {bert} --metric perplexity", "needs a causal LM"),
+    ("eval --data {ws}/gpl.txt -m {gpt2} --metric bleu", "unknown --metric 'bleu'"),
+    ("eval --data {ws}/gpl.txt -m {gpt2} --llama-cpp --lm-eval", "two different protocols"),
+    ("eval --data {ws}/gpl.txt -m {gpt2} --llama-cpp --ctx 4096", "--ctx 4096 is above the model's context"),
+    ("eval --data {ws}/short.txt -m {gpt2} --llama-cpp --ctx 128", "needs at least 2 × ctx"),
+    ("eval --data {ws}/empty.txt -m {gpt2}", "is empty"),
+    ("eval --data {ws}/missing.txt -m {gpt2}", "does not exist"),
+    ("eval -m {gpt2}", "Missing option '--data'"),
+    # finetune (the output directory must not appear)
+    ("finetune --data {ws}/train-broken.jsonl -m {gpt2} -o {ws}/out", "train-broken.jsonl line 2: invalid JSON"),
+    ("finetune --data {ws}/train-mixed.jsonl -m {gpt2} -o {ws}/out", "line 2: a prompt-completion record in a text file"),
+    ("finetune --data {ws}/train-missing.jsonl -m {gpt2} -o {ws}/out", "line 2: no 'text', 'prompt'/'completion'"),
+    ("finetune --data {ws}/train-type.jsonl -m {gpt2} -o {ws}/out", "line 1: 'text' must be a string"),
+    ("finetune --data {ws}/train-empty.jsonl -m {gpt2} -o {ws}/out", "contains no records"),
+    ("finetune --data {ws}/table.csv -m {gpt2} -o {ws}/out", "has no column 'text'"),
+    ("finetune --data {ws}/not-a-dataset -m {gpt2} -o {ws}/out", "not a dataset saved with save_to_disk"),
+    ("finetune --data {ws}/gpl.txt -m {gpt2} -o {ws}/out --objective seq2seq", "unknown --objective 'seq2seq'"),
+    ("finetune --data {ws}/gpl.txt -m {gpt2} -o {ws}/out --objective mlm", "(gpt2) is not a masked LM"),
+    ("finetune --data {ws}/gpl.txt -m {gpt2} -o {ws}/out --from-scratch --arch gpt2 --config-overrides n_layers",
+     "bad --config-overrides item"),
+    ("finetune --data {ws}/gpl.txt -o {ws}/out --from-scratch --arch gpt2 --config-overrides no_such_thing=3 "
+     "--tokenizer-vocab-size 400", "GPT2Config has no setting 'no_such_thing'"),
+    ("finetune --data {ws}/gpl.txt -o {ws}/out --from-scratch --arch t5x", "unknown --arch 't5x'"),
+    ("finetune --data {ws}/gpl.txt -o {ws}/out --from-scratch --arch gpt2", "--from-scratch needs a tokenizer"),
+    ("finetune --data {ws}/gpl.txt -m {gpt2} -o {ws}/out --lr 0", "--lr must be positive"),
+    ("finetune --data {ws}/gpl.txt -m {gpt2} -o {ws}/out --merge-lora", "--merge-lora needs --lora"),
+    ("finetune --data {ws}/gpl.txt -m {gpt2} -o {ws}/out --lora --from-scratch --arch gpt2", "not from scratch"),
+    ("finetune --data {ws}/gpl.txt -m {gpt2} -o {ws}/out --val-split 1.5", "--val-split must be in [0, 1)"),
+    ("finetune --data {ws}/gpl.txt -m {gpt2} -o {ws}/out --max-length 1000", "above the model's context of 256"),
+    ("finetune --data {ws}/gpl.txt -m {gpt2} -o {ws}/out --bf16 --fp16", "--bf16 and --fp16 both given"),
+    ("finetune --data {ws}/gpl.txt -m {gpt2} -o {ws}/out --resume", "no complete checkpoint"),
+    ("finetune --data {ws}/gpl.txt -m {gpt2} -o {ws}/out --resume --overwrite", "contradict"),
+    ("finetune --data {ws}/gpl.txt -m {gpt2} -o {ws}/full-output", "is not empty"),
+    ("finetune --data {ws}/gpl.txt -m {gpt2} -o {ws}/notes.txt", "is a file, not a directory"),
+    ("finetune --data {ws}/gpl.txt -m {ws}/pickle-model -o {ws}/out", "only pickle weights"),
+    # chat and the command line itself
+    ("chat -m {gpt2} -n 0", "--max-new-tokens must be at least 1"),
+    ("chat -m {gpt2} --top-p 3", "--top-p must be in (0, 1]"),
+    ("translate hello", "No such command 'translate'"),
+]
 
 
-def test_file_that_is_not_a_model(tmp_path):
-    path = tmp_path / "notes.txt"
-    path.write_text("hello")
-    assert_clean_error(run_cli("generate", "hi", "-m", path), "not a .gguf model")
+def snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
 
 
-def test_gguf_that_is_not_a_model(tmp_path):
-    path = tmp_path / "fake.gguf"
-    path.write_bytes(b"this is not gguf at all" * 10)
-    assert_clean_error(run_cli("generate", "hi", "-m", path), "not a GGUF model")
+@pytest.mark.parametrize("command, fragment", MATRIX, ids=[c[:60] for c, _ in MATRIX])
+def test_error_matrix(command, fragment, workspace, tiny_gpt2, tiny_bert):
+    import shlex
+
+    values = {"ws": workspace, "gpt2": tiny_gpt2, "bert": tiny_bert, "long": "word " * 200}
+    args = [a.format(**values) for a in shlex.split(command)]
+    before = snapshot(workspace)
+    assert_clean_error(run_cli(*args), fragment)
+    assert snapshot(workspace) == before  # nothing created or changed
 
 
-def test_uncached_hub_id_offline():
-    assert_clean_error(run_cli("generate", "hi", "-m", "nobody/no-such-model-xyz"),
-                       "nobody/no-such-model-xyz", "hub is unreachable")
-
-
-@pytest.mark.parametrize(
-    "options, fragment",
-    [
-        (["-n", "0"], "--max-new-tokens must be at least 1, got 0"),
-        (["-n", "-5"], "--max-new-tokens must be at least 1, got -5"),
-        (["-t", "-0.5"], "--temperature must be 0 (greedy) or positive, got -0.5"),
-        (["--top-p", "0"], "--top-p must be in (0, 1], got 0.0"),
-        (["--top-p", "1.5"], "--top-p must be in (0, 1], got 1.5"),
-        (["--batch-size", "0"], "--batch-size must be at least 1"),
-        (["--num-return-sequences", "2"], "needs sampling"),
-        (["-n", "abc"], "Input should be a valid integer"),
-        (["--no-such-option"], "No such option"),
-    ],
-)
-def test_bad_option_values(tiny_gpt2, options, fragment):
-    assert_clean_error(run_cli("generate", "hi", "-m", tiny_gpt2, *options), fragment)
-
-
-def test_missing_prompt_file(tmp_path):
-    assert_clean_error(run_cli("generate", "-f", tmp_path / "missing.txt"), "missing.txt does not exist")
-
-
-def test_empty_prompt():
-    assert_clean_error(run_cli("generate", "  "), "empty prompt")
-
-
-def test_no_prompt():
-    assert_clean_error(run_cli("generate"), "no prompt given")
-
-
-def test_empty_prompt_file(tmp_path):
-    path = tmp_path / "empty.txt"
-    path.write_text("\n\n")
-    assert_clean_error(run_cli("generate", "-f", path), "contains no prompts")
-
-
-@pytest.mark.parametrize(
-    "lines, fragment",
-    [
-        (['{"prompt": "ok"}', '{"prompt": "broken'], "line 2: invalid JSON"),
-        (['{"prompt": "ok"}', '["a list"]'], "line 2: expected a JSON object"),
-        (['{"prompt": "ok"}', '', '{"text": "wrong field"}'], "line 3: expected a non-empty string 'prompt'"),
-        (['{"messages": [{"role": "user"}]}'], "line 1: each message needs string 'role' and 'content'"),
-    ],
-)
-def test_malformed_jsonl_names_the_line(tmp_path, lines, fragment):
-    path = tmp_path / "prompts.jsonl"
-    path.write_text("\n".join(lines) + "\n")
-    assert_clean_error(run_cli("generate", "-f", path), f"{path} {fragment}")
-
-
-def test_binary_and_non_utf8_files(tmp_path):
-    binary = tmp_path / "data.bin"
-    binary.write_bytes(b"abc\x00def")
-    assert_clean_error(run_cli("generate", "-f", binary), "binary file")
-    latin1 = tmp_path / "latin1.txt"
-    latin1.write_bytes("café\n".encode("latin-1"))
-    assert_clean_error(run_cli("generate", "-f", latin1), "not valid UTF-8")
-
-
-def test_prompt_longer_than_context(tiny_gpt2):
-    assert_clean_error(run_cli("generate", "word " * 300, "-m", tiny_gpt2, "--no-chat"), "exceeds the model's context")
-
-
-def test_chat_messages_need_a_template(tiny_gpt2, tmp_path):
-    path = tmp_path / "chat.jsonl"
-    path.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
-    assert_clean_error(run_cli("generate", "-f", path, "-m", tiny_gpt2), "no chat template")
+def test_pickle_weights_load_when_allowed(workspace):
+    result = run_cli("generate", "hi", "-m", workspace / "pickle-model", "--allow-pickle", "-n", "2", "--no-chat")
+    assert result.exit_code == 0, result.stderr
 
 
 def test_debug_shows_traceback(tmp_path):
@@ -125,11 +198,25 @@ def test_version_and_module_entry_point():
     assert result.returncode == 0 and result.stdout.startswith("llmcli ")
 
 
+def test_bare_command_prints_help():
+    result = subprocess.run([sys.executable, "-m", "llmcli"], capture_output=True, text=True)
+    assert result.returncode == 0 and "generate" in result.stdout
+
+
 def test_help_imports_neither_torch_nor_transformers():
-    for args in (["--help"], ["generate", "--help"], ["chat", "--help"]):
+    for args in (["--help"], ["generate", "--help"], ["chat", "--help"], ["fill-mask", "--help"],
+                 ["eval", "--help"], ["finetune", "--help"]):
         result = subprocess.run([sys.executable, "-X", "importtime", "-m", "llmcli", *args],
                                 capture_output=True, text=True)
         assert result.returncode == 0, result.stderr
         imported = {line.split("|")[-1].strip().split(".")[0] for line in result.stderr.splitlines() if "|" in line}
         assert "typer" in imported  # the import log was really captured
         assert not imported & {"torch", "transformers", "accelerate", "datasets"}, args
+
+
+def test_prompt_too_long_truncated_left_on_request(tiny_gpt2, tiny_tokenizer):
+    long_prompt = "word " * 300
+    result = run_cli("generate", long_prompt, "-m", tiny_gpt2, "--no-chat", "-n", "6", "--truncate", "left", "--json")
+    assert result.exit_code == 0, result.stderr
+    [record] = result.json_lines()
+    assert record["prompt_tokens"] == 256 - 6  # the prompt's end, filling the context

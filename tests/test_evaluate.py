@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from conftest import gpl_text, run_cli
-from test_errors import assert_clean_error
 
 TEXT = gpl_text()[:6000]
 RESULT_KEYS = {"model", "metric", "protocol", "value", "stderr", "tokens", "nll", "bits_per_byte",
@@ -233,37 +232,6 @@ def test_finetuned_model_scores_lower_on_its_training_text(tiny_gpt2, text_file,
     before = evaluate(text_file, tiny_gpt2, "--max-length", "64")
     after = evaluate(text_file, tmp_path, "--max-length", "64")
     assert after["value"] < 0.8 * before["value"]
-
-
-@pytest.mark.parametrize(
-    "options, fragment",
-    [
-        (["--stride", "80", "--max-length", "64"], "--stride (80) must not exceed --max-length (64)"),
-        (["--stride", "0"], "--stride must be at least 1, got 0"),
-        (["--max-length", "1000"], "--max-length 1000 is above the model's context of 256 tokens"),
-        (["--metric", "pseudo-perplexity"], "needs a masked LM"),
-        (["--metric", "bleu"], "unknown --metric 'bleu'"),
-        (["--llama-cpp", "--lm-eval"], "two different protocols"),
-        (["--llama-cpp", "--ctx", "4096"], "--ctx 4096 is above the model's context"),
-    ],
-)
-def test_bad_options(tiny_gpt2, text_file, options, fragment):
-    assert_clean_error(run_cli("eval", "--data", text_file, "-m", tiny_gpt2, *options), fragment)
-
-
-def test_bad_texts(tiny_gpt2, tmp_path):
-    empty = tmp_path / "empty.txt"
-    empty.write_text("  \n")
-    assert_clean_error(run_cli("eval", "--data", empty, "-m", tiny_gpt2), "is empty")
-    one_token = tmp_path / "one.txt"
-    one_token.write_text("a")
-    assert_clean_error(run_cli("eval", "--data", one_token, "-m", tiny_gpt2), "at least 2")
-    assert_clean_error(run_cli("eval", "--data", tmp_path / "missing.txt", "-m", tiny_gpt2), "does not exist")
-    assert_clean_error(run_cli("eval", "--data", empty, "-m", tiny_gpt2, "--llama-cpp", "--ctx", "64"), "is empty")
-    short = tmp_path / "short.txt"
-    short.write_text(TEXT[:300])
-    assert_clean_error(run_cli("eval", "--data", short, "-m", tiny_gpt2, "--llama-cpp", "--ctx", "128"),
-                       "needs at least 2 × ctx")
 
 
 @pytest.mark.slow

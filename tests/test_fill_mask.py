@@ -108,28 +108,8 @@ def test_table_output(tiny_bert):
         assert prediction["token_str"] in result.stdout and f"{prediction['score']:.4f}" in result.stdout
 
 
-@pytest.mark.parametrize(
-    "args, fragment",
-    [
-        (["no blank here"], "no mask in 'no blank here'"),
-        (["the [MASK] program", "--top-k", "0"], "--top-k must be at least 1, got 0"),
-        (["the [MASK] program", "--targets", "zzzqqqxxx"], "target 'zzzqqqxxx' is not a single token"),
-        (["the [MASK] program", "--mode", "seq2seq"], "unknown --mode 'seq2seq'"),
-        (["the [MASK] program", "--max-mask-tokens", "0"], "--max-mask-tokens must be at least 1"),
-    ],
-)
-def test_bad_input(tiny_bert, args, fragment):
-    assert_clean_error(run_cli("fill-mask", *args, "-m", tiny_bert), fragment)
-
-
 def test_no_mask_names_the_model_mask_token(tiny_roberta):
     assert_clean_error(run_cli("fill-mask", "nothing", "-m", tiny_roberta), "[MASK]", "<mask>")
-
-
-def test_empty_file(tmp_path):
-    path = tmp_path / "empty.txt"
-    path.write_text("")
-    assert_clean_error(run_cli("fill-mask", "-f", path), "contains no texts")
 
 
 def test_model_neither_masked_nor_causal(tmp_path):

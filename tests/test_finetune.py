@@ -209,53 +209,6 @@ def test_lora_on_the_embedded_model(gpl_file, tmp_path):
     assert generated.exit_code == 0, generated.stderr
 
 
-def write(tmp_path: Path, name: str, lines: list[str]) -> Path:
-    path = tmp_path / name
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-@pytest.mark.parametrize(
-    "lines, fragment",
-    [
-        (['{"text": "ok"}', '{"text": "broken'], "line 2: invalid JSON"),
-        (['{"text": "ok"}', '{"prompt": "p", "completion": "c"}'], "line 2: a prompt-completion record in a text file"),
-        (['{"prompt": "p", "completion": "c"}', '{"prompt": "only"}'], "line 2: no 'text', 'prompt'/'completion'"),
-        (['{"text": 5}'], "line 1: 'text' must be a string"),
-        (['{"title": "x"}'], "line 1: no 'text', 'prompt'/'completion' or 'messages' field"),
-        ([""], "contains no records"),
-    ],
-)
-def test_bad_data_names_file_and_line(tiny_gpt2, tmp_path, lines, fragment):
-    data = write(tmp_path, "data.jsonl", lines)
-    output = tmp_path / "out"
-    assert_clean_error(run_cli("finetune", "--data", data, "-m", tiny_gpt2, "-o", output), fragment)
-    assert not output.exists()  # nothing half-written
-
-
-@pytest.mark.parametrize(
-    "options, fragment",
-    [
-        (["--objective", "seq2seq"], "unknown --objective 'seq2seq'"),
-        (["--objective", "mlm"], "(gpt2) is not a masked LM"),
-        (["--from-scratch", "--arch", "gpt2", "--config-overrides", "n_layers"], "bad --config-overrides item"),
-        (["--from-scratch", "--arch", "gpt2", "--config-overrides", "no_such_thing=3",
-          "--tokenizer-vocab-size", "400"], "GPT2Config has no setting 'no_such_thing'"),
-        (["--from-scratch", "--arch", "t5x"], "unknown --arch 't5x'"),
-        (["--lr", "0"], "--lr must be positive"),
-        (["--merge-lora"], "--merge-lora needs --lora"),
-        (["--val-split", "1.5"], "--val-split must be in [0, 1)"),
-        (["--max-length", "1000"], "--max-length 1000 is above the model's context of 256"),
-        (["--resume"], "no complete checkpoint"),
-    ],
-)
-def test_bad_options(tiny_gpt2, gpl_file, tmp_path, options, fragment):
-    output = tmp_path / "out"
-    args = ["--data", gpl_file, "-m", tiny_gpt2, "-o", output, "--max-length", "64", *options]
-    assert_clean_error(run_cli("finetune", *args), fragment)
-    assert not output.exists() or not any(output.iterdir())
-
-
 def test_non_empty_output_dir_is_kept(tiny_gpt2, gpl_file, tmp_path):
     output = tmp_path / "out"
     output.mkdir()
@@ -267,8 +220,3 @@ def test_non_empty_output_dir_is_kept(tiny_gpt2, gpl_file, tmp_path):
     assert not (output / "precious.txt").exists() and (output / "model.safetensors").is_file()
 
 
-def test_output_that_is_a_file(tiny_gpt2, gpl_file, tmp_path):
-    target = tmp_path / "file.txt"
-    target.write_text("x")
-    assert_clean_error(run_cli("finetune", "--data", gpl_file, "-m", tiny_gpt2, "-o", target), "is a file")
-    assert target.read_text() == "x"

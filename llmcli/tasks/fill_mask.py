@@ -104,7 +104,9 @@ def fill_masked_lm(loaded: LoadedModel, texts: list[str], options: FillMaskOptio
     tokenizer, model = loaded.tokenizer, loaded.model
     texts_with_masks = [with_model_mask(tokenizer, text) for text in texts]
     targets = target_ids(tokenizer, options.targets) if options.targets else None
-    max_length = getattr(tokenizer, "model_max_length", None) or 10**9
+    # a tokenizer trained on its own often does not know the model's limit: take the smaller
+    max_length = min(getattr(tokenizer, "model_max_length", None) or 10**9,
+                     getattr(model.config, "max_position_embeddings", None) or 10**9)
     results = []
     for start in range(0, len(texts), options.batch_size):
         chunk = texts_with_masks[start:start + options.batch_size]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import signal
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -67,6 +66,7 @@ class FinetuneOptions:
     overwrite: bool = False
     device: str | None = None
     trust_remote_code: bool = False
+    allow_pickle: bool = False
     num_processes: int = 1
 
 
@@ -194,7 +194,7 @@ def load_model(options: FinetuneOptions, train: Any, data_format: str) -> tuple[
         return model, tokenizer, kind, ""
     kind = {"auto": "auto", "clm": "causal", "mlm": "masked"}[options.objective]
     loaded = models.load_model(options.model, kind=kind, device="cpu", dtype="float32",
-                               trust_remote_code=options.trust_remote_code)
+                               trust_remote_code=options.trust_remote_code, allow_pickle=options.allow_pickle)
     return loaded.model, loaded.tokenizer, loaded.kind, str(models.local_model_dir(loaded.source))
 
 
@@ -309,16 +309,7 @@ def run(options: FinetuneOptions, reporter: Reporter | None = None) -> FinetuneR
     resolved = {"objective": objective, "data_format": data_format, "packing": packing, "mask_prompt": mask_prompt,
                 "train_blocks": len(train_blocks), "eval_blocks": len(eval_blocks) if eval_blocks else 0,
                 "base_model": base}
-    previous = signal.signal(signal.SIGTERM, _raise_interrupted)
-    try:
-        return train(options, output, model, tokenizer, train_blocks, eval_blocks, resolved, reporter, resume_from)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _raise_interrupted(signum: int, frame: Any) -> None:
-    """SIGTERM is handled as Ctrl-C: checkpoint, then exit 130."""
-    raise KeyboardInterrupt
+    return train(options, output, model, tokenizer, train_blocks, eval_blocks, resolved, reporter, resume_from)
 
 
 def replace_dir_contents(output: Path) -> None:

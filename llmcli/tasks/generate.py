@@ -32,6 +32,7 @@ class GenerateOptions:
     chat: bool | None = None  # None: use the chat template when the tokenizer has one
     batch_size: int = 1
     prompt_lookup: int | None = None  # prompt-lookup decoding: tokens proposed per step from the prompt
+    truncate: str = "error"  # a prompt too long for the context: "error" or "left" (keep its end)
 
 
 @dataclass
@@ -203,6 +204,8 @@ def validate(options: GenerateOptions) -> None:
         )
     if any(stop == "" for stop in options.stop):
         raise UsageError("--stop must not be empty")
+    if options.truncate not in ("error", "left"):
+        raise UsageError(f"unknown --truncate {options.truncate!r}", "Use error or left.")
     if options.prompt_lookup is not None and options.prompt_lookup <= 0:
         raise UsageError(f"--prompt-lookup must be at least 1, got {options.prompt_lookup}")
 
@@ -232,11 +235,17 @@ def generate(
         set_seed(options.seed)
     encoded = [encode_prompt(tokenizer, prompt, options) for prompt in prompts]
     context = getattr(model.config, "max_position_embeddings", None)
-    for prompt, ids in zip(prompts, encoded):
+    if context and options.max_new_tokens >= context:
+        raise UsageError(f"--max-new-tokens {options.max_new_tokens} leaves no room in the model's context of "
+                         f"{context} tokens", f"Use --max-new-tokens below {context}.")
+    for i, ids in enumerate(encoded):
         if context and len(ids) + options.max_new_tokens > context:
+            if options.truncate == "left":
+                encoded[i] = ids[len(ids) + options.max_new_tokens - context:]
+                continue
             raise DataError(
                 f"prompt of {len(ids)} tokens plus --max-new-tokens {options.max_new_tokens} exceeds the model's "
-                f"context of {context} tokens", "Shorten the prompt or lower --max-new-tokens."
+                f"context of {context} tokens", "Shorten the prompt, lower --max-new-tokens, or pass --truncate left."
             )
     eos = eos_ids(loaded)
     stream = on_text if len(prompts) == 1 and options.num_return_sequences == 1 else None

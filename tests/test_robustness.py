@@ -1,0 +1,138 @@
+"""What survives which failure: fuzzed inputs, interrupts, killed conversions, corrupt caches, partial checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import gpl_text, run_cli
+from llmcli.errors import DataError
+
+FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# text with NUL bytes, surrogate-free unicode of every plane, JSON-looking fragments and very long lines
+TEXTS = st.one_of(
+    st.text(max_size=300),
+    st.lists(st.sampled_from(['{"prompt": "a"}', '{"text": ', "[MASK]", "\x00", "\n", "é", "😀", '"', "{", "}",
+                              '{"messages": []}', '{"prompt": "p", "completion": "c"}', ",", "x" * 5000]),
+             max_size=30).map("".join),
+)
+BYTES = st.one_of(st.binary(max_size=400), TEXTS.map(lambda t: t.encode("utf-8")))
+
+
+def fuzz_file(directory: Path, suffix: str, data: bytes) -> str:
+    path = directory / f"input{suffix}"
+    path.write_bytes(data)
+    return str(path)
+
+
+@FUZZ
+@given(data=BYTES, suffix=st.sampled_from([".txt", ".jsonl", ".csv", ""]))
+def test_readers_raise_data_error_or_succeed(tmp_path, data, suffix):
+    from llmcli.data import load_training_data, read_document, read_prompts, read_texts
+
+    path = fuzz_file(tmp_path, suffix, data)
+    for read in (read_prompts, read_texts, read_document, load_training_data):
+        try:
+            read(path)
+        except DataError:
+            pass
+
+
+@FUZZ
+@given(text=TEXTS)
+def test_mask_parsing_raises_data_error_or_succeeds(tiny_bert_tokenizer, text):
+    from llmcli.tasks.fill_mask import with_model_mask
+
+    try:
+        marked = with_model_mask(tiny_bert_tokenizer, text)
+        assert tiny_bert_tokenizer.mask_token in marked
+    except DataError:
+        assert "[MASK]" not in text
+
+
+@pytest.fixture(scope="module")
+def tiny_bert_tokenizer(tiny_bert):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_bert)
+
+
+def test_resume_skips_incomplete_checkpoints(tiny_gpt2, tmp_path):
+    """A checkpoint killed mid-write is either a .tmp directory or lacks its state file: never picked."""
+    data = tmp_path / "gpl.txt"
+    data.write_text(gpl_text()[:12000])
+    output = tmp_path / "out"
+    args = ["finetune", "--data", data, "-m", tiny_gpt2, "-o", output, "--max-length", "64", "--max-steps", "12",
+            "--save-every", "4", "--keep-checkpoints", "5", "--json"]
+    assert run_cli(*args).exit_code == 0
+    checkpoints = output / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-4", "step-8"]
+    (checkpoints / "step-8" / "trainer_state.json").unlink()  # as if killed before the state was written
+    (checkpoints / ".tmp-step-12-dead").mkdir()  # as if killed before the rename
+    result = run_cli(*args, "--resume")
+    assert result.exit_code == 0, result.stderr
+    assert "checkpoints/step-4 (step 4)" in result.stderr
+
+
+def start(args: list[str], env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "llmcli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, **(env or {})})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_interrupted_generate_flushes_output_and_exits_130(signum):
+    process = start(["generate", "Write a very long story about a lighthouse keeper.", "-n", "400"])
+    first = process.stdout.read(20)  # streamed text has started to arrive
+    process.send_signal(signum)
+    rest, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert len(first + rest) >= 20
+    assert b"Traceback" not in stderr and b"Error: interrupted" in stderr
+
+
+@pytest.mark.slow
+def test_gguf_cache_survives_interrupts_races_and_corruption(tmp_path):
+    cache = tmp_path / "cache"
+    env = {"LLMCLI_CACHE": str(cache)}
+    entries = lambda: sorted(p.name for p in (cache / "gguf").iterdir() if not p.name.endswith(".lock"))  # noqa: E731
+
+    # 1. Ctrl-C during the conversion: exit 130, and no half-written entry left behind
+    process = start(["generate", "hi", "-n", "2"], env)
+    deadline = time.time() + 120
+    while not (cache / "gguf").is_dir() or not any(p.name.startswith(".tmp-") for p in (cache / "gguf").iterdir()):
+        assert process.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    time.sleep(1)
+    process.send_signal(signal.SIGINT)
+    process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert entries() == []
+
+    # 2. two processes converting the same file at once: both succeed, one complete entry
+    first, second = start(["generate", "hi", "-n", "2"], env), start(["generate", "hi", "-n", "2"], env)
+    for process in (first, second):
+        _, stderr = process.communicate(timeout=300)
+        assert process.returncode == 0, stderr
+    [entry] = entries()
+    marker = json.loads((cache / "gguf" / entry / "llmcli-cache.json").read_text())
+    assert marker["files"]["model.safetensors"] > 100_000_000
+
+    # 3. a truncated cache entry is detected and rebuilt, not loaded
+    weights = cache / "gguf" / entry / "model.safetensors"
+    with open(weights, "r+b") as file:
+        file.truncate(1000)
+    rebuilt = start(["generate", "What is the capital of France?", "-n", "12", "--json"], env)
+    stdout, stderr = rebuilt.communicate(timeout=300)
+    assert rebuilt.returncode == 0, stderr
+    assert b"Converting" in stderr and "Paris" in json.loads(stdout)["text"]
+    assert weights.stat().st_size == marker["files"]["model.safetensors"]
