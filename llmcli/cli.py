@@ -481,6 +481,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         code = command.main(args=with_resume_default(sys.argv[1:] if argv is None else argv), prog_name="llmcli",
                             standalone_mode=False)
+        if code == EXIT_INTERRUPTED:  # typer turns Ctrl-C into Exit(130), which click returns
+            render.error("interrupted")
     except typer.Exit as exc:
         code = exc.exit_code
     except NoArgsIsHelpError:  # bare `llmcli`: the help was printed, which is what was asked for
@@ -490,7 +492,6 @@ def main(argv: list[str] | None = None) -> None:
         render.error(exc.format_message(), f"Run '{context.command_path if context else 'llmcli'} --help' for usage.")
         code = EXIT_USAGE
     except (KeyboardInterrupt, typer.Abort):
-        render.write("")
         render.error("interrupted")
         code = EXIT_INTERRUPTED
     except LlmcliError as exc:

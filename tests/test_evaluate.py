@@ -210,10 +210,12 @@ def test_masked_accuracy_is_seeded(tiny_bert, text_file):
 def test_several_models_one_row_each(tiny_gpt2, tiny_llama, text_file):
     result = run_cli("eval", "--data", text_file, "-m", tiny_gpt2, "-m", tiny_llama, "--max-length", "64")
     assert result.exit_code == 0, result.stderr
-    assert result.stdout.count("perplexity") == 2 and "sliding(max_length=64,stride=32)" in result.stdout
     records = run_cli("eval", "--data", text_file, "-m", tiny_gpt2, "-m", tiny_llama, "--max-length", "64",
                       "--json").json_lines()
     assert [r["model"] for r in records] == [str(tiny_gpt2), str(tiny_llama)]
+    assert "sliding(max_length=64,stride=32)" in result.stdout
+    for record in records:  # one table row each
+        assert f"{record['value']:.4f}" in result.stdout and f"{record['stderr']:.4f}" in result.stdout
 
 
 def test_finetuned_model_scores_lower_on_its_training_text(tiny_gpt2, text_file, tmp_path):
