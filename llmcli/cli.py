@@ -26,6 +26,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain help text: skips importing markdown-it (~60 ms of startup)
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
@@ -485,7 +486,8 @@ def main(argv: list[str] | None = None) -> None:
             render.error("interrupted")
     except typer.Exit as exc:
         code = exc.exit_code
-    except NoArgsIsHelpError:  # bare `llmcli`: the help was printed, which is what was asked for
+    except NoArgsIsHelpError as exc:  # bare `llmcli`: show the help, which is what was asked for
+        print(exc.ctx.get_help())
         code = 0
     except ClickException as exc:  # bad option values and unknown options, from click itself
         context = getattr(exc, "ctx", None)
