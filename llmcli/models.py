@@ -366,7 +366,6 @@ def load_model(
 
     Weights load from safetensors only, unless `allow_pickle` admits pickle files (*.bin), which can
     run code when unpickled."""
-    import torch
     from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 

@@ -3,7 +3,6 @@ and no file created or changed."""
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys

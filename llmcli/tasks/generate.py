@@ -210,6 +210,32 @@ def validate(options: GenerateOptions) -> None:
         raise UsageError(f"--prompt-lookup must be at least 1, got {options.prompt_lookup}")
 
 
+def fit_to_context(ids: list[int], context: int | None, options: GenerateOptions) -> list[int]:
+    """The prompt's ids, checked (or, with --truncate left, cut) so the generation fits the context."""
+    if not context:
+        return ids
+    if options.max_new_tokens >= context:
+        raise UsageError(f"--max-new-tokens {options.max_new_tokens} leaves no room in the model's context of "
+                         f"{context} tokens", f"Use --max-new-tokens below {context}.")
+    overflow = len(ids) + options.max_new_tokens - context
+    if overflow <= 0:
+        return ids
+    if options.truncate == "left":
+        return ids[overflow:]
+    raise DataError(f"prompt of {len(ids)} tokens plus --max-new-tokens {options.max_new_tokens} exceeds the "
+                    f"model's context of {context} tokens",
+                    "Shorten the prompt, lower --max-new-tokens, or pass --truncate left.")
+
+
+def assisted_kwargs(loaded: LoadedModel, draft: LoadedModel | None) -> dict[str, Any]:
+    if draft is None:
+        return {}
+    kwargs = {"assistant_model": draft.model}
+    if draft.tokenizer.get_vocab() != loaded.tokenizer.get_vocab():  # universal assisted decoding
+        kwargs["assistant_tokenizer"] = draft.tokenizer
+    return kwargs
+
+
 def generate(
     loaded: LoadedModel,
     prompts: list[Prompt],
@@ -233,32 +259,16 @@ def generate(
     tokenizer.padding_side = "left"  # decoder-only models continue from the right edge
     if options.seed is not None:
         set_seed(options.seed)
-    encoded = [encode_prompt(tokenizer, prompt, options) for prompt in prompts]
     context = getattr(model.config, "max_position_embeddings", None)
-    if context and options.max_new_tokens >= context:
-        raise UsageError(f"--max-new-tokens {options.max_new_tokens} leaves no room in the model's context of "
-                         f"{context} tokens", f"Use --max-new-tokens below {context}.")
-    for i, ids in enumerate(encoded):
-        if context and len(ids) + options.max_new_tokens > context:
-            if options.truncate == "left":
-                encoded[i] = ids[len(ids) + options.max_new_tokens - context:]
-                continue
-            raise DataError(
-                f"prompt of {len(ids)} tokens plus --max-new-tokens {options.max_new_tokens} exceeds the model's "
-                f"context of {context} tokens", "Shorten the prompt, lower --max-new-tokens, or pass --truncate left."
-            )
+    encoded = [fit_to_context(encode_prompt(tokenizer, prompt, options), context, options) for prompt in prompts]
     eos = eos_ids(loaded)
     stream = on_text if len(prompts) == 1 and options.num_return_sequences == 1 else None
+    assisted = assisted_kwargs(loaded, draft)
     for start in range(0, len(prompts), options.batch_size):
         batch_ids = encoded[start:start + options.batch_size]
         batch = tokenizer.pad({"input_ids": batch_ids}, return_tensors="pt").to(loaded.device)
         streamer = TokenStreamer(tokenizer, stream, options.stop, eos)
         began = time.perf_counter()
-        assisted = {}
-        if draft is not None:
-            assisted = {"assistant_model": draft.model}
-            if draft.tokenizer.get_vocab() != tokenizer.get_vocab():  # universal assisted decoding
-                assisted["assistant_tokenizer"] = draft.tokenizer
         output = model.generate(
             **batch, **sampling_kwargs(options), **assisted, streamer=streamer, tokenizer=tokenizer,
             pad_token_id=tokenizer.pad_token_id,
