@@ -23,7 +23,7 @@ demo: install
 	$(BIN)/llmcli generate "What is the capital of France? Answer in one sentence." --max-new-tokens 48 --stats
 
 test: install
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -p no:cacheprovider
 
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow"
