@@ -219,3 +219,32 @@ def test_non_empty_output_dir_is_kept(tiny_gpt2, gpl_file, tmp_path):
     assert not (output / "precious.txt").exists() and (output / "model.safetensors").is_file()
 
 
+
+
+def test_grad_accumulation_consumes_that_many_batches_per_step(tiny_gpt2, gpl_file, tmp_path):
+    args = ["--data", gpl_file, "-m", tiny_gpt2, "--max-steps", "5", *TRAIN]
+    finetune(*args, "-o", tmp_path / "one")
+    finetune(*args, "-o", tmp_path / "two", "--grad-accum", "2")
+    one, two = metrics(tmp_path / "one")[-1], metrics(tmp_path / "two")[-1]
+    assert one["step"] == two["step"] == 5
+    assert two["tokens"] == pytest.approx(2 * one["tokens"], rel=0.02)
+
+
+def test_gradient_checkpointing_gives_the_same_weights(tiny_llama, gpl_file, tmp_path):
+    import torch
+
+    args = ["--data", gpl_file, "-m", tiny_llama, "--max-steps", "4", *TRAIN]
+    finetune(*args, "-o", tmp_path / "plain")
+    finetune(*args, "-o", tmp_path / "checkpointed", "--grad-checkpointing")
+    plain, checkpointed = weights(tmp_path / "plain"), weights(tmp_path / "checkpointed")
+    assert plain.keys() == checkpointed.keys()
+    assert all(torch.allclose(plain[k], checkpointed[k], atol=1e-6) for k in plain)
+
+
+def test_bf16_mixed_precision_on_cpu(tiny_gpt2, gpl_file, tmp_path):
+    result = finetune("--data", gpl_file, "-m", tiny_gpt2, "-o", tmp_path / "bf16", "--max-steps", "20", "--bf16",
+                      *TRAIN)
+    losses = [r["loss"] for r in metrics(tmp_path / "bf16")]
+    assert result["steps"] == 20 and losses[-1] < losses[0]
+    run = json.loads((tmp_path / "bf16" / "run.json").read_text())
+    assert run["training"]["mixed_precision"] == "bf16"

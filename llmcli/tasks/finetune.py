@@ -20,7 +20,7 @@ from llmcli.errors import DataError, UsageError
 
 # Options that may differ between a run and its resumption; all others must match.
 RESUMABLE_CHANGES = {"resume", "overwrite", "save_every", "keep_checkpoints", "eval_every", "log_every",
-                     "num_processes", "max_steps", "epochs", "json"}
+                     "num_processes", "max_steps", "epochs"}
 
 
 @dataclass

@@ -27,7 +27,11 @@ from llmcli.training_data import make_collator
 def make_accelerator(options: FinetuneOptions) -> Any:
     import torch
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
+    # AcceleratorState is a process-wide singleton that refuses a new mixed precision: reset it (not
+    # the distributed PartialState) so a second run in one process (library use, tests) may change it
+    AcceleratorState._reset_state(reset_partial_state=False)
     # cpu=True is what turns a torchrun launch on CPU into gloo DDP (MULTI_CPU)
     use_cpu = options.device == "cpu" or not (torch.cuda.is_available() or torch.backends.mps.is_available())
     return Accelerator(cpu=use_cpu, mixed_precision=options.mixed_precision)
