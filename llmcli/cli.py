@@ -164,13 +164,13 @@ def generate(
 
     prompt_list = [p if isinstance(p, Prompt) else Prompt(text=p)
                    for p in collect_inputs(prompts or [], file, read_prompts, "prompt")]
+    single = len(prompt_list) == 1 and num_return_sequences == 1
+    if stream and not single:
+        raise UsageError("--stream works with one prompt and one sequence", "Drop --stream.")
+    streaming = (single if stream is None else stream) and not json_output
     loaded = load(model, "causal", device, "bfloat16" if fast else dtype, trust_remote_code, allow_pickle)
     draft = (load(draft_model, "causal", device, "bfloat16" if fast else dtype, trust_remote_code, allow_pickle)
              if draft_model else None)
-    single = len(prompt_list) == 1 and num_return_sequences == 1
-    streaming = (single if stream is None else stream) and not json_output
-    if stream and not single:
-        raise UsageError("--stream works with one prompt and one sequence", "Drop --stream.")
     results = []
     for result in run_generate(loaded, prompt_list, options, on_text=render.write if streaming else None, draft=draft):
         results.append(result)

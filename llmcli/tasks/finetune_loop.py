@@ -66,6 +66,15 @@ def evaluate_loss(model: Any, blocks: Any, collate: Any, options: FinetuneOption
     return (total[0] / total[1].clamp(min=1)).item()
 
 
+def read_metrics(output: Path, up_to_step: int) -> list[dict[str, Any]]:
+    """The logged records of the run being resumed, up to its checkpoint (later ones are redone)."""
+    path = output / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in records if r["step"] <= up_to_step]
+
+
 def write_metrics(output: Path, records: list[dict[str, Any]]) -> None:
     with open(output / "metrics.jsonl", "w") as file:
         file.writelines(json.dumps(r) + "\n" for r in records)
@@ -135,8 +144,7 @@ def train(options: FinetuneOptions, output: Path, model: Any, tokenizer: Any, tr
     history: list[dict[str, Any]] = []
     if resume_from is not None:
         state = checkpoints.load_checkpoint(resume_from, accelerator.unwrap_model(model), optimizer, scheduler, rank)
-        history = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()
-                   if line.strip() and json.loads(line)["step"] <= state["step"]] if (output / "metrics.jsonl").is_file() else []
+        history = read_metrics(output, up_to_step=state["step"])
         reporter.note(f"Resuming from {resume_from} (step {state['step']}).")
     elif main:
         if options.overwrite and output.is_dir():
