@@ -1,8 +1,10 @@
-"""Run `llmcli ARGS` in this process and write its peak resident memory (MB) to the file named first.
+"""Run `llmcli ARGS` in this process and write its peak memory to the file named first, as JSON:
+peak_rss_mb (resident set) and peak_gpu_mb (torch's peak GPU allocation, null without a GPU).
 
 Used by the finetune benchmark so each side's memory is measured in a process of its own."""
 
 import atexit
+import json
 import sys
 
 from llmcli.cli import main
@@ -18,5 +20,14 @@ def peak_rss_mb() -> float:
 
 
 report = sys.argv.pop(1)
-atexit.register(lambda: open(report, "w").write(str(peak_rss_mb())))
+
+
+def peak_gpu_mb() -> float | None:
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+
+
+atexit.register(lambda: open(report, "w").write(json.dumps({"peak_rss_mb": peak_rss_mb(),
+                                                            "peak_gpu_mb": peak_gpu_mb()})))
 main(sys.argv[1:])

@@ -1,9 +1,12 @@
 """The plain Hugging Face way to finetune a causal LM: run_clm's tokenize + group_texts, then Trainer.
 
-Prints one JSON line: tokens_per_second (from Trainer's own train_runtime) and peak_rss_mb."""
+Prints one JSON line: tokens_per_second (from Trainer's own train_runtime), peak_rss_mb and, on a GPU,
+peak_gpu_mb (torch's peak allocation)."""
 
 import argparse
 import json
+
+import torch
 
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments, default_data_collator
@@ -12,6 +15,7 @@ parser = argparse.ArgumentParser()
 for name, kind in [("--model", str), ("--data", str), ("--output", str), ("--max-length", int), ("--batch-size", int),
                    ("--max-steps", int), ("--lr", float), ("--seed", int)]:
     parser.add_argument(name, type=kind, required=True)
+parser.add_argument("--device", default="cpu")
 args = parser.parse_args()
 
 tokenizer = AutoTokenizer.from_pretrained(args.model)
@@ -33,9 +37,11 @@ train = tokenized.map(group_texts, batched=True, batch_size=len(tokenized))
 training_args = TrainingArguments(
     output_dir=args.output, per_device_train_batch_size=args.batch_size, max_steps=args.max_steps,
     learning_rate=args.lr, seed=args.seed, logging_steps=10**6, save_strategy="no", report_to=[],
-    use_cpu=True, dataloader_num_workers=0, disable_tqdm=True,
+    use_cpu=args.device == "cpu", dataloader_num_workers=0, disable_tqdm=True,
 )
 result = Trainer(model=model, args=training_args, train_dataset=train, data_collator=default_data_collator).train()
 tokens = args.max_steps * args.batch_size * args.max_length
 peak = next(int(line.split()[1]) / 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
-print(json.dumps({"tokens_per_second": tokens / result.metrics["train_runtime"], "peak_rss_mb": peak}))
+gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+print(json.dumps({"tokens_per_second": tokens / result.metrics["train_runtime"], "peak_rss_mb": peak,
+                  "peak_gpu_mb": gpu}))
