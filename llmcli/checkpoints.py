@@ -105,6 +105,11 @@ def find_checkpoint(output: Path, resume: str) -> Path:
     return found[-1]
 
 
+def run_dir(checkpoint: Path) -> Path:
+    """The run directory a checkpoint was saved in: RUN/checkpoints/step-N."""
+    return checkpoint.parent.parent
+
+
 def load_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any, rank: int = 0) -> dict[str, Any]:
     import torch
     from safetensors.torch import load_file

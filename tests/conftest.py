@@ -24,6 +24,9 @@ def isolated_cache(tmp_path_factory):
     if "LLMCLI_CACHE" not in os.environ:
         os.environ["LLMCLI_CACHE"] = str(tmp_path_factory.mktemp("llmcli-cache"))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # The exactness tests compare with references computed on the CPU, so commands run there even on a
+    # GPU machine; tests/test_gpu.py passes --device cuda itself.
+    os.environ["LLMCLI_DEVICE"] = "cpu"
     yield
 
 

@@ -168,7 +168,7 @@ def test_standard_error_is_the_delta_method(tiny_gpt2, text_file):
     from llmcli.models import load_model
     from llmcli.tasks.evaluate import EvalOptions, causal_perplexity
 
-    loaded = load_model(str(tiny_gpt2))
+    loaded = load_model(str(tiny_gpt2), device="cpu")
     _, nlls = causal_perplexity(loaded, TEXT, EvalOptions(max_length=64, stride=64, batch_size=2))
     mean = sum(nlls) / len(nlls)
     sd = math.sqrt(sum((x - mean) ** 2 for x in nlls) / (len(nlls) - 1))

@@ -128,7 +128,7 @@ def test_causal_rescoring_on_a_tiny_model_agrees_with_sentence_scores(tiny_gpt2)
 
     targets = ["free", "proprietary", "the"]
     [record] = fill("the program is [MASK] software.", "-m", tiny_gpt2, *sum((["--targets", t] for t in targets), []))
-    loaded = load_model(str(tiny_gpt2))
+    loaded = load_model(str(tiny_gpt2), device="cpu")
     sentences = [f"the program is {t} software." for t in targets]
     scores = sentence_logprobs(loaded, sentences, batch_size=1)
     expected = {t: math.exp(s) / sum(math.exp(x) for x in scores) for t, s in zip(targets, scores)}

@@ -132,6 +132,23 @@ def test_kill_and_resume_equals_uninterrupted(tiny_gpt2, gpl_file, tmp_path):
     assert [r["step"] for r in metrics(killed)] == [r["step"] for r in metrics(straight)]
 
 
+def test_resume_another_runs_checkpoint_into_a_new_directory(tiny_gpt2, gpl_file, tmp_path):
+    args = ["--data", gpl_file, "-m", tiny_gpt2, "--max-steps", "10", *TRAIN]
+    finetune(*args, "-o", tmp_path / "straight")
+    finetune(*args, "--save-every", "5", "-o", tmp_path / "first")
+    checkpoint = tmp_path / "first" / "checkpoints" / "step-5"
+    finetune(*args, "-o", tmp_path / "branch", "--resume", checkpoint)
+    ours, reference = weights(tmp_path / "branch"), weights(tmp_path / "straight")
+    assert all((ours[k] == reference[k]).all() for k in reference)
+    assert [r["step"] for r in metrics(tmp_path / "branch")] == [5, 10]  # the first run's history, then ours
+    # an unrelated non-empty directory is never written into
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("keep me")
+    result = run_cli("finetune", *args, "-o", tmp_path / "other", "--resume", checkpoint)
+    assert result.exit_code == 2 and "belongs to another run" in result.stderr
+    assert [p.name for p in (tmp_path / "other").iterdir()] == ["notes.txt"]
+
+
 def test_ctrl_c_saves_a_checkpoint_and_exits_130(tiny_gpt2, gpl_file, tmp_path):
     output = tmp_path / "out"
     command = [sys.executable, "-m", "llmcli", "finetune", "--data", str(gpl_file), "-m", str(tiny_gpt2), "-o",

@@ -205,4 +205,23 @@ def test_fast_mode_equals_hf_in_bfloat16(tiny_gpt2):
     inputs = AutoTokenizer.from_pretrained(tiny_gpt2)(PROMPTS[1], return_tensors="pt")
     output = model.generate(**inputs, do_sample=False, max_new_tokens=12)
     assert record["token_ids"] == output[0, inputs["input_ids"].shape[1]:].tolist()
-    assert "--fast sets the dtype" in run_cli("generate", "x", "-m", tiny_gpt2, "--fast", "--dtype", "float32").stderr
+    assert "--fast on the CPU sets the dtype" in run_cli("generate", "x", "-m", tiny_gpt2, "--fast", "--dtype", "float32").stderr
+
+
+def test_static_cache_gives_the_same_greedy_tokens(tiny_llama):
+    """--fast on CUDA decodes with a static KV cache (compiled there); the cache alone must not change tokens."""
+    from llmcli.data import Prompt
+    from llmcli.models import load_model
+    from llmcli.tasks.generate import GenerateOptions, generate
+
+    loaded = load_model(str(tiny_llama), device="cpu")
+    options = GenerateOptions(max_new_tokens=20, chat=False, static_cache=True)
+    [result] = generate(loaded, [Prompt(text=PROMPTS[1])], options)
+    assert result.token_ids == hf_greedy(tiny_llama, [PROMPTS[1]], 20)[0]
+
+
+def test_llmcli_device_sets_the_default_device(tiny_gpt2, monkeypatch):
+    monkeypatch.setenv("LLMCLI_DEVICE", "tpu")
+    result = run_cli("generate", "hi", "-m", tiny_gpt2, "-n", "2")
+    assert result.exit_code == 2 and "unknown device 'tpu'" in result.stderr
+    assert run_cli("generate", "hi", "-m", tiny_gpt2, "-n", "2", "--device", "cpu").exit_code == 0

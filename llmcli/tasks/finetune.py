@@ -20,7 +20,7 @@ from llmcli.errors import DataError, UsageError
 
 # Options that may differ between a run and its resumption; all others must match.
 RESUMABLE_CHANGES = {"resume", "overwrite", "save_every", "keep_checkpoints", "eval_every", "log_every",
-                     "num_processes", "max_steps", "epochs"}
+                     "num_processes", "max_steps", "epochs", "output"}
 
 
 @dataclass
@@ -282,7 +282,11 @@ def run(options: FinetuneOptions, reporter: Reporter | None = None) -> FinetuneR
     resume_from = None
     if options.resume is not None:
         resume_from = checkpoints.find_checkpoint(output, options.resume)
-        check_resume_config(output, options)
+        source_run = checkpoints.run_dir(resume_from)
+        if source_run.resolve() != output.resolve() and output.is_dir() and any(output.iterdir()):
+            raise UsageError(f"{output} is not empty, and {resume_from} belongs to another run ({source_run})",
+                             "Pass a new or empty --output, or the checkpoint's own run directory.")
+        check_resume_config(source_run, options)
     data_format, train_data, eval_data = load_datasets(options)
     set_seed(options.seed)  # before any weights are made: from-scratch and LoRA initialisation
     model, tokenizer, kind, base = load_model(options, train_data, data_format)

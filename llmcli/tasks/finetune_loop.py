@@ -144,12 +144,12 @@ def train(options: FinetuneOptions, output: Path, model: Any, tokenizer: Any, tr
     history: list[dict[str, Any]] = []
     if resume_from is not None:
         state = checkpoints.load_checkpoint(resume_from, accelerator.unwrap_model(model), optimizer, scheduler, rank)
-        history = read_metrics(output, up_to_step=state["step"])
+        history = read_metrics(checkpoints.run_dir(resume_from), up_to_step=state["step"])
         reporter.note(f"Resuming from {resume_from} (step {state['step']}).")
-    elif main:
-        if options.overwrite and output.is_dir():
-            replace_dir_contents(output)
-        output.mkdir(parents=True, exist_ok=True)
+    elif main and options.overwrite and output.is_dir():
+        replace_dir_contents(output)
+    if main:
+        output.mkdir(parents=True, exist_ok=True)  # resuming another run's checkpoint starts a new directory
     accelerator.wait_for_everyone()
     if main:
         run = {"training": training_config(options), "resolved": {**resolved, "total_steps": steps,
@@ -179,13 +179,14 @@ def train(options: FinetuneOptions, output: Path, model: Any, tokenizer: Any, tr
                     state["batch_in_epoch"] = 0
                     order = epoch_batches(len(train_blocks), state["epoch"], options.seed, options.batch_size, world, rank)
                 batch = collate([train_blocks[i] for i in order[state["batch_in_epoch"]]])
-                batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+                # counted on the CPU: reading a GPU tensor would wait for the GPU every micro-batch
+                step_tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+                batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
                 with no_sync_unless(micro == options.grad_accum - 1, accelerator, model):
                     with accelerator.autocast():
                         loss = model(**batch).loss / options.grad_accum
                     accelerator.backward(loss)
                 step_loss += loss.detach()
-                step_tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
                 state["batch_in_epoch"] += 1
             if options.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(model.parameters(), options.max_grad_norm)
@@ -193,10 +194,13 @@ def train(options: FinetuneOptions, output: Path, model: Any, tokenizer: Any, tr
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             state["step"] += 1
-            state["tokens"] += int(accelerator.reduce(torch.tensor(step_tokens, device=accelerator.device), "sum"))
-            last_loss = accelerator.reduce(step_loss, "mean").item()
+            if world > 1:
+                step_tokens = int(accelerator.reduce(torch.tensor(step_tokens, device=accelerator.device), "sum"))
+            state["tokens"] += step_tokens
             record: dict[str, Any] = {}
             if state["step"] % options.log_every == 0 or state["step"] == steps:
+                # the loss is read only when logged: .item() makes the CPU wait for the GPU's queue
+                last_loss = accelerator.reduce(step_loss, "mean").item()
                 seconds = time.perf_counter() - began
                 record = {"step": state["step"], "epoch": round(state["epoch"] + state["batch_in_epoch"] / len(order), 4),
                           "loss": last_loss, "lr": scheduler.get_last_lr()[0], "tokens": state["tokens"],

@@ -33,6 +33,7 @@ class GenerateOptions:
     batch_size: int = 1
     prompt_lookup: int | None = None  # prompt-lookup decoding: tokens proposed per step from the prompt
     truncate: str = "error"  # a prompt too long for the context: "error" or "left" (keep its end)
+    static_cache: bool = False  # fixed-size KV cache; on CUDA transformers then compiles the decode step
 
 
 @dataclass
@@ -264,6 +265,8 @@ def generate(
     eos = eos_ids(loaded)
     stream = on_text if len(prompts) == 1 and options.num_return_sequences == 1 else None
     assisted = assisted_kwargs(loaded, draft)
+    if options.static_cache and not assisted and not options.prompt_lookup:  # assisted decoding needs a dynamic cache
+        assisted["cache_implementation"] = "static"
     for start in range(0, len(prompts), options.batch_size):
         batch_ids = encoded[start:start + options.batch_size]
         batch = tokenizer.pad({"input_ids": batch_ids}, return_tensors="pt").to(loaded.device)
