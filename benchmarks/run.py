@@ -158,7 +158,7 @@ def fill_mask(bert: Path, lines: int, repeats: int, device: str) -> Figure:
 
     sentences = [line.strip() for line in GPL3.read_text().splitlines() if len(line.split()) > 6]
     texts = [" ".join("[MASK]" if i == 3 else w for i, w in enumerate(s.split())) for s in sentences][:lines]
-    loaded = models.load_model(str(bert), kind="masked", device=device)
+    loaded = models.load_model(str(bert), kind="masked", device=device, dtype="float32")  # fill-mask's default
     ours, results = median_time(lambda: run_fill_mask(loaded, texts, FillMaskOptions(batch_size=32)), repeats)
     fill = pipeline("fill-mask", model=str(bert), device=device)
     theirs, reference = median_time(lambda: [fill(t, top_k=5) for t in texts], repeats)
@@ -260,8 +260,11 @@ def scaling(loaded, gpt2: Path, batch_sizes: list[int], sizes: list[int], device
 def machine() -> dict:
     from importlib.metadata import version
 
+    import torch
+
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "")
-    return {"platform": platform.platform(), "python": platform.python_version(), "cpu": cpu,
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return {"platform": platform.platform(), "python": platform.python_version(), "cpu": cpu, "gpu": gpu,
             "cores": os.cpu_count(), "versions": {p: version(p) for p in ("torch", "transformers", "accelerate")}}
 
 

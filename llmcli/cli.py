@@ -41,6 +41,9 @@ ModelOption = Annotated[
 DeviceOption = Annotated[Optional[str], typer.Option(envvar="LLMCLI_DEVICE", show_envvar=True,
                                                      help="cpu, cuda, cuda:N or mps. Default: accelerate's choice.")]
 DtypeOption = Annotated[str, typer.Option(help="auto (bf16 on capable GPUs, else fp32), float32, bfloat16, float16.")]
+# Commands whose output is a score default to float32, so that scores match the references on any machine
+ScoringDtypeOption = Annotated[str, typer.Option(help="float32, so scores do not depend on the machine; auto, "
+                                                 "bfloat16 or float16 trade exactness for speed.")]
 TrustOption = Annotated[bool, typer.Option(help="Allow the model repository's own Python code to run.")]
 PickleOption = Annotated[bool, typer.Option(help="Allow pickle weights (*.bin), which can run code when loaded; "
                                             "safetensors are always preferred.")]
@@ -212,7 +215,7 @@ def fill_mask(
                                                 "(the original BERT example).")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="JSON Lines: one object per input text.")] = False,
     device: DeviceOption = None,
-    dtype: DtypeOption = "auto",
+    dtype: ScoringDtypeOption = "float32",
     trust_remote_code: TrustOption = False,
     allow_pickle: PickleOption = False,
 ) -> None:
@@ -259,8 +262,7 @@ def evaluate(
     seed: Annotated[int, typer.Option(help="Seed of the 15% masking for --metric accuracy.")] = 0,
     json_output: Annotated[bool, typer.Option("--json", help="JSON Lines: one object per model.")] = False,
     device: DeviceOption = None,
-    dtype: Annotated[str, typer.Option(help="float32, so values do not depend on the machine; auto, bfloat16 or "
-                                       "float16 trade exactness for speed.")] = "float32",
+    dtype: ScoringDtypeOption = "float32",
     trust_remote_code: TrustOption = False,
     allow_pickle: PickleOption = False,
 ) -> None:

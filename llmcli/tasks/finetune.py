@@ -79,9 +79,9 @@ class FinetuneResult:
     train_examples: int
     final_loss: float | None
     eval_loss: float | None
-    seconds: float
+    seconds: float  # the whole run, saving included
     tokens: int
-    tokens_per_second: float
+    tokens_per_second: float  # over the training loop
     world_size: int
     history: list[dict[str, Any]] = field(default_factory=list)
 

@@ -224,6 +224,7 @@ def train(options: FinetuneOptions, output: Path, model: Any, tokenizer: Any, tr
             checkpoint()
             reporter.note(f"Interrupted: saved checkpoints/step-{state['step']}; continue with --resume.")
         raise
+    loop_seconds = time.perf_counter() - began  # training throughput, like Trainer's: saving is not training
     if eval_blocks is not None and last_eval is None:
         last_eval = evaluate_loss(model, eval_blocks, collate, options, accelerator, resolved["objective"])
         history.append({"step": state["step"], "eval_loss": last_eval, "eval_perplexity": math.exp(min(last_eval, 700))})
@@ -239,7 +240,7 @@ def train(options: FinetuneOptions, output: Path, model: Any, tokenizer: Any, tr
     trained = state["tokens"] - tokens_at_start
     return FinetuneResult(str(output), resolved["objective"], resolved["data_format"], state["step"],
                           len(train_blocks), last_loss, last_eval, seconds, state["tokens"],
-                          trained / seconds if seconds else 0.0, world, history)
+                          trained / loop_seconds if loop_seconds else 0.0, world, history)
 
 
 def tensorboard_writer(output: Path) -> Any:
