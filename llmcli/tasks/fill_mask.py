@@ -107,20 +107,32 @@ def fill_masked_lm(loaded: LoadedModel, texts: list[str], options: FillMaskOptio
     # a tokenizer trained on its own often does not know the model's limit: take the smaller
     max_length = min(getattr(tokenizer, "model_max_length", None) or 10**9,
                      getattr(model.config, "max_position_embeddings", None) or 10**9)
-    results = []
-    for start in range(0, len(texts), options.batch_size):
-        chunk = texts_with_masks[start:start + options.batch_size]
-        encoded = [tokenizer(text)["input_ids"] for text in chunk]
-        for text, ids in zip(chunk, encoded):
-            if len(ids) > max_length:
-                raise DataError(f"input of {len(ids)} tokens is longer than the model's {max_length}: {text[:60]!r}...",
-                                "Shorten the text.")
-        batch = tokenizer.pad({"input_ids": encoded}, return_tensors="pt").to(loaded.device)
-        logits = model(**batch).logits.float()
-        for row, (text, ids) in enumerate(zip(texts[start:], encoded)):
+    encoded = tokenizer(texts_with_masks)["input_ids"]
+    for text, ids in zip(texts_with_masks, encoded):
+        if len(ids) > max_length:
+            raise DataError(f"input of {len(ids)} tokens is longer than the model's {max_length}: {text[:60]!r}...",
+                            "Shorten the text.")
+    parts = None if options.all_positions else encoder_and_head(model)
+    # batches of similar length waste less on padding; results go back in input order
+    order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))
+    results: list[FillMaskResult] = [None] * len(texts)  # type: ignore[list-item]
+    for start in range(0, len(order), options.batch_size):
+        members = order[start:start + options.batch_size]
+        batch = tokenizer.pad({"input_ids": [encoded[i] for i in members]}, return_tensors="pt").to(loaded.device)
+        blanks = batch["input_ids"] == tokenizer.mask_token_id
+        if parts is None:
+            logits = model(**batch).logits.float()
+            blank_logits = logits[blanks]
+        else:  # the vocabulary head on the blanks alone: for a small BERT it is ~1/6 of the work per token
+            encoder, head = parts
+            blank_logits = head(encoder(**batch)[0][blanks]).float()
+        # blank_logits holds the blanks of every row in turn, each row's left to right
+        first_blank = [0, *blanks.sum(dim=1).cumsum(0).tolist()]
+        for row, index in enumerate(members):
+            text, ids = texts[index], encoded[index]
             input_ids = torch.tensor(ids)
             masked_index = torch.nonzero(input_ids == tokenizer.mask_token_id).squeeze(-1)
-            probs = logits[row, masked_index.to(logits.device), :].softmax(dim=-1).cpu()
+            probs = blank_logits[first_blank[row]:first_blank[row + 1]].softmax(dim=-1).cpu()
             if targets is not None:
                 probs = probs[..., targets]
             values, predictions = probs.topk(min(options.top_k, probs.shape[-1]))
@@ -142,8 +154,18 @@ def fill_masked_lm(loaded: LoadedModel, texts: list[str], options: FillMaskOptio
                 # drop the [CLS]/[SEP]-like positions, keep the blanks
                 special = torch.tensor(tokenizer.get_special_tokens_mask(ids, already_has_special_tokens=True)).bool()
                 argmax_text = tokenizer.decode(argmax[~special | (input_ids == tokenizer.mask_token_id)].tolist())
-            results.append(FillMaskResult(text, ranked, "masked-lm", argmax_text))
+            results[index] = FillMaskResult(text, ranked, "masked-lm", argmax_text)
     return results
+
+
+def encoder_and_head(model: Any) -> tuple[Any, Any] | None:
+    """The encoder and the vocabulary head of a masked LM built as `<base model> + one head module`
+    (BERT, RoBERTa), so the head can run on the blanks alone; None for other layouts."""
+    prefix = getattr(model, "base_model_prefix", "")
+    heads = [module for name, module in model.named_children() if name != prefix]
+    if prefix and hasattr(model, prefix) and len(heads) == 1:
+        return getattr(model, prefix), heads[0]
+    return None
 
 
 # ---------------------------------------------------------------- causal LMs by rescoring

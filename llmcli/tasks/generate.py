@@ -264,16 +264,16 @@ def generate(
     encoded = [fit_to_context(encode_prompt(tokenizer, prompt, options), context, options) for prompt in prompts]
     eos = eos_ids(loaded)
     stream = on_text if len(prompts) == 1 and options.num_return_sequences == 1 else None
-    assisted = assisted_kwargs(loaded, draft)
-    if options.static_cache and not assisted and not options.prompt_lookup:  # assisted decoding needs a dynamic cache
-        assisted["cache_implementation"] = "static"
+    decoding = assisted_kwargs(loaded, draft)
+    if options.static_cache and not decoding and not options.prompt_lookup:  # assisted decoding needs a dynamic cache
+        decoding["cache_implementation"] = "static"
     for start in range(0, len(prompts), options.batch_size):
         batch_ids = encoded[start:start + options.batch_size]
         batch = tokenizer.pad({"input_ids": batch_ids}, return_tensors="pt").to(loaded.device)
         streamer = TokenStreamer(tokenizer, stream, options.stop, eos)
         began = time.perf_counter()
         output = model.generate(
-            **batch, **sampling_kwargs(options), **assisted, streamer=streamer, tokenizer=tokenizer,
+            **batch, **sampling_kwargs(options), **decoding, streamer=streamer, tokenizer=tokenizer,
             pad_token_id=tokenizer.pad_token_id,
         )
         seconds = time.perf_counter() - began
