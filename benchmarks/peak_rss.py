@@ -19,15 +19,13 @@ def peak_rss_mb() -> float:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
-report = sys.argv.pop(1)
-
-
 def peak_gpu_mb() -> float | None:
     import torch
 
     return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
 
 
+report = sys.argv.pop(1)
 atexit.register(lambda: open(report, "w").write(json.dumps({"peak_rss_mb": peak_rss_mb(),
                                                             "peak_gpu_mb": peak_gpu_mb()})))
 main(sys.argv[1:])
