@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from conftest import hf_greedy, run_cli
+from conftest import gpl_text, hf_greedy, run_cli
 from test_evaluate import evaluate, reference_sliding, text_file  # noqa: F401 (a fixture)
 from test_fill_mask import assert_same_predictions, fill
 from test_generate import PROMPTS, greedy
@@ -66,8 +66,6 @@ def test_fill_mask_on_cuda_equals_the_pipeline_on_cuda(tiny_bert):
 
 
 def test_finetune_bf16_on_cuda_learns_and_resumes(tiny_gpt2, tmp_path):
-    from conftest import gpl_text
-
     data = tmp_path / "gpl.txt"
     data.write_text(gpl_text()[:20000])
     args = ["--data", data, "-m", tiny_gpt2, "--device", "cuda", "--bf16", "--max-steps", "12", "--max-length", "64",
