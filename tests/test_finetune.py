@@ -265,3 +265,23 @@ def test_bf16_mixed_precision_on_cpu(tiny_gpt2, gpl_file, tmp_path):
     assert result["steps"] == 20 and losses[-1] < losses[0]
     run = json.loads((tmp_path / "bf16" / "run.json").read_text())
     assert run["training"]["mixed_precision"] == "bf16"
+
+
+def test_fused_gelu_matches_gpt2s_gelu_and_keeps_the_saved_config(tiny_gpt2, gpl_file, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.activations import GELUTanh, NewGELUActivation
+
+    from llmcli.tasks.finetune_loop import use_fused_gelu
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_gpt2).eval()
+    ids = torch.arange(40)[None] % model.config.vocab_size
+    with torch.no_grad():
+        before = model(ids).logits
+        use_fused_gelu(model)
+        after = model(ids).logits
+    kinds = {type(m) for m in model.modules()}
+    assert GELUTanh in kinds and NewGELUActivation not in kinds
+    assert torch.allclose(before, after, atol=1e-5) and before.argmax(-1).equal(after.argmax(-1))
+    finetune("--data", gpl_file, "-m", tiny_gpt2, "-o", tmp_path / "out", "--max-steps", "2", *TRAIN)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["activation_function"] == "gelu_new"
