@@ -1,7 +1,7 @@
 """The plain Hugging Face way to finetune a causal LM: run_clm's tokenize + group_texts, then Trainer.
 
-Prints one JSON line: tokens_per_second (from Trainer's own train_runtime), peak_rss_mb and, on a GPU,
-peak_gpu_mb (torch's peak allocation)."""
+Prints one JSON line: tokens_per_second (tokens the model trained on over Trainer's own train_runtime),
+peak_rss_mb and, on a GPU, peak_gpu_mb (torch's peak allocation)."""
 
 import argparse
 import json
@@ -39,9 +39,14 @@ training_args = TrainingArguments(
     learning_rate=args.lr, seed=args.seed, logging_steps=10**6, save_strategy="no", report_to=[],
     use_cpu=args.device == "cpu", dataloader_num_workers=0, disable_tqdm=True,
 )
+# Counted as the model sees them: an epoch's last batch can be short, so steps x batch x length overcounts
+trained = {"tokens": 0}
+model.register_forward_pre_hook(
+    lambda module, positional, named: trained.update(tokens=trained["tokens"] + int(named["attention_mask"].sum())),
+    with_kwargs=True)
 result = Trainer(model=model, args=training_args, train_dataset=train, data_collator=default_data_collator).train()
-tokens = args.max_steps * args.batch_size * args.max_length
+tokens = trained["tokens"]
 peak = next(int(line.split()[1]) / 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
 gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
-print(json.dumps({"tokens_per_second": tokens / result.metrics["train_runtime"], "peak_rss_mb": peak,
+print(json.dumps({"tokens": tokens, "tokens_per_second": tokens / result.metrics["train_runtime"], "peak_rss_mb": peak,
                   "peak_gpu_mb": gpu}))
