@@ -57,12 +57,28 @@ def median_time(run: Callable[[], object], repeats: int, warmup: bool = True) ->
     return statistics.median(times), result
 
 
+def paired_median_times(ours: Callable[[], object], theirs: Callable[[], object],
+                        repeats: int) -> tuple[tuple[float, object], tuple[float, object]]:
+    """median_time of both sides with their runs alternating, so a machine that slows down or speeds up
+    during the benchmark weighs on both alike."""
+    ours(), theirs()  # warm-up
+    times: tuple[list[float], list[float]] = ([], [])
+    results: list[object] = [None, None]
+    for _ in range(repeats):
+        for side, run in enumerate((ours, theirs)):
+            start = time.perf_counter()
+            results[side] = run()
+            times[side].append(time.perf_counter() - start)
+    return (statistics.median(times[0]), results[0]), (statistics.median(times[1]), results[1])
+
+
 def startup(repeats: int) -> Figure:
     def command(*args: str) -> Callable[[], object]:
         return lambda: subprocess.run(args, capture_output=True, check=True)
 
-    ours, _ = median_time(command(shutil.which("llmcli", path=f"{BIN}:{os.environ['PATH']}"), "--help"), repeats)
-    theirs, _ = median_time(command(str(BIN / "transformers"), "--help"), repeats)
+    (ours, _), (theirs, _) = paired_median_times(
+        command(shutil.which("llmcli", path=f"{BIN}:{os.environ['PATH']}"), "--help"),
+        command(str(BIN / "transformers"), "--help"), repeats)
     return Figure("P1 startup: --help", ours, theirs, "s", higher_is_better=False, goal=10,
                   note="llmcli --help vs transformers --help")
 
@@ -88,8 +104,7 @@ def generation(loaded, new_tokens: int, repeats: int, device: str) -> list[Figur
         return output.shape[1] - input_ids.shape[1]
 
     figures = []
-    seconds, count = median_time(ours, repeats)
-    base_seconds, base_count = median_time(plain, repeats)
+    (seconds, count), (base_seconds, base_count) = paired_median_times(ours, plain, repeats)
     baseline = base_count / base_seconds
     figures.append(Figure(f"P2 generate greedy {new_tokens} tok", count / seconds, baseline, "tok/s", goal=1.0,
                           note="embedded SmolLM2, same loaded model, model.generate baseline"))
@@ -101,8 +116,8 @@ def generation(loaded, new_tokens: int, repeats: int, device: str) -> list[Figur
                              "grape, honeydew, kiwi, lemon, mango.")
     lookup = GenerateOptions(max_new_tokens=new_tokens, prompt_lookup=10)
     rep_ids = torch.tensor([encode_prompt(tokenizer, repetitive, lookup)], device=loaded.device)
-    seconds, count = median_time(lambda: ours(opts=lookup, text=repetitive), repeats)
-    base_seconds, base_count = median_time(lambda: plain(rep_ids), repeats)
+    (seconds, count), (base_seconds, base_count) = paired_median_times(
+        lambda: ours(opts=lookup, text=repetitive), lambda: plain(rep_ids), repeats)
     figures.append(Figure("P2 generate --prompt-lookup 10", count / seconds, base_count / base_seconds, "tok/s",
                           goal=1.0, note="repetitive prompt; same greedy tokens"))
     return figures
@@ -159,9 +174,10 @@ def fill_mask(bert: Path, lines: int, repeats: int, device: str) -> Figure:
     sentences = [line.strip() for line in GPL3.read_text().splitlines() if len(line.split()) > 6]
     texts = [" ".join("[MASK]" if i == 3 else w for i, w in enumerate(s.split())) for s in sentences][:lines]
     loaded = models.load_model(str(bert), kind="masked", device=device, dtype="float32")  # fill-mask's default
-    ours, results = median_time(lambda: run_fill_mask(loaded, texts, FillMaskOptions(batch_size=32)), repeats)
     fill = pipeline("fill-mask", model=str(bert), device=device)
-    theirs, reference = median_time(lambda: [fill(t, top_k=5) for t in texts], repeats)
+    (ours, results), (theirs, reference) = paired_median_times(
+        lambda: run_fill_mask(loaded, texts, FillMaskOptions(batch_size=32)),
+        lambda: [fill(t, top_k=5) for t in texts], repeats)
     same = all([p.token for p in r.predictions[0]] == [p["token"] for p in ref] for r, ref in zip(results, reference))
     return Figure(f"P4 fill-mask {len(texts)} lines", len(texts) / ours, len(texts) / theirs, "lines/s", goal=4,
                   note=f"small BERT; pipeline one line at a time; same top-5: {same}")
@@ -198,10 +214,10 @@ def perplexity(gpt2: Path, repeats: int, device: str, text_bytes: int) -> Figure
     text = (GPL3.read_text() * (text_bytes // 30000 + 1))[:text_bytes]
     loaded = models.load_model(str(gpt2), device=device, dtype="float32")  # the guide's precision: identical value
     options = EvalOptions(max_length=512, stride=512)  # llmcli's default batch size for the device
-    ours, result = median_time(lambda: evaluate(loaded, text, options), repeats)
     model = AutoModelForCausalLM.from_pretrained(gpt2).to(device).eval()
     ids = AutoTokenizer.from_pretrained(gpt2)(text, return_tensors="pt").input_ids.to(device)
-    theirs, value = median_time(lambda: guide_perplexity(model, ids, 512, 512), repeats)
+    (ours, result), (theirs, value) = paired_median_times(
+        lambda: evaluate(loaded, text, options), lambda: guide_perplexity(model, ids, 512, 512), repeats)
     return Figure("P5 eval perplexity", result.tokens / ours, result.tokens / theirs, "tok/s", goal=3,
                   note=f"small GPT-2, {text_bytes // 1000} KB, windows 512/512; values {result.value:.4f} vs {value:.4f}")
 
