@@ -354,7 +354,7 @@ def main() -> None:
 
     models.quiet_libraries()
     wanted = lambda key: args.only is None or key in args.only  # noqa: E731
-    figures = [startup(5)] if wanted("P1") else []
+    figures = [startup(3 if args.quick else 5)] if wanted("P1") else []
     needs_embedded = any(wanted(key) for key in ("P2", "P3", "P7"))
     loaded = models.load_model(None, device=args.device) if needs_embedded else None
     if wanted("P2"):
