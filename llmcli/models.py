@@ -380,6 +380,8 @@ def load_model(
     try:
         config = AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
+        if "trust_remote_code" in str(exc):
+            raise needs_remote_code(source) from exc
         raise ModelLoadError(f"could not read the config of {source.name}: {exc}", "Check the model files.") from exc
     if kind == "auto":
         kind = model_kind(config, source)
@@ -395,9 +397,7 @@ def load_model(
         )
     except ValueError as exc:
         if "trust_remote_code" in str(exc):
-            raise ModelLoadError(
-                f"{source.name} needs custom code from its repository", "Pass --trust-remote-code if you trust it."
-            ) from exc
+            raise needs_remote_code(source) from exc
         what = {"causal": "a causal (text generation) LM", "masked": "a masked LM"}[kind]
         raise ModelLoadError(
             f"{source.name} ({config.model_type}) is not {what}",
@@ -409,6 +409,11 @@ def load_model(
                              "Check that the model files are complete (re-download or re-save them).") from exc
     model.to(torch_device).eval()
     return LoadedModel(model=model, tokenizer=tokenizer, source=source, device=torch_device, kind=kind)
+
+
+def needs_remote_code(source: ModelSource) -> ModelLoadError:
+    return ModelLoadError(f"{source.name} needs custom code from its repository",
+                          "Pass --trust-remote-code if you trust it.")
 
 
 def check_weight_format(location: Path, source: ModelSource, allow_pickle: bool) -> None:
@@ -429,9 +434,11 @@ def model_kind(config: Any, source: ModelSource) -> str:
         MODEL_FOR_MASKED_LM_MAPPING_NAMES,
     )
 
-    if config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+    # a model with its own code (--trust-remote-code) names its classes in auto_map instead
+    auto_map = getattr(config, "auto_map", None) or {}
+    if config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES or "AutoModelForMaskedLM" in auto_map:
         return "masked"
-    if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+    if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or "AutoModelForCausalLM" in auto_map:
         return "causal"
     raise ModelLoadError(
         f"{source.name} ({config.model_type}) is neither a masked LM nor a causal LM",

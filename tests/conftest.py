@@ -143,9 +143,13 @@ def tiny_tokenizer():
 def tiny_gpt2(tmp_path_factory, tiny_tokenizer) -> Path:
     from transformers import GPT2Config
 
+    # Untied: with GPT-2's tied embeddings a random model's logits are dominated by the input token's
+    # own embedding, so greedy output repeats the prompt's last token and hides context bugs
+    # (padding, truncation, history); see test_fixtures_greedy_output_depends_on_the_whole_prompt.
     config = GPT2Config(
         vocab_size=len(tiny_tokenizer), n_positions=256, n_embd=64, n_layer=2, n_head=4,
         bos_token_id=tiny_tokenizer.eos_token_id, eos_token_id=tiny_tokenizer.eos_token_id,
+        tie_word_embeddings=False,
     )
     return save_tiny(tmp_path_factory.mktemp("tiny-gpt2"), config, tiny_tokenizer)
 

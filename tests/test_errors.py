@@ -178,14 +178,18 @@ def case_id(case) -> str:
 
 
 @pytest.mark.parametrize("command, fragment", MATRIX, ids=[case_id(c) for c in MATRIX])
-def test_error_matrix(command, fragment, workspace, tiny_gpt2, tiny_bert):
+def test_error_matrix(command, fragment, workspace, tiny_gpt2, tiny_bert, tmp_path, monkeypatch):
+    import os
     import shlex
 
     values = {"ws": workspace, "gpt2": tiny_gpt2, "bert": tiny_bert, "long": "word " * 200}
     args = [a.format(**values) for a in shlex.split(command)]
-    before = snapshot(workspace)
+    monkeypatch.chdir(tmp_path)  # relative defaults (finetune's output) land here
+    cache = Path(os.environ["LLMCLI_CACHE"])
+    before = snapshot(workspace), snapshot(cache)
     assert_clean_error(run_cli(*args), fragment)
-    assert snapshot(workspace) == before  # nothing created or changed
+    assert (snapshot(workspace), snapshot(cache)) == before  # nothing created or changed
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_pickle_weights_load_when_allowed(workspace):
@@ -220,8 +224,101 @@ def test_help_imports_neither_torch_nor_transformers():
 
 
 def test_prompt_too_long_truncated_left_on_request(tiny_gpt2, tiny_tokenizer):
-    long_prompt = "word " * 300
+    """--truncate left keeps the prompt's end: the continuation is HF's greedy one from those tokens."""
+    from transformers import AutoModelForCausalLM
+
+    long_prompt = " ".join(gpl_text().split()[:400])
     result = run_cli("generate", long_prompt, "-m", tiny_gpt2, "--no-chat", "-n", "6", "--truncate", "left", "--json")
     assert result.exit_code == 0, result.stderr
     [record] = result.json_lines()
     assert record["prompt_tokens"] == 256 - 6  # the prompt's end, filling the context
+    ids = tiny_tokenizer(long_prompt, return_tensors="pt")["input_ids"]
+    model = AutoModelForCausalLM.from_pretrained(tiny_gpt2)
+
+    def continuation(kept):
+        return model.generate(kept, attention_mask=torch.ones_like(kept), do_sample=False, max_new_tokens=6,
+                              pad_token_id=tiny_tokenizer.eos_token_id)[0, kept.shape[1]:].tolist()
+
+    assert record["token_ids"] == continuation(ids[:, -250:])
+    assert record["token_ids"] != continuation(ids[:, :250])
+
+
+CUSTOM_CODE = """
+import os
+
+from transformers import GPT2Config, GPT2LMHeadModel
+
+open(os.environ["CUSTOM_CODE_MARKER"], "w").close()  # proof that this file was executed
+
+
+class TinyCustomConfig(GPT2Config):
+    model_type = "tiny-custom"
+
+
+class TinyCustomModel(GPT2LMHeadModel):
+    config_class = TinyCustomConfig
+
+    def forward(self, *args, **kwargs):
+        output = super().forward(*args, **kwargs)
+        output.logits[..., 7] += 1000.0  # the custom code's fingerprint: token 7 always wins
+        return output
+"""
+
+
+def test_remote_code_runs_only_with_trust_remote_code(tiny_gpt2, tmp_path):
+    """A model whose config points at its own Python code: refused (exit 2, the code never executed)
+    unless --trust-remote-code, with which the code runs."""
+    import json
+    import os
+
+    model = tmp_path / "custom-model"
+    shutil.copytree(tiny_gpt2, model)
+    config = json.loads((model / "config.json").read_text())
+    config.update(model_type="tiny-custom", auto_map={"AutoConfig": "custom.TinyCustomConfig",
+                                                       "AutoModelForCausalLM": "custom.TinyCustomModel"})
+    (model / "config.json").write_text(json.dumps(config))
+    (model / "custom.py").write_text(CUSTOM_CODE)
+    marker = tmp_path / "custom-code-ran"
+    env = {**os.environ, "CUSTOM_CODE_MARKER": str(marker), "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    command = [sys.executable, "-m", "llmcli", "generate", "hi", "-m", str(model), "-n", "3", "--json"]
+    refused = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    assert refused.returncode == 2 and refused.stderr.startswith("Error: "), refused.stderr
+    assert "--trust-remote-code" in refused.stderr and "Traceback" not in refused.stderr
+    assert not marker.exists()
+    trusted = subprocess.run([*command, "--trust-remote-code"], capture_output=True, text=True, env=env, timeout=120)
+    assert trusted.returncode == 0, trusted.stderr
+    assert json.loads(trusted.stdout)["token_ids"] == [7, 7, 7] and marker.exists()
+
+
+def stderr_on_a_terminal(args: list[str], **env: str) -> bytes:
+    """Run llmcli with its stderr on a pseudo-terminal (where rich colours) and return what it wrote."""
+    import os
+    import pty
+
+    leader, follower = pty.openpty()
+    environment = {k: v for k, v in os.environ.items() if k not in ("NO_COLOR", "TERM")}
+    subprocess.run([sys.executable, "-m", "llmcli", *args], stdout=subprocess.DEVNULL, stderr=follower,
+                   env={**environment, "TERM": "xterm-256color", **env}, timeout=60)
+    os.close(follower)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # EIO: the terminal's other side is closed and drained
+            break
+        if not chunk:
+            break
+        output += chunk
+    os.close(leader)
+    return output
+
+
+def test_no_color_is_respected_on_a_terminal(tmp_path):
+    import re
+
+    args = ["generate", "hi", "-m", str(tmp_path / "missing")]
+    colour = re.compile(rb"\x1b\[[0-9;]*3[0-9]m")  # an SGR sequence with a foreground colour
+    coloured = stderr_on_a_terminal(args)
+    plain = stderr_on_a_terminal(args, NO_COLOR="1")
+    assert b"Error: " in coloured and b"Error: " in plain
+    assert colour.search(coloured) and not colour.search(plain)

@@ -94,10 +94,30 @@ def test_equals_the_guide_code_when_stride_is_max_length(tiny_gpt2, text_file):
     assert record["value"] == pytest.approx(guide_code(tiny_gpt2, 64, 64), rel=1e-5)
 
 
-def test_the_guide_code_undercounts_overlapping_windows(tiny_gpt2, text_file):
-    """Our exact per-token value differs from the guide's weighting by a small, nonzero amount."""
-    record = evaluate(text_file, tiny_gpt2, "--max-length", "64", "--stride", "32")
-    relative = abs(record["value"] - guide_code(tiny_gpt2, 64, 32)) / record["value"]
+@pytest.fixture(scope="module")
+def trained_gpt2(tiny_gpt2, tmp_path_factory):
+    """The tiny GPT-2 after a few plain optimizer steps on the start of the text: its per-token losses
+    vary as a real model's do (a random model's are all close to log(vocabulary size))."""
+    model, tokenizer = load_hf(tiny_gpt2)
+    ids = tokenizer(TEXT, return_tensors="pt").input_ids[:, :64 * 8].reshape(8, 64)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(30):
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    path = tmp_path_factory.mktemp("trained-gpt2")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_the_guide_code_undercounts_overlapping_windows(trained_gpt2, text_file):
+    """Our exact per-token value differs from the guide's weighting by a small amount, well above the
+    guide's float32 summation noise (~1e-6)."""
+    record = evaluate(text_file, trained_gpt2, "--max-length", "64", "--stride", "32")
+    relative = abs(record["value"] - guide_code(trained_gpt2, 64, 32)) / record["value"]
     assert 1e-5 < relative < 1e-2
 
 
@@ -146,18 +166,43 @@ def test_rolling_windows_are_lm_evals(tiny_llama):
     assert len(windows[-1].ids) == max_length + 1  # the short last window still gets full context
 
 
-def test_llama_cpp_layout(tiny_gpt2, text_file):
-    """Chunks of ctx tokens, only positions ctx/2+1 .. ctx-1 of each scored, leftover tokens dropped."""
-    model, tokenizer = load_hf(tiny_gpt2)
+@pytest.fixture(scope="module")
+def bos_llama(tiny_llama, tmp_path_factory):
+    """The tiny Llama with a tokenizer that puts a BOS before every text, as Llama-family tokenizers do."""
+    import shutil
+
+    from tokenizers import processors
+    from transformers import AutoTokenizer
+
+    path = tmp_path_factory.mktemp("bos-llama") / "model"
+    shutil.copytree(tiny_llama, path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer._tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", tokenizer.bos_token_id)])
+    tokenizer.save_pretrained(path)
+    assert AutoTokenizer.from_pretrained(path)("a").input_ids[0] == tokenizer.bos_token_id
+    return path
+
+
+@pytest.mark.parametrize("model", ["tiny_gpt2", "bos_llama"])
+def test_llama_cpp_layout(model, request, text_file):
+    """Chunks of ctx tokens, only positions ctx/2+1 .. ctx-1 of each scored, leftover tokens dropped; where
+    the tokenizer adds a BOS, it replaces the first token of every chunk (llama-perplexity's layout)."""
+    model_dir = request.getfixturevalue(model)
+    model, tokenizer = load_hf(model_dir)
     ids = tokenizer(TEXT).input_ids
+    adds_bos = model_dir.name == "model"
+    assert adds_bos == (ids[0] == tokenizer.bos_token_id)
     ctx = 64
     nlls = []
     for start in range(0, len(ids) - ctx + 1, ctx):
         chunk = torch.tensor([ids[start:start + ctx]])
+        if adds_bos:
+            chunk[0, 0] = tokenizer.bos_token_id
         with torch.no_grad():
             logprobs = model(chunk).logits[0].log_softmax(-1)
         nlls += [-logprobs[j, chunk[0, j + 1]].item() for j in range(ctx // 2, ctx - 1)]
-    record = evaluate(text_file, tiny_gpt2, "--llama-cpp", "--ctx", ctx)
+    record = evaluate(text_file, model_dir, "--llama-cpp", "--ctx", ctx)
     assert record["tokens"] == (len(ids) // ctx) * (ctx - 1 - ctx // 2)
     assert record["tokens"] == len(nlls)
     assert record["value"] == pytest.approx(math.exp(sum(nlls) / len(nlls)), rel=1e-5)
@@ -200,11 +245,40 @@ def test_pseudo_perplexity_equals_one_mask_at_a_time(tiny_bert, text_file):
     assert record["value"] == pytest.approx(math.exp(sum(nlls) / len(nlls)), rel=1e-5)
 
 
-def test_masked_accuracy_is_seeded(tiny_bert, text_file):
-    first = evaluate(text_file, tiny_bert, "--metric", "accuracy", "--max-length", "64", "--seed", "1")
-    again = evaluate(text_file, tiny_bert, "--metric", "accuracy", "--max-length", "64", "--seed", "1")
-    assert first["value"] == again["value"] and 0 <= first["value"] <= 1
-    assert first["tokens"] > 0.1 * len(TEXT) / 10  # about 15% of the tokens were masked
+def reference_masked_accuracy(model_dir, text: str, max_length: int, seed: int) -> tuple[int, int]:
+    """Seeded masking written out plainly: per chunk of [CLS] + tokens + [SEP], a permutation of the
+    token positions from a generator seeded once, its first round(15%) (at least one) masked."""
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForMaskedLM.from_pretrained(model_dir).eval()
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    generator = torch.Generator().manual_seed(seed)
+    correct = total = 0
+    for start in range(0, len(ids), max_length - 2):
+        chunk = torch.tensor([tokenizer.cls_token_id] + ids[start:start + max_length - 2] + [tokenizer.sep_token_id])
+        count = max(1, round(0.15 * (len(chunk) - 2)))
+        positions = torch.randperm(len(chunk) - 2, generator=generator)[:count] + 1
+        masked = chunk.clone()
+        masked[positions] = tokenizer.mask_token_id
+        with torch.no_grad():
+            predicted = model(masked[None]).logits[0, positions].argmax(-1)
+        correct += int((predicted == chunk[positions]).sum())
+        total += count
+    return correct, total
+
+
+def test_masked_accuracy_equals_plain_seeded_masking(tiny_bert, text_file, tmp_path):
+    """On a BERT trained a little (a random one is never right, which would hide a broken comparison)."""
+    trained = tmp_path / "bert"
+    result = run_cli("finetune", "--data", text_file, "-m", tiny_bert, "-o", trained, "--max-steps", "40",
+                     "--max-length", "64", "--lr", "3e-3", "--json")
+    assert result.exit_code == 0, result.stderr
+    for seed in (1, 2):
+        record = evaluate(text_file, trained, "--metric", "accuracy", "--max-length", "64", "--seed", seed)
+        correct, total = reference_masked_accuracy(trained, TEXT, 64, seed)
+        assert correct > 0
+        assert (record["value"], record["tokens"]) == (correct / total, total)
 
 
 def test_several_models_one_row_each(tiny_gpt2, tiny_llama, text_file):
@@ -218,21 +292,10 @@ def test_several_models_one_row_each(tiny_gpt2, tiny_llama, text_file):
         assert f"{record['value']:.4f}" in result.stdout and f"{record['stderr']:.4f}" in result.stdout
 
 
-def test_finetuned_model_scores_lower_on_its_training_text(tiny_gpt2, text_file, tmp_path):
+def test_finetuned_model_scores_lower_on_its_training_text(tiny_gpt2, trained_gpt2, text_file):
     """A few plain optimizer steps on the text must lower its perplexity: eval sees the difference."""
-    model, tokenizer = load_hf(tiny_gpt2)
-    ids = tokenizer(TEXT, return_tensors="pt").input_ids[:, :64 * 8].reshape(8, 64)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    model.train()
-    for _ in range(30):
-        loss = model(ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    model.save_pretrained(tmp_path)
-    tokenizer.save_pretrained(tmp_path)
     before = evaluate(text_file, tiny_gpt2, "--max-length", "64")
-    after = evaluate(text_file, tmp_path, "--max-length", "64")
+    after = evaluate(text_file, trained_gpt2, "--max-length", "64")
     assert after["value"] < 0.8 * before["value"]
 
 

@@ -30,7 +30,8 @@ def assert_same_predictions(ours, reference):
         assert [p["token_str"] for p in our_row] == [p["token_str"] for p in ref_row]
         assert [p["sequence"] for p in our_row] == [p["sequence"] for p in ref_row]
         for ours_p, ref_p in zip(our_row, ref_row):
-            assert ours_p["score"] == pytest.approx(ref_p["score"], abs=1e-5)
+            # relative: scores of a tiny model are ~1e-3, where an absolute 1e-5 would be 1%
+            assert ours_p["score"] == pytest.approx(ref_p["score"], rel=1e-5)
 
 
 def fill(*args, input=None):
@@ -119,18 +120,28 @@ def test_model_neither_masked_nor_causal(tmp_path):
     assert_clean_error(run_cli("fill-mask", "a [MASK]", "-m", tmp_path), "neither a masked LM nor a causal LM")
 
 
-def test_causal_rescoring_on_a_tiny_model_agrees_with_sentence_scores(tiny_gpt2):
-    """The reported probabilities are a softmax over whole-sentence log-likelihoods."""
+def test_causal_rescoring_is_a_softmax_over_sentence_likelihoods(tiny_gpt2):
+    """The reported probabilities are a softmax over whole-sentence log-likelihoods, each sentence
+    conditioned on <|endoftext|> (the tokenizer's document separator), computed here with a plain
+    forward pass and log_softmax."""
     import math
 
-    from llmcli.models import load_model
-    from llmcli.tasks.fill_mask import sentence_logprobs
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2)
+    model = AutoModelForCausalLM.from_pretrained(tiny_gpt2).eval()
+
+    def log_likelihood(sentence: str) -> float:
+        ids = [tokenizer.convert_tokens_to_ids("<|endoftext|>")] + tokenizer(sentence)["input_ids"]
+        with torch.no_grad():
+            logprobs = model(torch.tensor([ids])).logits[0].log_softmax(-1)
+        return sum(logprobs[i, ids[i + 1]].item() for i in range(len(ids) - 1))
 
     targets = ["free", "proprietary", "the"]
     [record] = fill("the program is [MASK] software.", "-m", tiny_gpt2, *sum((["--targets", t] for t in targets), []))
-    loaded = load_model(str(tiny_gpt2), device="cpu")
     sentences = [f"the program is {t} software." for t in targets]
-    scores = sentence_logprobs(loaded, sentences, batch_size=1)
+    scores = [log_likelihood(s) for s in sentences]
     expected = {t: math.exp(s) / sum(math.exp(x) for x in scores) for t, s in zip(targets, scores)}
     got = {p["token_str"]: p["score"] for p in record["predictions"][0]}
     assert got == pytest.approx(expected, rel=1e-4)

@@ -20,6 +20,19 @@ def greedy(model_dir, *prompts, n=12, extra=()):
 
 
 @pytest.mark.parametrize("model", ["tiny_gpt2", "tiny_llama"])
+def test_fixtures_greedy_output_depends_on_the_whole_prompt(model, request, tiny_tokenizer):
+    """The faithfulness tests mean something only if the fixtures' greedy output depends on every prompt
+    token: two prompts ending in the same token continue differently, and not by repeating that token."""
+    model_dir = request.getfixturevalue(model)
+    prompts = ["the GNU General Public License is", "free software is"]
+    assert len({tiny_tokenizer(p)["input_ids"][-1] for p in prompts}) == 1
+    first, second = (hf_greedy(model_dir, [p], 8)[0] for p in prompts)
+    assert first != second
+    last = tiny_tokenizer(prompts[0])["input_ids"][-1]
+    assert first.count(last) < 4
+
+
+@pytest.mark.parametrize("model", ["tiny_gpt2", "tiny_llama"])
 def test_greedy_equals_hf_generate(model, request):
     model_dir = request.getfixturevalue(model)
     [record] = greedy(model_dir, PROMPTS[1], n=20)
@@ -53,22 +66,47 @@ def test_seeded_sampling_is_reproducible(tiny_gpt2):
     assert len({tuple(r["token_ids"]) for r in first}) > 1  # three samples, not one repeated
 
 
+@pytest.mark.parametrize("option, value", [("top_k", 5), ("top_p", 0.3), ("min_p", 0.9),
+                                           ("repetition_penalty", 1.5)])
+def test_sampling_options_equal_hf_and_change_the_samples(tiny_llama, option, value):
+    """With a seed, each sampling control gives `model.generate`'s own sample with that control, and a
+    different one than without it (so the option reached the sampler). The tiny model's next-token
+    distribution is nearly flat, hence min-p 0.9 to make min-p cut anything."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    inputs = tokenizer(PROMPTS[1], return_tensors="pt")
+
+    def reference(**kwargs):
+        set_seed(3)
+        output = model.generate(**inputs, do_sample=True, temperature=1.0, max_new_tokens=16, **kwargs)
+        return output[0, inputs["input_ids"].shape[1]:].tolist()
+
+    flag = "--" + option.replace("_", "-")
+    [record] = greedy(tiny_llama, PROMPTS[1], n=16, extra=("-t", "1.0", "--seed", "3", flag, str(value)))
+    assert record["token_ids"] == reference(**{option: value})
+    assert record["token_ids"] != reference()
+
+
 def test_stop_string_cuts_text_and_reports_stop(tiny_gpt2):
     [full] = greedy(tiny_gpt2, PROMPTS[1], n=24)
     text = full["text"]
     stop = text[len(text) // 2: len(text) // 2 + 3]
-    assert stop.strip(), f"pick a visible stop string from {text!r}"
+    assert stop.strip() and text.find(stop) > 0, f"pick a visible stop string past the start of {text!r}"
     [cut] = greedy(tiny_gpt2, PROMPTS[1], n=24, extra=("--stop", stop))
     assert cut["finish_reason"] == "stop"
-    assert cut["text"] == text[: text.find(stop)]
+    assert cut["text"] == text[: text.find(stop)] and cut["text"]
     assert cut["token_ids"] == full["token_ids"][: len(cut["token_ids"])]
     assert len(cut["token_ids"]) < len(full["token_ids"])
 
 
 def test_eos_ends_generation(tiny_gpt2, tmp_path):
-    """Make the third greedily generated token the model's EOS: generation must end there."""
+    """Make a greedily generated token (the first new one from the third on) the model's EOS: generation
+    must end there, with the tokens before it kept."""
     [full] = greedy(tiny_gpt2, PROMPTS[1], n=12)
-    eos = full["token_ids"][2]
+    ids = full["token_ids"]
+    eos = next(t for i, t in enumerate(ids) if i >= 2 and t not in ids[:i])
     model_dir = tmp_path / "eos-model"
     shutil.copytree(tiny_gpt2, model_dir)
     config_path = model_dir / "generation_config.json"
@@ -77,6 +115,7 @@ def test_eos_ends_generation(tiny_gpt2, tmp_path):
     config_path.write_text(json.dumps(config))
     [record] = greedy(model_dir, PROMPTS[1], n=12)
     first_eos = full["token_ids"].index(eos)
+    assert first_eos >= 2
     assert record["finish_reason"] == "eos"
     assert record["token_ids"] == full["token_ids"][: first_eos + 1]
     assert full["finish_reason"] == "length" and full["generated_tokens"] == 12
@@ -84,6 +123,7 @@ def test_eos_ends_generation(tiny_gpt2, tmp_path):
 
 def test_prompts_from_stdin_and_file(tiny_gpt2, tmp_path):
     expected = [r["token_ids"] for r in greedy(tiny_gpt2, *PROMPTS, n=6)]
+    assert len({tuple(ids) for ids in expected}) == len(PROMPTS)  # each prompt read whole, in order
     stdin = run_cli("generate", "-", "-m", tiny_gpt2, "--no-chat", "-n", "6", "--json", input="\n".join(PROMPTS) + "\n")
     assert [r["token_ids"] for r in stdin.json_lines()] == expected
     jsonl = tmp_path / "prompts.jsonl"
@@ -163,6 +203,23 @@ def test_chat_repl_keeps_history(tiny_llama):
     assert len(result.stdout.splitlines()) == 2  # two replies; nothing after /exit
 
 
+def test_chat_second_turn_sees_the_first(tiny_llama, tmp_path):
+    """Each reply is what `generate` gives for the whole conversation so far (reply included)."""
+    def reply(*messages):
+        path = tmp_path / "conversation.jsonl"
+        turns = [{"role": "user" if i % 2 == 0 else "assistant", "content": m} for i, m in enumerate(messages)]
+        path.write_text(json.dumps({"messages": turns}) + "\n")
+        [record] = run_cli("generate", "-f", path, "-m", tiny_llama, "-n", "6", "--json").json_lines()
+        return record["text"]
+
+    first = reply("Hello")
+    second = reply("Hello", first, "Again")
+    assert second != reply("Again")  # the history changes the answer, so the check below can fail
+    result = run_cli("chat", "-m", tiny_llama, "-n", "6", input="Hello\nAgain\n")
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == first + "\n" + second + "\n"
+
+
 @pytest.mark.slow
 def test_embedded_model_greedy_equals_hf_and_answers():
     """The embedded SmolLM2: our cached conversion generates what transformers' own GGUF load does."""
@@ -186,21 +243,46 @@ def test_embedded_model_greedy_equals_hf_and_answers():
     assert "Using the embedded model" in answer.stderr
 
 
-@pytest.mark.parametrize("assist", [("--prompt-lookup", "3"), ("--draft-model", "tiny_llama")])
-def test_assisted_decoding_keeps_greedy_output(tiny_llama, assist):
-    flag, value = assist
-    value = str(tiny_llama) if value == "tiny_llama" else value
+def forward_inputs(model) -> list[dict]:
+    """Record the keyword arguments of every forward call of `model`."""
+    calls: list[dict] = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: calls.append(kwargs), with_kwargs=True)
+    return calls
+
+
+@pytest.mark.parametrize("assist", ["prompt_lookup", "draft"])
+def test_assisted_decoding_keeps_greedy_output_and_verifies_proposals(tiny_llama, assist):
+    """Same tokens as plain greedy; and the main model really was handed proposed tokens to verify
+    (a decode step with several new positions), which plain greedy never does."""
+    from llmcli.data import Prompt
+    from llmcli.models import load_model
+    from llmcli.tasks.generate import GenerateOptions, generate
+
     repetitive = "the program the program the program the program"
-    [plain] = greedy(tiny_llama, repetitive, n=16)
-    [assisted] = greedy(tiny_llama, repetitive, n=16, extra=(flag, value))
-    assert assisted["token_ids"] == plain["token_ids"]
+    loaded = load_model(str(tiny_llama), device="cpu")
+    draft = load_model(str(tiny_llama), device="cpu") if assist == "draft" else None
+    options = GenerateOptions(max_new_tokens=16, chat=False, prompt_lookup=3 if assist == "prompt_lookup" else None)
+    calls = forward_inputs(loaded.model)
+    draft_calls = forward_inputs(draft.model) if draft else []
+    [assisted] = generate(loaded, [Prompt(text=repetitive)], options, draft=draft)
+    decode_widths = [c["input_ids"].shape[1] for c in calls[1:]]
+    assert assisted.token_ids == hf_greedy(tiny_llama, [repetitive], 16)[0]
+    assert max(decode_widths) > 1, decode_widths
+    assert draft_calls or assist == "prompt_lookup"
 
 
-def test_fast_mode_equals_hf_in_bfloat16(tiny_gpt2):
+def test_fast_mode_equals_hf_in_bfloat16(tiny_gpt2, monkeypatch):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from llmcli import models
+
+    loaded = []
+    load_model = models.load_model
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: loaded.append(load_model(*a, **k)) or loaded[-1])
     [record] = greedy(tiny_gpt2, PROMPTS[1], n=12, extra=("--fast",))
+    # the tiny model's greedy tokens happen to be the same in float32: check the weights it ran with
+    assert loaded[0].model.dtype == torch.bfloat16
     model = AutoModelForCausalLM.from_pretrained(tiny_gpt2, dtype=torch.bfloat16)
     inputs = AutoTokenizer.from_pretrained(tiny_gpt2)(PROMPTS[1], return_tensors="pt")
     output = model.generate(**inputs, do_sample=False, max_new_tokens=12)
@@ -214,10 +296,14 @@ def test_static_cache_gives_the_same_greedy_tokens(tiny_llama):
     from llmcli.models import load_model
     from llmcli.tasks.generate import GenerateOptions, generate
 
+    from transformers import StaticCache
+
     loaded = load_model(str(tiny_llama), device="cpu")
     options = GenerateOptions(max_new_tokens=20, chat=False, static_cache=True)
+    calls = forward_inputs(loaded.model)
     [result] = generate(loaded, [Prompt(text=PROMPTS[1])], options)
     assert result.token_ids == hf_greedy(tiny_llama, [PROMPTS[1]], 20)[0]
+    assert all(isinstance(c["past_key_values"], StaticCache) for c in calls)
 
 
 def test_llmcli_device_sets_the_default_device(tiny_gpt2, monkeypatch):

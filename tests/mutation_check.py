@@ -1,0 +1,220 @@
+"""Break one feature at a time in a clean copy of the code and check that the tests of that feature fail.
+
+    .venv/bin/python tests/mutation_check.py            # every recorded breakage (`make mutants`)
+    .venv/bin/python tests/mutation_check.py --list     # their names
+    .venv/bin/python tests/mutation_check.py NAME ...   # some of them
+
+Each breakage (a "mutant") replaces one exact piece of the source with a broken version, in a copy of
+the working tree made in a temporary directory, and runs the tests named for it there. A mutant whose
+tests still pass "survived": the suite would not notice that feature breaking. The copy comes first on
+PYTHONPATH, so in-process tests and the `python -m llmcli` subprocesses they start both import it.
+Not run by CI (about 20 minutes on 2 cores); rerun it after moving code, and record new breakages here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Mutant:
+    name: str
+    path: str  # file to break, relative to the repository root
+    original: str  # exact text, found once in the file
+    broken: str
+    tests: str  # pytest arguments selecting the tests that must fail
+
+
+MUTANTS = [
+    Mutant("chat history forgotten", "llmcli/tasks/chat.py",
+           'self.history.append({"role": "assistant", "content": reply.text})', "self.history.clear()",
+           "tests/test_generate.py -k chat"),
+    Mutant("resume into a new directory ignores the checkpoint", "llmcli/tasks/finetune_loop.py",
+           "    if resume_from is not None:\n",
+           "    if resume_from is not None and checkpoints.run_dir(resume_from).resolve() == output.resolve():\n",
+           "tests/test_finetune.py -k resume_another"),
+    Mutant("batch without attention mask", "llmcli/tasks/generate.py",
+           "            **batch, **sampling_kwargs(options)", '            input_ids=batch["input_ids"], **sampling_kwargs(options)',
+           "tests/test_generate.py -k batched"),
+    Mutant("prompt reduced to its last token", "llmcli/tasks/generate.py",
+           'return tokenizer(prompt.text)["input_ids"]', 'return tokenizer(prompt.text)["input_ids"][-1:]',
+           "tests/test_generate.py -k stdin_and_file"),
+    Mutant("--fast does nothing on the CPU", "llmcli/cli.py",
+           'weights = "bfloat16" if fast and not on_cuda else dtype', "weights = dtype",
+           "tests/test_generate.py -k fast_mode"),
+    Mutant("stop string cuts everything", "llmcli/tasks/generate.py",
+           'return text[:stop_at], body[:kept], "stop"', 'return "", body[:kept], "stop"',
+           "tests/test_generate.py -k stop_string"),
+    Mutant("EOS keeps only the first token", "llmcli/tasks/generate.py",
+           'return text, ids[: eos_at + 1], "eos"', 'return text, ids[:1], "eos"',
+           "tests/test_generate.py -k eos_ends"),
+    Mutant("--truncate left keeps the start", "llmcli/tasks/generate.py",
+           "return ids[overflow:]", "return ids[:len(ids) - overflow]",
+           "tests/test_errors.py -k truncated_left"),
+    Mutant("top-k ignored", "llmcli/tasks/generate.py",
+           'for name in ("top_k", "top_p", "min_p"):', 'for name in ("top_p", "min_p"):',
+           "tests/test_generate.py -k sampling_options"),
+    Mutant("min-p ignored", "llmcli/tasks/generate.py",
+           'for name in ("top_k", "top_p", "min_p"):', 'for name in ("top_k", "top_p"):',
+           "tests/test_generate.py -k sampling_options"),
+    Mutant("repetition penalty ignored", "llmcli/tasks/generate.py",
+           'kwargs["repetition_penalty"] = options.repetition_penalty', "pass",
+           "tests/test_generate.py -k sampling_options"),
+    Mutant("static cache ignored", "llmcli/tasks/generate.py",
+           'decoding["cache_implementation"] = "static"', "pass",
+           "tests/test_generate.py -k static_cache"),
+    Mutant("prompt lookup ignored", "llmcli/tasks/generate.py",
+           'kwargs["prompt_lookup_num_tokens"] = options.prompt_lookup', "pass",
+           "tests/test_generate.py -k assisted"),
+    Mutant("draft model ignored", "llmcli/tasks/generate.py",
+           "decoding = assisted_kwargs(loaded, draft)", "decoding = {}",
+           "tests/test_generate.py -k assisted"),
+    Mutant("LoRA learns nothing (lr 0)", "llmcli/tasks/finetune.py",
+           "return torch.optim.AdamW(groups, lr=options.lr, fused=True)",
+           "return torch.optim.AdamW(groups, lr=0.0 if options.lora else options.lr, fused=True)",
+           "tests/test_finetune.py -k lora_adapter_and_merge"),
+    Mutant("--lora-targets ignored", "llmcli/tasks/finetune.py",
+           'if targets != "all-linear":', "if False:",
+           "tests/test_finetune.py -k lora_targets"),
+    Mutant("DDP ranks read the same batches", "llmcli/tasks/finetune.py",
+           "order[s * per_step + rank * batch_size: s * per_step + (rank + 1) * batch_size]",
+           "order[s * per_step: s * per_step + batch_size]",
+           "tests/test_finetune.py -k ddp"),
+    Mutant("accumulated loss not divided", "llmcli/tasks/finetune_loop.py",
+           "loss = model(**batch, **forward_extra).loss / options.grad_accum",
+           "loss = model(**batch, **forward_extra).loss",
+           "tests/test_finetune.py -k grad_accumulation"),
+    Mutant("--grad-checkpointing ignored", "llmcli/tasks/finetune.py",
+           "model.gradient_checkpointing_enable()", "pass",
+           "tests/test_finetune.py -k gradient_checkpointing"),
+    Mutant("--bf16 runs in full precision", "llmcli/tasks/finetune_loop.py",
+           "mixed_precision=options.mixed_precision)", 'mixed_precision="no")',
+           "tests/test_finetune.py -k bf16"),
+    Mutant("--resume accepts changed options", "llmcli/tasks/finetune.py",
+           "    if changed:\n", "    if False:\n",
+           "tests/test_finetune.py -k refuses_changed"),
+    Mutant("--keep-checkpoints keeps one too many", "llmcli/checkpoints.py",
+           "for old in checkpoint_dirs(output)[:-keep]:", "for old in checkpoint_dirs(output)[:-keep - 1]:",
+           "tests/test_finetune.py -k keep_checkpoints"),
+    Mutant("--line-by-line ignored", "llmcli/data.py",
+           "blocks = text.splitlines() if line_by_line else", "blocks = text.splitlines() if False else",
+           "tests/test_finetune.py -k every_text_format"),
+    Mutant("--text-column reads the first column", "llmcli/data.py",
+           "value = row[text_column]", "value = row[reader.fieldnames[0]]",
+           "tests/test_finetune.py -k every_text_format"),
+    Mutant("--data-eval ignored", "llmcli/tasks/finetune.py",
+           "    if options.data_eval:\n", "    if False:\n",
+           "tests/test_finetune.py -k data_eval"),
+    Mutant("--warmup ignored", "llmcli/tasks/finetune_loop.py",
+           "warmup = int(options.warmup * steps) if options.warmup < 1 else int(options.warmup)", "warmup = 0",
+           "tests/test_finetune.py -k scheduler_and_warmup"),
+    Mutant("--scheduler ignored", "llmcli/tasks/finetune_loop.py",
+           "get_scheduler(options.scheduler, optimizer", 'get_scheduler("linear", optimizer',
+           "tests/test_finetune.py -k scheduler_and_warmup"),
+    Mutant("weight decay on biases and norms too", "llmcli/tasks/finetune.py",
+           "(no_decay if parameter.ndim < 2 else decay).append(parameter)", "decay.append(parameter)",
+           "tests/test_finetune.py -k weight_decay"),
+    Mutant("prompt not masked by default", "llmcli/tasks/finetune.py",
+           'else data_format != "text"', "else False",
+           "tests/test_finetune.py -k masks_the_prompt_by_default"),
+    Mutant("interrupt acted on mid-step", "llmcli/tasks/finetune_loop.py",
+           "StepBoundaryInterrupts(enabled=world == 1)", "StepBoundaryInterrupts(enabled=False)",
+           "tests/test_finetune.py -k interrupt_saves"),
+    Mutant("causal rescoring scores each token as predicting itself", "llmcli/tasks/fill_mask.py",
+           "logprobs.gather(-1, ids[:, 1:, None])", "logprobs.gather(-1, ids[:, :-1, None])",
+           "tests/test_fill_mask.py -k causal_rescoring"),
+    Mutant("masked accuracy compares with the masked input", "llmcli/tasks/evaluate.py",
+           "== chunk[masked]).sum())", "== inputs[masked]).sum())",
+           "tests/test_evaluate.py -k masked_accuracy"),
+    Mutant("llama.cpp protocol never puts the BOS first", "llmcli/tasks/evaluate.py",
+           "        if bos is not None:\n            chunk = [bos] + chunk[1:]", "        pass",
+           "tests/test_evaluate.py -k llama_cpp_layout"),
+    Mutant("lm-eval rolling windows start from EOS", "llmcli/tasks/evaluate.py",
+           "prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id",
+           "prefix = tokenizer.eos_token_id",
+           "tests/test_evaluate.py -k lm_eval_figure"),
+    Mutant("NO_COLOR ignored", "llmcli/render.py",
+           "stderr = Console(stderr=True, highlight=False)", "stderr = Console(stderr=True, highlight=False, no_color=False)",
+           "tests/test_errors.py -k no_color"),
+    Mutant("remote code always trusted", "llmcli/models.py",
+           "config = AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code)",
+           "config = AutoConfig.from_pretrained(location, trust_remote_code=True)",
+           "tests/test_errors.py -k remote_code"),
+    Mutant("a bad GGUF leaves a lock file in the cache", "llmcli/models.py",
+           "    metadata = read_gguf_metadata(gguf_path)\n    try:\n        target.parent.mkdir(parents=True, exist_ok=True)\n"
+           "        lock = acquire_conversion_lock(target)\n",
+           "    try:\n        target.parent.mkdir(parents=True, exist_ok=True)\n"
+           "        lock = acquire_conversion_lock(target)\n        metadata = read_gguf_metadata(gguf_path)\n",
+           "tests/test_errors.py -k fake.gguf"),
+]
+
+
+def copy_tree(destination: Path) -> None:
+    """The working tree as git sees it (tracked and new files, not ignored ones such as .venv)."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                            capture_output=True, check=True).stdout.decode().split("\0")
+    for name in filter(None, listed):
+        source = ROOT / name
+        if source.is_file():
+            (destination / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, destination / name)
+
+
+def run_mutant(mutant: Mutant) -> tuple[str, float]:
+    with tempfile.TemporaryDirectory(prefix="llmcli-mutant-") as tmp:
+        copy = Path(tmp)
+        copy_tree(copy)
+        target = copy / mutant.path
+        source = target.read_text()
+        if source.count(mutant.original) != 1:
+            return f"stale: the text to break occurs {source.count(mutant.original)} times in {mutant.path}", 0.0
+        target.write_text(source.replace(mutant.original, mutant.broken))
+        env = {**os.environ, "PYTHONPATH": str(copy)}
+        where = subprocess.run([sys.executable, "-c", "import llmcli; print(llmcli.__file__)"], env=env, cwd=copy,
+                               capture_output=True, text=True).stdout.strip()
+        if not where.startswith(str(copy)):
+            return f"setup: llmcli imported from {where}, not from the copy", 0.0
+        began = time.perf_counter()
+        result = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
+                                 *mutant.tests.split()], env=env, cwd=copy, capture_output=True, text=True)
+        seconds = time.perf_counter() - began
+        if result.returncode == 1:
+            return "killed", seconds
+        if result.returncode == 0:
+            return "SURVIVED", seconds
+        return f"error: pytest exit {result.returncode}: {result.stdout.strip().splitlines()[-1:]}", seconds
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("names", nargs="*", help="mutants to run (default: all)")
+    parser.add_argument("--list", action="store_true", help="print the mutants' names and exit")
+    args = parser.parse_args()
+    if args.list:
+        print("\n".join(m.name for m in MUTANTS))
+        return 0
+    chosen = [m for m in MUTANTS if not args.names or m.name in args.names]
+    unknown = set(args.names) - {m.name for m in MUTANTS}
+    if unknown:
+        parser.error(f"unknown mutants: {', '.join(sorted(unknown))}")
+    failures = 0
+    for mutant in chosen:
+        outcome, seconds = run_mutant(mutant)
+        failures += outcome != "killed"
+        print(f"{outcome:<10} {seconds:6.1f} s  {mutant.name}  ({mutant.tests})", flush=True)
+    print(f"{len(chosen) - failures} of {len(chosen)} mutants killed")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
