@@ -192,9 +192,14 @@ def test_error_matrix(command, fragment, workspace, tiny_gpt2, tiny_bert, tmp_pa
     assert list(tmp_path.iterdir()) == []
 
 
-def test_pickle_weights_load_when_allowed(workspace):
-    result = run_cli("generate", "hi", "-m", workspace / "pickle-model", "--allow-pickle", "-n", "2", "--no-chat")
-    assert result.exit_code == 0, result.stderr
+def test_pickle_weights_load_when_allowed(workspace, tiny_gpt2):
+    """The pickled weights are the tiny GPT-2's: the same greedy tokens as its safetensors."""
+    outputs = []
+    for model, extra in ((workspace / "pickle-model", ["--allow-pickle"]), (tiny_gpt2, [])):
+        result = run_cli("generate", "This License", "-m", model, *extra, "-n", "6", "--no-chat", "--json")
+        assert result.exit_code == 0, result.stderr
+        outputs.append(result.json_lines()[0]["token_ids"])
+    assert outputs[0] == outputs[1]
 
 
 def test_debug_shows_traceback(tmp_path):

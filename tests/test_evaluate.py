@@ -325,3 +325,13 @@ def test_llama_cpp_protocol_agrees_with_llama_perplexity():
     assert record["stderr"] == pytest.approx(0.85944, rel=1e-3)
     assert record["tokens"] == 14 * (512 - 1 - 256)
     assert record["bits_per_byte"] is None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("max_length, lm_eval_nll", [(512, 4053.7725830078125), (1024, 3953.3042602539062)])
+def test_lm_eval_figure_on_the_embedded_model(text_file, max_length, lm_eval_nll):
+    """lm-evaluation-harness 0.4.13's own `hf` backend, `loglikelihood_rolling` on these 6,000 characters
+    of GPL-3 with the embedded model (recorded in tests/data/README.md); float32 sums differ by ~1e-8."""
+    record = evaluate(text_file, "smollm2", "--lm-eval", "--max-length", max_length)
+    assert record["nll"] == pytest.approx(lm_eval_nll, rel=1e-7)
+    assert record["protocol"] == f"rolling(lm-eval,max_length={max_length})"

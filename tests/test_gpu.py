@@ -81,8 +81,20 @@ def test_finetune_bf16_on_cuda_learns_and_resumes(tiny_gpt2, tmp_path):
     resumed = run_cli("finetune", *args, "-o", tmp_path / "resumed", "--resume",
                       tmp_path / "half" / "checkpoints" / "step-6")
     assert resumed.exit_code == 0, resumed.stderr
+    assert "Resuming from" in resumed.stderr
     final = json.loads(resumed.stdout.strip().splitlines()[-1])["final_loss"]
     assert final == pytest.approx(losses[-1], rel=1e-3)  # GPU kernels may add in another order
+    # a fresh run would match as well: a checkpoint with nudged weights must end elsewhere
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(tmp_path / "half", tmp_path / "nudged")
+    nudged = tmp_path / "nudged" / "checkpoints" / "step-6" / "model.safetensors"
+    save_file({k: v + 0.05 for k, v in load_file(str(nudged)).items()}, str(nudged))
+    moved = run_cli("finetune", *args, "-o", tmp_path / "moved", "--resume", nudged.parent)
+    assert moved.exit_code == 0, moved.stderr
+    assert json.loads(moved.stdout.strip().splitlines()[-1])["final_loss"] != pytest.approx(losses[-1], rel=1e-3)
     [generated] = greedy(tmp_path / "straight", PROMPTS[0], n=8, extra=("--device", "cuda"))
     assert generated["generated_tokens"] > 0
 
