@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sys
 import traceback
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -79,6 +80,7 @@ def load(model: str | None, kind: str, device: str | None, dtype: str, trust_rem
     if model is None:
         render.notice(f"Using the embedded model {models.EMBEDDED_NAME} (pass --model to choose another).")
     if not models.is_cached(source):
+        models.read_gguf_metadata(Path(source.location))  # a damaged file fails here, not after the notice
         render.notice(f"Converting {source.name} to safetensors once; later loads skip this (about 20 s).")
     with render.status(f"Loading {source.name}"):
         return models.load_model(model, kind=kind, device=device, dtype=dtype, trust_remote_code=trust_remote_code,

@@ -3,6 +3,7 @@
     .venv/bin/python tests/mutation_check.py            # every recorded breakage (`make mutants`)
     .venv/bin/python tests/mutation_check.py --list     # their names
     .venv/bin/python tests/mutation_check.py NAME ...   # some of them
+    .venv/bin/python tests/mutation_check.py --tests-from REV   # against an older commit's tests
 
 Each breakage (a "mutant") replaces one exact piece of the source with a broken version, in a copy of
 the working tree made in a temporary directory, and runs the tests named for it there. A mutant whose
@@ -48,6 +49,12 @@ MUTANTS = [
            "tests/test_generate.py -k batched"),
     Mutant("prompt reduced to its last token", "llmcli/tasks/generate.py",
            'return tokenizer(prompt.text)["input_ids"]', 'return tokenizer(prompt.text)["input_ids"][-1:]',
+           "tests/test_generate.py -k greedy_equals"),
+    Mutant("prompts read from a file keep their last word", "llmcli/data.py",
+           "    return Prompt(text=prompt)\n", "    return Prompt(text=prompt.split()[-1])\n",
+           "tests/test_generate.py -k stdin_and_file"),
+    Mutant("prompts read from stdin keep their last word", "llmcli/data.py",
+           "return [Prompt(text=line) for _, line in lines]", "return [Prompt(text=line.split()[-1]) for _, line in lines]",
            "tests/test_generate.py -k stdin_and_file"),
     Mutant("--fast does nothing on the CPU", "llmcli/cli.py",
            'weights = "bfloat16" if fast and not on_cuda else dtype', "weights = dtype",
@@ -124,6 +131,12 @@ MUTANTS = [
     Mutant("weight decay on biases and norms too", "llmcli/tasks/finetune.py",
            "(no_decay if parameter.ndim < 2 else decay).append(parameter)", "decay.append(parameter)",
            "tests/test_finetune.py -k weight_decay"),
+    Mutant("gradient clipping ignored", "llmcli/tasks/finetune_loop.py",
+           "                if options.max_grad_norm > 0:\n", "                if False:\n",
+           "tests/test_finetune.py -k max_grad_norm"),
+    Mutant("--epochs counted as one", "llmcli/tasks/finetune_loop.py",
+           "math.ceil(options.epochs * steps_per_epoch)", "math.ceil(steps_per_epoch)",
+           "tests/test_finetune.py -k epochs_set"),
     Mutant("prompt not masked by default", "llmcli/tasks/finetune.py",
            'else data_format != "text"', "else False",
            "tests/test_finetune.py -k masks_the_prompt_by_default"),
@@ -150,12 +163,14 @@ MUTANTS = [
            "config = AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code)",
            "config = AutoConfig.from_pretrained(location, trust_remote_code=True)",
            "tests/test_errors.py -k remote_code"),
-    Mutant("a bad GGUF leaves a lock file in the cache", "llmcli/models.py",
-           "    metadata = read_gguf_metadata(gguf_path)\n    try:\n        target.parent.mkdir(parents=True, exist_ok=True)\n"
-           "        lock = acquire_conversion_lock(target)\n",
-           "    try:\n        target.parent.mkdir(parents=True, exist_ok=True)\n"
-           "        lock = acquire_conversion_lock(target)\n        metadata = read_gguf_metadata(gguf_path)\n",
-           "tests/test_errors.py -k fake.gguf"),
+    Mutant("looking up the GGUF cache creates the entry", "llmcli/models.py",
+           '    return cache_root() / "gguf" / f"{gguf_path.stem}-{digest.hexdigest()[:16]}-v{CACHE_FORMAT}"\n',
+           '    entry = cache_root() / "gguf" / f"{gguf_path.stem}-{digest.hexdigest()[:16]}-v{CACHE_FORMAT}"\n'
+           "    entry.mkdir(parents=True, exist_ok=True)\n    return entry\n",
+           "tests/test_errors.py -k cut"),
+    Mutant("a damaged GGUF is announced as converting", "llmcli/cli.py",
+           "        models.read_gguf_metadata(Path(source.location))", "        pass",
+           "tests/test_errors.py -k cut"),
 ]
 
 
@@ -170,10 +185,21 @@ def copy_tree(destination: Path) -> None:
             shutil.copy2(source, destination / name)
 
 
-def run_mutant(mutant: Mutant) -> tuple[str, float]:
+def old_tests(copy: Path, revision: str) -> None:
+    """Replace the copy's tests with those of an earlier commit (to see what an older suite caught)."""
+    shutil.rmtree(copy / "tests")
+    archive = subprocess.run(["git", "archive", revision, "tests"], cwd=ROOT, capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(copy)], input=archive, check=True)
+
+
+def run_mutant(mutant: Mutant, tests_from: str | None = None) -> tuple[str, float]:
     with tempfile.TemporaryDirectory(prefix="llmcli-mutant-") as tmp:
         copy = Path(tmp)
         copy_tree(copy)
+        selection = mutant.tests.split()
+        if tests_from:  # the older suite's names differ: run the whole files, without the slow tests
+            old_tests(copy, tests_from)
+            selection = [part for part in selection if part.endswith(".py")] + ["-m", "not slow"]
         target = copy / mutant.path
         source = target.read_text()
         if source.count(mutant.original) != 1:
@@ -185,8 +211,8 @@ def run_mutant(mutant: Mutant) -> tuple[str, float]:
         if not where.startswith(str(copy)):
             return f"setup: llmcli imported from {where}, not from the copy", 0.0
         began = time.perf_counter()
-        result = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
-                                 *mutant.tests.split()], env=env, cwd=copy, capture_output=True, text=True)
+        result = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *selection],
+                                env=env, cwd=copy, capture_output=True, text=True)
         seconds = time.perf_counter() - began
         if result.returncode == 1:
             return "killed", seconds
@@ -199,6 +225,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("names", nargs="*", help="mutants to run (default: all)")
     parser.add_argument("--list", action="store_true", help="print the mutants' names and exit")
+    parser.add_argument("--tests-from", metavar="REV", help="run the (whole) test files of commit REV instead")
     args = parser.parse_args()
     if args.list:
         print("\n".join(m.name for m in MUTANTS))
@@ -209,7 +236,7 @@ def main() -> int:
         parser.error(f"unknown mutants: {', '.join(sorted(unknown))}")
     failures = 0
     for mutant in chosen:
-        outcome, seconds = run_mutant(mutant)
+        outcome, seconds = run_mutant(mutant, args.tests_from)
         failures += outcome != "killed"
         print(f"{outcome:<10} {seconds:6.1f} s  {mutant.name}  ({mutant.tests})", flush=True)
     print(f"{len(chosen) - failures} of {len(chosen)} mutants killed")

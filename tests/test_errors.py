@@ -50,6 +50,7 @@ def workspace(tmp_path_factory, tiny_gpt2, tiny_bert) -> Path:
     for name, text in files.items():
         (root / name).write_text(text)
     (root / "data.bin").write_bytes(b"abc\x00def")
+    (root / "cut.gguf").write_bytes(b"GGUF\x03\x00\x00\x00" + b"\xff" * 64)  # a header, then nonsense
     (root / "latin1.txt").write_bytes("café\n".encode("latin-1"))
     (root / "not-a-model").mkdir()
     (root / "not-a-dataset").mkdir()
@@ -78,6 +79,7 @@ MATRIX = [
     ("generate hi -m {ws}/not-a-model", "without config.json"),
     ("generate hi -m {ws}/notes.txt", "not a .gguf model"),
     ("generate hi -m {ws}/fake.gguf", "not a GGUF model"),
+    ("generate hi -m {ws}/cut.gguf", "is not a readable GGUF model"),
     ("generate hi -m {ws}/truncated-model -n 2", "could not load model"),
     ("generate hi -m {ws}/pickle-model -n 2", "only pickle weights"),
     ("generate hi -m nobody/no-such-model-xyz", "hub is unreachable"),

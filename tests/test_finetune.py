@@ -495,3 +495,21 @@ def test_prompt_completion_masks_the_prompt_by_default(tiny_llama, tmp_path):
         assert json.loads((output / "run.json").read_text())["resolved"]["mask_prompt"] is (name != "unmasked")
     assert all((runs["default"][k] == runs["masked"][k]).all() for k in runs["masked"])
     assert any(not (runs["default"][k] == runs["unmasked"][k]).all() for k in runs["masked"])
+
+
+def test_max_grad_norm_clips(tiny_gpt2, gpl_file, tmp_path):
+    """Clipping to a tiny norm changes the run (Adam is nearly scale-free, so the change is small, but
+    a CPU run is deterministic); --max-grad-norm 0 turns clipping off."""
+    args = ["--data", gpl_file, "-m", tiny_gpt2, "--max-steps", "2", *TRAIN]
+    finetune(*args, "-o", tmp_path / "off", "--max-grad-norm", "0")
+    finetune(*args, "-o", tmp_path / "clipped", "--max-grad-norm", "1e-6")
+    off, clipped = weights(tmp_path / "off"), weights(tmp_path / "clipped")
+    assert any(not (off[k] == clipped[k]).all() for k in off)
+
+
+def test_epochs_set_the_number_of_steps(tiny_gpt2, gpl_file, tmp_path):
+    output = tmp_path / "out"
+    result = finetune("--data", gpl_file, "-m", tiny_gpt2, "-o", output, "--epochs", "2", *TRAIN)
+    blocks = json.loads((output / "run.json").read_text())["resolved"]["train_blocks"]
+    assert result["steps"] == 2 * math.ceil(blocks / 8)
+    assert metrics(output)[-1]["epoch"] == pytest.approx(2.0)
