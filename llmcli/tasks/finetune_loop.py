@@ -67,16 +67,12 @@ class StepBoundaryInterrupts:
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled and threading.current_thread() is threading.main_thread()
         self.requested = False
         self.previous: dict[int, Any] = {}
-
-    def __enter__(self) -> "StepBoundaryInterrupts":
-        if self.enabled:
+        if enabled and threading.current_thread() is threading.main_thread():
             self.previous = {s: signal.signal(s, self.request) for s in self.SIGNALS}
-        return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def restore(self) -> None:
         for signum, handler in self.previous.items():
             signal.signal(signum, handler)
 
@@ -226,65 +222,66 @@ def train(options: FinetuneOptions, output: Path, model: Any, tokenizer: Any, tr
     last_loss = last_eval = None
     interrupts = StepBoundaryInterrupts(enabled=world == 1)
     try:
-        with interrupts:
-            while state["step"] < steps:
-                step_loss = torch.zeros((), device=accelerator.device)
-                step_tokens = 0
-                for micro in range(options.grad_accum):
-                    if state["batch_in_epoch"] >= len(order):
-                        state["epoch"] += 1
-                        state["batch_in_epoch"] = 0
-                        order = epoch_batches(len(train_blocks), state["epoch"], options.seed, options.batch_size, world, rank)
-                    batch = collate([train_blocks[i] for i in order[state["batch_in_epoch"]]])
-                    # counted on the CPU: reading a GPU tensor would wait for the GPU every micro-batch
-                    step_tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
-                    batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
-                    with no_sync_unless(micro == options.grad_accum - 1, accelerator, model):
-                        with accelerator.autocast():
-                            loss = model(**batch, **forward_extra).loss / options.grad_accum
-                        accelerator.backward(loss)
-                    step_loss += loss.detach()
-                    # `loss` holds this step's autograd graph: kept alive into the next forward, its nodes sit
-                    # among the freed activations and fragment the heap (+50 MB peak RSS measured on CPU)
-                    del loss
-                    state["batch_in_epoch"] += 1
-                if options.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), options.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                state["step"] += 1
-                if world > 1:
-                    step_tokens = int(accelerator.reduce(torch.tensor(step_tokens, device=accelerator.device), "sum"))
-                state["tokens"] += step_tokens
-                record: dict[str, Any] = {}
-                if state["step"] % options.log_every == 0 or state["step"] == steps:
-                    # the loss is read only when logged: .item() makes the CPU wait for the GPU's queue
-                    last_loss = accelerator.reduce(step_loss, "mean").item()
-                    seconds = time.perf_counter() - began
-                    record = {"step": state["step"], "epoch": round(state["epoch"] + state["batch_in_epoch"] / len(order), 4),
-                              "loss": last_loss, "lr": scheduler.get_last_lr()[0], "tokens": state["tokens"],
-                              "tokens_per_second": (state["tokens"] - tokens_at_start) / seconds if seconds else 0.0}
-                if eval_blocks is not None and options.eval_every and (state["step"] % options.eval_every == 0
-                                                                        or state["step"] == steps):
-                    last_eval = evaluate_loss(model, eval_blocks, collate, options, accelerator, resolved["objective"])
-                    record = record or {"step": state["step"]}
-                    record.update(eval_loss=last_eval, eval_perplexity=math.exp(min(last_eval, 700)))
-                if record:
-                    history.append(record)
-                    if main:
-                        with open(output / "metrics.jsonl", "a") as file:
-                            file.write(json.dumps(record) + "\n")
-                        log_tensorboard(writer, record)
-                    reporter.log(record)
-                if options.save_every and state["step"] % options.save_every == 0 and state["step"] < steps:
-                    checkpoint()
-                interrupts.stop_here()
+        while state["step"] < steps:
+            step_loss = torch.zeros((), device=accelerator.device)
+            step_tokens = 0
+            for micro in range(options.grad_accum):
+                if state["batch_in_epoch"] >= len(order):
+                    state["epoch"] += 1
+                    state["batch_in_epoch"] = 0
+                    order = epoch_batches(len(train_blocks), state["epoch"], options.seed, options.batch_size, world, rank)
+                batch = collate([train_blocks[i] for i in order[state["batch_in_epoch"]]])
+                # counted on the CPU: reading a GPU tensor would wait for the GPU every micro-batch
+                step_tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+                batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
+                with no_sync_unless(micro == options.grad_accum - 1, accelerator, model):
+                    with accelerator.autocast():
+                        loss = model(**batch, **forward_extra).loss / options.grad_accum
+                    accelerator.backward(loss)
+                step_loss += loss.detach()
+                # `loss` holds this step's autograd graph: kept alive into the next forward, its nodes sit
+                # among the freed activations and fragment the heap (+50 MB peak RSS measured on CPU)
+                del loss
+                state["batch_in_epoch"] += 1
+            if options.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(model.parameters(), options.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state["step"] += 1
+            if world > 1:
+                step_tokens = int(accelerator.reduce(torch.tensor(step_tokens, device=accelerator.device), "sum"))
+            state["tokens"] += step_tokens
+            record: dict[str, Any] = {}
+            if state["step"] % options.log_every == 0 or state["step"] == steps:
+                # the loss is read only when logged: .item() makes the CPU wait for the GPU's queue
+                last_loss = accelerator.reduce(step_loss, "mean").item()
+                seconds = time.perf_counter() - began
+                record = {"step": state["step"], "epoch": round(state["epoch"] + state["batch_in_epoch"] / len(order), 4),
+                          "loss": last_loss, "lr": scheduler.get_last_lr()[0], "tokens": state["tokens"],
+                          "tokens_per_second": (state["tokens"] - tokens_at_start) / seconds if seconds else 0.0}
+            if eval_blocks is not None and options.eval_every and (state["step"] % options.eval_every == 0
+                                                                    or state["step"] == steps):
+                last_eval = evaluate_loss(model, eval_blocks, collate, options, accelerator, resolved["objective"])
+                record = record or {"step": state["step"]}
+                record.update(eval_loss=last_eval, eval_perplexity=math.exp(min(last_eval, 700)))
+            if record:
+                history.append(record)
+                if main:
+                    with open(output / "metrics.jsonl", "a") as file:
+                        file.write(json.dumps(record) + "\n")
+                    log_tensorboard(writer, record)
+                reporter.log(record)
+            if options.save_every and state["step"] % options.save_every == 0 and state["step"] < steps:
+                checkpoint()
+            interrupts.stop_here()
     except KeyboardInterrupt:
         if state["step"] > 0:
             checkpoint()
             reporter.note(f"Interrupted: saved checkpoints/step-{state['step']}; continue with --resume.")
         raise
+    finally:
+        interrupts.restore()
     loop_seconds = time.perf_counter() - began  # training throughput, like Trainer's: saving is not training
     if eval_blocks is not None and last_eval is None:
         last_eval = evaluate_loss(model, eval_blocks, collate, options, accelerator, resolved["objective"])
