@@ -48,6 +48,10 @@ ScoringDtypeOption = Annotated[str, typer.Option(help="float32, so scores do not
 TrustOption = Annotated[bool, typer.Option(help="Allow the model repository's own Python code to run.")]
 PickleOption = Annotated[bool, typer.Option(help="Allow pickle weights (*.bin), which can run code when loaded; "
                                             "safetensors are always preferred.")]
+EngineOption = Annotated[str, typer.Option(help="auto (llama.cpp for .gguf models when installed, else hf), hf "
+                                           "(transformers) or llama.cpp.")]
+ThreadsOption = Annotated[Optional[int], typer.Option(help="CPU threads. Default: the physical cores.",
+                                                      show_default=False)]
 
 
 def version_callback(value: bool) -> None:
@@ -71,31 +75,12 @@ def root(
         os.environ["LLMCLI_DEBUG"] = "1"
 
 
-def load(model: str | None, kind: str, device: str | None, dtype: str, trust_remote_code: bool,
-         allow_pickle: bool = False):
-    """Load a model with notices about the default model and a one-time GGUF conversion."""
-    from llmcli import models
+def load_engine(model: str | None, engine: str = "hf", **choices):
+    """The model on its engine (see engines.choose_engine), with notices on stderr and a spinner."""
+    from llmcli.engines import choose_engine
 
-    source = models.resolve_model(model)
-    if model is None:
-        render.notice(f"Using the embedded model {models.EMBEDDED_NAME} (pass --model to choose another).")
-    if not models.is_cached(source):
-        models.read_gguf_metadata(Path(source.location))  # a damaged file fails here, not after the notice
-        render.notice(f"Converting {source.name} to safetensors once; later loads skip this (about 20 s).")
-    with render.status(f"Loading {source.name}"):
-        return models.load_model(model, kind=kind, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
-                                 allow_pickle=allow_pickle)
-
-
-def peak_memory_mb(device) -> float:
-    """Peak accelerator memory on GPUs, else the process's peak resident set."""
-    import resource
-
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    with render.status("Loading"):
+        return choose_engine(model, engine, on_notice=render.notice, **choices)
 
 
 def collect_inputs(arguments: list[str], file: str | None, read, what: str) -> list:
@@ -141,19 +126,23 @@ def generate(
                                                          "(fast on repetitive text; same greedy output).")] = None,
     truncate: Annotated[str, typer.Option(help="A prompt too long for the context: 'error', or 'left' to keep "
                                           "its end.")] = "error",
-    fast: Annotated[bool, typer.Option("--fast", help="CPU: bfloat16 weights (~1.5x). CUDA: a static KV cache and a "
-                                       "compiled decode step (~8x, after ~45 s of compiling). Close to but not "
-                                       "guaranteed token-identical.")] = False,
+    fast: Annotated[bool, typer.Option("--fast", help="llama.cpp: the GGUF's own quantized weights (~1.4x, answers "
+                                       "differ more from fp32). hf on CPU: bfloat16 weights (~1.5x). hf on CUDA: a "
+                                       "static KV cache and a compiled decode step (~8x, after ~45 s of compiling). "
+                                       "Close to but not guaranteed token-identical.")] = False,
     stream: Annotated[Optional[bool], typer.Option("--stream/--no-stream", help="Print tokens as they come. "
                                                    "Default: on for a single prompt.", show_default=False)] = None,
     stats: Annotated[bool, typer.Option(help="Print token counts, time to first token, tokens/s, peak memory.")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="JSON Lines: one object per generated sequence.")] = False,
+    engine: EngineOption = "auto",
+    threads: ThreadsOption = None,
     device: DeviceOption = None,
     dtype: DtypeOption = "auto",
     trust_remote_code: TrustOption = False,
     allow_pickle: PickleOption = False,
 ) -> None:
-    """Generate text from prompts with a causal LM (greedy by default; equals Hugging Face generate)."""
+    """Generate text from prompts with a causal LM (greedy by default; equals Hugging Face generate on
+    the hf engine, llama.cpp's own decoding on the llama.cpp engine)."""
     from llmcli.tasks.generate import GenerateOptions, generate as run_generate, validate
 
     options = GenerateOptions(
@@ -173,21 +162,12 @@ def generate(
     if stream and not single:
         raise UsageError("--stream works with one prompt and one sequence", "Drop --stream.")
     streaming = (single if stream is None else stream) and not json_output
-    from llmcli.models import choose_device
-
-    # measured: bf16 is what speeds up decoding on the CPU; on CUDA it is the per-token launch overhead
-    # that a static cache with a compiled step removes
-    on_cuda = choose_device(device).type == "cuda"
-    if fast and not on_cuda and dtype != "auto":
-        raise UsageError("--fast on the CPU sets the dtype (bfloat16)", "Drop --dtype or --fast.")
-    options.static_cache = fast and on_cuda
-    if options.static_cache:
-        render.notice("--fast: the first generation compiles the decode step (40-50 s measured on an H100).")
-    weights = "bfloat16" if fast and not on_cuda else dtype
-    loaded = load(model, "causal", device, weights, trust_remote_code, allow_pickle)
-    draft = load(draft_model, "causal", device, weights, trust_remote_code, allow_pickle) if draft_model else None
+    hf_only = [name for name, given in (("--draft-model", draft_model), ("--prompt-lookup", prompt_lookup)) if given]
+    runner = load_engine(model, engine, command="generate", device=device, dtype=dtype, fast=fast, threads=threads,
+                         hf_only=hf_only, draft_model=draft_model, trust_remote_code=trust_remote_code,
+                         allow_pickle=allow_pickle)
     results = []
-    for result in run_generate(loaded, prompt_list, options, on_text=render.write if streaming else None, draft=draft):
+    for result in run_generate(runner, prompt_list, options, on_text=render.write if streaming else None):
         results.append(result)
         if json_output:
             render.json_line(render.generation_record(result))
@@ -198,7 +178,7 @@ def generate(
             render.write(result.text)
         render.write("\n")
     if stats:
-        render.generation_stats(results, peak_memory_mb(loaded.device))
+        render.generation_stats(results, runner.peak_memory_mb())
 
 
 @app.command("fill-mask")
@@ -236,7 +216,8 @@ def fill_mask(
     if mode not in kinds:
         raise UsageError(f"unknown --mode {mode!r}", "Use auto, mlm or causal.")
     inputs = collect_inputs(texts or [], file, read_texts, "text")
-    loaded = load(model, kinds[mode], device, dtype, trust_remote_code, allow_pickle)
+    loaded = load_engine(model, "hf", kind=kinds[mode], device=device, dtype=dtype,
+                         trust_remote_code=trust_remote_code, allow_pickle=allow_pickle).loaded
     for result in run_fill_mask(loaded, inputs, options):
         if json_output:
             render.json_line(render.fill_mask_record(result))
@@ -265,6 +246,8 @@ def evaluate(
                                                       "GPUs.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the 15% masking for --metric accuracy.")] = 0,
     json_output: Annotated[bool, typer.Option("--json", help="JSON Lines: one object per model.")] = False,
+    engine: EngineOption = "auto",
+    threads: ThreadsOption = None,
     device: DeviceOption = None,
     dtype: ScoringDtypeOption = "float32",
     trust_remote_code: TrustOption = False,
@@ -287,9 +270,10 @@ def evaluate(
     text = read_document(data)
     results = []
     for name in model or [None]:
-        loaded = load(name, "auto", device, dtype, trust_remote_code, allow_pickle)
-        with render.progress(f"Scoring with {loaded.source.name}") as (start, advance):
-            result = run_evaluate(loaded, text, options, on_start=start, on_progress=advance)
+        runner = load_engine(name, engine, command="eval", kind="auto", device=device, dtype=dtype, threads=threads,
+                             trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+        with render.progress(f"Scoring with {runner.source.name}") as (start, advance):
+            result = run_evaluate(runner, text, options, on_start=start, on_progress=advance)
         results.append(result)
         if json_output:
             render.json_line(render.eval_record(result))
@@ -432,6 +416,10 @@ def chat(
     min_p: Annotated[Optional[float], typer.Option(help="Drop tokens below min-p × the top probability.")] = None,
     repetition_penalty: Annotated[Optional[float], typer.Option(help="Penalty above 1 discourages repeats.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed for sampling.")] = None,
+    fast: Annotated[bool, typer.Option("--fast", help="As for generate: quantized weights on llama.cpp, bfloat16 "
+                                       "on the CPU with hf.")] = False,
+    engine: EngineOption = "auto",
+    threads: ThreadsOption = None,
     device: DeviceOption = None,
     dtype: DtypeOption = "auto",
     trust_remote_code: TrustOption = False,
@@ -446,8 +434,9 @@ def chat(
         repetition_penalty=repetition_penalty, seed=seed, chat=True,
     )
     validate(options)
-    loaded = load(model, "causal", device, dtype, trust_remote_code, allow_pickle)
-    session = ChatSession(loaded, options, system=system)
+    runner = load_engine(model, engine, command="chat", device=device, dtype=dtype, fast=fast, threads=threads,
+                         trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    session = ChatSession(runner, options, system=system)
     interactive = sys.stdin.isatty()
     if interactive:
         import readline  # noqa: F401  (line editing and history for input())

@@ -67,6 +67,7 @@ def generation_stats(generations: list[Any], peak_memory_mb: float) -> None:
     seconds = sum(s for s, _ in batches)
     first_token = [t for _, t in batches if t is not None]
     table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_row("engine", f"{generations[0].engine} ({generations[0].weights})" if generations else "-")
     table.add_row("prompt tokens", str(sum(g.prompt_tokens for g in generations if g.index == 0)))
     table.add_row("generated tokens", str(generated))
     if first_token:
@@ -126,8 +127,8 @@ def eval_table(results: list[Any]) -> None:
     values = [r.value for r in results]
     best = max(values) if higher_is_better else min(values)
     metrics = sorted({r.metric for r in results})
-    table = Table(title=", ".join(metrics), caption="; ".join(sorted({r.protocol for r in results})),
-                  title_justify="left")
+    runs = sorted({f"{r.protocol} on {r.engine} ({r.weights})" for r in results})
+    table = Table(title=", ".join(metrics), caption="; ".join(runs), title_justify="left")
     table.add_column("model")
     for column in ("value", "± stderr", "tokens", "bits/byte", "seconds"):
         table.add_column(column, justify="right", no_wrap=True)

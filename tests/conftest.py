@@ -207,3 +207,70 @@ def hf_greedy(model_dir: Path, prompts: list[str], max_new_tokens: int) -> list[
 
 def trim_after_eos(ids: list[int], eos: int) -> list[int]:
     return ids[: ids.index(eos) + 1] if eos in ids else ids
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory) -> Path:
+    """A tiny random Llama written with the gguf package: F32 weights, SmolLM2's tokenizer and chat
+    template (copied from the embedded file), context 256. Embeddings are large enough that greedy
+    choices are clear-cut rather than near-ties."""
+    import gguf
+    import numpy as np
+
+    from llmcli.models import embedded_gguf_path
+
+    source = gguf.GGUFReader(embedded_gguf_path())
+    path = tmp_path_factory.mktemp("gguf") / "tiny-llama-f32.gguf"
+    n_vocab, n_embd, n_ff, n_head, n_head_kv, n_layer = 49152, 64, 128, 4, 2, 2
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name("tiny-llama")
+    writer.add_context_length(256)
+    writer.add_embedding_length(n_embd)
+    writer.add_block_count(n_layer)
+    writer.add_feed_forward_length(n_ff)
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(n_head_kv)
+    writer.add_rope_dimension_count(n_embd // n_head)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_file_type(0)  # all F32
+    for key, field in source.fields.items():
+        if key.startswith("tokenizer."):
+            writer.add_key_value(key, field.contents(), field.types[0], field.types[1] if len(field.types) > 1 else None)
+    rng = np.random.default_rng(0)
+    weight = lambda *shape, scale=0.2: (rng.standard_normal(shape) * scale).astype(np.float32)  # noqa: E731
+    writer.add_tensor("token_embd.weight", weight(n_vocab, n_embd, scale=1.0))
+    writer.add_tensor("output_norm.weight", np.ones(n_embd, dtype=np.float32))
+    head = n_embd // n_head
+    for layer in range(n_layer):
+        block = f"blk.{layer}"
+        writer.add_tensor(f"{block}.attn_norm.weight", np.ones(n_embd, dtype=np.float32))
+        writer.add_tensor(f"{block}.attn_q.weight", weight(n_embd, n_embd))
+        writer.add_tensor(f"{block}.attn_k.weight", weight(n_head_kv * head, n_embd))
+        writer.add_tensor(f"{block}.attn_v.weight", weight(n_head_kv * head, n_embd))
+        writer.add_tensor(f"{block}.attn_output.weight", weight(n_embd, n_embd))
+        writer.add_tensor(f"{block}.ffn_norm.weight", np.ones(n_embd, dtype=np.float32))
+        writer.add_tensor(f"{block}.ffn_gate.weight", weight(n_ff, n_embd))
+        writer.add_tensor(f"{block}.ffn_up.weight", weight(n_ff, n_embd))
+        writer.add_tensor(f"{block}.ffn_down.weight", weight(n_embd, n_ff))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def bare_llama_greedy(path: Path, prompt_ids: list[int], max_new_tokens: int, threads: int = 2) -> list[int]:
+    """The plain llama-cpp-python reference: `Llama.generate` at temperature 0, up to the first
+    end-of-generation token. Flash attention on, as llama.cpp's own tools default to on the CPU
+    (`-fa auto`) and the engine does."""
+    from llama_cpp import Llama, llama_vocab_is_eog
+
+    llm = Llama(model_path=str(path), n_ctx=len(prompt_ids) + max_new_tokens, n_threads=threads,
+                n_threads_batch=threads, flash_attn=True, verbose=False)
+    new: list[int] = []
+    for token in llm.generate(prompt_ids, temp=0.0):
+        new.append(token)
+        if llama_vocab_is_eog(llm._model.vocab, token) or len(new) == max_new_tokens:
+            break
+    return new

@@ -12,7 +12,7 @@ from conftest import gpl_text, run_cli
 
 TEXT = gpl_text()[:6000]
 RESULT_KEYS = {"model", "metric", "protocol", "value", "stderr", "tokens", "nll", "bits_per_byte",
-               "word_perplexity", "seconds"}
+               "word_perplexity", "seconds", "engine", "weights"}
 
 
 @pytest.fixture(scope="module")
@@ -320,7 +320,7 @@ def test_llama_cpp_protocol_agrees_with_llama_perplexity():
     (tests/data/README.md); our --llama-cpp on the same weights must agree within 1e-4."""
     from conftest import GPL3
 
-    record = evaluate(GPL3, "smollm2", "--llama-cpp", "--ctx", "512")
+    record = evaluate(GPL3, "smollm2", "--llama-cpp", "--ctx", "512", "--engine", "hf")
     assert record["value"] == pytest.approx(18.2992, rel=1e-4)
     assert record["stderr"] == pytest.approx(0.85944, rel=1e-3)
     assert record["tokens"] == 14 * (512 - 1 - 256)
@@ -332,6 +332,6 @@ def test_llama_cpp_protocol_agrees_with_llama_perplexity():
 def test_lm_eval_figure_on_the_embedded_model(text_file, max_length, lm_eval_nll):
     """lm-evaluation-harness 0.4.13's own `hf` backend, `loglikelihood_rolling` on these 6,000 characters
     of GPL-3 with the embedded model (recorded in tests/data/README.md); float32 sums differ by ~1e-8."""
-    record = evaluate(text_file, "smollm2", "--lm-eval", "--max-length", max_length)
+    record = evaluate(text_file, "smollm2", "--lm-eval", "--max-length", max_length, "--engine", "hf")
     assert record["nll"] == pytest.approx(lm_eval_nll, rel=1e-7)
     assert record["protocol"] == f"rolling(lm-eval,max_length={max_length})"

@@ -10,7 +10,8 @@ import pytest
 from conftest import hf_greedy, run_cli
 
 PROMPTS = ["This License", "the GNU General Public License is", "You may convey"]
-JSON_KEYS = {"prompt", "index", "text", "token_ids", "finish_reason", "prompt_tokens", "generated_tokens", "seconds"}
+JSON_KEYS = {"prompt", "index", "text", "token_ids", "finish_reason", "prompt_tokens", "generated_tokens", "seconds",
+             "engine", "weights"}
 
 
 def greedy(model_dir, *prompts, n=12, extra=()):
@@ -162,38 +163,34 @@ def test_plain_output_streams_text(tiny_gpt2):
 
 def test_streamer_never_splits_multibyte_characters(tiny_tokenizer):
     """Feed a multi-byte text token by token (byte-level BPE splits characters) and check every piece."""
-    import torch
-
     from llmcli.tasks.generate import TokenStreamer
 
     text = "naïve café — 東京 😀 done"
     ids = tiny_tokenizer(text)["input_ids"]
     assert len(ids) > len(text) // 2  # many of these characters span several byte tokens
     pieces: list[str] = []
-    streamer = TokenStreamer(tiny_tokenizer, pieces.append, stops=["STOP"], eos=set())
-    streamer.put(torch.tensor([0]))  # the prompt
+    streamer = TokenStreamer(tiny_tokenizer.decode, pieces.append, stops=["STOP"], eos=set())
     for token in ids:
-        streamer.put(torch.tensor([token]))
+        streamer.add([token])
     streamer.end()
     assert "".join(pieces) == text
     assert not any("\ufffd" in piece for piece in pieces)
 
 
 def test_streamer_holds_back_a_partial_stop_string(tiny_tokenizer):
-    import torch
-
     from llmcli.tasks.generate import TokenStreamer
 
     pieces: list[str] = []
-    streamer = TokenStreamer(tiny_tokenizer, pieces.append, stops=["END"], eos=set())
-    streamer.put(torch.tensor([0]))
+    streamer = TokenStreamer(tiny_tokenizer.decode, pieces.append, stops=["END"], eos=set())
     for token in tiny_tokenizer("abc EN")["input_ids"]:
-        streamer.put(torch.tensor([token]))
+        streamer.add([token])
     assert "".join(pieces) == "abc "  # "EN" may begin the stop string: not shown yet
+    assert not streamer.done
     for token in tiny_tokenizer("D more")["input_ids"]:
-        streamer.put(torch.tensor([token]))
+        streamer.add([token])
     streamer.end()
     assert "".join(pieces) == "abc "
+    assert streamer.done  # what tells a token-by-token engine to stop
 
 
 def test_chat_repl_keeps_history(tiny_llama):
@@ -228,7 +225,7 @@ def test_embedded_model_greedy_equals_hf_and_answers():
     from llmcli import models
 
     prompt = "The three primary colors are"
-    [record] = greedy("smollm2", prompt, n=24)
+    [record] = greedy("smollm2", prompt, n=24, extra=("--engine", "hf"))
     path = models.embedded_gguf_path()
     loaded = models.load_model(None)
     reference = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
@@ -237,7 +234,7 @@ def test_embedded_model_greedy_equals_hf_and_answers():
     assert record["token_ids"] == output[0, inputs["input_ids"].shape[1]:].tolist()[: len(record["token_ids"])]
     assert record["generated_tokens"] == 24 or record["finish_reason"] == "eos"
 
-    answer = run_cli("generate", "What is the capital of France?", "-n", "40", "--json")
+    answer = run_cli("generate", "What is the capital of France?", "-n", "40", "--json", "--engine", "hf")
     [chat] = answer.json_lines()
     assert "Paris" in chat["text"] and chat["finish_reason"] == "eos"
     assert "Using the embedded model" in answer.stderr
@@ -255,6 +252,7 @@ def test_assisted_decoding_keeps_greedy_output_and_verifies_proposals(tiny_llama
     """Same tokens as plain greedy; and the main model really was handed proposed tokens to verify
     (a decode step with several new positions), which plain greedy never does."""
     from llmcli.data import Prompt
+    from llmcli.engines.hf import HFEngine
     from llmcli.models import load_model
     from llmcli.tasks.generate import GenerateOptions, generate
 
@@ -264,7 +262,7 @@ def test_assisted_decoding_keeps_greedy_output_and_verifies_proposals(tiny_llama
     options = GenerateOptions(max_new_tokens=16, chat=False, prompt_lookup=3 if assist == "prompt_lookup" else None)
     calls = forward_inputs(loaded.model)
     draft_calls = forward_inputs(draft.model) if draft else []
-    [assisted] = generate(loaded, [Prompt(text=repetitive)], options, draft=draft)
+    [assisted] = generate(HFEngine(loaded, draft=draft), [Prompt(text=repetitive)], options)
     decode_widths = [c["input_ids"].shape[1] for c in calls[1:]]
     assert assisted.token_ids == hf_greedy(tiny_llama, [repetitive], 16)[0]
     assert max(decode_widths) > 1, decode_widths
@@ -293,15 +291,16 @@ def test_fast_mode_equals_hf_in_bfloat16(tiny_gpt2, monkeypatch):
 def test_static_cache_gives_the_same_greedy_tokens(tiny_llama):
     """--fast on CUDA decodes with a static KV cache (compiled there); the cache alone must not change tokens."""
     from llmcli.data import Prompt
+    from llmcli.engines.hf import HFEngine
     from llmcli.models import load_model
     from llmcli.tasks.generate import GenerateOptions, generate
 
     from transformers import StaticCache
 
     loaded = load_model(str(tiny_llama), device="cpu")
-    options = GenerateOptions(max_new_tokens=20, chat=False, static_cache=True)
+    options = GenerateOptions(max_new_tokens=20, chat=False)
     calls = forward_inputs(loaded.model)
-    [result] = generate(loaded, [Prompt(text=PROMPTS[1])], options)
+    [result] = generate(HFEngine(loaded, static_cache=True), [Prompt(text=PROMPTS[1])], options)
     assert result.token_ids == hf_greedy(tiny_llama, [PROMPTS[1]], 20)[0]
     assert all(isinstance(c["past_key_values"], StaticCache) for c in calls)
 

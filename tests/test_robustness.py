@@ -107,7 +107,7 @@ def test_gguf_cache_survives_interrupts_races_and_corruption(tmp_path):
     entries = lambda: sorted(p.name for p in (cache / "gguf").iterdir() if not p.name.endswith(".lock"))  # noqa: E731
 
     # 1. Ctrl-C during the conversion: exit 130, and no half-written entry left behind
-    process = start(["generate", "hi", "-n", "2"], env)
+    process = start(["generate", "hi", "-n", "2", "--engine", "hf"], env)
     deadline = time.time() + 120
     while not (cache / "gguf").is_dir() or not any(p.name.startswith(".tmp-") for p in (cache / "gguf").iterdir()):
         assert process.poll() is None and time.time() < deadline
@@ -118,7 +118,7 @@ def test_gguf_cache_survives_interrupts_races_and_corruption(tmp_path):
     assert entries() == [] and not any(p.name.startswith(".tmp-") for p in (cache / "gguf").iterdir())
 
     # 2. two processes converting the same file at once: both succeed, one complete entry
-    first, second = start(["generate", "hi", "-n", "2"], env), start(["generate", "hi", "-n", "2"], env)
+    first, second = start(["generate", "hi", "-n", "2", "--engine", "hf"], env), start(["generate", "hi", "-n", "2", "--engine", "hf"], env)
     for process in (first, second):
         _, stderr = process.communicate(timeout=300)
         assert process.returncode == 0, stderr
@@ -130,7 +130,7 @@ def test_gguf_cache_survives_interrupts_races_and_corruption(tmp_path):
     weights = cache / "gguf" / entry / "model.safetensors"
     with open(weights, "r+b") as file:
         file.truncate(1000)
-    rebuilt = start(["generate", "What is the capital of France?", "-n", "12", "--json"], env)
+    rebuilt = start(["generate", "What is the capital of France?", "-n", "12", "--json", "--engine", "hf"], env)
     stdout, stderr = rebuilt.communicate(timeout=300)
     assert rebuilt.returncode == 0, stderr
     assert b"Converting" in stderr and "Paris" in json.loads(stdout)["text"]

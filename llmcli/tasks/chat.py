@@ -5,13 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from llmcli.data import Prompt
-from llmcli.models import LoadedModel
+from llmcli.engines import Engine
 from llmcli.tasks.generate import GenerateOptions, TextCallback, generate
 
 
 @dataclass
 class ChatSession:
-    loaded: LoadedModel
+    engine: Engine
     options: GenerateOptions
     system: str | None = None
     history: list[dict[str, str]] = field(default_factory=list)
@@ -38,7 +38,7 @@ class ChatSession:
         self.history.append({"role": "user", "content": text})
         options = replace(self.options, system=self.system)
         try:
-            [reply] = list(generate(self.loaded, [Prompt(messages=list(self.history))], options, on_text=on_text))
+            [reply] = list(generate(self.engine, [Prompt(messages=list(self.history))], options, on_text=on_text))
         except BaseException:
             self.history.pop()  # an interrupted turn leaves no half conversation behind
             raise

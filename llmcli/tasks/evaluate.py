@@ -22,10 +22,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
+from llmcli.engines import Engine, ProgressCallback, Window, as_engine
 from llmcli.errors import DataError, UsageError
-from llmcli.models import LoadedModel
-
-ProgressCallback = Callable[[int], None]  # called with the number of windows just finished
 
 
 @dataclass
@@ -51,22 +49,8 @@ class EvalResult:
     bits_per_byte: float | None
     word_perplexity: float | None
     seconds: float
-
-
-@dataclass
-class Window:
-    """One forward pass: the window's tokens, of which the last `scored` are predicted and scored.
-
-    The forward pass reads ids[:-1]: the last token is only ever a target, and leaving it out gives
-    the same logits for a causal model and keeps an lm-eval window within the context."""
-
-    ids: list[int]
-    scored: int
-
-
-def model_context(loaded: LoadedModel) -> int | None:
-    config = loaded.model.config
-    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    engine: str = "hf"
+    weights: str = ""
 
 
 def sliding_windows(ids: list[int], max_length: int, stride: int) -> list[Window]:
@@ -107,39 +91,6 @@ def llama_cpp_windows(ids: list[int], ctx: int, bos: int | None) -> list[Window]
     return windows
 
 
-def batches(windows: list[Window], batch_size: int) -> Iterator[list[Window]]:
-    """Runs of windows with equal length and scored count, so batches need no padding."""
-    run: list[Window] = []
-    for window in windows:
-        if run and (len(run) == batch_size or (len(window.ids), window.scored) != (len(run[0].ids), run[0].scored)):
-            yield run
-            run = []
-        run.append(window)
-    if run:
-        yield run
-
-
-def window_nlls(loaded: LoadedModel, windows: list[Window], batch_size: int,
-                on_progress: ProgressCallback | None = None) -> list[float]:
-    """Per-token NLL of every scored token, in text order. Logits are computed only for scored
-    positions (`logits_to_keep`), so memory grows with batch size and window, not text length."""
-    import torch
-
-    nlls: list[float] = []
-    for run in batches(windows, batch_size):
-        ids = torch.tensor([w.ids for w in run], device=loaded.device)
-        scored = run[0].scored
-        logits = loaded.model(input_ids=ids[:, :-1], logits_to_keep=scored).logits.float()
-        targets = ids[:, -scored:]
-        # log_softmax + gather, as HF's loss and lm-eval compute it. (torch 2.13's CPU cross_entropy
-        # over a [batch, vocab, tokens] layout is 4e-5 relative low on SmolLM2; measured against float64.)
-        token_nll = -logits.log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
-        nlls.extend(token_nll.flatten().tolist())
-        if on_progress:
-            on_progress(len(run))
-    return nlls
-
-
 def summary(nlls: list[float], text: str) -> tuple[float, float, float, float, float]:
     """value (perplexity), its standard error, total NLL, bits per byte, word perplexity."""
     n = len(nlls)
@@ -153,32 +104,31 @@ def summary(nlls: list[float], text: str) -> tuple[float, float, float, float, f
     return perplexity, stderr, total, bits_per_byte, math.exp(total / words)
 
 
-def causal_perplexity(loaded: LoadedModel, text: str, options: EvalOptions,
+def causal_perplexity(engine: Engine, text: str, options: EvalOptions,
                       on_start: Callable[[int], None] | None = None,
                       on_progress: ProgressCallback | None = None) -> tuple[str, list[float]]:
-    tokenizer = loaded.tokenizer
+    engine = as_engine(engine)
     if options.protocol == "llama.cpp":
-        ids = tokenizer(text)["input_ids"]
+        ids = engine.encode(text)
         if len(ids) < 2 * options.ctx:
             raise DataError(f"the text has {len(ids)} tokens; llama.cpp's method needs at least 2 × ctx = "
                             f"{2 * options.ctx}", "Use a longer text or a smaller --ctx.")
-        adds_bos = tokenizer.bos_token_id is not None and ids[:1] == [tokenizer.bos_token_id]
-        windows = llama_cpp_windows(ids, options.ctx, tokenizer.bos_token_id if adds_bos else None)
+        windows = llama_cpp_windows(ids, options.ctx, engine.bos_id if engine.adds_bos else None)
         protocol = f"llama.cpp(ctx={options.ctx})"
     elif options.protocol == "rolling":
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        ids = engine.encode(text, add_special=False)
+        prefix = engine.bos_id if engine.bos_id is not None else engine.eos_id
         windows = rolling_windows(ids, prefix, options.max_length)
         protocol = f"rolling(lm-eval,max_length={options.max_length})"
     else:
-        ids = tokenizer(text)["input_ids"]
+        ids = engine.encode(text)
         if len(ids) < 2:
             raise DataError(f"the text is {len(ids)} token long; perplexity needs at least 2", "Use a longer text.")
         windows = sliding_windows(ids, options.max_length, options.stride)
         protocol = f"sliding(max_length={options.max_length},stride={options.stride})"
     if on_start:
         on_start(len(windows))
-    return protocol, window_nlls(loaded, windows, options.batch_size, on_progress)
+    return protocol, engine.token_nlls(windows, options.batch_size, on_progress)
 
 
 def special_affixes(tokenizer: Any) -> tuple[list[int], list[int]]:
@@ -202,7 +152,7 @@ def masked_chunks(tokenizer: Any, text: str, max_length: int) -> list[list[int]]
     return [prefix + ids[i:i + body] + suffix for i in range(0, len(ids), body)]
 
 
-def pseudo_log_likelihoods(loaded: LoadedModel, text: str, options: EvalOptions,
+def pseudo_log_likelihoods(loaded: Any, text: str, options: EvalOptions,
                            on_start: Callable[[int], None] | None = None,
                            on_progress: ProgressCallback | None = None) -> tuple[str, list[float]]:
     """Per-token NLL with each token masked in turn, in chunks of max_length with [CLS]/[SEP] added;
@@ -234,7 +184,7 @@ def pseudo_log_likelihoods(loaded: LoadedModel, text: str, options: EvalOptions,
     return f"pseudo-perplexity(max_length={options.max_length})", nlls
 
 
-def masked_accuracy(loaded: LoadedModel, text: str, options: EvalOptions) -> tuple[str, int, int]:
+def masked_accuracy(loaded: Any, text: str, options: EvalOptions) -> tuple[str, int, int]:
     """Correct and total predictions when a seeded 15% of tokens (at least one per chunk) are masked."""
     import torch
 
@@ -255,19 +205,19 @@ def masked_accuracy(loaded: LoadedModel, text: str, options: EvalOptions) -> tup
     return f"masked-accuracy(p=0.15,seed={options.seed},max_length={options.max_length})", correct, total
 
 
-def resolve_options(loaded: LoadedModel, options: EvalOptions) -> EvalOptions:
+def resolve_options(engine: Engine, options: EvalOptions) -> EvalOptions:
     """Fill in defaults from the model and check the options against it."""
-    default_metric = "pseudo-perplexity" if loaded.kind == "masked" else "perplexity"
+    default_metric = "pseudo-perplexity" if engine.kind == "masked" else "perplexity"
     metric = options.metric or default_metric
     if metric not in ("perplexity", "pseudo-perplexity", "accuracy"):
         raise UsageError(f"unknown --metric {metric!r}", "Use perplexity, pseudo-perplexity or accuracy.")
-    if loaded.kind == "causal" and metric != "perplexity":
-        raise UsageError(f"--metric {metric} needs a masked LM, but {loaded.source.name} is a causal LM",
+    if engine.kind == "causal" and metric != "perplexity":
+        raise UsageError(f"--metric {metric} needs a masked LM, but {engine.source.name} is a causal LM",
                          "Use --metric perplexity.")
-    if loaded.kind == "masked" and metric == "perplexity":
-        raise UsageError(f"--metric perplexity needs a causal LM, but {loaded.source.name} is a masked LM",
+    if engine.kind == "masked" and metric == "perplexity":
+        raise UsageError(f"--metric perplexity needs a causal LM, but {engine.source.name} is a masked LM",
                          "Use --metric pseudo-perplexity (or accuracy).")
-    context = model_context(loaded)
+    context = engine.context_length
     max_length = options.max_length or min(context or 1024, 1024)
     if max_length < 2:
         raise UsageError(f"--max-length must be at least 2, got {max_length}")
@@ -281,41 +231,46 @@ def resolve_options(loaded: LoadedModel, options: EvalOptions) -> EvalOptions:
         raise UsageError(f"--ctx {options.ctx} is above the model's context of {context} tokens")
     if options.ctx < 4:
         raise UsageError(f"--ctx must be at least 4, got {options.ctx}")
-    batch_size = options.batch_size or (1 if loaded.device.type == "cpu" else 8)
+    on_accelerator = engine.name == "hf" and engine.device.type != "cpu"
+    batch_size = options.batch_size or (8 if on_accelerator else 1)
     if batch_size <= 0:
         raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
     return EvalOptions(metric=metric, protocol=options.protocol, max_length=max_length, stride=stride,
                        ctx=options.ctx, batch_size=batch_size, seed=options.seed)
 
 
-def evaluate(loaded: LoadedModel, text: str, options: EvalOptions,
+def evaluate(engine: Engine, text: str, options: EvalOptions,
              on_start: Callable[[int], None] | None = None,
              on_progress: ProgressCallback | None = None) -> EvalResult:
-    import torch
-
+    """Score `text`; `engine` may also be a models.LoadedModel, which runs on the Hugging Face engine."""
+    engine = as_engine(engine)
     if not text.strip():
         raise DataError("the evaluation text is empty", "Pass a file with some text.")
-    options = resolve_options(loaded, options)
-    with torch.inference_mode():
-        return score(loaded, text, options, on_start, on_progress)
+    options = resolve_options(engine, options)
+    if engine.kind == "masked":
+        import torch
+
+        with torch.inference_mode():
+            return score(engine, text, options, on_start, on_progress)
+    return score(engine, text, options, on_start, on_progress)
 
 
-def score(loaded: LoadedModel, text: str, options: EvalOptions, on_start: Callable[[int], None] | None,
+def score(engine: Engine, text: str, options: EvalOptions, on_start: Callable[[int], None] | None,
           on_progress: ProgressCallback | None) -> EvalResult:
     began = time.perf_counter()
     if options.metric == "accuracy":
-        protocol, correct, total = masked_accuracy(loaded, text, options)
+        protocol, correct, total = masked_accuracy(engine.loaded, text, options)
         value = correct / total
-        return EvalResult(loaded.source.name, "accuracy", protocol, value, math.sqrt(value * (1 - value) / total),
-                          total, float("nan"), None, None, time.perf_counter() - began)
+        return EvalResult(engine.source.name, "accuracy", protocol, value, math.sqrt(value * (1 - value) / total),
+                          total, float("nan"), None, None, time.perf_counter() - began, engine.name, engine.weights)
     if options.metric == "pseudo-perplexity":
-        protocol, nlls = pseudo_log_likelihoods(loaded, text, options, on_start, on_progress)
+        protocol, nlls = pseudo_log_likelihoods(engine.loaded, text, options, on_start, on_progress)
     else:
-        protocol, nlls = causal_perplexity(loaded, text, options, on_start, on_progress)
+        protocol, nlls = causal_perplexity(engine, text, options, on_start, on_progress)
     if not nlls:
         raise DataError("no token could be scored", "Use a longer text.")
     value, stderr, total, bits_per_byte, word_perplexity = summary(nlls, text)
     if options.protocol == "llama.cpp" and options.metric == "perplexity":
         bits_per_byte = word_perplexity = None  # only half of each chunk is scored: per byte/word is undefined
-    return EvalResult(loaded.source.name, options.metric, protocol, value, stderr, len(nlls), total,
-                      bits_per_byte, word_perplexity, time.perf_counter() - began)
+    return EvalResult(engine.source.name, options.metric, protocol, value, stderr, len(nlls), total,
+                      bits_per_byte, word_perplexity, time.perf_counter() - began, engine.name, engine.weights)

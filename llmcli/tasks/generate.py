@@ -1,18 +1,19 @@
-"""Text generation: prompts -> token ids -> `model.generate` -> results with finish reasons and timings.
+"""Text generation: prompts -> token ids -> an engine's decoding -> results with finish reasons and timings.
 
-Decoding is Hugging Face's own `generate`, so greedy output equals it token for token; this module
-adds batching with left padding, chat templates, stop strings cut out of the text, and streaming.
+The engine decodes (Hugging Face's own `generate`, or llama.cpp); this module, shared by both, adds
+chat templates, context checks, batching, stop strings cut out of the text, EOS, and streaming that
+never splits a UTF-8 character.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 from llmcli.data import Prompt
+from llmcli.engines import Engine, as_engine
 from llmcli.errors import DataError, UsageError
-from llmcli.models import LoadedModel
 
 TextCallback = Callable[[str], None]
 
@@ -33,7 +34,6 @@ class GenerateOptions:
     batch_size: int = 1
     prompt_lookup: int | None = None  # prompt-lookup decoding: tokens proposed per step from the prompt
     truncate: str = "error"  # a prompt too long for the context: "error" or "left" (keep its end)
-    static_cache: bool = False  # fixed-size KV cache; on CUDA transformers then compiles the decode step
 
 
 @dataclass
@@ -47,10 +47,12 @@ class Generation:
     generated_tokens: int
     seconds: float
     time_to_first_token: float | None = None
+    engine: str = "hf"
+    weights: str = ""
 
 
-def uses_chat_template(tokenizer: Any, prompt: Prompt, options: GenerateOptions) -> bool:
-    has_template = bool(getattr(tokenizer, "chat_template", None))
+def uses_chat_template(engine: Engine, prompt: Prompt, options: GenerateOptions) -> bool:
+    has_template = bool(engine.chat_template)
     if prompt.messages is not None or options.chat:
         if not has_template:
             raise UsageError(
@@ -61,46 +63,16 @@ def uses_chat_template(tokenizer: Any, prompt: Prompt, options: GenerateOptions)
     return has_template and options.chat is None
 
 
-def encode_prompt(tokenizer: Any, prompt: Prompt, options: GenerateOptions) -> list[int]:
+def encode_prompt(engine: Engine, prompt: Prompt, options: GenerateOptions) -> list[int]:
     """Token ids of one prompt; without a chat template exactly `tokenizer(prompt)`."""
-    if not uses_chat_template(tokenizer, prompt, options):
+    if not uses_chat_template(engine, prompt, options):
         if prompt.text is None:
             raise UsageError("chat messages given with --no-chat", "Drop --no-chat or pass plain prompts.")
-        return tokenizer(prompt.text)["input_ids"]
+        return engine.encode(prompt.text)
     messages = prompt.messages or [{"role": "user", "content": prompt.text}]
     if options.system is not None and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": options.system}, *messages]
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    # The template already holds the special tokens; adding them again would double the BOS.
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def sampling_kwargs(options: GenerateOptions) -> dict[str, Any]:
-    """Only what the user set, so the model's own generation_config supplies the rest, as in HF."""
-    kwargs: dict[str, Any] = {"max_new_tokens": options.max_new_tokens}
-    if options.temperature == 0:
-        kwargs["do_sample"] = False
-    else:
-        kwargs.update(do_sample=True, temperature=options.temperature)
-        for name in ("top_k", "top_p", "min_p"):
-            if getattr(options, name) is not None:
-                kwargs[name] = getattr(options, name)
-    if options.repetition_penalty is not None:
-        kwargs["repetition_penalty"] = options.repetition_penalty
-    if options.num_return_sequences > 1:
-        kwargs["num_return_sequences"] = options.num_return_sequences
-    if options.stop:
-        kwargs["stop_strings"] = options.stop
-    if options.prompt_lookup:
-        kwargs["prompt_lookup_num_tokens"] = options.prompt_lookup
-    return kwargs
-
-
-def eos_ids(loaded: LoadedModel) -> set[int]:
-    eos = loaded.model.generation_config.eos_token_id
-    if eos is None:
-        eos = loaded.tokenizer.eos_token_id
-    return set(eos) if isinstance(eos, list) else ({eos} if eos is not None else set())
+    return engine.encode_chat(messages)
 
 
 def find_stop(text: str, stops: list[str]) -> int | None:
@@ -109,7 +81,8 @@ def find_stop(text: str, stops: list[str]) -> int | None:
     return min(hits) if hits else None
 
 
-def finish(tokenizer: Any, ids: list[int], eos: set[int], stops: list[str]) -> tuple[str, list[int], str]:
+def finish(decode: Callable[[list[int]], str], ids: list[int], eos: set[int],
+           stops: list[str]) -> tuple[str, list[int], str]:
     """Text, kept token ids and finish reason of one generated sequence.
 
     `generate` pads a finished sequence of a batch with pad tokens (often the EOS id), so everything
@@ -117,12 +90,12 @@ def finish(tokenizer: Any, ids: list[int], eos: set[int], stops: list[str]) -> t
     """
     eos_at = next((i for i, t in enumerate(ids) if t in eos), None)
     body = ids if eos_at is None else ids[:eos_at]
-    text = tokenizer.decode(body, skip_special_tokens=True)
+    text = decode(body)
     stop_at = find_stop(text, stops)
     if stop_at is not None:
         # keep the tokens up to the one that completed the stop string, where generate stopped
         kept = next(n for n in range(1, len(body) + 1)
-                    if find_stop(tokenizer.decode(body[:n], skip_special_tokens=True), stops) is not None)
+                    if find_stop(decode(body[:n]), stops) is not None)
         return text[:stop_at], body[:kept], "stop"
     if eos_at is not None:
         return text, ids[: eos_at + 1], "eos"
@@ -130,29 +103,29 @@ def finish(tokenizer: Any, ids: list[int], eos: set[int], stops: list[str]) -> t
 
 
 class TokenStreamer:
-    """A `generate` streamer: records the first-token time and, for one sequence, emits new text.
+    """Follows one decoding: records the first-token time and, for a single sequence, emits new text
+    and notices a stop string (`done`), which is when an engine that decodes token by token stops.
 
     Text is released only when it cannot change: not while it ends in an incomplete UTF-8 character
     (decoded as U+FFFD), nor while its tail could be the start of a stop string.
     """
 
-    def __init__(self, tokenizer: Any, on_text: TextCallback | None, stops: list[str], eos: set[int]) -> None:
-        self.tokenizer, self.on_text, self.stops, self.eos = tokenizer, on_text, stops, eos
+    def __init__(self, decode: Callable[[list[int]], str], on_text: TextCallback | None, stops: list[str],
+                 eos: set[int], single: bool = True) -> None:
+        self.decode, self.on_text, self.stops, self.eos = decode, on_text, stops, eos
+        self.follow = single and (on_text is not None or bool(stops))
         self.ids: list[int] = []
         self.emitted = 0
-        self.prompt_seen = False
         self.done = False
         self.first_token_at: float | None = None
 
-    def put(self, value: Any) -> None:
-        if not self.prompt_seen:  # generate first passes the prompt ids
-            self.prompt_seen = True
-            return
+    def add(self, tokens: list[int]) -> None:
+        """The new ids of one decoding step (one per sequence of the batch)."""
         if self.first_token_at is None:
             self.first_token_at = time.perf_counter()
-        if self.on_text is None or self.done:
+        if not self.follow or self.done:
             return
-        for token in value.reshape(-1).tolist():
+        for token in tokens:
             if token in self.eos:
                 self.done = True
                 break
@@ -160,11 +133,11 @@ class TokenStreamer:
         self.flush(final=self.done)
 
     def end(self) -> None:
-        if self.on_text is not None and not self.done:
+        if self.follow and not self.done:
             self.flush(final=True)
 
     def flush(self, final: bool) -> None:
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        text = self.decode(self.ids)
         end = len(text)
         stop_at = find_stop(text, self.stops)
         if stop_at is not None:
@@ -176,7 +149,7 @@ class TokenStreamer:
                     if text[:end].endswith(stop[:size]):
                         end -= size
                         break
-        if end > self.emitted:
+        if end > self.emitted and self.on_text is not None:
             self.on_text(text[self.emitted:end])
             self.emitted = end
 
@@ -228,60 +201,37 @@ def fit_to_context(ids: list[int], context: int | None, options: GenerateOptions
                     "Shorten the prompt, lower --max-new-tokens, or pass --truncate left.")
 
 
-def assisted_kwargs(loaded: LoadedModel, draft: LoadedModel | None) -> dict[str, Any]:
-    if draft is None:
-        return {}
-    kwargs = {"assistant_model": draft.model}
-    if draft.tokenizer.get_vocab() != loaded.tokenizer.get_vocab():  # universal assisted decoding
-        kwargs["assistant_tokenizer"] = draft.tokenizer
-    return kwargs
-
-
 def generate(
-    loaded: LoadedModel,
+    engine: Engine,
     prompts: list[Prompt],
     options: GenerateOptions,
     on_text: TextCallback | None = None,
-    draft: LoadedModel | None = None,
 ) -> Iterator[Generation]:
     """Yield generations in input order, batch by batch; `on_text` streams a lone sequence's text.
 
-    With a `draft` model (assisted decoding) or --prompt-lookup, the main model verifies several
-    proposed tokens per forward pass; greedy output is the same, only faster when proposals hit."""
-    from transformers import set_seed
-
+    `engine` may also be a models.LoadedModel, which runs on the Hugging Face engine."""
+    engine = as_engine(engine)
     validate(options)
     for prompt in prompts:
         if prompt.text is not None and not prompt.text.strip():
             raise DataError("empty prompt", "Pass some text to continue.")
-    tokenizer, model = loaded.tokenizer, loaded.model
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"  # decoder-only models continue from the right edge
     if options.seed is not None:
-        set_seed(options.seed)
-    context = getattr(model.config, "max_position_embeddings", None)
-    encoded = [fit_to_context(encode_prompt(tokenizer, prompt, options), context, options) for prompt in prompts]
-    eos = eos_ids(loaded)
-    stream = on_text if len(prompts) == 1 and options.num_return_sequences == 1 else None
-    decoding = assisted_kwargs(loaded, draft)
-    if options.static_cache and not decoding and not options.prompt_lookup:  # assisted decoding needs a dynamic cache
-        decoding["cache_implementation"] = "static"
+        engine.set_seed(options.seed)
+    encoded = [fit_to_context(encode_prompt(engine, prompt, options), engine.context_length, options)
+               for prompt in prompts]
+    single = len(prompts) == 1 and options.num_return_sequences == 1
     for start in range(0, len(prompts), options.batch_size):
         batch_ids = encoded[start:start + options.batch_size]
-        batch = tokenizer.pad({"input_ids": batch_ids}, return_tensors="pt").to(loaded.device)
-        streamer = TokenStreamer(tokenizer, stream, options.stop, eos)
+        streamer = TokenStreamer(engine.decode, on_text if single else None, options.stop, engine.eos_ids,
+                                 single=len(batch_ids) == 1 and options.num_return_sequences == 1)
         began = time.perf_counter()
-        output = model.generate(
-            **batch, **sampling_kwargs(options), **decoding, streamer=streamer, tokenizer=tokenizer,
-            pad_token_id=tokenizer.pad_token_id,
-        )
+        rows = engine.generate(batch_ids, options, on_tokens=streamer.add, should_stop=lambda: streamer.done)
+        streamer.end()
         seconds = time.perf_counter() - began
         ttft = streamer.first_token_at - began if streamer.first_token_at else None
-        new_tokens = output[:, batch["input_ids"].shape[1]:].tolist()
-        for row, token_ids in enumerate(new_tokens):
+        for row, token_ids in enumerate(rows):
             prompt_index = start + row // options.num_return_sequences
-            text, kept, reason = finish(tokenizer, token_ids, eos, options.stop)
+            text, kept, reason = finish(engine.decode, token_ids, engine.eos_ids, options.stop)
             yield Generation(
                 prompt=prompts[prompt_index].display(),
                 index=row % options.num_return_sequences,
@@ -292,4 +242,6 @@ def generate(
                 generated_tokens=len(kept),
                 seconds=seconds,
                 time_to_first_token=ttft,
+                engine=engine.name,
+                weights=engine.weights,
             )

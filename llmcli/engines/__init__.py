@@ -1,0 +1,180 @@
+"""Engines: one small interface over Hugging Face transformers and llama.cpp, and the one place where
+the engine, weight format, dtype, device and threads are decided (`choose_engine`).
+
+Tasks talk to an `Engine`, never to transformers' generate or llama_cpp directly. Nothing heavy is
+imported here: the llama.cpp path must never import torch or transformers.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Protocol, Sequence
+
+from llmcli.errors import UsageError
+
+ENGINE_NAMES = ("auto", "hf", "llama.cpp")
+LLAMA_INSTALL_HINT = ("Install the llama.cpp engine with: pip install 'llmcli[llama]' (or make install; "
+                      "its first install compiles llama.cpp, about 10 minutes).")
+
+TokensCallback = Callable[[list[int]], None]  # new token ids of one decoding step
+ProgressCallback = Callable[[int], None]  # windows just scored
+
+
+@dataclass
+class Window:
+    """One forward pass: the window's tokens, of which the last `scored` are predicted and scored.
+
+    The forward pass reads ids[:-1]: the last token is only ever a target, and leaving it out gives
+    the same logits for a causal model and keeps an lm-eval window within the context."""
+
+    ids: list[int]
+    scored: int
+
+
+class Engine(Protocol):
+    """What tasks need of a loaded causal model, whatever runs it."""
+
+    name: str  # "hf" | "llama.cpp"
+    weights: str  # what runs: "float32", "bfloat16", ... (hf) or "Q4_1", "F16", ... (llama.cpp)
+    source: Any  # models.ModelSource
+    kind: str  # "causal" | "masked"
+    context_length: int | None  # the model's trained context, in tokens
+    chat_template: str | None
+    eos_ids: set[int]
+    bos_id: int | None
+    adds_bos: bool  # whether encode() puts a BOS token first
+
+    def encode(self, text: str, add_special: bool = True) -> list[int]: ...
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """Ids of the chat template rendered with a generation prompt (its special tokens parsed)."""
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of the ids, special tokens left out."""
+
+    def set_seed(self, seed: int) -> None: ...
+
+    def generate(self, batch: list[list[int]], options: Any, on_tokens: TokensCallback,
+                 should_stop: Callable[[], bool]) -> list[list[int]]:
+        """New token ids for each prompt of the batch (options.num_return_sequences rows per prompt).
+
+        `on_tokens` gets each step's new ids; `should_stop` is asked after each step (stop strings)."""
+
+    def token_nlls(self, windows: list[Window], batch_size: int,
+                   on_progress: ProgressCallback | None = None) -> list[float]:
+        """Negative log-likelihood of every scored token, in order."""
+
+    def peak_memory_mb(self) -> float: ...
+
+
+def llama_cpp_installed() -> bool:
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+def physical_cores() -> int:
+    """Physical cores this process may use: llama.cpp's own default, and what measures fastest
+    (hyper-threads share the vector units that the matmuls saturate)."""
+    import os
+
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        with open("/proc/cpuinfo") as info:
+            text = info.read()
+    except OSError:
+        return max(1, usable)
+    # one (physical id, core id) pair per core; a container may see the host's cores but use fewer
+    cores = set(re.findall(r"physical id\s*:\s*(\d+)\s*\n(?:.*\n)*?core id\s*:\s*(\d+)", text))
+    return max(1, min(len(cores), usable)) if cores else max(1, usable)
+
+
+def resolve_engine_name(requested: str, source: Any, hf_only: list[str]) -> str:
+    """`auto`: llama.cpp for a .gguf model when it is installed, Hugging Face otherwise, or when an
+    option only Hugging Face has (`hf_only`, e.g. --draft-model) is given."""
+    if requested not in ENGINE_NAMES:
+        raise UsageError(f"unknown --engine {requested!r}", "Use auto, hf or llama.cpp.")
+    if requested == "hf":
+        return "hf"
+    if requested == "llama.cpp":
+        if hf_only:
+            raise UsageError(f"{hf_only[0]} runs on the hf engine only", "Drop it, or pass --engine hf.")
+        if source.kind != "gguf":
+            raise UsageError(f"--engine llama.cpp runs .gguf files, and {source.name} is not one",
+                             "Pass a .gguf model, or use --engine hf.")
+        if not llama_cpp_installed():
+            raise UsageError("the llama.cpp engine is not installed", LLAMA_INSTALL_HINT)
+        return "llama.cpp"
+    return "llama.cpp" if source.kind == "gguf" and not hf_only and llama_cpp_installed() else "hf"
+
+
+def choose_engine(model: str | None, requested: str = "auto", *, command: str = "generate", kind: str = "causal",
+                  device: str | None = None, dtype: str = "auto", fast: bool = False, threads: int | None = None,
+                  hf_only: list[str] | None = None, draft_model: str | None = None,
+                  trust_remote_code: bool = False, allow_pickle: bool = False,
+                  on_notice: Callable[[str], None] | None = None) -> Engine:
+    """Load `model` on the engine that should run it, with its weight format, dtype, device and threads.
+
+    hf: --fast means bfloat16 weights on the CPU (measured ~1.5x) and a static KV cache with a
+    compiled decode step on CUDA. llama.cpp: the default weights are the ones that agree with Hugging
+    Face's float32 at >= 99% of positions (see `llamacpp.default_weights`); --fast runs the file as it is.
+    Scoring commands (eval) run the file as it is, so that their numbers are llama-perplexity's.
+    """
+    from llmcli import models
+
+    notice = on_notice or (lambda message: None)
+    source = models.resolve_model(model)
+    name = resolve_engine_name(requested, source, hf_only or [])
+    if threads is not None and threads <= 0:
+        raise UsageError(f"--threads must be at least 1, got {threads}")
+    if name == "llama.cpp":
+        if kind == "masked":
+            raise UsageError("the llama.cpp engine runs causal LMs only", "Use --engine hf.")
+        if dtype not in ("auto", "float32", "fp32"):
+            raise UsageError(f"--dtype {dtype} is for the hf engine; llama.cpp runs the GGUF's own weight format",
+                             "Drop --dtype, or pass --engine hf.")
+        if device not in (None, "auto", "cpu") and not device.startswith("cuda"):
+            raise UsageError(f"the llama.cpp engine runs on the CPU or CUDA, not {device}", "Use --engine hf.")
+        from llmcli.engines.llamacpp import LlamaCppEngine
+
+        if model is None:
+            notice(f"Using the embedded model {models.EMBEDDED_NAME} (pass --model to choose another).")
+        return LlamaCppEngine.load(source, weights="as-is" if fast or command == "eval" else "default",
+                                   threads=threads or physical_cores(),
+                                   gpu=None if device in (None, "auto") else device != "cpu", on_notice=notice)
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    from llmcli.engines.hf import HFEngine
+
+    on_cuda = models.choose_device(device).type == "cuda"
+    if fast and not on_cuda and dtype != "auto":
+        raise UsageError("--fast on the CPU sets the dtype (bfloat16)", "Drop --dtype or --fast.")
+    static_cache = fast and on_cuda
+    if static_cache:
+        notice("--fast: the first generation compiles the decode step (40-50 s measured on an H100).")
+    weights = "bfloat16" if fast and not on_cuda else dtype
+    if model is None:
+        notice(f"Using the embedded model {models.EMBEDDED_NAME} (pass --model to choose another).")
+
+    def load(name: str | None) -> models.LoadedModel:
+        source = models.resolve_model(name)
+        if not models.is_cached(source):
+            models.read_gguf_metadata(Path(source.location))  # a damaged file fails here, before the notice
+            notice(f"Converting {source.name} to safetensors once; later loads skip this (about 20 s).")
+        return models.load_model(name, kind=kind, device=device, dtype=weights, trust_remote_code=trust_remote_code,
+                                 allow_pickle=allow_pickle)
+
+    loaded = load(model)
+    return HFEngine(loaded, static_cache=static_cache, draft=load(draft_model) if draft_model else None)
+
+
+def as_engine(model: Any) -> Engine:
+    """An engine for a task: engines pass through; a models.LoadedModel gets the Hugging Face engine."""
+    if hasattr(model, "token_nlls"):
+        return model
+    from llmcli.engines.hf import HFEngine
+
+    return HFEngine(model)

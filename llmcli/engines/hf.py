@@ -1,0 +1,156 @@
+"""The Hugging Face engine: transformers' own `generate` and forward passes, so greedy output equals
+`model.generate` token for token and scores equal the reference computations."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+from llmcli.engines import ProgressCallback, TokensCallback, Window
+from llmcli.models import LoadedModel
+
+
+class HFEngine:
+    name = "hf"
+
+    def __init__(self, loaded: LoadedModel, static_cache: bool = False, draft: LoadedModel | None = None) -> None:
+        self.loaded = loaded
+        self.source, self.kind, self.device = loaded.source, loaded.kind, loaded.device
+        self.static_cache = static_cache  # fixed-size KV cache; on CUDA transformers then compiles the decode step
+        self.draft = draft  # assisted decoding: a small model proposes tokens that this one verifies
+        self.weights = str(loaded.model.dtype).removeprefix("torch.")
+        tokenizer = loaded.tokenizer
+        config = loaded.model.config
+        self.context_length = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        self.chat_template = getattr(tokenizer, "chat_template", None) or None
+        self.bos_id = tokenizer.bos_token_id
+        self.adds_bos = self.bos_id is not None and tokenizer("a")["input_ids"][:1] == [self.bos_id]
+        eos = loaded.model.generation_config.eos_token_id if hasattr(loaded.model, "generation_config") else None
+        if eos is None:
+            eos = tokenizer.eos_token_id
+        self.eos_ids = set(eos) if isinstance(eos, list) else ({eos} if eos is not None else set())
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.loaded.tokenizer
+
+    def encode(self, text: str, add_special: bool = True) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=add_special)["input_ids"]
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        # The template already holds the special tokens; adding them again would double the BOS.
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def set_seed(self, seed: int) -> None:
+        from transformers import set_seed
+
+        set_seed(seed)
+
+    def generate(self, batch: list[list[int]], options: Any, on_tokens: TokensCallback,
+                 should_stop: Callable[[], bool]) -> list[list[int]]:
+        """`model.generate` on the left-padded batch; stop strings are generate's own `stop_strings`."""
+        tokenizer, model = self.tokenizer, self.loaded.model
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.padding_side = "left"  # decoder-only models continue from the right edge
+        inputs = tokenizer.pad({"input_ids": batch}, return_tensors="pt").to(self.device)
+        decoding = assisted_kwargs(self.loaded, self.draft)
+        if self.static_cache and not decoding and not options.prompt_lookup:  # assisted decoding needs a dynamic cache
+            decoding["cache_implementation"] = "static"
+        output = model.generate(**inputs, **sampling_kwargs(options), **decoding, streamer=StepStreamer(on_tokens),
+                                tokenizer=tokenizer, pad_token_id=tokenizer.pad_token_id)
+        return output[:, inputs["input_ids"].shape[1]:].tolist()
+
+    def token_nlls(self, windows: list[Window], batch_size: int,
+                   on_progress: ProgressCallback | None = None) -> list[float]:
+        """Logits are computed only for scored positions (`logits_to_keep`), so memory grows with
+        batch size and window, not text length."""
+        import torch
+
+        nlls: list[float] = []
+        with torch.inference_mode():
+            for run in same_shape_batches(windows, batch_size):
+                ids = torch.tensor([w.ids for w in run], device=self.device)
+                scored = run[0].scored
+                logits = self.loaded.model(input_ids=ids[:, :-1], logits_to_keep=scored).logits.float()
+                targets = ids[:, -scored:]
+                # log_softmax + gather, as HF's loss and lm-eval compute it. (torch 2.13's CPU cross_entropy
+                # over a [batch, vocab, tokens] layout is 4e-5 relative low on SmolLM2; measured against float64.)
+                token_nll = -logits.log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
+                nlls.extend(token_nll.flatten().tolist())
+                if on_progress:
+                    on_progress(len(run))
+        return nlls
+
+    def peak_memory_mb(self) -> float:
+        """Peak accelerator memory on GPUs, else the process's peak resident set."""
+        import resource
+
+        import torch
+
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+class StepStreamer:
+    """A `generate` streamer that passes each step's new ids on (generate first passes the prompt)."""
+
+    def __init__(self, on_tokens: TokensCallback) -> None:
+        self.on_tokens = on_tokens
+        self.prompt_seen = False
+
+    def put(self, value: Any) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        self.on_tokens(value.reshape(-1).tolist())
+
+    def end(self) -> None:
+        pass
+
+
+def same_shape_batches(windows: list[Window], batch_size: int):
+    """Runs of windows with equal length and scored count, so batches need no padding."""
+    run: list[Window] = []
+    for window in windows:
+        if run and (len(run) == batch_size or (len(window.ids), window.scored) != (len(run[0].ids), run[0].scored)):
+            yield run
+            run = []
+        run.append(window)
+    if run:
+        yield run
+
+
+def sampling_kwargs(options: Any) -> dict[str, Any]:
+    """Only what the user set, so the model's own generation_config supplies the rest, as in HF."""
+    kwargs: dict[str, Any] = {"max_new_tokens": options.max_new_tokens}
+    if options.temperature == 0:
+        kwargs["do_sample"] = False
+    else:
+        kwargs.update(do_sample=True, temperature=options.temperature)
+        for name in ("top_k", "top_p", "min_p"):
+            if getattr(options, name) is not None:
+                kwargs[name] = getattr(options, name)
+    if options.repetition_penalty is not None:
+        kwargs["repetition_penalty"] = options.repetition_penalty
+    if options.num_return_sequences > 1:
+        kwargs["num_return_sequences"] = options.num_return_sequences
+    if options.stop:
+        kwargs["stop_strings"] = options.stop
+    if options.prompt_lookup:
+        kwargs["prompt_lookup_num_tokens"] = options.prompt_lookup
+    return kwargs
+
+
+def assisted_kwargs(loaded: LoadedModel, draft: LoadedModel | None) -> dict[str, Any]:
+    if draft is None:
+        return {}
+    kwargs = {"assistant_model": draft.model}
+    if draft.tokenizer.get_vocab() != loaded.tokenizer.get_vocab():  # universal assisted decoding
+        kwargs["assistant_tokenizer"] = draft.tokenizer
+    return kwargs
+

@@ -1,0 +1,357 @@
+"""The llama.cpp engine: GGUF files on llama.cpp's own kernels, through llama-cpp-python's binding of
+the llama.cpp C API. It imports neither torch nor transformers: llama.cpp tokenizes, and the GGUF's
+chat template is rendered with jinja2 as transformers renders it.
+
+The C API is used directly (model, context, batch, sampler chain) rather than the `Llama` class, so
+that the model loads once while contexts are sized to each job (a generation's prompt plus its new
+tokens; an evaluation's window), the sampler chain follows Hugging Face's order, and logits are read
+only where they are scored.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import resource
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from llmcli import models
+from llmcli.engines import ProgressCallback, TokensCallback, Window
+from llmcli.errors import DataError, ModelLoadError, UsageError
+
+# general.file_type values (llama_ftype) whose weights are full precision: run as they are
+FULL_PRECISION = {0: "F32", 1: "F16", 32: "BF16"}
+FILE_TYPE_NAMES = {2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K", 11: "Q3_K_S", 12: "Q3_K_M",
+                   13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S", 17: "Q5_K_M", 18: "Q6_K",
+                   **FULL_PRECISION}
+BATCH = 512  # llama.cpp's default physical batch (n_ubatch): llama-perplexity's numbers need the same split
+HF_DEFAULT_TOP_K = 50  # transformers' GenerationConfig default, so unset options sample the same distribution
+
+_silent_log = None  # the ctypes callback must outlive every llama.cpp call
+
+
+def import_llama_cpp() -> Any:
+    """llama_cpp with llama.cpp's own logging silenced (unless --debug)."""
+    global _silent_log
+    try:
+        import llama_cpp
+    except ImportError as exc:
+        from llmcli.engines import LLAMA_INSTALL_HINT
+
+        raise UsageError(f"the llama.cpp engine is not installed ({exc})", LLAMA_INSTALL_HINT) from exc
+    if _silent_log is None and not os.environ.get("LLMCLI_DEBUG"):
+        _silent_log = llama_cpp.llama_log_callback(lambda level, text, user_data: None)
+        llama_cpp.llama_log_set(_silent_log, ctypes.c_void_p(0))
+        llama_cpp.llama_backend_init()
+    return llama_cpp
+
+
+def load_model_file(lib: Any, path: Path, gpu_layers: int, vocab_only: bool = False) -> Any:
+    params = lib.llama_model_default_params()
+    params.n_gpu_layers = gpu_layers
+    params.vocab_only = vocab_only
+    model = lib.llama_model_load_from_file(str(path).encode(), params)
+    if not model:
+        raise ModelLoadError(f"{path} is not a readable GGUF model for llama.cpp",
+                             "Check that the file is complete and of an architecture llama.cpp supports "
+                             "(or use --engine hf).")
+    return model
+
+
+def meta_value(lib: Any, model: Any, key: str) -> str | None:
+    size = 1 << 16
+    buffer = ctypes.create_string_buffer(size)
+    written = lib.llama_model_meta_val_str(model, key.encode(), buffer, size)
+    if written < 0:
+        return None
+    if written >= size:  # a chat template longer than the buffer
+        buffer = ctypes.create_string_buffer(written + 1)
+        lib.llama_model_meta_val_str(model, key.encode(), buffer, written + 1)
+    return buffer.value.decode("utf-8", errors="replace")
+
+
+def file_type(lib: Any, path: Path) -> int | None:
+    model = load_model_file(lib, path, 0, vocab_only=True)
+    try:
+        value = meta_value(lib, model, "general.file_type")
+        return int(value) if value is not None else None
+    finally:
+        lib.llama_model_free(model)
+
+
+def converted_path(path: Path, name: str) -> Path:
+    entry = models.gguf_cache_dir(path)
+    return entry.parent / f"{entry.name}.{name}.gguf"
+
+
+def convert_to_f16(lib: Any, path: Path, threads: int, on_notice: Callable[[str], None]) -> Path:
+    """Requantize a quantized GGUF to F16 once, into the cache (atomic rename; a lock for concurrent runs)."""
+    target = converted_path(path, "F16")
+    if target.is_file():
+        return target
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        lock = models.acquire_conversion_lock(target)
+    except OSError as exc:
+        raise ModelLoadError(f"cannot write the model cache at {target.parent} ({exc.strerror})",
+                             "Set LLMCLI_CACHE to a writable directory.") from exc
+    try:
+        if target.is_file():  # another process finished it while we waited
+            return target
+        on_notice(f"Converting {path.name} to F16 for llama.cpp once (a few seconds); --fast runs the file as it is.")
+        tmp = target.parent / f".tmp-{target.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        params = lib.llama_model_quantize_default_params()
+        params.ftype = lib.LLAMA_FTYPE_MOSTLY_F16
+        params.allow_requantize = True
+        params.nthread = threads
+        try:
+            if lib.llama_model_quantize(str(path).encode(), str(tmp).encode(), ctypes.byref(params)) != 0:
+                raise ModelLoadError(f"llama.cpp could not convert {path} to F16", "Pass --fast to run it as it is.")
+            tmp.rename(target)
+        finally:
+            tmp.unlink(missing_ok=True)
+    finally:
+        lock.close()
+    for stale in target.parent.glob(f"{path.stem}-*.F16.gguf"):  # conversions of an older version of this file
+        if stale != target:
+            stale.unlink(missing_ok=True)
+    return target
+
+
+class EndOfGeneration:
+    """The model's end-of-generation tokens (EOS, EOT, <|im_end|>...), as llama.cpp decides them."""
+
+    def __init__(self, lib: Any, vocab: Any) -> None:
+        self.lib, self.vocab = lib, vocab
+
+    def __contains__(self, token: object) -> bool:
+        return isinstance(token, int) and bool(self.lib.llama_vocab_is_eog(self.vocab, token))
+
+    def __iter__(self):
+        return (t for t in range(self.lib.llama_vocab_n_tokens(self.vocab)) if t in self)
+
+
+class LlamaCppEngine:
+    name = "llama.cpp"
+    kind = "causal"
+
+    @classmethod
+    def load(cls, source: Any, weights: str, threads: int, gpu: bool | None,
+             on_notice: Callable[[str], None]) -> "LlamaCppEngine":
+        """weights "default": a quantized file runs as F16 (converted once; see README: the quantized
+        kernels multiply by 8-bit activations, which flips near-ties on small models); "as-is": the file.
+        gpu: True (--device cuda), False (--device cpu) or None (a GPU build's choice)."""
+        lib = import_llama_cpp()
+        path = Path(source.location)
+        if weights == "default":
+            cached = converted_path(path, "F16")
+            if cached.is_file():
+                path = cached
+            elif file_type(lib, path) not in FULL_PRECISION:
+                path = convert_to_f16(lib, path, threads, on_notice)
+        offload = bool(lib.llama_supports_gpu_offload())
+        if gpu and not offload:
+            raise UsageError("this llama-cpp-python build has no GPU support",
+                             "Use --device cpu, --engine hf, or reinstall llama-cpp-python with CMAKE_ARGS=-DGGML_CUDA=on.")
+        gpu_layers = -1 if offload and gpu is not False else 0  # a GPU build offloads every layer, as ollama does
+        return cls(lib, source, path, threads, gpu_layers)
+
+    def __init__(self, lib: Any, source: Any, path: Path, threads: int, gpu_layers: int) -> None:
+        self.lib, self.source, self.path, self.threads = lib, source, path, threads
+        self.model = load_model_file(lib, path, gpu_layers)
+        self.vocab = lib.llama_model_get_vocab(self.model)
+        self.n_vocab = lib.llama_vocab_n_tokens(self.vocab)
+        self.context_length = lib.llama_model_n_ctx_train(self.model) or None
+        kind = meta_value(lib, self.model, "general.file_type")
+        self.weights = FILE_TYPE_NAMES.get(int(kind), f"type {kind}") if kind is not None else "unknown"
+        self.chat_template = meta_value(lib, self.model, "tokenizer.chat_template") or None
+        self.adds_bos = bool(lib.llama_vocab_get_add_bos(self.vocab))
+        bos, eos = lib.llama_vocab_bos(self.vocab), lib.llama_vocab_eos(self.vocab)
+        self.bos_id = bos if bos >= 0 else None
+        self.eos_id = eos if eos >= 0 else None
+        self.eos_ids = EndOfGeneration(lib, self.vocab)
+        self.seed: int | None = None
+        self.sequences = 0  # sampled sequences so far: each gets its own seed, so samples differ
+        self.context = None
+        self.context_size = 0
+        self.batch = lib.llama_batch_init(BATCH, 0, 1)
+
+    def __del__(self) -> None:
+        lib = getattr(self, "lib", None)
+        if lib is None:
+            return
+        if getattr(self, "batch", None) is not None:
+            lib.llama_batch_free(self.batch)
+        if getattr(self, "context", None):
+            lib.llama_free(self.context)
+        if getattr(self, "model", None):
+            lib.llama_model_free(self.model)
+
+    # ------------------------------------------------------------ tokens and text
+
+    def encode(self, text: str, add_special: bool = True) -> list[int]:
+        """llama.cpp's tokenizer; special-token text is parsed, as Hugging Face tokenizers do."""
+        data = text.encode("utf-8")
+        room = len(data) + 8
+        tokens = (self.lib.llama_token * room)()
+        count = self.lib.llama_tokenize(self.vocab, data, len(data), tokens, room, add_special, True)
+        if count < 0:
+            tokens = (self.lib.llama_token * -count)()
+            count = self.lib.llama_tokenize(self.vocab, data, len(data), tokens, -count, add_special, True)
+        return list(tokens[:count])
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of the ids with special tokens left out (skip_special_tokens); an incomplete UTF-8
+        character at the end becomes U+FFFD, which the streamer holds back."""
+        if not ids:
+            return ""
+        array = (self.lib.llama_token * len(ids))(*ids)
+        room = 16 * len(ids) + 16
+        buffer = ctypes.create_string_buffer(room)
+        size = self.lib.llama_detokenize(self.vocab, array, len(ids), buffer, room, False, False)
+        if size < 0:
+            buffer = ctypes.create_string_buffer(-size)
+            size = self.lib.llama_detokenize(self.vocab, array, len(ids), buffer, -size, False, False)
+        return buffer.raw[:size].decode("utf-8", errors="replace")
+
+    def token_text(self, token: int | None) -> str:
+        if token is None:
+            return ""
+        return self.lib.llama_vocab_get_text(self.vocab, token).decode("utf-8", errors="replace")
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        from llmcli.engines.chat_template import render
+
+        text = render(self.chat_template, messages, bos_token=self.token_text(self.bos_id),
+                      eos_token=self.token_text(self.eos_id))
+        return self.encode(text, add_special=False)
+
+    # ------------------------------------------------------------ running the model
+
+    def use_context(self, tokens: int) -> None:
+        """A context of at least `tokens` (grown in steps of 256, never shrunk), its memory cleared."""
+        lib = self.lib
+        if self.context is None or tokens > self.context_size:
+            if self.context is not None:
+                lib.llama_free(self.context)
+                self.context = None
+            size = -(-tokens // 256) * 256
+            if self.context_length:
+                size = min(size, self.context_length)
+            params = lib.llama_context_default_params()
+            params.n_ctx = size
+            params.n_batch = params.n_ubatch = BATCH
+            params.n_seq_max = 1
+            params.n_threads = params.n_threads_batch = self.threads
+            params.no_perf = True
+            # flash_attn_type stays AUTO (on, on the CPU), as in llama.cpp's own tools: llama-perplexity's
+            # numbers need it. (llama-cpp-python's Llama class turns it off by default.)
+            self.context = lib.llama_init_from_model(self.model, params)
+            if not self.context:
+                raise ModelLoadError(f"llama.cpp could not allocate a context of {size} tokens",
+                                     "Use a shorter prompt or fewer new tokens.")
+            self.context_size = size
+        lib.llama_memory_clear(lib.llama_get_memory(self.context), True)
+
+    def feed(self, tokens: Sequence[int], start: int, outputs: int = 1) -> None:
+        """Decode tokens at positions start..., in batches of BATCH; logits for the last `outputs`."""
+        lib, batch = self.lib, self.batch
+        first_output = len(tokens) - outputs
+        for begin in range(0, len(tokens), BATCH):
+            chunk = tokens[begin:begin + BATCH]
+            batch.n_tokens = len(chunk)
+            for i, token in enumerate(chunk):
+                batch.token[i] = token
+                batch.pos[i] = start + begin + i
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = 0
+                batch.logits[i] = begin + i >= first_output
+            code = lib.llama_decode(self.context, batch)
+            if code != 0:
+                raise DataError(f"llama.cpp could not decode the input (llama_decode returned {code})",
+                                "Use a shorter prompt or fewer new tokens.")
+
+    def set_seed(self, seed: int) -> None:
+        self.seed, self.sequences = seed, 0
+
+    def sampler(self, options: Any, prompt: list[int]) -> Any:
+        """A sampler chain in Hugging Face's order: repetition penalty, temperature, top-k, top-p, min-p.
+        (llama-cpp-python's own chain puts the temperature last, which changes what top-p keeps.)"""
+        lib = self.lib
+        chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
+        add = lambda sampler: lib.llama_sampler_chain_add(chain, sampler)  # noqa: E731
+        if options.repetition_penalty is not None and options.repetition_penalty != 1:
+            # over the whole context, prompt included, as transformers applies it
+            add(lib.llama_sampler_init_penalties(self.n_vocab, self.context_size, options.repetition_penalty, 0.0, 0.0))
+        if options.temperature == 0:
+            add(lib.llama_sampler_init_greedy())
+        else:
+            add(lib.llama_sampler_init_temp(options.temperature))
+            top_k = HF_DEFAULT_TOP_K if options.top_k is None else options.top_k
+            if top_k > 0:
+                add(lib.llama_sampler_init_top_k(top_k))
+            if options.top_p is not None and options.top_p < 1:
+                add(lib.llama_sampler_init_top_p(options.top_p, 1))
+            if options.min_p:
+                add(lib.llama_sampler_init_min_p(options.min_p, 1))
+            seed = lib.LLAMA_DEFAULT_SEED if self.seed is None else (self.seed + self.sequences) % 2**32
+            self.sequences += 1
+            add(lib.llama_sampler_init_dist(seed))
+        for token in prompt:  # the penalty's history starts with the prompt
+            lib.llama_sampler_accept(chain, token)
+        return chain
+
+    def generate(self, batch: list[list[int]], options: Any, on_tokens: TokensCallback,
+                 should_stop: Callable[[], bool]) -> list[list[int]]:
+        """Each prompt and sequence in turn (one sequence at a time measures fastest on the CPU)."""
+        rows = []
+        for prompt in batch:
+            for _ in range(options.num_return_sequences):
+                rows.append(self.decode_one(prompt, options, on_tokens, should_stop))
+        return rows
+
+    def decode_one(self, prompt: list[int], options: Any, on_tokens: TokensCallback,
+                   should_stop: Callable[[], bool]) -> list[int]:
+        lib = self.lib
+        self.use_context(len(prompt) + options.max_new_tokens)
+        chain = self.sampler(options, prompt)
+        try:
+            self.feed(prompt, 0)
+            new: list[int] = []
+            while True:
+                token = lib.llama_sampler_sample(chain, self.context, -1)
+                new.append(token)
+                on_tokens([token])
+                if token in self.eos_ids or len(new) == options.max_new_tokens or should_stop():
+                    return new
+                self.feed([token], len(prompt) + len(new) - 1)
+        finally:
+            lib.llama_sampler_free(chain)
+
+    def token_nlls(self, windows: list[Window], batch_size: int,
+                   on_progress: ProgressCallback | None = None) -> list[float]:
+        """One window at a time; logits are read only at scored positions, so memory is one context
+        of the window's size, whatever the text's length."""
+        import numpy as np
+
+        lib = self.lib
+        nlls: list[float] = []
+        for window in windows:
+            inputs = window.ids[:-1]
+            self.use_context(len(inputs))
+            self.feed(inputs, 0, outputs=window.scored)
+            first = len(inputs) - window.scored
+            for offset, target in enumerate(window.ids[first + 1:]):
+                row = np.ctypeslib.as_array(lib.llama_get_logits_ith(self.context, first + offset),
+                                            shape=(self.n_vocab,)).astype(np.float64)
+                top = row.max()
+                nlls.append(float(np.log(np.exp(row - top).sum()) + top - row[target]))
+            if on_progress:
+                on_progress(1)
+        return nlls
+
+    def peak_memory_mb(self) -> float:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
