@@ -20,9 +20,8 @@ def peak_rss_mb() -> float:
 
 
 def peak_gpu_mb() -> float | None:
-    import torch
-
-    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+    torch = sys.modules.get("torch")  # not imported here: the llama.cpp engine's runs never load it
+    return torch.cuda.max_memory_allocated() / 2**20 if torch and torch.cuda.is_available() else None
 
 
 report = sys.argv.pop(1)

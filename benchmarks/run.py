@@ -8,6 +8,7 @@ figures go to benchmarks/results/latest.json and a chart to latest.png.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -25,6 +26,8 @@ ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
 BIN = Path(sys.executable).parent
 GPL3 = Path("/usr/share/common-licenses/GPL-3")
+STORY = "Write a long, detailed story about a robot who learns to paint."
+QUESTION = "What is the capital of France?"
 sys.path.insert(0, str(ROOT.parent / "tests"))  # the tiny-model builders of the test suite
 
 
@@ -88,12 +91,13 @@ def generation(loaded, new_tokens: int, repeats: int, device: str) -> list[Figur
 
     from llmcli import models
     from llmcli.data import Prompt
+    from llmcli.engines.hf import HFEngine
     from llmcli.tasks.generate import GenerateOptions, encode_prompt, generate
 
-    prompt = Prompt(text="Write a long, detailed story about a robot who learns to paint.")
+    prompt = Prompt(text=STORY)
     options = GenerateOptions(max_new_tokens=new_tokens)
     tokenizer, model = loaded.tokenizer, loaded.model
-    ids = torch.tensor([encode_prompt(tokenizer, prompt, options)], device=loaded.device)
+    ids = torch.tensor([encode_prompt(HFEngine(loaded), prompt, options)], device=loaded.device)
 
     def ours(target=loaded, opts=options, text=prompt) -> int:
         return sum(g.generated_tokens for g in generate(target, [text], opts))
@@ -115,11 +119,97 @@ def generation(loaded, new_tokens: int, repeats: int, device: str) -> list[Figur
     repetitive = Prompt(text="Repeat this list exactly three times: apple, banana, cherry, date, elderberry, fig, "
                              "grape, honeydew, kiwi, lemon, mango.")
     lookup = GenerateOptions(max_new_tokens=new_tokens, prompt_lookup=10)
-    rep_ids = torch.tensor([encode_prompt(tokenizer, repetitive, lookup)], device=loaded.device)
+    rep_ids = torch.tensor([encode_prompt(HFEngine(loaded), repetitive, lookup)], device=loaded.device)
     (seconds, count), (base_seconds, base_count) = paired_median_times(
         lambda: ours(opts=lookup, text=repetitive), lambda: plain(rep_ids), repeats)
     figures.append(Figure("P2 generate --prompt-lookup 10", count / seconds, base_count / base_seconds, "tok/s",
                           goal=1.0, note="repetitive prompt; same greedy tokens"))
+    return figures
+
+
+def llama_engine(loaded, new_tokens: int, repeats: int) -> list[Figure]:
+    """The llama.cpp engine against a bare llama-cpp-python loop on the same file, ids and threads
+    (llmcli's overhead), and against Hugging Face's float32 `model.generate` (the engine's point)."""
+    import torch
+    from llama_cpp import Llama
+
+    from llmcli import models
+    from llmcli.data import Prompt
+    from llmcli.engines import physical_cores
+    from llmcli.engines.llamacpp import LlamaCppEngine, converted_path
+    from llmcli.tasks.generate import GenerateOptions, generate
+
+    threads = physical_cores()
+    prompt = Prompt(text=STORY)
+    options = GenerateOptions(max_new_tokens=new_tokens)
+    source = models.resolve_model(None)
+    engines = {weights: LlamaCppEngine.load(source, weights, threads, False, print) for weights in ("default", "as-is")}
+    engines["default"].path == converted_path(models.embedded_gguf_path(), "F16") or sys.exit("no F16 conversion")
+
+    def ours(engine) -> int:
+        return sum(g.generated_tokens for g in generate(engine, [prompt], options))
+
+    def bare(llm, ids) -> int:
+        """What a llama-cpp-python user writes: Llama.generate at temperature 0 (flash attention on,
+        as llama.cpp's own tools and llmcli run it), stopping at end-of-generation."""
+        count = 0
+        for token in llm.generate(ids, temp=0.0):
+            count += 1
+            if llm.token_eos() == token or count == new_tokens:
+                return count
+        return count
+
+    figures = []
+    hf_rate = None
+    ids = engines["default"].encode_chat([{"role": "user", "content": STORY}])
+    for weights, goal, name in (("default", 0.95, "default F16"), ("as-is", 0.9, "--fast Q4_1")):
+        engine = engines[weights]
+        llm = Llama(model_path=str(engine.path), n_ctx=len(ids) + new_tokens, n_threads=threads,
+                    n_threads_batch=threads, flash_attn=True, verbose=False)
+        (seconds, count), (base_seconds, base_count) = paired_median_times(
+            lambda: ours(engine), lambda: bare(llm, ids), repeats)
+        figures.append(Figure(f"P8 llama.cpp {name} vs bare loop", count / seconds, base_count / base_seconds,
+                              "tok/s", goal=goal, note=f"same file and ids, {threads} threads, {new_tokens} tokens"))
+        del llm
+        if weights == "default":
+            hf_ids = torch.tensor([ids])
+
+            def plain() -> int:
+                output = loaded.model.generate(input_ids=hf_ids, attention_mask=torch.ones_like(hf_ids),
+                                               do_sample=False, max_new_tokens=new_tokens,
+                                               pad_token_id=loaded.tokenizer.pad_token_id)
+                return output.shape[1] - hf_ids.shape[1]
+
+            (seconds, count), (base_seconds, base_count) = paired_median_times(lambda: ours(engine), plain, repeats)
+            hf_rate = base_count / base_seconds
+            figures.append(Figure("P8 llama.cpp default F16 vs HF fp32", count / seconds, hf_rate, "tok/s", goal=4,
+                                  note="same prompt ids; HF float32 model.generate on the dequantized weights"))
+    seconds, count = median_time(lambda: ours(engines["as-is"]), repeats)
+    figures.append(Figure("P8 llama.cpp --fast Q4_1 vs HF fp32", count / seconds, hf_rate, "tok/s",
+                          note="quantized activations: answers differ from fp32 (README)"))
+    return figures
+
+
+def cold_start(repeats: int) -> list[Figure]:
+    """A cold `llmcli generate QUESTION -n 32` on each engine: wall time and peak RSS of the process."""
+    figures = []
+    runs = {}
+    for engine in ("llama.cpp", "hf"):
+        times, peaks = [], []
+        for attempt in range(repeats + 1):  # the first run builds any cache entry and is not counted
+            with tempfile.NamedTemporaryFile(suffix=".json") as rss:
+                start = time.perf_counter()
+                subprocess.run([sys.executable, str(ROOT / "peak_rss.py"), rss.name, "generate", QUESTION, "-n", "32",
+                                "--engine", engine], capture_output=True, check=True)
+                if attempt:
+                    times.append(time.perf_counter() - start)
+                    peaks.append(json.loads(Path(rss.name).read_text())["peak_rss_mb"])
+        runs[engine] = (statistics.median(times), statistics.median(peaks))
+    (wall, rss), (hf_wall, hf_rss) = runs["llama.cpp"], runs["hf"]
+    figures.append(Figure("P9 cold generate wall time (llama.cpp vs hf)", wall, hf_wall, "s", higher_is_better=False,
+                          goal=5, note=f"'{QUESTION}' -n 32, new process each time; goal ~1 s"))
+    figures.append(Figure("P9 cold generate peak RSS (llama.cpp vs hf)", rss, hf_rss, "MB", higher_is_better=False,
+                          goal=3, note="whole process; goal < 300 MB"))
     return figures
 
 
@@ -355,12 +445,16 @@ def main() -> None:
     models.quiet_libraries()
     wanted = lambda key: args.only is None or key in args.only  # noqa: E731
     figures = [startup(3 if args.quick else 5)] if wanted("P1") else []
-    needs_embedded = any(wanted(key) for key in ("P2", "P3", "P7"))
+    needs_embedded = any(wanted(key) for key in ("P2", "P3", "P7", "P8"))
     loaded = models.load_model(None, device=args.device) if needs_embedded else None
     if wanted("P2"):
         figures += generation(loaded, 32 if args.quick else 128, repeats, args.device)
     if wanted("P3"):
         figures.append(loading(1 if args.quick else repeats, args.device))
+    if wanted("P8") and importlib.util.find_spec("llama_cpp") and args.device == "cpu":
+        figures += llama_engine(loaded, 32 if args.quick else 128, repeats)
+    if wanted("P9") and importlib.util.find_spec("llama_cpp"):
+        figures += cold_start(3 if args.quick else 5)
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         bert, gpt2 = small_models(workdir)

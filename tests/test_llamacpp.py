@@ -236,3 +236,45 @@ def test_llama_cpp_on_a_non_gguf_model_or_when_missing(tiny_llama, tiny_gguf, mo
     monkeypatch.setattr(engines, "llama_cpp_installed", lambda: False)
     result = run_cli("generate", "hi", "-m", tiny_gguf, *ENGINE)
     assert result.exit_code == 2 and "not installed" in result.stderr and "pip install 'llmcli[llama]'" in result.stderr
+
+
+def test_decoding_stops_when_asked_and_threads_are_set(tiny_gguf):
+    """A stop string is found by the shared streamer; the engine must then stop decoding, not run on
+    to --max-new-tokens. And --threads reaches llama.cpp's context (default: the physical cores)."""
+    from llmcli.engines import choose_engine, physical_cores
+    from llmcli.tasks.generate import GenerateOptions
+
+    engine = choose_engine(str(tiny_gguf), "llama.cpp", threads=1)
+    seen: list[int] = []
+    [row] = engine.generate([engine.encode("This License")], GenerateOptions(max_new_tokens=24),
+                            on_tokens=seen.extend, should_stop=lambda: len(seen) >= 3)
+    assert len(row) == 3 and row == seen
+    assert engine.lib.llama_n_threads(engine.context) == 1
+    default = choose_engine(str(tiny_gguf), "llama.cpp")
+    default.generate([default.encode("Hi")], GenerateOptions(max_new_tokens=2), lambda ids: None, lambda: False)
+    assert default.lib.llama_n_threads(default.context) == physical_cores()
+
+
+def test_chat_reuses_the_cached_conversation_and_answers_as_afresh(tiny_gguf, monkeypatch):
+    """A chat's next turn decodes only what the context does not already hold (as llama-cli and ollama
+    do), and answers what a fresh generation of the same conversation answers."""
+    from llmcli.data import Prompt
+    from llmcli.engines import choose_engine
+    from llmcli.tasks.chat import ChatSession
+    from llmcli.tasks.generate import GenerateOptions, generate
+
+    engine = choose_engine(str(tiny_gguf), "llama.cpp")
+    fed: list[int] = []
+    feed = engine.feed
+    monkeypatch.setattr(engine, "feed", lambda tokens, start, outputs=1: fed.append(len(tokens)) or
+                        feed(tokens, start, outputs))
+    session = ChatSession(engine, GenerateOptions(max_new_tokens=8, chat=True))
+    session.handle("Hello there", on_text=lambda text: None)
+    fed.clear()
+    session.handle("Tell me more", on_text=lambda text: None)
+    fresh = choose_engine(str(tiny_gguf), "llama.cpp")
+    messages = session.history[:-1]
+    [again] = generate(fresh, [Prompt(messages=messages)], GenerateOptions(max_new_tokens=8))
+    prompt_length = len(fresh.encode_chat(messages))
+    assert fed[0] < prompt_length / 2  # the first turn and its reply were not decoded again
+    assert session.history[-1]["content"] == again.text

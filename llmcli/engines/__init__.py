@@ -114,13 +114,7 @@ def choose_engine(model: str | None, requested: str = "auto", *, command: str = 
                   hf_only: list[str] | None = None, draft_model: str | None = None,
                   trust_remote_code: bool = False, allow_pickle: bool = False,
                   on_notice: Callable[[str], None] | None = None) -> Engine:
-    """Load `model` on the engine that should run it, with its weight format, dtype, device and threads.
-
-    hf: --fast means bfloat16 weights on the CPU (measured ~1.5x) and a static KV cache with a
-    compiled decode step on CUDA. llama.cpp: the default weights are the ones that agree with Hugging
-    Face's float32 at >= 99% of positions (see `llamacpp.default_weights`); --fast runs the file as it is.
-    Scoring commands (eval) run the file as it is, so that their numbers are llama-perplexity's.
-    """
+    """Load `model` on the engine that should run it, with its weight format, dtype, device and threads."""
     from llmcli import models
 
     notice = on_notice or (lambda message: None)
@@ -129,26 +123,46 @@ def choose_engine(model: str | None, requested: str = "auto", *, command: str = 
     if threads is not None and threads <= 0:
         raise UsageError(f"--threads must be at least 1, got {threads}")
     if name == "llama.cpp":
-        if kind == "masked":
-            raise UsageError("the llama.cpp engine runs causal LMs only", "Use --engine hf.")
-        if dtype not in ("auto", "float32", "fp32"):
-            raise UsageError(f"--dtype {dtype} is for the hf engine; llama.cpp runs the GGUF's own weight format",
-                             "Drop --dtype, or pass --engine hf.")
-        if device not in (None, "auto", "cpu") and not device.startswith("cuda"):
-            raise UsageError(f"the llama.cpp engine runs on the CPU or CUDA, not {device}", "Use --engine hf.")
-        from llmcli.engines.llamacpp import LlamaCppEngine
-
         if model is None:
             notice(f"Using the embedded model {models.EMBEDDED_NAME} (pass --model to choose another).")
-        return LlamaCppEngine.load(source, weights="as-is" if fast or command == "eval" else "default",
-                                   threads=threads or physical_cores(),
-                                   gpu=None if device in (None, "auto") else device != "cpu", on_notice=notice)
+        engine = load_llama_cpp(source, command, kind, device, dtype, fast, threads, notice)
+    else:
+        engine = load_hf(model, kind, device, dtype, fast, threads, draft_model, trust_remote_code, allow_pickle,
+                         notice)
+    return engine
+
+
+def load_llama_cpp(source: Any, command: str, kind: str, device: str | None, dtype: str, fast: bool,
+                   threads: int | None, notice: Callable[[str], None]) -> Engine:
+    """Weights: the format that agrees with Hugging Face's float32 at >= 99% of positions (F16 for a
+    quantized file; measured, see README "Engines"), or with --fast the file as it is. eval scores
+    the file as it is, so that its numbers are llama-perplexity's for that file."""
+    if kind == "masked":
+        raise UsageError("the llama.cpp engine runs causal LMs only", "Use --engine hf.")
+    if dtype not in ("auto", "float32", "fp32"):
+        raise UsageError(f"--dtype {dtype} is for the hf engine; llama.cpp runs the GGUF's own weight format",
+                         "Drop --dtype, or pass --engine hf.")
+    if device not in (None, "auto", "cpu") and not device.startswith("cuda"):
+        raise UsageError(f"the llama.cpp engine runs on the CPU or CUDA, not {device}", "Use --engine hf.")
+    from llmcli.engines.llamacpp import LlamaCppEngine
+
+    return LlamaCppEngine.load(source, weights="as-is" if fast or command == "eval" else "default",
+                               threads=threads or physical_cores(),
+                               gpu=None if device in (None, "auto") else device != "cpu", on_notice=notice)
+
+
+def load_hf(model: str | None, kind: str, device: str | None, dtype: str, fast: bool, threads: int | None,
+            draft_model: str | None, trust_remote_code: bool, allow_pickle: bool,
+            notice: Callable[[str], None]) -> Engine:
+    """--fast: bfloat16 weights on the CPU (measured ~1.5x); on CUDA a static KV cache, which
+    transformers compiles into one decode step (~8x on an H100, after 40-50 s of compiling)."""
+    from llmcli import models
+    from llmcli.engines.hf import HFEngine
+
     if threads is not None:
         import torch
 
         torch.set_num_threads(threads)
-    from llmcli.engines.hf import HFEngine
-
     on_cuda = models.choose_device(device).type == "cuda"
     if fast and not on_cuda and dtype != "auto":
         raise UsageError("--fast on the CPU sets the dtype (bfloat16)", "Drop --dtype or --fast.")
@@ -167,8 +181,7 @@ def choose_engine(model: str | None, requested: str = "auto", *, command: str = 
         return models.load_model(name, kind=kind, device=device, dtype=weights, trust_remote_code=trust_remote_code,
                                  allow_pickle=allow_pickle)
 
-    loaded = load(model)
-    return HFEngine(loaded, static_cache=static_cache, draft=load(draft_model) if draft_model else None)
+    return HFEngine(load(model), static_cache=static_cache, draft=load(draft_model) if draft_model else None)
 
 
 def as_engine(model: Any) -> Engine:

@@ -22,7 +22,7 @@ class HFEngine:
         config = loaded.model.config
         self.context_length = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
         self.chat_template = getattr(tokenizer, "chat_template", None) or None
-        self.bos_id = tokenizer.bos_token_id
+        self.bos_id, self.eos_id = tokenizer.bos_token_id, tokenizer.eos_token_id
         self.adds_bos = self.bos_id is not None and tokenizer("a")["input_ids"][:1] == [self.bos_id]
         eos = loaded.model.generation_config.eos_token_id if hasattr(loaded.model, "generation_config") else None
         if eos is None:

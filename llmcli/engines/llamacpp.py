@@ -176,6 +176,7 @@ class LlamaCppEngine:
         self.sequences = 0  # sampled sequences so far: each gets its own seed, so samples differ
         self.context = None
         self.context_size = 0
+        self.cached: list[int] = []  # the tokens whose keys and values the context holds, in order
         self.batch = lib.llama_batch_init(BATCH, 0, 1)
 
     def __del__(self) -> None:
@@ -230,10 +231,12 @@ class LlamaCppEngine:
 
     # ------------------------------------------------------------ running the model
 
-    def use_context(self, tokens: int) -> None:
-        """A context of at least `tokens` (grown in steps of 256, never shrunk), its memory cleared."""
+    def use_context(self, tokens: int, keep: int = 0) -> int:
+        """A context of at least `tokens` (grown in steps of 256, never shrunk) whose memory holds the
+        first `keep` tokens of what it held (0: cleared); returns how many it kept."""
         lib = self.lib
         if self.context is None or tokens > self.context_size:
+            keep = 0
             if self.context is not None:
                 lib.llama_free(self.context)
                 self.context = None
@@ -253,7 +256,13 @@ class LlamaCppEngine:
                 raise ModelLoadError(f"llama.cpp could not allocate a context of {size} tokens",
                                      "Use a shorter prompt or fewer new tokens.")
             self.context_size = size
-        lib.llama_memory_clear(lib.llama_get_memory(self.context), True)
+        memory = lib.llama_get_memory(self.context)
+        if keep:
+            lib.llama_memory_seq_rm(memory, 0, keep, -1)
+        else:
+            lib.llama_memory_clear(memory, True)
+        self.cached = self.cached[:keep]
+        return keep
 
     def feed(self, tokens: Sequence[int], start: int, outputs: int = 1) -> None:
         """Decode tokens at positions start..., in batches of BATCH; logits for the last `outputs`."""
@@ -272,6 +281,7 @@ class LlamaCppEngine:
             if code != 0:
                 raise DataError(f"llama.cpp could not decode the input (llama_decode returned {code})",
                                 "Use a shorter prompt or fewer new tokens.")
+            self.cached.extend(chunk)
 
     def set_seed(self, seed: int) -> None:
         self.seed, self.sequences = seed, 0
@@ -314,11 +324,18 @@ class LlamaCppEngine:
 
     def decode_one(self, prompt: list[int], options: Any, on_tokens: TokensCallback,
                    should_stop: Callable[[], bool]) -> list[int]:
+        """With options.reuse_prefix (a chat's next turn), the part of the prompt the context already
+        holds is not decoded again, as llama-cli and ollama do; otherwise every prompt starts afresh,
+        so that its tokens do not depend on what ran before."""
         lib = self.lib
-        self.use_context(len(prompt) + options.max_new_tokens)
+        shared = 0
+        if getattr(options, "reuse_prefix", False):
+            while shared < min(len(self.cached), len(prompt) - 1) and self.cached[shared] == prompt[shared]:
+                shared += 1
+        shared = self.use_context(len(prompt) + options.max_new_tokens, keep=shared)
         chain = self.sampler(options, prompt)
         try:
-            self.feed(prompt, 0)
+            self.feed(prompt[shared:], shared)
             new: list[int] = []
             while True:
                 token = lib.llama_sampler_sample(chain, self.context, -1)
@@ -353,5 +370,13 @@ class LlamaCppEngine:
         return nlls
 
     def peak_memory_mb(self) -> float:
+        """The process's peak resident set (VmHWM: ru_maxrss would carry a parent's peak across exec)."""
+        try:
+            with open("/proc/self/status") as status:
+                for line in status:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) / 1024
+        except OSError:
+            pass
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 

@@ -36,7 +36,7 @@ class ChatSession:
         if not text:
             return "Type a message, or /exit to leave."
         self.history.append({"role": "user", "content": text})
-        options = replace(self.options, system=self.system)
+        options = replace(self.options, system=self.system, reuse_prefix=True)
         try:
             [reply] = list(generate(self.engine, [Prompt(messages=list(self.history))], options, on_text=on_text))
         except BaseException:

@@ -34,6 +34,7 @@ class GenerateOptions:
     batch_size: int = 1
     prompt_lookup: int | None = None  # prompt-lookup decoding: tokens proposed per step from the prompt
     truncate: str = "error"  # a prompt too long for the context: "error" or "left" (keep its end)
+    reuse_prefix: bool = False  # a chat's next turn: engines that can may keep the cached prompt prefix
 
 
 @dataclass
