@@ -152,6 +152,7 @@ def llama_engine(loaded, new_tokens: int, repeats: int) -> list[Figure]:
     def bare(llm, ids) -> int:
         """What a llama-cpp-python user writes: Llama.generate at temperature 0 (flash attention on,
         as llama.cpp's own tools and llmcli run it), stopping at end-of-generation."""
+        llm.reset()  # otherwise Llama.generate reuses the cached prompt: llmcli's generate decodes it each time
         count = 0
         for token in llm.generate(ids, temp=0.0):
             count += 1

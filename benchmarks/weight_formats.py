@@ -68,10 +68,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         files = {"Q4_1 (file as it is)": original}
         for name, ftype in (("Q8_0", lib.LLAMA_FTYPE_MOSTLY_Q8_0), ("F16", lib.LLAMA_FTYPE_MOSTLY_F16),
-                            ("F32", lib.LLAMA_FTYPE_ALL_F32)):
+                            ("F16, Q8_0 embeddings", lib.LLAMA_FTYPE_MOSTLY_F16), ("F32", lib.LLAMA_FTYPE_ALL_F32)):
             params = lib.llama_model_quantize_default_params()
             params.ftype, params.allow_requantize, params.nthread = ftype, True, threads
-            files[name] = Path(tmp) / f"{name}.gguf"
+            if "embeddings" in name:  # smaller (less memory) but the tied output layer then runs in Q8_0
+                params.token_embedding_type = params.output_tensor_type = lib.GGML_TYPE_Q8_0
+            files[name] = Path(tmp) / f"{name.replace(' ', '_').replace(',', '')}.gguf"
             assert lib.llama_model_quantize(str(original).encode(), str(files[name]).encode(), ctypes.byref(params)) == 0
         for name, path in files.items():
             source = models.ModelSource("gguf", str(path), path.name)
