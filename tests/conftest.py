@@ -178,15 +178,21 @@ class CliResult:
 
 def run_cli(*args: str, input: str | None = None) -> CliResult:
     """Run `llmcli ARGS` through the real entry point (`llmcli.cli.main`) in this process."""
+    import os
+
     from llmcli.cli import main
 
     runner = CliRunner()
+    debug = os.environ.get("LLMCLI_DEBUG")
     with runner.isolation(input=input) as (stdout, stderr, _):
         try:
             main([str(a) for a in args])
             code = 0
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else 1
+        finally:  # --debug sets LLMCLI_DEBUG for the process; later tests' subprocesses must not inherit it
+            if debug is None:
+                os.environ.pop("LLMCLI_DEBUG", None)
         return CliResult(code, stdout.getvalue().decode(), stderr.getvalue().decode())
 
 

@@ -11,7 +11,7 @@ import importlib.util
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Container, Protocol, Sequence
 
 from llmcli.errors import UsageError
 
@@ -43,7 +43,8 @@ class Engine(Protocol):
     kind: str  # "causal" | "masked"
     context_length: int | None  # the model's trained context, in tokens
     chat_template: str | None
-    eos_ids: set[int]
+    eos_ids: Container[int]  # end-of-generation token ids (membership is all tasks ask)
+    eos_id: int | None  # the tokenizer's own EOS
     bos_id: int | None
     adds_bos: bool  # whether encode() puts a BOS token first
 

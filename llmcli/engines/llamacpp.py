@@ -129,9 +129,6 @@ class EndOfGeneration:
     def __contains__(self, token: object) -> bool:
         return isinstance(token, int) and bool(self.lib.llama_vocab_is_eog(self.vocab, token))
 
-    def __iter__(self):
-        return (t for t in range(self.lib.llama_vocab_n_tokens(self.vocab)) if t in self)
-
 
 class LlamaCppEngine:
     name = "llama.cpp"
