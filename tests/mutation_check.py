@@ -211,7 +211,7 @@ MUTANTS = [
     Mutant("auto engine never picks llama.cpp", "llmcli/engines/__init__.py",
            'return "llama.cpp" if source.kind == "gguf" and not hf_only and llama_cpp_installed() else "hf"',
            'return "hf"',
-           "tests/test_llamacpp.py -k embedded_model"),
+           "tests/test_llamacpp.py -k auto_engine"),
 ]
 
 

@@ -291,3 +291,18 @@ def test_chat_reuses_the_cached_conversation_and_answers_as_afresh(tiny_gguf, mo
     prompt_length = len(fresh.encode_chat(messages))
     assert fed[0] < prompt_length / 2  # the first turn and its reply were not decoded again
     assert session.history[-1]["content"] == again.text
+
+
+def test_auto_engine_is_llama_cpp_for_gguf_and_hf_otherwise(tiny_gguf, tiny_llama, tmp_path):
+    def engine_of(*args: str) -> str:
+        result = run_cli(*args, "--json")
+        assert result.exit_code == 0, result.stderr
+        return result.json_lines()[0]["engine"]
+
+    assert engine_of("generate", "Hi", "-m", tiny_gguf, "-n", "2") == "llama.cpp"
+    assert engine_of("generate", "Hi", "-m", tiny_llama, "-n", "2") == "hf"
+    data = tmp_path / "text.txt"
+    data.write_text(GPL3.read_text()[:2000])
+    assert engine_of("eval", "--data", data, "-m", tiny_gguf, "--max-length", "64") == "llama.cpp"
+    # an option only hf has keeps a GGUF model on hf
+    assert engine_of("generate", "Hi", "-m", tiny_gguf, "-n", "2", "--prompt-lookup", "2") == "hf"
