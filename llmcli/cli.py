@@ -508,7 +508,10 @@ def main(argv: list[str] | None = None) -> None:
             traceback.print_exc()
         render.error(exc.message, exc.hint)
         code = exc.exit_code
-    except BrokenPipeError:  # `llmcli generate ... | head` closed the pipe: not an error
+    except (render.OutputClosed, BrokenPipeError):  # `llmcli generate ... | head` closed the pipe: not an error
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail
         code = 0
     except Exception as exc:
         if debug_mode:

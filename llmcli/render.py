@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from contextlib import contextmanager
@@ -13,8 +12,44 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from llmcli import strict_json
+
 # rich honours NO_COLOR and drops styling when stderr is not a terminal.
 stderr = Console(stderr=True, highlight=False)
+
+
+class OutputClosed(Exception):
+    """stdout was closed by its reader (`llmcli ... | head`). Not an OSError on purpose: click turns
+    an EPIPE OSError into a silent exit 1, and a closed pipe is not an error."""
+
+
+class GuardedStdout:
+    """sys.stdout (looked up at each write, as tests replace it) with a closed pipe raised as OutputClosed."""
+
+    def write(self, text: str) -> int:
+        try:
+            return sys.stdout.write(text)
+        except BrokenPipeError as exc:
+            raise OutputClosed from exc
+
+    def flush(self) -> None:
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError as exc:
+            raise OutputClosed from exc
+
+    def isatty(self) -> bool:
+        return sys.stdout.isatty()
+
+    def fileno(self) -> int:
+        return sys.stdout.fileno()
+
+
+stdout = GuardedStdout()
+
+
+def stdout_console() -> Console:
+    return Console(file=stdout, highlight=False)
 
 
 def notice(message: str) -> None:
@@ -39,12 +74,12 @@ def status(message: str) -> Iterator[None]:
 
 def write(text: str) -> None:
     """Write result text to stdout immediately (used for streaming)."""
-    sys.stdout.write(text)
-    sys.stdout.flush()
+    stdout.write(text)
+    stdout.flush()
 
 
 def json_line(record: dict[str, Any]) -> None:
-    write(json.dumps(record, ensure_ascii=False) + "\n")
+    write(strict_json.dumps(record, ensure_ascii=False) + "\n")
 
 
 def generation_record(generation: Any) -> dict[str, Any]:
@@ -100,7 +135,7 @@ def fill_mask_table(result: Any, model_name: str) -> None:
         for rank, prediction in enumerate(row, 1):
             bar = "█" * round(prediction.score * 20)
             table.add_row(str(rank), prediction.token_str, f"{prediction.score:.4f}", bar, prediction.sequence)
-        Console(highlight=False).print(table)
+        stdout_console().print(table)
     if result.all_positions is not None:
         write(f"all positions: {result.all_positions}\n")
 
@@ -136,7 +171,7 @@ def eval_table(results: list[Any]) -> None:
         style = "bold green" if len(results) > 1 and r.value == best else None
         table.add_row(r.model, f"{r.value:.4f}", f"{r.stderr:.4f}", str(r.tokens),
                       "-" if r.bits_per_byte is None else f"{r.bits_per_byte:.4f}", f"{r.seconds:.1f}", style=style)
-    Console(highlight=False).print(table)
+    stdout_console().print(table)
 
 
 @contextmanager
@@ -155,7 +190,7 @@ def training_progress(enabled: bool = True) -> Iterator[Any]:
                  f"eval {record['eval_loss']:.4f}" if "eval_loss" in record else ""]
         bar.update(task, completed=record["step"], status="  ".join(p for p in parts if p))
         if not stderr.is_terminal and enabled:
-            notice(json.dumps(record))
+            notice(strict_json.dumps(record))
 
     with bar:
         yield Reporter(start=lambda total, done: bar.update(task, total=total, completed=done), log=log,
@@ -179,4 +214,4 @@ def finetune_summary(result: Any) -> None:
         table.add_row("eval loss / perplexity", f"{result.eval_loss:.4f} / {math.exp(min(result.eval_loss, 700)):.2f}")
     table.add_row("tokens/s", f"{result.tokens_per_second:.0f} ({result.world_size} process(es))")
     table.add_row("time", f"{result.seconds:.1f} s")
-    Console(highlight=False).print(table)
+    stdout_console().print(table)

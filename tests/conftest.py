@@ -173,7 +173,12 @@ class CliResult:
     stderr: str
 
     def json_lines(self) -> list[dict]:
-        return [json.loads(line) for line in self.stdout.splitlines() if line.strip()]
+        """The --json output, parsed strictly: NaN or Infinity (not JSON) fails the test."""
+        return [json.loads(line, parse_constant=not_json) for line in self.stdout.splitlines() if line.strip()]
+
+
+def not_json(constant: str):
+    raise ValueError(f"{constant} is not JSON: a value that does not apply must be null")
 
 
 def run_cli(*args: str, input: str | None = None) -> CliResult:

@@ -334,3 +334,18 @@ def test_no_color_is_respected_on_a_terminal(tmp_path):
     plain = stderr_on_a_terminal(args, NO_COLOR="1")
     assert b"Error: " in coloured and b"Error: " in plain
     assert colour.search(coloured) and not colour.search(plain)
+
+
+def test_a_closed_pipe_is_not_an_error(tiny_gpt2):
+    """`llmcli generate - | head -1` with many prompts: exit 0, nothing on stderr but the headers.
+    (click turns a BrokenPipeError into a silent exit 1, so llmcli must not let one reach it.)"""
+    prompts = "".join(f"prompt number {n}\n" for n in range(30))
+    process = subprocess.Popen([sys.executable, "-m", "llmcli", "generate", "-", "-m", str(tiny_gpt2), "-n", "20",
+                                "--no-chat"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdin.write(prompts.encode())
+    process.stdin.close()
+    assert process.stdout.readline()  # the first generation arrived; then the reader goes away
+    process.stdout.close()
+    stderr = process.stderr.read().decode()
+    assert process.wait(timeout=120) == 0, stderr
+    assert "Error" not in stderr and "Traceback" not in stderr and "Exception" not in stderr

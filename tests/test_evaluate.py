@@ -276,6 +276,7 @@ def test_masked_accuracy_equals_plain_seeded_masking(tiny_bert, text_file, tmp_p
     assert result.exit_code == 0, result.stderr
     for seed in (1, 2):
         record = evaluate(text_file, trained, "--metric", "accuracy", "--max-length", "64", "--seed", seed)
+        assert record["nll"] is None  # no log-likelihood: null, not NaN (strict JSON)
         correct, total = reference_masked_accuracy(trained, TEXT, 64, seed)
         assert correct > 0
         assert (record["value"], record["tokens"]) == (correct / total, total)

@@ -310,3 +310,20 @@ def test_llmcli_device_sets_the_default_device(tiny_gpt2, monkeypatch):
     result = run_cli("generate", "hi", "-m", tiny_gpt2, "-n", "2")
     assert result.exit_code == 2 and "unknown device 'tpu'" in result.stderr
     assert run_cli("generate", "hi", "-m", tiny_gpt2, "-n", "2", "--device", "cpu").exit_code == 0
+
+
+def test_a_character_cut_by_the_token_limit_is_dropped_not_replaced(tiny_tokenizer):
+    """Byte-level tokens can end mid-character at --max-new-tokens: no U+FFFD in the text, streamed or not."""
+    from llmcli.tasks.generate import TokenStreamer, finish
+
+    text = "月亮🌙"
+    ids = tiny_tokenizer(text)["input_ids"]
+    cut = ids[:-1]  # the moon emoji's last byte is missing
+    assert tiny_tokenizer.decode(cut).endswith("\ufffd")
+    assert finish(tiny_tokenizer.decode, cut, eos=set(), stops=[]) == ("月亮", cut, "length")
+    pieces: list[str] = []
+    streamer = TokenStreamer(tiny_tokenizer.decode, pieces.append, stops=[], eos=set())
+    for token in cut:
+        streamer.add([token])
+    streamer.end()
+    assert "".join(pieces) == "月亮"

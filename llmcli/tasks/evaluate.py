@@ -45,7 +45,7 @@ class EvalResult:
     value: float
     stderr: float  # standard error of the value (delta method over per-token NLL)
     tokens: int  # tokens scored
-    nll: float  # total negative log-likelihood, nats
+    nll: float | None  # total negative log-likelihood, nats (None for accuracy)
     bits_per_byte: float | None
     word_perplexity: float | None
     seconds: float
@@ -262,7 +262,7 @@ def score(engine: Engine, text: str, options: EvalOptions, on_start: Callable[[i
         protocol, correct, total = masked_accuracy(engine.loaded, text, options)
         value = correct / total
         return EvalResult(engine.source.name, "accuracy", protocol, value, math.sqrt(value * (1 - value) / total),
-                          total, float("nan"), None, None, time.perf_counter() - began, engine.name, engine.weights)
+                          total, None, None, None, time.perf_counter() - began, engine.name, engine.weights)
     if options.metric == "pseudo-perplexity":
         protocol, nlls = pseudo_log_likelihoods(engine.loaded, text, options, on_start, on_progress)
     else:

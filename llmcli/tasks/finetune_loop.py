@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from llmcli import checkpoints
+from llmcli import checkpoints, strict_json
 from llmcli.tasks.finetune import (
     FinetuneOptions,
     FinetuneResult,
@@ -126,7 +126,7 @@ def read_metrics(output: Path, up_to_step: int) -> list[dict[str, Any]]:
 
 def write_metrics(output: Path, records: list[dict[str, Any]]) -> None:
     with open(output / "metrics.jsonl", "w") as file:
-        file.writelines(json.dumps(r) + "\n" for r in records)
+        file.writelines(strict_json.dumps(r) + "\n" for r in records)
 
 
 def plot_losses(output: Path, records: list[dict[str, Any]]) -> bool:
@@ -205,7 +205,7 @@ def train(options: FinetuneOptions, output: Path, model: Any, tokenizer: Any, tr
         run = {"training": training_config(options), "resolved": {**resolved, "total_steps": steps,
                "warmup_steps": warmup, "world_size": world, "device": str(accelerator.device),
                "distributed_type": str(accelerator.distributed_type)}, "versions": versions()}
-        (output / "run.json").write_text(json.dumps(run, indent=2, default=str))
+        (output / "run.json").write_text(strict_json.dumps(run, indent=2, default=str))
         write_metrics(output, history)
     writer = tensorboard_writer(output) if main else None
 
@@ -269,7 +269,7 @@ def train(options: FinetuneOptions, output: Path, model: Any, tokenizer: Any, tr
                 history.append(record)
                 if main:
                     with open(output / "metrics.jsonl", "a") as file:
-                        file.write(json.dumps(record) + "\n")
+                        file.write(strict_json.dumps(record) + "\n")
                     log_tensorboard(writer, record)
                 reporter.log(record)
             if options.save_every and state["step"] % options.save_every == 0 and state["step"] < steps:

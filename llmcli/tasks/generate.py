@@ -91,7 +91,7 @@ def finish(decode: Callable[[list[int]], str], ids: list[int], eos: set[int],
     """
     eos_at = next((i for i, t in enumerate(ids) if t in eos), None)
     body = ids if eos_at is None else ids[:eos_at]
-    text = decode(body)
+    text = decode(body).rstrip("\ufffd")  # a character cut by the token limit is dropped, not replaced
     stop_at = find_stop(text, stops)
     if stop_at is not None:
         # keep the tokens up to the one that completed the stop string, where generate stopped
@@ -138,13 +138,12 @@ class TokenStreamer:
             self.flush(final=True)
 
     def flush(self, final: bool) -> None:
-        text = self.decode(self.ids)
+        text = self.decode(self.ids).rstrip("\ufffd")  # an incomplete character: held back, or dropped at the end
         end = len(text)
         stop_at = find_stop(text, self.stops)
         if stop_at is not None:
             end, self.done = stop_at, True
         elif not final:
-            end = len(text.rstrip("\ufffd"))
             for stop in self.stops:
                 for size in range(min(len(stop) - 1, end), 0, -1):
                     if text[:end].endswith(stop[:size]):
