@@ -122,6 +122,7 @@ MATRIX = [
     ("fill-mask 'no blank here' -m {bert}", "no mask in 'no blank here'"),
     ("fill-mask 'the [MASK]' -m {bert} --top-k 0", "--top-k must be at least 1, got 0"),
     ("fill-mask 'the [MASK]' -m {bert} --targets zzzqqqxxx", "target 'zzzqqqxxx' is not a single token"),
+    ("fill-mask 'the [MASK]' -m {bert} --targets ☃", "target '☃' is not in this model's vocabulary (it becomes [UNK])"),
     ("fill-mask 'the [MASK]' -m {bert} --mode seq2seq", "unknown --mode 'seq2seq'"),
     ("fill-mask 'the [MASK]' -m {bert} --max-mask-tokens 0", "--max-mask-tokens must be at least 1"),
     ("fill-mask 'the [MASK]' -m {gpt2} --all-positions", "--all-positions needs a masked LM"),

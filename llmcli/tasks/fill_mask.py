@@ -94,6 +94,9 @@ def target_ids(tokenizer: Any, targets: list[str]) -> list[int]:
                 f"target {target!r} is not a single token of this model's vocabulary (it splits into {shown})",
                 "Pick a single-token word, or use a causal LM (--mode causal), which scores words of any length.",
             )
+        if pieces[0] == tokenizer.unk_token_id:  # the word is not in the vocabulary at all
+            raise UsageError(f"target {target!r} is not in this model's vocabulary (it becomes "
+                             f"{tokenizer.unk_token})", "Pick a word the model knows.")
         ids.append(pieces[0])
     return sorted(set(ids))
 
