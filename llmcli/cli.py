@@ -446,12 +446,24 @@ def chat(
     while True:
         try:
             line = input(">>> " if interactive else "")
-        except EOFError:
+        except EOFError:  # Ctrl-D: leave, with the shell's prompt on a line of its own
+            if interactive:
+                render.write("\n")
             break
-        except KeyboardInterrupt:  # Ctrl-C at the prompt leaves cleanly
+        except KeyboardInterrupt:  # Ctrl-C at the idle prompt leaves: exit 130, as every interrupt does
             render.write("\n")
-            break
-        reply = session.handle(line, on_text=render.write)
+            raise
+        try:
+            reply = session.handle(line, on_text=render.write)
+        except KeyboardInterrupt as interrupt:
+            # Ctrl-C during a reply stops it and keeps the conversation (as ollama and llama-cli do);
+            # SIGTERM, or a script's interrupt, still ends the session
+            if not interactive or isinstance(interrupt, Terminated):
+                render.write("\n")
+                raise
+            render.write("\n")
+            render.notice("Reply stopped (the conversation before it is kept); Ctrl-C again at the prompt leaves.")
+            continue
         if reply is None:
             break
         if reply:
@@ -471,13 +483,17 @@ def with_resume_default(argv: list[str]) -> list[str]:
     return argv
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM: handled as Ctrl-C everywhere, except that it never just stops a chat reply."""
+
+
 def interrupt_on_sigterm() -> None:
     """SIGTERM (kill, a job scheduler's timeout) gets Ctrl-C's cleanup: flushed output, a finetune
     checkpoint, no half-written cache, exit 130."""
     import signal
 
     def raise_interrupt(signum, frame):
-        raise KeyboardInterrupt
+        raise Terminated
 
     signal.signal(signal.SIGTERM, raise_interrupt)
 

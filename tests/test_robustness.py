@@ -135,3 +135,59 @@ def test_gguf_cache_survives_interrupts_races_and_corruption(tmp_path):
     assert rebuilt.returncode == 0, stderr
     assert b"Converting" in stderr and "Paris" in json.loads(stdout)["text"]
     assert weights.stat().st_size == marker["files"]["model.safetensors"]
+
+
+def read_until(fd: int, marker: bytes, seen: bytearray, timeout: float = 60) -> None:
+    """Read a pseudo-terminal's output into `seen` until `marker` appears after what was there."""
+    import select
+
+    start, deadline = len(seen), time.time() + timeout
+    while marker not in seen[start:]:
+        assert time.time() < deadline, bytes(seen[-300:])
+        ready, _, _ = select.select([fd], [], [], 0.2)
+        if ready:
+            try:
+                seen.extend(os.read(fd, 4096))
+            except OSError:  # the child closed the terminal
+                break
+
+
+@pytest.mark.slow
+def test_chat_at_a_terminal_ctrl_c_stops_a_reply_then_leaves(tmp_path):
+    """In a pseudo-terminal: Ctrl-C during a reply returns to the prompt (the session goes on); Ctrl-C
+    at the idle prompt leaves with 130 and an error line of its own; Ctrl-D leaves with 0 and a newline."""
+    import pty
+
+    def start_chat() -> tuple[subprocess.Popen, int]:
+        master, slave = pty.openpty()
+        process = subprocess.Popen([sys.executable, "-m", "llmcli", "chat", "-n", "300"], stdin=slave, stdout=slave,
+                                   stderr=slave, env={**os.environ, "TERM": "dumb"}, close_fds=True)
+        os.close(slave)
+        return process, master
+
+    process, master = start_chat()
+    seen = bytearray()
+    read_until(master, b">>> ", seen)
+    os.write(master, b"Write a very long story about a lighthouse keeper.\n")
+    read_until(master, b"lighthouse keeper.", seen)
+    time.sleep(0.5)
+    before = len(seen)
+    read_until(master, b" ", seen)  # the reply is streaming
+    process.send_signal(signal.SIGINT)
+    read_until(master, b">>> ", seen)  # back at the prompt, still running
+    assert process.poll() is None and len(seen) > before
+    assert b"Reply stopped" in seen
+    process.send_signal(signal.SIGINT)  # at the idle prompt: leave
+    assert process.wait(timeout=60) == 130
+    read_until(master, b"interrupted", seen)
+    assert b"\n" in seen[seen.rindex(b">>> "):seen.index(b"Error: interrupted")]  # not glued to the prompt
+    os.close(master)
+
+    process, master = start_chat()
+    seen = bytearray()
+    read_until(master, b">>> ", seen)
+    os.write(master, b"\x04")  # Ctrl-D
+    assert process.wait(timeout=60) == 0
+    read_until(master, b"\n", seen, timeout=5)
+    assert seen.endswith(b"\n") or seen.endswith(b"\r\n")
+    os.close(master)
