@@ -107,7 +107,9 @@ def generate(
     file: Annotated[Optional[str], typer.Option("--file", "-f", help="Read prompts from a file: one per line, "
                                                 "or JSONL with 'prompt' or 'messages'.")] = None,
     model: ModelOption = None,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Tokens to generate at most.")] = 256,
+    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", "-n", help="Tokens to generate at most. "
+                                                          "Default: 256, or what the model's context leaves.",
+                                                          show_default=False)] = None,
     temperature: Annotated[float, typer.Option("--temperature", "-t", help="0 = greedy; above 0 samples.")] = 0.0,
     top_k: Annotated[Optional[int], typer.Option(help="Sample among the k most likely tokens (0 = off).")] = None,
     top_p: Annotated[Optional[float], typer.Option(help="Nucleus sampling threshold in (0, 1].")] = None,
@@ -146,7 +148,8 @@ def generate(
     from llmcli.tasks.generate import GenerateOptions, generate as run_generate, validate
 
     options = GenerateOptions(
-        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+        max_new_tokens=256 if max_new_tokens is None else max_new_tokens, default_length=max_new_tokens is None,
+        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
         repetition_penalty=repetition_penalty, seed=seed, num_return_sequences=num_return_sequences,
         stop=stop or [], system=system, chat=chat, batch_size=batch_size, prompt_lookup=prompt_lookup,
         truncate=truncate,
@@ -167,7 +170,8 @@ def generate(
                          hf_only=hf_only, draft_model=draft_model, trust_remote_code=trust_remote_code,
                          allow_pickle=allow_pickle)
     results = []
-    for result in run_generate(runner, prompt_list, options, on_text=render.write if streaming else None):
+    for result in run_generate(runner, prompt_list, options, on_text=render.write if streaming else None,
+                               on_notice=render.notice):
         results.append(result)
         if json_output:
             render.json_line(render.generation_record(result))
@@ -303,7 +307,9 @@ def finetune(
     lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 5e-5,
     batch_size: Annotated[int, typer.Option(help="Examples per batch per process.")] = 8,
     grad_accum: Annotated[int, typer.Option(help="Batches per optimizer step.")] = 1,
-    max_length: Annotated[int, typer.Option(help="Tokens per example (block size when packing).")] = 512,
+    max_length: Annotated[Optional[int], typer.Option(help="Tokens per example (block size when packing). Default: "
+                                                      "512, or the model's context if smaller.",
+                                                      show_default=False)] = None,
     packing: Annotated[Optional[bool], typer.Option("--packing/--no-packing", help="Concatenate and cut into "
                                                     "--max-length blocks. Default: on for plain text.",
                                                     show_default=False)] = None,
@@ -409,7 +415,9 @@ def launch_processes(count: int, device: str | None) -> int:
 def chat(
     model: ModelOption = None,
     system: Annotated[Optional[str], typer.Option(help="System message (change it later with /system).")] = None,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Tokens per reply at most.")] = 512,
+    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", "-n", help="Tokens per reply at most. "
+                                                          "Default: 512, or what the model's context leaves.",
+                                                          show_default=False)] = None,
     temperature: Annotated[float, typer.Option("--temperature", "-t", help="0 = greedy; above 0 samples.")] = 0.0,
     top_k: Annotated[Optional[int], typer.Option(help="Sample among the k most likely tokens.")] = None,
     top_p: Annotated[Optional[float], typer.Option(help="Nucleus sampling threshold in (0, 1].")] = None,
@@ -430,13 +438,14 @@ def chat(
     from llmcli.tasks.generate import GenerateOptions, validate
 
     options = GenerateOptions(
-        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+        max_new_tokens=512 if max_new_tokens is None else max_new_tokens, default_length=max_new_tokens is None,
+        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
         repetition_penalty=repetition_penalty, seed=seed, chat=True,
     )
     validate(options)
     runner = load_engine(model, engine, command="chat", device=device, dtype=dtype, fast=fast, threads=threads,
                          trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
-    session = ChatSession(runner, options, system=system)
+    session = ChatSession(runner, options, system=system, on_notice=render.notice)
     interactive = sys.stdin.isatty()
     if interactive:
         import readline  # noqa: F401  (line editing and history for input())

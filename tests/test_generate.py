@@ -327,3 +327,14 @@ def test_a_character_cut_by_the_token_limit_is_dropped_not_replaced(tiny_tokeniz
         streamer.add([token])
     streamer.end()
     assert "".join(pieces) == "月亮"
+
+
+def test_default_max_new_tokens_is_capped_to_what_the_context_leaves(tiny_gpt2):
+    """256 new tokens by default do not fit the tiny GPT-2's 256 positions after a prompt: capped, with a
+    notice; an explicit -n 300 stays an error (tests/test_errors.py)."""
+    result = run_cli("generate", PROMPTS[0], "-m", tiny_gpt2, "--no-chat", "--json")
+    assert result.exit_code == 0, result.stderr
+    [record] = result.json_lines()
+    room = 256 - record["prompt_tokens"]
+    assert f"--max-new-tokens defaults to 256; using {room}" in result.stderr
+    assert record["generated_tokens"] <= room

@@ -15,6 +15,7 @@ class ChatSession:
     options: GenerateOptions
     system: str | None = None
     history: list[dict[str, str]] = field(default_factory=list)
+    on_notice: TextCallback | None = None
 
     def handle(self, line: str, on_text: TextCallback) -> str | None:
         """React to one input line: a /command returns a notice, a message streams a reply and returns "".
@@ -38,7 +39,8 @@ class ChatSession:
         self.history.append({"role": "user", "content": text})
         options = replace(self.options, system=self.system, reuse_prefix=True)
         try:
-            [reply] = list(generate(self.engine, [Prompt(messages=list(self.history))], options, on_text=on_text))
+            [reply] = list(generate(self.engine, [Prompt(messages=list(self.history))], options, on_text=on_text,
+                                    on_notice=self.on_notice))
         except BaseException:
             self.history.pop()  # an interrupted turn leaves no half conversation behind
             raise

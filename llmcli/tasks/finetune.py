@@ -11,7 +11,7 @@ import json
 import math
 import shutil
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -21,6 +21,9 @@ from llmcli.errors import DataError, UsageError
 # Options that may differ between a run and its resumption; all others must match.
 RESUMABLE_CHANGES = {"resume", "overwrite", "save_every", "keep_checkpoints", "eval_every", "log_every",
                      "num_processes", "max_steps", "epochs", "output"}
+
+
+DEFAULT_MAX_LENGTH = 512  # tokens per example, when the model's context allows
 
 
 @dataclass
@@ -41,7 +44,7 @@ class FinetuneOptions:
     lr: float = 5e-5
     batch_size: int = 8
     grad_accum: int = 1
-    max_length: int = 512
+    max_length: int | None = None  # None: DEFAULT_MAX_LENGTH, capped to the model's context
     packing: bool | None = None  # default: on for plain text, off for prompt/completion and chat
     mask_prompt: bool | None = None  # default: on for prompt/completion and chat
     warmup: float = 0.0  # steps, or a fraction of all steps when below 1
@@ -103,7 +106,8 @@ def validate(options: FinetuneOptions) -> None:
         (options.lr > 0, f"--lr must be positive, got {options.lr}", None),
         (options.batch_size > 0, f"--batch-size must be at least 1, got {options.batch_size}", None),
         (options.grad_accum > 0, f"--grad-accum must be at least 1, got {options.grad_accum}", None),
-        (options.max_length >= 2, f"--max-length must be at least 2, got {options.max_length}", None),
+        (options.max_length is None or options.max_length >= 2,
+         f"--max-length must be at least 2, got {options.max_length}", None),
         (options.warmup >= 0, f"--warmup must not be negative, got {options.warmup}", None),
         (options.weight_decay >= 0, f"--weight-decay must not be negative, got {options.weight_decay}", None),
         (options.max_grad_norm >= 0, f"--max-grad-norm must not be negative, got {options.max_grad_norm}", None),
@@ -250,6 +254,8 @@ def check_resume_config(output: Path, options: FinetuneOptions) -> None:
         return
     saved = json.loads(run_file.read_text()).get("training", {})
     current = training_config(options)
+    if current.get("max_length") is None:  # not given: the run's own (resolved) value is used again
+        current.pop("max_length", None)
     changed = sorted(k for k in current if k in saved and saved[k] != current[k])
     if changed:
         raise UsageError(f"--resume with different settings than the run in {output}: {', '.join(changed)}",
@@ -297,7 +303,12 @@ def run(options: FinetuneOptions, reporter: Reporter | None = None) -> FinetuneR
     packing = options.packing if options.packing is not None else data_format == "text" or objective == "mlm"
     mask_prompt = options.mask_prompt if options.mask_prompt is not None else data_format != "text"
     context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-    if context and options.max_length > context:
+    if options.max_length is None:  # the default fits the model: a small model's context caps it
+        options = replace(options, max_length=min(DEFAULT_MAX_LENGTH, context or DEFAULT_MAX_LENGTH))
+        if options.max_length < DEFAULT_MAX_LENGTH:
+            reporter.note(f"--max-length defaults to {DEFAULT_MAX_LENGTH}; using {options.max_length}, the model's "
+                          f"context.")
+    elif context and options.max_length > context:
         raise UsageError(f"--max-length {options.max_length} is above the model's context of {context} tokens",
                          f"Use --max-length {context} or less.")
     from llmcli.training_data import prepare

@@ -8,7 +8,7 @@ never splits a UTF-8 character.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator
 
 from llmcli.data import Prompt
@@ -21,6 +21,7 @@ TextCallback = Callable[[str], None]
 @dataclass
 class GenerateOptions:
     max_new_tokens: int = 256
+    default_length: bool = False  # max_new_tokens is a default, not the user's: capped to what the context leaves
     temperature: float = 0.0  # 0 = greedy
     top_k: int | None = None
     top_p: float | None = None
@@ -184,6 +185,21 @@ def validate(options: GenerateOptions) -> None:
         raise UsageError(f"--prompt-lookup must be at least 1, got {options.prompt_lookup}")
 
 
+def cap_default_length(options: GenerateOptions, encoded: list[list[int]], context: int | None,
+                       on_notice: TextCallback | None) -> GenerateOptions:
+    """A default --max-new-tokens that does not fit the context after the longest prompt is lowered to
+    what fits (with a notice); a value the user gave is checked by fit_to_context instead."""
+    if not options.default_length or not context or not encoded:
+        return options
+    room = context - max(len(ids) for ids in encoded)
+    if not 0 < room < options.max_new_tokens:
+        return options
+    if on_notice:
+        on_notice(f"--max-new-tokens defaults to {options.max_new_tokens}; using {room}, what the model's context "
+                  f"of {context} tokens leaves after the prompt.")
+    return replace(options, max_new_tokens=room)
+
+
 def fit_to_context(ids: list[int], context: int | None, options: GenerateOptions) -> list[int]:
     """The prompt's ids, checked (or, with --truncate left, cut) so the generation fits the context."""
     if not context:
@@ -206,6 +222,7 @@ def generate(
     prompts: list[Prompt],
     options: GenerateOptions,
     on_text: TextCallback | None = None,
+    on_notice: TextCallback | None = None,
 ) -> Iterator[Generation]:
     """Yield generations in input order, batch by batch; `on_text` streams a lone sequence's text.
 
@@ -217,8 +234,9 @@ def generate(
             raise DataError("empty prompt", "Pass some text to continue.")
     if options.seed is not None:
         engine.set_seed(options.seed)
-    encoded = [fit_to_context(encode_prompt(engine, prompt, options), engine.context_length, options)
-               for prompt in prompts]
+    encoded = [encode_prompt(engine, prompt, options) for prompt in prompts]
+    options = cap_default_length(options, encoded, engine.context_length, on_notice)
+    encoded = [fit_to_context(ids, engine.context_length, options) for ids in encoded]
     single = len(prompts) == 1 and options.num_return_sequences == 1
     for start in range(0, len(prompts), options.batch_size):
         batch_ids = encoded[start:start + options.batch_size]
