@@ -220,8 +220,13 @@ def fill_mask(
     if mode not in kinds:
         raise UsageError(f"unknown --mode {mode!r}", "Use auto, mlm or causal.")
     inputs = collect_inputs(texts or [], file, read_texts, "text")
-    loaded = load_engine(model, "hf", kind=kinds[mode], device=device, dtype=dtype,
-                         trust_remote_code=trust_remote_code, allow_pickle=allow_pickle).loaded
+    from llmcli.errors import WrongModelKind
+
+    try:
+        loaded = load_engine(model, "hf", kind=kinds[mode], device=device, dtype=dtype,
+                             trust_remote_code=trust_remote_code, allow_pickle=allow_pickle).loaded
+    except WrongModelKind as exc:  # here the fix is the --mode option, not another command
+        raise WrongModelKind(exc.message, f"Drop --mode {mode}: fill-mask picks the method from the model.") from exc
     for result in run_fill_mask(loaded, inputs, options):
         if json_output:
             render.json_line(render.fill_mask_record(result))

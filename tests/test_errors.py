@@ -50,6 +50,7 @@ def workspace(tmp_path_factory, tiny_gpt2, tiny_bert) -> Path:
     for name, text in files.items():
         (root / name).write_text(text)
     (root / "data.bin").write_bytes(b"abc\x00def")
+    (root / "utf16.txt").write_bytes("a prompt\nanother\n".encode("utf-16"))
     (root / "cut.gguf").write_bytes(b"GGUF\x03\x00\x00\x00" + b"\xff" * 64)  # a header, then nonsense
     (root / "latin1.txt").write_bytes("café\n".encode("latin-1"))
     (root / "not-a-model").mkdir()
@@ -108,7 +109,8 @@ MATRIX = [
     ("generate", "no prompt given"),
     ("generate ' '", "empty prompt"),
     ("generate -f {ws}/missing.txt", "missing.txt does not exist"),
-    ("generate -f {ws}/empty.txt", "contains no prompts"),
+    ("generate -f {ws}/empty.txt", "empty.txt is empty (only whitespace)"),
+    ("generate -f {ws}/utf16.txt", "utf16.txt is UTF-16 text, not UTF-8"),
     ("generate -f {ws}/data.bin", "binary file"),
     ("generate -f {ws}/latin1.txt", "not valid UTF-8"),
     ("generate -f {ws}/broken.jsonl", "broken.jsonl line 2: invalid JSON"),
@@ -127,7 +129,9 @@ MATRIX = [
     ("fill-mask 'the [MASK]' -m {bert} --max-mask-tokens 0", "--max-mask-tokens must be at least 1"),
     ("fill-mask 'the [MASK]' -m {gpt2} --all-positions", "--all-positions needs a masked LM"),
     ("fill-mask 'the [MASK]' -m {bert} --mode causal", "is a masked LM, not a causal"),
-    ("fill-mask -f {ws}/empty.txt -m {bert}", "contains no texts"),
+    ("fill-mask 'the [MASK]' -m {bert} --mode causal", "Drop --mode causal"),
+    ("fill-mask 'the [MASK]' -m {gpt2} --mode mlm", "Drop --mode mlm"),
+    ("fill-mask -f {ws}/empty.txt -m {bert}", "empty.txt is empty (only whitespace)"),
     ("fill-mask -f {ws}/gpl.txt -m {bert}", "no mask in"),
     ("fill-mask '{long} [MASK]' -m {bert}", "longer than the model's 128"),
     # eval
@@ -141,6 +145,7 @@ MATRIX = [
     ("eval --data {ws}/gpl.txt -m {gpt2} --llama-cpp --ctx 4096", "--ctx 4096 is above the model's context"),
     ("eval --data {ws}/short.txt -m {gpt2} --llama-cpp --ctx 128", "needs at least 2 × ctx"),
     ("eval --data {ws}/empty.txt -m {gpt2}", "is empty"),
+    ("eval --data {ws}/utf16.txt -m {gpt2}", "Convert it: iconv -f UTF-16 -t UTF-8"),
     ("eval --data {ws}/missing.txt -m {gpt2}", "does not exist"),
     ("eval -m {gpt2}", "Missing option '--data'"),
     # finetune (the output directory must not appear)
@@ -148,7 +153,7 @@ MATRIX = [
     ("finetune --data {ws}/train-mixed.jsonl -m {gpt2} -o {ws}/out", "line 2: a prompt-completion record in a text file"),
     ("finetune --data {ws}/train-missing.jsonl -m {gpt2} -o {ws}/out", "line 2: no 'text', 'prompt'/'completion'"),
     ("finetune --data {ws}/train-type.jsonl -m {gpt2} -o {ws}/out", "line 1: 'text' must be a string"),
-    ("finetune --data {ws}/train-empty.jsonl -m {gpt2} -o {ws}/out", "contains no records"),
+    ("finetune --data {ws}/train-empty.jsonl -m {gpt2} -o {ws}/out", "train-empty.jsonl is empty"),
     ("finetune --data {ws}/table.csv -m {gpt2} -o {ws}/out", "has no column 'text'"),
     ("finetune --data {ws}/not-a-dataset -m {gpt2} -o {ws}/out", "not a dataset saved with save_to_disk"),
     ("finetune --data {ws}/gpl.txt -m {gpt2} -o {ws}/out --objective seq2seq", "unknown --objective 'seq2seq'"),
