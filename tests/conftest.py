@@ -285,3 +285,11 @@ def bare_llama_greedy(path: Path, prompt_ids: list[int], max_new_tokens: int, th
         if llama_vocab_is_eog(llm._model.vocab, token) or len(new) == max_new_tokens:
             break
     return new
+
+
+def default_sigint() -> None:
+    """preexec_fn for subprocesses that tests interrupt: a shell's background job (`cmd &`) inherits
+    SIGINT ignored, and Python then installs no KeyboardInterrupt handler; restore the default."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

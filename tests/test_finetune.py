@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import gpl_text, run_cli
+from conftest import default_sigint, gpl_text, run_cli
 from test_errors import assert_clean_error
 
 TRAIN = ["--max-length", "64", "--batch-size", "8", "--lr", "3e-3", "--log-every", "5"]
@@ -173,7 +173,8 @@ def test_interrupt_saves_a_checkpoint_and_resume_equals_uninterrupted(tiny_gpt2,
     args = ["--data", gpl_file, "-m", tiny_gpt2, "--max-steps", "30", *TRAIN]
     output = tmp_path / "out"
     command = [sys.executable, "-m", "llmcli", "finetune", *map(str, args), "-o", str(output)]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=default_sigint)
     deadline = time.time() + 120
     while not (output / "metrics.jsonl").exists() or not (output / "metrics.jsonl").read_text():
         assert process.poll() is None and time.time() < deadline

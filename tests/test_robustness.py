@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import gpl_text, run_cli
+from conftest import default_sigint, gpl_text, run_cli
 from llmcli.errors import DataError
 
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -85,6 +85,7 @@ def test_resume_skips_incomplete_checkpoints(tiny_gpt2, tmp_path):
 
 def start(args: list[str], env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "llmcli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=default_sigint,
                             env={**os.environ, **(env or {})})
 
 
@@ -161,7 +162,8 @@ def test_chat_at_a_terminal_ctrl_c_stops_a_reply_then_leaves(tmp_path):
     def start_chat() -> tuple[subprocess.Popen, int]:
         master, slave = pty.openpty()
         process = subprocess.Popen([sys.executable, "-m", "llmcli", "chat", "-n", "300"], stdin=slave, stdout=slave,
-                                   stderr=slave, env={**os.environ, "TERM": "dumb"}, close_fds=True)
+                                   stderr=slave, env={**os.environ, "TERM": "dumb"}, close_fds=True,
+                                   preexec_fn=default_sigint)
         os.close(slave)
         return process, master
 
@@ -177,6 +179,7 @@ def test_chat_at_a_terminal_ctrl_c_stops_a_reply_then_leaves(tmp_path):
     read_until(master, b">>> ", seen)  # back at the prompt, still running
     assert process.poll() is None and len(seen) > before
     assert b"Reply stopped" in seen
+    time.sleep(0.5)  # into input() proper, past the prompt's echo
     process.send_signal(signal.SIGINT)  # at the idle prompt: leave
     assert process.wait(timeout=60) == 130
     read_until(master, b"interrupted", seen)
