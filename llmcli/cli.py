@@ -103,7 +103,7 @@ def collect_inputs(arguments: list[str], file: str | None, read, what: str) -> l
 @app.command()
 def generate(
     prompts: Annotated[Optional[list[str]], typer.Argument(help="Prompts; '-' reads them from stdin, one per line.",
-                                                           show_default=False)] = None,
+                                                           show_default=False, metavar="PROMPT")] = None,
     file: Annotated[Optional[str], typer.Option("--file", "-f", help="Read prompts from a file: one per line, "
                                                 "or JSONL with 'prompt' or 'messages'.")] = None,
     model: ModelOption = None,
@@ -117,7 +117,8 @@ def generate(
     repetition_penalty: Annotated[Optional[float], typer.Option(help="Penalty above 1 discourages repeats.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed: the same seed gives the same samples.")] = None,
     num_return_sequences: Annotated[int, typer.Option(help="Samples per prompt (needs --temperature > 0).")] = 1,
-    stop: Annotated[Optional[list[str]], typer.Option(help="Stop before this string (repeatable).")] = None,
+    stop: Annotated[Optional[list[str]], typer.Option(help="Stop before this string (repeatable).",
+                                                      metavar="TEXT")] = None,
     system: Annotated[Optional[str], typer.Option(help="System message for the chat template.")] = None,
     chat: Annotated[Optional[bool], typer.Option("--chat/--no-chat", help="Apply the chat template. Default: "
                                                  "when the tokenizer has one.", show_default=False)] = None,
@@ -188,12 +189,13 @@ def generate(
 @app.command("fill-mask")
 def fill_mask(
     texts: Annotated[Optional[list[str]], typer.Argument(help="Texts with [MASK] blanks; '-' reads stdin.",
-                                                         show_default=False)] = None,
+                                                         show_default=False, metavar="TEXT")] = None,
     file: Annotated[Optional[str], typer.Option("--file", "-f", help="Read texts from a file: one per line, "
                                                 "or JSONL with 'text'.")] = None,
     model: ModelOption = None,
     top_k: Annotated[int, typer.Option(help="Predictions per blank.")] = 5,
-    targets: Annotated[Optional[list[str]], typer.Option(help="Score only these words (repeatable).")] = None,
+    targets: Annotated[Optional[list[str]], typer.Option(help="Score only these words (repeatable).",
+                                                         metavar="WORD")] = None,
     mode: Annotated[str, typer.Option(help="auto (from the model type), mlm (masked LM) or causal "
                                       "(candidate rescoring with a causal LM).")] = "auto",
     max_mask_tokens: Annotated[int, typer.Option(help="Causal mode: tokens one blank may stand for "
@@ -238,7 +240,7 @@ def fill_mask(
 def evaluate(
     data: Annotated[str, typer.Option("--data", "-d", help="Text to score: .txt, JSONL with 'text', or '-' "
                                       "for stdin.", show_default=False)],
-    model: Annotated[Optional[list[str]], typer.Option("--model", "-m", help="Model to evaluate (repeatable: one "
+    model: Annotated[Optional[list[str]], typer.Option("--model", "-m", metavar="MODEL", help="Model to evaluate (repeatable: one "
                                                        "row each). Default: the embedded SmolLM2.")] = None,
     metric: Annotated[Optional[str], typer.Option(help="perplexity (causal LMs), pseudo-perplexity or accuracy "
                                                   "(masked LMs). Default: from the model type.")] = None,

@@ -101,16 +101,16 @@ def generation_stats(generations: list[Any], peak_memory_mb: float) -> None:
     batches = {(g.seconds, g.time_to_first_token) for g in generations}
     seconds = sum(s for s, _ in batches)
     first_token = [t for _, t in batches if t is not None]
-    table = Table(show_header=False, box=None, pad_edge=False)
-    table.add_row("engine", f"{generations[0].engine} ({generations[0].weights})" if generations else "-")
-    table.add_row("prompt tokens", str(sum(g.prompt_tokens for g in generations if g.index == 0)))
-    table.add_row("generated tokens", str(generated))
+    rows = [("engine", f"{generations[0].engine} ({generations[0].weights})" if generations else "-"),
+            ("prompt tokens", str(sum(g.prompt_tokens for g in generations if g.index == 0))),
+            ("generated tokens", str(generated))]
     if first_token:
-        table.add_row("time to first token", f"{first_token[0] * 1000:.0f} ms")
-    table.add_row("generation time", f"{seconds:.2f} s")
-    table.add_row("tokens/s", f"{generated / seconds:.1f}" if seconds else "-")
-    table.add_row("peak memory", f"{peak_memory_mb:.0f} MB")
-    stderr.print(table)
+        rows.append(("time to first token", f"{first_token[0] * 1000:.0f} ms"))
+    rows += [("generation time", f"{seconds:.2f} s"),
+             ("tokens/s", f"{generated / seconds:.1f}" if seconds else "-"),
+             ("peak memory", f"{peak_memory_mb:.0f} MB")]
+    for label, value in rows:  # plain lines: no padding after the value, easy to grep
+        stderr.print(f"{label:<20} {value}", markup=False, highlight=False, soft_wrap=True)
 
 
 def fill_mask_record(result: Any) -> dict[str, Any]:

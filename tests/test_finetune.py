@@ -517,16 +517,21 @@ def test_epochs_set_the_number_of_steps(tiny_gpt2, gpl_file, tmp_path):
 
 def test_default_max_length_is_capped_to_a_small_models_context(tiny_gpt2, gpl_file, tmp_path):
     """The default --max-length (512) does not fit the tiny GPT-2's 256 positions: it is lowered, with a
-    notice, and a resume without the option uses the run's value; an explicit 512 stays an error."""
+    notice, and a resume without the option uses the run's value; an explicit 512 stays an error.
+    A bare --resume of the finished run says it is finished; a larger --max-steps trains on."""
     output = tmp_path / "run"
     result = run_cli("finetune", "--data", gpl_file, "-m", tiny_gpt2, "-o", output, "--max-steps", "2",
                      "--batch-size", "2", "--save-every", "1", "--json")
     assert result.exit_code == 0, result.stderr
     assert "--max-length defaults to 512; using 256" in result.stderr
     assert json.loads((output / "run.json").read_text())["training"]["max_length"] == 256
-    resumed = run_cli("finetune", "--data", gpl_file, "-m", tiny_gpt2, "-o", output, "--max-steps", "2",
+    finished = run_cli("finetune", "--data", gpl_file, "-m", tiny_gpt2, "-o", output, "--max-steps", "2",
+                       "--batch-size", "2", "--save-every", "1", "--resume")
+    assert finished.exit_code == 2 and "is finished (2 steps), so there is nothing to resume" in finished.stderr
+    resumed = run_cli("finetune", "--data", gpl_file, "-m", tiny_gpt2, "-o", output, "--max-steps", "3",
                       "--batch-size", "2", "--save-every", "1", "--resume", "--json")
     assert resumed.exit_code == 0, resumed.stderr
+    assert json.loads(resumed.stdout.strip().splitlines()[-1])["steps"] == 3
     explicit = run_cli("finetune", "--data", gpl_file, "-m", tiny_gpt2, "-o", tmp_path / "other", "--max-length",
                        "512", "--max-steps", "1")
     assert explicit.exit_code == 2 and "--max-length 512 is above the model's context of 256" in explicit.stderr

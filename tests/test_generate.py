@@ -159,6 +159,7 @@ def test_plain_output_streams_text(tiny_gpt2):
     assert result.exit_code == 0, result.stderr
     assert result.stdout == record["text"] + "\n"
     assert "tokens/s" in result.stderr and "time to first token" in result.stderr
+    assert not [line for line in result.stderr.splitlines() if line != line.rstrip()]  # no padding after values
 
 
 def test_streamer_never_splits_multibyte_characters(tiny_tokenizer):

@@ -248,6 +248,21 @@ def training_config(options: FinetuneOptions) -> dict[str, Any]:
     return {k: v for k, v in asdict(options).items() if k not in RESUMABLE_CHANGES}
 
 
+def refuse_finished_run(output: Path, options: FinetuneOptions) -> None:
+    """A bare --resume on a run that wrote its final model and asks for no more steps: say so, instead
+    of "no checkpoint" or a run of zero steps."""
+    run_file = output / "run.json"
+    finished = (output / "config.json").is_file() or (output / "adapter_config.json").is_file()
+    if options.resume != "latest" or not finished or not run_file.is_file():
+        return
+    run = json.loads(run_file.read_text())
+    total = run.get("resolved", {}).get("total_steps")
+    same_length = all(run.get("training", {}).get(key) == getattr(options, key) for key in ("max_steps", "epochs"))
+    if total is not None and same_length:
+        raise UsageError(f"the run in {output} is finished ({total} steps), so there is nothing to resume",
+                         "Pass a larger --max-steps or --epochs with --resume to train on, or use a new --output.")
+
+
 def check_resume_config(output: Path, options: FinetuneOptions) -> None:
     run_file = output / "run.json"
     if not run_file.is_file():
@@ -287,6 +302,7 @@ def run(options: FinetuneOptions, reporter: Reporter | None = None) -> FinetuneR
     output = check_output_dir(options)
     resume_from = None
     if options.resume is not None:
+        refuse_finished_run(output, options)
         resume_from = checkpoints.find_checkpoint(output, options.resume)
         source_run = checkpoints.run_dir(resume_from)
         if source_run.resolve() != output.resolve() and output.is_dir() and any(output.iterdir()):
