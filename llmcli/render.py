@@ -169,7 +169,7 @@ def eval_table(results: list[Any]) -> None:
         table.add_column(column, justify="right", no_wrap=True)
     for r in results:
         style = "bold green" if len(results) > 1 and r.value == best else None
-        table.add_row(r.model, f"{r.value:.4f}", f"{r.stderr:.4f}", str(r.tokens),
+        table.add_row(r.model, f"{r.value:.4f}", "-" if r.stderr is None else f"{r.stderr:.4f}", str(r.tokens),
                       "-" if r.bits_per_byte is None else f"{r.bits_per_byte:.4f}", f"{r.seconds:.1f}", style=style)
     stdout_console().print(table)
 

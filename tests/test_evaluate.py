@@ -336,3 +336,26 @@ def test_lm_eval_figure_on_the_embedded_model(text_file, max_length, lm_eval_nll
     record = evaluate(text_file, "smollm2", "--lm-eval", "--max-length", max_length, "--engine", "hf")
     assert record["nll"] == pytest.approx(lm_eval_nll, rel=1e-7)
     assert record["protocol"] == f"rolling(lm-eval,max_length={max_length})"
+
+
+def test_values_that_do_not_apply_are_null(tiny_gpt2, tiny_tokenizer, tmp_path):
+    """One scored token has no standard error; text without word separators has no word perplexity
+    (outside --lm-eval, whose definition stays exact)."""
+    two_tokens = next(t for t in ("the", "a b", "License", "the program")
+                      if len(tiny_tokenizer(t)["input_ids"]) == 2)
+    short = tmp_path / "short.txt"
+    short.write_text(two_tokens)
+    record = evaluate(short, tiny_gpt2)
+    assert record["tokens"] == 1 and record["stderr"] is None
+    chinese = tmp_path / "chinese.txt"
+    chinese.write_text("月亮照在湖面上，风很轻。" * 20)
+    record = evaluate(chinese, tiny_gpt2, "--max-length", "64")
+    assert record["word_perplexity"] is None and record["bits_per_byte"] > 0
+    spaced = evaluate(text_file_with(tmp_path, TEXT[:2000]), tiny_gpt2, "--max-length", "64")
+    assert spaced["word_perplexity"] is not None
+
+
+def text_file_with(tmp_path, text: str):
+    path = tmp_path / "spaced.txt"
+    path.write_text(text)
+    return path

@@ -43,7 +43,7 @@ class EvalResult:
     metric: str
     protocol: str
     value: float
-    stderr: float  # standard error of the value (delta method over per-token NLL)
+    stderr: float | None  # standard error of the value (delta method over per-token NLL); None from one token
     tokens: int  # tokens scored
     nll: float | None  # total negative log-likelihood, nats (None for accuracy)
     bits_per_byte: float | None
@@ -91,17 +91,30 @@ def llama_cpp_windows(ids: list[int], ctx: int, bos: int | None) -> list[Window]
     return windows
 
 
-def summary(nlls: list[float], text: str) -> tuple[float, float, float, float, float]:
+def summary(nlls: list[float], text: str, lm_eval: bool = False) -> tuple[float, float | None, float, float,
+                                                                         float | None]:
     """value (perplexity), its standard error, total NLL, bits per byte, word perplexity."""
     n = len(nlls)
     total = math.fsum(nlls)
     mean = total / n
     variance = math.fsum((x - mean) ** 2 for x in nlls) / max(n - 1, 1)
     perplexity = math.exp(mean)
-    stderr = perplexity * math.sqrt(variance / n)  # delta method: d exp(m) = exp(m) dm
+    # delta method: d exp(m) = exp(m) dm; one token has no spread to estimate it from
+    stderr = perplexity * math.sqrt(variance / n) if n > 1 else None
     words = len(re.split(r"\s+", text))  # lm-eval's word count for word_perplexity
-    bits_per_byte = total / (math.log(2) * len(text.encode("utf-8")))
-    return perplexity, stderr, total, bits_per_byte, math.exp(total / words)
+    if not lm_eval and len(text) > 40 * words:
+        # no word separators (Chinese, Japanese, DNA...): "words" would be whole lines or the whole
+        # text, and exp(NLL / words) astronomically large; lm-eval's exact definition stays under --lm-eval
+        return perplexity, stderr, total, bits_per_byte_of(total, text), None
+    try:
+        word_perplexity = math.exp(total / words)
+    except OverflowError:  # beyond a float: not a number anyone can use
+        word_perplexity = None
+    return perplexity, stderr, total, bits_per_byte_of(total, text), word_perplexity
+
+
+def bits_per_byte_of(total_nll: float, text: str) -> float:
+    return total_nll / (math.log(2) * len(text.encode("utf-8")))
 
 
 def causal_perplexity(engine: Engine, text: str, options: EvalOptions,
@@ -269,7 +282,7 @@ def score(engine: Engine, text: str, options: EvalOptions, on_start: Callable[[i
         protocol, nlls = causal_perplexity(engine, text, options, on_start, on_progress)
     if not nlls:
         raise DataError("no token could be scored", "Use a longer text.")
-    value, stderr, total, bits_per_byte, word_perplexity = summary(nlls, text)
+    value, stderr, total, bits_per_byte, word_perplexity = summary(nlls, text, lm_eval=options.protocol == "rolling")
     if options.protocol == "llama.cpp" and options.metric == "perplexity":
         bits_per_byte = word_perplexity = None  # only half of each chunk is scored: per byte/word is undefined
     return EvalResult(engine.source.name, options.metric, protocol, value, stderr, len(nlls), total,
