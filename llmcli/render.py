@@ -158,20 +158,37 @@ def eval_record(result: Any) -> dict[str, Any]:
 
 
 def eval_table(results: list[Any]) -> None:
-    higher_is_better = results[0].metric == "accuracy"
-    values = [r.value for r in results]
-    best = max(values) if higher_is_better else min(values)
-    metrics = sorted({r.metric for r in results})
-    runs = sorted({f"{r.protocol} on {r.engine} ({r.weights})" for r in results})
-    table = Table(title=", ".join(metrics), caption="; ".join(runs), title_justify="left")
-    table.add_column("model")
+    """One row per model. With one protocol it is the caption; with several, each row points to a
+    numbered line under the table. Only results of the same metric and protocol are compared (the
+    best in bold green)."""
+    runs = [f"{r.metric}: {r.protocol} on {r.engine} ({r.weights})" for r in results]
+    legend = list(dict.fromkeys(runs))
+    table = Table(title=", ".join(dict.fromkeys(r.metric for r in results)), title_justify="left",
+                  caption=legend[0] if len(legend) == 1 else "\n".join(f"[{i}] {run}" for i, run in
+                                                                         enumerate(legend, 1)))
+    table.add_column("model", overflow="fold")
+    if len(legend) > 1:
+        table.add_column("run", no_wrap=True)
     for column in ("value", "± stderr", "tokens", "bits/byte", "seconds"):
         table.add_column(column, justify="right", no_wrap=True)
-    for r in results:
-        style = "bold green" if len(results) > 1 and r.value == best else None
-        table.add_row(r.model, f"{r.value:.4f}", "-" if r.stderr is None else f"{r.stderr:.4f}", str(r.tokens),
-                      "-" if r.bits_per_byte is None else f"{r.bits_per_byte:.4f}", f"{r.seconds:.1f}", style=style)
+    for r, name, run in zip(results, short_names([r.model for r in results]), runs):
+        peers = [p.value for p, p_run in zip(results, runs) if p_run == run]
+        best = max(peers) if r.metric == "accuracy" else min(peers)
+        style = "bold green" if len(peers) > 1 and r.value == best else None
+        cells = [f"{r.value:.4f}", "-" if r.stderr is None else f"{r.stderr:.4f}", str(r.tokens),
+                 "-" if r.bits_per_byte is None else f"{r.bits_per_byte:.4f}", f"{r.seconds:.1f}"]
+        table.add_row(name, *([f"[{legend.index(run) + 1}]"] if len(legend) > 1 else []), *cells, style=style)
     stdout_console().print(table)
+
+
+def short_names(names: list[str]) -> list[str]:
+    """The shortest trailing path parts that still tell the models apart (runs/a/final vs runs/b/final)."""
+    parts = [name.rstrip("/").split("/") for name in names]
+    for keep in range(1, max(len(p) for p in parts) + 1):
+        short = ["/".join(p[-keep:]) for p in parts]
+        if len(set(short)) == len(set(names)):
+            return short
+    return names
 
 
 @contextmanager

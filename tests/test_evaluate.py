@@ -359,3 +359,21 @@ def text_file_with(tmp_path, text: str):
     path = tmp_path / "spaced.txt"
     path.write_text(text)
     return path
+
+
+def test_several_models_stay_distinguishable_in_80_columns(tiny_gpt2, tiny_bert, text_file, tmp_path):
+    """Two runs whose directories end alike keep the part that differs; rows of different metrics or
+    protocols say which, per row. The table fits a terminal of 80 columns."""
+    import shutil
+
+    first, second = tmp_path / "runs" / "alpha" / "final", tmp_path / "runs" / "beta" / "final"
+    shutil.copytree(tiny_gpt2, first)
+    shutil.copytree(tiny_gpt2, second)
+    result = run_cli("eval", "--data", text_file, "-m", first, "-m", second, "-m", tiny_bert, "--max-length", "64")
+    assert result.exit_code == 0, result.stderr
+    lines = result.stdout.splitlines()
+    rows = [line for line in lines if line.startswith("│")]
+    assert "alpha/final" in rows[0] and "beta/final" in rows[1]
+    assert "[1]" in rows[0] and "[1]" in rows[1] and "[2]" in rows[2]  # two runs: each row says which
+    assert any(line.strip().startswith("[2] pseudo-perplexity: pseudo-perplexity(max_length=64)") for line in lines)
+    assert max(len(line) for line in lines) <= 80
