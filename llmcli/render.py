@@ -232,3 +232,18 @@ def finetune_summary(result: Any) -> None:
     table.add_row("tokens/s", f"{result.tokens_per_second:.0f} ({result.world_size} process(es))")
     table.add_row("time", f"{result.seconds:.1f} s")
     stdout_console().print(table)
+
+
+def info_table(details: dict[str, Any]) -> None:
+    """`llmcli info` as aligned lines."""
+    packages = ", ".join(f"{name} {found or '-'}" for name, found in details["packages"].items())
+    engines = ", ".join(name for name, available in details["engines"].items() if available)
+    rows = [("llmcli", details["llmcli"]), ("python", f"{details['python']} ({details['platform']})"),
+            ("packages", packages),
+            ("cpu", f"{details['cpu']['physical']} physical cores, {details['cpu']['logical']} logical"),
+            ("gpus", ", ".join(details["gpus"]) or "none"), ("engines", engines),
+            ("embedded model", details["embedded_model"] or "not installed"),
+            ("cache", details["cache"]["path"])]
+    rows += [("", f"{e['name']}  {e['kind']}  {e['size_mb']:.0f} MB") for e in details["cache"]["entries"]]
+    for label, value in rows:
+        write(f"{label:<15} {value}\n")

@@ -3,6 +3,7 @@ and no file created or changed."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -355,3 +356,27 @@ def test_a_closed_pipe_is_not_an_error(tiny_gpt2):
     stderr = process.stderr.read().decode()
     assert process.wait(timeout=120) == 0, stderr
     assert "Error" not in stderr and "Traceback" not in stderr and "Exception" not in stderr
+
+
+def test_info_and_cache_commands(tmp_path, monkeypatch):
+    """`info --json` names the cache and engines; `cache list` shows each entry; `cache rm` removes one
+    by name, refuses without a name (removing nothing), and `--all` empties the cache."""
+    monkeypatch.setenv("LLMCLI_CACHE", str(tmp_path))
+    folder = tmp_path / "gguf"
+    entry = folder / "model-abc-v2"
+    entry.mkdir(parents=True)
+    (entry / "model.safetensors").write_bytes(b"x" * 2048)
+    (entry / "llmcli-cache.json").write_text(json.dumps({"source": "/models/model.gguf", "files": {}}))
+    (folder / "model-abc-v2.F16.gguf").write_bytes(b"y" * 1024)
+    (folder / ".model-abc-v2.lock").write_text("")
+    details = run_cli("info", "--json").json_lines()[0]
+    assert details["cache"]["path"] == str(tmp_path) and details["engines"]["hf"] is True
+    assert [e["name"] for e in details["cache"]["entries"]] == ["model-abc-v2", "model-abc-v2.F16.gguf"]
+    listed = run_cli("cache", "list", "--json").json_lines()
+    assert [(e["kind"], e["source"]) for e in listed] == [("safetensors", "/models/model.gguf"), ("F16 GGUF", None)]
+    refused = run_cli("cache", "rm")
+    assert refused.exit_code == 2 and "name one cache entry, or pass --all" in refused.stderr
+    assert entry.is_dir()
+    assert run_cli("cache", "rm", "model-abc-v2.F16").exit_code == 0
+    assert [e["name"] for e in run_cli("cache", "list", "--json").json_lines()] == ["model-abc-v2"]
+    assert run_cli("cache", "rm", "--all").exit_code == 0 and not entry.exists()

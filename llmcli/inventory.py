@@ -1,0 +1,97 @@
+"""What `llmcli info` and `llmcli cache` report: versions, devices, engines, and the model cache."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from llmcli import __version__, models
+from llmcli.errors import UsageError
+
+
+@dataclass
+class CacheEntry:
+    name: str  # the file or directory name under the cache's gguf/ folder
+    kind: str  # "safetensors" (hf engine's dequantized copy) | "F16 GGUF" (llama.cpp engine's conversion)
+    size_mb: float
+    source: str | None  # the GGUF file it was made from, when recorded
+
+
+def package_version(name: str) -> str | None:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+def cache_entries() -> list[CacheEntry]:
+    folder = models.cache_root() / "gguf"
+    entries = []
+    for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+        if path.name.startswith("."):  # locks and unfinished temporaries
+            continue
+        if path.is_dir():
+            size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+            try:
+                source = json.loads((path / models.CACHE_MARKER).read_text()).get("source")
+            except (OSError, ValueError):
+                source = None
+            entries.append(CacheEntry(path.name, "safetensors", round(size / 2**20, 1), source))
+        elif path.suffix == ".gguf":
+            entries.append(CacheEntry(path.name, "F16 GGUF", round(path.stat().st_size / 2**20, 1), None))
+    return entries
+
+
+def remove_cache_entries(name: str | None, everything: bool) -> list[str]:
+    """Remove one entry by name (or a unique prefix of it), or all with `everything`; returns the names."""
+    if (name is None) == (not everything):
+        raise UsageError("name one cache entry, or pass --all", "See the names with: llmcli cache list")
+    entries = cache_entries()
+    chosen = entries if everything else [e for e in entries if e.name == name] or \
+        [e for e in entries if e.name.startswith(name or "")]
+    if not everything and len(chosen) != 1:
+        found = "no cache entry" if not chosen else f"{len(chosen)} cache entries"
+        raise UsageError(f"{found} named {name!r}", "See the names with: llmcli cache list")
+    folder = models.cache_root() / "gguf"
+    for entry in chosen:
+        path = folder / entry.name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    return [e.name for e in chosen]
+
+
+def machine_info() -> dict[str, Any]:
+    from llmcli.engines import llama_cpp_installed, physical_cores
+
+    info: dict[str, Any] = {
+        "llmcli": __version__, "python": platform.python_version(), "platform": platform.platform(),
+        "packages": {name: package_version(name) for name in ("torch", "transformers", "accelerate", "datasets",
+                                                               "peft", "llama-cpp-python")},
+        "cpu": {"logical": os.cpu_count(), "physical": physical_cores()},
+        "gpus": gpus(),
+        "engines": {"hf": True, "llama.cpp": llama_cpp_installed()},
+        "cache": {"path": str(models.cache_root()), "entries": [e.__dict__ for e in cache_entries()]},
+    }
+    try:
+        info["embedded_model"] = str(models.embedded_gguf_path())
+    except models.ModelNotFound:
+        info["embedded_model"] = None
+    return info
+
+
+def gpus() -> list[str]:
+    import torch
+
+    if torch.cuda.is_available():
+        return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return ["Apple MPS"]
+    return []
