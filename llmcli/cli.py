@@ -256,6 +256,8 @@ def evaluate(
     batch_size: Annotated[Optional[int], typer.Option(help="Windows per forward pass. Default: 1 on CPU, 8 on "
                                                       "GPUs.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the 15% masking for --metric accuracy.")] = 0,
+    per_record: Annotated[bool, typer.Option("--per-record", help="Score each line (or JSONL 'text' record) as a "
+                                             "text of its own, and aggregate over all their tokens.")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="JSON Lines: one object per model.")] = False,
     engine: EngineOption = "auto",
     threads: ThreadsOption = None,
@@ -266,7 +268,7 @@ def evaluate(
 ) -> None:
     """Score a text: perplexity for causal LMs (sliding window by default), pseudo-perplexity or
     accuracy for masked LMs. Every result names its protocol, token count and standard error."""
-    from llmcli.data import read_document
+    from llmcli.data import read_document, read_texts
     from llmcli.tasks.evaluate import EvalOptions, evaluate as run_evaluate
 
     if llama_cpp and lm_eval:
@@ -278,7 +280,7 @@ def evaluate(
     protocol = "llama.cpp" if llama_cpp else "rolling" if lm_eval else "sliding"
     options = EvalOptions(metric=metric, protocol=protocol, max_length=max_length, stride=stride, ctx=ctx,
                           batch_size=batch_size, seed=seed)
-    text = read_document(data)
+    text = read_texts(data) if per_record else read_document(data)
     results = []
     for name in model or [None]:
         runner = load_engine(name, engine, command="eval", kind="auto", device=device, dtype=dtype, threads=threads,

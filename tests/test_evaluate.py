@@ -377,3 +377,25 @@ def test_several_models_stay_distinguishable_in_80_columns(tiny_gpt2, tiny_bert,
     assert "[1]" in rows[0] and "[1]" in rows[1] and "[2]" in rows[2]  # two runs: each row says which
     assert any(line.strip().startswith("[2] pseudo-perplexity: pseudo-perplexity(max_length=64)") for line in lines)
     assert max(len(line) for line in lines) <= 80
+
+
+@pytest.mark.parametrize("model", ["tiny_bert", "tiny_gpt2"])
+def test_per_record_scores_each_line_alone_and_sums_exactly(model, request, tmp_path):
+    """--per-record: the NLL and token count are the sums of scoring each line as its own file (a
+    pseudo-perplexity of sentences, as the paper defines it), not of the lines joined into one text."""
+    model_dir = request.getfixturevalue(model)
+    lines = ["the program is free software", "you may convey verbatim copies of the program"]
+    records = tmp_path / "records.txt"
+    records.write_text("\n".join(lines) + "\n")
+    singles = []
+    for n, line in enumerate(lines):
+        path = tmp_path / f"line{n}.txt"
+        path.write_text(line)
+        singles.append(evaluate(path, model_dir, "--max-length", "64"))
+    together = evaluate(records, model_dir, "--max-length", "64")
+    apart = evaluate(records, model_dir, "--max-length", "64", "--per-record")
+    assert apart["tokens"] == sum(s["tokens"] for s in singles)
+    assert apart["nll"] == pytest.approx(sum(s["nll"] for s in singles), rel=1e-9)
+    assert apart["value"] == pytest.approx(math.exp(apart["nll"] / apart["tokens"]), rel=1e-12)
+    assert apart["protocol"].startswith("per-record(records=2) ")
+    assert apart["nll"] != pytest.approx(together["nll"], rel=1e-6)

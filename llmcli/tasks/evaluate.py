@@ -91,9 +91,10 @@ def llama_cpp_windows(ids: list[int], ctx: int, bos: int | None) -> list[Window]
     return windows
 
 
-def summary(nlls: list[float], text: str, lm_eval: bool = False) -> tuple[float, float | None, float, float,
-                                                                         float | None]:
-    """value (perplexity), its standard error, total NLL, bits per byte, word perplexity."""
+def summary(nlls: list[float], texts: list[str], lm_eval: bool = False) -> tuple[float, float | None, float, float,
+                                                                               float | None]:
+    """value (perplexity), its standard error, total NLL, bits per byte, word perplexity; `texts` are
+    the texts scored (one, or each record)."""
     n = len(nlls)
     total = math.fsum(nlls)
     mean = total / n
@@ -101,20 +102,21 @@ def summary(nlls: list[float], text: str, lm_eval: bool = False) -> tuple[float,
     perplexity = math.exp(mean)
     # delta method: d exp(m) = exp(m) dm; one token has no spread to estimate it from
     stderr = perplexity * math.sqrt(variance / n) if n > 1 else None
-    words = len(re.split(r"\s+", text))  # lm-eval's word count for word_perplexity
-    if not lm_eval and len(text) > 40 * words:
+    words = sum(len(re.split(r"\s+", text)) for text in texts)  # lm-eval's word count for word_perplexity
+    characters = sum(len(text) for text in texts)
+    if not lm_eval and characters > 40 * words:
         # no word separators (Chinese, Japanese, DNA...): "words" would be whole lines or the whole
         # text, and exp(NLL / words) astronomically large; lm-eval's exact definition stays under --lm-eval
-        return perplexity, stderr, total, bits_per_byte_of(total, text), None
+        return perplexity, stderr, total, bits_per_byte_of(total, texts), None
     try:
         word_perplexity = math.exp(total / words)
     except OverflowError:  # beyond a float: not a number anyone can use
         word_perplexity = None
-    return perplexity, stderr, total, bits_per_byte_of(total, text), word_perplexity
+    return perplexity, stderr, total, bits_per_byte_of(total, texts), word_perplexity
 
 
-def bits_per_byte_of(total_nll: float, text: str) -> float:
-    return total_nll / (math.log(2) * len(text.encode("utf-8")))
+def bits_per_byte_of(total_nll: float, texts: list[str]) -> float:
+    return total_nll / (math.log(2) * sum(len(text.encode("utf-8")) for text in texts))
 
 
 def causal_perplexity(engine: Engine, text: str, options: EvalOptions,
@@ -252,38 +254,61 @@ def resolve_options(engine: Engine, options: EvalOptions) -> EvalOptions:
                        ctx=options.ctx, batch_size=batch_size, seed=options.seed)
 
 
-def evaluate(engine: Engine, text: str, options: EvalOptions,
+def evaluate(engine: Engine, text: str | list[str], options: EvalOptions,
              on_start: Callable[[int], None] | None = None,
              on_progress: ProgressCallback | None = None) -> EvalResult:
-    """Score `text`; `engine` may also be a models.LoadedModel, which runs on the Hugging Face engine."""
+    """Score `text`, or each of a list of records as a text of its own, aggregated exactly (summed
+    NLL over all scored tokens). `engine` may also be a models.LoadedModel (the Hugging Face engine)."""
     engine = as_engine(engine)
-    if not text.strip():
+    texts = [text] if isinstance(text, str) else text
+    if not any(t.strip() for t in texts):
         raise DataError("the evaluation text is empty", "Pass a file with some text.")
     options = resolve_options(engine, options)
     if engine.kind == "masked":
         import torch
 
         with torch.inference_mode():
-            return score(engine, text, options, on_start, on_progress)
-    return score(engine, text, options, on_start, on_progress)
+            return score(engine, texts, options, on_start, on_progress, per_record=not isinstance(text, str))
+    return score(engine, texts, options, on_start, on_progress, per_record=not isinstance(text, str))
 
 
-def score(engine: Engine, text: str, options: EvalOptions, on_start: Callable[[int], None] | None,
-          on_progress: ProgressCallback | None) -> EvalResult:
+def score(engine: Engine, texts: list[str], options: EvalOptions, on_start: Callable[[int], None] | None,
+          on_progress: ProgressCallback | None, per_record: bool = False) -> EvalResult:
     began = time.perf_counter()
     if options.metric == "accuracy":
-        protocol, correct, total = masked_accuracy(engine.loaded, text, options)
+        counts = [masked_accuracy(engine.loaded, text, options) for text in texts]
+        protocol, correct, total = counts[0][0], sum(c[1] for c in counts), sum(c[2] for c in counts)
         value = correct / total
-        return EvalResult(engine.source.name, "accuracy", protocol, value, math.sqrt(value * (1 - value) / total),
-                          total, None, None, None, time.perf_counter() - began, engine.name, engine.weights)
-    if options.metric == "pseudo-perplexity":
-        protocol, nlls = pseudo_log_likelihoods(engine.loaded, text, options, on_start, on_progress)
-    else:
-        protocol, nlls = causal_perplexity(engine, text, options, on_start, on_progress)
+        return EvalResult(engine.source.name, "accuracy", per_record_name(protocol, len(texts), 0, per_record), value,
+                          math.sqrt(value * (1 - value) / total), total, None, None, None,
+                          time.perf_counter() - began, engine.name, engine.weights)
+    nlls: list[float] = []
+    scored_texts: list[str] = []
+    for text in texts:
+        try:
+            if options.metric == "pseudo-perplexity":
+                protocol, record_nlls = pseudo_log_likelihoods(engine.loaded, text, options, on_start, on_progress)
+            else:
+                protocol, record_nlls = causal_perplexity(engine, text, options, on_start, on_progress)
+        except DataError:
+            if not per_record:
+                raise
+            record_nlls = []  # a record too short to score anything (a one-token line): counted as skipped
+        if record_nlls:
+            nlls += record_nlls
+            scored_texts.append(text)
     if not nlls:
         raise DataError("no token could be scored", "Use a longer text.")
-    value, stderr, total, bits_per_byte, word_perplexity = summary(nlls, text, lm_eval=options.protocol == "rolling")
+    value, stderr, total, bits_per_byte, word_perplexity = summary(nlls, scored_texts,
+                                                                   lm_eval=options.protocol == "rolling")
     if options.protocol == "llama.cpp" and options.metric == "perplexity":
         bits_per_byte = word_perplexity = None  # only half of each chunk is scored: per byte/word is undefined
+    protocol = per_record_name(protocol, len(texts), len(texts) - len(scored_texts), per_record)
     return EvalResult(engine.source.name, options.metric, protocol, value, stderr, len(nlls), total,
                       bits_per_byte, word_perplexity, time.perf_counter() - began, engine.name, engine.weights)
+
+
+def per_record_name(protocol: str, records: int, skipped: int, per_record: bool) -> str:
+    if not per_record:
+        return protocol
+    return f"per-record(records={records}{f',skipped={skipped}' if skipped else ''}) {protocol}"
