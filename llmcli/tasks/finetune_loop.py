@@ -136,6 +136,7 @@ def plot_losses(output: Path, records: list[dict[str, Any]]) -> bool:
         return False
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     figure, axes = plt.subplots(figsize=(7, 4))
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
@@ -146,6 +147,8 @@ def plot_losses(output: Path, records: list[dict[str, Any]]) -> bool:
         axes.plot(*zip(*evals), "o-", label="eval loss")
     axes.set_xlabel("step")
     axes.set_ylabel("loss")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers: no 2.5 ticks
+    axes.set_title(f"{output.name}: loss per step")
     axes.legend()
     axes.grid(alpha=0.3)
     figure.tight_layout()
