@@ -25,7 +25,7 @@ app = typer.Typer(
     help="Pretrained language models from the shell: generate, chat, fill-mask, finetune, eval. "
     "Offline by default.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion and --show-completion (shellingham is imported only then)
     pretty_exceptions_enable=False,
     rich_markup_mode=None,  # plain help text: skips importing markdown-it (~60 ms of startup)
     context_settings={"help_option_names": ["-h", "--help"]},

@@ -4,6 +4,7 @@ and no file created or changed."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -380,3 +381,12 @@ def test_info_and_cache_commands(tmp_path, monkeypatch):
     assert run_cli("cache", "rm", "model-abc-v2.F16").exit_code == 0
     assert [e["name"] for e in run_cli("cache", "list", "--json").json_lines()] == ["model-abc-v2"]
     assert run_cli("cache", "rm", "--all").exit_code == 0 and not entry.exists()
+
+
+def test_shell_completion():
+    script = subprocess.run([sys.executable, "-m", "llmcli", "--show-completion", "bash"], capture_output=True,
+                            text=True)
+    assert script.returncode == 0 and "complete" in script.stdout, script.stderr
+    env = {**os.environ, "COMP_WORDS": "llmcli generate --eng", "COMP_CWORD": "2", "_LLMCLI_COMPLETE": "complete_bash"}
+    completed = subprocess.run([sys.executable, "-m", "llmcli"], capture_output=True, text=True, env=env)
+    assert completed.stdout.split() == ["--engine"], completed.stderr
