@@ -173,3 +173,9 @@ def test_embedded_model_fills_several_blanks_left_to_right():
     assert first[0]["token_str"] == "blue" and second[0]["token_str"] == "green"
     assert first[0]["sequence"] == "The sky is blue and the grass is [MASK]."
     assert second[0]["sequence"] == "The sky is blue and the grass is green."
+
+
+def test_causal_blanks_are_not_filled_with_punctuation(tiny_gpt2):
+    [record] = fill("[MASK] of this License applies.", "-m", tiny_gpt2, "--top-k", "30")
+    words = [p["token_str"] for p in record["predictions"][0]]
+    assert len(words) == 30 and all(any(c.isalnum() for c in w) for w in words), words

@@ -241,7 +241,9 @@ def word_candidates(loaded: LoadedModel, left: str, needs_space: bool, count: in
         piece = tokenizer.decode([token])
         word = piece.strip()
         starts_word = piece.startswith(" ") if needs_space else not piece[:1].isspace()
-        if token not in special and word and starts_word and word.isprintable() and piece not in candidates:
+        # a word blank is filled by a word: pure punctuation ("," ".") is not proposed
+        is_word = any(character.isalnum() for character in word)
+        if token not in special and is_word and starts_word and word.isprintable() and piece not in candidates:
             candidates.append(piece)
         if len(candidates) == count:
             break
