@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import sys
 import traceback
-from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -129,7 +128,7 @@ def generate(
                                                          "(fast on repetitive text; same greedy output).")] = None,
     truncate: Annotated[str, typer.Option(help="A prompt too long for the context: 'error', or 'left' to keep "
                                           "its end.")] = "error",
-    fast: Annotated[bool, typer.Option("--fast", help="llama.cpp: the GGUF's own quantized weights (~1.4x, answers "
+    fast: Annotated[bool, typer.Option("--fast", help="llama.cpp: the GGUF's own quantized weights (~1.25x, answers "
                                        "differ more from fp32). hf on CPU: bfloat16 weights (~1.5x). hf on CUDA: a "
                                        "static KV cache and a compiled decode step (~8x, after ~45 s of compiling). "
                                        "Close to but not guaranteed token-identical.")] = False,

@@ -5,7 +5,6 @@ agrees with the Hugging Face engine."""
 from __future__ import annotations
 
 import ctypes
-import json
 import subprocess
 import sys
 

@@ -20,7 +20,7 @@ import math
 import re
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from llmcli.engines import Engine, ProgressCallback, Window, as_engine
 from llmcli.errors import DataError, UsageError
