@@ -257,7 +257,8 @@ def refuse_finished_run(output: Path, options: FinetuneOptions) -> None:
         return
     run = json.loads(run_file.read_text())
     total = run.get("resolved", {}).get("total_steps")
-    same_length = all(run.get("training", {}).get(key) == getattr(options, key) for key in ("max_steps", "epochs"))
+    # max_steps and epochs may change on resume (to train on), so they are kept apart from "training"
+    same_length = all(run.get("resolved", {}).get(key) == getattr(options, key) for key in ("max_steps", "epochs"))
     if total is not None and same_length:
         raise UsageError(f"the run in {output} is finished ({total} steps), so there is nothing to resume",
                          "Pass a larger --max-steps or --epochs with --resume to train on, or use a new --output.")

@@ -206,6 +206,7 @@ def train(options: FinetuneOptions, output: Path, model: Any, tokenizer: Any, tr
     accelerator.wait_for_everyone()
     if main:
         run = {"training": training_config(options), "resolved": {**resolved, "total_steps": steps,
+               "max_steps": options.max_steps, "epochs": options.epochs,
                "warmup_steps": warmup, "world_size": world, "device": str(accelerator.device),
                "distributed_type": str(accelerator.distributed_type)}, "versions": versions()}
         (output / "run.json").write_text(strict_json.dumps(run, indent=2, default=str))
