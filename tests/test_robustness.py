@@ -78,6 +78,7 @@ def test_resume_skips_incomplete_checkpoints(tiny_gpt2, tmp_path):
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step-4", "step-8"]
     (checkpoints / "step-8" / "trainer_state.json").unlink()  # as if killed before the state was written
     (checkpoints / ".tmp-step-12-dead").mkdir()  # as if killed before the rename
+    (output / "config.json").unlink()  # and so before the final model was written: the run is not finished
     result = run_cli(*args, "--resume")
     assert result.exit_code == 0, result.stderr
     assert "checkpoints/step-4 (step 4)" in result.stderr
