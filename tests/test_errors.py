@@ -3,6 +3,7 @@ and no file created or changed."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -87,6 +88,9 @@ MATRIX = [
     ("generate hi -m {gpt2} --engine vllm", "unknown --engine 'vllm'"),
     ("generate hi -m {gpt2} --engine llama.cpp", "runs .gguf files"),
     ("generate hi -m {gpt2} --threads 0", "--threads must be at least 1, got 0"),
+    pytest.param("generate hi --engine llama.cpp --dtype bfloat16", "--dtype bfloat16 is for the hf engine",
+                 marks=pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
+                                          reason="the llama.cpp engine is not installed")),
     ("chat -m {gpt2} --engine llama.cpp", "runs .gguf files"),
     ("generate hi -m {ws}/truncated-model -n 2", "could not load model"),
     ("generate hi -m {ws}/pickle-model -n 2", "only pickle weights"),

@@ -124,17 +124,22 @@ def choose_engine(model: str | None, requested: str = "auto", *, command: str = 
     if threads is not None and threads <= 0:
         raise UsageError(f"--threads must be at least 1, got {threads}")
     if name == "llama.cpp":
-        if model is None:
-            notice(f"Using the embedded model {models.EMBEDDED_NAME} (pass --model to choose another).")
-        engine = load_llama_cpp(source, command, kind, device, dtype, fast, threads, notice)
+        engine = load_llama_cpp(source, model is None, command, kind, device, dtype, fast, threads, notice)
     else:
         engine = load_hf(model, kind, device, dtype, fast, threads, draft_model, trust_remote_code, allow_pickle,
                          notice)
     return engine
 
 
-def load_llama_cpp(source: Any, command: str, kind: str, device: str | None, dtype: str, fast: bool,
-                   threads: int | None, notice: Callable[[str], None]) -> Engine:
+def embedded_notice(notice: Callable[[str], None]) -> None:
+    """Said once the options are known to be valid, so a bad option's error stays the only output."""
+    from llmcli import models
+
+    notice(f"Using the embedded model {models.EMBEDDED_NAME} (pass --model to choose another).")
+
+
+def load_llama_cpp(source: Any, embedded: bool, command: str, kind: str, device: str | None, dtype: str,
+                   fast: bool, threads: int | None, notice: Callable[[str], None]) -> Engine:
     """Weights: the format that agrees with Hugging Face's float32 at >= 99% of positions (F16 for a
     quantized file; measured, see README "Engines"), or with --fast the file as it is. eval scores
     the file as it is, so that its numbers are llama-perplexity's for that file."""
@@ -147,6 +152,8 @@ def load_llama_cpp(source: Any, command: str, kind: str, device: str | None, dty
         raise UsageError(f"the llama.cpp engine runs on the CPU or CUDA, not {device}", "Use --engine hf.")
     from llmcli.engines.llamacpp import LlamaCppEngine
 
+    if embedded:
+        embedded_notice(notice)
     return LlamaCppEngine.load(source, weights="as-is" if fast or command == "eval" else "default",
                                threads=threads or physical_cores(),
                                gpu=None if device in (None, "auto") else device != "cpu", on_notice=notice)
@@ -172,7 +179,7 @@ def load_hf(model: str | None, kind: str, device: str | None, dtype: str, fast: 
         notice("--fast: the first generation compiles the decode step (40-50 s measured on an H100).")
     weights = "bfloat16" if fast and not on_cuda else dtype
     if model is None:
-        notice(f"Using the embedded model {models.EMBEDDED_NAME} (pass --model to choose another).")
+        embedded_notice(notice)
 
     def load(name: str | None) -> models.LoadedModel:
         source = models.resolve_model(name)
