@@ -8,15 +8,7 @@ import json
 import sys
 
 from llmcli.cli import main
-
-
-def peak_rss_mb() -> float:
-    """VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss across fork+exec, so a child of a
-    process holding a big model would report its parent's peak."""
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
+from llmcli.engines import process_peak_rss_mb
 
 
 def peak_gpu_mb() -> float | None:
@@ -25,6 +17,6 @@ def peak_gpu_mb() -> float | None:
 
 
 report = sys.argv.pop(1)
-atexit.register(lambda: open(report, "w").write(json.dumps({"peak_rss_mb": peak_rss_mb(),
+atexit.register(lambda: open(report, "w").write(json.dumps({"peak_rss_mb": process_peak_rss_mb(),
                                                             "peak_gpu_mb": peak_gpu_mb()})))
 main(sys.argv[1:])

@@ -71,6 +71,21 @@ class Engine(Protocol):
     def peak_memory_mb(self) -> float: ...
 
 
+def process_peak_rss_mb() -> float:
+    """This process's peak resident set: VmHWM, since Linux carries getrusage's ru_maxrss across
+    fork+exec (a child of a big process would report its parent's peak)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # where there is no /proc: KiB on Linux
+
+
 def llama_cpp_installed() -> bool:
     return importlib.util.find_spec("llama_cpp") is not None
 

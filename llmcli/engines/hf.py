@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
-from llmcli.engines import ProgressCallback, TokensCallback, Window
+from llmcli.engines import ProgressCallback, TokensCallback, Window, process_peak_rss_mb
 from llmcli.models import LoadedModel
 
 
@@ -87,13 +87,11 @@ class HFEngine:
 
     def peak_memory_mb(self) -> float:
         """Peak accelerator memory on GPUs, else the process's peak resident set."""
-        import resource
-
         import torch
 
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device) / 2**20
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+        return process_peak_rss_mb()
 
 
 class StepStreamer:

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import ctypes
 import os
-import resource
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from llmcli import models
-from llmcli.engines import ProgressCallback, TokensCallback, Window
+from llmcli.engines import ProgressCallback, TokensCallback, Window, process_peak_rss_mb
 from llmcli.errors import DataError, ModelLoadError, UsageError
 
 # general.file_type values (llama_ftype) whose weights are full precision: run as they are
@@ -367,13 +366,5 @@ class LlamaCppEngine:
         return nlls
 
     def peak_memory_mb(self) -> float:
-        """The process's peak resident set (VmHWM: ru_maxrss would carry a parent's peak across exec)."""
-        try:
-            with open("/proc/self/status") as status:
-                for line in status:
-                    if line.startswith("VmHWM:"):
-                        return int(line.split()[1]) / 1024
-        except OSError:
-            pass
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+        return process_peak_rss_mb()
 
