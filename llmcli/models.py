@@ -135,8 +135,14 @@ def cache_entry_complete(entry: Path) -> bool:
 
 def acquire_conversion_lock(target: Path) -> Any:
     """One conversion of a file at a time: a second process waits, then finds the finished entry.
-    The lock is held until the returned file is closed, or the process dies."""
-    lock = open(target.parent / f".{target.name}.lock", "w")
+    The lock is held until the returned file is closed, or the process dies. Creates the cache
+    folder; a cache that cannot be written is a one-line error."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(target.parent / f".{target.name}.lock", "w")
+    except OSError as exc:
+        raise ModelLoadError(f"cannot write the model cache at {target.parent} ({exc.strerror})",
+                             "Set LLMCLI_CACHE to a writable directory.") from exc
     try:
         import fcntl
 
@@ -196,12 +202,7 @@ def convert_gguf(gguf_path: Path) -> Path:
     if cache_entry_complete(target):
         return target
     metadata = read_gguf_metadata(gguf_path)
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        lock = acquire_conversion_lock(target)
-    except OSError as exc:
-        raise ModelLoadError(f"cannot write the model cache at {target.parent} ({exc.strerror})",
-                             "Set LLMCLI_CACHE to a writable directory.") from exc
+    lock = acquire_conversion_lock(target)
     try:
         if cache_entry_complete(target):  # another process finished it while we waited
             return target

@@ -394,3 +394,18 @@ def test_shell_completion():
     env = {**os.environ, "COMP_WORDS": "llmcli generate --eng", "COMP_CWORD": "2", "_LLMCLI_COMPLETE": "complete_bash"}
     completed = subprocess.run([sys.executable, "-m", "llmcli"], capture_output=True, text=True, env=env)
     assert completed.stdout.split() == ["--engine"], completed.stderr
+
+
+@pytest.mark.parametrize("engine", ["hf", "llama.cpp"])
+def test_an_unwritable_cache_is_a_one_line_error(engine, tmp_path, monkeypatch):
+    """Both engines' one-time GGUF conversions go through the same cache lock: a cache path that is a
+    file is an exit-2 error naming LLMCLI_CACHE, and nothing is written."""
+    if engine == "llama.cpp" and importlib.util.find_spec("llama_cpp") is None:
+        pytest.skip("the llama.cpp engine is not installed")
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("x")
+    monkeypatch.setenv("LLMCLI_CACHE", str(blocker))
+    result = run_cli("generate", "hi", "-n", "2", "--engine", engine)
+    assert result.exit_code == 2, result.stderr
+    assert "Error: cannot write the model cache" in result.stderr and "Set LLMCLI_CACHE" in result.stderr
+    assert "Traceback" not in result.stderr and blocker.read_text() == "x"

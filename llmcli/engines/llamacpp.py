@@ -90,12 +90,7 @@ def convert_to_f16(lib: Any, path: Path, threads: int, on_notice: Callable[[str]
     target = converted_path(path, "F16")
     if target.is_file():
         return target
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        lock = models.acquire_conversion_lock(target)
-    except OSError as exc:
-        raise ModelLoadError(f"cannot write the model cache at {target.parent} ({exc.strerror})",
-                             "Set LLMCLI_CACHE to a writable directory.") from exc
+    lock = models.acquire_conversion_lock(target)
     try:
         if target.is_file():  # another process finished it while we waited
             return target
