@@ -32,6 +32,19 @@ app = typer.Typer(
 
 debug_mode = False
 
+
+def _argument_type_label(argument: object, ctx: object) -> str | None:
+    """typer 0.2x labels a positional argument with its Python type ("TEXT <list[str]>"); where we
+    name the argument (metavar), that name is the label and the usage line already shows "...". """
+    if getattr(argument, "metavar", None) is not None:
+        return None
+    return _typer_argument_type_label(argument, ctx)
+
+
+if hasattr(typer.core, "TyperArgument"):
+    _typer_argument_type_label = typer.core.TyperArgument.display_type_rich
+    typer.core.TyperArgument.display_type_rich = _argument_type_label
+
 # Options shared by the commands that load a model.
 ModelOption = Annotated[
     Optional[str],
@@ -525,7 +538,7 @@ def cache_list(json_output: Annotated[bool, typer.Option("--json", help="JSON Li
 @cache_app.command("rm")
 def cache_rm(
     name: Annotated[Optional[str], typer.Argument(help="An entry's name (or a unique start of it), from "
-                                                       "'llmcli cache list'.", show_default=False)] = None,
+                                                       "'llmcli cache list'.", show_default=False, metavar="NAME")] = None,
     everything: Annotated[bool, typer.Option("--all", help="Remove every entry.")] = False,
 ) -> None:
     """Remove one cached conversion, or all with --all (they are rebuilt when next needed)."""

@@ -409,3 +409,11 @@ def test_an_unwritable_cache_is_a_one_line_error(engine, tmp_path, monkeypatch):
     assert result.exit_code == 2, result.stderr
     assert "Error: cannot write the model cache" in result.stderr and "Set LLMCLI_CACHE" in result.stderr
     assert "Traceback" not in result.stderr and blocker.read_text() == "x"
+
+
+def test_help_names_arguments_without_python_types():
+    """typer labels positional arguments with their Python type ("TEXT <list[str]>"); ours are named."""
+    for args in (["generate"], ["chat"], ["fill-mask"], ["eval"], ["finetune"], ["cache", "rm"]):
+        result = run_cli(*args, "--help")
+        assert result.exit_code == 0, result.stderr
+        assert "<list[" not in result.stdout and "name <str>" not in result.stdout, args
