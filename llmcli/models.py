@@ -218,6 +218,17 @@ def convert_gguf(gguf_path: Path) -> Path:
     return target
 
 
+def quiet_gguf_progress() -> None:
+    """transformers draws its GGUF dequantization bar with tqdm directly, past the progress switch that
+    `quiet_libraries` turns off; our one-line notice says what is happening (--debug keeps the bar)."""
+    import functools
+
+    from transformers import modeling_gguf_pytorch_utils as gguf_loading
+
+    if not os.environ.get("LLMCLI_DEBUG") and not isinstance(gguf_loading.tqdm, functools.partial):
+        gguf_loading.tqdm = functools.partial(gguf_loading.tqdm, disable=True)
+
+
 def write_cache_entry(gguf_path: Path, metadata: dict[str, Any], target: Path) -> None:
     """Convert into a temporary directory, then rename it to `target`.
 
@@ -229,6 +240,7 @@ def write_cache_entry(gguf_path: Path, metadata: dict[str, Any], target: Path) -
     tmp = target.parent / f".tmp-{target.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         tmp.mkdir()
+        quiet_gguf_progress()
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
         fix_gguf_tokenizer(tokenizer, metadata)
         model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
