@@ -228,8 +228,14 @@ MUTANTS = [
            "text = read_texts(data) if per_record else read_document(data)", "text = read_document(data)",
            "tests/test_evaluate.py -k per_record"),
     Mutant("word blanks filled with punctuation", "llmcli/tasks/fill_mask.py",
-           "        is_word = any(character.isalnum() for character in word)", "        is_word = bool(word)",
+           "and word[:1].isalnum()", "and bool(word)",
            "tests/test_fill_mask.py -k punctuation"),
+    Mutant("causal blank candidates from the left context only", "llmcli/tasks/fill_mask.py",
+           "dict.fromkeys(from_left + from_sentence)", "dict.fromkeys(from_left)",
+           "tests/test_fill_mask.py -k at_the_start"),
+    Mutant("--help labels arguments with Python types", "llmcli/cli.py",
+           "    typer.core.TyperArgument.display_type_rich = _argument_type_label", "    pass",
+           "tests/test_errors.py -k help_names"),
 ]
 
 

@@ -175,7 +175,16 @@ def test_embedded_model_fills_several_blanks_left_to_right():
     assert second[0]["sequence"] == "The sky is blue and the grass is green."
 
 
+@pytest.mark.slow
+def test_embedded_model_proposes_words_for_a_blank_at_the_start():
+    """With nothing to the left, candidates come from a question about the whole sentence: the left
+    context alone ranks " January" below the top 800 at the start of a text (benchmarks/cloze.py)."""
+    [record] = fill("[MASK] is the first month of the year.", "--top-k", "3")
+    assert record["predictions"][0][0]["token_str"] == "January"
+    assert all(p["token_str"][:1].isalnum() for p in record["predictions"][0])
+
+
 def test_causal_blanks_are_not_filled_with_punctuation(tiny_gpt2):
     [record] = fill("[MASK] of this License applies.", "-m", tiny_gpt2, "--top-k", "30")
     words = [p["token_str"] for p in record["predictions"][0]]
-    assert len(words) == 30 and all(any(c.isalnum() for c in w) for w in words), words
+    assert len(words) == 30 and all(w[:1].isalnum() for w in words), words  # nor clitics ("'s")
