@@ -181,6 +181,33 @@ def test_eval_nll_equals_a_bare_llama_cpp_forward(tiny_gguf, tmp_path):
     assert record["tokens"] == len(ids) - 1
 
 
+@pytest.mark.slow
+def test_eval_window_longer_than_a_decode_batch(tmp_path):
+    """A window of more than 512 tokens is decoded in two batches, and llama.cpp keeps only the last
+    batch's logits: each batch's scored tokens are read before the next (a 1024-token window failed
+    with 'NULL pointer access' before). Reference: `Llama(logits_all=True)` on the embedded file."""
+    import numpy as np
+    from llama_cpp import Llama
+
+    from llmcli.models import embedded_gguf_path
+
+    text = GPL3.read_text()[:3000]
+    data = tmp_path / "text.txt"
+    data.write_text(text)
+    result = run_cli("eval", "--data", data, *ENGINE, "--json")
+    assert result.exit_code == 0, result.stderr
+    [record] = result.json_lines()
+    llm = Llama(model_path=str(embedded_gguf_path()), n_ctx=1024, logits_all=True, n_threads=2, flash_attn=True,
+                verbose=False)
+    ids = llm.tokenize(text.encode(), add_bos=True, special=True)
+    assert 512 < len(ids) <= 1024 and record["tokens"] == len(ids) - 1  # one window, two decode batches
+    llm.eval(ids[:-1])
+    logits = np.array(llm.scores[: len(ids) - 1], dtype=np.float64)
+    logprobs = logits - logits.max(-1, keepdims=True)
+    logprobs -= np.log(np.exp(logprobs).sum(-1, keepdims=True))
+    assert record["nll"] == pytest.approx(-logprobs[np.arange(len(ids) - 1), ids[1:]].sum(), rel=1e-9)
+
+
 def test_sampling_controls_take_effect_and_seeds_repeat(tiny_gguf):
     base = ("This License", "-m", tiny_gguf, "--no-chat", "-n", "16", "-t", "1.5")
     first = generate_json(*base, "--seed", "1")

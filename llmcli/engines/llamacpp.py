@@ -255,8 +255,11 @@ class LlamaCppEngine:
         self.cached = self.cached[:keep]
         return keep
 
-    def feed(self, tokens: Sequence[int], start: int, outputs: int = 1) -> None:
-        """Decode tokens at positions start..., in batches of BATCH; logits for the last `outputs`."""
+    def feed(self, tokens: Sequence[int], start: int, outputs: int = 1,
+             on_batch: Callable[[int, int], None] | None = None) -> None:
+        """Decode tokens at positions start..., in batches of BATCH; logits for the last `outputs`.
+        llama.cpp keeps only the last batch's logits: `on_batch(begin, size)` may read each batch's
+        (`llama_get_logits_ith(context, i - begin)` for token i) before the next one replaces them."""
         lib, batch = self.lib, self.batch
         first_output = len(tokens) - outputs
         for begin in range(0, len(tokens), BATCH):
@@ -273,6 +276,8 @@ class LlamaCppEngine:
                 raise DataError(f"llama.cpp could not decode the input (llama_decode returned {code})",
                                 "Use a shorter prompt or fewer new tokens.")
             self.cached.extend(chunk)
+            if on_batch:
+                on_batch(begin, len(chunk))
 
     def set_seed(self, seed: int) -> None:
         self.seed, self.sequences = seed, 0
@@ -348,14 +353,17 @@ class LlamaCppEngine:
         nlls: list[float] = []
         for window in windows:
             inputs = window.ids[:-1]
+            first = len(inputs) - window.scored  # the input whose logits predict the first scored token
+
+            def score_batch(begin: int, size: int) -> None:
+                for i in range(max(first, begin), begin + size):
+                    row = np.ctypeslib.as_array(lib.llama_get_logits_ith(self.context, i - begin),
+                                                shape=(self.n_vocab,)).astype(np.float64)
+                    top = row.max()
+                    nlls.append(float(np.log(np.exp(row - top).sum()) + top - row[window.ids[i + 1]]))
+
             self.use_context(len(inputs))
-            self.feed(inputs, 0, outputs=window.scored)
-            first = len(inputs) - window.scored
-            for offset, target in enumerate(window.ids[first + 1:]):
-                row = np.ctypeslib.as_array(lib.llama_get_logits_ith(self.context, first + offset),
-                                            shape=(self.n_vocab,)).astype(np.float64)
-                top = row.max()
-                nlls.append(float(np.log(np.exp(row - top).sum()) + top - row[target]))
+            self.feed(inputs, 0, outputs=window.scored, on_batch=score_batch)
             if on_progress:
                 on_progress(1)
         return nlls
