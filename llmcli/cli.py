@@ -31,6 +31,7 @@ app = typer.Typer(
 )
 
 debug_mode = False
+command_line: list[str] = []  # the arguments this process was started with: what launched workers run
 
 
 def _argument_type_label(argument: object, ctx: object) -> str | None:
@@ -64,6 +65,19 @@ EngineOption = Annotated[str, typer.Option(help="auto (llama.cpp for .gguf model
                                            "(transformers) or llama.cpp.")]
 ThreadsOption = Annotated[Optional[int], typer.Option(help="CPU threads. Default: the physical cores.",
                                                       show_default=False)]
+# Launching one command on N processes and N machines (distributed.py); under an outside launcher
+# (torchrun, accelerate launch) these are not needed: the command sees LOCAL_RANK and runs as a worker.
+NumProcessesOption = Annotated[int, typer.Option(help="Processes on this machine (data parallel; one GPU each, "
+                                                 "or gloo on CPU).", rich_help_panel="Processes")]
+NnodesOption = Annotated[int, typer.Option(help="Machines taking part (start the same command on each).",
+                                           rich_help_panel="Processes")]
+NodeRankOption = Annotated[int, typer.Option(help="This machine's number, 0..nnodes-1 (0 hosts the rendezvous).",
+                                             rich_help_panel="Processes")]
+MasterAddrOption = Annotated[str, typer.Option(help="Machine 0's address, as the others reach it.",
+                                               rich_help_panel="Processes")]
+MasterPortOption = Annotated[Optional[int], typer.Option(help="A free TCP port on machine 0 (needed with --nnodes "
+                                                         "above 1).", show_default=False,
+                                                         rich_help_panel="Processes")]
 
 
 def version_callback(value: bool) -> None:
@@ -85,6 +99,18 @@ def root(
         import os
 
         os.environ["LLMCLI_DEBUG"] = "1"
+
+
+def launch_if_asked(num_processes: int, nnodes: int, node_rank: int, master_addr: str, master_port: int | None,
+                    device: str | None) -> None:
+    """With --num-processes/--nnodes (and not already a worker): run this command line in workers, and
+    exit with their result."""
+    from llmcli.distributed import Launch, launch
+
+    request = Launch(num_processes, nnodes, node_rank, master_addr, master_port)
+    request.validate()
+    if request.wanted:
+        raise typer.Exit(launch(request, device, command_line, debug_mode))
 
 
 def load_engine(model: str | None, engine: str = "hf", **choices):
@@ -155,6 +181,11 @@ def generate(
     dtype: DtypeOption = "auto",
     trust_remote_code: TrustOption = False,
     allow_pickle: PickleOption = False,
+    num_processes: NumProcessesOption = 1,
+    nnodes: NnodesOption = 1,
+    node_rank: NodeRankOption = 0,
+    master_addr: MasterAddrOption = "127.0.0.1",
+    master_port: MasterPortOption = None,
 ) -> None:
     """Generate text from prompts with a causal LM (greedy by default; equals Hugging Face generate on
     the hf engine, llama.cpp's own decoding on the llama.cpp engine)."""
@@ -178,13 +209,28 @@ def generate(
     if stream and not single:
         raise UsageError("--stream works with one prompt and one sequence", "Drop --stream.")
     streaming = (single if stream is None else stream) and not json_output
+    launch_if_asked(num_processes, nnodes, node_rank, master_addr, master_port, device)
+    from llmcli.distributed import Workers
+
+    workers = Workers(device)
     hf_only = [name for name, given in (("--draft-model", draft_model), ("--prompt-lookup", prompt_lookup)) if given]
-    runner = load_engine(model, engine, command="generate", device=device, dtype=dtype, fast=fast, threads=threads,
-                         hf_only=hf_only, draft_model=draft_model, trust_remote_code=trust_remote_code,
-                         allow_pickle=allow_pickle)
+    runner = load_engine(model, engine, command="generate", device=device or workers.device, dtype=dtype, fast=fast,
+                         threads=threads, hf_only=hf_only, draft_model=draft_model,
+                         trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    if workers.size > 1:  # each process generates for its share of the prompts; rank 0 prints them all
+        from llmcli.tasks.generate import settle_length
+
+        options = settle_length(runner, prompt_list, options, render.notice)
+        produced = workers.map_in_order(prompt_list, options.batch_size,
+                                        lambda share: list(run_generate(runner, share, options)))
+        if not workers.is_main:
+            return
+        streaming = False
+    else:
+        produced = run_generate(runner, prompt_list, options, on_text=render.write if streaming else None,
+                                on_notice=render.notice)
     results = []
-    for result in run_generate(runner, prompt_list, options, on_text=render.write if streaming else None,
-                               on_notice=render.notice):
+    for result in produced:
         results.append(result)
         if json_output:
             render.json_line(render.generation_record(result))
@@ -220,6 +266,11 @@ def fill_mask(
     dtype: ScoringDtypeOption = "float32",
     trust_remote_code: TrustOption = False,
     allow_pickle: PickleOption = False,
+    num_processes: NumProcessesOption = 1,
+    nnodes: NnodesOption = 1,
+    node_rank: NodeRankOption = 0,
+    master_addr: MasterAddrOption = "127.0.0.1",
+    master_port: MasterPortOption = None,
 ) -> None:
     """Fill [MASK] blanks. Masked LMs score as the fill-mask pipeline does; causal LMs (the default
     embedded model) rescore candidate words with the whole sentence, filling several blanks left to
@@ -234,14 +285,20 @@ def fill_mask(
     if mode not in kinds:
         raise UsageError(f"unknown --mode {mode!r}", "Use auto, mlm or causal.")
     inputs = collect_inputs(texts or [], file, read_texts, "text")
+    launch_if_asked(num_processes, nnodes, node_rank, master_addr, master_port, device)
+    from llmcli.distributed import Workers
     from llmcli.errors import WrongModelKind
 
+    workers = Workers(device)
     try:
-        loaded = load_engine(model, "hf", kind=kinds[mode], device=device, dtype=dtype,
+        loaded = load_engine(model, "hf", kind=kinds[mode], device=device or workers.device, dtype=dtype,
                              trust_remote_code=trust_remote_code, allow_pickle=allow_pickle).loaded
     except WrongModelKind as exc:  # here the fix is the --mode option, not another command
         raise WrongModelKind(exc.message, f"Drop --mode {mode}: fill-mask picks the method from the model.") from exc
-    for result in run_fill_mask(loaded, inputs, options):
+    results = run_fill_mask(loaded, inputs, options, workers)
+    if not workers.is_main:
+        return
+    for result in results:
         if json_output:
             render.json_line(render.fill_mask_record(result))
         else:
@@ -277,6 +334,11 @@ def evaluate(
     dtype: ScoringDtypeOption = "float32",
     trust_remote_code: TrustOption = False,
     allow_pickle: PickleOption = False,
+    num_processes: NumProcessesOption = 1,
+    nnodes: NnodesOption = 1,
+    node_rank: NodeRankOption = 0,
+    master_addr: MasterAddrOption = "127.0.0.1",
+    master_port: MasterPortOption = None,
 ) -> None:
     """Score a text: perplexity for causal LMs (sliding window by default), pseudo-perplexity or
     accuracy for masked LMs. Every result names its protocol, token count and standard error."""
@@ -293,16 +355,23 @@ def evaluate(
     options = EvalOptions(metric=metric, protocol=protocol, max_length=max_length, stride=stride, ctx=ctx,
                           batch_size=batch_size, seed=seed)
     text = read_texts(data) if per_record else read_document(data)
+    launch_if_asked(num_processes, nnodes, node_rank, master_addr, master_port, device)
+    from llmcli.distributed import Workers
+
+    workers = Workers(device)
     results = []
     for name in model or [None]:
-        runner = load_engine(name, engine, command="eval", kind="auto", device=device, dtype=dtype, threads=threads,
-                             trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+        runner = load_engine(name, engine, command="eval", kind="auto", device=device or workers.device, dtype=dtype,
+                             threads=threads, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
         with render.progress(f"Scoring with {runner.source.name}") as (start, advance):
-            result = run_evaluate(runner, text, options, on_start=start, on_progress=advance)
+            result = run_evaluate(runner, text, options, on_start=start, on_progress=workers.progress(advance),
+                                  workers=workers)
         results.append(result)
+        if not workers.is_main:
+            continue
         if json_output:
             render.json_line(render.eval_record(result))
-    if not json_output:
+    if not json_output and workers.is_main:
         render.eval_table(results)
 
 
@@ -359,22 +428,25 @@ def finetune(
     bf16: Annotated[bool, typer.Option("--bf16", help="bfloat16 mixed precision.")] = False,
     fp16: Annotated[bool, typer.Option("--fp16", help="float16 mixed precision (GPU).")] = False,
     grad_checkpointing: Annotated[bool, typer.Option(help="Trade compute for memory.")] = False,
-    num_processes: Annotated[int, typer.Option(help="Processes to launch (data parallel; gloo on CPU).")] = 1,
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty --output.")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,
     device: DeviceOption = None,
     trust_remote_code: TrustOption = False,
     allow_pickle: PickleOption = False,
+    num_processes: NumProcessesOption = 1,
+    nnodes: NnodesOption = 1,
+    node_rank: NodeRankOption = 0,
+    master_addr: MasterAddrOption = "127.0.0.1",
+    master_port: MasterPortOption = None,
 ) -> None:
     """Finetune a model (or train one from scratch) on your data, with checkpoints that resume exactly."""
     import os
 
-    from llmcli.tasks.finetune import FinetuneOptions, run, validate
+    from llmcli.tasks.finetune import FinetuneOptions, validate
+    from llmcli.tasks.finetune_loop import run
 
     if bf16 and fp16:
         raise UsageError("--bf16 and --fp16 both given", "Choose one.")
-    if num_processes <= 0:
-        raise UsageError(f"--num-processes must be at least 1, got {num_processes}")
     options = FinetuneOptions(
         data=data, output=output, data_eval=data_eval, model=model, objective=objective, from_scratch=from_scratch,
         arch=arch, config_overrides=config_overrides, tokenizer_vocab_size=tokenizer_vocab_size,
@@ -389,8 +461,7 @@ def finetune(
         allow_pickle=allow_pickle,
     )
     validate(options)
-    if num_processes > 1 and "LOCAL_RANK" not in os.environ:
-        raise typer.Exit(launch_processes(num_processes, device))
+    launch_if_asked(num_processes, nnodes, node_rank, master_addr, master_port, device)
     if model is None and not from_scratch:
         render.notice("Using the embedded model SmolLM2-135M-Instruct (pass --model to choose another).")
     rank = int(os.environ.get("RANK", "0"))
@@ -401,35 +472,6 @@ def finetune(
             render.json_line(render.finetune_record(result))
         else:
             render.finetune_summary(result)
-
-
-def launch_processes(count: int, device: str | None) -> int:
-    """Run this same command in `count` processes with torchrun; on CPU accelerate then uses gloo DDP."""
-    import os
-    import socket
-    import subprocess
-
-    argv = sys.argv[1:]
-    for i, arg in enumerate(argv):  # the workers must not launch again
-        if arg.startswith("--num-processes"):
-            del argv[i: i + (1 if "=" in arg else 2)]
-            break
-    with socket.socket() as probe:  # a free port for the rendezvous
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    import torch
-
-    env = dict(os.environ)
-    if device == "cpu" or not torch.cuda.is_available():
-        env["ACCELERATE_USE_CPU"] = "1"
-    elif count > torch.cuda.device_count():  # NCCL refuses two ranks on one GPU, deep inside the workers
-        gpus = torch.cuda.device_count()
-        raise UsageError(f"--num-processes {count} needs {count} GPUs, and {gpus} found",
-                         f"Use --num-processes {gpus}, or --device cpu for CPU processes.")
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={count}",
-               f"--master_port={port}", "-m", "llmcli", *argv]
-    render.notice(f"Launching {count} processes: {' '.join(command[2:])}")
-    return subprocess.call(command, env=env)
 
 
 @app.command()
@@ -576,13 +618,18 @@ def interrupt_on_sigterm() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app and turn every failure into the exit-code contract."""
+    global command_line
+    from llmcli import distributed
+
     interrupt_on_sigterm()
+    if distributed.is_worker() and distributed.rank() != 0:
+        render.quiet_other_ranks()
     command = typer.main.get_command(app)
+    command_line = with_resume_default(sys.argv[1:] if argv is None else argv)
     try:
-        code = command.main(args=with_resume_default(sys.argv[1:] if argv is None else argv), prog_name="llmcli",
-                            standalone_mode=False)
+        code = command.main(args=command_line, prog_name="llmcli", standalone_mode=False)
         if code == EXIT_INTERRUPTED:  # typer turns Ctrl-C into Exit(130), which click returns
-            render.error("interrupted")
+            report_error("interrupted", None, EXIT_INTERRUPTED)
     except typer.Exit as exc:
         code = exc.exit_code
     except NoArgsIsHelpError as exc:  # bare `llmcli`: show the help, which is what was asked for
@@ -590,16 +637,14 @@ def main(argv: list[str] | None = None) -> None:
         code = 0
     except ClickException as exc:  # bad option values and unknown options, from click itself
         context = getattr(exc, "ctx", None)
-        render.error(exc.format_message(), f"Run '{context.command_path if context else 'llmcli'} --help' for usage.")
-        code = EXIT_USAGE
+        code = report_error(exc.format_message(), f"Run '{context.command_path if context else 'llmcli'} --help' for "
+                            "usage.", EXIT_USAGE)
     except (KeyboardInterrupt, typer.Abort):
-        render.error("interrupted")
-        code = EXIT_INTERRUPTED
+        code = report_error("interrupted", None, EXIT_INTERRUPTED)
     except LlmcliError as exc:
         if debug_mode:
             traceback.print_exc()
-        render.error(exc.message, exc.hint)
-        code = exc.exit_code
+        code = report_error(exc.message, exc.hint, exc.exit_code)
     except (render.OutputClosed, BrokenPipeError):  # `llmcli generate ... | head` closed the pipe: not an error
         import os
 
@@ -608,6 +653,15 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:
         if debug_mode:
             traceback.print_exc()
-        render.error(f"internal error: {type(exc).__name__}: {exc}", "Run again with --debug for the traceback.")
-        code = EXIT_INTERNAL
+        code = report_error(f"internal error: {type(exc).__name__}: {exc}", "Run again with --debug for the "
+                            "traceback.", EXIT_INTERNAL)
     sys.exit(code or 0)
+
+
+def report_error(message: str, hint: str | None, code: int) -> int:
+    """The one `Error:` line; a worker we launched hands it to the launcher, which prints it once."""
+    from llmcli import distributed
+
+    if not distributed.record_error(message, hint, code):
+        render.error(message, hint)
+    return code

@@ -68,13 +68,13 @@ def remove_cache_entries(name: str | None, everything: bool) -> list[str]:
 
 
 def machine_info() -> dict[str, Any]:
-    from llmcli.engines import llama_cpp_installed, physical_cores
+    from llmcli.engines import llama_cpp_installed, machine_physical_cores
 
     info: dict[str, Any] = {
         "llmcli": __version__, "python": platform.python_version(), "platform": platform.platform(),
         "packages": {name: package_version(name) for name in ("torch", "transformers", "accelerate", "datasets",
                                                                "peft", "llama-cpp-python")},
-        "cpu": {"logical": os.cpu_count(), "physical": physical_cores()},
+        "cpu": {"logical": os.cpu_count(), "physical": machine_physical_cores()},
         "gpus": gpus(),
         "engines": {"hf": True, "llama.cpp": llama_cpp_installed()},
         "cache": {"path": str(models.cache_root()), "entries": [e.__dict__ for e in cache_entries()]},

@@ -52,8 +52,17 @@ def stdout_console() -> Console:
     return Console(file=stdout, highlight=False)
 
 
+quiet = False  # a worker process other than rank 0: rank 0 alone speaks for the command
+
+
+def quiet_other_ranks() -> None:
+    global quiet
+    quiet = True
+
+
 def notice(message: str) -> None:
-    stderr.print(message, style="dim", markup=False, soft_wrap=True)
+    if not quiet:
+        stderr.print(message, style="dim", markup=False, soft_wrap=True)
 
 
 def error(message: str, hint: str | None = None) -> None:
@@ -65,7 +74,7 @@ def error(message: str, hint: str | None = None) -> None:
 @contextmanager
 def status(message: str) -> Iterator[None]:
     """A spinner on stderr while something slow runs (only on a terminal)."""
-    if stderr.is_terminal:
+    if stderr.is_terminal and not quiet:
         with stderr.status(message):
             yield
     else:
@@ -144,7 +153,7 @@ def fill_mask_table(result: Any, model_name: str) -> None:
 def progress(description: str) -> Iterator[tuple[Any, Any]]:
     """A progress bar on stderr; yields (start(total), advance(n)) callbacks for a task to call."""
     bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                   console=stderr, transient=True, disable=not stderr.is_terminal)
+                   console=stderr, transient=True, disable=quiet or not stderr.is_terminal)
     task = bar.add_task(description, total=None)
     with bar:
         yield (lambda total: bar.update(task, total=total)), (lambda n: bar.advance(task, n))

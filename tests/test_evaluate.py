@@ -210,11 +210,13 @@ def test_llama_cpp_layout(model, request, text_file):
 
 
 def test_standard_error_is_the_delta_method(tiny_gpt2, text_file):
+    from llmcli.engines import as_engine
     from llmcli.models import load_model
-    from llmcli.tasks.evaluate import EvalOptions, causal_perplexity
+    from llmcli.tasks.evaluate import EvalOptions, causal_windows
 
-    loaded = load_model(str(tiny_gpt2), device="cpu")
-    _, nlls = causal_perplexity(loaded, TEXT, EvalOptions(max_length=64, stride=64, batch_size=2))
+    engine = as_engine(load_model(str(tiny_gpt2), device="cpu"))
+    _, windows = causal_windows(engine, TEXT, EvalOptions(max_length=64, stride=64))
+    nlls = engine.token_nlls(windows, 2)
     mean = sum(nlls) / len(nlls)
     sd = math.sqrt(sum((x - mean) ** 2 for x in nlls) / (len(nlls) - 1))
     record = evaluate(text_file, tiny_gpt2, "--max-length", "64", "--stride", "64")

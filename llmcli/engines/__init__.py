@@ -11,7 +11,7 @@ import importlib.util
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Container, Protocol, Sequence
+from typing import Any, Callable, Container, Iterator, Protocol, Sequence
 
 from llmcli.errors import UsageError
 
@@ -86,13 +86,32 @@ def process_peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # where there is no /proc: KiB on Linux
 
 
+def same_shape_batches(windows: list[Window], batch_size: int) -> Iterator[list[Window]]:
+    """Runs of windows with equal length and scored count, so batches need no padding."""
+    run: list[Window] = []
+    for window in windows:
+        if run and (len(run) == batch_size or (len(window.ids), window.scored) != (len(run[0].ids), run[0].scored)):
+            yield run
+            run = []
+        run.append(window)
+    if run:
+        yield run
+
+
 def llama_cpp_installed() -> bool:
     return importlib.util.find_spec("llama_cpp") is not None
 
 
 def physical_cores() -> int:
     """Physical cores this process may use: llama.cpp's own default, and what measures fastest
-    (hyper-threads share the vector units that the matmuls saturate)."""
+    (hyper-threads share the vector units that the matmuls saturate). Workers launched together on
+    one machine (LOCAL_WORLD_SIZE) share them out."""
+    import os
+
+    return max(1, machine_physical_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def machine_physical_cores() -> int:
     import os
 
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

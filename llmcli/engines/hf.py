@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
-from llmcli.engines import ProgressCallback, TokensCallback, Window, process_peak_rss_mb
+from llmcli.engines import ProgressCallback, TokensCallback, Window, process_peak_rss_mb, same_shape_batches
 from llmcli.models import LoadedModel
 
 
@@ -109,18 +109,6 @@ class StepStreamer:
 
     def end(self) -> None:
         pass
-
-
-def same_shape_batches(windows: list[Window], batch_size: int):
-    """Runs of windows with equal length and scored count, so batches need no padding."""
-    run: list[Window] = []
-    for window in windows:
-        if run and (len(run) == batch_size or (len(window.ids), window.scored) != (len(run[0].ids), run[0].scored)):
-            yield run
-            run = []
-        run.append(window)
-    if run:
-        yield run
 
 
 def sampling_kwargs(options: Any) -> dict[str, Any]:

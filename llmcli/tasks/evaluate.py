@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from llmcli.engines import Engine, ProgressCallback, Window, as_engine
+from llmcli.engines import Engine, ProgressCallback, Window, as_engine, same_shape_batches
 from llmcli.errors import DataError, UsageError
 
 
@@ -119,31 +119,31 @@ def bits_per_byte_of(total_nll: float, texts: list[str]) -> float:
     return total_nll / (math.log(2) * sum(len(text.encode("utf-8")) for text in texts))
 
 
-def causal_perplexity(engine: Engine, text: str, options: EvalOptions,
-                      on_start: Callable[[int], None] | None = None,
-                      on_progress: ProgressCallback | None = None) -> tuple[str, list[float]]:
-    engine = as_engine(engine)
+def causal_windows(engine: Engine, text: str, options: EvalOptions) -> tuple[str, list[Window]]:
+    """The protocol's name and the forward passes that score `text` under it."""
     if options.protocol == "llama.cpp":
         ids = engine.encode(text)
         if len(ids) < 2 * options.ctx:
             raise DataError(f"the text has {len(ids)} tokens; llama.cpp's method needs at least 2 × ctx = "
                             f"{2 * options.ctx}", "Use a longer text or a smaller --ctx.")
-        windows = llama_cpp_windows(ids, options.ctx, engine.bos_id if engine.adds_bos else None)
-        protocol = f"llama.cpp(ctx={options.ctx})"
-    elif options.protocol == "rolling":
+        return f"llama.cpp(ctx={options.ctx})", llama_cpp_windows(ids, options.ctx,
+                                                                 engine.bos_id if engine.adds_bos else None)
+    if options.protocol == "rolling":
         ids = engine.encode(text, add_special=False)
         prefix = engine.bos_id if engine.bos_id is not None else engine.eos_id
-        windows = rolling_windows(ids, prefix, options.max_length)
-        protocol = f"rolling(lm-eval,max_length={options.max_length})"
-    else:
-        ids = engine.encode(text)
-        if len(ids) < 2:
-            raise DataError(f"the text is {len(ids)} token long; perplexity needs at least 2", "Use a longer text.")
-        windows = sliding_windows(ids, options.max_length, options.stride)
-        protocol = f"sliding(max_length={options.max_length},stride={options.stride})"
-    if on_start:
-        on_start(len(windows))
-    return protocol, engine.token_nlls(windows, options.batch_size, on_progress)
+        return (f"rolling(lm-eval,max_length={options.max_length})",
+                rolling_windows(ids, prefix, options.max_length))
+    ids = engine.encode(text)
+    if len(ids) < 2:
+        raise DataError(f"the text is {len(ids)} token long; perplexity needs at least 2", "Use a longer text.")
+    return (f"sliding(max_length={options.max_length},stride={options.stride})",
+            sliding_windows(ids, options.max_length, options.stride))
+
+
+def causal_batches(engine: Engine, text: str, options: EvalOptions) -> tuple[str, list[Any]]:
+    """The protocol and the text's windows as the batches the engine runs (see `score`)."""
+    protocol, windows = causal_windows(engine, text, options)
+    return protocol, list(same_shape_batches(windows, options.batch_size))
 
 
 def special_affixes(tokenizer: Any) -> tuple[list[int], list[int]]:
@@ -167,57 +167,56 @@ def masked_chunks(tokenizer: Any, text: str, max_length: int) -> list[list[int]]
     return [prefix + ids[i:i + body] + suffix for i in range(0, len(ids), body)]
 
 
-def pseudo_log_likelihoods(loaded: Any, text: str, options: EvalOptions,
-                           on_start: Callable[[int], None] | None = None,
-                           on_progress: ProgressCallback | None = None) -> tuple[str, list[float]]:
-    """Per-token NLL with each token masked in turn, in chunks of max_length with [CLS]/[SEP] added;
-    the masked copies of a chunk are batched (batch_size copies per forward pass)."""
-    import torch
-
+def pseudo_batches(loaded: Any, text: str, options: EvalOptions) -> tuple[str, list[Any]]:
+    """Each token masked in turn, in chunks of max_length with [CLS]/[SEP] added: (chunk, position)
+    jobs, batch_size masked copies per forward pass."""
     tokenizer = loaded.tokenizer
     jobs = []
     for chunk in masked_chunks(tokenizer, text, options.max_length):
         special = tokenizer.get_special_tokens_mask(chunk, already_has_special_tokens=True)
         jobs += [(chunk, position) for position, is_special in enumerate(special) if not is_special]
-    if on_start:
-        on_start(len(jobs))
-    nlls: list[float] = []
-    for start in range(0, len(jobs), options.batch_size):
-        run = jobs[start:start + options.batch_size]
-        width = max(len(chunk) for chunk, _ in run)
-        batch = torch.full((len(run), width), tokenizer.pad_token_id or 0)
-        attention = torch.zeros((len(run), width), dtype=torch.long)
-        for row, (chunk, position) in enumerate(run):
-            batch[row, : len(chunk)] = torch.tensor(chunk)
-            attention[row, : len(chunk)] = 1
-            batch[row, position] = tokenizer.mask_token_id
-        logits = loaded.model(input_ids=batch.to(loaded.device), attention_mask=attention.to(loaded.device)).logits
-        for row, (chunk, position) in enumerate(run):
-            nlls.append(-logits[row, position].float().log_softmax(-1)[chunk[position]].item())
-        if on_progress:
-            on_progress(len(run))
-    return f"pseudo-perplexity(max_length={options.max_length})", nlls
+    batches = [jobs[i:i + options.batch_size] for i in range(0, len(jobs), options.batch_size)]
+    return f"pseudo-perplexity(max_length={options.max_length})", batches
 
 
-def masked_accuracy(loaded: Any, text: str, options: EvalOptions) -> tuple[str, int, int]:
-    """Correct and total predictions when a seeded 15% of tokens (at least one per chunk) are masked."""
+def pseudo_nlls(loaded: Any, run: list[tuple[list[int], int]]) -> list[float]:
+    """The NLL of each job's masked token, in one forward pass."""
     import torch
 
     tokenizer = loaded.tokenizer
-    generator = torch.Generator().manual_seed(options.seed)
-    correct = total = 0
+    width = max(len(chunk) for chunk, _ in run)
+    batch = torch.full((len(run), width), tokenizer.pad_token_id or 0)
+    attention = torch.zeros((len(run), width), dtype=torch.long)
+    for row, (chunk, position) in enumerate(run):
+        batch[row, : len(chunk)] = torch.tensor(chunk)
+        attention[row, : len(chunk)] = 1
+        batch[row, position] = tokenizer.mask_token_id
+    logits = loaded.model(input_ids=batch.to(loaded.device), attention_mask=attention.to(loaded.device)).logits
+    return [-logits[row, position].float().log_softmax(-1)[chunk[position]].item()
+            for row, (chunk, position) in enumerate(run)]
+
+
+def masked_accuracy_jobs(loaded: Any, text: str, options: EvalOptions, generator: Any) -> list[tuple[Any, Any]]:
+    """(chunk, masked positions) for each chunk, a seeded 15% of its tokens (at least one) masked;
+    drawn in order from one generator, before any forward pass, so shares cannot change them."""
+    import torch
+
+    tokenizer = loaded.tokenizer
+    jobs = []
     for ids in masked_chunks(tokenizer, text, options.max_length):
         chunk = torch.tensor(ids)
         special = torch.tensor(tokenizer.get_special_tokens_mask(chunk.tolist(), already_has_special_tokens=True))
         candidates = (special == 0).nonzero().squeeze(-1)
         count = max(1, round(0.15 * len(candidates)))
-        masked = candidates[torch.randperm(len(candidates), generator=generator)[:count]]
-        inputs = chunk.clone()
-        inputs[masked] = tokenizer.mask_token_id
-        logits = loaded.model(input_ids=inputs[None].to(loaded.device)).logits[0]
-        correct += int((logits[masked].argmax(-1).cpu() == chunk[masked]).sum())
-        total += count
-    return f"masked-accuracy(p=0.15,seed={options.seed},max_length={options.max_length})", correct, total
+        jobs.append((chunk, candidates[torch.randperm(len(candidates), generator=generator)[:count]]))
+    return jobs
+
+
+def masked_correct(loaded: Any, chunk: Any, masked: Any) -> int:
+    inputs = chunk.clone()
+    inputs[masked] = loaded.tokenizer.mask_token_id
+    logits = loaded.model(input_ids=inputs[None].to(loaded.device)).logits[0]
+    return int((logits[masked].argmax(-1).cpu() == chunk[masked]).sum())
 
 
 def resolve_options(engine: Engine, options: EvalOptions) -> EvalOptions:
@@ -256,47 +255,85 @@ def resolve_options(engine: Engine, options: EvalOptions) -> EvalOptions:
 
 def evaluate(engine: Engine, text: str | list[str], options: EvalOptions,
              on_start: Callable[[int], None] | None = None,
-             on_progress: ProgressCallback | None = None) -> EvalResult:
+             on_progress: ProgressCallback | None = None, workers: Any = None) -> EvalResult:
     """Score `text`, or each of a list of records as a text of its own, aggregated exactly (summed
-    NLL over all scored tokens). `engine` may also be a models.LoadedModel (the Hugging Face engine)."""
+    NLL over all scored tokens). `engine` may also be a models.LoadedModel (the Hugging Face engine).
+
+    `workers` (distributed.Workers) shares the forward passes out between processes, whole batches
+    each, and gathers the per-token values back in order: every process's result is the one-process
+    result, to the last bit."""
     engine = as_engine(engine)
     texts = [text] if isinstance(text, str) else text
     if not any(t.strip() for t in texts):
         raise DataError("the evaluation text is empty", "Pass a file with some text.")
     options = resolve_options(engine, options)
+    workers = workers or OneProcess()
     if engine.kind == "masked":
         import torch
 
         with torch.inference_mode():
-            return score(engine, texts, options, on_start, on_progress, per_record=not isinstance(text, str))
-    return score(engine, texts, options, on_start, on_progress, per_record=not isinstance(text, str))
+            return score(engine, texts, options, on_start, on_progress, not isinstance(text, str), workers)
+    return score(engine, texts, options, on_start, on_progress, not isinstance(text, str), workers)
+
+
+class OneProcess:
+    """Workers of a single process: everything computed here."""
+
+    def map_in_order(self, items: list[Any], batch_size: int, compute: Callable[[list[Any]], list[Any]]) -> list[Any]:
+        return compute(items)
 
 
 def score(engine: Engine, texts: list[str], options: EvalOptions, on_start: Callable[[int], None] | None,
-          on_progress: ProgressCallback | None, per_record: bool = False) -> EvalResult:
+          on_progress: ProgressCallback | None, per_record: bool, workers: Any) -> EvalResult:
     began = time.perf_counter()
     if options.metric == "accuracy":
-        counts = [masked_accuracy(engine.loaded, text, options) for text in texts]
-        protocol, correct, total = counts[0][0], sum(c[1] for c in counts), sum(c[2] for c in counts)
+        import torch
+
+        generator = torch.Generator().manual_seed(options.seed)
+        jobs = [job for text in texts for job in masked_accuracy_jobs(engine.loaded, text, options, generator)]
+        correct = sum(workers.map_in_order(jobs, 1, lambda share: [masked_correct(engine.loaded, *job)
+                                                                   for job in share]))
+        total = sum(len(masked) for _, masked in jobs)
+        protocol = f"masked-accuracy(p=0.15,seed={options.seed},max_length={options.max_length})"
         value = correct / total
         return EvalResult(engine.source.name, "accuracy", per_record_name(protocol, len(texts), 0, per_record), value,
                           math.sqrt(value * (1 - value) / total), total, None, None, None,
                           time.perf_counter() - began, engine.name, engine.weights)
-    nlls: list[float] = []
-    scored_texts: list[str] = []
-    for text in texts:
+    # Every text's forward passes first, as (text number, batch) units, then the passes themselves:
+    # shared out whole between processes, so a batch is the same batch in any number of them.
+    units: list[tuple[int, Any]] = []
+    protocol = ""
+    for number, text in enumerate(texts):
         try:
             if options.metric == "pseudo-perplexity":
-                protocol, record_nlls = pseudo_log_likelihoods(engine.loaded, text, options, on_start, on_progress)
+                protocol, batches = pseudo_batches(engine.loaded, text, options)
             else:
-                protocol, record_nlls = causal_perplexity(engine, text, options, on_start, on_progress)
+                protocol, batches = causal_batches(engine, text, options)
         except DataError:
             if not per_record:
                 raise
-            record_nlls = []  # a record too short to score anything (a one-token line): counted as skipped
-        if record_nlls:
-            nlls += record_nlls
-            scored_texts.append(text)
+            batches = []  # a record too short to score anything (a one-token line): counted as skipped
+        units += [(number, batch) for batch in batches]
+    if on_start:
+        on_start(sum(len(batch) for _, batch in units))
+
+    def compute(share: list[tuple[int, Any]]) -> list[tuple[int, list[float]]]:
+        results = []
+        for number, batch in share:
+            if options.metric == "pseudo-perplexity":
+                values = pseudo_nlls(engine.loaded, batch)
+                if on_progress:
+                    on_progress(len(batch))
+            else:
+                values = engine.token_nlls(batch, options.batch_size, on_progress)
+            results.append((number, values))
+        return results
+
+    by_text: dict[int, list[float]] = {}
+    for number, values in workers.map_in_order(units, 1, compute):
+        by_text.setdefault(number, []).extend(values)
+    nlls = [value for number in sorted(by_text) for value in by_text[number]]
+    scored_texts = [texts[number] for number in sorted(by_text) if by_text[number]]
     if not nlls:
         raise DataError("no token could be scored", "Use a longer text.")
     value, stderr, total, bits_per_byte, word_perplexity = summary(nlls, scored_texts,

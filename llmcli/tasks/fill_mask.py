@@ -11,7 +11,7 @@ whole sentence (so the right context counts), and report a softmax over sentence
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from llmcli.errors import DataError, UsageError
 from llmcli.models import LoadedModel
@@ -55,16 +55,19 @@ def validate(options: FillMaskOptions) -> None:
         raise UsageError("--targets must not be empty")
 
 
-def fill_mask(loaded: LoadedModel, texts: list[str], options: FillMaskOptions) -> list[FillMaskResult]:
+def fill_mask(loaded: LoadedModel, texts: list[str], options: FillMaskOptions, workers: Any = None) -> list[FillMaskResult]:
+    """Results in input order. `workers` (distributed.Workers) shares the work out between processes:
+    whole batches of a masked LM, whole texts of a causal one, so every number is the one-process one."""
     import torch
 
     validate(options)
     if options.all_positions and loaded.kind != "masked":
         raise UsageError("--all-positions needs a masked LM (BERT-style)", "Pass --model with a masked LM.")
+    map_in_order = workers.map_in_order if workers else lambda items, size, compute: compute(items)
     with torch.inference_mode():
         if loaded.kind == "masked":
-            return fill_masked_lm(loaded, texts, options)
-        return [fill_causal_lm(loaded, text, options) for text in texts]
+            return fill_masked_lm(loaded, texts, options, map_in_order)
+        return map_in_order(texts, 1, lambda share: [fill_causal_lm(loaded, text, options) for text in share])
 
 
 # ---------------------------------------------------------------- masked LMs
@@ -101,8 +104,8 @@ def target_ids(tokenizer: Any, targets: list[str]) -> list[int]:
     return sorted(set(ids))
 
 
-def fill_masked_lm(loaded: LoadedModel, texts: list[str], options: FillMaskOptions) -> list[FillMaskResult]:
-    import torch
+def fill_masked_lm(loaded: LoadedModel, texts: list[str], options: FillMaskOptions,
+                   map_in_order: Callable[..., list[Any]]) -> list[FillMaskResult]:
 
     tokenizer, model = loaded.tokenizer, loaded.model
     texts_with_masks = [with_model_mask(tokenizer, text) for text in texts]
@@ -118,47 +121,64 @@ def fill_masked_lm(loaded: LoadedModel, texts: list[str], options: FillMaskOptio
     parts = None if options.all_positions else encoder_and_head(model)
     # batches of similar length waste less on padding; results go back in input order
     order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))
+    batches = [order[start:start + options.batch_size] for start in range(0, len(order), options.batch_size)]
+
+    def fill_share(share: list[list[int]]) -> list[tuple[int, FillMaskResult]]:
+        return [pair for members in share
+                for pair in fill_masked_batch(loaded, texts, encoded, members, targets, parts, options)]
+
     results: list[FillMaskResult] = [None] * len(texts)  # type: ignore[list-item]
-    for start in range(0, len(order), options.batch_size):
-        members = order[start:start + options.batch_size]
-        batch = tokenizer.pad({"input_ids": [encoded[i] for i in members]}, return_tensors="pt").to(loaded.device)
-        blanks = batch["input_ids"] == tokenizer.mask_token_id
-        if parts is None:
-            logits = model(**batch).logits.float()
-            blank_logits = logits[blanks]
-        else:  # the vocabulary head on the blanks alone: for a small BERT it is ~1/6 of the work per token
-            encoder, head = parts
-            blank_logits = head(encoder(**batch)[0][blanks]).float()
-        # blank_logits holds the blanks of every row in turn, each row's left to right
-        first_blank = [0, *blanks.sum(dim=1).cumsum(0).tolist()]
-        for row, index in enumerate(members):
-            text, ids = texts[index], encoded[index]
-            input_ids = torch.tensor(ids)
-            masked_index = torch.nonzero(input_ids == tokenizer.mask_token_id).squeeze(-1)
-            probs = blank_logits[first_blank[row]:first_blank[row + 1]].softmax(dim=-1).cpu()
-            if targets is not None:
-                probs = probs[..., targets]
-            values, predictions = probs.topk(min(options.top_k, probs.shape[-1]))
-            single_mask = len(masked_index) == 1
-            ranked = []
-            for i, (scores, tokens) in enumerate(zip(values.tolist(), predictions.tolist())):
-                row_predictions = []
-                for score, token in zip(scores, tokens):
-                    token = targets[token] if targets is not None else token
-                    filled = input_ids.clone()
-                    filled[masked_index[i]] = token
-                    # as the pipeline: other masks stay visible when there are several
-                    sequence = tokenizer.decode(filled.tolist(), skip_special_tokens=single_mask)
-                    row_predictions.append(Prediction(token, tokenizer.decode([token]), score, sequence))
-                ranked.append(row_predictions)
-            argmax_text = None
-            if options.all_positions:
-                argmax = logits[row, : len(ids)].argmax(-1).cpu()
-                # drop the [CLS]/[SEP]-like positions, keep the blanks
-                special = torch.tensor(tokenizer.get_special_tokens_mask(ids, already_has_special_tokens=True)).bool()
-                argmax_text = tokenizer.decode(argmax[~special | (input_ids == tokenizer.mask_token_id)].tolist())
-            results[index] = FillMaskResult(text, ranked, "masked-lm", argmax_text)
+    for index, result in map_in_order(batches, 1, fill_share):
+        results[index] = result
     return results
+
+
+def fill_masked_batch(loaded: LoadedModel, texts: list[str], encoded: list[list[int]], members: list[int],
+                      targets: list[int] | None, parts: tuple[Any, Any] | None,
+                      options: FillMaskOptions) -> list[tuple[int, FillMaskResult]]:
+    """(input number, result) for the texts numbered `members`, in one forward pass."""
+    import torch
+
+    tokenizer, model = loaded.tokenizer, loaded.model
+    filled_in = []
+    batch = tokenizer.pad({"input_ids": [encoded[i] for i in members]}, return_tensors="pt").to(loaded.device)
+    blanks = batch["input_ids"] == tokenizer.mask_token_id
+    if parts is None:
+        logits = model(**batch).logits.float()
+        blank_logits = logits[blanks]
+    else:  # the vocabulary head on the blanks alone: for a small BERT it is ~1/6 of the work per token
+        encoder, head = parts
+        blank_logits = head(encoder(**batch)[0][blanks]).float()
+    # blank_logits holds the blanks of every row in turn, each row's left to right
+    first_blank = [0, *blanks.sum(dim=1).cumsum(0).tolist()]
+    for row, index in enumerate(members):
+        text, ids = texts[index], encoded[index]
+        input_ids = torch.tensor(ids)
+        masked_index = torch.nonzero(input_ids == tokenizer.mask_token_id).squeeze(-1)
+        probs = blank_logits[first_blank[row]:first_blank[row + 1]].softmax(dim=-1).cpu()
+        if targets is not None:
+            probs = probs[..., targets]
+        values, predictions = probs.topk(min(options.top_k, probs.shape[-1]))
+        single_mask = len(masked_index) == 1
+        ranked = []
+        for i, (scores, tokens) in enumerate(zip(values.tolist(), predictions.tolist())):
+            row_predictions = []
+            for score, token in zip(scores, tokens):
+                token = targets[token] if targets is not None else token
+                filled = input_ids.clone()
+                filled[masked_index[i]] = token
+                # as the pipeline: other masks stay visible when there are several
+                sequence = tokenizer.decode(filled.tolist(), skip_special_tokens=single_mask)
+                row_predictions.append(Prediction(token, tokenizer.decode([token]), score, sequence))
+            ranked.append(row_predictions)
+        argmax_text = None
+        if options.all_positions:
+            argmax = logits[row, : len(ids)].argmax(-1).cpu()
+            # drop the [CLS]/[SEP]-like positions, keep the blanks
+            special = torch.tensor(tokenizer.get_special_tokens_mask(ids, already_has_special_tokens=True)).bool()
+            argmax_text = tokenizer.decode(argmax[~special | (input_ids == tokenizer.mask_token_id)].tolist())
+        filled_in.append((index, FillMaskResult(text, ranked, "masked-lm", argmax_text)))
+    return filled_in
 
 
 def encoder_and_head(model: Any) -> tuple[Any, Any] | None:

@@ -8,19 +8,26 @@ import shutil
 import signal
 import threading
 import time
+from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from llmcli import checkpoints, strict_json
+from llmcli.errors import UsageError
 from llmcli.tasks.finetune import (
+    DEFAULT_MAX_LENGTH,
     FinetuneOptions,
     FinetuneResult,
     Reporter,
-    epoch_batches,
-    no_sync_unless,
-    optimizer_for,
-    replace_dir_contents,
+    add_lora,
+    check_output_dir,
+    check_resume_config,
+    load_datasets,
+    load_model,
+    refuse_finished_run,
     training_config,
+    validate,
     versions,
 )
 from llmcli.training_data import make_collator
@@ -321,3 +328,93 @@ def log_tensorboard(writer: Any, record: dict[str, Any]) -> None:
     for key, value in record.items():
         if key != "step" and isinstance(value, (int, float)):
             writer.add_scalar(key, value, record["step"])
+
+
+def run(options: FinetuneOptions, reporter: Reporter | None = None) -> FinetuneResult:
+    from transformers import set_seed
+
+    from llmcli.models import quiet_libraries
+
+    reporter = reporter or Reporter()
+    quiet_libraries()
+    validate(options)
+    output = check_output_dir(options)
+    resume_from = None
+    if options.resume is not None:
+        refuse_finished_run(output, options)
+        resume_from = checkpoints.find_checkpoint(output, options.resume)
+        source_run = checkpoints.run_dir(resume_from)
+        if source_run.resolve() != output.resolve() and output.is_dir() and any(output.iterdir()):
+            raise UsageError(f"{output} is not empty, and {resume_from} belongs to another run ({source_run})",
+                             "Pass a new or empty --output, or the checkpoint's own run directory.")
+        check_resume_config(source_run, options)
+    data_format, train_data, eval_data = load_datasets(options)
+    set_seed(options.seed)  # before any weights are made: from-scratch and LoRA initialisation
+    model, tokenizer, kind, base = load_model(options, train_data, data_format)
+    objective = {"causal": "clm", "masked": "mlm"}[kind]
+    if options.objective != "auto" and options.objective != objective:
+        raise UsageError(f"--objective {options.objective} does not fit this {kind} model",
+                         f"Use --objective {objective} or auto.")
+    packing = options.packing if options.packing is not None else data_format == "text" or objective == "mlm"
+    mask_prompt = options.mask_prompt if options.mask_prompt is not None else data_format != "text"
+    context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if options.max_length is None:  # the default fits the model: a small model's context caps it
+        options = replace(options, max_length=min(DEFAULT_MAX_LENGTH, context or DEFAULT_MAX_LENGTH))
+        if options.max_length < DEFAULT_MAX_LENGTH:
+            reporter.note(f"--max-length defaults to {DEFAULT_MAX_LENGTH}; using {options.max_length}, the model's "
+                          f"context.")
+    elif context and options.max_length > context:
+        raise UsageError(f"--max-length {options.max_length} is above the model's context of {context} tokens",
+                         f"Use --max-length {context} or less.")
+    from llmcli.training_data import prepare
+
+    settings = dict(objective=objective, max_length=options.max_length, packing=packing, mask_prompt=mask_prompt)
+    train_blocks = prepare(train_data, tokenizer, data_format, name=options.data, **settings)
+    eval_blocks = prepare(eval_data, tokenizer, data_format, name=options.data_eval or "validation split",
+                          **settings) if eval_data is not None else None
+    if options.lora:
+        model = add_lora(model, options, kind)
+    if options.grad_checkpointing:
+        model.gradient_checkpointing_enable()
+    resolved = {"objective": objective, "data_format": data_format, "packing": packing, "mask_prompt": mask_prompt,
+                "train_blocks": len(train_blocks), "eval_blocks": len(eval_blocks) if eval_blocks else 0,
+                "base_model": base}
+    return train(options, output, model, tokenizer, train_blocks, eval_blocks, resolved, reporter, resume_from)
+
+
+def epoch_batches(size: int, epoch: int, seed: int, batch_size: int, world: int, rank: int) -> list[list[int]]:
+    """This rank's batches of example indices for an epoch: a seeded permutation, wrapped around so
+    that every rank gets the same number of full batches (as DistributedSampler pads)."""
+    import torch
+
+    order = torch.randperm(size, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    per_step = batch_size * world
+    steps = math.ceil(size / per_step)
+    order = (order * math.ceil(steps * per_step / size))[: steps * per_step]
+    return [order[s * per_step + rank * batch_size: s * per_step + (rank + 1) * batch_size] for s in range(steps)]
+
+
+def optimizer_for(model: Any, options: FinetuneOptions) -> Any:
+    """AdamW without weight decay on biases and norm weights (the usual split)."""
+    import torch
+
+    decay, no_decay = [], []
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            (no_decay if parameter.ndim < 2 else decay).append(parameter)
+    groups = [{"params": decay, "weight_decay": options.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    try:  # fused AdamW: one kernel for all parameters, 3x faster steps on CPU (as Trainer's default)
+        return torch.optim.AdamW(groups, lr=options.lr, fused=True)
+    except RuntimeError:  # devices or dtypes without a fused kernel
+        return torch.optim.AdamW(groups, lr=options.lr)
+
+
+def replace_dir_contents(output: Path) -> None:
+    """--overwrite: empty the output directory (only after every input has been validated)."""
+    for child in output.iterdir():
+        shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+
+
+def no_sync_unless(last: bool, accelerator: Any, model: Any) -> Any:
+    """Skip DDP's gradient all-reduce on all but the last micro-batch of an accumulation."""
+    return nullcontext() if last or accelerator.num_processes == 1 else accelerator.no_sync(model)

@@ -200,6 +200,15 @@ def cap_default_length(options: GenerateOptions, encoded: list[list[int]], conte
     return replace(options, max_new_tokens=room)
 
 
+def settle_length(engine: Engine, prompts: list[Prompt], options: GenerateOptions,
+                  on_notice: TextCallback | None = None) -> GenerateOptions:
+    """The options with a default --max-new-tokens capped for all `prompts` at once: decided before
+    the prompts are shared out between processes, so that every share generates as the whole would."""
+    engine = as_engine(engine)
+    encoded = [encode_prompt(engine, prompt, options) for prompt in prompts]
+    return replace(cap_default_length(options, encoded, engine.context_length, on_notice), default_length=False)
+
+
 def fit_to_context(ids: list[int], context: int | None, options: GenerateOptions) -> list[int]:
     """The prompt's ids, checked (or, with --truncate left, cut) so the generation fits the context."""
     if not context:
