@@ -65,6 +65,17 @@ EngineOption = Annotated[str, typer.Option(help="auto (llama.cpp for .gguf model
                                            "(transformers) or llama.cpp.")]
 ThreadsOption = Annotated[Optional[int], typer.Option(help="CPU threads. Default: the physical cores.",
                                                       show_default=False)]
+# accelerate's big-model inference (hf engine): a model bigger than one device
+DeviceMapOption = Annotated[Optional[str], typer.Option(help="Spread the layers over GPUs, CPU memory and disk: "
+                                                        "auto (or balanced, sequential). hf engine.",
+                                                        show_default=False, rich_help_panel="Big models")]
+MaxMemoryOption = Annotated[Optional[list[str]], typer.Option(metavar="DEVICE=SIZE", help="With --device-map: memory "
+                                                              "one device may hold, e.g. cpu=2GiB or 0=20GiB "
+                                                              "(repeatable).", rich_help_panel="Big models")]
+OffloadDirOption = Annotated[Optional[str], typer.Option(help="With --device-map: where layers that fit no device go "
+                                                         "(a fresh folder inside it, removed at exit). Default: a "
+                                                         "temporary folder.", show_default=False,
+                                                         rich_help_panel="Big models")]
 # Launching one command on N processes and N machines (distributed.py); under an outside launcher
 # (torchrun, accelerate launch) these are not needed: the command sees LOCAL_RANK and runs as a worker.
 NumProcessesOption = Annotated[int, typer.Option(help="Processes on this machine (data parallel; one GPU each, "
@@ -111,6 +122,45 @@ def launch_if_asked(num_processes: int, nnodes: int, node_rank: int, master_addr
     request.validate()
     if request.wanted:
         raise typer.Exit(launch(request, device, command_line, debug_mode))
+
+
+def check_fsdp(device: str | None) -> None:
+    """On the CPU accelerate silently drops FSDP and every process would train a whole unsharded copy."""
+    import torch
+
+    if device == "cpu" or not torch.cuda.is_available():
+        raise UsageError("--fsdp shards over GPUs, and this run is on the CPU (accelerate would silently train "
+                         "unsharded copies)", "Drop --fsdp; --num-processes trains data parallel on the CPU.")
+    raise UsageError("--fsdp is not available yet: its sharded checkpoints and exact resume are untested on GPUs",
+                     "Drop --fsdp; --num-processes N trains data parallel, one GPU per process.")
+
+
+def placement_from(device_map: str | None, max_memory: list[str] | None, offload_dir: str | None,
+                   device: str | None, num_processes: int, nnodes: int):
+    """--device-map and its companions as models.Placement (None without --device-map), checked."""
+    from llmcli.models import DEVICE_MAPS, Placement, parse_max_memory
+
+    if device_map is None:
+        if max_memory or offload_dir:
+            raise UsageError(f"{'--max-memory' if max_memory else '--offload-dir'} works with --device-map",
+                             "Add --device-map auto.")
+        return None
+    if device_map not in DEVICE_MAPS:
+        raise UsageError(f"unknown --device-map {device_map!r}", f"Use one of {', '.join(DEVICE_MAPS)}.")
+    if device not in (None, "cpu"):
+        raise UsageError(f"--device-map places the model itself; --device {device} asks for one device",
+                         "Choose one (--device cpu with --device-map keeps it to CPU memory and disk).")
+    if num_processes > 1 or nnodes > 1:
+        raise UsageError("--device-map spreads one model over the devices; --num-processes gives each process "
+                         "its own copy", "Choose one.")
+    limits = parse_max_memory(max_memory or [])
+    if device == "cpu":  # CPU memory and disk only: accelerate would otherwise also fill any GPU
+        if any(isinstance(name, int) for name in limits):
+            raise UsageError("--device cpu and a GPU in --max-memory", "Drop one.")
+        import psutil
+
+        limits.setdefault("cpu", psutil.virtual_memory().available)
+    return Placement(device_map, limits, offload_dir)
 
 
 def load_engine(model: str | None, engine: str = "hf", **choices):
@@ -186,6 +236,9 @@ def generate(
     node_rank: NodeRankOption = 0,
     master_addr: MasterAddrOption = "127.0.0.1",
     master_port: MasterPortOption = None,
+    device_map: DeviceMapOption = None,
+    max_memory: MaxMemoryOption = None,
+    offload_dir: OffloadDirOption = None,
 ) -> None:
     """Generate text from prompts with a causal LM (greedy by default; equals Hugging Face generate on
     the hf engine, llama.cpp's own decoding on the llama.cpp engine)."""
@@ -209,6 +262,7 @@ def generate(
     if stream and not single:
         raise UsageError("--stream works with one prompt and one sequence", "Drop --stream.")
     streaming = (single if stream is None else stream) and not json_output
+    placement = placement_from(device_map, max_memory, offload_dir, device, num_processes, nnodes)
     launch_if_asked(num_processes, nnodes, node_rank, master_addr, master_port, device)
     from llmcli.distributed import Workers
 
@@ -216,7 +270,7 @@ def generate(
     hf_only = [name for name, given in (("--draft-model", draft_model), ("--prompt-lookup", prompt_lookup)) if given]
     runner = load_engine(model, engine, command="generate", device=device or workers.device, dtype=dtype, fast=fast,
                          threads=threads, hf_only=hf_only, draft_model=draft_model,
-                         trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+                         trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, placement=placement)
     if workers.size > 1:  # each process generates for its share of the prompts; rank 0 prints them all
         from llmcli.tasks.generate import settle_length
 
@@ -271,6 +325,9 @@ def fill_mask(
     node_rank: NodeRankOption = 0,
     master_addr: MasterAddrOption = "127.0.0.1",
     master_port: MasterPortOption = None,
+    device_map: DeviceMapOption = None,
+    max_memory: MaxMemoryOption = None,
+    offload_dir: OffloadDirOption = None,
 ) -> None:
     """Fill [MASK] blanks. Masked LMs score as the fill-mask pipeline does; causal LMs (the default
     embedded model) rescore candidate words with the whole sentence, filling several blanks left to
@@ -285,6 +342,7 @@ def fill_mask(
     if mode not in kinds:
         raise UsageError(f"unknown --mode {mode!r}", "Use auto, mlm or causal.")
     inputs = collect_inputs(texts or [], file, read_texts, "text")
+    placement = placement_from(device_map, max_memory, offload_dir, device, num_processes, nnodes)
     launch_if_asked(num_processes, nnodes, node_rank, master_addr, master_port, device)
     from llmcli.distributed import Workers
     from llmcli.errors import WrongModelKind
@@ -292,7 +350,8 @@ def fill_mask(
     workers = Workers(device)
     try:
         loaded = load_engine(model, "hf", kind=kinds[mode], device=device or workers.device, dtype=dtype,
-                             trust_remote_code=trust_remote_code, allow_pickle=allow_pickle).loaded
+                             trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+                             placement=placement).loaded
     except WrongModelKind as exc:  # here the fix is the --mode option, not another command
         raise WrongModelKind(exc.message, f"Drop --mode {mode}: fill-mask picks the method from the model.") from exc
     results = run_fill_mask(loaded, inputs, options, workers)
@@ -339,6 +398,9 @@ def evaluate(
     node_rank: NodeRankOption = 0,
     master_addr: MasterAddrOption = "127.0.0.1",
     master_port: MasterPortOption = None,
+    device_map: DeviceMapOption = None,
+    max_memory: MaxMemoryOption = None,
+    offload_dir: OffloadDirOption = None,
 ) -> None:
     """Score a text: perplexity for causal LMs (sliding window by default), pseudo-perplexity or
     accuracy for masked LMs. Every result names its protocol, token count and standard error."""
@@ -355,6 +417,7 @@ def evaluate(
     options = EvalOptions(metric=metric, protocol=protocol, max_length=max_length, stride=stride, ctx=ctx,
                           batch_size=batch_size, seed=seed)
     text = read_texts(data) if per_record else read_document(data)
+    placement = placement_from(device_map, max_memory, offload_dir, device, num_processes, nnodes)
     launch_if_asked(num_processes, nnodes, node_rank, master_addr, master_port, device)
     from llmcli.distributed import Workers
 
@@ -362,7 +425,8 @@ def evaluate(
     results = []
     for name in model or [None]:
         runner = load_engine(name, engine, command="eval", kind="auto", device=device or workers.device, dtype=dtype,
-                             threads=threads, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+                             threads=threads, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+                             placement=placement)
         with render.progress(f"Scoring with {runner.source.name}") as (start, advance):
             result = run_evaluate(runner, text, options, on_start=start, on_progress=workers.progress(advance),
                                   workers=workers)
@@ -428,6 +492,8 @@ def finetune(
     bf16: Annotated[bool, typer.Option("--bf16", help="bfloat16 mixed precision.")] = False,
     fp16: Annotated[bool, typer.Option("--fp16", help="float16 mixed precision (GPU).")] = False,
     grad_checkpointing: Annotated[bool, typer.Option(help="Trade compute for memory.")] = False,
+    fsdp: Annotated[bool, typer.Option("--fsdp", help="Shard weights, gradients and optimizer state over the GPUs "
+                                       "(FSDP2 through accelerate). GPUs only.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty --output.")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,
     device: DeviceOption = None,
@@ -447,6 +513,8 @@ def finetune(
 
     if bf16 and fp16:
         raise UsageError("--bf16 and --fp16 both given", "Choose one.")
+    if fsdp:
+        check_fsdp(device)
     options = FinetuneOptions(
         data=data, output=output, data_eval=data_eval, model=model, objective=objective, from_scratch=from_scratch,
         arch=arch, config_overrides=config_overrides, tokenizer_vocab_size=tokenizer_vocab_size,

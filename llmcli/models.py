@@ -13,7 +13,7 @@ import socket
 import time
 import uuid
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -367,6 +367,66 @@ def load_adapter(source: ModelSource, kind: str, device: str | None, dtype: str,
     return LoadedModel(model=model, tokenizer=tokenizer, source=source, device=base.device, kind=base.kind)
 
 
+@dataclass
+class Placement:
+    """accelerate's big-model inference: layers spread over GPUs, CPU memory and disk."""
+
+    device_map: str = "auto"  # auto | balanced | balanced_low_0 | sequential
+    max_memory: dict[int | str, int | str] = field(default_factory=dict)  # {0: "20GiB", "cpu": "2GiB"}
+    offload_dir: str | None = None  # where layers that fit nowhere else go; default: a temporary folder
+
+
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def parse_max_memory(values: list[str]) -> dict[int | str, int | str]:
+    """--max-memory cpu=2GiB --max-memory 0=20GiB (or comma-separated) as accelerate's max_memory:
+    GPU numbers as ints, sizes in accelerate's units (or plain bytes)."""
+    import re
+
+    limits: dict[int | str, int | str] = {}
+    for item in (part.strip() for value in values for part in value.split(",")):
+        device, _, amount = (text.strip() for text in item.partition("="))
+        gpu = device.removeprefix("cuda:")
+        size_ok = amount.isdigit() or re.fullmatch(r"\d+(\.\d+)?(GiB|MiB|KiB|GB|MB|KB)", amount, re.IGNORECASE)
+        if not size_ok or not (gpu.isdigit() or device in ("cpu", "mps")):
+            raise UsageError(f"--max-memory {item!r} is not DEVICE=SIZE",
+                             "Use e.g. --max-memory cpu=2GiB --max-memory 0=20GiB (0 is the first GPU).")
+        limits[int(gpu) if gpu.isdigit() else device] = int(amount) if amount.isdigit() else amount
+    return limits
+
+
+def offload_folder(placement: Placement) -> str:
+    """A fresh folder for this process's offloaded weights (inside --offload-dir when given, so nothing of
+    the user's is overwritten), removed at exit."""
+    import atexit
+    import tempfile
+
+    parent = Path(placement.offload_dir) if placement.offload_dir else None
+    if parent is not None:
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"cannot use --offload-dir {parent}: {exc.strerror}", "Pass a writable folder.") from exc
+    folder = tempfile.mkdtemp(prefix="llmcli-offload-", dir=parent)
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
+def placed_kwargs(placement: Placement) -> dict[str, Any]:
+    return {"device_map": placement.device_map, "max_memory": placement.max_memory or None,
+            "offload_folder": offload_folder(placement)}
+
+
+def input_device(model: Any) -> Any:
+    """Where a model spread by a device map takes its inputs: the device of its first layers (the CPU
+    when they are offloaded to disk, which accelerate runs on the CPU)."""
+    import torch
+
+    first = next(iter(model.hf_device_map.values()))
+    return torch.device(f"cuda:{first}" if isinstance(first, int) else "cpu" if first == "disk" else first)
+
+
 def load_model(
     arg: str | None,
     kind: str = "causal",
@@ -374,11 +434,12 @@ def load_model(
     dtype: str = "auto",
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
+    placement: Placement | None = None,
 ) -> LoadedModel:
     """Load tokenizer and model for `arg`; kind is "causal", "masked" or "auto" (from the config).
 
     Weights load from safetensors only, unless `allow_pickle` admits pickle files (*.bin), which can
-    run code when unpickled."""
+    run code when unpickled. With a `placement` accelerate spreads the layers over devices and disk."""
     from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
@@ -406,7 +467,8 @@ def load_model(
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
         model = model_class.from_pretrained(
-            location, config=config, dtype=torch_dtype, trust_remote_code=trust_remote_code
+            location, config=config, dtype=torch_dtype, trust_remote_code=trust_remote_code,
+            **(placed_kwargs(placement) if placement else {})
         )
     except ValueError as exc:
         if "trust_remote_code" in str(exc):
@@ -420,7 +482,11 @@ def load_model(
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ModelLoadError(f"could not load model {source.name}: {reason}",
                              "Check that the model files are complete (re-download or re-save them).") from exc
-    model.to(torch_device).eval()
+    if placement:
+        torch_device = input_device(model)
+        model.eval()
+    else:
+        model.to(torch_device).eval()
     return LoadedModel(model=model, tokenizer=tokenizer, source=source, device=torch_device, kind=kind)
 
 

@@ -195,3 +195,27 @@ def test_launch_options_are_checked_before_anything_starts(tiny_gpt2):
                           (["--master-port", "70000"], "--master-port must be in 1..65535")):
         result = run_cli("generate", "hi", "-m", tiny_gpt2, *args)
         assert result.exit_code == 2 and f"Error: {message}" in result.stderr, (args, result.stderr)
+
+
+def test_disk_offloaded_model_gives_the_in_memory_results(tiny_llama, tmp_path):
+    """--device-map auto with a --max-memory too small for the weights: accelerate keeps some layers on
+    disk (in a fresh folder inside --offload-dir, removed at exit) and the greedy tokens and perplexity
+    are those of the model held in memory."""
+    from accelerate.utils import compute_module_sizes
+    from transformers import AutoModelForCausalLM
+
+    size = compute_module_sizes(AutoModelForCausalLM.from_pretrained(tiny_llama))[""]
+    offload = tmp_path / "offload"
+    offload.mkdir()
+    (offload / "mine.txt").write_text("the user's file")
+    placed = ["--device-map", "auto", "--max-memory", f"cpu={size // 2}", "--offload-dir", offload]
+    generate = ["generate", "the program", "-m", tiny_llama, "--no-chat", "-n", "12", "--json"]
+    text = tmp_path / "text.txt"
+    text.write_text(GPL3.read_text()[:3000])
+    evaluate = ["eval", "-d", text, "-m", tiny_llama, "--max-length", "64", "--json"]
+    for command in (generate, evaluate):
+        in_memory = run_cli(*command)
+        offloaded = llmcli(*command, *placed)  # a process of its own: the folder goes when it exits
+        assert "--device-map: 1 module on cpu, 4 on disk" in offloaded.stderr
+        assert records(offloaded) == [{k: v for k, v in r.items() if k != "seconds"} for r in in_memory.json_lines()]
+        assert [p.name for p in offload.iterdir()] == ["mine.txt"]

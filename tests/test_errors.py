@@ -185,6 +185,20 @@ MATRIX = [
     ("chat -m {gpt2} -n 0", "--max-new-tokens must be at least 1"),
     ("chat -m {gpt2} --top-p 3", "--top-p must be in (0, 1]"),
     ("translate hello", "No such command 'translate'"),
+    # processes and big models
+    ("generate hi -m {gpt2} --num-processes 0", "--num-processes must be at least 1, got 0"),
+    ("eval -d {ws}/notes.txt -m {gpt2} --nnodes 2", "--nnodes above 1 needs --master-port"),
+    ("fill-mask 'a [MASK]' -m {bert} --nnodes 2 --node-rank 5 --master-port 29400", "--node-rank must be in 0..1"),
+    ("generate hi -m {gpt2} --master-port 0", "--master-port must be in 1..65535, got 0"),
+    ("finetune -d {ws}/notes.txt -m {gpt2} --fsdp", "--fsdp shards over GPUs, and this run is on the CPU"),
+    ("generate hi -m {gpt2} --max-memory cpu=1GiB", "--max-memory works with --device-map"),
+    ("eval -d {ws}/notes.txt -m {gpt2} --offload-dir {ws}/off", "--offload-dir works with --device-map"),
+    ("generate hi -m {gpt2} --device-map auto --max-memory cpu:1GiB", "--max-memory 'cpu:1GiB' is not DEVICE=SIZE"),
+    ("generate hi -m {gpt2} --device-map auto --max-memory cpu=lots", "is not DEVICE=SIZE"),
+    ("generate hi -m {gpt2} --device-map everywhere", "unknown --device-map 'everywhere'"),
+    ("generate hi -m {gpt2} --device-map auto --num-processes 2", "--device-map spreads one model over the devices"),
+    ("fill-mask 'a [MASK]' -m {bert} --device-map auto --device cuda", "--device cuda asks for one device"),
+    ("generate hi -m {gpt2} --device-map auto --max-memory 0=1GiB", "--device cpu and a GPU in --max-memory"),
 ]
 
 

@@ -147,21 +147,21 @@ def resolve_engine_name(requested: str, source: Any, hf_only: list[str]) -> str:
 def choose_engine(model: str | None, requested: str = "auto", *, command: str = "generate", kind: str = "causal",
                   device: str | None = None, dtype: str = "auto", fast: bool = False, threads: int | None = None,
                   hf_only: list[str] | None = None, draft_model: str | None = None,
-                  trust_remote_code: bool = False, allow_pickle: bool = False,
+                  trust_remote_code: bool = False, allow_pickle: bool = False, placement: Any = None,
                   on_notice: Callable[[str], None] | None = None) -> Engine:
     """Load `model` on the engine that should run it, with its weight format, dtype, device and threads."""
     from llmcli import models
 
     notice = on_notice or (lambda message: None)
     source = models.resolve_model(model)
-    name = resolve_engine_name(requested, source, hf_only or [])
+    name = resolve_engine_name(requested, source, [*(hf_only or []), *(["--device-map"] if placement else [])])
     if threads is not None and threads <= 0:
         raise UsageError(f"--threads must be at least 1, got {threads}")
     if name == "llama.cpp":
         engine = load_llama_cpp(source, model is None, command, kind, device, dtype, fast, threads, notice)
     else:
         engine = load_hf(model, kind, device, dtype, fast, threads, draft_model, trust_remote_code, allow_pickle,
-                         notice)
+                         notice, placement)
     return engine
 
 
@@ -195,7 +195,7 @@ def load_llama_cpp(source: Any, embedded: bool, command: str, kind: str, device:
 
 def load_hf(model: str | None, kind: str, device: str | None, dtype: str, fast: bool, threads: int | None,
             draft_model: str | None, trust_remote_code: bool, allow_pickle: bool,
-            notice: Callable[[str], None]) -> Engine:
+            notice: Callable[[str], None], placement: Any = None) -> Engine:
     """--fast: bfloat16 weights on the CPU (measured ~1.5x); on CUDA a static KV cache, which
     transformers compiles into one decode step (~8x on an H100, after 40-50 s of compiling)."""
     from llmcli import models
@@ -221,9 +221,24 @@ def load_hf(model: str | None, kind: str, device: str | None, dtype: str, fast: 
             models.read_gguf_metadata(Path(source.location))  # a damaged file fails here, before the notice
             notice(f"Converting {source.name} to safetensors once; later loads skip this (about 20 s).")
         return models.load_model(name, kind=kind, device=device, dtype=weights, trust_remote_code=trust_remote_code,
-                                 allow_pickle=allow_pickle)
+                                 allow_pickle=allow_pickle, placement=placement)
 
-    return HFEngine(load(model), static_cache=static_cache, draft=load(draft_model) if draft_model else None)
+    loaded = load(model)
+    if placement is not None:
+        notice(placement_summary(loaded.model.hf_device_map))
+    return HFEngine(loaded, static_cache=static_cache, draft=load(draft_model) if draft_model else None)
+
+
+def placement_summary(device_map: dict[str, Any]) -> str:
+    """'--device-map: 1 module on cpu, 4 on disk' (a GPU is its number, as in accelerate's maps)."""
+    counts: dict[str, int] = {}
+    for where in device_map.values():
+        name = f"cuda:{where}" if isinstance(where, int) else str(where)
+        counts[name] = counts.get(name, 0) + 1
+    parts = [f"{count} on {name}" for name, count in counts.items()]
+    first_count = next(iter(counts.values()))
+    parts[0] = parts[0].replace(" on", f" module{'s' if first_count > 1 else ''} on", 1)
+    return "--device-map: " + ", ".join(parts)
 
 
 def as_engine(model: Any) -> Engine:
