@@ -61,8 +61,10 @@ def trainable_state(model: Any) -> dict[str, Any]:
 
 
 def save_checkpoint(output: Path, step: int, model: Any, optimizer: Any, scheduler: Any,
-                    state: dict[str, Any], rank: int = 0, keep: int | None = None) -> Path:
-    """Write checkpoints/step-N atomically. Each rank saves its RNG states; rank 0 the rest."""
+                    state: dict[str, Any], rank_rngs: list[dict[str, Any]] | None = None,
+                    keep: int | None = None) -> Path:
+    """Write checkpoints/step-N atomically, with every rank's RNG states (`rank_rngs`, gathered by
+    the caller; default: this one process's) as rng-RANK.pt."""
     import torch
     from safetensors.torch import save_file
 
@@ -74,7 +76,8 @@ def save_checkpoint(output: Path, step: int, model: Any, optimizer: Any, schedul
     try:
         save_file(trainable_state(model), str(tmp / "model.safetensors"))
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
-        torch.save(rng_states(), tmp / f"rng-{rank}.pt")
+        for rank, rngs in enumerate(rank_rngs or [rng_states()]):
+            torch.save(rngs, tmp / f"rng-{rank}.pt")
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
         for file in tmp.iterdir():  # make the data durable before the rename makes it visible
             with open(file, "rb") as handle:

@@ -219,3 +219,33 @@ def test_disk_offloaded_model_gives_the_in_memory_results(tiny_llama, tmp_path):
         assert "--device-map: 1 module on cpu, 4 on disk" in offloaded.stderr
         assert records(offloaded) == [{k: v for k, v in r.items() if k != "seconds"} for r in in_memory.json_lines()]
         assert [p.name for p in offload.iterdir()] == ["mine.txt"]
+
+
+def test_finetune_stopped_on_two_processes_resumes_exactly(tiny_gpt2, tmp_path):
+    """SIGTERM to the launcher: both workers stop at the same step's end (they agree on it), save one
+    checkpoint and exit 130; --resume on two processes ends with the uninterrupted run's weights, bit
+    for bit."""
+    from safetensors.torch import load_file
+
+    data = tmp_path / "data.txt"
+    data.write_text(GPL3.read_text()[:20000])
+    args = ["finetune", "--data", data, "-m", tiny_gpt2, "--max-steps", "150", "--max-length", "64",
+            "--batch-size", "2", "--log-every", "1", "--num-processes", "2"]
+    straight = llmcli(*args, "-o", tmp_path / "straight")
+    assert straight.returncode == 0, straight.stderr
+    stopped = tmp_path / "stopped"
+    launcher = subprocess.Popen([sys.executable, "-m", "llmcli", *map(str, args), "-o", str(stopped)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **LOOPBACK})
+    deadline = time.time() + 120
+    while not (stopped / "metrics.jsonl").exists() or len((stopped / "metrics.jsonl").read_text().splitlines()) < 5:
+        assert launcher.poll() is None and time.time() < deadline, launcher.communicate()
+        time.sleep(0.05)
+    launcher.send_signal(signal.SIGTERM)
+    _, stderr = launcher.communicate(timeout=120)
+    assert launcher.returncode == 130, stderr
+    assert stderr.decode().count("Error:") == 1 and "Traceback" not in stderr.decode(), stderr
+    assert not (stopped / "model.safetensors").exists() and list((stopped / "checkpoints").iterdir())
+    resumed = llmcli(*args, "-o", stopped, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    ours, reference = (load_file(str(path / "model.safetensors")) for path in (stopped, tmp_path / "straight"))
+    assert all((ours[k] == reference[k]).all() for k in reference)

@@ -68,15 +68,20 @@ class StepBoundaryInterrupts:
     """Ctrl-C or SIGTERM during a step is acted on when the step ends, so the checkpoint then written
     holds one consistent state. Raised mid-step, the interrupt would save RNG states already advanced
     by the unfinished step's dropout, and the resumed run would drift from an uninterrupted one.
-    A second signal stops at once. Only in the main thread of a one-process run: with several
-    processes the ranks could stop at different steps and wait on each other for ever."""
+
+    With several processes every rank must stop at the same step (a checkpoint is a collective
+    save), so at each step's end the ranks agree whether any of them was asked to stop (one tiny
+    all-reduce). A worker usually gets two signals for one Ctrl-C (its own SIGINT, then the
+    launcher's SIGTERM), so only a further one stops it at once."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self, enabled: bool) -> None:
-        self.requested = False
+    def __init__(self, accelerator: Any) -> None:
+        self.accelerator = accelerator
+        self.signals = 0
+        self.patience = 1 if accelerator.num_processes == 1 else 2  # signals acted on at the step's end
         self.previous: dict[int, Any] = {}
-        if enabled and threading.current_thread() is threading.main_thread():
+        if threading.current_thread() is threading.main_thread():
             self.previous = {s: signal.signal(s, self.request) for s in self.SIGNALS}
 
     def restore(self) -> None:
@@ -84,12 +89,18 @@ class StepBoundaryInterrupts:
             signal.signal(signum, handler)
 
     def request(self, signum: int, frame: Any) -> None:
-        if self.requested:
+        self.signals += 1
+        if self.signals > self.patience:
             raise KeyboardInterrupt
-        self.requested = True
 
     def stop_here(self) -> None:
-        if self.requested:
+        requested = self.signals > 0
+        if self.accelerator.num_processes > 1:
+            import torch
+
+            flag = torch.tensor(float(requested), device=self.accelerator.device)
+            requested = self.accelerator.reduce(flag, "sum").item() > 0
+        if requested:
             raise KeyboardInterrupt
 
 
@@ -221,9 +232,15 @@ def train(options: FinetuneOptions, output: Path, model: Any, tokenizer: Any, tr
     writer = tensorboard_writer(output) if main else None
 
     def checkpoint() -> None:
+        # every rank's RNG states (its dropout masks), so that N processes resume exactly
+        rank_rngs = [checkpoints.rng_states()]
+        if world > 1:
+            from accelerate.utils import gather_object
+
+            rank_rngs = gather_object(rank_rngs)
         if main:
             checkpoints.save_checkpoint(output, state["step"], accelerator.unwrap_model(model), optimizer, scheduler,
-                                        dict(state), rank, options.keep_checkpoints)
+                                        dict(state), rank_rngs, options.keep_checkpoints)
         accelerator.wait_for_everyone()
 
     forward_extra = forward_options(resolved["objective"])
@@ -231,7 +248,7 @@ def train(options: FinetuneOptions, output: Path, model: Any, tokenizer: Any, tr
     began, tokens_at_start = time.perf_counter(), state["tokens"]
     order = epoch_batches(len(train_blocks), state["epoch"], options.seed, options.batch_size, world, rank)
     last_loss = last_eval = None
-    interrupts = StepBoundaryInterrupts(enabled=world == 1)
+    interrupts = StepBoundaryInterrupts(accelerator)
     try:
         while state["step"] < steps:
             step_loss = torch.zeros((), device=accelerator.device)
