@@ -374,6 +374,46 @@ def scaling(loaded, gpt2: Path, batch_sizes: list[int], sizes: list[int], device
     return figures
 
 
+def data_parallel(bert: Path, workdir: Path, quick: bool, device: str) -> list[Figure]:
+    """P10: whole commands with --num-processes N against one process, wall time of the command as the
+    user runs it (worker start-up included). N: 2 on the CPU (each worker gets half the cores), one per
+    GPU on CUDA."""
+    import torch
+
+    count = torch.cuda.device_count() if device == "cuda" else 2
+    lines = [line.strip() for line in GPL3.read_text().splitlines() if len(line.split()) > 6]
+    prompts, masks, text = workdir / "prompts.txt", workdir / "masks.txt", workdir / "eval.txt"
+    prompts.write_text("\n".join(lines[:8 if quick else 16]))
+    masks.write_text("\n".join(" ".join("[MASK]" if i == 3 else w for i, w in enumerate(line.split()))
+                               for line in lines[:256 if quick else 1024]))
+    text.write_text(GPL3.read_text()[:15_000 if quick else 30_000])
+    jobs = {
+        f"generate {len(prompts.read_text().splitlines())} prompts -n 64 on hf (embedded)":
+            ["generate", "-f", prompts, "-n", "64", "--json", "--engine", "hf"],
+        f"generate {len(prompts.read_text().splitlines())} prompts -n 64 on llama.cpp (embedded)":
+            ["generate", "-f", prompts, "-n", "64", "--json"],
+        f"eval {len(text.read_text()) // 1000} kB on llama.cpp (embedded)": ["eval", "-d", text, "--json"],
+        f"fill-mask {len(masks.read_text().splitlines())} lines (small BERT)":
+            ["fill-mask", "-f", masks, "-m", bert, "--json"],
+    }
+    for engine in ("hf", "llama.cpp"):  # build the cache entries outside the timings
+        subprocess.run([sys.executable, "-m", "llmcli", "generate", "hi", "-n", "1", "--engine", engine],
+                       capture_output=True)
+    figures = []
+    for name, args in jobs.items():
+        def run(*extra: str) -> float:
+            start = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "llmcli", *map(str, args), "--device", device, *extra],
+                           capture_output=True, check=True)
+            return time.perf_counter() - start
+
+        one = run()
+        many = run("--num-processes", str(count))
+        figures.append(Figure(f"P10 {name}: {count} processes vs 1", many, one, "s", higher_is_better=False,
+                              note="whole command, worker start-up included; one run each"))
+    return figures
+
+
 def machine() -> dict:
     from importlib.metadata import version
 
@@ -465,6 +505,8 @@ def main() -> None:
             figures.append(perplexity(gpt2, repeats, args.device, 30_000 if args.quick else 100_000))
         if wanted("P6"):
             figures += finetune(gpt2, 10 if args.quick else 40, 1 if args.quick else repeats, workdir, args.device)
+        if wanted("P10") and args.device in ("cpu", "cuda"):
+            figures += data_parallel(bert, workdir, args.quick, args.device)
         if wanted("P7"):
             figures += scaling(loaded, gpt2, [1, 4] if args.quick else [1, 4, 16],
                                [10_000, 100_000] if args.quick else [10_000, 100_000, 1_000_000], args.device)
