@@ -613,6 +613,55 @@ def chat(
 
 
 @app.command()
+def serve(
+    model: ModelOption = None,
+    host: Annotated[str, typer.Option(help="Address to listen on; 0.0.0.0 exposes the model to the network "
+                                      "(set --api-key then).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    api_key: Annotated[Optional[str], typer.Option(envvar="LLMCLI_API_KEY", show_envvar=True, show_default=False,
+                                                   help="Require 'Authorization: Bearer KEY' on /v1.")] = None,
+    max_tokens_limit: Annotated[Optional[int], typer.Option(help="The most max_tokens one request may ask for.",
+                                                            show_default=False)] = None,
+    queue_size: Annotated[int, typer.Option(help="Requests that may wait for the model; more get 503.")] = 64,
+    max_body: Annotated[int, typer.Option(help="Largest request body in bytes (413 above).")] = 1 << 20,
+    json_logs: Annotated[bool, typer.Option("--json-logs", help="Access log lines as JSON.")] = False,
+    engine: EngineOption = "auto",
+    threads: ThreadsOption = None,
+    device: DeviceOption = None,
+    dtype: DtypeOption = "auto",
+    trust_remote_code: TrustOption = False,
+    allow_pickle: PickleOption = False,
+) -> None:
+    """Serve the model over the OpenAI HTTP API (/v1/completions, /v1/chat/completions, /v1/models,
+    /health), streaming as server-sent events. Ctrl-C or SIGTERM: stop accepting, let requests in
+    flight finish for up to 10 s, exit 0."""
+    for name, value in (("--port", port), ("--queue-size", queue_size), ("--max-body", max_body)):
+        if value <= 0 or (name == "--port" and value > 65535):
+            raise UsageError(f"{name} must be {'in 1..65535' if name == '--port' else 'at least 1'}, got {value}")
+    if max_tokens_limit is not None and max_tokens_limit <= 0:
+        raise UsageError(f"--max-tokens-limit must be at least 1, got {max_tokens_limit}")
+    if api_key is not None and not api_key.strip():
+        raise UsageError("--api-key is empty", "Pass a secret, or drop --api-key.")
+    import socket
+
+    with socket.socket() as probe:  # a taken port is a one-line error before the slow model load
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror}",
+                             "Pick another --port, or stop what is using it.") from exc
+    runner = load_engine(model, engine, command="generate", device=device, dtype=dtype, threads=threads,
+                         trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    from llmcli.serve import run_server
+
+    if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
+        render.notice(f"Warning: listening on {host} without --api-key: anyone who can reach this port can use "
+                      "the model.")
+    run_server(runner, host, port, api_key=api_key, max_tokens_limit=max_tokens_limit, queue_size=queue_size,
+               max_body_bytes=max_body, json_logs=json_logs, on_notice=render.notice)
+
+
+@app.command()
 def info(json_output: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False) -> None:
     """Versions, devices, engines, the embedded model and the model cache."""
     from llmcli.inventory import machine_info

@@ -68,6 +68,10 @@ class Engine(Protocol):
                    on_progress: ProgressCallback | None = None) -> list[float]:
         """Negative log-likelihood of every scored token, in order."""
 
+    def token_logprobs(self, window: Window, top: int) -> tuple[list[float], list[list[tuple[int, float]]]]:
+        """Log-probability of each scored token (the numbers token_nlls negates), and the `top` likeliest
+        tokens with theirs at each scored position (the server's `logprobs`)."""
+
     def peak_memory_mb(self) -> float: ...
 
 

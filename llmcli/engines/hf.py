@@ -60,8 +60,11 @@ class HFEngine:
         decoding = assisted_kwargs(self.loaded, self.draft)
         if self.static_cache and not decoding and not options.prompt_lookup:  # assisted decoding needs a dynamic cache
             decoding["cache_implementation"] = "static"
+        from transformers import StoppingCriteriaList
+
         output = model.generate(**inputs, **sampling_kwargs(options), **decoding, streamer=StepStreamer(on_tokens),
-                                tokenizer=tokenizer, pad_token_id=tokenizer.pad_token_id)
+                                tokenizer=tokenizer, pad_token_id=tokenizer.pad_token_id,
+                                stopping_criteria=StoppingCriteriaList([AskedToStop(should_stop)]))
         return output[:, inputs["input_ids"].shape[1]:].tolist()
 
     def token_nlls(self, windows: list[Window], batch_size: int,
@@ -85,6 +88,20 @@ class HFEngine:
                     on_progress(len(run))
         return nlls
 
+    def token_logprobs(self, window: Window, top: int) -> tuple[list[float], list[list[tuple[int, float]]]]:
+        """As token_nlls computes them (one window, the same operations), plus the top tokens."""
+        import torch
+
+        with torch.inference_mode():
+            ids = torch.tensor([window.ids], device=self.device)
+            logits = self.loaded.model(input_ids=ids[:, :-1], logits_to_keep=window.scored).logits.float()
+            logprobs = logits.log_softmax(-1)
+            chosen = logprobs.gather(-1, ids[:, -window.scored:, None]).squeeze(-1)[0].tolist()
+            if not top:
+                return chosen, [[] for _ in chosen]
+            values, tokens = logprobs[0].topk(top, dim=-1)
+            return chosen, [list(zip(t, v)) for t, v in zip(tokens.tolist(), values.tolist())]
+
     def peak_memory_mb(self) -> float:
         """Peak accelerator memory on GPUs, else the process's peak resident set."""
         import torch
@@ -92,6 +109,19 @@ class HFEngine:
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device) / 2**20
         return process_peak_rss_mb()
+
+
+class AskedToStop:
+    """A stopping criterion that asks `should_stop` after each step (a stop string was printed, or a
+    server's client went away). transformers ends the whole batch when it says yes."""
+
+    def __init__(self, should_stop: Callable[[], bool]) -> None:
+        self.should_stop = should_stop
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        import torch
+
+        return torch.full((input_ids.shape[0],), self.should_stop(), dtype=torch.bool, device=input_ids.device)
 
 
 class StepStreamer:

@@ -349,24 +349,42 @@ class LlamaCppEngine:
         of the window's size, whatever the text's length."""
         import numpy as np
 
-        lib = self.lib
         nlls: list[float] = []
         for window in windows:
-            inputs = window.ids[:-1]
-            first = len(inputs) - window.scored  # the input whose logits predict the first scored token
-
-            def score_batch(begin: int, size: int) -> None:
-                for i in range(max(first, begin), begin + size):
-                    row = np.ctypeslib.as_array(lib.llama_get_logits_ith(self.context, i - begin),
-                                                shape=(self.n_vocab,)).astype(np.float64)
-                    top = row.max()
-                    nlls.append(float(np.log(np.exp(row - top).sum()) + top - row[window.ids[i + 1]]))
-
-            self.use_context(len(inputs))
-            self.feed(inputs, 0, outputs=window.scored, on_batch=score_batch)
+            values, _ = self.token_logprobs(window, 0)
+            nlls.extend(-value for value in values)
             if on_progress:
                 on_progress(1)
         return nlls
+
+    def token_logprobs(self, window: Window, top: int) -> tuple[list[float], list[list[tuple[int, float]]]]:
+        """Log-softmax in float64 of the logits at each scored position, read batch by batch: llama.cpp
+        keeps only the last decode batch's logits."""
+        import numpy as np
+
+        lib = self.lib
+        inputs = window.ids[:-1]
+        first = len(inputs) - window.scored  # the input whose logits predict the first scored token
+        chosen: list[float] = []
+        tops: list[list[tuple[int, float]]] = []
+
+        def score_batch(begin: int, size: int) -> None:
+            for i in range(max(first, begin), begin + size):
+                row = np.ctypeslib.as_array(lib.llama_get_logits_ith(self.context, i - begin),
+                                            shape=(self.n_vocab,)).astype(np.float64)
+                top_logit = row.max()
+                logprobs = row - (np.log(np.exp(row - top_logit).sum()) + top_logit)
+                chosen.append(float(logprobs[window.ids[i + 1]]))
+                if top:
+                    best = np.argpartition(-logprobs, top - 1)[:top]
+                    best = best[np.argsort(-logprobs[best])]
+                    tops.append([(int(t), float(logprobs[t])) for t in best])
+                else:
+                    tops.append([])
+
+        self.use_context(len(inputs))
+        self.feed(inputs, 0, outputs=window.scored, on_batch=score_batch)
+        return chosen, tops
 
     def peak_memory_mb(self) -> float:
         return process_peak_rss_mb()

@@ -232,6 +232,7 @@ def generate(
     options: GenerateOptions,
     on_text: TextCallback | None = None,
     on_notice: TextCallback | None = None,
+    cancelled: Callable[[], bool] | None = None,
 ) -> Iterator[Generation]:
     """Yield generations in input order, batch by batch; `on_text` streams a lone sequence's text.
 
@@ -252,7 +253,9 @@ def generate(
         streamer = TokenStreamer(engine.decode, on_text if single else None, options.stop, engine.eos_ids,
                                  single=len(batch_ids) == 1 and options.num_return_sequences == 1)
         began = time.perf_counter()
-        rows = engine.generate(batch_ids, options, on_tokens=streamer.add, should_stop=lambda: streamer.done)
+        # a server's client that went away (`cancelled`) stops decoding at the next token, as a stop string does
+        rows = engine.generate(batch_ids, options, on_tokens=streamer.add,
+                               should_stop=lambda: streamer.done or bool(cancelled and cancelled()))
         streamer.end()
         seconds = time.perf_counter() - began
         ttft = streamer.first_token_at - began if streamer.first_token_at else None

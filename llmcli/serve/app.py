@@ -1,0 +1,456 @@
+"""`llmcli serve`: the OpenAI HTTP API over one loaded engine, on FastAPI.
+
+No model logic here: text comes from `tasks.generate.generate` (what `llmcli generate` runs, so the
+two cannot drift apart) and log-probabilities from the engine's `token_logprobs`, the computation
+`llmcli eval` sums. Every error is OpenAI's JSON shape, `{"error": {"message", "type", "param",
+"code"}}`, with its HTTP status; no traceback ever reaches a client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import sys
+import threading
+import time
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, replace
+from typing import Any, AsyncIterator, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from llmcli import strict_json
+from llmcli.data import Prompt
+from llmcli.engines import Engine, Window
+from llmcli.errors import LlmcliError
+from llmcli.serve.schemas import ChatRequest, CompletionRequest
+from llmcli.serve.worker import Busy, Cancelled, EngineWorker
+from llmcli.tasks.generate import Generation, GenerateOptions, encode_prompt, generate
+
+CHAT_DEFAULT_TOKENS = 512  # a chat request without max_tokens: this, or what the context leaves
+
+
+@dataclass
+class Settings:
+    model_name: str
+    api_key: str | None = None
+    max_tokens_limit: int | None = None  # the most one request may ask for
+    queue_size: int = 64  # requests waiting for the engine before 503
+    max_body_bytes: int = 1 << 20
+    json_logs: bool = False
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
+        self.headers = headers
+
+
+def error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def error_response(error: ApiError) -> JSONResponse:
+    return JSONResponse(error_body(error.message, error.kind, error.param, error.code), status_code=error.status,
+                        headers=error.headers)
+
+
+def create_app(engine: Engine, settings: Settings) -> FastAPI:
+    worker = EngineWorker(settings.queue_size)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        worker.close()
+
+    app = FastAPI(title="llmcli", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.state.worker = worker
+    app.add_middleware(Gate, settings=settings)  # size limit, API key and access log, before any parsing
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, error: ApiError) -> JSONResponse:
+        return error_response(error)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
+        first = error.errors()[0]
+        if first.get("type") == "json_invalid" or tuple(first.get("loc", ())) == ("body",):
+            return error_response(ApiError(400, "the request body is not a JSON object (send one, with "
+                                                "Content-Type: application/json)"))
+        where = [str(part) for part in first.get("loc", ()) if part != "body"]
+        message = f"{'.'.join(where)}: {first.get('msg', 'invalid')}" if where else first.get("msg", "invalid body")
+        return error_response(ApiError(400, message, param=where[0] if where else None))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
+        return error_response(ApiError(error.status_code, str(error.detail), kind))
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": 0,
+                                            "owned_by": "llmcli"}]}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Any:
+        check_model(body.model, settings)
+        max_tokens = check_max_tokens(body.max_tokens, 16, settings)
+        options = sampling_options(body, max_tokens, chat=False)
+
+        def work(emit: Callable[[dict], None] | None, cancelled: Callable[[], bool]) -> dict[str, Any]:
+            return run_completions(engine, body, options, max_tokens, emit, cancelled)
+
+        return await respond(request, worker, work, body.stream, "text_completion", settings)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest, request: Request) -> Any:
+        check_model(body.model, settings)
+        asked = body.max_completion_tokens or body.max_tokens
+        max_tokens = check_max_tokens(asked, CHAT_DEFAULT_TOKENS, settings)
+        options = replace(sampling_options(body, max_tokens, chat=True), default_length=asked is None)
+
+        def work(emit: Callable[[dict], None] | None, cancelled: Callable[[], bool]) -> dict[str, Any]:
+            return run_chat(engine, body, options, emit, cancelled)
+
+        return await respond(request, worker, work, body.stream, "chat.completion", settings)
+
+    return app
+
+
+# ---------------------------------------------------------------- checks and options
+
+
+def check_model(name: str | None, settings: Settings) -> None:
+    if name is not None and name != settings.model_name:
+        raise ApiError(400, f"unknown model {name!r}; this server runs {settings.model_name!r}", param="model",
+                       code="model_not_found")
+
+
+def check_max_tokens(asked: int | None, default: int, settings: Settings) -> int:
+    limit = settings.max_tokens_limit
+    if asked is not None and limit is not None and asked > limit:
+        raise ApiError(400, f"max_tokens {asked} is above this server's limit of {limit}", param="max_tokens")
+    if asked is None:
+        return min(default, limit) if limit else default
+    return asked
+
+
+def sampling_options(body: Any, max_tokens: int, chat: bool) -> GenerateOptions:
+    sampled = body.temperature > 0
+    return GenerateOptions(
+        max_new_tokens=max(1, max_tokens), temperature=body.temperature,
+        top_k=0 if sampled else None,  # OpenAI's API has no top-k: none applies
+        top_p=body.top_p if sampled and body.top_p < 1 else None,
+        stop=list(body.stop or []), chat=chat, truncate="error",
+    )
+
+
+# ---------------------------------------------------------------- running on the engine thread
+
+
+def choices(engine: Engine, prompt: Prompt, options: GenerateOptions, n: int, seed: int | None,
+            on_text: Callable[[int, str], None] | None, cancelled: Callable[[], bool]) -> list[Generation]:
+    """n generations of one prompt; choice i samples with seed + i, so a seeded request repeats."""
+    results = []
+    for index in range(n):
+        chosen = replace(options, seed=None if seed is None else seed + index)
+        stream = (lambda text, index=index: on_text(index, text)) if on_text else None
+        [result] = generate(engine, [prompt], chosen, on_text=stream, cancelled=cancelled)
+        results.append(result)
+        if cancelled():
+            break
+    return results
+
+
+def finish_reason(reason: str) -> str:
+    return "length" if reason == "length" else "stop"  # OpenAI says "stop" for EOS and stop strings
+
+
+def token_text(engine: Engine, token: int) -> str:
+    return engine.decode([token])
+
+
+def run_completions(engine: Engine, body: CompletionRequest, options: GenerateOptions, max_tokens: int,
+                    emit: Callable[[dict], None] | None, cancelled: Callable[[], bool]) -> dict[str, Any]:
+    out, prompt_tokens, completion_tokens = [], 0, 0
+    for number, text in enumerate(body.prompt):
+        prompt = Prompt(text=text)
+        prompt_ids = encode_prompt(engine, prompt, options)
+        prompt_tokens += len(prompt_ids)
+        if max_tokens == 0:  # nothing to generate: the prompt's own scores (echo) are the answer
+            generated = [Generation(text, 0, "", [], "length", len(prompt_ids), 0, 0.0)] * body.n
+        else:
+            def on_text(index: int, piece: str, number: int = number) -> None:
+                emit({"index": number * body.n + index, "text": piece, "logprobs": None, "finish_reason": None})
+
+            if emit and body.echo:
+                for index in range(body.n):
+                    on_text(index, text)
+            generated = choices(engine, prompt, options, body.n, body.seed, on_text if emit else None, cancelled)
+        for index, result in enumerate(generated):
+            completion_tokens += result.generated_tokens
+            choice = {"index": number * body.n + index, "text": (text if body.echo else "") + result.text,
+                      "logprobs": None, "finish_reason": finish_reason(result.finish_reason)}
+            if body.logprobs is not None:
+                choice["logprobs"] = completion_logprobs(engine, prompt_ids, result.token_ids, body.logprobs,
+                                                         body.echo)
+            out.append(choice)
+    return {"choices": out, "usage": usage(prompt_tokens, completion_tokens)}
+
+
+def run_chat(engine: Engine, body: ChatRequest, options: GenerateOptions, emit: Callable[[dict], None] | None,
+             cancelled: Callable[[], bool]) -> dict[str, Any]:
+    prompt = Prompt(messages=[{"role": "system" if m.role == "developer" else m.role, "content": m.content}
+                              for m in body.messages])
+    prompt_ids = encode_prompt(engine, prompt, options)
+
+    def on_text(index: int, piece: str) -> None:
+        emit({"index": index, "delta": {"content": piece}, "logprobs": None, "finish_reason": None})
+
+    if emit:
+        for index in range(body.n):
+            emit({"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                  "finish_reason": None})
+    generated = choices(engine, prompt, options, body.n, body.seed, on_text if emit else None, cancelled)
+    out = []
+    for index, result in enumerate(generated):
+        choice = {"index": index, "message": {"role": "assistant", "content": result.text},
+                  "logprobs": None, "finish_reason": finish_reason(result.finish_reason)}
+        if body.logprobs:
+            choice["logprobs"] = chat_logprobs(engine, prompt_ids, result.token_ids, body.top_logprobs or 0)
+        out.append(choice)
+    return {"choices": out, "usage": usage(len(prompt_ids), sum(r.generated_tokens for r in generated))}
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def completion_logprobs(engine: Engine, prompt_ids: list[int], generated: list[int], top: int,
+                        echo: bool) -> dict[str, Any]:
+    """The legacy completions `logprobs` object. With echo the prompt's tokens come first, the first
+    of them without a log-probability (nothing precedes it), the rest exactly as `llmcli eval`
+    scores them: lm-evaluation-harness reads a continuation's log-likelihood from these."""
+    ids = prompt_ids + generated
+    first = 0 if echo else len(prompt_ids)
+    if engine.adds_bos and first == 0 and ids and ids[0] == engine.bos_id:
+        first = 1  # the BOS the tokenizer added is not part of the text
+    scored_from = max(first, 1)
+    values, tops = engine.token_logprobs(Window(ids, len(ids) - scored_from), top) if len(ids) > scored_from \
+        else ([], [])
+    tokens = [token_text(engine, t) for t in ids[first:]]
+    token_logprobs = [None] * (scored_from - first) + values
+    top_logprobs = [None] * (scored_from - first) + [{token_text(engine, t): p for t, p in row} for row in tops]
+    offsets, position = [], 0
+    for token in tokens:
+        offsets.append(position)
+        position += len(token)
+    return {"tokens": tokens, "token_logprobs": token_logprobs,
+            "top_logprobs": top_logprobs if top else None, "text_offset": offsets}
+
+
+def chat_logprobs(engine: Engine, prompt_ids: list[int], generated: list[int], top: int) -> dict[str, Any]:
+    if not generated:
+        return {"content": []}
+    values, tops = engine.token_logprobs(Window(prompt_ids + generated, len(generated)), top)
+
+    def entry(token: int, logprob: float) -> dict[str, Any]:
+        text = token_text(engine, token)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    return {"content": [{**entry(t, p), "top_logprobs": [entry(o, q) for o, q in row]}
+                        for t, p, row in zip(generated, values, tops)]}
+
+
+# ---------------------------------------------------------------- answering
+
+
+async def respond(request: Request, worker: EngineWorker, work: Callable[..., dict[str, Any]], stream: bool,
+                  kind: str, settings: Settings) -> Any:
+    ident = f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+    header = {"id": ident, "object": kind, "created": int(time.time()), "model": settings.model_name}
+    cancelled = threading.Event()
+    if not stream:
+        future = enqueue(worker, lambda is_cancelled: work(None, is_cancelled), cancelled)
+        result = await until_done_or_gone(request, future, cancelled)
+        request.state.tokens = result["usage"]["total_tokens"]
+        return {**header, **result}
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()
+    emit = lambda event: loop.call_soon_threadsafe(events.put_nowait, event)  # noqa: E731
+    future = enqueue(worker, lambda is_cancelled: work(emit, is_cancelled), cancelled)
+    request.state.tokens = 0
+    return StreamingResponse(sse_events(request, header, kind, events, future, cancelled),
+                             media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def enqueue(worker: EngineWorker, work: Callable[[Callable[[], bool]], Any], cancelled: threading.Event) -> Any:
+    """The job's future; a full queue is a 503 now, before any answer has started."""
+    try:
+        return worker.enqueue(work, cancelled)
+    except Busy as exc:
+        raise ApiError(503, "the server is busy: too many requests are waiting", "server_busy",
+                       headers={"Retry-After": "1"}) from exc
+
+
+async def until_done_or_gone(request: Request, future: asyncio.Future, cancelled: threading.Event) -> Any:
+    """The job's result; a client that hangs up cancels its job (skipped, or stopped at its next token)."""
+    while True:
+        done, _ = await asyncio.wait({future}, timeout=0.2)
+        if done:
+            return job_result(future)
+        if await request.is_disconnected():
+            cancelled.set()
+            raise ApiError(499, "the client closed the connection", "client_closed")
+
+
+def job_result(future: asyncio.Future) -> Any:
+    try:
+        return future.result()
+    except Cancelled as exc:
+        raise ApiError(499, "the client closed the connection", "client_closed") from exc
+    except LlmcliError as exc:  # a prompt too long for the context, a template the model lacks
+        raise ApiError(400, exc.message + (f" ({exc.hint})" if exc.hint else "")) from exc
+    except Exception as exc:  # a bug: the client gets a 500 without a traceback, the log gets its line
+        log_internal_error(exc)
+        raise ApiError(500, f"internal error: {type(exc).__name__}", "server_error") from exc
+
+
+async def sse_events(request: Request, header: dict[str, Any], kind: str, events: asyncio.Queue,
+                     future: asyncio.Future, cancelled: threading.Event) -> AsyncIterator[str]:
+    chunk_kind = "chat.completion.chunk" if kind == "chat.completion" else "text_completion"
+
+    def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
+        return f"data: {strict_json.dumps({**header, 'object': chunk_kind, 'choices': choices, **extra})}\n\n"
+
+    try:
+        while True:
+            getter = asyncio.ensure_future(events.get())
+            done, _ = await asyncio.wait({getter, future}, return_when=asyncio.FIRST_COMPLETED)
+            if getter in done:
+                yield chunk([getter.result()])
+                continue
+            getter.cancel()
+            while not events.empty():  # what the job emitted before it finished
+                yield chunk([events.get_nowait()])
+            try:
+                result = job_result(future)
+            except ApiError as error:
+                yield f"data: {json.dumps(error_body(error.message, error.kind, error.param, error.code))}\n\n"
+                return
+            for choice in result["choices"]:
+                last = {"index": choice["index"], "finish_reason": choice["finish_reason"],
+                        "logprobs": choice["logprobs"]}
+                last.update({"delta": {}} if kind == "chat.completion" else {"text": ""})
+                yield chunk([last])
+            yield chunk([], usage=result["usage"])
+            request.state.tokens = result["usage"]["total_tokens"]
+            yield "data: [DONE]\n\n"
+            return
+    finally:
+        cancelled.set()  # finished, or the client went away mid-stream: either way the job stops
+
+
+# ---------------------------------------------------------------- the gate: size, key, access log
+
+
+class Gate:
+    """ASGI middleware in front of every route: a body over the limit is a 413 (by its Content-Length
+    or as it streams in), /v1 needs the API key when one is set (compared in constant time), and each
+    request leaves one access line on stderr."""
+
+    def __init__(self, app: Any, settings: Settings) -> None:
+        self.app, self.settings = app, settings
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        began, status = time.perf_counter(), [0]
+        scope.setdefault("state", {})
+
+        async def send_and_note(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            refusal = self.refuse(scope)
+            if refusal is not None:
+                await error_response(refusal)(scope, receive, send_and_note)
+                return
+            received = [0]
+
+            async def limited_receive() -> dict:
+                message = await receive()
+                received[0] += len(message.get("body", b""))
+                if received[0] > self.settings.max_body_bytes:
+                    raise BodyTooLarge
+                return message
+
+            try:
+                await self.app(scope, limited_receive, send_and_note)
+            except BodyTooLarge:
+                if not status[0]:
+                    await error_response(too_large(self.settings))(scope, receive, send_and_note)
+            except Exception as exc:  # answered here, so the server's log gets one line, not a traceback
+                log_internal_error(exc)
+                if not status[0]:
+                    error = ApiError(500, f"internal error: {type(exc).__name__}", "server_error")
+                    await error_response(error)(scope, receive, send_and_note)
+        finally:
+            self.log(scope, status[0], began)
+
+    def refuse(self, scope: dict) -> ApiError | None:
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        length = headers.get("content-length", "")
+        if length.isdigit() and int(length) > self.settings.max_body_bytes:
+            return too_large(self.settings)
+        if self.settings.api_key and scope["path"].startswith("/v1"):
+            given = headers.get("authorization", "")
+            expected = f"Bearer {self.settings.api_key}"
+            if not hmac.compare_digest(given.encode(), expected.encode()):
+                return ApiError(401, "a valid API key is required (Authorization: Bearer KEY)",
+                                "authentication_error", code="invalid_api_key")
+        return None
+
+    def log(self, scope: dict, status: int, began: float) -> None:
+        tokens = scope["state"].get("tokens")
+        milliseconds = (time.perf_counter() - began) * 1000
+        if self.settings.json_logs:
+            line = strict_json.dumps({"method": scope["method"], "path": scope["path"], "status": status,
+                                      "tokens": tokens, "ms": round(milliseconds, 1)})
+        else:
+            line = (f"{scope['method']} {scope['path']} {status} "
+                    f"{'-' if tokens is None else tokens} tokens {milliseconds:.0f} ms")
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+
+def log_internal_error(exc: BaseException) -> None:
+    import os
+
+    if os.environ.get("LLMCLI_DEBUG"):
+        import traceback
+
+        traceback.print_exception(exc)
+    sys.stderr.write(f"internal error: {type(exc).__name__}: {exc} (--debug shows the traceback)\n")
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+def too_large(settings: Settings) -> ApiError:
+    return ApiError(413, f"the request body is over {settings.max_body_bytes} bytes", code="body_too_large")
