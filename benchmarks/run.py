@@ -414,6 +414,74 @@ def data_parallel(bert: Path, workdir: Path, quick: bool, device: str) -> list[F
     return figures
 
 
+def serving_load(clients: int, requests: int) -> list[Figure]:
+    """P11: `llmcli serve` on the embedded model under `clients` concurrent streaming clients sending
+    `requests` requests in all (greedy, 16 tokens, 8 prompts); each client checks that its text is the
+    greedy answer to its own prompt. Latency is per request, first byte to [DONE]."""
+    import threading
+    import urllib.request
+
+    from openai import OpenAI
+
+    from llmcli.distributed import free_port
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "llmcli", "serve", "--port", str(port), "--queue-size",
+                               str(clients * 2)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                if time.time() > deadline or server.poll() is not None:
+                    raise RuntimeError("llmcli serve did not start")
+                time.sleep(0.2)
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=600)
+        prompts = [" ".join(line.split()[:6]) for line in GPL3.read_text().splitlines() if len(line.split()) > 6][:8]
+        expected = {p: client.completions.create(prompt=p, model=client.models.list().data[0].id, max_tokens=16,
+                                                 temperature=0).choices[0].text for p in prompts}
+        model = client.models.list().data[0].id
+        latencies: list[float] = []
+        wrong = []
+        counter = iter(range(requests))
+        lock = threading.Lock()
+
+        def user(number: int) -> None:
+            while True:
+                with lock:
+                    if next(counter, None) is None:
+                        return
+                prompt = prompts[number % len(prompts)]
+                began = time.perf_counter()
+                stream = client.completions.create(model=model, prompt=prompt, max_tokens=16, temperature=0,
+                                                   stream=True)
+                text = "".join(c.choices[0].text for c in stream if c.choices)
+                latencies.append(time.perf_counter() - began)
+                if text != expected[prompt]:
+                    wrong.append(prompt)
+
+        began = time.perf_counter()
+        threads = [threading.Thread(target=user, args=(n,)) for n in range(clients)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        seconds = time.perf_counter() - began
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    latencies.sort()
+    note = f"{clients} streaming clients, {len(latencies)} requests, {len(wrong)} wrong texts"
+    return [Figure("P11 serve p50 latency", latencies[len(latencies) // 2], None, "s", higher_is_better=False,
+                   note=note),
+            Figure("P11 serve p99 latency", latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))], None, "s",
+                   higher_is_better=False, note=note),
+            Figure("P11 serve throughput", len(latencies) / seconds, None, "req/s", note=note,
+                   raw={"tokens_per_s": 16 * len(latencies) / seconds, "wrong": len(wrong)})]
+
+
 def machine() -> dict:
     from importlib.metadata import version
 
@@ -496,6 +564,8 @@ def main() -> None:
         figures += llama_engine(loaded, 32 if args.quick else 128, repeats)
     if wanted("P9") and importlib.util.find_spec("llama_cpp"):
         figures += cold_start(3 if args.quick else 5)
+    if wanted("P11") and args.device == "cpu":
+        figures += serving_load(32, 64 if args.quick else 200)
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         bert, gpt2 = small_models(workdir)

@@ -199,6 +199,12 @@ MATRIX = [
     ("generate hi -m {gpt2} --device-map auto --num-processes 2", "--device-map spreads one model over the devices"),
     ("fill-mask 'a [MASK]' -m {bert} --device-map auto --device cuda", "--device cuda asks for one device"),
     ("generate hi -m {gpt2} --device-map auto --max-memory 0=1GiB", "--device cpu and a GPU in --max-memory"),
+    # serve
+    ("serve -m {gpt2} --port 70000", "--port must be in 1..65535, got 70000"),
+    ("serve -m {gpt2} --queue-size 0", "--queue-size must be at least 1, got 0"),
+    ("serve -m {gpt2} --max-tokens-limit 0", "--max-tokens-limit must be at least 1, got 0"),
+    ("serve -m {gpt2} --api-key ''", "--api-key is empty"),
+    ("serve -m {ws}/missing-model", "does not exist"),
 ]
 
 
@@ -252,7 +258,7 @@ def test_bare_command_prints_help():
 
 def test_help_imports_neither_torch_nor_transformers():
     for args in (["--help"], ["generate", "--help"], ["chat", "--help"], ["fill-mask", "--help"],
-                 ["eval", "--help"], ["finetune", "--help"]):
+                 ["eval", "--help"], ["finetune", "--help"], ["serve", "--help"]):
         result = subprocess.run([sys.executable, "-X", "importtime", "-m", "llmcli", *args],
                                 capture_output=True, text=True)
         assert result.returncode == 0, result.stderr
