@@ -347,8 +347,6 @@ class LlamaCppEngine:
                    on_progress: ProgressCallback | None = None) -> list[float]:
         """One window at a time; logits are read only at scored positions, so memory is one context
         of the window's size, whatever the text's length."""
-        import numpy as np
-
         nlls: list[float] = []
         for window in windows:
             values, _ = self.token_logprobs(window, 0)
