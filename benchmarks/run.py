@@ -8,6 +8,7 @@ figures go to benchmarks/results/latest.json and a chart to latest.png.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -414,6 +415,73 @@ def data_parallel(bert: Path, workdir: Path, quick: bool, device: str) -> list[F
     return figures
 
 
+def serving_batches(clients: int, requests: int) -> Figure:
+    """P12: `llmcli serve --engine hf` under `clients` concurrent non-streamed greedy requests (32
+    tokens): throughput with waiting requests batched (--max-batch 8) against one at a time (1), and
+    how many texts differ from the unbatched answer (left padding changes the float sums)."""
+    rates, texts = {}, {}
+    for max_batch in (1, 8):
+        with serving_process(["--engine", "hf", "--max-batch", str(max_batch), "--queue-size", str(clients * 2)]) as (
+                client, model):
+            prompts = [" ".join(line.split()[:6]) for line in GPL3.read_text().splitlines()
+                       if len(line.split()) > 6][:clients]
+            answers: dict[int, str] = {}
+
+            def user(number: int) -> None:
+                for round_ in range(requests // clients):
+                    answer = client.completions.create(model=model, prompt=prompts[number], max_tokens=32,
+                                                       temperature=0)
+                    answers[number * 1000 + round_] = answer.choices[0].text
+
+            began = time.perf_counter()
+            run_threads(user, clients)
+            rates[max_batch] = len(answers) / (time.perf_counter() - began)
+            texts[max_batch] = answers
+    differing = sum(texts[1][k] != texts[8][k] for k in texts[1])
+    return Figure("P12 serve (hf) batched vs one at a time", rates[8], rates[1], "req/s",
+                  note=f"{clients} clients, {len(texts[8])} greedy requests of 32 tokens; {differing} texts differ "
+                       "from the unbatched ones")
+
+
+def run_threads(target: Callable[[int], None], count: int) -> None:
+    import threading
+
+    threads = [threading.Thread(target=target, args=(n,)) for n in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
+@contextlib.contextmanager
+def serving_process(extra: list[str]):
+    """`llmcli serve` on the embedded model on a free port; yields an openai client and the model id."""
+    import urllib.request
+
+    from openai import OpenAI
+
+    from llmcli.distributed import free_port
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "llmcli", "serve", "--port", str(port), *extra],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                if time.time() > deadline or server.poll() is not None:
+                    raise RuntimeError("llmcli serve did not start")
+                time.sleep(0.2)
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=600)
+        yield client, client.models.list().data[0].id
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
 def serving_load(clients: int, requests: int) -> list[Figure]:
     """P11: `llmcli serve` on the embedded model under `clients` concurrent streaming clients sending
     `requests` requests in all (greedy, 16 tokens, 8 prompts); each client checks that its text is the
@@ -566,6 +634,8 @@ def main() -> None:
         figures += cold_start(3 if args.quick else 5)
     if wanted("P11") and args.device == "cpu":
         figures += serving_load(32, 64 if args.quick else 200)
+    if wanted("P12") and args.device == "cpu":
+        figures.append(serving_batches(16, 32 if args.quick else 64))
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         bert, gpt2 = small_models(workdir)

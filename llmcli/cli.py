@@ -623,6 +623,9 @@ def serve(
     max_tokens_limit: Annotated[Optional[int], typer.Option(help="The most max_tokens one request may ask for.",
                                                             show_default=False)] = None,
     queue_size: Annotated[int, typer.Option(help="Requests that may wait for the model; more get 503.")] = 64,
+    max_batch: Annotated[int, typer.Option(help="hf engine: waiting requests with the same settings (one choice, "
+                                           "no seed, not streamed) generated as one batch, up to this many; 1 "
+                                           "never batches.")] = 8,
     max_body: Annotated[int, typer.Option(help="Largest request body in bytes (413 above).")] = 1 << 20,
     json_logs: Annotated[bool, typer.Option("--json-logs", help="Access log lines as JSON.")] = False,
     engine: EngineOption = "auto",
@@ -635,7 +638,8 @@ def serve(
     """Serve the model over the OpenAI HTTP API (/v1/completions, /v1/chat/completions, /v1/models,
     /health), streaming as server-sent events. Ctrl-C or SIGTERM: stop accepting, let requests in
     flight finish for up to 10 s, exit 0."""
-    for name, value in (("--port", port), ("--queue-size", queue_size), ("--max-body", max_body)):
+    for name, value in (("--port", port), ("--queue-size", queue_size), ("--max-body", max_body),
+                        ("--max-batch", max_batch)):
         if value <= 0 or (name == "--port" and value > 65535):
             raise UsageError(f"{name} must be {'in 1..65535' if name == '--port' else 'at least 1'}, got {value}")
     if max_tokens_limit is not None and max_tokens_limit <= 0:
@@ -658,7 +662,7 @@ def serve(
         render.notice(f"Warning: listening on {host} without --api-key: anyone who can reach this port can use "
                       "the model.")
     run_server(runner, host, port, api_key=api_key, max_tokens_limit=max_tokens_limit, queue_size=queue_size,
-               max_body_bytes=max_body, json_logs=json_logs, on_notice=render.notice)
+               max_batch=max_batch, max_body_bytes=max_body, json_logs=json_logs, on_notice=render.notice)
 
 
 @app.command()

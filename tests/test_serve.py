@@ -242,3 +242,33 @@ def test_many_concurrent_streaming_clients_each_get_their_own_text(tiny_gpt2):
         assert not any(thread.is_alive() for thread in threads)
     assert failures == []
     assert server.stderr.count("POST /v1/completions 200") == 8 + 40
+
+
+def test_waiting_requests_are_batched_and_each_gets_its_own_answer(tiny_gpt2):
+    """hf engine, --max-batch 4: eight concurrent greedy requests while the engine is busy run in
+    batches; every answer is the one the same request gets alone, with its own usage."""
+    prompts = [" ".join(GPL3.read_text().split()[i * 9:i * 9 + 2 + i % 4]) for i in range(8)]
+    with serving("-m", tiny_gpt2, "--max-batch", "4", "--json-logs") as server:
+        alone = {}
+        for prompt in prompts:
+            _, _, body = server.post("/v1/completions", {"prompt": prompt, "max_tokens": 24, "temperature": 0})
+            alone[prompt] = (body["choices"][0]["text"], body["usage"])
+        answers = {}
+
+        def ask(prompt: str) -> None:
+            answers[prompt] = server.post("/v1/completions", {"prompt": prompt, "max_tokens": 24, "temperature": 0})
+
+        blocker = threading.Thread(target=ask, args=(prompts[0],))  # keeps the engine busy while the rest queue
+        blocker.start()
+        time.sleep(0.05)
+        threads = [threading.Thread(target=ask, args=(p,)) for p in prompts[1:]]
+        for thread in threads:
+            thread.start()
+        for thread in [blocker, *threads]:
+            thread.join(timeout=120)
+    for prompt in prompts:
+        status, _, body = answers[prompt]
+        assert status == 200 and (body["choices"][0]["text"], body["usage"]) == alone[prompt], prompt
+        assert "batch" not in body
+    logged = [json.loads(line) for line in server.stderr.splitlines() if line.startswith("{")]
+    assert max(record["batch"] for record in logged) > 1

@@ -29,7 +29,7 @@ from llmcli.data import Prompt
 from llmcli.engines import Engine, Window
 from llmcli.errors import LlmcliError
 from llmcli.serve.schemas import ChatRequest, CompletionRequest
-from llmcli.serve.worker import Busy, Cancelled, EngineWorker
+from llmcli.serve.worker import Batchable, Busy, Cancelled, EngineWorker
 from llmcli.tasks.generate import Generation, GenerateOptions, encode_prompt, generate
 
 CHAT_DEFAULT_TOKENS = 512  # a chat request without max_tokens: this, or what the context leaves
@@ -41,6 +41,7 @@ class Settings:
     api_key: str | None = None
     max_tokens_limit: int | None = None  # the most one request may ask for
     queue_size: int = 64  # requests waiting for the engine before 503
+    max_batch: int = 8  # hf engine: waiting greedy/unseeded requests generated together (1: never)
     max_body_bytes: int = 1 << 20
     json_logs: bool = False
 
@@ -63,7 +64,8 @@ def error_response(error: ApiError) -> JSONResponse:
 
 
 def create_app(engine: Engine, settings: Settings) -> FastAPI:
-    worker = EngineWorker(settings.queue_size)
+    # llama.cpp decodes one sequence at a time: batching is the hf engine's
+    worker = EngineWorker(settings.queue_size, settings.max_batch if engine.name == "hf" else 1)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -111,7 +113,9 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
         def work(emit: Callable[[dict], None] | None, cancelled: Callable[[], bool]) -> dict[str, Any]:
             return run_completions(engine, body, options, max_tokens, emit, cancelled)
 
-        return await respond(request, worker, work, body.stream, "text_completion", settings)
+        alone = len(body.prompt) > 1 or body.echo or body.logprobs is not None or max_tokens == 0
+        batchable = None if alone else batch_job(engine, Prompt(text=body.prompt[0]), body, options)
+        return await respond(request, worker, work, body.stream, "text_completion", settings, batchable)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request) -> Any:
@@ -123,7 +127,9 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
         def work(emit: Callable[[dict], None] | None, cancelled: Callable[[], bool]) -> dict[str, Any]:
             return run_chat(engine, body, options, emit, cancelled)
 
-        return await respond(request, worker, work, body.stream, "chat.completion", settings)
+        # a default length is capped by the batch's longest prompt: only explicit lengths batch
+        batchable = None if body.logprobs or asked is None else batch_job(engine, chat_prompt(body), body, options)
+        return await respond(request, worker, work, body.stream, "chat.completion", settings, batchable)
 
     return app
 
@@ -209,10 +215,37 @@ def run_completions(engine: Engine, body: CompletionRequest, options: GenerateOp
     return {"choices": out, "usage": usage(prompt_tokens, completion_tokens)}
 
 
+def chat_prompt(body: ChatRequest) -> Prompt:
+    return Prompt(messages=[{"role": "system" if m.role == "developer" else m.role, "content": m.content}
+                            for m in body.messages])
+
+
+def batch_job(engine: Engine, prompt: Prompt, body: Any, options: GenerateOptions) -> Batchable | None:
+    """A request that may share `model.generate` with others waiting: one choice, no seed (a seed
+    fixes one request's own random stream), not streamed. Requests with equal options batch together;
+    each gets its own text and usage."""
+    if body.n != 1 or body.seed is not None or body.stream:
+        return None
+    chat = isinstance(body, ChatRequest)
+
+    def run_batch(prompts: list[Prompt], cancelled: Callable[[], bool]) -> list[dict[str, Any]]:
+        batched = replace(options, batch_size=len(prompts))
+        answers = []
+        for result in generate(engine, prompts, batched, cancelled=cancelled):
+            reason = finish_reason(result.finish_reason)
+            choice = ({"index": 0, "message": {"role": "assistant", "content": result.text}, "logprobs": None,
+                       "finish_reason": reason} if chat else
+                      {"index": 0, "text": result.text, "logprobs": None, "finish_reason": reason})
+            answers.append({"choices": [choice], "usage": usage(result.prompt_tokens, result.generated_tokens),
+                            "batch": len(prompts)})  # for the access log, not the client
+        return answers
+
+    return Batchable(key=("chat" if chat else "completion", repr(options)), item=prompt, run_batch=run_batch)
+
+
 def run_chat(engine: Engine, body: ChatRequest, options: GenerateOptions, emit: Callable[[dict], None] | None,
              cancelled: Callable[[], bool]) -> dict[str, Any]:
-    prompt = Prompt(messages=[{"role": "system" if m.role == "developer" else m.role, "content": m.content}
-                              for m in body.messages])
+    prompt = chat_prompt(body)
     prompt_ids = encode_prompt(engine, prompt, options)
 
     def on_text(index: int, piece: str) -> None:
@@ -278,14 +311,15 @@ def chat_logprobs(engine: Engine, prompt_ids: list[int], generated: list[int], t
 
 
 async def respond(request: Request, worker: EngineWorker, work: Callable[..., dict[str, Any]], stream: bool,
-                  kind: str, settings: Settings) -> Any:
+                  kind: str, settings: Settings, batchable: Batchable | None = None) -> Any:
     ident = f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     header = {"id": ident, "object": kind, "created": int(time.time()), "model": settings.model_name}
     cancelled = threading.Event()
     if not stream:
-        future = enqueue(worker, lambda is_cancelled: work(None, is_cancelled), cancelled)
+        future = enqueue(worker, lambda is_cancelled: work(None, is_cancelled), cancelled, batchable)
         result = await until_done_or_gone(request, future, cancelled)
         request.state.tokens = result["usage"]["total_tokens"]
+        request.state.batch = result.pop("batch", 1)
         return {**header, **result}
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
@@ -296,10 +330,11 @@ async def respond(request: Request, worker: EngineWorker, work: Callable[..., di
                              media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
-def enqueue(worker: EngineWorker, work: Callable[[Callable[[], bool]], Any], cancelled: threading.Event) -> Any:
+def enqueue(worker: EngineWorker, work: Callable[[Callable[[], bool]], Any], cancelled: threading.Event,
+            batchable: Batchable | None = None) -> Any:
     """The job's future; a full queue is a 503 now, before any answer has started."""
     try:
-        return worker.enqueue(work, cancelled)
+        return worker.enqueue(work, cancelled, batchable)
     except Busy as exc:
         raise ApiError(503, "the server is busy: too many requests are waiting", "server_busy",
                        headers={"Retry-After": "1"}) from exc
@@ -426,14 +461,15 @@ class Gate:
         return None
 
     def log(self, scope: dict, status: int, began: float) -> None:
-        tokens = scope["state"].get("tokens")
+        tokens, batch = scope["state"].get("tokens"), scope["state"].get("batch", 1)
         milliseconds = (time.perf_counter() - began) * 1000
         if self.settings.json_logs:
             line = strict_json.dumps({"method": scope["method"], "path": scope["path"], "status": status,
-                                      "tokens": tokens, "ms": round(milliseconds, 1)})
+                                      "tokens": tokens, "ms": round(milliseconds, 1), "batch": batch})
         else:
             line = (f"{scope['method']} {scope['path']} {status} "
-                    f"{'-' if tokens is None else tokens} tokens {milliseconds:.0f} ms")
+                    f"{'-' if tokens is None else tokens} tokens {milliseconds:.0f} ms"
+                    + (f" (batch of {batch})" if batch > 1 else ""))
         sys.stderr.write(line + "\n")
         sys.stderr.flush()
 

@@ -3,14 +3,17 @@
 An engine holds one model and one KV cache and is not thread-safe, so jobs never overlap. The queue
 is bounded: when it is full a request is refused at once (503 with Retry-After) instead of waiting
 behind an ever-growing line. A job whose client has gone is skipped, or stopped at its next token.
+Jobs that can share forward passes (`Batchable`, same key) are taken from the queue together, up to
+`max_batch`, and run as one batch.
 """
 
 from __future__ import annotations
 
 import asyncio
-import queue
 import threading
-from typing import Any, Callable
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable, Hashable
 
 
 class Busy(Exception):
@@ -24,41 +27,93 @@ class Cancelled(Exception):
 Work = Callable[[Callable[[], bool]], Any]  # called with `cancelled()`, returns the job's result
 
 
+@dataclass
+class Batchable:
+    """A job that may run in one batch with queued jobs of the same `key`: `run_batch(items,
+    cancelled)` returns one result per item, in order."""
+
+    key: Hashable
+    item: Any
+    run_batch: Callable[[list[Any], Callable[[], bool]], list[Any]]
+
+
+@dataclass
+class Job:
+    work: Work
+    cancelled: threading.Event
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+    batchable: Batchable | None = None
+
+    def settle(self, result: Any = None, error: BaseException | None = None) -> None:
+        self.loop.call_soon_threadsafe(settle, self.future, result, error)
+
+
 class EngineWorker:
-    def __init__(self, queue_size: int) -> None:
-        self.jobs: queue.Queue = queue.Queue(maxsize=queue_size)
+    def __init__(self, queue_size: int, max_batch: int = 1) -> None:
+        self.size, self.max_batch = queue_size, max_batch
+        self.waiting: deque[Job | None] = deque()
+        self.changed = threading.Condition()
         self.thread = threading.Thread(target=self.run, name="llmcli-engine", daemon=True)
         self.thread.start()
 
-    def enqueue(self, work: Work, cancelled: threading.Event) -> asyncio.Future:
-        """A future for `work`'s result, run on the engine thread in turn; Busy when the queue is full.
-        Called from the event loop, whose future it is."""
+    def enqueue(self, work: Work, cancelled: threading.Event, batchable: Batchable | None = None) -> asyncio.Future:
+        """A future for the job's result, run on the engine thread in turn; Busy when the queue is
+        full. Called from the event loop, whose future it is."""
         loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        try:
-            self.jobs.put_nowait((work, cancelled, future, loop))
-        except queue.Full as exc:
-            raise Busy from exc
-        return future
+        job = Job(work, cancelled, loop.create_future(), loop, batchable)
+        with self.changed:
+            if len(self.waiting) >= self.size:
+                raise Busy
+            self.waiting.append(job)
+            self.changed.notify()
+        return job.future
+
+    def next_jobs(self) -> list[Job] | None:
+        """The oldest waiting job, with the waiting jobs that can share its batch; None to stop."""
+        with self.changed:
+            while not self.waiting:
+                self.changed.wait()
+            first = self.waiting.popleft()
+            if first is None:
+                return None
+            group = [first]
+            if first.batchable is not None and self.max_batch > 1:
+                for job in list(self.waiting):
+                    if len(group) == self.max_batch:
+                        break
+                    if job is not None and job.batchable is not None and job.batchable.key == first.batchable.key:
+                        self.waiting.remove(job)
+                        group.append(job)
+            return group
 
     def run(self) -> None:
-        while True:
-            item = self.jobs.get()
-            if item is None:
-                return
-            work, cancelled, future, loop = item
-            if cancelled.is_set():
-                loop.call_soon_threadsafe(settle, future, None, Cancelled())
+        while (group := self.next_jobs()) is not None:
+            live = []
+            for job in group:
+                if job.cancelled.is_set():
+                    job.settle(error=Cancelled())
+                else:
+                    live.append(job)
+            if not live:
                 continue
             try:
-                result = work(cancelled.is_set)
-            except BaseException as exc:  # handed to the request, which answers with the error
-                loop.call_soon_threadsafe(settle, future, None, exc)
-            else:
-                loop.call_soon_threadsafe(settle, future, result, None)
+                if len(live) == 1:
+                    results = [live[0].work(live[0].cancelled.is_set)]
+                else:
+                    everyone_gone = lambda: all(job.cancelled.is_set() for job in live)  # noqa: E731
+                    results = live[0].batchable.run_batch([job.batchable.item for job in live], everyone_gone)
+            except BaseException as exc:  # handed to the requests, which answer with the error
+                for job in live:
+                    job.settle(error=exc)
+                continue
+            for job, result in zip(live, results):
+                job.settle(result)
 
     def close(self) -> None:
-        self.jobs.put(None)
+        with self.changed:
+            self.waiting.append(None)
+            self.changed.notify()
 
 
 def settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
