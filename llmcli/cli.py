@@ -658,9 +658,11 @@ def serve(
                          trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     from llmcli.serve import run_server
 
-    if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
-        render.notice(f"Warning: listening on {host} without --api-key: anyone who can reach this port can use "
-                      "the model.")
+    from llmcli.serve import exposure_warning
+
+    warning = exposure_warning(host, api_key)
+    if warning:
+        render.notice(warning)
     run_server(runner, host, port, api_key=api_key, max_tokens_limit=max_tokens_limit, queue_size=queue_size,
                max_batch=max_batch, max_body_bytes=max_body, json_logs=json_logs, on_notice=render.notice)
 

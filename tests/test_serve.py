@@ -272,3 +272,12 @@ def test_waiting_requests_are_batched_and_each_gets_its_own_answer(tiny_gpt2):
         assert "batch" not in body
     logged = [json.loads(line) for line in server.stderr.splitlines() if line.startswith("{")]
     assert max(record["batch"] for record in logged) > 1
+
+
+def test_listening_beyond_this_machine_without_a_key_warns():
+    """Checked as a function: tests never bind anything but 127.0.0.1."""
+    from llmcli.serve import exposure_warning
+
+    assert "without --api-key" in exposure_warning("0.0.0.0", None)
+    assert exposure_warning("0.0.0.0", "secret") is None
+    assert exposure_warning("127.0.0.1", None) is None and exposure_warning("localhost", None) is None

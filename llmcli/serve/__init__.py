@@ -6,6 +6,13 @@ from __future__ import annotations
 from typing import Any, Callable
 
 
+def exposure_warning(host: str, api_key: str | None) -> str | None:
+    """Said when the model is reachable from other machines and anyone there may use it."""
+    if host in ("127.0.0.1", "localhost", "::1") or api_key:
+        return None
+    return f"Warning: listening on {host} without --api-key: anyone who can reach this port can use the model."
+
+
 def model_id(engine: Any) -> str:
     """The name clients pass as `model`: the model argument's own name (the file or directory name)."""
     return engine.source.name
