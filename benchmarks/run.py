@@ -487,30 +487,11 @@ def serving_load(clients: int, requests: int) -> list[Figure]:
     `requests` requests in all (greedy, 16 tokens, 8 prompts); each client checks that its text is the
     greedy answer to its own prompt. Latency is per request, first byte to [DONE]."""
     import threading
-    import urllib.request
 
-    from openai import OpenAI
-
-    from llmcli.distributed import free_port
-
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "llmcli", "serve", "--port", str(port), "--queue-size",
-                               str(clients * 2)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 300
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except OSError:
-                if time.time() > deadline or server.poll() is not None:
-                    raise RuntimeError("llmcli serve did not start")
-                time.sleep(0.2)
-        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=600)
+    with serving_process(["--queue-size", str(clients * 2)]) as (client, model):
         prompts = [" ".join(line.split()[:6]) for line in GPL3.read_text().splitlines() if len(line.split()) > 6][:8]
-        expected = {p: client.completions.create(prompt=p, model=client.models.list().data[0].id, max_tokens=16,
+        expected = {p: client.completions.create(prompt=p, model=model, max_tokens=16,
                                                  temperature=0).choices[0].text for p in prompts}
-        model = client.models.list().data[0].id
         latencies: list[float] = []
         wrong = []
         counter = iter(range(requests))
@@ -531,15 +512,8 @@ def serving_load(clients: int, requests: int) -> list[Figure]:
                     wrong.append(prompt)
 
         began = time.perf_counter()
-        threads = [threading.Thread(target=user, args=(n,)) for n in range(clients)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        run_threads(user, clients)
         seconds = time.perf_counter() - began
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
     latencies.sort()
     note = f"{clients} streaming clients, {len(latencies)} requests, {len(wrong)} wrong texts"
     return [Figure("P11 serve p50 latency", latencies[len(latencies) // 2], None, "s", higher_is_better=False,
