@@ -261,11 +261,14 @@ def test_waiting_requests_are_batched_and_each_gets_its_own_answer(tiny_gpt2):
         blocker = threading.Thread(target=ask, args=(prompts[0],))  # keeps the engine busy while the rest queue
         blocker.start()
         time.sleep(0.05)
-        threads = [threading.Thread(target=ask, args=(p,)) for p in prompts[1:]]
+        too_long = " ".join(["word"] * 400)  # queued with the others: its error is its own
+        threads = [threading.Thread(target=ask, args=(p,)) for p in [*prompts[1:4], too_long, *prompts[4:]]]
         for thread in threads:
             thread.start()
         for thread in [blocker, *threads]:
             thread.join(timeout=120)
+    status, _, body = answers[too_long]
+    assert status == 400 and "context" in body["error"]["message"]
     for prompt in prompts:
         status, _, body = answers[prompt]
         assert status == 200 and (body["choices"][0]["text"], body["usage"]) == alone[prompt], prompt

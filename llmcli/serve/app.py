@@ -223,21 +223,32 @@ def chat_prompt(body: ChatRequest) -> Prompt:
 def batch_job(engine: Engine, prompt: Prompt, body: Any, options: GenerateOptions) -> Batchable | None:
     """A request that may share `model.generate` with others waiting: one choice, no seed (a seed
     fixes one request's own random stream), not streamed. Requests with equal options batch together;
-    each gets its own text and usage."""
+    each gets its own text and usage, or its own error (an exception in its place)."""
     if body.n != 1 or body.seed is not None or body.stream:
         return None
     chat = isinstance(body, ChatRequest)
 
-    def run_batch(prompts: list[Prompt], cancelled: Callable[[], bool]) -> list[dict[str, Any]]:
-        batched = replace(options, batch_size=len(prompts))
-        answers = []
-        for result in generate(engine, prompts, batched, cancelled=cancelled):
-            reason = finish_reason(result.finish_reason)
-            choice = ({"index": 0, "message": {"role": "assistant", "content": result.text}, "logprobs": None,
-                       "finish_reason": reason} if chat else
-                      {"index": 0, "text": result.text, "logprobs": None, "finish_reason": reason})
-            answers.append({"choices": [choice], "usage": usage(result.prompt_tokens, result.generated_tokens),
-                            "batch": len(prompts)})  # for the access log, not the client
+    def answer(result: Generation, batch: int) -> dict[str, Any]:
+        reason = finish_reason(result.finish_reason)
+        choice = ({"index": 0, "message": {"role": "assistant", "content": result.text}, "logprobs": None,
+                   "finish_reason": reason} if chat else
+                  {"index": 0, "text": result.text, "logprobs": None, "finish_reason": reason})
+        return {"choices": [choice], "usage": usage(result.prompt_tokens, result.generated_tokens),
+                "batch": batch}  # for the access log, not the client
+
+    def run_batch(prompts: list[Prompt], cancelled: Callable[[], bool]) -> list[Any]:
+        try:
+            batched = replace(options, batch_size=len(prompts))
+            return [answer(result, len(prompts)) for result in generate(engine, prompts, batched, cancelled=cancelled)]
+        except LlmcliError:
+            pass  # one request's prompt does not fit: each alone, so only that one gets the error
+        answers: list[Any] = []
+        for prompt in prompts:
+            try:
+                [result] = generate(engine, [prompt], options, cancelled=cancelled)
+                answers.append(answer(result, 1))
+            except LlmcliError as exc:
+                answers.append(exc)
         return answers
 
     return Batchable(key=("chat" if chat else "completion", repr(options)), item=prompt, run_batch=run_batch)

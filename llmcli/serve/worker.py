@@ -30,7 +30,7 @@ Work = Callable[[Callable[[], bool]], Any]  # called with `cancelled()`, returns
 @dataclass
 class Batchable:
     """A job that may run in one batch with queued jobs of the same `key`: `run_batch(items,
-    cancelled)` returns one result per item, in order."""
+    cancelled)` returns one result per item, in order (an exception for an item that failed alone)."""
 
     key: Hashable
     item: Any
@@ -107,8 +107,8 @@ class EngineWorker:
                 for job in live:
                     job.settle(error=exc)
                 continue
-            for job, result in zip(live, results):
-                job.settle(result)
+            for job, result in zip(live, results):  # a batch member's own failure comes as an exception
+                job.settle(error=result) if isinstance(result, BaseException) else job.settle(result)
 
     def close(self) -> None:
         with self.changed:
