@@ -200,6 +200,13 @@ def record_error(message: str, hint: str | None, code: int) -> bool:
 # ---------------------------------------------------------------- working
 
 
+class OneProcess:
+    """The workers of a task called without any: everything is computed here."""
+
+    def map_in_order(self, items: Sequence[Any], batch_size: int, compute: Callable[[list[Any]], list[Any]]) -> list[Any]:
+        return compute(list(items))
+
+
 class Workers:
     """Shares out inputs and gathers results. One process: everything runs here, nothing imported."""
 
@@ -225,8 +232,8 @@ class Workers:
         return str(self.state.device)
 
     def map_in_order(self, items: Sequence[Any], batch_size: int, compute: Callable[[list[Any]], list[Any]]) -> list[Any]:
-        """compute(this rank's share of items) on every rank; all results, in input order, on every rank.
-        `compute` must return one result per item."""
+        """compute(this rank's share of items) on every rank; every rank's results, concatenated in rank
+        (so input) order, on every rank."""
         if self.state is None:
             return compute(list(items))
         from accelerate.utils import gather_object

@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from llmcli.distributed import OneProcess
 from llmcli.engines import Engine, ProgressCallback, Window, as_engine, same_shape_batches
 from llmcli.errors import DataError, UsageError
 
@@ -274,13 +275,6 @@ def evaluate(engine: Engine, text: str | list[str], options: EvalOptions,
         with torch.inference_mode():
             return score(engine, texts, options, on_start, on_progress, not isinstance(text, str), workers)
     return score(engine, texts, options, on_start, on_progress, not isinstance(text, str), workers)
-
-
-class OneProcess:
-    """Workers of a single process: everything computed here."""
-
-    def map_in_order(self, items: list[Any], batch_size: int, compute: Callable[[list[Any]], list[Any]]) -> list[Any]:
-        return compute(items)
 
 
 def score(engine: Engine, texts: list[str], options: EvalOptions, on_start: Callable[[int], None] | None,

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from llmcli.distributed import OneProcess
 from llmcli.errors import DataError, UsageError
 from llmcli.models import LoadedModel
 
@@ -63,7 +64,7 @@ def fill_mask(loaded: LoadedModel, texts: list[str], options: FillMaskOptions, w
     validate(options)
     if options.all_positions and loaded.kind != "masked":
         raise UsageError("--all-positions needs a masked LM (BERT-style)", "Pass --model with a masked LM.")
-    map_in_order = workers.map_in_order if workers else lambda items, size, compute: compute(items)
+    map_in_order = (workers or OneProcess()).map_in_order
     with torch.inference_mode():
         if loaded.kind == "masked":
             return fill_masked_lm(loaded, texts, options, map_in_order)
