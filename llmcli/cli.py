@@ -778,6 +778,8 @@ def main(argv: list[str] | None = None) -> None:
             traceback.print_exc()
         code = report_error(f"internal error: {type(exc).__name__}: {exc}", "Run again with --debug for the "
                             "traceback.", EXIT_INTERNAL)
+    if distributed.is_worker():
+        distributed.exit_worker(code or 0)
     sys.exit(code or 0)
 
 

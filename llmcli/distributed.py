@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NoReturn, Sequence
 
 from llmcli.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, UsageError
 
@@ -60,6 +61,27 @@ class Launch:
 
 def is_worker() -> bool:
     return "LOCAL_RANK" in os.environ
+
+
+def exit_worker(code: int) -> NoReturn:
+    """End a worker process without the interpreter's teardown. gloo's threads release the tensors of
+    finished collectives in their own time, taking the GIL to do it; one that does so while the
+    interpreter shuts down aborts the process ("terminate called without an active exception", SIGABRT)
+    and turns a run that succeeded into a failure, now and then. destroy_process_group does not stop
+    those threads, so the worker runs its exit handlers, flushes its output and leaves at once."""
+    import atexit
+    import sys
+
+    torch = sys.modules.get("torch")  # never imported just for this (a worker that failed early)
+    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    atexit._run_exitfuncs()  # what the interpreter's exit would have run: temporary folders, logging
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more can reach it anyway
+            pass
+    os._exit(code)
 
 
 def rank() -> int:
@@ -174,7 +196,8 @@ def report_failure(errors: Path, exit_codes: dict[int, int]) -> int:
         if first["code"] != EXIT_INTERRUPTED:  # cli.main says "interrupted" for that code
             render.error(f"{first['message']} (process {first['rank']})", first["hint"])
         return first["code"]
-    rank, code = min(exit_codes.items())
+    # the first worker that failed on its own: the others were stopped by torchrun (SIGTERM)
+    rank, code = min(exit_codes.items(), key=lambda item: (item[1] == -signal.SIGTERM, item[0]))
     how = f"was killed by signal {-code}" if code < 0 else f"exited with {code}"
     render.error(f"worker process {rank} {how}", "A killed worker often ran out of memory; try fewer processes.")
     return EXIT_INTERNAL

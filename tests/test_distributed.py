@@ -152,6 +152,15 @@ def test_a_failing_worker_ends_all_with_one_error_line(tiny_gpt2, prompt_file):
     assert "Traceback" not in result.stderr and "ChildFailedError" not in result.stderr
 
 
+def test_a_crashed_worker_is_named_not_the_one_torchrun_stopped(tmp_path, capsys):
+    """A worker that dies without recording an error (a signal): the report names it, not a worker
+    that torchrun then stopped with SIGTERM, even when that one has the lower rank."""
+    from llmcli.distributed import report_failure
+
+    assert report_failure(tmp_path, {0: -signal.SIGTERM, 1: -signal.SIGABRT}) == 1
+    assert "Error: worker process 1 was killed by signal 6" in capsys.readouterr().err
+
+
 def workers_of(marker: str) -> list[int]:
     """Pids of processes whose command line contains `marker`."""
     found = []
