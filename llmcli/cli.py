@@ -272,11 +272,11 @@ def generate(
                          threads=threads, hf_only=hf_only, draft_model=draft_model,
                          trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, placement=placement)
     if workers.size > 1:  # each process generates for its share of the prompts; rank 0 prints them all
-        from llmcli.tasks.generate import settle_length
+        from llmcli.tasks.generate import settle_length, share_options
 
         options = settle_length(runner, prompt_list, options, render.notice)
-        produced = workers.map_in_order(prompt_list, options.batch_size,
-                                        lambda share: list(run_generate(runner, share, options)))
+        produced = workers.map_in_order(list(enumerate(prompt_list)), options.batch_size, lambda share: list(
+            run_generate(runner, [prompt for _, prompt in share], share_options(options, share[0][0]))))
         if not workers.is_main:
             return
         streaming = False

@@ -63,6 +63,18 @@ def test_generate_on_two_processes_equals_one(model, batch, prompt_file, request
     assert records(llmcli(*single, "--num-processes", "2")) == records(llmcli(*single))
 
 
+@pytest.mark.parametrize("model, batch", [("tiny_gpt2", "2"), ("tiny_gguf", "1")])
+def test_seeded_sampling_on_two_processes_equals_one(model, batch, prompt_file, request):
+    """Each batch samples from its own seed, so a prompt drawn on the second process gets the sample
+    one process gives it."""
+    model_dir = request.getfixturevalue(model)
+    args = ["generate", "-f", prompt_file, "-m", model_dir, "--no-chat", "-n", "12", "--batch-size", batch, "--json",
+            "-t", "1.0", "--seed", "5", "--num-return-sequences", "2"]
+    one = records(llmcli(*args))
+    assert records(llmcli(*args, "--num-processes", "2")) == one and len(one) == 10
+    assert len({record["text"] for record in one}) > 5  # samples, not one greedy answer repeated
+
+
 def test_fill_mask_on_two_processes_equals_one(tiny_bert):
     texts = ["the [MASK] of this license", "you may [MASK] it", "[MASK] program", "the work is [MASK] by law",
              "source [MASK]"]

@@ -101,6 +101,7 @@ MATRIX = [
     ("generate hi -m {gpt2} -n abc", "Invalid value for '--max-new-tokens'"),  # the rest is typer's own wording
     ("generate hi -m {gpt2} -n 300", "leaves no room in the model's context of 256"),
     ("generate hi -m {gpt2} -t -0.5", "--temperature must be 0 (greedy) or positive, got -0.5"),
+    ("generate hi -m {gpt2} -t 1 --seed -1", "--seed must be in 0..4294967295, got -1"),
     ("generate hi -m {gpt2} -n 2 --top-p 0", "--top-p must be in (0, 1], got 0.0"),
     ("generate hi -m {gpt2} --top-p 1.5", "--top-p must be in (0, 1], got 1.5"),
     ("generate hi -m {gpt2} --batch-size 0", "--batch-size must be at least 1"),

@@ -30,7 +30,7 @@ from llmcli.engines import Engine, Window
 from llmcli.errors import LlmcliError
 from llmcli.serve.schemas import ChatRequest, CompletionRequest
 from llmcli.serve.worker import Batchable, Busy, Cancelled, EngineWorker
-from llmcli.tasks.generate import Generation, GenerateOptions, encode_prompt, generate
+from llmcli.tasks.generate import SEEDS, Generation, GenerateOptions, encode_prompt, generate
 
 CHAT_DEFAULT_TOKENS = 512  # a chat request without max_tokens: this, or what the context leaves
 
@@ -170,7 +170,8 @@ def choices(engine: Engine, prompt: Prompt, options: GenerateOptions, n: int, se
     """n generations of one prompt; choice i samples with seed + i, so a seeded request repeats."""
     results = []
     for index in range(n):
-        chosen = replace(options, seed=None if seed is None else seed + index)
+        # OpenAI takes any integer as a seed: folded into the engines' range
+        chosen = replace(options, seed=None if seed is None else (seed + index) % SEEDS)
         stream = (lambda text, index=index: on_text(index, text)) if on_text else None
         [result] = generate(engine, [prompt], chosen, on_text=stream, cancelled=cancelled)
         results.append(result)

@@ -16,6 +16,7 @@ from llmcli.engines import Engine, as_engine
 from llmcli.errors import DataError, UsageError
 
 TextCallback = Callable[[str], None]
+SEEDS = 2**32  # seeds are 0..SEEDS-1, numpy's range (transformers.set_seed seeds numpy too)
 
 
 @dataclass
@@ -181,6 +182,8 @@ def validate(options: GenerateOptions) -> None:
         raise UsageError("--stop must not be empty")
     if options.truncate not in ("error", "left"):
         raise UsageError(f"unknown --truncate {options.truncate!r}", "Use error or left.")
+    if options.seed is not None and not 0 <= options.seed < SEEDS:
+        raise UsageError(f"--seed must be in 0..{SEEDS - 1}, got {options.seed}")
     if options.prompt_lookup is not None and options.prompt_lookup <= 0:
         raise UsageError(f"--prompt-lookup must be at least 1, got {options.prompt_lookup}")
 
@@ -207,6 +210,14 @@ def settle_length(engine: Engine, prompts: list[Prompt], options: GenerateOption
     engine = as_engine(engine)
     encoded = [encode_prompt(engine, prompt, options) for prompt in prompts]
     return replace(cap_default_length(options, encoded, engine.context_length, on_notice), default_length=False)
+
+
+def share_options(options: GenerateOptions, first_prompt: int) -> GenerateOptions:
+    """The options for a share of the prompts that starts at prompt number `first_prompt`: its seeds
+    are the ones those prompts get in a single process."""
+    if options.seed is None:
+        return options
+    return replace(options, seed=(options.seed + first_prompt * options.num_return_sequences) % SEEDS)
 
 
 def fit_to_context(ids: list[int], context: int | None, options: GenerateOptions) -> list[int]:
@@ -242,14 +253,17 @@ def generate(
     for prompt in prompts:
         if prompt.text is not None and not prompt.text.strip():
             raise DataError("empty prompt", "Pass some text to continue.")
-    if options.seed is not None:
-        engine.set_seed(options.seed)
     encoded = [encode_prompt(engine, prompt, options) for prompt in prompts]
     options = cap_default_length(options, encoded, engine.context_length, on_notice)
     encoded = [fit_to_context(ids, engine.context_length, options) for ids in encoded]
     single = len(prompts) == 1 and options.num_return_sequences == 1
     for start in range(0, len(prompts), options.batch_size):
         batch_ids = encoded[start:start + options.batch_size]
+        if options.seed is not None:
+            # each batch samples from a seed of its own (its first sequence's number): a prompt's sample
+            # then does not depend on the batches before it, and a share of the prompts on another
+            # process (shifted by share_options) draws exactly what one process would
+            engine.set_seed((options.seed + start * options.num_return_sequences) % SEEDS)
         streamer = TokenStreamer(engine.decode, on_text if single else None, options.stop, engine.eos_ids,
                                  single=len(batch_ids) == 1 and options.num_return_sequences == 1)
         began = time.perf_counter()
