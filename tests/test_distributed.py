@@ -92,7 +92,8 @@ def eval_file(tmp_path) -> Path:
 
 def test_eval_on_two_processes_and_under_torchrun_equals_one(tiny_gpt2, eval_file):
     """Causal perplexity: per-token NLLs gathered in order, so value, tokens and stderr are the one-process
-    ones exactly. Started by torchrun itself, the command runs as a worker and does not launch again."""
+    ones exactly. Started by torchrun or `accelerate launch`, the command runs as a worker and does not
+    launch again."""
     args = ["eval", "-d", eval_file, "-m", tiny_gpt2, "--max-length", "64", "--stride", "32", "--batch-size", "2",
             "--json"]
     [one] = records(llmcli(*args))
@@ -103,6 +104,11 @@ def test_eval_on_two_processes_and_under_torchrun_equals_one(tiny_gpt2, eval_fil
                               capture_output=True, text=True, timeout=300, env={**os.environ, **LOOPBACK})
     assert records(torchrun) == [one]  # one line: rank 0 alone prints
     assert "Launching" not in torchrun.stderr
+    accelerate = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes=2",
+                                 "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no",
+                                 f"--main_process_port={free_port()}", "-m", "llmcli", *map(str, args)],
+                                capture_output=True, text=True, timeout=300, env={**os.environ, **LOOPBACK})
+    assert records(accelerate) == [one] and "Launching" not in accelerate.stderr
 
 
 def test_pseudo_perplexity_and_accuracy_on_two_processes_equal_one(tiny_bert, eval_file):
