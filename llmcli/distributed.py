@@ -74,7 +74,7 @@ def exit_worker(code: int) -> NoReturn:
 
     torch = sys.modules.get("torch")  # never imported just for this (a worker that failed early)
     if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+        torch.distributed.destroy_process_group()  # leave the group cleanly, as the other ranks do
     atexit._run_exitfuncs()  # what the interpreter's exit would have run: temporary folders, logging
     for stream in (sys.stdout, sys.stderr):
         try:
