@@ -506,8 +506,6 @@ def finetune(
     master_port: MasterPortOption = None,
 ) -> None:
     """Finetune a model (or train one from scratch) on your data, with checkpoints that resume exactly."""
-    import os
-
     from llmcli.tasks.finetune import FinetuneOptions, validate
     from llmcli.tasks.finetune_loop import run
 
@@ -532,10 +530,12 @@ def finetune(
     launch_if_asked(num_processes, nnodes, node_rank, master_addr, master_port, device)
     if model is None and not from_scratch:
         render.notice("Using the embedded model SmolLM2-135M-Instruct (pass --model to choose another).")
-    rank = int(os.environ.get("RANK", "0"))
-    with render.training_progress(enabled=rank == 0) as reporter:
+    from llmcli.distributed import rank
+
+    main_process = rank() == 0
+    with render.training_progress(enabled=main_process) as reporter:
         result = run(options, reporter)
-    if rank == 0:
+    if main_process:
         if json_output:
             render.json_line(render.finetune_record(result))
         else:
@@ -656,9 +656,7 @@ def serve(
                              "Pick another --port, or stop what is using it.") from exc
     runner = load_engine(model, engine, command="generate", device=device, dtype=dtype, threads=threads,
                          trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
-    from llmcli.serve import run_server
-
-    from llmcli.serve import exposure_warning
+    from llmcli.serve import exposure_warning, run_server
 
     warning = exposure_warning(host, api_key)
     if warning:
