@@ -74,16 +74,45 @@ def machine_info() -> dict[str, Any]:
         "llmcli": __version__, "python": platform.python_version(), "platform": platform.platform(),
         "packages": {name: package_version(name) for name in ("torch", "transformers", "accelerate", "datasets",
                                                                "peft", "llama-cpp-python")},
-        "cpu": {"logical": os.cpu_count(), "physical": machine_physical_cores()},
+        "cpu": {"logical": os.cpu_count(), "physical": machine_physical_cores(), "features": cpu_features()},
         "gpus": gpus(),
         "engines": {"hf": True, "llama.cpp": llama_cpp_installed()},
         "cache": {"path": str(models.cache_root()), "entries": [e.__dict__ for e in cache_entries()]},
     }
+    if info["engines"]["llama.cpp"]:
+        info["llama.cpp"] = llama_cpp_build()
     try:
         info["embedded_model"] = str(models.embedded_gguf_path())
     except models.ModelNotFound:
         info["embedded_model"] = None
     return info
+
+
+def cpu_features() -> list[str]:
+    """The CPU's vector extensions that llama.cpp's kernels may use, as /proc/cpuinfo advertises them."""
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split(":", 1)[1].split()
+    except (OSError, StopIteration):
+        return []
+    wanted = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
+    return [flag for flag in wanted if flag in flags]
+
+
+def llama_cpp_build() -> dict[str, Any]:
+    """What the installed llama.cpp build uses here: its compiled-in CPU features and whether its extra
+    buffer types (AMX, repacked weights) are on, with how that was decided (engines/llama_host.py)."""
+    from llmcli.engines import llamacpp
+    from llmcli.errors import LlmcliError
+
+    try:
+        lib = llamacpp.import_llama_cpp()
+    except LlmcliError as exc:
+        return {"runs": False, "why": exc.message, "features": [], "extra_buffers": False}
+    check = llamacpp.host_check()
+    system_info = lib.llama_print_system_info().decode()
+    features = [part.split("=")[0].strip() for part in system_info.split("|") if part.strip().endswith("= 1")]
+    return {"runs": True, "features": [f.removeprefix("CPU : ") for f in features],
+            "extra_buffers": check.extra_buffers, "why": check.why}
 
 
 def gpus() -> list[str]:

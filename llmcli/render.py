@@ -243,14 +243,25 @@ def finetune_summary(result: Any) -> None:
     stdout_console().print(table)
 
 
+def llama_cpp_rows(build: dict[str, Any] | None) -> list[tuple[str, str]]:
+    if build is None:
+        return []
+    if not build["runs"]:
+        return [("llama.cpp", f"cannot run here: {build['why']}")]
+    state = "on" if build["extra_buffers"] else "off"
+    return [("llama.cpp", " ".join(build["features"])), ("", f"extra buffer types {state} ({build['why']})")]
+
+
 def info_table(details: dict[str, Any]) -> None:
     """`llmcli info` as aligned lines."""
     packages = ", ".join(f"{name} {found or '-'}" for name, found in details["packages"].items())
     engines = ", ".join(name for name, available in details["engines"].items() if available)
     rows = [("llmcli", details["llmcli"]), ("python", f"{details['python']} ({details['platform']})"),
             ("packages", packages),
-            ("cpu", f"{details['cpu']['physical']} physical cores, {details['cpu']['logical']} logical"),
+            ("cpu", f"{details['cpu']['physical']} physical cores, {details['cpu']['logical']} logical; "
+                    f"{' '.join(details['cpu']['features']) or 'no vector extensions seen'}"),
             ("gpus", ", ".join(details["gpus"]) or "none"), ("engines", engines),
+            *llama_cpp_rows(details.get("llama.cpp")),
             ("embedded model", details["embedded_model"] or "not installed"),
             ("cache", details["cache"]["path"])]
     rows += [("", f"{e['name']}  {e['kind']}  {e['size_mb']:.0f} MB") for e in details["cache"]["entries"]]

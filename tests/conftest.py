@@ -271,14 +271,36 @@ def tiny_gguf(tmp_path_factory) -> Path:
     return path
 
 
+def bare_llama(path: Path, **kwargs):
+    """llama-cpp-python's `Llama` on `path`, with the engine's extra-buffer decision for this host.
+    `Llama` has no argument for it, and its default (on) dies by SIGILL where AMX is advertised but does
+    not run, which would take the whole test run down: its model parameters get the decision instead."""
+    from unittest import mock
+
+    import llama_cpp.llama_cpp as binding
+    from llama_cpp import Llama
+
+    from llmcli.engines.llamacpp import host_check
+
+    defaults = binding.llama_model_default_params
+
+    def params():
+        chosen = defaults()
+        chosen.use_extra_bufts = host_check().extra_buffers
+        return chosen
+
+    with mock.patch.object(binding, "llama_model_default_params", params):
+        return Llama(model_path=str(path), verbose=False, **kwargs)
+
+
 def bare_llama_greedy(path: Path, prompt_ids: list[int], max_new_tokens: int, threads: int = 2) -> list[int]:
     """The plain llama-cpp-python reference: `Llama.generate` at temperature 0, up to the first
     end-of-generation token. Flash attention on, as llama.cpp's own tools default to on the CPU
     (`-fa auto`) and the engine does."""
-    from llama_cpp import Llama, llama_vocab_is_eog
+    from llama_cpp import llama_vocab_is_eog
 
-    llm = Llama(model_path=str(path), n_ctx=len(prompt_ids) + max_new_tokens, n_threads=threads,
-                n_threads_batch=threads, flash_attn=True, verbose=False)
+    llm = bare_llama(path, n_ctx=len(prompt_ids) + max_new_tokens, n_threads=threads, n_threads_batch=threads,
+                     flash_attn=True)
     new: list[int] = []
     for token in llm.generate(prompt_ids, temp=0.0):
         new.append(token)

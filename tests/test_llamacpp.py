@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import GPL3, bare_llama_greedy, run_cli
+from conftest import GPL3, bare_llama, bare_llama_greedy, run_cli
 
 pytest.importorskip("llama_cpp")
 
@@ -155,7 +155,6 @@ def test_llama_perplexity_figure_on_the_quantized_file():
 def test_eval_nll_equals_a_bare_llama_cpp_forward(tiny_gguf, tmp_path):
     """Sliding-window perplexity on llama.cpp: every scored token's NLL from `Llama(logits_all=True)`."""
     import numpy as np
-    from llama_cpp import Llama
 
     text = GPL3.read_text()[:3000]
     data = tmp_path / "text.txt"
@@ -166,7 +165,7 @@ def test_eval_nll_equals_a_bare_llama_cpp_forward(tiny_gguf, tmp_path):
     [record] = result.json_lines()
     from llmcli.tasks.evaluate import sliding_windows
 
-    llm = Llama(model_path=str(tiny_gguf), n_ctx=64, logits_all=True, n_threads=2, flash_attn=True, verbose=False)
+    llm = bare_llama(tiny_gguf, n_ctx=64, logits_all=True, n_threads=2, flash_attn=True)
     ids = llm.tokenize(text.encode(), add_bos=True, special=True)
     total = 0.0
     for window in sliding_windows(ids, 64, 32):
@@ -187,7 +186,6 @@ def test_eval_window_longer_than_a_decode_batch(tmp_path):
     batch's logits: each batch's scored tokens are read before the next (a 1024-token window failed
     with 'NULL pointer access' before). Reference: `Llama(logits_all=True)` on the embedded file."""
     import numpy as np
-    from llama_cpp import Llama
 
     from llmcli.models import embedded_gguf_path
 
@@ -197,8 +195,7 @@ def test_eval_window_longer_than_a_decode_batch(tmp_path):
     result = run_cli("eval", "--data", data, *ENGINE, "--json")
     assert result.exit_code == 0, result.stderr
     [record] = result.json_lines()
-    llm = Llama(model_path=str(embedded_gguf_path()), n_ctx=1024, logits_all=True, n_threads=2, flash_attn=True,
-                verbose=False)
+    llm = bare_llama(embedded_gguf_path(), n_ctx=1024, logits_all=True, n_threads=2, flash_attn=True)
     ids = llm.tokenize(text.encode(), add_bos=True, special=True)
     assert 512 < len(ids) <= 1024 and record["tokens"] == len(ids) - 1  # one window, two decode batches
     llm.eval(ids[:-1])

@@ -188,8 +188,10 @@ def load_llama_cpp(source: Any, embedded: bool, command: str, kind: str, device:
                          "Drop --dtype, or pass --engine hf.")
     if device not in (None, "auto", "cpu") and not device.startswith("cuda"):
         raise UsageError(f"the llama.cpp engine runs on the CPU or CUDA, not {device}", "Use --engine hf.")
+    from llmcli.engines import llama_host
     from llmcli.engines.llamacpp import LlamaCppEngine
 
+    llama_host.setting()  # a bad LLMCLI_LLAMA_EXTRA_BUFFERS is the only output, before any notice
     if embedded:
         embedded_notice(notice)
     return LlamaCppEngine.load(source, weights="as-is" if fast or command == "eval" else "default",

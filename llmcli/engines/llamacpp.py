@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from llmcli import models
-from llmcli.engines import ProgressCallback, TokensCallback, Window, process_peak_rss_mb
+from llmcli.engines import ProgressCallback, TokensCallback, Window, llama_host, process_peak_rss_mb
 from llmcli.errors import DataError, ModelLoadError, UsageError
 
 # general.file_type values (llama_ftype) whose weights are full precision: run as they are
@@ -32,8 +32,11 @@ _silent_log = None  # the ctypes callback must outlive every llama.cpp call
 
 
 def import_llama_cpp() -> Any:
-    """llama_cpp with llama.cpp's own logging silenced (unless --debug)."""
+    """llama_cpp with llama.cpp's own logging silenced (unless --debug), once this host is known to run
+    the build (llama_host: a child process probes a new host and build first)."""
     global _silent_log
+    llama_host.require_runnable(host_check())
+    llama_host.report_illegal_instructions()
     try:
         import llama_cpp
     except ImportError as exc:
@@ -47,10 +50,27 @@ def import_llama_cpp() -> Any:
     return llama_cpp
 
 
-def load_model_file(lib: Any, path: Path, gpu_layers: int, vocab_only: bool = False) -> Any:
+_host_checks: dict[str, llama_host.HostCheck] = {}
+
+
+def host_check() -> llama_host.HostCheck:
+    """This process's decision, per value of the override (tests change it)."""
+    setting = llama_host.setting()
+    if setting not in _host_checks:
+        _host_checks[setting] = llama_host.check()
+    return _host_checks[setting]
+
+
+def model_params(lib: Any, gpu_layers: int, vocab_only: bool = False) -> Any:
     params = lib.llama_model_default_params()
     params.n_gpu_layers = gpu_layers
     params.vocab_only = vocab_only
+    params.use_extra_bufts = host_check().extra_buffers
+    return params
+
+
+def load_model_file(lib: Any, path: Path, gpu_layers: int, vocab_only: bool = False) -> Any:
+    params = model_params(lib, gpu_layers, vocab_only)
     model = lib.llama_model_load_from_file(str(path).encode(), params)
     if not model:
         raise ModelLoadError(f"{path} is not a readable GGUF model for llama.cpp",
