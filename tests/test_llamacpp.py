@@ -217,6 +217,10 @@ def test_sampling_controls_take_effect_and_seeds_repeat(tiny_gguf):
     penalized = generate_json("This License", "-m", tiny_gguf, "--no-chat", "-n", "16", "--repetition-penalty", "5")
     assert penalized[0]["token_ids"] != greedy[0]["token_ids"]
     assert len(set(penalized[0]["token_ids"])) == 16  # a strong penalty never repeats a token here
+    # top-p and min-p: a nucleus of 1% and a floor of 99% of the top probability keep the top token alone
+    for option, value in (("--top-p", "0.01"), ("--min-p", "0.99")):
+        kept = generate_json(*base, "--seed", "1", option, value)
+        assert kept[0]["token_ids"] == greedy[0]["token_ids"], option
     samples = generate_json(*base, "--seed", "3", "--num-return-sequences", "3")
     assert [s["index"] for s in samples] == [0, 1, 2] and len({tuple(s["token_ids"]) for s in samples}) == 3
 
