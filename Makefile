@@ -15,9 +15,10 @@ LLAMA ?= 1
 # README's "Every x86 host". LLAMA_CMAKE_ARGS="-DGGML_NATIVE=ON" builds for this CPU alone.
 LLAMA_SPEC ?= llama-cpp-python==0.3.36
 LLAMA_CMAKE_ARGS ?= $(if $(filter x86_64 amd64,$(shell uname -m)),-DGGML_NATIVE=OFF)
-LLAMA_WHEELS ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/llmcli/wheels/$(shell echo '$(LLAMA_SPEC) $(LLAMA_CMAKE_ARGS)' | sha256sum | cut -c1-16)
+LLAMA_BUILD := $(shell echo '$(LLAMA_SPEC) $(LLAMA_CMAKE_ARGS)' | sha256sum | cut -c1-16)
+LLAMA_WHEELS ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/llmcli/wheels/$(LLAMA_BUILD)
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-llama$(LLAMA)
+STAMP := $(VENV)/.installed-llama$(LLAMA)$(if $(filter 1,$(LLAMA)),-$(LLAMA_BUILD))
 comma := ,
 EXTRAS := $(if $(filter 1,$(LLAMA)),dev$(comma)llama,dev)
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)

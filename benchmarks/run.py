@@ -415,6 +415,36 @@ def data_parallel(bert: Path, workdir: Path, quick: bool, device: str) -> list[F
     return figures
 
 
+def llama_batching(prompt_count: int, new_tokens: int) -> list[Figure]:
+    """P13: `generate -f` with `prompt_count` prompts on llama.cpp (the embedded model's default F16
+    weights), every prompt in one batch (the default) against --batch-size 1; whole commands, one run
+    each. Also how many greedy outputs are identical both ways, and where the others first differ:
+    batched steps run matrix-matrix kernels, one sequence matrix-vector ones."""
+    lines = [line.strip() for line in GPL3.read_text().splitlines() if len(line.split()) > 6][:prompt_count]
+    with tempfile.TemporaryDirectory() as tmp:
+        prompts = Path(tmp) / "prompts.txt"
+        prompts.write_text("\n".join(f"Explain in plain words: {line}" for line in lines) + "\n")
+
+        def run(*extra: str) -> tuple[float, list[dict]]:
+            start = time.perf_counter()
+            done = subprocess.run([sys.executable, "-m", "llmcli", "generate", "-f", str(prompts), "-n", str(new_tokens),
+                                   "--json", *extra], capture_output=True, text=True, check=True)
+            return time.perf_counter() - start, [json.loads(line) for line in done.stdout.splitlines()]
+
+        run("-n", "1")  # the F16 conversion, outside the timings
+        (batched, together), (single, alone) = run(), run("--batch-size", "1")
+    tokens = sum(r["generated_tokens"] for r in together)
+    firsts = [next((i for i, (a, b) in enumerate(zip(x["token_ids"], y["token_ids"])) if a != b),
+                   min(len(x["token_ids"]), len(y["token_ids"])))
+              for x, y in zip(together, alone) if x["token_ids"] != y["token_ids"]]
+    agreement = (f"{len(together) - len(firsts)} of {len(together)} greedy outputs identical to --batch-size 1"
+                 + (f"; the others first differ at new tokens {sorted(firsts)}" if firsts else ""))
+    return [Figure(f"P13 generate -f, {prompt_count} prompts x {new_tokens} tokens on llama.cpp (F16), batched vs "
+                   "--batch-size 1", tokens / batched, sum(r["generated_tokens"] for r in alone) / single, "tok/s",
+                   goal=2.5, note=f"whole commands, one run each; {agreement}",
+                   raw={"batched_s": batched, "single_s": single, "differ_at": sorted(firsts)})]
+
+
 def serving_batches(clients: int, requests: int) -> Figure:
     """P12: `llmcli serve --engine hf` under `clients` concurrent non-streamed greedy requests (32
     tokens): throughput with waiting requests batched (--max-batch 8) against one at a time (1), and
@@ -608,6 +638,8 @@ def main() -> None:
         figures += cold_start(3 if args.quick else 5)
     if wanted("P11") and args.device == "cpu":
         figures += serving_load(32, 64 if args.quick else 200)
+    if wanted("P13") and importlib.util.find_spec("llama_cpp") and args.device == "cpu":
+        figures += llama_batching(8 if args.quick else 16, 32 if args.quick else 64)
     if wanted("P12") and args.device == "cpu":
         figures.append(serving_batches(16, 32 if args.quick else 64))
     with tempfile.TemporaryDirectory() as tmp:

@@ -210,7 +210,10 @@ def generate(
     system: Annotated[Optional[str], typer.Option(help="System message for the chat template.")] = None,
     chat: Annotated[Optional[bool], typer.Option("--chat/--no-chat", help="Apply the chat template. Default: "
                                                  "when the tokenizer has one.", show_default=False)] = None,
-    batch_size: Annotated[int, typer.Option(help="Prompts per forward pass (left-padded).")] = 1,
+    batch_size: Annotated[Optional[int], typer.Option(help="Prompts decoded together: left-padded into one "
+                                                      "forward pass on hf; on llama.cpp every prompt and sample of "
+                                                      "the batch in one step. Default: 1 on hf, 16 on llama.cpp.",
+                                                      show_default=False)] = None,
     draft_model: Annotated[Optional[str], typer.Option(help="Small model proposing tokens for the main one to "
                                                        "verify (assisted decoding; same greedy output).")] = None,
     prompt_lookup: Annotated[Optional[int], typer.Option(help="Propose N tokens per step by matching the prompt "
@@ -248,8 +251,8 @@ def generate(
         max_new_tokens=256 if max_new_tokens is None else max_new_tokens, default_length=max_new_tokens is None,
         temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
         repetition_penalty=repetition_penalty, seed=seed, num_return_sequences=num_return_sequences,
-        stop=stop or [], system=system, chat=chat, batch_size=batch_size, prompt_lookup=prompt_lookup,
-        truncate=truncate,
+        stop=stop or [], system=system, chat=chat, batch_size=1 if batch_size is None else batch_size,
+        prompt_lookup=prompt_lookup, truncate=truncate,
     )
     validate(options)  # before the slow model load
     if draft_model and prompt_lookup:
@@ -271,6 +274,10 @@ def generate(
     runner = load_engine(model, engine, command="generate", device=device or workers.device, dtype=dtype, fast=fast,
                          threads=threads, hf_only=hf_only, draft_model=draft_model,
                          trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, placement=placement)
+    if batch_size is None:
+        from dataclasses import replace
+
+        options = replace(options, batch_size=runner.default_batch_size)
     if workers.size > 1:  # each process generates for its share of the prompts; rank 0 prints them all
         from llmcli.tasks.generate import settle_length, share_options
 

@@ -303,7 +303,8 @@ def test_static_cache_gives_the_same_greedy_tokens(tiny_llama):
     calls = forward_inputs(loaded.model)
     [result] = generate(HFEngine(loaded, static_cache=True), [Prompt(text=PROMPTS[1])], options)
     assert result.token_ids == hf_greedy(tiny_llama, [PROMPTS[1]], 20)[0]
-    assert all(isinstance(c["past_key_values"], StaticCache) for c in calls)
+    # the forward's keyword is `cache` since transformers 5.2x, `past_key_values` before
+    assert calls and all(isinstance(c.get("cache", c.get("past_key_values")), StaticCache) for c in calls)
 
 
 def test_llmcli_device_sets_the_default_device(tiny_gpt2, monkeypatch):

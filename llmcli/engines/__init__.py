@@ -47,6 +47,7 @@ class Engine(Protocol):
     eos_id: int | None  # the tokenizer's own EOS
     bos_id: int | None
     adds_bos: bool  # whether encode() puts a BOS token first
+    default_batch_size: int  # generate's prompts per engine.generate call when --batch-size is not given
 
     def encode(self, text: str, add_special: bool = True) -> list[int]: ...
 

@@ -11,6 +11,7 @@ from llmcli.models import LoadedModel
 
 class HFEngine:
     name = "hf"
+    default_batch_size = 1  # one prompt per generate call unless --batch-size asks for left-padded batches
 
     def __init__(self, loaded: LoadedModel, static_cache: bool = False, draft: LoadedModel | None = None) -> None:
         self.loaded = loaded

@@ -29,8 +29,8 @@ from llmcli.errors import UsageError
 ENV = "LLMCLI_LLAMA_EXTRA_BUFFERS"
 CHOICES = ("auto", "0", "1")
 PROBE_TIMEOUT_S = 120
-REBUILD_HINT = ("Rebuild llama.cpp for this machine (make llama-rebuild, or pip install --force-reinstall "
-                "--no-cache-dir llama-cpp-python==0.3.36), or use --engine hf.")
+REBUILD_HINT = ("Rebuild llama.cpp on this machine (make llama-rebuild, or CMAKE_ARGS=-DGGML_NATIVE=OFF pip "
+                "install --force-reinstall --no-cache-dir llama-cpp-python==0.3.36), or use --engine hf.")
 
 
 @dataclass

@@ -147,6 +147,7 @@ class EndOfGeneration:
 class LlamaCppEngine:
     name = "llama.cpp"
     kind = "causal"
+    default_batch_size = 16  # sequences decoded together; measured: README "Many sequences at once"
 
     @classmethod
     def load(cls, source: Any, weights: str, threads: int, gpu: bool | None,
@@ -165,7 +166,7 @@ class LlamaCppEngine:
         offload = bool(lib.llama_supports_gpu_offload())
         if gpu and not offload:
             raise UsageError("this llama-cpp-python build has no GPU support",
-                             "Use --device cpu, --engine hf, or reinstall llama-cpp-python with CMAKE_ARGS=-DGGML_CUDA=on.")
+                             "Use --device cpu, --engine hf, or rebuild it with: make llama-rebuild LLAMA_CMAKE_ARGS=-DGGML_CUDA=on")
         gpu_layers = -1 if offload and gpu is not False else 0  # a GPU build offloads every layer, as ollama does
         return cls(lib, source, path, threads, gpu_layers)
 
@@ -309,8 +310,9 @@ class LlamaCppEngine:
         chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
         add = lambda sampler: lib.llama_sampler_chain_add(chain, sampler)  # noqa: E731
         if options.repetition_penalty is not None and options.repetition_penalty != 1:
-            # over the whole context, prompt included, as transformers applies it
-            add(lib.llama_sampler_init_penalties(self.n_vocab, self.context_size, options.repetition_penalty, 0.0, 0.0))
+            # over the sequence's whole history, prompt included, as transformers applies it
+            history = len(prompt) + options.max_new_tokens
+            add(lib.llama_sampler_init_penalties(self.n_vocab, history, options.repetition_penalty, 0.0, 0.0))
         if options.temperature == 0:
             add(lib.llama_sampler_init_greedy())
         else:
@@ -331,12 +333,45 @@ class LlamaCppEngine:
 
     def generate(self, batch: list[list[int]], options: Any, on_tokens: TokensCallback,
                  should_stop: Callable[[], bool]) -> list[list[int]]:
-        """Each prompt and sequence in turn (one sequence at a time measures fastest on the CPU)."""
-        rows = []
-        for prompt in batch:
-            for _ in range(options.num_return_sequences):
-                rows.append(self.decode_one(prompt, options, on_tokens, should_stop))
+        """Every prompt and sample of the batch decoded together (one llama_decode per step), or, for one
+        sequence or a chat's next turn (whose cached prefix lives in the engine's own context), alone."""
+        from llmcli.engines.llama_sequences import MAX_SEQUENCES
+
+        samples = options.num_return_sequences
+        if len(batch) * samples == 1 or getattr(options, "reuse_prefix", False) or samples > MAX_SEQUENCES:
+            return [self.decode_one(prompt, options, on_tokens, should_stop) for prompt in batch for _ in range(samples)]
+        rows: list[list[int]] = []
+        per_set = MAX_SEQUENCES // samples
+        for begin in range(0, len(batch), per_set):
+            rows.extend(self.decode_together(batch[begin:begin + per_set], options, on_tokens, should_stop))
         return rows
+
+    def decode_together(self, batch: list[list[int]], options: Any, on_tokens: TokensCallback,
+                        should_stop: Callable[[], bool]) -> list[list[int]]:
+        """Rows in order (each prompt's samples together); the samples of a prompt share its prefill.
+        Sampler chains are made in row order, so each row gets the seed it gets alone."""
+        from llmcli.engines.llama_sequences import SequenceSet
+
+        samples = options.num_return_sequences
+        cells = sum(len(prompt) for prompt in batch) + len(batch) * samples * options.max_new_tokens
+        sequences = SequenceSet(self, cells, len(batch) * samples, BATCH)
+        try:
+            order = []
+            for prompt in batch:
+                leader = None
+                for _ in range(samples):
+                    live = sequences.add(prompt, self.sampler(options, prompt), options.max_new_tokens, leader)
+                    leader = leader or live
+                    order.append(live)
+            while sequences.live:
+                sampled = sequences.step(self.eos_ids)
+                if sampled:
+                    on_tokens([token for _, token in sampled])
+                if should_stop():
+                    break
+            return [live.new for live in order]
+        finally:
+            sequences.close()
 
     def decode_one(self, prompt: list[int], options: Any, on_tokens: TokensCallback,
                    should_stop: Callable[[], bool]) -> list[int]:

@@ -1,0 +1,90 @@
+"""Many sequences at once on llama.cpp: batched greedy equals one sequence at a time, a seeded sample
+does not depend on its neighbours, samples share their prompt's prefill, and each step is one decode."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import run_cli
+
+pytest.importorskip("llama_cpp")
+
+PROMPTS = ["This License", "The GNU General Public License is a free, copyleft license for software",
+           "Hi", "You may convey verbatim copies of the Program's source code as you receive it, in any medium",
+           "Everyone is permitted to copy and distribute"]
+
+
+def generate_json(*args) -> list[dict]:
+    result = run_cli("generate", *args, "--engine", "llama.cpp", "--json")
+    assert result.exit_code == 0, result.stderr
+    return result.json_lines()
+
+
+@pytest.fixture
+def prompt_file(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("\n".join(PROMPTS) + "\n")
+    return path
+
+
+def test_batched_greedy_equals_one_sequence_at_a_time(tiny_gguf, prompt_file):
+    together = generate_json("-f", prompt_file, "-m", tiny_gguf, "--no-chat", "-n", "24")  # default: one batch
+    alone = generate_json("-f", prompt_file, "-m", tiny_gguf, "--no-chat", "-n", "24", "--batch-size", "1")
+    assert [r["prompt"] for r in together] == PROMPTS
+    assert [r["token_ids"] for r in together] == [r["token_ids"] for r in alone]
+    assert [(r["text"], r["finish_reason"], r["prompt_tokens"]) for r in together] == \
+        [(r["text"], r["finish_reason"], r["prompt_tokens"]) for r in alone]
+    assert len({tuple(r["token_ids"]) for r in together}) == len(PROMPTS)  # real, different continuations
+
+
+def test_a_seeded_sample_is_the_same_alone_and_in_a_batch(tiny_gguf, prompt_file):
+    """Sample k of prompt p gets seed + p * n + k wherever it runs: in a batch of every prompt's samples
+    (sharing its prompt's prefill) or alone in a command of its own."""
+    base = ("-m", tiny_gguf, "--no-chat", "-n", "16", "-t", "1.3")
+    together = generate_json("-f", prompt_file, *base, "--seed", "5", "--num-return-sequences", "3")
+    assert [(r["prompt"], r["index"]) for r in together] == [(p, k) for p in PROMPTS for k in range(3)]
+    for p, prompt in enumerate(PROMPTS):
+        for k in range(3):
+            [alone] = generate_json(prompt, *base, "--seed", str(5 + p * 3 + k))
+            assert together[p * 3 + k]["token_ids"] == alone["token_ids"], (p, k)
+    assert len({tuple(r["token_ids"]) for r in together[:3]}) == 3
+
+
+def test_samples_share_the_prefill_and_each_step_is_one_decode(tiny_gguf, monkeypatch):
+    """Counted at llama_decode: the two prompts are decoded once each (not once per sample), every later
+    step decodes each live sequence's last token in one call, and finished sequences leave."""
+    from llmcli.engines import choose_engine
+    from llmcli.tasks.generate import GenerateOptions
+
+    engine = choose_engine(str(tiny_gguf), "llama.cpp")
+    calls: list[int] = []
+    real = engine.lib.llama_decode
+    monkeypatch.setattr(engine.lib, "llama_decode", lambda context, batch: calls.append(batch.n_tokens) or real(context, batch))
+    prompts = [engine.encode(PROMPTS[1]), engine.encode(PROMPTS[3])]
+    engine.set_seed(11)
+    steps: list[list[int]] = []
+    rows = engine.generate(prompts, GenerateOptions(max_new_tokens=12, temperature=1.3, num_return_sequences=3),
+                           on_tokens=steps.append, should_stop=lambda: False)
+    assert len(rows) == 6 and all(0 < len(row) <= 12 for row in rows)
+    assert calls[0] == len(prompts[0]) + len(prompts[1])  # one prefill for the six samples
+    assert sum(calls) == calls[0] + sum(len(row) - 1 for row in rows)
+    assert len(calls) == max(len(row) for row in rows) == len(steps)
+    assert [len(step) for step in steps] == [sum(len(row) > i for row in rows) for i in range(len(steps))]
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_beside_the_decoding_ones(tiny_gguf, monkeypatch):
+    """A batch never holds more than llama.cpp's batch size of tokens: a prompt longer than that is split
+    over steps, and the others keep decoding meanwhile."""
+    from llmcli.engines import choose_engine
+    from llmcli.tasks.generate import GenerateOptions
+
+    engine = choose_engine(str(tiny_gguf), "llama.cpp")
+    monkeypatch.setattr("llmcli.engines.llamacpp.BATCH", 32)
+    calls: list[int] = []
+    real = engine.lib.llama_decode
+    monkeypatch.setattr(engine.lib, "llama_decode", lambda context, batch: calls.append(batch.n_tokens) or real(context, batch))
+    short, long = engine.encode("Hi"), engine.encode(" ".join(PROMPTS) * 2)[:100]
+    options = GenerateOptions(max_new_tokens=8)
+    rows = engine.generate([short, long], options, on_tokens=lambda ids: None, should_stop=lambda: False)
+    assert max(calls) <= 32 and sum(calls) == len(short) + len(long) + sum(len(row) - 1 for row in rows)
+    assert rows == [engine.generate([prompt], options, lambda ids: None, lambda: False)[0] for prompt in (short, long)]
