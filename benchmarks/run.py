@@ -132,7 +132,7 @@ def llama_engine(loaded, new_tokens: int, repeats: int) -> list[Figure]:
     """The llama.cpp engine against a bare llama-cpp-python loop on the same file, ids and threads
     (llmcli's overhead), and against Hugging Face's float32 `model.generate` (the engine's point)."""
     import torch
-    from llama_cpp import Llama
+    from conftest import bare_llama
 
     from llmcli import models
     from llmcli.data import Prompt
@@ -166,8 +166,9 @@ def llama_engine(loaded, new_tokens: int, repeats: int) -> list[Figure]:
     ids = engines["default"].encode_chat([{"role": "user", "content": STORY}])
     for weights, goal, name in (("default", 0.95, "default F16"), ("as-is", 0.9, "--fast Q4_1")):
         engine = engines[weights]
-        llm = Llama(model_path=str(engine.path), n_ctx=len(ids) + new_tokens, n_threads=threads,
-                    n_threads_batch=threads, flash_attn=True, verbose=False)
+        # the engine's extra-buffer decision for this host (Llama's default dies where AMX does not run)
+        llm = bare_llama(engine.path, n_ctx=len(ids) + new_tokens, n_threads=threads, n_threads_batch=threads,
+                         flash_attn=True)
         (seconds, count), (base_seconds, base_count) = paired_median_times(
             lambda: ours(engine), lambda: bare(llm, ids), repeats)
         figures.append(Figure(f"P8 llama.cpp {name} vs bare loop", count / seconds, base_count / base_seconds,
