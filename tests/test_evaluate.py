@@ -334,9 +334,12 @@ def test_llama_cpp_protocol_agrees_with_llama_perplexity():
 @pytest.mark.parametrize("max_length, lm_eval_nll", [(512, 4053.7725830078125), (1024, 3953.3042602539062)])
 def test_lm_eval_figure_on_the_embedded_model(text_file, max_length, lm_eval_nll):
     """lm-evaluation-harness 0.4.13's own `hf` backend, `loglikelihood_rolling` on these 6,000 characters
-    of GPL-3 with the embedded model (recorded in tests/data/README.md); float32 sums differ by ~1e-8."""
+    of GPL-3 with the embedded model (recorded in tests/data/README.md on an AMD EPYC host). float32
+    kernels sum in another order on another CPU: 1.03e-7 relative (4.1e-4) measured on a Xeon with
+    AVX-512 for max_length 1024, ~1e-8 on the recording host. A protocol slip (a token scored twice or
+    not at all, a window shifted) moves the sum by more than 1, far outside 1e-6."""
     record = evaluate(text_file, "smollm2", "--lm-eval", "--max-length", max_length, "--engine", "hf")
-    assert record["nll"] == pytest.approx(lm_eval_nll, rel=1e-7)
+    assert record["nll"] == pytest.approx(lm_eval_nll, rel=1e-6)
     assert record["protocol"] == f"rolling(lm-eval,max_length={max_length})"
 
 
