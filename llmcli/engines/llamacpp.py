@@ -153,7 +153,7 @@ class EndOfGeneration:
 class LlamaCppEngine:
     name = "llama.cpp"
     kind = "causal"
-    default_batch_size = 16  # prompts decoded together: P13's 16 prompts in one batch, 2.6x one at a time (README)
+    default_batch_size = 16  # prompts decoded together: 2.7x one at a time, and 32 gained nothing (README)
 
     @classmethod
     def load(cls, source: Any, weights: str, threads: int, gpu: bool | None,
