@@ -35,7 +35,6 @@ class Live:
     position: int = 0  # the position of pending[0]
     new: list[int] = field(default_factory=list)
     leader: "Live | None" = None  # the sequence whose prefill this one shares
-    followers: list["Live"] = field(default_factory=list)
     output: int | None = None  # where this step's batch holds its logits
     done: bool = False
 
@@ -73,10 +72,8 @@ class SequenceSet:
         """A new sequence; with `share_prefill_of`, another sample of that sequence's prompt."""
         sequence = Live(self.free_ids.pop(0), prompt, chain, max_new_tokens)
         self.chains.append(chain)
-        if share_prefill_of is not None:
-            sequence.leader = share_prefill_of
-            share_prefill_of.followers.append(sequence)
-        else:
+        sequence.leader = share_prefill_of
+        if share_prefill_of is None:
             sequence.pending = list(prompt)
         self.live.append(sequence)
         return sequence
