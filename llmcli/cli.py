@@ -633,6 +633,12 @@ def serve(
     max_batch: Annotated[int, typer.Option(help="hf engine: waiting requests with the same settings (one choice, "
                                            "no seed, not streamed) generated as one batch, up to this many; 1 "
                                            "never batches.")] = 8,
+    parallel: Annotated[int, typer.Option(help="llama.cpp: requests' sequences decoded together, each step "
+                                          "(llama-server's -np); requests join and leave between steps.")] = 8,
+    ctx_size: Annotated[Optional[int], typer.Option(help="llama.cpp: KV-cache tokens the running sequences share "
+                                                    "(default: the model's context).", show_default=False)] = None,
+    prefix_cache: Annotated[bool, typer.Option(help="llama.cpp: a prompt that starts with tokens still cached (a "
+                                               "chat's earlier turns) decodes only the rest.")] = True,
     max_body: Annotated[int, typer.Option(help="Largest request body in bytes (413 above).")] = 1 << 20,
     json_logs: Annotated[bool, typer.Option("--json-logs", help="Access log lines as JSON.")] = False,
     engine: EngineOption = "auto",
@@ -646,11 +652,13 @@ def serve(
     /health), streaming as server-sent events. Ctrl-C or SIGTERM: stop accepting, let requests in
     flight finish for up to 10 s, exit 0."""
     for name, value in (("--port", port), ("--queue-size", queue_size), ("--max-body", max_body),
-                        ("--max-batch", max_batch)):
+                        ("--max-batch", max_batch), ("--parallel", parallel), ("--ctx-size", 1 if ctx_size is None else ctx_size)):
         if value <= 0 or (name == "--port" and value > 65535):
             raise UsageError(f"{name} must be {'in 1..65535' if name == '--port' else 'at least 1'}, got {value}")
     if max_tokens_limit is not None and max_tokens_limit <= 0:
         raise UsageError(f"--max-tokens-limit must be at least 1, got {max_tokens_limit}")
+    if parallel > 128:  # llama.cpp's 256 sequence ids hold the live ones and as many cached prefixes
+        raise UsageError(f"--parallel must be at most 128, got {parallel}")
     if api_key is not None and not api_key.strip():
         raise UsageError("--api-key is empty", "Pass a secret, or drop --api-key.")
     import socket
@@ -669,7 +677,8 @@ def serve(
     if warning:
         render.notice(warning)
     run_server(runner, host, port, api_key=api_key, max_tokens_limit=max_tokens_limit, queue_size=queue_size,
-               max_batch=max_batch, max_body_bytes=max_body, json_logs=json_logs, on_notice=render.notice)
+               max_batch=max_batch, parallel=parallel, ctx_size=ctx_size, prefix_cache=prefix_cache,
+               max_body_bytes=max_body, json_logs=json_logs, on_notice=render.notice)
 
 
 @app.command()

@@ -7,7 +7,13 @@ and vLLM's engine step do. The step API (`add`, `step`, `cancel`) is what `gener
   long prompt never stalls the others for more than one step.
 - Samples of one prompt share its prefill: the first decodes the prompt, the others get its KV cells
   (llama_memory_seq_cp, which only tags the cells: one unified KV cache) and sample from its logits.
-- A finished or cancelled sequence leaves the cache (llama_memory_seq_rm) the step it ends.
+- A finished or cancelled sequence leaves the live set the step it ends. Without a prefix cache
+  (`keep_idle=0`, what `generate` uses) its cells are freed then (llama_memory_seq_rm); with one (the
+  server), its cells stay as an idle entry, up to `keep_idle` of them, least recently used evicted.
+- Prefix reuse: a new sequence whose prompt starts with tokens some sequence's cells hold (an idle
+  entry, or a live sequence's decoded part) gets those cells by llama_memory_seq_cp and decodes only
+  the rest, as llama-server's prompt cache does: a chat client resending its conversation, a shared
+  system prompt.
 
 Batched decoding runs matrix-matrix kernels where one sequence runs matrix-vector ones, so logits can
 differ in the last bits: README "Many sequences at once" has the measured agreement.
@@ -23,7 +29,7 @@ from llmcli.errors import DataError, ModelLoadError
 MAX_SEQUENCES = 256  # llama.cpp's LLAMA_MAX_SEQ
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity: a key of the server's table of live sequences
 class Live:
     """One sequence in the set."""
 
@@ -37,18 +43,31 @@ class Live:
     leader: "Live | None" = None  # the sequence whose prefill this one shares
     output: int | None = None  # where this step's batch holds its logits
     done: bool = False
+    reused: int = 0  # prompt tokens whose cells came from the prefix cache (not decoded)
+
+    def cached_tokens(self) -> list[int]:
+        """The tokens its cells hold, in order (a sampled token is decoded the step after)."""
+        return (self.prompt + self.new)[:self.position]
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    size = min(len(a), len(b))
+    n = 0
+    while n < size and a[n] == b[n]:
+        n += 1
+    return n
 
 
 class SequenceSet:
     """Live sequences on one llama.cpp context of `n_ctx` cells shared by up to `n_seq` sequences."""
 
-    def __init__(self, engine: Any, n_ctx: int, n_seq: int, batch_size: int) -> None:
+    def __init__(self, engine: Any, n_ctx: int, n_seq: int, batch_size: int, keep_idle: int = 0) -> None:
         lib = engine.lib
         self.lib, self.engine, self.batch_size = lib, engine, batch_size
         params = lib.llama_context_default_params()
         params.n_ctx = -(-n_ctx // 256) * 256
         params.n_batch = params.n_ubatch = batch_size
-        params.n_seq_max = n_seq
+        params.n_seq_max = n_seq + keep_idle
         params.kv_unified = True  # one pool of cells: samples of a prompt share its cells
         params.n_threads = params.n_threads_batch = engine.threads
         params.no_perf = True
@@ -58,9 +77,12 @@ class SequenceSet:
                                  "sequences", "Use a smaller --batch-size or fewer new tokens.")
         self.memory = lib.llama_get_memory(self.context)
         self.batch = lib.llama_batch_init(batch_size, 0, 1)
-        self.free_ids = list(range(n_seq))
+        self.free_ids = list(range(n_seq + keep_idle))
         self.live: list[Live] = []
         self.chains: list[Any] = []
+        self.keep_idle = keep_idle
+        self.idle: dict[int, list[int]] = {}  # seq id -> the tokens its cells hold; oldest first
+        self.decoded = 0  # tokens decoded so far (prompt and sampled), for tests and metrics
 
     def close(self) -> None:
         for chain in self.chains:
@@ -68,24 +90,68 @@ class SequenceSet:
         self.lib.llama_batch_free(self.batch)
         self.lib.llama_free(self.context)
 
-    def add(self, prompt: list[int], chain: Any, max_new_tokens: int, share_prefill_of: Live | None = None) -> Live:
-        """A new sequence; with `share_prefill_of`, another sample of that sequence's prompt."""
+    def add(self, prompt: list[int], chain: Any, max_new_tokens: int, share_prefill_of: Live | None = None,
+            reuse_prefix: bool = False) -> Live:
+        """A new sequence. With `share_prefill_of` (still prefilling), another sample of that sequence's
+        prompt, sharing its prefill; with `reuse_prefix`, the longest prefix of the prompt any
+        sequence's cells hold is copied, not decoded."""
+        if share_prefill_of is not None and (share_prefill_of.new or share_prefill_of.done):
+            share_prefill_of, reuse_prefix = None, True  # its prompt is decoded already: copy its cells
+        source, shared = self.longest_prefix(prompt) if reuse_prefix else (None, 0)
+        if not self.free_ids:
+            self.evict_idle(keep=source)
         sequence = Live(self.free_ids.pop(0), prompt, chain, max_new_tokens)
         self.chains.append(chain)
         sequence.leader = share_prefill_of
         if share_prefill_of is None:
-            sequence.pending = list(prompt)
+            if shared:
+                self.lib.llama_memory_seq_cp(self.memory, source, sequence.seq_id, 0, shared)
+                if source in self.idle:  # used again: now the most recent
+                    self.idle[source] = self.idle.pop(source)
+            sequence.pending, sequence.position, sequence.reused = list(prompt[shared:]), shared, shared
         self.live.append(sequence)
         return sequence
 
+    def longest_prefix(self, prompt: list[int]) -> tuple[int | None, int]:
+        """The sequence id whose cells hold the longest prefix of `prompt`, and its length; at least the
+        prompt's last token is left to decode, for the logits of the first sample."""
+        best, size = None, 0
+        holders = [(seq_id, tokens) for seq_id, tokens in self.idle.items()]
+        holders += [(s.seq_id, s.cached_tokens()) for s in self.live if s.leader is None]
+        for seq_id, tokens in holders:
+            shared = min(common_prefix(tokens, prompt), len(prompt) - 1)
+            if shared > size:
+                best, size = seq_id, shared
+        return best, size
+
+    def evict_idle(self, keep: int | None = None) -> bool:
+        """Frees the least recently used idle entry (not `keep`); False when there is none."""
+        for seq_id in self.idle:
+            if seq_id != keep:
+                del self.idle[seq_id]
+                self.lib.llama_memory_seq_rm(self.memory, seq_id, -1, -1)
+                self.free_ids.append(seq_id)
+                return True
+        return False
+
     def cancel(self, sequence: Live) -> None:
-        """Out of the set and of the cache now; its cells are free for the next step."""
+        """Out of the set now: its cells are freed for the next step, or kept as an idle prefix entry."""
         if sequence.done:
             return
         sequence.done = True
         self.live.remove(sequence)
-        self.lib.llama_memory_seq_rm(self.memory, sequence.seq_id, -1, -1)
-        self.free_ids.append(sequence.seq_id)
+        for follower in self.live:  # samples still waiting for this one's prefill copy what it has
+            if follower.leader is sequence:
+                follower.leader = None
+                self.lib.llama_memory_seq_cp(self.memory, sequence.seq_id, follower.seq_id, 0, sequence.position)
+                follower.pending, follower.position = follower.prompt[sequence.position:], sequence.position
+        if self.keep_idle and sequence.position:
+            self.idle[sequence.seq_id] = sequence.cached_tokens()
+            while len(self.idle) > self.keep_idle:
+                self.evict_idle()
+        else:
+            self.lib.llama_memory_seq_rm(self.memory, sequence.seq_id, -1, -1)
+            self.free_ids.append(sequence.seq_id)
 
     def step(self, eos: Any) -> list[tuple[Live, int]]:
         """One llama_decode over every live sequence's next tokens; returns the tokens sampled (in the
@@ -116,6 +182,9 @@ class SequenceSet:
             return []
         batch.n_tokens = count
         code = lib.llama_decode(self.context, batch)
+        while code == 1 and self.evict_idle():  # no room in the cache: idle prefixes make way
+            code = lib.llama_decode(self.context, batch)
+        self.decoded += count
         if code != 0:
             raise DataError(f"llama.cpp could not decode the batch (llama_decode returned {code})",
                             "Use a smaller --batch-size or fewer new tokens.")
@@ -126,6 +195,7 @@ class SequenceSet:
                 # the leader's prompt is in the cache now: share its cells and sample from its logits
                 lib.llama_memory_seq_cp(self.memory, leader.seq_id, sequence.seq_id, -1, -1)
                 sequence.position, sequence.output = len(sequence.prompt), leader.output
+                sequence.leader = None
         for sequence in self.live:
             if sequence.output is not None:
                 sampled.append((sequence, lib.llama_sampler_sample(sequence.chain, self.context, sequence.output)))

@@ -309,9 +309,10 @@ class LlamaCppEngine:
     def set_seed(self, seed: int) -> None:
         self.seed, self.sequences = seed, 0
 
-    def sampler(self, options: Any, prompt: list[int]) -> Any:
+    def sampler(self, options: Any, prompt: list[int], seed: int | None = None) -> Any:
         """A sampler chain in Hugging Face's order: repetition penalty, temperature, top-k, top-p, min-p.
-        (llama-cpp-python's own chain puts the temperature last, which changes what top-p keeps.)"""
+        (llama-cpp-python's own chain puts the temperature last, which changes what top-p keeps.)
+        Its seed: `seed`, else the engine's (set_seed) plus the sequences sampled since, else random."""
         lib = self.lib
         chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
         add = lambda sampler: lib.llama_sampler_chain_add(chain, sampler)  # noqa: E731
@@ -330,8 +331,9 @@ class LlamaCppEngine:
                 add(lib.llama_sampler_init_top_p(options.top_p, 1))
             if options.min_p:
                 add(lib.llama_sampler_init_min_p(options.min_p, 1))
-            seed = lib.LLAMA_DEFAULT_SEED if self.seed is None else (self.seed + self.sequences) % 2**32
-            self.sequences += 1
+            if seed is None:
+                seed = lib.LLAMA_DEFAULT_SEED if self.seed is None else (self.seed + self.sequences) % 2**32
+                self.sequences += 1
             add(lib.llama_sampler_init_dist(seed))
         for token in prompt:  # the penalty's history starts with the prompt
             lib.llama_sampler_accept(chain, token)

@@ -1,8 +1,11 @@
 """`llmcli serve`: the OpenAI HTTP API over one loaded engine, on FastAPI.
 
-No model logic here: text comes from `tasks.generate.generate` (what `llmcli generate` runs, so the
-two cannot drift apart) and log-probabilities from the engine's `token_logprobs`, the computation
-`llmcli eval` sums. Every error is OpenAI's JSON shape, `{"error": {"message", "type", "param",
+No model logic here. On llama.cpp requests are decoded together by the scheduler (scheduler.py:
+continuous batching over the engine's sequence step, which `llmcli generate` drives too); on the hf
+engine text comes from `tasks.generate.generate` (what `llmcli generate` runs), behind a queue that
+batches waiting requests (worker.py). Either way the per-sequence text logic is generate.py's, so the
+server and the command cannot drift apart. Log-probabilities come from the engine's `token_logprobs`,
+the computation `llmcli eval` sums. Every error is OpenAI's JSON shape, `{"error": {"message", "type", "param",
 "code"}}`, with its HTTP status; no traceback ever reaches a client.
 """
 
@@ -21,16 +24,18 @@ from typing import Any, AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmcli import strict_json
 from llmcli.data import Prompt
 from llmcli.engines import Engine, Window
 from llmcli.errors import LlmcliError
+from llmcli.serve.metrics import CONTENT_TYPE_LATEST, Metrics
 from llmcli.serve.schemas import ChatRequest, CompletionRequest
+from llmcli.serve.scheduler import Choice, Scheduler
 from llmcli.serve.worker import Batchable, Busy, Cancelled, EngineWorker
-from llmcli.tasks.generate import SEEDS, Generation, GenerateOptions, encode_prompt, generate
+from llmcli.tasks.generate import SEEDS, Generation, GenerateOptions, encode_prompt, generate, prepare
 
 CHAT_DEFAULT_TOKENS = 512  # a chat request without max_tokens: this, or what the context leaves
 
@@ -42,6 +47,9 @@ class Settings:
     max_tokens_limit: int | None = None  # the most one request may ask for
     queue_size: int = 64  # requests waiting for the engine before 503
     max_batch: int = 8  # hf engine: waiting greedy/unseeded requests generated together (1: never)
+    parallel: int = 8  # llama.cpp: sequences decoded together (llama-server's -np)
+    ctx_size: int | None = None  # llama.cpp: KV cells the live sequences share (None: the model's context)
+    prefix_cache: bool = True  # llama.cpp: a prompt's cached prefix is not decoded again
     max_body_bytes: int = 1 << 20
     json_logs: bool = False
 
@@ -64,8 +72,13 @@ def error_response(error: ApiError) -> JSONResponse:
 
 
 def create_app(engine: Engine, settings: Settings) -> FastAPI:
-    # llama.cpp decodes one sequence at a time: batching is the hf engine's
-    worker = EngineWorker(settings.queue_size, settings.max_batch if engine.name == "hf" else 1)
+    scheduler = None
+    if engine.name == "llama.cpp":
+        worker = scheduler = Scheduler(engine, settings.parallel, settings.queue_size, kv_cells(engine, settings),
+                                       settings.prefix_cache)
+    else:
+        worker = EngineWorker(settings.queue_size, settings.max_batch)
+    metrics = Metrics(worker.running_requests, worker.waiting_requests)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -99,6 +112,10 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
+    @app.get("/metrics")
+    async def metrics_text() -> Response:
+        return Response(metrics.text(), media_type=CONTENT_TYPE_LATEST)
+
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
         return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": 0,
@@ -113,9 +130,14 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
         def work(emit: Callable[[dict], None] | None, cancelled: Callable[[], bool]) -> dict[str, Any]:
             return run_completions(engine, body, options, max_tokens, emit, cancelled)
 
-        alone = len(body.prompt) > 1 or body.echo or body.logprobs is not None or max_tokens == 0
-        batchable = None if alone else batch_job(engine, Prompt(text=body.prompt[0]), body, options)
-        return await respond(request, worker, work, body.stream, "text_completion", settings, batchable)
+        prompts = [Prompt(text=text) for text in body.prompt]
+        if scheduler is not None and body.logprobs is None and max_tokens > 0:
+            start = decode_together(scheduler, engine, prompts, body, options)
+        else:
+            alone = len(body.prompt) > 1 or body.echo or body.logprobs is not None or max_tokens == 0
+            batchable = None if alone else batch_job(engine, prompts[0], body, options)
+            start = on_worker(worker, work, batchable)
+        return await respond(request, start, body.stream, "text_completion", settings, metrics)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request) -> Any:
@@ -127,9 +149,13 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
         def work(emit: Callable[[dict], None] | None, cancelled: Callable[[], bool]) -> dict[str, Any]:
             return run_chat(engine, body, options, emit, cancelled)
 
-        # a default length is capped by the batch's longest prompt: only explicit lengths batch
-        batchable = None if body.logprobs or asked is None else batch_job(engine, chat_prompt(body), body, options)
-        return await respond(request, worker, work, body.stream, "chat.completion", settings, batchable)
+        if scheduler is not None and not body.logprobs:
+            start = decode_together(scheduler, engine, [chat_prompt(body)], body, options)
+        else:
+            # a default length is capped by the batch's longest prompt: only explicit lengths batch
+            batchable = None if body.logprobs or asked is None else batch_job(engine, chat_prompt(body), body, options)
+            start = on_worker(worker, work, batchable)
+        return await respond(request, start, body.stream, "chat.completion", settings, metrics)
 
     return app
 
@@ -190,7 +216,7 @@ def token_text(engine: Engine, token: int) -> str:
 
 def run_completions(engine: Engine, body: CompletionRequest, options: GenerateOptions, max_tokens: int,
                     emit: Callable[[dict], None] | None, cancelled: Callable[[], bool]) -> dict[str, Any]:
-    out, prompt_tokens, completion_tokens = [], 0, 0
+    out, prompt_tokens, completion_tokens, began, first = [], 0, 0, time.perf_counter(), None
     for number, text in enumerate(body.prompt):
         prompt = Prompt(text=text)
         prompt_ids = encode_prompt(engine, prompt, options)
@@ -205,6 +231,7 @@ def run_completions(engine: Engine, body: CompletionRequest, options: GenerateOp
                 for index in range(body.n):
                     on_text(index, text)
             generated = choices(engine, prompt, options, body.n, body.seed, on_text if emit else None, cancelled)
+            first = first or first_token_at(began, generated)
         for index, result in enumerate(generated):
             completion_tokens += result.generated_tokens
             choice = {"index": number * body.n + index, "text": (text if body.echo else "") + result.text,
@@ -213,7 +240,13 @@ def run_completions(engine: Engine, body: CompletionRequest, options: GenerateOp
                 choice["logprobs"] = completion_logprobs(engine, prompt_ids, result.token_ids, body.logprobs,
                                                          body.echo)
             out.append(choice)
-    return {"choices": out, "usage": usage(prompt_tokens, completion_tokens)}
+    return {"choices": out, "usage": usage(prompt_tokens, completion_tokens), "first_token_at": first}
+
+
+def first_token_at(began: float, generated: list[Generation]) -> float | None:
+    """When the first of these generations (started at `began`, perf_counter) had its first token."""
+    times = [g.time_to_first_token for g in generated if g.time_to_first_token is not None]
+    return began + min(times) if times else None
 
 
 def chat_prompt(body: ChatRequest) -> Prompt:
@@ -237,17 +270,23 @@ def batch_job(engine: Engine, prompt: Prompt, body: Any, options: GenerateOption
         return {"choices": [choice], "usage": usage(result.prompt_tokens, result.generated_tokens),
                 "batch": batch}  # for the access log, not the client
 
+    def answer_at(result: Generation, batch: int, began: float) -> dict[str, Any]:
+        return {**answer(result, batch), "first_token_at": first_token_at(began, [result])}
+
     def run_batch(prompts: list[Prompt], cancelled: Callable[[], bool]) -> list[Any]:
+        began = time.perf_counter()
         try:
             batched = replace(options, batch_size=len(prompts))
-            return [answer(result, len(prompts)) for result in generate(engine, prompts, batched, cancelled=cancelled)]
+            return [answer_at(result, len(prompts), began)
+                    for result in generate(engine, prompts, batched, cancelled=cancelled)]
         except LlmcliError:
             pass  # one request's prompt does not fit: each alone, so only that one gets the error
         answers: list[Any] = []
         for prompt in prompts:
             try:
+                began = time.perf_counter()
                 [result] = generate(engine, [prompt], options, cancelled=cancelled)
-                answers.append(answer(result, 1))
+                answers.append(answer_at(result, 1, began))
             except LlmcliError as exc:
                 answers.append(exc)
         return answers
@@ -257,6 +296,7 @@ def batch_job(engine: Engine, prompt: Prompt, body: Any, options: GenerateOption
 
 def run_chat(engine: Engine, body: ChatRequest, options: GenerateOptions, emit: Callable[[dict], None] | None,
              cancelled: Callable[[], bool]) -> dict[str, Any]:
+    began = time.perf_counter()
     prompt = chat_prompt(body)
     prompt_ids = encode_prompt(engine, prompt, options)
 
@@ -275,7 +315,8 @@ def run_chat(engine: Engine, body: ChatRequest, options: GenerateOptions, emit: 
         if body.logprobs:
             choice["logprobs"] = chat_logprobs(engine, prompt_ids, result.token_ids, body.top_logprobs or 0)
         out.append(choice)
-    return {"choices": out, "usage": usage(len(prompt_ids), sum(r.generated_tokens for r in generated))}
+    return {"choices": out, "usage": usage(len(prompt_ids), sum(r.generated_tokens for r in generated)),
+            "first_token_at": first_token_at(began, generated)}
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
@@ -319,37 +360,142 @@ def chat_logprobs(engine: Engine, prompt_ids: list[int], generated: list[int], t
                         for t, p, row in zip(generated, values, tops)]}
 
 
+# ---------------------------------------------------------------- decoding together (llama.cpp)
+
+
+def kv_cells(engine: Engine, settings: Settings) -> int:
+    """The KV cells the live sequences share: --ctx-size, or the model's context (llama-server's -c 0)."""
+    return settings.ctx_size or engine.context_length or 4096
+
+
+def decode_together(scheduler: Scheduler, engine: Engine, prompts: list[Prompt], body: Any,
+                    options: GenerateOptions) -> Start:
+    """The request's choices (each prompt's n samples; choice i seeded seed + i, as `choices` does),
+    handed to the scheduler, which decodes them with every other live request."""
+    chat = isinstance(body, ChatRequest)
+    try:
+        encoded, options = prepare(engine, prompts, options)
+    except LlmcliError as exc:
+        raise ApiError(400, exc.message + (f" ({exc.hint})" if exc.hint else "")) from exc
+    need = max(len(ids) for ids in encoded) + options.max_new_tokens
+    if need > scheduler.cells:
+        raise ApiError(400, f"the prompt and max_tokens need {need} tokens of cache, above this server's "
+                       f"--ctx-size of {scheduler.cells}", param="max_tokens")
+
+    def start(emit: Callable[[dict], None] | None, cancelled: threading.Event) -> asyncio.Future:
+        choices = []
+        for number, (prompt, ids) in enumerate(zip(prompts, encoded)):
+            for index in range(body.n):
+                seed = None if body.seed is None else (body.seed + index) % SEEDS
+                place = number * body.n + index
+                if emit and chat:
+                    emit({"index": place, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                          "finish_reason": None})
+                elif emit and body.echo:
+                    emit({"index": place, "text": prompt.text, "logprobs": None, "finish_reason": None})
+                choices.append(Choice(prompt, ids, options, index, seed, piece_emitter(emit, place, chat)))
+
+        def answer(results: list[Generation], cached_tokens: int) -> dict[str, Any]:
+            out = []
+            for place, result in enumerate(results):
+                reason = finish_reason(result.finish_reason)
+                if chat:
+                    out.append({"index": place, "message": {"role": "assistant", "content": result.text},
+                                "logprobs": None, "finish_reason": reason})
+                else:
+                    text = (prompts[place // body.n].text if body.echo else "") + result.text
+                    out.append({"index": place, "text": text, "logprobs": None, "finish_reason": reason})
+            counted = usage(sum(len(ids) for ids in encoded), sum(r.generated_tokens for r in results))
+            return {"choices": out, "usage": {**counted, "prompt_tokens_details": {"cached_tokens": cached_tokens}}}
+
+        try:
+            return scheduler.submit(choices, answer, cancelled)
+        except Busy as exc:
+            raise busy() from exc
+
+    return start
+
+
+def piece_emitter(emit: Callable[[dict], None] | None, place: int, chat: bool) -> Callable[[str], None] | None:
+    """Where a streamed choice's text goes: one event per piece, in OpenAI's chunk shape."""
+    if emit is None:
+        return None
+    if chat:
+        return lambda piece: emit({"index": place, "delta": {"content": piece}, "logprobs": None,
+                                   "finish_reason": None})
+    return lambda piece: emit({"index": place, "text": piece, "logprobs": None, "finish_reason": None})
+
+
 # ---------------------------------------------------------------- answering
 
 
-async def respond(request: Request, worker: EngineWorker, work: Callable[..., dict[str, Any]], stream: bool,
-                  kind: str, settings: Settings, batchable: Batchable | None = None) -> Any:
+Start = Callable[[Callable[[dict], None] | None, threading.Event], asyncio.Future]  # (emit, cancelled) -> result
+
+
+async def respond(request: Request, start: Start, stream: bool, kind: str, settings: Settings,
+                  metrics: Metrics) -> Any:
     ident = f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     header = {"id": ident, "object": kind, "created": int(time.time()), "model": settings.model_name}
     cancelled = threading.Event()
+    tally = Tally(metrics, time.perf_counter(), settings.prefix_cache)
     if not stream:
-        future = enqueue(worker, lambda is_cancelled: work(None, is_cancelled), cancelled, batchable)
-        result = await until_done_or_gone(request, future, cancelled)
+        future = start(None, cancelled)
+        try:
+            result = await until_done_or_gone(request, future, cancelled)
+        except ApiError as error:
+            tally.failed(error)
+            raise
+        tally.finished(result)
         request.state.tokens = result["usage"]["total_tokens"]
         request.state.batch = result.pop("batch", 1)
         return {**header, **result}
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
     emit = lambda event: loop.call_soon_threadsafe(events.put_nowait, event)  # noqa: E731
-    future = enqueue(worker, lambda is_cancelled: work(emit, is_cancelled), cancelled)
+    future = start(emit, cancelled)
     request.state.tokens = 0
-    return StreamingResponse(sse_events(request, header, kind, events, future, cancelled),
+    return StreamingResponse(sse_events(request, header, kind, events, future, cancelled, tally),
                              media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
-def enqueue(worker: EngineWorker, work: Callable[[Callable[[], bool]], Any], cancelled: threading.Event,
-            batchable: Batchable | None = None) -> Any:
-    """The job's future; a full queue is a 503 now, before any answer has started."""
-    try:
-        return worker.enqueue(work, cancelled, batchable)
-    except Busy as exc:
-        raise ApiError(503, "the server is busy: too many requests are waiting", "server_busy",
-                       headers={"Retry-After": "1"}) from exc
+@dataclass
+class Tally:
+    """Puts one request's outcome into the metrics, once."""
+
+    metrics: Metrics
+    arrived: float
+    prefix_cache: bool
+    counted: bool = False
+
+    def finished(self, result: dict[str, Any]) -> None:
+        self.counted = True
+        reasons = [choice["finish_reason"] for choice in result["choices"]]
+        self.metrics.finished(result["usage"], reasons, self.arrived, result.pop("first_token_at", None),
+                              time.perf_counter(), self.prefix_cache and "prompt_tokens_details" in result["usage"])
+
+    def failed(self, error: "ApiError | None" = None) -> None:
+        """An error answered, or (None) a client gone mid-stream."""
+        if not self.counted and (error is None or error.status == 499):
+            self.metrics.aborted()
+        self.counted = True
+
+
+def busy() -> ApiError:
+    return ApiError(503, "the server is busy: too many requests are waiting", "server_busy",
+                    headers={"Retry-After": "1"})
+
+
+def on_worker(worker: EngineWorker | Scheduler, work: Callable[..., dict[str, Any]],
+              batchable: Batchable | None) -> Start:
+    """A request run as one job on the engine thread; a full queue is a 503 now, before any answer."""
+    def start(emit: Callable[[dict], None] | None, cancelled: threading.Event) -> asyncio.Future:
+        try:
+            return worker.enqueue(lambda is_cancelled: work(emit, is_cancelled), cancelled,
+                                  None if emit else batchable)
+        except Busy as exc:
+            raise busy() from exc
+
+    return start
 
 
 async def until_done_or_gone(request: Request, future: asyncio.Future, cancelled: threading.Event) -> Any:
@@ -376,7 +522,7 @@ def job_result(future: asyncio.Future) -> Any:
 
 
 async def sse_events(request: Request, header: dict[str, Any], kind: str, events: asyncio.Queue,
-                     future: asyncio.Future, cancelled: threading.Event) -> AsyncIterator[str]:
+                     future: asyncio.Future, cancelled: threading.Event, tally: Tally) -> AsyncIterator[str]:
     chunk_kind = "chat.completion.chunk" if kind == "chat.completion" else "text_completion"
 
     def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
@@ -395,8 +541,10 @@ async def sse_events(request: Request, header: dict[str, Any], kind: str, events
             try:
                 result = job_result(future)
             except ApiError as error:
+                tally.failed(error)
                 yield f"data: {json.dumps(error_body(error.message, error.kind, error.param, error.code))}\n\n"
                 return
+            tally.finished(result)
             for choice in result["choices"]:
                 last = {"index": choice["index"], "finish_reason": choice["finish_reason"],
                         "logprobs": choice["logprobs"]}
@@ -408,6 +556,7 @@ async def sse_events(request: Request, header: dict[str, Any], kind: str, events
             return
     finally:
         cancelled.set()  # finished, or the client went away mid-stream: either way the job stops
+        tally.failed()  # counted once: a client gone mid-stream is an abort
 
 
 # ---------------------------------------------------------------- the gate: size, key, access log

@@ -53,6 +53,7 @@ class EngineWorker:
     def __init__(self, queue_size: int, max_batch: int = 1) -> None:
         self.size, self.max_batch = queue_size, max_batch
         self.waiting: deque[Job | None] = deque()
+        self.busy = 0  # requests the engine is running now
         self.changed = threading.Condition()
         self.thread = threading.Thread(target=self.run, name="llmcli-engine", daemon=True)
         self.thread.start()
@@ -68,6 +69,12 @@ class EngineWorker:
             self.waiting.append(job)
             self.changed.notify()
         return job.future
+
+    def running_requests(self) -> int:
+        return self.busy
+
+    def waiting_requests(self) -> int:
+        return len(self.waiting)
 
     def next_jobs(self) -> list[Job] | None:
         """The oldest waiting job, with the waiting jobs that can share its batch; None to stop."""
@@ -97,6 +104,7 @@ class EngineWorker:
                     live.append(job)
             if not live:
                 continue
+            self.busy = len(live)
             try:
                 if len(live) == 1:
                     results = [live[0].work(live[0].cancelled.is_set)]
@@ -107,6 +115,8 @@ class EngineWorker:
                 for job in live:
                     job.settle(error=exc)
                 continue
+            finally:
+                self.busy = 0
             for job, result in zip(live, results):  # a batch member's own failure comes as an exception
                 job.settle(error=result) if isinstance(result, BaseException) else job.settle(result)
 

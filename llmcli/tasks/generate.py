@@ -249,13 +249,7 @@ def generate(
 
     `engine` may also be a models.LoadedModel, which runs on the Hugging Face engine."""
     engine = as_engine(engine)
-    validate(options)
-    for prompt in prompts:
-        if prompt.text is not None and not prompt.text.strip():
-            raise DataError("empty prompt", "Pass some text to continue.")
-    encoded = [encode_prompt(engine, prompt, options) for prompt in prompts]
-    options = cap_default_length(options, encoded, engine.context_length, on_notice)
-    encoded = [fit_to_context(ids, engine.context_length, options) for ids in encoded]
+    encoded, options = prepare(engine, prompts, options, on_notice)
     single = len(prompts) == 1 and options.num_return_sequences == 1
     for start in range(0, len(prompts), options.batch_size):
         batch_ids = encoded[start:start + options.batch_size]
@@ -275,17 +269,27 @@ def generate(
         ttft = streamer.first_token_at - began if streamer.first_token_at else None
         for row, token_ids in enumerate(rows):
             prompt_index = start + row // options.num_return_sequences
-            text, kept, reason = finish(engine.decode, token_ids, engine.eos_ids, options.stop)
-            yield Generation(
-                prompt=prompts[prompt_index].display(),
-                index=row % options.num_return_sequences,
-                text=text,
-                token_ids=kept,
-                finish_reason=reason,
-                prompt_tokens=len(encoded[prompt_index]),
-                generated_tokens=len(kept),
-                seconds=seconds,
-                time_to_first_token=ttft,
-                engine=engine.name,
-                weights=engine.weights,
-            )
+            yield generation_of(engine, prompts[prompt_index], row % options.num_return_sequences, token_ids,
+                                options.stop, len(encoded[prompt_index]), seconds, ttft)
+
+
+def prepare(engine: Engine, prompts: list[Prompt], options: GenerateOptions,
+            on_notice: TextCallback | None = None) -> tuple[list[list[int]], GenerateOptions]:
+    """The prompts' token ids, checked against the context, and the options with a default length
+    capped: what every way of generating (this module's `generate`, the server's scheduler) starts from."""
+    validate(options)
+    for prompt in prompts:
+        if prompt.text is not None and not prompt.text.strip():
+            raise DataError("empty prompt", "Pass some text to continue.")
+    encoded = [encode_prompt(engine, prompt, options) for prompt in prompts]
+    options = cap_default_length(options, encoded, engine.context_length, on_notice)
+    return [fit_to_context(ids, engine.context_length, options) for ids in encoded], options
+
+
+def generation_of(engine: Engine, prompt: Prompt, index: int, token_ids: list[int], stops: list[str],
+                  prompt_tokens: int, seconds: float, ttft: float | None) -> Generation:
+    """One decoded sequence as a result: its text cut at EOS or a stop string, and why it ended."""
+    text, kept, reason = finish(engine.decode, token_ids, engine.eos_ids, stops)
+    return Generation(prompt=prompt.display(), index=index, text=text, token_ids=kept, finish_reason=reason,
+                      prompt_tokens=prompt_tokens, generated_tokens=len(kept), seconds=seconds,
+                      time_to_first_token=ttft, engine=engine.name, weights=engine.weights)

@@ -1,0 +1,62 @@
+"""`GET /metrics`: the server's counters in Prometheus' text format, through `prometheus-client`.
+
+Names follow vLLM's (`vllm:` becomes `llmcli:`), so dashboards written for vLLM read them: requests
+running and waiting, prompt and generated tokens, time to first token and end-to-end latency, and
+the prefix cache's queries and hits counted in tokens, as vLLM counts them. Each server has its own
+registry, so several apps in one process (tests) do not share counters.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST  # noqa: F401  (the route's media type)
+
+# seconds; vLLM's buckets for a first token and a whole request, cut to what a CPU server sees
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
+                   240.0, 480.0, 960.0)
+
+
+class Metrics:
+    def __init__(self, running: Callable[[], int], waiting: Callable[[], int]) -> None:
+        self.registry = registry = CollectorRegistry()
+        Gauge("llmcli:num_requests_running", "Requests being generated now.",
+              registry=registry).set_function(running)
+        Gauge("llmcli:num_requests_waiting", "Requests queued for the engine.",
+              registry=registry).set_function(waiting)
+        self.prompt_tokens = Counter("llmcli:prompt_tokens", "Prompt tokens of finished requests.",
+                                     registry=registry)
+        self.generation_tokens = Counter("llmcli:generation_tokens", "Tokens generated for finished requests.",
+                                         registry=registry)
+        self.success = Counter("llmcli:request_success", "Requests ended, by why they ended.",
+                               ["finished_reason"], registry=registry)
+        self.ttft = Histogram("llmcli:time_to_first_token_seconds", "From a request's arrival to its first "
+                              "generated token.", buckets=TTFT_BUCKETS, registry=registry)
+        self.latency = Histogram("llmcli:e2e_request_latency_seconds", "From a request's arrival to its last "
+                                 "token.", buckets=LATENCY_BUCKETS, registry=registry)
+        self.cache_queries = Counter("llmcli:prefix_cache_queries", "Prompt tokens looked up in the prefix "
+                                     "cache.", registry=registry)
+        self.cache_hits = Counter("llmcli:prefix_cache_hits", "Prompt tokens found in the prefix cache (not "
+                                  "decoded again).", registry=registry)
+
+    def finished(self, usage: dict, reasons: list[str], arrived: float, first_token_at: float | None,
+                 ended: float, prefix_cache: bool) -> None:
+        """A request answered: its usage, each choice's finish reason, its times (perf_counter)."""
+        self.prompt_tokens.inc(usage["prompt_tokens"])
+        self.generation_tokens.inc(usage["completion_tokens"])
+        for reason in reasons:
+            self.success.labels(finished_reason=reason).inc()
+        if first_token_at is not None:
+            self.ttft.observe(max(0.0, first_token_at - arrived))
+        self.latency.observe(ended - arrived)
+        if prefix_cache:
+            self.cache_queries.inc(usage["prompt_tokens"])
+            self.cache_hits.inc(usage.get("prompt_tokens_details", {}).get("cached_tokens", 0))
+
+    def aborted(self) -> None:
+        self.success.labels(finished_reason="abort").inc()
+
+    def text(self) -> bytes:
+        return generate_latest(self.registry)
