@@ -78,7 +78,8 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
                                        settings.prefix_cache)
     else:
         worker = EngineWorker(settings.queue_size, settings.max_batch)
-    metrics = Metrics(worker.running_requests, worker.waiting_requests)
+    metrics = Metrics(worker.running_requests, worker.waiting_requests,
+                      (lambda: scheduler.sequences.decoded) if scheduler else None)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -552,6 +553,7 @@ async def sse_events(request: Request, header: dict[str, Any], kind: str, events
                 yield chunk([last])
             yield chunk([], usage=result["usage"])
             request.state.tokens = result["usage"]["total_tokens"]
+            request.state.batch = result.pop("batch", 1)
             yield "data: [DONE]\n\n"
             return
     finally:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client import CONTENT_TYPE_LATEST  # noqa: F401  (the route's media type)
 
 # seconds; vLLM's buckets for a first token and a whole request, cut to what a CPU server sees
@@ -20,8 +21,11 @@ LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.
 
 
 class Metrics:
-    def __init__(self, running: Callable[[], int], waiting: Callable[[], int]) -> None:
+    def __init__(self, running: Callable[[], int], waiting: Callable[[], int],
+                 decoded: Callable[[], int] | None = None) -> None:
         self.registry = registry = CollectorRegistry()
+        if decoded is not None:
+            registry.register(DecodedTokens(decoded))
         Gauge("llmcli:num_requests_running", "Requests being generated now.",
               registry=registry).set_function(running)
         Gauge("llmcli:num_requests_waiting", "Requests queued for the engine.",
@@ -60,3 +64,15 @@ class Metrics:
 
     def text(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class DecodedTokens:
+    """Tokens the model actually ran (prompt tokens not found in the prefix cache, and each generated
+    token fed back), read from the engine's counter when scraped: what prefix reuse and a freed
+    sequence save shows here."""
+
+    def __init__(self, read: Callable[[], int]) -> None:
+        self.read = read
+
+    def collect(self):
+        yield CounterMetricFamily("llmcli:tokens_decoded", "Tokens run through the model.", value=self.read())

@@ -49,6 +49,7 @@ class SequenceJob:
     results: dict[int, Generation] = field(default_factory=dict)
     cached_tokens: int = 0
     first_token_at: float | None = None
+    widest: int = 0  # the most sequences decoded together in one step while it ran (the access log's batch)
 
     def settle(self, result: Any = None, error: BaseException | None = None) -> None:
         self.loop.call_soon_threadsafe(settle, self.future, result, error)
@@ -207,6 +208,9 @@ class Scheduler:
                 self.fail(running.job, Cancelled())
 
     def decode_and_sample(self) -> None:
+        width = len(self.sequences.live)
+        for running in self.running.values():
+            running.job.widest = max(running.job.widest, width)
         sampled = self.sequences.step(self.engine.eos_ids)
         now = time.perf_counter()
         for live, token in sampled:
@@ -233,7 +237,7 @@ class Scheduler:
             except Exception as exc:  # handed to the request, which answers 500
                 job.settle(error=exc)
                 return
-            response["first_token_at"] = job.first_token_at
+            response["first_token_at"], response["batch"] = job.first_token_at, job.widest
             job.settle(response)
 
     def end(self, live: Any, running: Running) -> None:
