@@ -18,6 +18,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -555,6 +556,58 @@ def serving_load(clients: int, requests: int) -> list[Figure]:
                    raw={"tokens_per_s": 16 * len(latencies) / seconds, "wrong": len(wrong)})]
 
 
+def llama_serving(client_counts: list[int], new_tokens: int) -> list[Figure]:
+    """P14: `llmcli serve` on llama.cpp (the embedded model's F16 weights) under 1, 4, 8, 16 concurrent
+    streaming chat clients, greedy, `new_tokens` tokens each (serve_load.py's load): continuous
+    batching (--parallel 8, the default) against one sequence at a time (--parallel 1, what the server
+    did before). Aggregate generated tok/s, time to first token p50/p99, and how many texts equal the
+    one-at-a-time ones."""
+    from serve_load import chat_load, stream_chat, summary
+
+    figures = []
+    for clients in client_counts:
+        requests = max(16, 2 * clients)
+        runs, texts = {}, {}
+        for parallel in (8, 1):
+            with serving_process(["--parallel", str(parallel), "--queue-size", str(requests)]) as (client, model):
+                stream_chat(client, model, [{"role": "user", "content": "Hi"}], 4)  # warm-up
+                seconds, results = chat_load(client, model, clients, requests, new_tokens)
+            runs[parallel], texts[parallel] = summary(seconds, results), {n: r[0] for n, r in results.items()}
+        same = sum(texts[8][n] == texts[1][n] for n in texts[8])
+        batched, single = runs[8], runs[1]
+        note = (f"{clients} clients, {requests} greedy chat requests of {new_tokens} tokens; TTFT p50/p99 "
+                f"{batched['ttft_p50_s']:.2f}/{batched['ttft_p99_s']:.2f} s batched, "
+                f"{single['ttft_p50_s']:.2f}/{single['ttft_p99_s']:.2f} s one at a time; "
+                f"{same} of {requests} texts identical")
+        figures.append(Figure(f"P14 serve (llama.cpp) {clients} clients, --parallel 8 vs 1", batched["tok_per_s"],
+                              single["tok_per_s"], "tok/s", goal=2.5 if clients == 8 else None, note=note,
+                              raw={"batched": batched, "single": single, "same_texts": same}))
+    return figures
+
+
+def chat_prefix_reuse(turns: int, new_tokens: int) -> Figure:
+    """P15: a `turns`-turn chat through `llmcli serve` on llama.cpp, each turn resending the whole
+    conversation: time to the first token of the last turn with the prefix cache (default) and
+    without (--no-prefix-cache); and whether the two conversations are the same."""
+    from serve_load import TOPICS, stream_chat
+
+    ttft, texts = {}, {}
+    for flag in ("--prefix-cache", "--no-prefix-cache"):
+        with serving_process([flag]) as (client, model):
+            messages: list[dict] = []
+            answers = []
+            for turn in range(turns):
+                messages.append({"role": "user", "content": f"Tell me one more fact about {TOPICS[turn]}."})
+                text, first, _, _ = stream_chat(client, model, messages, new_tokens)
+                messages.append({"role": "assistant", "content": text})
+                answers.append(text)
+            ttft[flag], texts[flag] = first, answers
+    same = sum(a == b for a, b in zip(texts["--prefix-cache"], texts["--no-prefix-cache"]))
+    return Figure(f"P15 serve (llama.cpp) {turns}-turn chat: TTFT of the last turn, prefix cache vs none",
+                  ttft["--prefix-cache"], ttft["--no-prefix-cache"], "s", higher_is_better=False,
+                  note=f"{new_tokens} tokens a turn; {same} of {turns} answers identical with and without")
+
+
 def machine() -> dict:
     from importlib.metadata import version
 
@@ -641,6 +694,10 @@ def main() -> None:
         figures += serving_load(32, 64 if args.quick else 200)
     if wanted("P13") and importlib.util.find_spec("llama_cpp") and args.device == "cpu":
         figures += llama_batching(8 if args.quick else 16, 32 if args.quick else 64)
+    if wanted("P14") and importlib.util.find_spec("llama_cpp") and args.device == "cpu":
+        figures += llama_serving([1, 8] if args.quick else [1, 4, 8, 16], 32 if args.quick else 64)
+    if wanted("P15") and importlib.util.find_spec("llama_cpp") and args.device == "cpu":
+        figures.append(chat_prefix_reuse(10, 32 if args.quick else 64))
     if wanted("P12") and args.device == "cpu":
         figures.append(serving_batches(16, 32 if args.quick else 64))
     with tempfile.TemporaryDirectory() as tmp:

@@ -636,7 +636,7 @@ def serve(
     parallel: Annotated[int, typer.Option(help="llama.cpp: requests' sequences decoded together, each step "
                                           "(llama-server's -np); requests join and leave between steps.")] = 8,
     ctx_size: Annotated[Optional[int], typer.Option(help="llama.cpp: KV-cache tokens the running sequences share "
-                                                    "(default: the model's context).", show_default=False)] = None,
+                                                    "(default: the model's context, at most 16384).", show_default=False)] = None,
     prefix_cache: Annotated[bool, typer.Option(help="llama.cpp: a prompt that starts with tokens still cached (a "
                                                "chat's earlier turns) decodes only the rest.")] = True,
     max_body: Annotated[int, typer.Option(help="Largest request body in bytes (413 above).")] = 1 << 20,

@@ -5,8 +5,8 @@ continuous batching over the engine's sequence step, which `llmcli generate` dri
 engine text comes from `tasks.generate.generate` (what `llmcli generate` runs), behind a queue that
 batches waiting requests (worker.py). Either way the per-sequence text logic is generate.py's, so the
 server and the command cannot drift apart. Log-probabilities come from the engine's `token_logprobs`,
-the computation `llmcli eval` sums. Every error is OpenAI's JSON shape, `{"error": {"message", "type", "param",
-"code"}}`, with its HTTP status; no traceback ever reaches a client.
+the computation `llmcli eval` sums. Every error is OpenAI's JSON shape, `{"error": {"message", "type",
+"param", "code"}}`, with its HTTP status; no traceback ever reaches a client. `/metrics`: metrics.py.
 """
 
 from __future__ import annotations
@@ -245,9 +245,10 @@ def run_completions(engine: Engine, body: CompletionRequest, options: GenerateOp
 
 
 def first_token_at(began: float, generated: list[Generation]) -> float | None:
-    """When the first of these generations (started at `began`, perf_counter) had its first token."""
+    """When the first of these generations, run one after another from `began` (perf_counter), had its
+    first token."""
     times = [g.time_to_first_token for g in generated if g.time_to_first_token is not None]
-    return began + min(times) if times else None
+    return began + times[0] if times else None
 
 
 def chat_prompt(body: ChatRequest) -> Prompt:
@@ -364,9 +365,12 @@ def chat_logprobs(engine: Engine, prompt_ids: list[int], generated: list[int], t
 # ---------------------------------------------------------------- decoding together (llama.cpp)
 
 
+DEFAULT_CELLS_LIMIT = 16384  # a 128k-context model would otherwise take its whole KV cache up front
+
+
 def kv_cells(engine: Engine, settings: Settings) -> int:
-    """The KV cells the live sequences share: --ctx-size, or the model's context (llama-server's -c 0)."""
-    return settings.ctx_size or engine.context_length or 4096
+    """The KV cells the live sequences share: --ctx-size, or the model's context up to 16384."""
+    return settings.ctx_size or min(engine.context_length or 4096, DEFAULT_CELLS_LIMIT)
 
 
 def decode_together(scheduler: Scheduler, engine: Engine, prompts: list[Prompt], body: Any,
