@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 import traceback
-from typing import Annotated, Optional
+from typing import Annotated, Callable, Optional
 
 import typer
 
@@ -588,11 +588,12 @@ def chat(
     if interactive:
         import readline  # noqa: F401  (line editing and history for input())
 
-        render.notice("Type a message; /reset clears the conversation, /system TEXT sets the system message, "
-                      "/exit or Ctrl-D quits.")
+        from llmcli.tasks.chat import HELP
+
+        render.notice("Type a message. " + HELP)
     while True:
         try:
-            line = input(">>> " if interactive else "")
+            line = read_message(lambda first: input((">>> " if first else "... ") if interactive else ""))
         except EOFError:  # Ctrl-D: leave, with the shell's prompt on a line of its own
             if interactive:
                 render.write("\n")
@@ -602,6 +603,9 @@ def chat(
             raise
         try:
             reply = session.handle(line, on_text=render.write)
+        except LlmcliError as exc:  # one message that cannot be answered: the conversation goes on
+            render.error(exc.message, exc.hint)
+            continue
         except KeyboardInterrupt as interrupt:
             # Ctrl-C during a reply stops it and keeps the conversation (as ollama and llama-cli do);
             # SIGTERM, or a script's interrupt, still ends the session
@@ -609,7 +613,8 @@ def chat(
                 render.write("\n")
                 raise
             render.write("\n")
-            render.notice("Reply stopped (the conversation before it is kept); Ctrl-C again at the prompt leaves.")
+            render.notice("Reply stopped (kept in the conversation as far as it got); Ctrl-C again at the prompt "
+                          "leaves.")
             continue
         if reply is None:
             break
@@ -617,6 +622,20 @@ def chat(
             render.notice(reply)
         else:
             render.write("\n")
+            if session.cut:
+                render.notice(f"(reply cut at {session.cut} tokens; -n sets the limit)")
+
+
+def read_message(read_line: Callable[[bool], str]) -> str:
+    """One chat message: a line, or the lines between two lines of \"\"\" (ollama's multi-line mode)."""
+    line = read_line(True)
+    if not line.strip().startswith('"""'):
+        return line
+    lines = [line.strip()[3:]]
+    while not lines[-1].rstrip().endswith('"""'):
+        lines.append(read_line(False))
+    lines[-1] = lines[-1].rstrip()[:-3]
+    return "\n".join(lines).strip()
 
 
 @app.command()

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from conftest import hf_greedy, run_cli
+from conftest import GPL3, hf_greedy, run_cli
 
 PROMPTS = ["This License", "the GNU General Public License is", "You may convey"]
 JSON_KEYS = {"prompt", "index", "text", "token_ids", "finish_reason", "prompt_tokens", "generated_tokens", "seconds",
@@ -216,6 +216,52 @@ def test_chat_second_turn_sees_the_first(tiny_llama, tmp_path):
     result = run_cli("chat", "-m", tiny_llama, "-n", "6", input="Hello\nAgain\n")
     assert result.exit_code == 0, result.stderr
     assert result.stdout == first + "\n" + second + "\n"
+
+
+def test_chat_drops_the_oldest_turns_when_the_context_is_full(tiny_gguf):
+    """Context 256: long messages push the oldest turns out (said once each time, the system message
+    kept) and the chat goes on; a message that cannot fit alone is an error line, and the next is answered."""
+    words = GPL3.read_text().split()
+    long = [" ".join(words[i * 60:(i + 1) * 60]) for i in range(5)]
+    too_long = " ".join(words[:400])
+    script = "\n".join([long[0], long[1], too_long, long[2], long[3]]) + "\n"
+    result = run_cli("chat", "-m", tiny_gguf, "-n", "20", "--system", "Be brief.", input=script)
+    assert result.exit_code == 0, result.stderr
+    assert len(result.stdout.splitlines()) == 4  # every message but the one too long was answered
+    assert "messages were dropped (the system message is kept)" in result.stderr
+    assert result.stderr.count("Error:") == 1 and "context" in result.stderr
+
+
+def test_a_stopped_reply_stays_in_the_conversation_with_its_message(tiny_gguf):
+    """Ctrl-C after the first pieces of a reply: the user's message and the reply so far are kept, so
+    the next turn sees them (llama-cli's behaviour)."""
+    from llmcli.engines import choose_engine
+    from llmcli.tasks.chat import ChatSession
+    from llmcli.tasks.generate import GenerateOptions
+
+    session = ChatSession(choose_engine(str(tiny_gguf), "llama.cpp"), GenerateOptions(max_new_tokens=30, chat=True))
+    pieces: list[str] = []
+
+    def impatient(piece: str) -> None:
+        pieces.append(piece)
+        if len(pieces) == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        session.handle("This License", on_text=impatient)
+    assert session.history == [{"role": "user", "content": "This License"},
+                               {"role": "assistant", "content": "".join(pieces)}]
+    assert session.handle("the work", on_text=lambda piece: None) == ""
+    assert [m["role"] for m in session.history] == ["user", "assistant", "user", "assistant"]
+
+
+def test_chat_help_multi_line_messages_and_a_cut_reply(tiny_gguf):
+    script = '/help\n/?\n"""\nThis License\napplies to the work\n"""\n/nonsense\n'
+    result = run_cli("chat", "-m", tiny_gguf, "-n", "5", input=script)
+    assert result.exit_code == 0, result.stderr
+    assert result.stderr.count("/quit, /bye") == 2 and "/help lists the commands" in result.stderr
+    assert len(result.stdout.splitlines()) == 1  # the three lines were one message
+    assert "(reply cut at 5 tokens" in result.stderr
 
 
 @pytest.mark.slow
