@@ -659,6 +659,8 @@ def serve(
     prefix_cache: Annotated[bool, typer.Option(help="llama.cpp: a prompt that starts with tokens still cached (a "
                                                "chat's earlier turns) decodes only the rest.")] = True,
     max_body: Annotated[int, typer.Option(help="Largest request body in bytes (413 above).")] = 1 << 20,
+    served_model_name: Annotated[Optional[str], typer.Option(help="The model's id in /v1/models (default: the "
+                                                             "alias, file or directory name).", show_default=False)] = None,
     json_logs: Annotated[bool, typer.Option("--json-logs", help="Access log lines as JSON.")] = False,
     engine: EngineOption = "auto",
     threads: ThreadsOption = None,
@@ -697,7 +699,7 @@ def serve(
         render.notice(warning)
     run_server(runner, host, port, api_key=api_key, max_tokens_limit=max_tokens_limit, queue_size=queue_size,
                max_batch=max_batch, parallel=parallel, ctx_size=ctx_size, prefix_cache=prefix_cache,
-               max_body_bytes=max_body, json_logs=json_logs, on_notice=render.notice)
+               max_body_bytes=max_body, json_logs=json_logs, served_name=served_model_name, on_notice=render.notice)
 
 
 @app.command()

@@ -284,3 +284,55 @@ def test_listening_beyond_this_machine_without_a_key_warns():
     assert "without --api-key" in exposure_warning("0.0.0.0", None)
     assert exposure_warning("0.0.0.0", "secret") is None
     assert exposure_warning("127.0.0.1", None) is None and exposure_warning("localhost", None) is None
+
+
+def test_what_real_clients_send_and_expect(tiny_gguf):
+    """Content as a list of text parts, model names and retrieval, tools refused, a default max_tokens
+    capped by --max-tokens-limit, the usage chunk only when asked, JSON sent without its content type,
+    and errors that name request fields, not command-line options."""
+    import urllib.request
+
+    with serving("-m", tiny_gguf, "--max-tokens-limit", "5", "--served-model-name", "tiny") as server:
+        client = server.client()
+        [card] = client.models.list().data
+        assert card.id == "tiny" and card.created > 1_700_000_000
+        assert client.models.retrieve("tiny").id == "tiny"
+        assert client.models.retrieve("tiny-llama-f32.gguf").id == "tiny"  # the file's own name works too
+        status, _, answer = server.post("/v1/chat/completions", {"model": "nope", "messages": [{"role": "user",
+                                                                                               "content": "hi"}]})
+        assert status == 400 and answer["error"]["code"] == "model_not_found"
+        with pytest.raises(Exception, match="404"):
+            client.models.retrieve("nope")
+
+        plain = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "This License"}],
+                                               max_tokens=5, temperature=0)
+        parts = client.chat.completions.create(model="tiny", max_tokens=5, temperature=0, messages=[
+            {"role": "user", "content": [{"type": "text", "text": "This "}, {"type": "text", "text": "License"}]}])
+        assert parts.choices[0].message.content == plain.choices[0].message.content
+        image = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}
+        status, _, answer = server.post("/v1/chat/completions", {"messages": [image]})
+        assert status == 400 and "'image_url' are not supported" in answer["error"]["message"]
+        tool = {"type": "function", "function": {"name": "f", "parameters": {}}}
+        status, _, answer = server.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                                                 "tools": [tool]})
+        assert status == 400 and "tool calling is not supported" in answer["error"]["message"]
+
+        status, _, answer = server.post("/v1/completions", {"prompt": "This License", "temperature": 0})
+        assert status == 200 and answer["usage"]["completion_tokens"] == 5  # the default 16, capped to the limit
+
+        chunks = list(client.completions.create(model="tiny", prompt="This License", max_tokens=3, stream=True))
+        assert all(chunk.usage is None for chunk in chunks)
+        chunks = list(client.completions.create(model="tiny", prompt="This License", max_tokens=3, stream=True,
+                                                stream_options={"include_usage": True}))
+        assert chunks[-1].usage.completion_tokens == 3 and not chunks[-1].choices
+
+        request = urllib.request.Request(server.url + "/v1/completions", method="POST",
+                                         data=json.dumps({"prompt": "This License", "max_tokens": 2}).encode(),
+                                         headers={"Content-Type": "application/x-www-form-urlencoded"})  # curl -d
+        with urllib.request.urlopen(request, timeout=60) as response:
+            assert json.loads(response.read())["usage"]["completion_tokens"] == 2
+
+        status, _, answer = server.post("/v1/completions", {"prompt": " ".join(["word"] * 300), "max_tokens": 5})
+        assert status == 400 and "max_tokens 5" in answer["error"]["message"]
+        assert "--" not in answer["error"]["message"]
+    assert "Traceback" not in server.stderr

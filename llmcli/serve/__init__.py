@@ -13,23 +13,43 @@ def exposure_warning(host: str, api_key: str | None) -> str | None:
     return f"Warning: listening on {host} without --api-key: anyone who can reach this port can use the model."
 
 
-def model_id(engine: Any) -> str:
-    """The name clients pass as `model`: the model argument's own name (the file or directory name)."""
-    return engine.source.name
+def model_id(engine: Any, served_name: str | None = None) -> str:
+    """The name /v1/models lists: --served-model-name, else the embedded model's alias, a hub id, or the
+    file or directory's own name (no spaces, no full paths)."""
+    from pathlib import Path
+
+    from llmcli.models import EMBEDDED_ALIAS, EMBEDDED_NAME
+
+    source = engine.source
+    if served_name:
+        return served_name
+    if source.name == EMBEDDED_NAME:
+        return EMBEDDED_ALIAS
+    return source.location if source.kind == "hub" else Path(source.location).name
 
 
-def run_server(engine: Any, host: str, port: int, *, on_notice: Callable[[str], None], **settings: Any) -> None:
+def model_aliases(engine: Any) -> frozenset[str]:
+    """Other names a request may give: the name shown before, the location, the file or directory name."""
+    from pathlib import Path
+
+    source = engine.source
+    return frozenset({source.name, source.location, Path(source.location).name, model_id(engine)})
+
+
+def run_server(engine: Any, host: str, port: int, *, on_notice: Callable[[str], None], served_name: str | None = None,
+               **settings: Any) -> None:
     """Serve until Ctrl-C or SIGTERM; uvicorn then stops accepting and gives requests in flight 10 s, and
     the command exits 0, as servers do (a stop that was asked for is not an error)."""
     import uvicorn
 
     from llmcli.serve.app import Settings, create_app
 
-    app = create_app(engine, Settings(model_name=model_id(engine), **settings))
+    name = model_id(engine, served_name)
+    app = create_app(engine, Settings(model_name=name, model_aliases=model_aliases(engine), **settings))
     config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False, log_level="warning",
                             timeout_graceful_shutdown=10)
     server = uvicorn.Server(config)
-    on_notice(f"Serving {model_id(engine)} on http://{host}:{port}/v1 ({engine.name} engine). Ctrl-C stops.")
+    on_notice(f"Serving {name} on http://{host}:{port}/v1 ({engine.name} engine). Ctrl-C stops.")
     try:
         server.run()
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C or SIGTERM it stopped on: the stop was asked for

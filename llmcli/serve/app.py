@@ -42,7 +42,8 @@ CHAT_DEFAULT_TOKENS = 512  # a chat request without max_tokens: this, or what th
 
 @dataclass
 class Settings:
-    model_name: str
+    model_name: str  # the id /v1/models lists
+    model_aliases: frozenset[str] = frozenset()  # other names a request may use (the -m value, its file name)
     api_key: str | None = None
     max_tokens_limit: int | None = None  # the most one request may ask for
     queue_size: int = 64  # requests waiting for the engine before 503
@@ -117,10 +118,19 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
     async def metrics_text() -> Response:
         return Response(metrics.text(), media_type=CONTENT_TYPE_LATEST)
 
+    started = int(time.time())
+    model_card = {"id": settings.model_name, "object": "model", "created": started, "owned_by": "llmcli"}
+
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": 0,
-                                            "owned_by": "llmcli"}]}
+        return {"object": "list", "data": [model_card]}
+
+    @app.get("/v1/models/{name:path}")
+    async def retrieve_model(name: str) -> dict[str, Any]:
+        if not known_model(name, settings):
+            raise ApiError(404, f"no model {name!r} here; this server runs {settings.model_name!r}",
+                           "not_found_error", param="model", code="model_not_found")
+        return model_card
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Any:
@@ -138,7 +148,7 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
             alone = len(body.prompt) > 1 or body.echo or body.logprobs is not None or max_tokens == 0
             batchable = None if alone else batch_job(engine, prompts[0], body, options)
             start = on_worker(worker, work, batchable)
-        return await respond(request, start, body.stream, "text_completion", settings, metrics)
+        return await respond(request, start, body, "text_completion", settings, metrics)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request) -> Any:
@@ -156,7 +166,7 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
             # a default length is capped by the batch's longest prompt: only explicit lengths batch
             batchable = None if body.logprobs or asked is None else batch_job(engine, chat_prompt(body), body, options)
             start = on_worker(worker, work, batchable)
-        return await respond(request, start, body.stream, "chat.completion", settings, metrics)
+        return await respond(request, start, body, "chat.completion", settings, metrics)
 
     return app
 
@@ -164,8 +174,12 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
 # ---------------------------------------------------------------- checks and options
 
 
+def known_model(name: str, settings: Settings) -> bool:
+    return name == settings.model_name or name in settings.model_aliases
+
+
 def check_model(name: str | None, settings: Settings) -> None:
-    if name is not None and name != settings.model_name:
+    if name is not None and not known_model(name, settings):
         raise ApiError(400, f"unknown model {name!r}; this server runs {settings.model_name!r}", param="model",
                        code="model_not_found")
 
@@ -381,7 +395,7 @@ def decode_together(scheduler: Scheduler, engine: Engine, prompts: list[Prompt],
     try:
         encoded, options = prepare(engine, prompts, options)
     except LlmcliError as exc:
-        raise ApiError(400, exc.message + (f" ({exc.hint})" if exc.hint else "")) from exc
+        raise ApiError(400, api_message(exc)) from exc
     need = max(len(ids) for ids in encoded) + options.max_new_tokens
     if need > scheduler.cells:
         raise ApiError(400, f"the prompt and max_tokens need {need} tokens of cache, above this server's "
@@ -437,13 +451,25 @@ def piece_emitter(emit: Callable[[dict], None] | None, place: int, chat: bool) -
 Start = Callable[[Callable[[dict], None] | None, threading.Event], asyncio.Future]  # (emit, cancelled) -> result
 
 
-async def respond(request: Request, start: Start, stream: bool, kind: str, settings: Settings,
+CLI_TO_API = {"--max-new-tokens": "max_tokens"}  # what an error names, as a client sends it
+
+
+def api_message(exc: LlmcliError) -> str:
+    """The error for an API client: request fields instead of command-line options, and no hint about
+    options it cannot pass."""
+    message = exc.message
+    for option, name in CLI_TO_API.items():
+        message = message.replace(option, name)
+    return message
+
+
+async def respond(request: Request, start: Start, body: Any, kind: str, settings: Settings,
                   metrics: Metrics) -> Any:
     ident = f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     header = {"id": ident, "object": kind, "created": int(time.time()), "model": settings.model_name}
     cancelled = threading.Event()
     tally = Tally(metrics, time.perf_counter(), settings.prefix_cache)
-    if not stream:
+    if not body.stream:
         future = start(None, cancelled)
         try:
             result = await until_done_or_gone(request, future, cancelled)
@@ -459,7 +485,8 @@ async def respond(request: Request, start: Start, stream: bool, kind: str, setti
     emit = lambda event: loop.call_soon_threadsafe(events.put_nowait, event)  # noqa: E731
     future = start(emit, cancelled)
     request.state.tokens = 0
-    return StreamingResponse(sse_events(request, header, kind, events, future, cancelled, tally),
+    with_usage = bool(body.stream_options and body.stream_options.include_usage)
+    return StreamingResponse(sse_events(request, header, kind, events, future, cancelled, tally, with_usage),
                              media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
@@ -520,14 +547,15 @@ def job_result(future: asyncio.Future) -> Any:
     except Cancelled as exc:
         raise ApiError(499, "the client closed the connection", "client_closed") from exc
     except LlmcliError as exc:  # a prompt too long for the context, a template the model lacks
-        raise ApiError(400, exc.message + (f" ({exc.hint})" if exc.hint else "")) from exc
+        raise ApiError(400, api_message(exc)) from exc
     except Exception as exc:  # a bug: the client gets a 500 without a traceback, the log gets its line
         log_internal_error(exc)
         raise ApiError(500, f"internal error: {type(exc).__name__}", "server_error") from exc
 
 
 async def sse_events(request: Request, header: dict[str, Any], kind: str, events: asyncio.Queue,
-                     future: asyncio.Future, cancelled: threading.Event, tally: Tally) -> AsyncIterator[str]:
+                     future: asyncio.Future, cancelled: threading.Event, tally: Tally,
+                     with_usage: bool) -> AsyncIterator[str]:
     chunk_kind = "chat.completion.chunk" if kind == "chat.completion" else "text_completion"
 
     def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
@@ -555,7 +583,8 @@ async def sse_events(request: Request, header: dict[str, Any], kind: str, events
                         "logprobs": choice["logprobs"]}
                 last.update({"delta": {}} if kind == "chat.completion" else {"text": ""})
                 yield chunk([last])
-            yield chunk([], usage=result["usage"])
+            if with_usage:  # OpenAI sends the usage chunk only when stream_options.include_usage asks for it
+                yield chunk([], usage=result["usage"])
             request.state.tokens = result["usage"]["total_tokens"]
             request.state.batch = result.pop("batch", 1)
             yield "data: [DONE]\n\n"
@@ -616,6 +645,10 @@ class Gate:
 
     def refuse(self, scope: dict) -> ApiError | None:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        if scope["method"] == "POST" and "json" not in headers.get("content-type", ""):
+            # every body here is JSON: one sent as text/plain or without a type (curl -d) is read as JSON
+            scope["headers"] = [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"content-type"]
+            scope["headers"].append((b"content-type", b"application/json"))
         length = headers.get("content-length", "")
         if length.isdigit() and int(length) > self.settings.max_body_bytes:
             return too_large(self.settings)

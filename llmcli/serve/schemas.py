@@ -6,11 +6,15 @@ Responses are plain dicts built in `app.py`.
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, Field, field_validator
 
 MAX_CHOICES = 16  # n above this is refused: every choice is a full generation
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False  # a last chunk with the usage, as OpenAI sends it only when asked
 
 
 class Sampling(BaseModel):
@@ -21,6 +25,16 @@ class Sampling(BaseModel):
     n: int = Field(1, ge=1, le=MAX_CHOICES)
     stop: Optional[Union[str, list[str]]] = None
     stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    tools: Optional[list[Any]] = None  # refused: no tool calling yet (a 200 would pretend to call them)
+    functions: Optional[list[Any]] = None
+
+    @field_validator("tools", "functions")
+    @classmethod
+    def no_tools(cls, value: list[Any] | None) -> None:
+        if value:
+            raise ValueError("tool calling is not supported by this server; send the request without tools")
+        return None
 
     @field_validator("stop")
     @classmethod
@@ -33,7 +47,7 @@ class Sampling(BaseModel):
 
 class CompletionRequest(Sampling):
     prompt: Union[str, list[str]]
-    max_tokens: Optional[int] = Field(16, ge=0)  # OpenAI's default for completions
+    max_tokens: Optional[int] = Field(None, ge=0)  # None: OpenAI's default of 16, capped by --max-tokens-limit
     echo: bool = False
     logprobs: Optional[int] = Field(None, ge=0, le=20)
 
@@ -48,7 +62,23 @@ class CompletionRequest(Sampling):
 
 class Message(BaseModel):
     role: Literal["system", "user", "assistant", "developer"]
-    content: str
+    content: Union[str, list[dict[str, Any]]]
+
+    @field_validator("content")
+    @classmethod
+    def text_parts(cls, value: str | list[dict[str, Any]]) -> str:
+        """A list of content parts (what the OpenAI SDK and LangChain send) is joined from its text
+        parts; images, audio and files are refused by name."""
+        if isinstance(value, str):
+            return value
+        texts = []
+        for part in value:
+            kind = part.get("type")
+            if kind != "text" or not isinstance(part.get("text"), str):
+                raise ValueError(f"content parts of type {kind!r} are not supported; this model reads text parts "
+                                 "({'type': 'text', 'text': ...}) only")
+            texts.append(part["text"])
+        return "".join(texts)
 
 
 class ChatRequest(Sampling):
