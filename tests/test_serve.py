@@ -336,3 +336,28 @@ def test_what_real_clients_send_and_expect(tiny_gguf):
         assert status == 400 and "max_tokens 5" in answer["error"]["message"]
         assert "--" not in answer["error"]["message"]
     assert "Traceback" not in server.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["llama.cpp", "hf"])
+def test_sigterm_ends_open_streams_properly(engine):
+    """SIGTERM while a long stream is in flight: the stream ends within the grace period with a finish
+    reason and [DONE], the server exits 0, and no traceback is printed."""
+    import http.client
+
+    with serving("--engine", engine) as server:
+        port = int(server.url.rsplit(":", 1)[1])
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        connection.request("POST", "/v1/completions", json.dumps({"prompt": "Once upon a time", "max_tokens": 3000,
+                                                                  "stream": True, "temperature": 0}),
+                           {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        assert response.read(6) == b"data: "
+        server.process.send_signal(signal.SIGTERM)
+        rest = response.read().decode()  # to the end of the stream
+        connection.close()
+    events = [json.loads(line[6:]) for line in ("data: " + rest).split("\n\n") if line.startswith("data: {")]
+    assert rest.rstrip().endswith("data: [DONE]")
+    assert events[-1]["choices"][0]["finish_reason"] == "length"
+    assert "".join(e["choices"][0]["text"] for e in events)
+    assert server.returncode == 0 and "Traceback" not in server.stderr and "Exception" not in server.stderr

@@ -3,7 +3,10 @@ schemas.py: request bodies; worker.py: the bounded queue and the thread that run
 
 from __future__ import annotations
 
+import time
 from typing import Any, Callable
+
+GRACE_SECONDS = 10  # after Ctrl-C or SIGTERM: requests in flight finish (or are cut at half of it)
 
 
 def exposure_warning(host: str, api_key: str | None) -> str | None:
@@ -47,8 +50,16 @@ def run_server(engine: Any, host: str, port: int, *, on_notice: Callable[[str], 
     name = model_id(engine, served_name)
     app = create_app(engine, Settings(model_name=name, model_aliases=model_aliases(engine), **settings))
     config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False, log_level="warning",
-                            timeout_graceful_shutdown=10)
-    server = uvicorn.Server(config)
+                            timeout_graceful_shutdown=GRACE_SECONDS)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            # requests in flight get part of the grace period to finish; then their generations are cut
+            # and they end properly (finish_reason "length", [DONE]) before uvicorn would cancel them
+            app.state.worker.drain(time.monotonic() + GRACE_SECONDS / 2)
+            super().handle_exit(sig, frame)
+
+    server = Server(config)
     on_notice(f"Serving {name} on http://{host}:{port}/v1 ({engine.name} engine). Ctrl-C stops.")
     try:
         server.run()

@@ -77,6 +77,7 @@ class Scheduler:
         self.waiting: deque[SequenceJob | Job | None] = deque()
         self.running: dict[Any, Running] = {}  # Live -> its request
         self.reserved = 0  # KV cells the live sequences may grow to
+        self.cut_at: float | None = None  # the server is stopping: at this time.monotonic() running requests end
         self.changed = threading.Condition()
         self.thread = threading.Thread(target=self.run, name="llmcli-scheduler", daemon=True)
         self.thread.start()
@@ -115,6 +116,12 @@ class Scheduler:
     def waiting_requests(self) -> int:
         return len(self.waiting)
 
+    def drain(self, cut_at: float) -> None:
+        """The server is stopping: requests still running at `cut_at` end there with what they have."""
+        with self.changed:
+            self.cut_at = cut_at
+            self.changed.notify()
+
     def close(self) -> None:
         with self.changed:
             self.waiting.append(None)
@@ -126,6 +133,8 @@ class Scheduler:
         try:
             while self.admit():
                 self.drop_cancelled()
+                if self.cut_at is not None and time.monotonic() >= self.cut_at:
+                    self.cut_all()
                 if self.sequences.live:
                     self.step()
         finally:
@@ -200,6 +209,14 @@ class Scheduler:
         streamer = TokenStreamer(self.engine.decode, choice.on_text, choice.options.stop, self.engine.eos_ids)
         self.running[live] = Running(job, number, streamer, time.perf_counter())
         self.reserved += self.need(choice)
+
+    def cut_all(self) -> None:
+        """Every running sequence ends now, its request answered with the text so far (finish_reason
+        "length"), as when it reaches max_tokens."""
+        now = time.perf_counter()
+        for live, running in list(self.running.items()):
+            self.sequences.cancel(live)
+            self.finish(live, running, now)
 
     def drop_cancelled(self) -> None:
         """The sequences of clients that went away leave the live set now; the others are untouched."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Hashable
@@ -54,6 +55,7 @@ class EngineWorker:
         self.size, self.max_batch = queue_size, max_batch
         self.waiting: deque[Job | None] = deque()
         self.busy = 0  # requests the engine is running now
+        self.cut_at: float | None = None  # the server is stopping: at this time.monotonic() running jobs stop
         self.changed = threading.Condition()
         self.thread = threading.Thread(target=self.run, name="llmcli-engine", daemon=True)
         self.thread.start()
@@ -69,6 +71,14 @@ class EngineWorker:
             self.waiting.append(job)
             self.changed.notify()
         return job.future
+
+    def drain(self, cut_at: float) -> None:
+        """The server is stopping: a job still running at `cut_at` stops at its next token and answers
+        with what it has."""
+        self.cut_at = cut_at
+
+    def cut(self) -> bool:
+        return self.cut_at is not None and time.monotonic() >= self.cut_at
 
     def running_requests(self) -> int:
         return self.busy
@@ -107,9 +117,9 @@ class EngineWorker:
             self.busy = len(live)
             try:
                 if len(live) == 1:
-                    results = [live[0].work(live[0].cancelled.is_set)]
+                    results = [live[0].work(lambda: live[0].cancelled.is_set() or self.cut())]
                 else:
-                    everyone_gone = lambda: all(job.cancelled.is_set() for job in live)  # noqa: E731
+                    everyone_gone = lambda: self.cut() or all(job.cancelled.is_set() for job in live)  # noqa: E731
                     results = live[0].batchable.run_batch([job.batchable.item for job in live], everyone_gone)
             except BaseException as exc:  # handed to the requests, which answer with the error
                 for job in live:
