@@ -87,12 +87,18 @@ def build_from_scratch(arch: str | None, base_config: Any, base_tokenizer: Any, 
     import transformers
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
+    settings = parse_overrides(overrides)
     if base_config is None:
         if arch not in ARCHITECTURES:
             raise UsageError(f"unknown --arch {arch!r}", f"Use one of {', '.join(ARCHITECTURES)}, or --model.")
-        config = getattr(transformers, ARCHITECTURES[arch])()
+        config_class = getattr(transformers, ARCHITECTURES[arch])
+        apply_overrides(config_class(), settings)  # checks the names
+        # built with the overrides, so that settings derived from them follow (Llama's
+        # num_key_value_heads and head_dim from num_attention_heads and hidden_size)
+        config = config_class(**settings)
     else:
         config = base_config
+        apply_overrides(config, settings)
     arch_name = arch or ("bert" if config.model_type in ("bert", "roberta", "distilbert") else config.model_type)
     if vocab_size is not None:
         if vocab_size < 300:  # byte-level BPE starts from 256 byte tokens
@@ -107,7 +113,6 @@ def build_from_scratch(arch: str | None, base_config: Any, base_tokenizer: Any, 
         token_id = getattr(tokenizer, name)
         if token_id is not None:
             setattr(config, name, token_id)
-    apply_overrides(config, parse_overrides(overrides))
     masked = arch_name == "bert" or config.model_type in ("bert", "roberta", "distilbert")
     model_class = AutoModelForMaskedLM if masked else AutoModelForCausalLM
     try:

@@ -391,7 +391,7 @@ def test_keep_checkpoints_prunes_the_oldest(tiny_gpt2, gpl_file, tmp_path):
     output = tmp_path / "out"
     finetune("--data", gpl_file, "-m", tiny_gpt2, "-o", output, "--max-steps", "10", "--save-every", "2",
              "--keep-checkpoints", "2", *TRAIN)
-    assert sorted(p.name for p in (output / "checkpoints").iterdir()) == ["step-6", "step-8"]
+    assert sorted(p.name for p in (output / "checkpoints").iterdir()) == ["step-10", "step-8"]  # the last step too
 
 
 def test_every_text_format_gives_the_same_training(tiny_gpt2, tmp_path):
@@ -535,3 +535,41 @@ def test_default_max_length_is_capped_to_a_small_models_context(tiny_gpt2, gpl_f
     explicit = run_cli("finetune", "--data", gpl_file, "-m", tiny_gpt2, "-o", tmp_path / "other", "--max-length",
                        "512", "--max-steps", "1")
     assert explicit.exit_code == 2 and "--max-length 512 is above the model's context of 256" in explicit.stderr
+
+
+def test_from_scratch_llama_heads_follow_and_a_failed_run_leaves_nothing(gpl_file, tmp_path, monkeypatch):
+    """num_attention_heads=4 alone: Llama's key/value heads follow it (not LlamaConfig's default 32).
+    A run that fails in training before any checkpoint (here a fault put in on purpose, after run.json
+    is written) leaves its output empty, so the corrected command is not refused as "not empty"."""
+    from llmcli.tasks import finetune_loop
+
+    output = tmp_path / "scratch"
+    common = ["--data", gpl_file, "--from-scratch", "--arch", "llama", "--tokenizer-vocab-size", "400",
+              "-o", output, "--max-steps", "3", *TRAIN]
+    with monkeypatch.context() as patched:
+        patched.setattr(finetune_loop, "forward_options", lambda objective: 1 / 0)
+        failed = run_cli("finetune", *common, "--config-overrides", "hidden_size=64,num_attention_heads=4")
+    assert failed.exit_code != 0 and "ZeroDivisionError" in failed.stderr
+    assert output.is_dir() and not any(output.iterdir())
+    result = finetune(*common, "--config-overrides", "hidden_size=64,intermediate_size=128,num_hidden_layers=2,"
+                      "num_attention_heads=4,max_position_embeddings=128")
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(output)
+    assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim) == (4, 4, 16)
+    assert result["steps"] == 3
+
+
+def test_a_finished_run_extends_from_its_last_step(tiny_gpt2, gpl_file, tmp_path):
+    """A 6-step run with --save-every 4, extended to 10 with --resume: it goes on from step 6 (not 4),
+    keeps steps 1-6 as they were, and says how the schedule continues."""
+    args = ["--data", gpl_file, "-m", tiny_gpt2, "--save-every", "4", *TRAIN, "--log-every", "1"]
+    output = tmp_path / "run"
+    finetune(*args, "--max-steps", "6", "-o", output)
+    first = metrics(output)
+    extended = run_cli("finetune", *args, "--max-steps", "10", "-o", output, "--resume")
+    assert extended.exit_code == 0, extended.stderr
+    assert "step 6 of 10" in extended.stderr and "schedule runs over 10 steps" in extended.stderr
+    records = metrics(output)
+    assert [r["step"] for r in records] == list(range(1, 11))
+    assert records[:6] == first

@@ -216,7 +216,10 @@ def train(options: FinetuneOptions, output: Path, model: Any, tokenizer: Any, tr
     if resume_from is not None:
         state = checkpoints.load_checkpoint(resume_from, accelerator.unwrap_model(model), optimizer, scheduler, rank)
         history = read_metrics(checkpoints.run_dir(resume_from), up_to_step=state["step"])
-        reporter.note(f"Resuming from {resume_from} (step {state['step']}).")
+        # a larger --max-steps recomputes the schedule for the new total: the rate goes on from this step of it
+        rate = scheduler.lr_lambdas[0](state["step"]) * scheduler.base_lrs[0]
+        reporter.note(f"Resuming from {resume_from} (step {state['step']} of {steps}; the learning-rate schedule "
+                      f"runs over {steps} steps, at {rate:.3g} now).")
     elif main and options.overwrite and output.is_dir():
         replace_dir_contents(output)
     if main:
@@ -300,7 +303,8 @@ def train(options: FinetuneOptions, output: Path, model: Any, tokenizer: Any, tr
                         file.write(strict_json.dumps(record) + "\n")
                     log_tensorboard(writer, record)
                 reporter.log(record)
-            if options.save_every and state["step"] % options.save_every == 0 and state["step"] < steps:
+            # the last step too, so a finished run can be extended with a larger --max-steps
+            if options.save_every and state["step"] % options.save_every == 0 or state["step"] == steps:
                 checkpoint()
             interrupts.stop_here()
     except KeyboardInterrupt:
@@ -396,7 +400,15 @@ def run(options: FinetuneOptions, reporter: Reporter | None = None) -> FinetuneR
     resolved = {"objective": objective, "data_format": data_format, "packing": packing, "mask_prompt": mask_prompt,
                 "train_blocks": len(train_blocks), "eval_blocks": len(eval_blocks) if eval_blocks else 0,
                 "base_model": base}
-    return train(options, output, model, tokenizer, train_blocks, eval_blocks, resolved, reporter, resume_from)
+    fresh = resume_from is None and (options.overwrite or not output.is_dir() or not any(output.iterdir()))
+    try:
+        return train(options, output, model, tokenizer, train_blocks, eval_blocks, resolved, reporter, resume_from)
+    except BaseException:
+        if fresh and not checkpoints.checkpoint_dirs(output):
+            # nothing to resume from: what the run wrote (run.json, metrics) would only make the
+            # corrected command fail with "not empty"
+            replace_dir_contents(output) if output.is_dir() else None
+        raise
 
 
 def epoch_batches(size: int, epoch: int, seed: int, batch_size: int, world: int, rank: int) -> list[list[int]]:
