@@ -411,7 +411,7 @@ def evaluate(
 ) -> None:
     """Score a text: perplexity for causal LMs (sliding window by default), pseudo-perplexity or
     accuracy for masked LMs. Every result names its protocol, token count and standard error."""
-    from llmcli.data import read_document, read_texts
+    from llmcli.data import Completion, read_document, read_eval_records
     from llmcli.tasks.evaluate import EvalOptions, evaluate as run_evaluate
 
     if llama_cpp and lm_eval:
@@ -423,7 +423,13 @@ def evaluate(
     protocol = "llama.cpp" if llama_cpp else "rolling" if lm_eval else "sliding"
     options = EvalOptions(metric=metric, protocol=protocol, max_length=max_length, stride=stride, ctx=ctx,
                           batch_size=batch_size, seed=seed)
-    text = read_texts(data) if per_record else read_document(data)
+    if per_record or data.endswith(".jsonl"):
+        records = read_eval_records(data)
+        # prompt/completion and chat records are scored each on its own, as a completion given its prompt
+        completions = any(isinstance(record, Completion) for record in records)
+        text = records if per_record or completions else "\n\n".join(records)
+    else:
+        text = read_document(data)
     placement = placement_from(device_map, max_memory, offload_dir, device, num_processes, nnodes)
     launch_if_asked(num_processes, nnodes, node_rank, master_addr, master_port, device)
     from llmcli.distributed import Workers

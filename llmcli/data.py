@@ -141,6 +141,45 @@ def read_texts(path: str) -> list[str]:
     return texts
 
 
+@dataclass
+class Completion:
+    """An eval record scored as `completion` given `prompt` (text), or given the conversation
+    `messages` (then rendered with the chat template and its generation prompt)."""
+
+    completion: str
+    prompt: str | None = None
+    messages: list[dict[str, str]] | None = None
+
+
+def read_eval_records(path: str) -> list[str | Completion]:
+    """--per-record data: lines of text, or JSONL records in any format `finetune` reads: `text`,
+    `prompt`/`completion` and chat `messages` whose last message is the assistant's (the scored part)."""
+    name, lines, jsonl = numbered_lines(path, "texts")
+    if not jsonl:
+        return [line for _, line in lines]
+    records: list[str | Completion] = []
+    for n, line in lines:
+        where = f"{name} line {n}"
+        record = parse_json_object(line, where, '{"text": "..."}')
+        found = record_format(record)
+        if found == "prompt-completion":
+            if not all(isinstance(record[k], str) for k in ("prompt", "completion")) or not record["completion"]:
+                raise DataError(f"{where}: 'prompt' and 'completion' must be strings, the completion not empty")
+            records.append(Completion(record["completion"], prompt=record["prompt"]))
+        elif found == "chat":
+            messages = parse_messages(record["messages"], where)
+            if len(messages) < 2 or messages[-1]["role"] != "assistant":
+                raise DataError(f"{where}: a chat record is scored on its last message, which must be the "
+                                "assistant's, after at least one other", 'End "messages" with {"role": "assistant", ...}.')
+            records.append(Completion(messages[-1]["content"], messages=messages[:-1]))
+        elif found == "text" and isinstance(record["text"], str) and record["text"].strip():
+            records.append(record["text"])
+        else:
+            raise DataError(f"{where}: no non-empty 'text', 'prompt'/'completion' or 'messages' field "
+                            f"(keys: {', '.join(sorted(record)) or 'none'})", TRAINING_HINT)
+    return records
+
+
 def read_document(path: str) -> str:
     """One text to evaluate: a .jsonl file's `text` records joined by blank lines, else the whole file."""
     if path.endswith(".jsonl"):

@@ -404,3 +404,45 @@ def test_per_record_scores_each_line_alone_and_sums_exactly(model, request, tmp_
     assert apart["value"] == pytest.approx(math.exp(apart["nll"] / apart["tokens"]), rel=1e-12)
     assert apart["protocol"].startswith("per-record(records=2) ")
     assert apart["nll"] != pytest.approx(together["nll"], rel=1e-6)
+
+
+def completion_nll(model, prompt_ids: list[int], ids: list[int]) -> tuple[float, int]:
+    """Summed NLL of ids[len(prompt_ids):] given what precedes them: one plain forward pass."""
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0]
+    logprobs = torch.log_softmax(logits.double(), -1)
+    targets = range(len(prompt_ids), len(ids))
+    return -sum(logprobs[t - 1, ids[t]].item() for t in targets), len(targets)
+
+
+def test_prompt_completion_and_chat_records_score_the_completion_given_its_prompt(tiny_llama, tmp_path):
+    """The formats finetune reads: a prompt/completion record scores the completion's tokens given the
+    prompt (the boundary from the prompt tokenized alone, as --mask-prompt trains); a chat record its
+    last, assistant message given the conversation rendered with the generation prompt."""
+    import json
+
+    words = TEXT.split()
+    pairs = [(" ".join(words[i:i + 6]), " " + " ".join(words[i + 6:i + 14])) for i in range(0, 60, 15)]
+    chats = [[{"role": "user", "content": p}, {"role": "assistant", "content": c.strip()}] for p, c in pairs[:2]]
+    path = tmp_path / "records.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in pairs)
+                    + "".join(json.dumps({"messages": m}) + "\n" for m in chats))
+    record = evaluate(path, tiny_llama)
+    model, tokenizer = load_hf(tiny_llama)
+    total, count = 0.0, 0
+    for prompt, completion in pairs:
+        nll, n = completion_nll(model, tokenizer(prompt)["input_ids"], tokenizer(prompt + completion)["input_ids"])
+        total, count = total + nll, count + n
+    for messages in chats:
+        text = tokenizer.apply_chat_template(messages[:1], add_generation_prompt=True, tokenize=False)
+        prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = prompt_ids + tokenizer(messages[1]["content"], add_special_tokens=False)["input_ids"]
+        nll, n = completion_nll(model, prompt_ids, ids)
+        total, count = total + nll, count + n
+    assert record["tokens"] == count and record["protocol"].startswith("per-record(records=6)")
+    assert record["value"] == pytest.approx(math.exp(total / count), rel=1e-5)
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    result = run_cli("eval", "--data", bad, "-m", tiny_llama)
+    assert result.exit_code == 2 and "bad.jsonl line 1" in result.stderr and "assistant" in result.stderr

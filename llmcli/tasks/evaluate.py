@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from llmcli.data import Completion
 from llmcli.distributed import OneProcess
 from llmcli.engines import Engine, ProgressCallback, Window, as_engine, same_shape_batches
 from llmcli.errors import DataError, UsageError
@@ -141,9 +142,31 @@ def causal_windows(engine: Engine, text: str, options: EvalOptions) -> tuple[str
             sliding_windows(ids, options.max_length, options.stride))
 
 
-def causal_batches(engine: Engine, text: str, options: EvalOptions) -> tuple[str, list[Any]]:
+def completion_windows(engine: Engine, record: Completion, options: EvalOptions) -> tuple[str, list[Window]]:
+    """One pass scoring the completion's tokens given its prompt, as `finetune --mask-prompt` trains
+    (the boundary from the prompt tokenized alone); a record longer than --max-length keeps its end."""
+    if record.messages is not None:
+        prompt_ids = engine.encode_chat(record.messages)
+        ids = prompt_ids + engine.encode(record.completion, add_special=False)
+    else:
+        prompt_ids = engine.encode(record.prompt)
+        ids = engine.encode(record.prompt + record.completion)
+    scored = len(ids) - len(prompt_ids)
+    if scored < 1:
+        raise DataError("the completion adds no token to its prompt", "Check the record.")
+    ids = ids[-(options.max_length + 1):]  # the last token is only a target (see Window)
+    return f"completion-given-prompt(max_length={options.max_length})", [Window(ids, min(scored, len(ids) - 1))]
+
+
+def causal_batches(engine: Engine, text: str | Completion, options: EvalOptions) -> tuple[str, list[Any]]:
     """The protocol and the text's windows as the batches the engine runs (see `score`)."""
-    protocol, windows = causal_windows(engine, text, options)
+    if isinstance(text, Completion):
+        if options.protocol != "sliding":
+            raise UsageError("prompt/completion and chat records are scored as a completion given its prompt, "
+                             "not with --lm-eval or --llama-cpp", "Drop that option, or pass text records.")
+        protocol, windows = completion_windows(engine, text, options)
+    else:
+        protocol, windows = causal_windows(engine, text, options)
     return protocol, list(same_shape_batches(windows, options.batch_size))
 
 
@@ -265,8 +288,11 @@ def evaluate(engine: Engine, text: str | list[str], options: EvalOptions,
     result, to the last bit."""
     engine = as_engine(engine)
     texts = [text] if isinstance(text, str) else text
-    if not any(t.strip() for t in texts):
+    if not any(isinstance(t, Completion) or t.strip() for t in texts):
         raise DataError("the evaluation text is empty", "Pass a file with some text.")
+    if engine.kind == "masked" and any(isinstance(t, Completion) for t in texts):
+        raise UsageError("prompt/completion and chat records score a completion given its prompt, which needs a "
+                         "causal model", "Pass text records, or a causal model.")
     options = resolve_options(engine, options)
     workers = workers or OneProcess()
     if engine.kind == "masked":
@@ -327,7 +353,8 @@ def score(engine: Engine, texts: list[str], options: EvalOptions, on_start: Call
     for number, values in workers.map_in_order(units, 1, compute):
         by_text.setdefault(number, []).extend(values)
     nlls = [value for number in sorted(by_text) for value in by_text[number]]
-    scored_texts = [texts[number] for number in sorted(by_text) if by_text[number]]
+    scored_texts = [texts[number].completion if isinstance(texts[number], Completion) else texts[number]
+                    for number in sorted(by_text) if by_text[number]]
     if not nlls:
         raise DataError("no token could be scored", "Use a longer text.")
     value, stderr, total, bits_per_byte, word_perplexity = summary(nlls, scored_texts,
