@@ -351,6 +351,15 @@ def quiet_libraries() -> None:
     datasets.logging.set_verbosity_error()
 
 
+def portable_reference(source: ModelSource) -> str:
+    """How an adapter names its base model: the embedded model's alias, a hub id, or the absolute path
+    of the file or directory given, never the cache's conversion, which `cache rm` may remove and
+    another machine lacks (the base is converted again when next loaded)."""
+    if source.name == EMBEDDED_NAME:
+        return EMBEDDED_ALIAS
+    return source.location if source.kind == "hub" else str(Path(source.location).resolve())
+
+
 def load_adapter(source: ModelSource, kind: str, device: str | None, dtype: str, trust_remote_code: bool) -> LoadedModel:
     """A LoRA adapter saved by `llmcli finetune --lora`: its base model with the adapter applied."""
     from peft import PeftModel
@@ -361,6 +370,10 @@ def load_adapter(source: ModelSource, kind: str, device: str | None, dtype: str,
     if not base_path:
         raise ModelLoadError(f"{source.location} is a LoRA adapter without a base model path",
                              "Set base_model_name_or_path in its adapter_config.json.")
+    if Path(base_path).is_absolute() and not Path(base_path).exists():
+        raise ModelLoadError(f"the base model of the LoRA adapter {source.location} is gone: {base_path}",
+                             "Set base_model_name_or_path in its adapter_config.json to the model it was trained "
+                             "on (smollm2 for the embedded model, a .gguf file, a directory or a hub id).")
     base = load_model(base_path, kind=kind, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     model = PeftModel.from_pretrained(base.model, source.location).to(base.device).eval()
     tokenizer = AutoTokenizer.from_pretrained(source.location)

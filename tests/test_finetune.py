@@ -573,3 +573,25 @@ def test_a_finished_run_extends_from_its_last_step(tiny_gpt2, gpl_file, tmp_path
     records = metrics(output)
     assert [r["step"] for r in records] == list(range(1, 11))
     assert records[:6] == first
+
+
+def test_a_lora_adapter_names_its_base_so_that_it_survives_the_cache(tiny_gguf, gpl_file, tmp_path, monkeypatch):
+    """An adapter trained on a GGUF model records the .gguf file (not the cache's conversion of it):
+    after `cache rm --all` the adapter still loads (the base is converted again) and generates the same."""
+    import json
+
+    monkeypatch.setenv("LLMCLI_CACHE", str(tmp_path / "cache"))  # this test's own cache, emptied below
+    adapter = tmp_path / "adapter"
+    finetune("--data", gpl_file, "-m", tiny_gguf, "--lora", "--lora-r", "2", "--max-steps", "2", *TRAIN, "-o", adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tiny_gguf.resolve())
+
+    def generated() -> list[int]:
+        result = run_cli("generate", "This License", "-m", adapter, "-n", "6", "--no-chat", "--json")
+        assert result.exit_code == 0, result.stderr
+        return result.json_lines()[0]["token_ids"]
+
+    before = generated()
+    assert run_cli("cache", "rm", "--all").exit_code == 0
+    assert not any((tmp_path / "cache").rglob("*.safetensors"))
+    assert generated() == before

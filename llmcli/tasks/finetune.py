@@ -196,7 +196,7 @@ def load_model(options: FinetuneOptions, train: Any, data_format: str) -> tuple[
     kind = {"auto": "auto", "clm": "causal", "mlm": "masked"}[options.objective]
     loaded = models.load_model(options.model, kind=kind, device="cpu", dtype="float32",
                                trust_remote_code=options.trust_remote_code, allow_pickle=options.allow_pickle)
-    return loaded.model, loaded.tokenizer, loaded.kind, str(models.local_model_dir(loaded.source))
+    return loaded.model, loaded.tokenizer, loaded.kind, models.portable_reference(loaded.source)
 
 
 def add_lora(model: Any, options: FinetuneOptions, kind: str) -> Any:
@@ -206,7 +206,9 @@ def add_lora(model: Any, options: FinetuneOptions, kind: str) -> Any:
     if targets != "all-linear":
         targets = [t.strip() for t in targets.split(",") if t.strip()]
     config = LoraConfig(r=options.lora_r, lora_alpha=options.lora_alpha, lora_dropout=options.lora_dropout,
-                        target_modules=targets, task_type="CAUSAL_LM" if kind == "causal" else None)
+                        target_modules=targets, task_type="CAUSAL_LM" if kind == "causal" else None,
+                        # GPT-2's Conv1D layers store weights transposed: said up front, peft does not warn
+                        fan_in_fan_out=model.config.model_type == "gpt2")
     try:
         return get_peft_model(model, config)
     except ValueError as exc:

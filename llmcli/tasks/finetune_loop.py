@@ -8,6 +8,7 @@ import shutil
 import signal
 import threading
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
@@ -185,7 +186,11 @@ def save_final(output: Path, model: Any, tokenizer: Any, options: FinetuneOption
         model = model.merge_and_unload()
     elif options.lora:
         model.peft_config["default"].base_model_name_or_path = base
-    model.save_pretrained(tmp, safe_serialization=True)
+    with warnings.catch_warnings():
+        # peft looks for a config.json at the base's path to see whether the vocabulary grew; a .gguf
+        # base or an alias has none, and the vocabulary is never resized here
+        warnings.filterwarnings("ignore", message="Could not find a config file")
+        model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     for file in tmp.iterdir():
         file.replace(output / file.name)
