@@ -181,6 +181,13 @@ def collect_inputs(arguments: list[str], file: str | None, read, what: str) -> l
         return read(file)
     if arguments == [STDIN]:
         return read(STDIN)
+    if not arguments and not sys.stdin.isatty():  # `echo hi | llmcli generate` reads the pipe, as `llm` does
+        import io
+
+        data = sys.stdin.buffer.read()
+        if data.strip():
+            sys.stdin = io.TextIOWrapper(io.BytesIO(data))  # read again below, as '-' reads it
+            return read(STDIN)
     if not arguments:
         raise UsageError(f"no {what} given", f"Pass a {what}, '-' to read stdin, or --file PATH.")
     if any(not a.strip() for a in arguments):
@@ -282,8 +289,11 @@ def generate(
         from llmcli.tasks.generate import settle_length, share_options
 
         options = settle_length(runner, prompt_list, options, render.notice)
-        produced = workers.map_in_order(list(enumerate(prompt_list)), options.batch_size, lambda share: list(
-            run_generate(runner, [prompt for _, prompt in share], share_options(options, share[0][0]))))
+        from dataclasses import replace
+
+        produced = workers.map_in_order(list(enumerate(prompt_list)), options.batch_size, lambda share: [
+            replace(result, prompt_number=share[0][0] + result.prompt_number)  # numbered in the whole input
+            for result in run_generate(runner, [prompt for _, prompt in share], share_options(options, share[0][0]))])
         if not workers.is_main:
             return
         streaming = False
@@ -589,6 +599,9 @@ def chat(
     validate(options)
     runner = load_engine(model, engine, command="chat", device=device, dtype=dtype, fast=fast, threads=threads,
                          trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    if not runner.chat_template:
+        raise UsageError("this model's tokenizer has no chat template, so llmcli chat cannot format a conversation",
+                         "Use llmcli generate to continue plain text, or a chat model.")
     session = ChatSession(runner, options, system=system, on_notice=render.notice)
     interactive = sys.stdin.isatty()
     if interactive:

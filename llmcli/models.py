@@ -326,9 +326,12 @@ def local_model_dir(source: ModelSource) -> Path | str:
     except Exception:  # not cached: any of several huggingface_hub errors
         pass
     if not hub_reachable():
+        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+        why = "HF_HUB_OFFLINE is set, so the hub is not asked" if offline else "the hub is unreachable"
         raise ModelNotFound(
-            f"model {source.location!r} is not a local path, an alias or a cached hub model, and the hub is unreachable",
-            f"Pass a local model directory or .gguf file, or omit --model to use the embedded {EMBEDDED_NAME}.",
+            f"model {source.location!r} is not a local path, an alias or a cached hub model, and {why}",
+            ("Unset HF_HUB_OFFLINE to download it, pass" if offline else "Pass")
+            + f" a local model directory or .gguf file, or omit --model to use the embedded {EMBEDDED_NAME}.",
         )
     try:
         return snapshot_download(source.location, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt",

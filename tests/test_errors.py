@@ -94,7 +94,11 @@ MATRIX = [
     ("chat -m {gpt2} --engine llama.cpp", "runs .gguf files"),
     ("generate hi -m {ws}/truncated-model -n 2", "could not load model"),
     ("generate hi -m {ws}/pickle-model -n 2", "only pickle weights"),
-    ("generate hi -m nobody/no-such-model-xyz", "hub is unreachable"),
+    ("generate hi -m nobody/no-such-model-xyz", "HF_HUB_OFFLINE is set, so the hub is not asked"),  # conftest sets it
+    ("generate hi -m {gpt2} --system Be", "--system needs the chat template, but this model's tokenizer has none"),
+    ("generate hi -m {gpt2} --no-chat --system Be", "--system needs the chat template, but --no-chat is given"),
+    ("generate hi -m {gpt2} --top-k 5 --top-p 0.9", "--top-k, --top-p shape sampling, but --temperature is 0"),
+    ("chat -m {gpt2}", "no chat template, so llmcli chat cannot format a conversation"),
     ("generate hi -m {bert} -n 2", "(bert) is a masked LM, not a causal (text generation) LM"),
     ("generate hi -m {gpt2} -n 0", "--max-new-tokens must be at least 1, got 0"),
     ("generate hi -m {gpt2} -n -5", "--max-new-tokens must be at least 1, got -5"),
@@ -226,6 +230,9 @@ def test_error_matrix(command, fragment, workspace, tiny_gpt2, tiny_bert, tmp_pa
     args = [a.format(**values) for a in shlex.split(command)]
     monkeypatch.chdir(tmp_path)  # relative defaults (finetune's output) land here
     cache = Path(os.environ["LLMCLI_CACHE"])
+    (cache / "llama-host.json").parent.mkdir(parents=True, exist_ok=True)
+    # the host probe's record is written by whichever test first loads llama.cpp: make it exist already
+    run_cli("info") if not (cache / "llama-host.json").exists() else None
     before = snapshot(workspace), snapshot(cache)
     assert_clean_error(run_cli(*args), fragment)
     assert (snapshot(workspace), snapshot(cache)) == before  # nothing created or changed

@@ -386,3 +386,13 @@ def test_default_max_new_tokens_is_capped_to_what_the_context_leaves(tiny_gpt2):
     room = 256 - record["prompt_tokens"]
     assert f"--max-new-tokens defaults to 256; using {room}" in result.stderr
     assert record["generated_tokens"] <= room
+
+
+def test_piped_stdin_is_read_without_a_dash_and_records_are_numbered(tiny_gpt2):
+    """`printf 'a\\na\\n' | llmcli generate --json`: the pipe is read as `-` reads it, and the repeated
+    prompt's records say which line they answer."""
+    result = run_cli("generate", "-m", tiny_gpt2, "-n", "3", "--no-chat", "--json", input="This License\nThis License\nthe work\n")
+    assert result.exit_code == 0, result.stderr
+    records = result.json_lines()
+    assert [(r["prompt"], r["prompt_number"]) for r in records] == [("This License", 0), ("This License", 1),
+                                                                     ("the work", 2)]

@@ -52,6 +52,7 @@ class Generation:
     time_to_first_token: float | None = None
     engine: str = "hf"
     weights: str = ""
+    prompt_number: int = 0  # the prompt's place in the input (0-based): matches records to lines when prompts repeat
 
 
 def uses_chat_template(engine: Engine, prompt: Prompt, options: GenerateOptions) -> bool:
@@ -60,9 +61,13 @@ def uses_chat_template(engine: Engine, prompt: Prompt, options: GenerateOptions)
         if not has_template:
             raise UsageError(
                 "this model's tokenizer has no chat template, so chat messages cannot be formatted",
-                "Pass plain prompts with --no-chat.",
+                "Pass plain prompts (llmcli generate continues text without a template).",
             )
         return True
+    if options.system is not None and (options.chat is False or not has_template):  # it would be dropped
+        raise UsageError("--system needs the chat template, but " + (
+            "--no-chat is given" if options.chat is False else "this model's tokenizer has none"),
+            "Drop --system, or put the instructions in the prompt.")
     return has_template and options.chat is None
 
 
@@ -173,6 +178,12 @@ def validate(options: GenerateOptions) -> None:
         raise UsageError(f"--batch-size must be at least 1, got {options.batch_size}")
     if options.num_return_sequences <= 0:
         raise UsageError(f"--num-return-sequences must be at least 1, got {options.num_return_sequences}")
+    ignored = [name for name, value in (("--top-k", options.top_k), ("--top-p", options.top_p),
+                                        ("--min-p", options.min_p)) if value is not None]
+    if ignored and options.temperature == 0:
+        raise UsageError(f"{', '.join(ignored)} shape{'s' if len(ignored) == 1 else ''} sampling, but --temperature "
+                         "is 0 (greedy)", "Add --temperature 0.7 (or any value above 0), or drop "
+                         f"{'it' if len(ignored) == 1 else 'them'}.")
     if options.num_return_sequences > 1 and options.temperature == 0:
         raise UsageError(
             "--num-return-sequences > 1 needs sampling, but --temperature is 0 (greedy gives one answer)",
@@ -269,8 +280,9 @@ def generate(
         ttft = streamer.first_token_at - began if streamer.first_token_at else None
         for row, token_ids in enumerate(rows):
             prompt_index = start + row // options.num_return_sequences
-            yield generation_of(engine, prompts[prompt_index], row % options.num_return_sequences, token_ids,
-                                options.stop, len(encoded[prompt_index]), seconds, ttft)
+            yield replace(generation_of(engine, prompts[prompt_index], row % options.num_return_sequences, token_ids,
+                                        options.stop, len(encoded[prompt_index]), seconds, ttft),
+                          prompt_number=prompt_index)
 
 
 def prepare(engine: Engine, prompts: list[Prompt], options: GenerateOptions,
