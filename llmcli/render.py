@@ -232,7 +232,7 @@ def finetune_record(result: Any) -> dict[str, Any]:
 def finetune_summary(result: Any) -> None:
     table = Table(show_header=False, box=None, pad_edge=False)
     table.add_row("output", result.output)
-    table.add_row("objective / data", f"{result.objective} / {result.data_format} ({result.train_examples} blocks)")
+    table.add_row("objective / data", f"{result.objective} / {result.data_format} ({result.train_examples} training sequences)")
     table.add_row("steps", str(result.steps))
     if result.final_loss is not None:
         table.add_row("final train loss", f"{result.final_loss:.4f}")

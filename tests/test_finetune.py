@@ -595,3 +595,30 @@ def test_a_lora_adapter_names_its_base_so_that_it_survives_the_cache(tiny_gguf, 
     assert run_cli("cache", "rm", "--all").exit_code == 0
     assert not any((tmp_path / "cache").rglob("*.safetensors"))
     assert generated() == before
+
+
+def test_the_logged_loss_is_the_mean_since_the_last_record_and_survives_a_resume(tiny_gpt2, gpl_file, tmp_path):
+    """--log-every 4: each record's loss is the mean of its 4 steps' losses (as Trainer logs), and a
+    run killed between two records and resumed logs exactly what the uninterrupted run logs."""
+    base = ["--data", gpl_file, "-m", tiny_gpt2, "--max-steps", "12", *TRAIN]
+    finetune(*base, "--log-every", "1", "-o", tmp_path / "every")
+    args = [*base, "--log-every", "4", "--save-every", "3"]
+    finetune(*args, "-o", tmp_path / "straight")
+    every, straight = metrics(tmp_path / "every"), metrics(tmp_path / "straight")
+    assert [r["step"] for r in straight] == [4, 8, 12]
+    for record in straight:
+        steps = every[record["step"] - 4:record["step"]]
+        assert record["loss"] == pytest.approx(sum(r["loss"] for r in steps) / 4, rel=1e-6)
+
+    killed = tmp_path / "killed"
+    command = [sys.executable, "-m", "llmcli", "finetune", *map(str, args), "-o", str(killed)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (killed / "checkpoints" / "step-3" / "trainer_state.json").exists():
+        assert process.poll() is None and time.time() < deadline, "no checkpoint before the run ended"
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (killed / "model.safetensors").exists()
+    assert run_cli("finetune", *args, "-o", killed, "--resume").exit_code == 0
+    assert [(r["step"], r["loss"]) for r in metrics(killed)] == [(r["step"], r["loss"]) for r in straight]

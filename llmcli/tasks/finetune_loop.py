@@ -246,6 +246,9 @@ def train(options: FinetuneOptions, output: Path, model: Any, tokenizer: Any, tr
             from accelerate.utils import gather_object
 
             rank_rngs = gather_object(rank_rngs)
+        # the loss summed since the last record, so a resumed run logs the same mean
+        state["interval_loss"] = (accelerator.reduce(interval[0], "mean") if world > 1 else interval[0]).item()
+        state["interval_steps"] = interval[1]
         if main:
             checkpoints.save_checkpoint(output, state["step"], accelerator.unwrap_model(model), optimizer, scheduler,
                                         dict(state), rank_rngs, options.keep_checkpoints)
@@ -256,6 +259,9 @@ def train(options: FinetuneOptions, output: Path, model: Any, tokenizer: Any, tr
     began, tokens_at_start = time.perf_counter(), state["tokens"]
     order = epoch_batches(len(train_blocks), state["epoch"], options.seed, options.batch_size, world, rank)
     last_loss = last_eval = None
+    # the logged loss is the mean over the steps since the previous record, as Trainer logs it
+    interval = [torch.tensor(float(state.get("interval_loss", 0.0)), device=accelerator.device),
+                int(state.get("interval_steps", 0))]
     interrupts = StepBoundaryInterrupts(accelerator)
     try:
         while state["step"] < steps:
@@ -288,10 +294,12 @@ def train(options: FinetuneOptions, output: Path, model: Any, tokenizer: Any, tr
             if world > 1:
                 step_tokens = int(accelerator.reduce(torch.tensor(step_tokens, device=accelerator.device), "sum"))
             state["tokens"] += step_tokens
+            interval[0], interval[1] = interval[0] + step_loss, interval[1] + 1
             record: dict[str, Any] = {}
             if state["step"] % options.log_every == 0 or state["step"] == steps:
                 # the loss is read only when logged: .item() makes the CPU wait for the GPU's queue
-                last_loss = accelerator.reduce(step_loss, "mean").item()
+                last_loss = accelerator.reduce(interval[0], "mean").item() / interval[1]
+                interval[0], interval[1] = torch.zeros((), device=accelerator.device), 0
                 seconds = time.perf_counter() - began
                 record = {"step": state["step"], "epoch": round(state["epoch"] + state["batch_in_epoch"] / len(order), 4),
                           "loss": last_loss, "lr": scheduler.get_last_lr()[0], "tokens": state["tokens"],
