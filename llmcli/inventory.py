@@ -43,7 +43,11 @@ def cache_entries() -> list[CacheEntry]:
                 source = None
             entries.append(CacheEntry(path.name, "safetensors", round(size / 2**20, 1), source))
         elif path.suffix == ".gguf":
-            entries.append(CacheEntry(path.name, "F16 GGUF", round(path.stat().st_size / 2**20, 1), None))
+            try:  # the file it was converted from, in a marker beside it
+                source = json.loads(path.with_suffix(".json").read_text()).get("source")
+            except (OSError, ValueError):
+                source = None
+            entries.append(CacheEntry(path.name, "F16 GGUF", round(path.stat().st_size / 2**20, 1), source))
     return entries
 
 
@@ -64,6 +68,7 @@ def remove_cache_entries(name: str | None, everything: bool) -> list[str]:
             shutil.rmtree(path)
         else:
             path.unlink()
+            path.with_suffix(".json").unlink(missing_ok=True)
     return [e.name for e in chosen]
 
 

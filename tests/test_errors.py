@@ -401,17 +401,20 @@ def test_info_and_cache_commands(tmp_path, monkeypatch):
     (entry / "model.safetensors").write_bytes(b"x" * 2048)
     (entry / "llmcli-cache.json").write_text(json.dumps({"source": "/models/model.gguf", "files": {}}))
     (folder / "model-abc-v2.F16.gguf").write_bytes(b"y" * 1024)
+    (folder / "model-abc-v2.F16.json").write_text(json.dumps({"source": "/models/model.gguf"}))  # its marker
     (folder / ".model-abc-v2.lock").write_text("")
     details = run_cli("info", "--json").json_lines()[0]
     assert details["cache"]["path"] == str(tmp_path) and details["engines"]["hf"] is True
     assert [e["name"] for e in details["cache"]["entries"]] == ["model-abc-v2", "model-abc-v2.F16.gguf"]
     listed = run_cli("cache", "list", "--json").json_lines()
-    assert [(e["kind"], e["source"]) for e in listed] == [("safetensors", "/models/model.gguf"), ("F16 GGUF", None)]
+    assert [(e["kind"], e["source"]) for e in listed] == [("safetensors", "/models/model.gguf"),
+                                                          ("F16 GGUF", "/models/model.gguf")]
     refused = run_cli("cache", "rm")
     assert refused.exit_code == 2 and "name one cache entry, or pass --all" in refused.stderr
     assert entry.is_dir()
     assert run_cli("cache", "rm", "model-abc-v2.F16").exit_code == 0
     assert [e["name"] for e in run_cli("cache", "list", "--json").json_lines()] == ["model-abc-v2"]
+    assert not (folder / "model-abc-v2.F16.json").exists()  # the marker went with its file
     assert run_cli("cache", "rm", "--all").exit_code == 0 and not entry.exists()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import signal
 import subprocess
@@ -558,6 +559,10 @@ def test_from_scratch_llama_heads_follow_and_a_failed_run_leaves_nothing(gpl_fil
     config = AutoConfig.from_pretrained(output)
     assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim) == (4, 4, 16)
     assert result["steps"] == 3
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {path.name: oct(path.stat().st_mode & 0o777) for path in output.iterdir() if path.is_file()} == \
+        {path.name: oct(0o666 & ~umask) for path in output.iterdir() if path.is_file()}  # model.safetensors too
 
 
 def test_a_finished_run_extends_from_its_last_step(tiny_gpt2, gpl_file, tmp_path):

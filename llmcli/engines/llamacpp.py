@@ -11,6 +11,7 @@ only where they are scored.
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import uuid
 from pathlib import Path
@@ -129,6 +130,7 @@ def convert_to_f16(lib: Any, path: Path, threads: int, on_notice: Callable[[str]
         try:
             if lib.llama_model_quantize(str(path).encode(), str(tmp).encode(), ctypes.byref(params)) != 0:
                 raise ModelLoadError(f"llama.cpp could not convert {path} to F16", "Pass --fast to run it as it is.")
+            target.with_suffix(".json").write_text(json.dumps({"source": str(path.resolve())}))  # for cache list
             tmp.rename(target)
         finally:
             tmp.unlink(missing_ok=True)
@@ -137,6 +139,7 @@ def convert_to_f16(lib: Any, path: Path, threads: int, on_notice: Callable[[str]
     for stale in target.parent.glob(f"{path.stem}-*.F16.gguf"):  # conversions of an older version of this file
         if stale != target:
             stale.unlink(missing_ok=True)
+            stale.with_suffix(".json").unlink(missing_ok=True)
     return target
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import signal
 import threading
@@ -192,7 +193,11 @@ def save_final(output: Path, model: Any, tokenizer: Any, options: FinetuneOption
         warnings.filterwarnings("ignore", message="Could not find a config file")
         model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
+    umask = os.umask(0)
+    os.umask(umask)
     for file in tmp.iterdir():
+        # safetensors writes through a private temporary file (mode 0600): give every file the usual mode
+        file.chmod(0o666 & ~umask)
         file.replace(output / file.name)
     tmp.rmdir()
 
