@@ -52,6 +52,16 @@ def stdout_console() -> Console:
     return Console(file=stdout, highlight=False)
 
 
+def print_table(table: Any) -> None:
+    """A table on stdout without the spaces rich pads its lines with (they show in diffs and files);
+    colours stay when stdout is a terminal."""
+    console = stdout_console()
+    with console.capture() as captured:
+        console.print(table)
+    stdout.write("\n".join(line.rstrip() for line in captured.get().split("\n")))
+    stdout.flush()
+
+
 quiet = False  # a worker process other than rank 0: rank 0 alone speaks for the command
 
 
@@ -144,7 +154,7 @@ def fill_mask_table(result: Any, model_name: str) -> None:
         for rank, prediction in enumerate(row, 1):
             bar = "█" * round(prediction.score * 20)
             table.add_row(str(rank), prediction.token_str, f"{prediction.score:.4f}", bar, prediction.sequence)
-        stdout_console().print(table)
+        print_table(table)
     if result.all_positions is not None:
         write(f"all positions: {result.all_positions}\n")
 
@@ -187,7 +197,7 @@ def eval_table(results: list[Any]) -> None:
         cells = [f"{r.value:.4f}", "-" if r.stderr is None else f"{r.stderr:.4f}", str(r.tokens),
                  "-" if r.bits_per_byte is None else f"{r.bits_per_byte:.4f}", f"{r.seconds:.1f}"]
         table.add_row(name, *([f"[{legend.index(run) + 1}]"] if len(legend) > 1 else []), *cells, style=style)
-    stdout_console().print(table)
+    print_table(table)
 
 
 def short_names(names: list[str]) -> list[str]:
@@ -240,7 +250,7 @@ def finetune_summary(result: Any) -> None:
         table.add_row("eval loss / perplexity", f"{result.eval_loss:.4f} / {math.exp(min(result.eval_loss, 700)):.2f}")
     table.add_row("tokens/s", f"{result.tokens_per_second:.0f} ({result.world_size} process(es))")
     table.add_row("time", f"{result.seconds:.1f} s")
-    stdout_console().print(table)
+    print_table(table)
 
 
 def llama_cpp_rows(build: dict[str, Any] | None) -> list[tuple[str, str]]:

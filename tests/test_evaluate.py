@@ -446,3 +446,11 @@ def test_prompt_completion_and_chat_records_score_the_completion_given_its_promp
     bad.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
     result = run_cli("eval", "--data", bad, "-m", tiny_llama)
     assert result.exit_code == 2 and "bad.jsonl line 1" in result.stderr and "assistant" in result.stderr
+
+
+def test_tables_have_no_trailing_spaces(text_file, tiny_gpt2):
+    """rich pads table lines to the console's width; printed to a file or a diff, that is noise."""
+    result = run_cli("eval", "--data", text_file, "-m", tiny_gpt2, "--max-length", "64")
+    assert result.exit_code == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) > 2 and not [line for line in lines if line != line.rstrip()]
