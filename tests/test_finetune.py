@@ -116,21 +116,26 @@ def test_chat_masking_scores_only_assistant_turns(tiny_llama, tmp_path):
     assert scored == "hi friend\nsee you\n"  # the template ends each turn with a newline
 
 
+def kill_after_checkpoint(args: list, output: Path, step: int) -> None:
+    """`llmcli finetune ARGS -o OUTPUT` in a process killed with SIGKILL once checkpoint `step` is complete."""
+    command = [sys.executable, "-m", "llmcli", "finetune", *map(str, args), "-o", str(output)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (output / "checkpoints" / f"step-{step}" / "trainer_state.json").exists():
+        assert process.poll() is None and time.time() < deadline, "no checkpoint before the run ended"
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (output / "model.safetensors").exists()  # it really died before the end
+
+
 def test_kill_and_resume_equals_uninterrupted(tiny_gpt2, gpl_file, tmp_path):
     args = ["--data", gpl_file, "-m", tiny_gpt2, "--max-steps", "40", "--save-every", "5", *TRAIN]
     straight = tmp_path / "straight"
     finetune(*args, "-o", straight)
 
     killed = tmp_path / "killed"
-    command = [sys.executable, "-m", "llmcli", "finetune", *map(str, args), "-o", str(killed)]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (killed / "checkpoints" / "step-10" / "trainer_state.json").exists():
-        assert process.poll() is None and time.time() < deadline, "no checkpoint before the run ended"
-        time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert not (killed / "model.safetensors").exists()  # it really died before the end
+    kill_after_checkpoint(args, killed, 10)
     resumed = run_cli("finetune", *args, "-o", killed, "--resume")
     assert resumed.exit_code == 0, resumed.stderr
     assert "Resuming from" in resumed.stderr
@@ -616,14 +621,6 @@ def test_the_logged_loss_is_the_mean_since_the_last_record_and_survives_a_resume
         assert record["loss"] == pytest.approx(sum(r["loss"] for r in steps) / 4, rel=1e-6)
 
     killed = tmp_path / "killed"
-    command = [sys.executable, "-m", "llmcli", "finetune", *map(str, args), "-o", str(killed)]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (killed / "checkpoints" / "step-3" / "trainer_state.json").exists():
-        assert process.poll() is None and time.time() < deadline, "no checkpoint before the run ended"
-        time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert not (killed / "model.safetensors").exists()
+    kill_after_checkpoint(args, killed, 3)
     assert run_cli("finetune", *args, "-o", killed, "--resume").exit_code == 0
     assert [(r["step"], r["loss"]) for r in metrics(killed)] == [(r["step"], r["loss"]) for r in straight]

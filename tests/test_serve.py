@@ -71,6 +71,20 @@ def serving(*args) -> Iterator[Server]:
         server.returncode = process.returncode
 
 
+def open_long_stream(server: Server, prompt: str = "Once upon a time"):
+    """A raw HTTP connection streaming a 3000-token greedy completion (about a minute on the embedded
+    model), for a client that hangs up or a server stopped mid-stream; (connection, response)."""
+    import http.client
+
+    port = int(server.url.rsplit(":", 1)[1])
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    connection.request("POST", "/v1/completions", json.dumps({"prompt": prompt, "max_tokens": 3000, "stream": True,
+                                                              "temperature": 0}), {"Content-Type": "application/json"})
+    response = connection.getresponse()
+    assert response.status == 200
+    return connection, response
+
+
 def generate_text(*args) -> str:
     result = run_cli("generate", *args, "--json")
     assert result.exit_code == 0, result.stderr
@@ -194,16 +208,8 @@ def test_a_full_queue_answers_503_with_retry_after(tiny_gpt2):
 def test_a_client_gone_mid_stream_frees_the_engine():
     """A stream of 3000 tokens (about a minute on the embedded model here) whose client hangs up after
     the first pieces: the generation stops, so the next request is answered at once."""
-    import http.client
-
     with serving() as server:
-        port = int(server.url.rsplit(":", 1)[1])
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-        connection.request("POST", "/v1/completions", json.dumps({"prompt": "Once upon a time", "max_tokens": 3000,
-                                                                  "stream": True, "temperature": 0}),
-                           {"Content-Type": "application/json"})
-        response = connection.getresponse()
-        assert response.status == 200
+        connection, response = open_long_stream(server)
         assert response.read(6) == b"data: "  # the first piece has come
         connection.sock.close()  # the client goes away mid-stream
         connection.close()
@@ -343,15 +349,8 @@ def test_what_real_clients_send_and_expect(tiny_gguf):
 def test_sigterm_ends_open_streams_properly(engine):
     """SIGTERM while a long stream is in flight: the stream ends within the grace period with a finish
     reason and [DONE], the server exits 0, and no traceback is printed."""
-    import http.client
-
     with serving("--engine", engine) as server:
-        port = int(server.url.rsplit(":", 1)[1])
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-        connection.request("POST", "/v1/completions", json.dumps({"prompt": "Once upon a time", "max_tokens": 3000,
-                                                                  "stream": True, "temperature": 0}),
-                           {"Content-Type": "application/json"})
-        response = connection.getresponse()
+        connection, response = open_long_stream(server)
         assert response.read(6) == b"data: "
         server.process.send_signal(signal.SIGTERM)
         rest = response.read().decode()  # to the end of the stream

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from test_serve import serving
+from test_serve import open_long_stream, serving
 
 pytest.importorskip("llama_cpp")
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
@@ -168,8 +168,6 @@ def test_a_client_gone_mid_stream_leaves_the_others_and_frees_its_sequence():
     """Embedded model: a client asks for 3000 tokens and hangs up after its first piece while two others
     stream; theirs are the texts they get alone, and the abandoned sequence stops at once (the model ran
     far fewer tokens than it asked for)."""
-    import http.client
-
     bodies = [{"prompt": "The capital of France is", "max_tokens": 32, "temperature": 0},
               {"prompt": "Once upon a time", "max_tokens": 32, "temperature": 0.8, "seed": 3}]
     with serving("--parallel", "4") as server:
@@ -177,13 +175,7 @@ def test_a_client_gone_mid_stream_leaves_the_others_and_frees_its_sequence():
         model = client.models.list().data[0].id
         alone = [stream_text(client, {"model": model, **body}) for body in bodies]
         before = metrics(server)["llmcli:tokens_decoded_total"]
-        port = int(server.url.rsplit(":", 1)[1])
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-        connection.request("POST", "/v1/completions", json.dumps({"prompt": "Write a long story.", "max_tokens": 3000,
-                                                                  "stream": True, "temperature": 0}),
-                           {"Content-Type": "application/json"})
-        response = connection.getresponse()
-        assert response.status == 200
+        connection, response = open_long_stream(server, "Write a long story.")
         texts: list[str] = ["", ""]
 
         def user(number: int) -> None:
