@@ -35,7 +35,7 @@ class Live:
 
     seq_id: int
     prompt: list[int]
-    chain: Any  # its sampler chain (freed with the set)
+    chain: Any  # its sampler chain (freed when the sequence ends)
     max_new_tokens: int
     pending: list[int] = field(default_factory=list)  # tokens still to decode (a prompt's rest, or the last sample)
     position: int = 0  # the position of pending[0]
@@ -79,14 +79,13 @@ class SequenceSet:
         self.batch = lib.llama_batch_init(batch_size, 0, 1)
         self.free_ids = list(range(n_seq + keep_idle))
         self.live: list[Live] = []
-        self.chains: list[Any] = []
         self.keep_idle = keep_idle
         self.idle: dict[int, list[int]] = {}  # seq id -> the tokens its cells hold; oldest first
         self.decoded = 0  # tokens decoded so far (prompt and sampled), for tests and metrics
 
     def close(self) -> None:
-        for chain in self.chains:
-            self.lib.llama_sampler_free(chain)
+        for sequence in self.live:
+            self.lib.llama_sampler_free(sequence.chain)
         self.lib.llama_batch_free(self.batch)
         self.lib.llama_free(self.context)
 
@@ -101,7 +100,6 @@ class SequenceSet:
         if not self.free_ids:
             self.evict_idle(keep=source)
         sequence = Live(self.free_ids.pop(0), prompt, chain, max_new_tokens)
-        self.chains.append(chain)
         sequence.leader = share_prefill_of
         if share_prefill_of is None:
             if shared:
@@ -140,6 +138,7 @@ class SequenceSet:
             return
         sequence.done = True
         self.live.remove(sequence)
+        self.lib.llama_sampler_free(sequence.chain)  # a server's sequences come and go: free each as it ends
         for follower in self.live:  # samples still waiting for this one's prefill copy what it has
             if follower.leader is sequence:
                 follower.leader = None
