@@ -88,3 +88,32 @@ def test_a_long_prompt_is_prefilled_in_chunks_beside_the_decoding_ones(tiny_gguf
     rows = engine.generate([short, long], options, on_tokens=lambda ids: None, should_stop=lambda: False)
     assert max(calls) <= 32 and sum(calls) == len(short) + len(long) + sum(len(row) - 1 for row in rows)
     assert rows == [engine.generate([prompt], options, lambda ids: None, lambda: False)[0] for prompt in (short, long)]
+
+
+def test_a_sample_whose_leader_is_cancelled_mid_prefill_goes_on_alone(tiny_gguf):
+    """Two samples of one prompt, prefilled in chunks of 8: the first is cancelled (its client left)
+    before the prompt is in; the second copies the cells decoded so far, decodes the rest itself, and
+    ends with the greedy answer the prompt gets alone."""
+    from llmcli.engines import choose_engine
+    from llmcli.engines.llama_sequences import SequenceSet
+    from llmcli.tasks.generate import GenerateOptions
+
+    engine = choose_engine(str(tiny_gguf), "llama.cpp")
+    options = GenerateOptions(max_new_tokens=10)
+    prompt = engine.encode(PROMPTS[3])
+    assert len(prompt) > 16
+    [alone] = engine.generate([prompt], options, on_tokens=lambda tokens: None, should_stop=lambda: False)
+    sequences = SequenceSet(engine, 512, 2, 8)
+    try:
+        leader = sequences.add(prompt, engine.sampler(options, prompt), 10)
+        follower = sequences.add(prompt, engine.sampler(options, prompt), 10, share_prefill_of=leader)
+        sequences.step(engine.eos_ids)
+        assert 0 < leader.position < len(prompt) and not follower.new
+        sequences.cancel(leader)
+        for _ in range(50):
+            if not sequences.live:
+                break
+            sequences.step(engine.eos_ids)
+        assert follower.new == alone
+    finally:
+        sequences.close()

@@ -142,8 +142,9 @@ class SequenceSet:
         for follower in self.live:  # samples still waiting for this one's prefill copy what it has
             if follower.leader is sequence:
                 follower.leader = None
-                self.lib.llama_memory_seq_cp(self.memory, sequence.seq_id, follower.seq_id, 0, sequence.position)
-                follower.pending, follower.position = follower.prompt[sequence.position:], sequence.position
+                kept = min(sequence.position, len(follower.prompt) - 1)  # one token left: its logits to sample
+                self.lib.llama_memory_seq_cp(self.memory, sequence.seq_id, follower.seq_id, 0, kept)
+                follower.pending, follower.position = follower.prompt[kept:], kept
         if self.keep_idle and sequence.position:
             self.idle[sequence.seq_id] = sequence.cached_tokens()
             while len(self.idle) > self.keep_idle:
