@@ -227,6 +227,15 @@ def generate(
                                                          "(fast on repetitive text; same greedy output).")] = None,
     truncate: Annotated[str, typer.Option(help="A prompt too long for the context: 'error', or 'left' to keep "
                                           "its end.")] = "error",
+    schema: Annotated[Optional[str], typer.Option(help="llama.cpp: output valid for this JSON schema (a file or "
+                                                  "inline JSON; 'json' for any JSON object).",
+                                                  show_default=False)] = None,
+    regex: Annotated[Optional[str], typer.Option(help="llama.cpp: output matching this regular expression.",
+                                                 show_default=False)] = None,
+    grammar: Annotated[Optional[str], typer.Option(help="llama.cpp: output in this Lark grammar (a file).",
+                                                   show_default=False)] = None,
+    choice: Annotated[Optional[list[str]], typer.Option(help="llama.cpp: output exactly one of these (repeatable).",
+                                                        show_default=False)] = None,
     fast: Annotated[bool, typer.Option("--fast", help="llama.cpp: the GGUF's own quantized weights (~1.25x, answers "
                                        "differ more from fp32). hf on CPU: bfloat16 weights (~1.5x). hf on CUDA: a "
                                        "static KV cache and a compiled decode step (~8x, after ~45 s of compiling). "
@@ -261,6 +270,11 @@ def generate(
         stop=stop or [], system=system, chat=chat, batch_size=1 if batch_size is None else batch_size,
         prompt_lookup=prompt_lookup, truncate=truncate,
     )
+    from dataclasses import replace
+
+    from llmcli.constraints import constraint_from_options
+
+    options = replace(options, constraint=constraint_from_options(schema, regex, grammar, choice))
     validate(options)  # before the slow model load
     if draft_model and prompt_lookup:
         raise UsageError("--draft-model and --prompt-lookup are two ways to propose tokens", "Choose one.")
@@ -281,9 +295,10 @@ def generate(
     runner = load_engine(model, engine, command="generate", device=device or workers.device, dtype=dtype, fast=fast,
                          threads=threads, hf_only=hf_only, draft_model=draft_model,
                          trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, placement=placement)
+    if options.constraint is not None and runner.name != "llama.cpp":
+        raise UsageError("--schema, --regex, --grammar and --choice run on the llama.cpp engine so far",
+                         "Use a .gguf model (the embedded one is) or --engine llama.cpp.")
     if batch_size is None:
-        from dataclasses import replace
-
         options = replace(options, batch_size=runner.default_batch_size)
     if workers.size > 1:  # each process generates for its share of the prompts; rank 0 prints them all
         from llmcli.tasks.generate import settle_length, share_options

@@ -205,10 +205,11 @@ def test_a_full_queue_answers_503_with_retry_after(tiny_gpt2):
 
 
 @pytest.mark.slow
-def test_a_client_gone_mid_stream_frees_the_engine():
+@pytest.mark.parametrize("engine", ["llama.cpp", "hf"])
+def test_a_client_gone_mid_stream_frees_the_engine(engine):
     """A stream of 3000 tokens (about a minute on the embedded model here) whose client hangs up after
     the first pieces: the generation stops, so the next request is answered at once."""
-    with serving() as server:
+    with serving("--engine", engine) as server:
         connection, response = open_long_stream(server)
         assert response.read(6) == b"data: "  # the first piece has come
         connection.sock.close()  # the client goes away mid-stream

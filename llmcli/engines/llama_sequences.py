@@ -44,6 +44,7 @@ class Live:
     output: int | None = None  # where this step's batch holds its logits
     done: bool = False
     reused: int = 0  # prompt tokens whose cells came from the prefix cache (not decoded)
+    matcher: Any = None  # its structured-output constraint (llmcli.constraints.Matcher), if any
 
     def cached_tokens(self) -> list[int]:
         """The tokens its cells hold, in order (a sampled token is decoded the step after)."""
@@ -90,7 +91,7 @@ class SequenceSet:
         self.lib.llama_free(self.context)
 
     def add(self, prompt: list[int], chain: Any, max_new_tokens: int, share_prefill_of: Live | None = None,
-            reuse_prefix: bool = False) -> Live:
+            reuse_prefix: bool = False, matcher: Any = None) -> Live:
         """A new sequence. With `share_prefill_of` (still prefilling), another sample of that sequence's
         prompt, sharing its prefill; with `reuse_prefix`, the longest prefix of the prompt any
         sequence's cells hold is copied, not decoded."""
@@ -99,7 +100,7 @@ class SequenceSet:
         source, shared = self.longest_prefix(prompt) if reuse_prefix else (None, 0)
         if not self.free_ids:
             self.evict_idle(keep=source)
-        sequence = Live(self.free_ids.pop(0), prompt, chain, max_new_tokens)
+        sequence = Live(self.free_ids.pop(0), prompt, chain, max_new_tokens, matcher=matcher)
         sequence.leader = share_prefill_of
         if share_prefill_of is None:
             if shared:
@@ -198,10 +199,19 @@ class SequenceSet:
                 sequence.leader = None
         for sequence in self.live:
             if sequence.output is not None:
+                if sequence.matcher:  # samples sharing a row start from the same state: the same mask
+                    sequence.matcher.mask(self.engine.logits_row(self.context, sequence.output))
                 sampled.append((sequence, lib.llama_sampler_sample(sequence.chain, self.context, sequence.output)))
         for sequence, token in sampled:
             sequence.output = None
             sequence.new.append(token)
+            if sequence.matcher:
+                sequence.matcher.accept(token)
+                if (sequence.matcher.finished and token not in eos and self.engine.eos_id is not None
+                        and len(sequence.new) < sequence.max_new_tokens):
+                    # the text is complete: EOS is the one token its mask allows next, taken without a step
+                    token = self.engine.eos_id
+                    sequence.new.append(token)
             if token in eos or len(sequence.new) >= sequence.max_new_tokens:
                 self.cancel(sequence)
             else:

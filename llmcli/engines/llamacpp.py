@@ -199,6 +199,8 @@ class LlamaCppEngine:
         self.context_size = 0
         self.cached: list[int] = []  # the tokens whose keys and values the context holds, in order
         self.batch = lib.llama_batch_init(BATCH, 0, 1)
+        self.guidance: Any = None  # llguidance's tokenizer of this vocabulary, built on first use (~0.5 s)
+        self.grammars: dict[Any, str] = {}  # compiled once per constraint
 
     def __del__(self) -> None:
         lib = getattr(self, "lib", None)
@@ -342,6 +344,31 @@ class LlamaCppEngine:
             lib.llama_sampler_accept(chain, token)
         return chain
 
+    def matcher(self, options: Any) -> Any:
+        """A fresh constraint matcher for one sequence, or None without a constraint."""
+        constraint = getattr(options, "constraint", None)
+        if constraint is None:
+            return None
+        from llmcli.constraints import Matcher, compile_grammar
+
+        if self.guidance is None:
+            import warnings
+
+            from llguidance.llamacpp import lltokenizer_from_vocab
+
+            with warnings.catch_warnings():  # llguidance 1.9 reads each token through a deprecated binding
+                warnings.simplefilter("ignore", DeprecationWarning)
+                self.guidance = lltokenizer_from_vocab(self.vocab)
+        if constraint not in self.grammars:
+            self.grammars[constraint] = compile_grammar(constraint, self.guidance)
+        return Matcher(self.guidance, self.grammars[constraint], self.n_vocab)
+
+    def logits_row(self, context: Any, index: int) -> Any:
+        """The logits llama.cpp will sample from at batch output `index` (-1: the last), writable in place."""
+        import numpy
+
+        return numpy.ctypeslib.as_array(self.lib.llama_get_logits_ith(context, index), shape=(self.n_vocab,))
+
     def generate(self, batch: list[list[int]], options: Any, on_tokens: TokensCallback,
                  should_stop: Callable[[], bool]) -> list[list[int]]:
         """Every prompt and sample of the batch decoded together (one llama_decode per step), or, for one
@@ -371,7 +398,8 @@ class LlamaCppEngine:
             for prompt in batch:
                 leader = None
                 for _ in range(samples):
-                    live = sequences.add(prompt, self.sampler(options, prompt), options.max_new_tokens, leader)
+                    live = sequences.add(prompt, self.sampler(options, prompt), options.max_new_tokens, leader,
+                                         matcher=self.matcher(options))
                     leader = leader or live
                     order.append(live)
             while sequences.live:
@@ -396,14 +424,24 @@ class LlamaCppEngine:
                 shared += 1
         shared = self.use_context(len(prompt) + options.max_new_tokens, keep=shared)
         chain = self.sampler(options, prompt)
+        matcher = self.matcher(options)
         try:
             self.feed(prompt[shared:], shared)
             new: list[int] = []
             while True:
+                if matcher:
+                    matcher.mask(self.logits_row(self.context, -1))
                 token = lib.llama_sampler_sample(chain, self.context, -1)
                 new.append(token)
                 on_tokens([token])
-                if token in self.eos_ids or len(new) == options.max_new_tokens or should_stop():
+                if matcher:
+                    matcher.accept(token)
+                    if (matcher.finished and token not in self.eos_ids and self.eos_id is not None
+                            and len(new) < options.max_new_tokens):
+                        # the text is complete: EOS is the one token its mask allows next, taken without a step
+                        new.append(self.eos_id)
+                        return new
+                if token in self.eos_ids or len(new) >= options.max_new_tokens or should_stop():
                     return new
                 self.feed([token], len(prompt) + len(new) - 1)
         finally:

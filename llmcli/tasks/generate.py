@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from llmcli.data import Prompt
 from llmcli.engines import Engine, as_engine
@@ -37,6 +37,7 @@ class GenerateOptions:
     prompt_lookup: int | None = None  # prompt-lookup decoding: tokens proposed per step from the prompt
     truncate: str = "error"  # a prompt too long for the context: "error" or "left" (keep its end)
     reuse_prefix: bool = False  # a chat's next turn: engines that can may keep the cached prompt prefix
+    constraint: Any = None  # structured output (llmcli.constraints.Constraint): only tokens it allows are sampled
 
 
 @dataclass

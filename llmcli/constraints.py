@@ -1,0 +1,124 @@
+"""Structured output: a JSON schema, a regex, a Lark grammar or a choice of strings, compiled by
+llguidance into one matcher per sequence. Before each sampling step the matcher's token mask sets the
+disallowed tokens' logits to -inf, so among the allowed tokens the model's distribution (and the
+sampler chain after it) is unchanged; the sampled token then advances the matcher.
+
+llguidance was chosen over xgrammar (which pulls torch, transformers and triton: the llama.cpp path
+must import neither) and outlines-core (regex and FSMs only, no Lark grammars): it has no
+dependencies, builds its tokenizer from a llama.cpp vocab, and fills a NumPy bitmask. So far the
+llama.cpp engine uses it; the hf engine refuses a constraint in one line.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from llmcli.errors import UsageError
+
+ANY_JSON_OBJECT = '{"type": "object"}'
+
+
+@dataclass(frozen=True)
+class Constraint:
+    kind: str  # "schema" | "regex" | "grammar" | "choice"
+    text: str  # the schema's JSON, the regex, the Lark grammar, or the choices one per line
+
+    def grammar(self) -> str:
+        """llguidance's grammar for it (not yet checked: `compile_grammar` does that)."""
+        from llguidance import LLMatcher
+
+        if self.kind == "schema":
+            # compact JSON: no run of whitespace a sampler could loop in up to max_tokens
+            return LLMatcher.grammar_from_json_schema(self.text, defaults={"whitespace_flexible": False})
+        if self.kind == "grammar":
+            return LLMatcher.grammar_from_lark(self.text)
+        if self.kind == "choice":
+            return LLMatcher.grammar_from_regex("|".join(f"({re.escape(c)})" for c in self.text.split("\n")))
+        return LLMatcher.grammar_from_regex(self.text)
+
+
+def constraint_from_options(schema: str | None, regex: str | None, grammar: str | None,
+                            choices: list[str] | None) -> Constraint | None:
+    """The command line's constraint: `--schema FILE|JSON|json`, `--regex`, `--grammar FILE`,
+    `--choice` (repeatable); at most one kind."""
+    given = [name for name, value in (("--schema", schema), ("--regex", regex), ("--grammar", grammar),
+                                      ("--choice", choices)) if value]
+    if len(given) > 1:
+        raise UsageError(f"{' and '.join(given)} are two constraints", "Pass one of them.")
+    if schema:
+        return Constraint("schema", read_schema(schema))
+    if regex:
+        return Constraint("regex", regex)
+    if grammar:
+        return Constraint("grammar", read_file(grammar, "--grammar"))
+    if choices:
+        if any(not c or "\n" in c for c in choices):
+            raise UsageError("--choice takes non-empty strings of one line")
+        return Constraint("choice", "\n".join(choices))
+    return None
+
+
+def read_schema(value: str) -> str:
+    """`json` (any JSON object), inline JSON, or a file of it; checked to be a JSON object."""
+    if value == "json":
+        return ANY_JSON_OBJECT
+    text = value if value.lstrip()[:1] in ("{", "[") else read_file(value, "--schema")  # inline JSON, or a file
+    try:
+        schema = json.loads(text)
+    except ValueError as exc:
+        raise UsageError(f"--schema is not valid JSON: {exc}", "Pass a JSON schema (a file or inline), or json.") from exc
+    if not isinstance(schema, dict):
+        raise UsageError("--schema must be a JSON object (a JSON schema)", 'For any JSON object pass: --schema json')
+    return json.dumps(schema)
+
+
+def read_file(path: str, option: str) -> str:
+    file = Path(path)
+    if not file.is_file():
+        raise UsageError(f"{option} {path}: no such file", "Check the path.")
+    return file.read_text(encoding="utf-8")
+
+
+def compile_grammar(constraint: Constraint, tokenizer: Any) -> str:
+    """The checked grammar; an error (a keyword the library does not support, a regex that does not
+    compile, a grammar with a syntax error) is one UsageError naming it."""
+    from llguidance import LLMatcher
+
+    try:
+        grammar = constraint.grammar()
+    except (ValueError, RuntimeError) as exc:
+        raise UsageError(f"the {constraint.kind} cannot be compiled: {exc}") from exc
+    is_error, messages = LLMatcher.validate_grammar_with_warnings(grammar, tokenizer)
+    if is_error:
+        raise UsageError(f"the {constraint.kind} cannot be compiled: {messages[0]}",
+                         "Check it; unsupported JSON-schema keywords are named above.")
+    return grammar
+
+
+class Matcher:
+    """One sequence's constraint state: masks its logits, then follows the token sampled."""
+
+    def __init__(self, tokenizer: Any, grammar: str, n_vocab: int) -> None:
+        import llguidance.numpy as masks
+        from llguidance import LLMatcher
+
+        self.masks, self.matcher, self.n_vocab = masks, LLMatcher(tokenizer, grammar, log_level=0), n_vocab
+        self.bitmask = masks.allocate_token_bitmask(1, n_vocab)
+
+    def mask(self, logits: Any) -> None:
+        """Disallowed tokens' logits (a writable float32 array of the vocabulary) become -inf."""
+        self.masks.fill_next_token_bitmask(self.matcher, self.bitmask)
+        self.masks.apply_token_bitmask_inplace(logits, self.bitmask[0])
+
+    def accept(self, token: int) -> None:
+        if not self.matcher.consume_token(token):
+            raise RuntimeError(f"the constraint rejected token {token}: {self.matcher.get_error()}")
+
+    @property
+    def finished(self) -> bool:
+        """The constrained text is complete: nothing may follow it."""
+        return self.matcher.is_stopped()
