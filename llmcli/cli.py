@@ -235,7 +235,7 @@ def generate(
     grammar: Annotated[Optional[str], typer.Option(help="llama.cpp: output in this Lark grammar (a file).",
                                                    show_default=False)] = None,
     choice: Annotated[Optional[list[str]], typer.Option(help="llama.cpp: output exactly one of these (repeatable).",
-                                                        show_default=False)] = None,
+                                                        show_default=False, metavar="TEXT")] = None,
     fast: Annotated[bool, typer.Option("--fast", help="llama.cpp: the GGUF's own quantized weights (~1.25x, answers "
                                        "differ more from fp32). hf on CPU: bfloat16 weights (~1.5x). hf on CUDA: a "
                                        "static KV cache and a compiled decode step (~8x, after ~45 s of compiling). "
