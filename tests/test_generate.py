@@ -11,7 +11,7 @@ from conftest import GPL3, hf_greedy, run_cli
 
 PROMPTS = ["This License", "the GNU General Public License is", "You may convey"]
 JSON_KEYS = {"prompt", "index", "text", "token_ids", "finish_reason", "prompt_tokens", "generated_tokens", "seconds",
-             "engine", "weights"}
+             "engine", "weights", "prompt_number"}
 
 
 def greedy(model_dir, *prompts, n=12, extra=()):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -75,13 +76,14 @@ def test_resume_skips_incomplete_checkpoints(tiny_gpt2, tmp_path):
             "--save-every", "4", "--keep-checkpoints", "5", "--json"]
     assert run_cli(*args).exit_code == 0
     checkpoints = output / "checkpoints"
-    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-4", "step-8"]
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-12", "step-4", "step-8"]  # the last step too
     (checkpoints / "step-8" / "trainer_state.json").unlink()  # as if killed before the state was written
+    shutil.rmtree(checkpoints / "step-12")
     (checkpoints / ".tmp-step-12-dead").mkdir()  # as if killed before the rename
     (output / "config.json").unlink()  # and so before the final model was written: the run is not finished
     result = run_cli(*args, "--resume")
     assert result.exit_code == 0, result.stderr
-    assert "checkpoints/step-4 (step 4)" in result.stderr
+    assert "checkpoints/step-4 (step 4 of 12;" in result.stderr
 
 
 def start(args: list[str], env: dict | None = None) -> subprocess.Popen:
