@@ -114,11 +114,12 @@ class Matcher:
         self.masks.fill_next_token_bitmask(self.matcher, self.bitmask)
         self.masks.apply_token_bitmask_inplace(logits, self.bitmask[0])
 
-    def accept(self, token: int) -> None:
+    def accept(self, token: int, eos: Any, eos_id: int | None, room: int) -> int | None:
+        """Follows the sampled token; returns the EOS id to end the sequence with when the constrained
+        text is now complete (EOS is the one token its mask allows next: taken without a step), if the
+        sequence has `room` for another token and did not just end at EOS."""
         if not self.matcher.consume_token(token):
             raise RuntimeError(f"the constraint rejected token {token}: {self.matcher.get_error()}")
-
-    @property
-    def finished(self) -> bool:
-        """The constrained text is complete: nothing may follow it."""
-        return self.matcher.is_stopped()
+        if self.matcher.is_stopped() and token not in eos and eos_id is not None and room > 0:
+            return eos_id
+        return None

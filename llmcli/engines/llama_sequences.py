@@ -206,11 +206,10 @@ class SequenceSet:
             sequence.output = None
             sequence.new.append(token)
             if sequence.matcher:
-                sequence.matcher.accept(token)
-                if (sequence.matcher.finished and token not in eos and self.engine.eos_id is not None
-                        and len(sequence.new) < sequence.max_new_tokens):
-                    # the text is complete: EOS is the one token its mask allows next, taken without a step
-                    token = self.engine.eos_id
+                end = sequence.matcher.accept(token, eos, self.engine.eos_id,
+                                              sequence.max_new_tokens - len(sequence.new))
+                if end is not None:
+                    token = end
                     sequence.new.append(token)
             if token in eos or len(sequence.new) >= sequence.max_new_tokens:
                 self.cancel(sequence)

@@ -435,11 +435,9 @@ class LlamaCppEngine:
                 new.append(token)
                 on_tokens([token])
                 if matcher:
-                    matcher.accept(token)
-                    if (matcher.finished and token not in self.eos_ids and self.eos_id is not None
-                            and len(new) < options.max_new_tokens):
-                        # the text is complete: EOS is the one token its mask allows next, taken without a step
-                        new.append(self.eos_id)
+                    end = matcher.accept(token, self.eos_ids, self.eos_id, options.max_new_tokens - len(new))
+                    if end is not None:
+                        new.append(end)
                         return new
                 if token in self.eos_ids or len(new) >= options.max_new_tokens or should_stop():
                     return new

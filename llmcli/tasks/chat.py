@@ -30,7 +30,7 @@ class ChatSession:
 
     def handle(self, line: str, on_text: TextCallback) -> str | None:
         """React to one message: a /command returns a notice, a message streams a reply and returns ""
-        (or a notice about the reply). Returns None when the user asks to leave."""
+        (`cut` says whether -n stopped it). Returns None when the user asks to leave."""
         text = line.strip()
         if text in ("/exit", "/quit", "/bye"):
             return None
