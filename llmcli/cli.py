@@ -227,14 +227,14 @@ def generate(
                                                          "(fast on repetitive text; same greedy output).")] = None,
     truncate: Annotated[str, typer.Option(help="A prompt too long for the context: 'error', or 'left' to keep "
                                           "its end.")] = "error",
-    schema: Annotated[Optional[str], typer.Option(help="llama.cpp: output valid for this JSON schema (a file or "
+    schema: Annotated[Optional[str], typer.Option(help="Output valid for this JSON schema (a file or "
                                                   "inline JSON; 'json' for any JSON object).",
                                                   show_default=False)] = None,
-    regex: Annotated[Optional[str], typer.Option(help="llama.cpp: output matching this regular expression.",
+    regex: Annotated[Optional[str], typer.Option(help="Output matching this regular expression.",
                                                  show_default=False)] = None,
-    grammar: Annotated[Optional[str], typer.Option(help="llama.cpp: output in this Lark grammar (a file).",
+    grammar: Annotated[Optional[str], typer.Option(help="Output in this Lark grammar (a file).",
                                                    show_default=False)] = None,
-    choice: Annotated[Optional[list[str]], typer.Option(help="llama.cpp: output exactly one of these (repeatable).",
+    choice: Annotated[Optional[list[str]], typer.Option(help="Output exactly one of these (repeatable).",
                                                         show_default=False, metavar="TEXT")] = None,
     fast: Annotated[bool, typer.Option("--fast", help="llama.cpp: the GGUF's own quantized weights (~1.25x, answers "
                                        "differ more from fp32). hf on CPU: bfloat16 weights (~1.5x). hf on CUDA: a "
@@ -278,6 +278,9 @@ def generate(
     validate(options)  # before the slow model load
     if draft_model and prompt_lookup:
         raise UsageError("--draft-model and --prompt-lookup are two ways to propose tokens", "Choose one.")
+    if options.constraint is not None and (draft_model or prompt_lookup):
+        raise UsageError(f"{'--draft-model' if draft_model else '--prompt-lookup'} proposes tokens that a "
+                         "constraint cannot check yet", "Drop it, or the constraint.")
     from llmcli.data import Prompt, read_prompts
 
     prompt_list = [p if isinstance(p, Prompt) else Prompt(text=p)
@@ -295,9 +298,6 @@ def generate(
     runner = load_engine(model, engine, command="generate", device=device or workers.device, dtype=dtype, fast=fast,
                          threads=threads, hf_only=hf_only, draft_model=draft_model,
                          trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, placement=placement)
-    if options.constraint is not None and runner.name != "llama.cpp":
-        raise UsageError("--schema, --regex, --grammar and --choice run on the llama.cpp engine so far",
-                         "Use a .gguf model (the embedded one is) or --engine llama.cpp.")
     if batch_size is None:
         options = replace(options, batch_size=runner.default_batch_size)
     if workers.size > 1:  # each process generates for its share of the prompts; rank 0 prints them all
@@ -327,7 +327,8 @@ def generate(
             render.write(result.text)
         render.write("\n")
     if stats:
-        render.generation_stats(results, runner.peak_memory_mb())
+        render.generation_stats(results, runner.peak_memory_mb(),
+                                runner.constraints.seconds if options.constraint is not None else None)
 
 
 @app.command("fill-mask")

@@ -5,17 +5,19 @@ sampler chain after it) is unchanged; the sampled token then advances the matche
 
 llguidance was chosen over xgrammar (which pulls torch, transformers and triton: the llama.cpp path
 must import neither) and outlines-core (regex and FSMs only, no Lark grammars): it has no
-dependencies, builds its tokenizer from a llama.cpp vocab, and fills a NumPy bitmask. So far the
-llama.cpp engine uses it; the hf engine refuses a constraint in one line.
+dependencies, builds its tokenizer from a llama.cpp vocab or a Hugging Face fast tokenizer, and fills
+a NumPy bitmask. The llama.cpp engine masks the row llama.cpp samples from; the hf engine masks in a
+logits processor that transformers runs before its sampling warpers (temperature, top-k, top-p).
 """
 
 from __future__ import annotations
 
 import json
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from llmcli.errors import UsageError
 
@@ -99,6 +101,29 @@ def compile_grammar(constraint: Constraint, tokenizer: Any) -> str:
     return grammar
 
 
+class Constraints:
+    """One engine's constraint machinery: llguidance's tokenizer of its vocabulary, built on first use
+    (0.5-1 s), and each constraint's grammar compiled once; `seconds` is the time both took."""
+
+    def __init__(self, make_tokenizer: Callable[[], Any], n_vocab: int) -> None:
+        self.make_tokenizer, self.n_vocab = make_tokenizer, n_vocab
+        self.tokenizer: Any = None
+        self.grammars: dict[Constraint, str] = {}
+        self.seconds = 0.0
+
+    def matcher(self, constraint: Constraint | None) -> Matcher | None:
+        """A fresh matcher for one sequence, or None without a constraint."""
+        if constraint is None:
+            return None
+        if constraint not in self.grammars:
+            began = time.perf_counter()
+            if self.tokenizer is None:
+                self.tokenizer = self.make_tokenizer()
+            self.grammars[constraint] = compile_grammar(constraint, self.tokenizer)
+            self.seconds += time.perf_counter() - began
+        return Matcher(self.tokenizer, self.grammars[constraint], self.n_vocab)
+
+
 class Matcher:
     """One sequence's constraint state: masks its logits, then follows the token sampled."""
 
@@ -113,6 +138,14 @@ class Matcher:
         """Disallowed tokens' logits (a writable float32 array of the vocabulary) become -inf."""
         self.masks.fill_next_token_bitmask(self.matcher, self.bitmask)
         self.masks.apply_token_bitmask_inplace(logits, self.bitmask[0])
+
+    def allowed(self) -> Any:
+        """The tokens allowed next, as a NumPy bool array over the vocabulary."""
+        import numpy
+
+        self.masks.fill_next_token_bitmask(self.matcher, self.bitmask)
+        # bit i of the little-endian 32-bit words is token i
+        return numpy.unpackbits(self.bitmask[0].view(numpy.uint8), bitorder="little")[:self.n_vocab].astype(bool)
 
     def accept(self, token: int, eos: Any, eos_id: int | None, room: int) -> int | None:
         """Follows the sampled token; returns the EOS id to end the sequence with when the constrained

@@ -105,6 +105,8 @@ def generation_record(generation: Any) -> dict[str, Any]:
     """The `--json` object of the command-line contract (DESIGN.md section 3)."""
     record = asdict(generation)
     record.pop("time_to_first_token")
+    if record.get("incomplete") is None:  # only constrained output has the flag
+        record.pop("incomplete", None)
     record["seconds"] = round(record["seconds"], 4)
     return record
 
@@ -114,7 +116,7 @@ def generation_header(generation: Any, show_index: bool) -> None:
     stderr.print(f"── {generation.prompt}{suffix}", style="bold cyan", markup=False, soft_wrap=True)
 
 
-def generation_stats(generations: list[Any], peak_memory_mb: float) -> None:
+def generation_stats(generations: list[Any], peak_memory_mb: float, constraint_seconds: float | None = None) -> None:
     generated = sum(g.generated_tokens for g in generations)
     # generations of one batch share their timing: count each batch once
     batches = {(g.seconds, g.time_to_first_token) for g in generations}
@@ -128,6 +130,8 @@ def generation_stats(generations: list[Any], peak_memory_mb: float) -> None:
     rows += [("generation time", f"{seconds:.2f} s"),
              ("tokens/s", f"{generated / seconds:.1f}" if seconds else "-"),
              ("peak memory", f"{peak_memory_mb:.0f} MB")]
+    if constraint_seconds is not None:  # llguidance's tokenizer and the grammar, built once per run
+        rows.append(("constraint compile", f"{constraint_seconds * 1000:.0f} ms"))
     for label, value in rows:  # plain lines: no padding after the value, easy to grep
         stderr.print(f"{label:<20} {value}", markup=False, highlight=False, soft_wrap=True)
 

@@ -1,7 +1,7 @@
-"""Structured output on the llama.cpp engine: every output of seeded samples validates against its
-JSON schema (checked by `jsonschema`, independently of the library that constrains), regexes and
-choices hold, a constraint that allows everything changes nothing, and bad constraints are one-line
-errors."""
+"""Structured output on both engines: every output of seeded samples validates against its JSON
+schema (checked by `jsonschema`, independently of the library that constrains), regexes and choices
+hold, the mask only removes tokens (a constraint that allows everything changes nothing; among the
+allowed tokens the distribution is the model's), and bad constraints are one-line errors."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import pytest
 
 from conftest import run_cli
 
-pytest.importorskip("llama_cpp")
 pytest.importorskip("llguidance")
 jsonschema = pytest.importorskip("jsonschema")
 
@@ -31,43 +30,54 @@ SCHEMAS = [
 ]
 
 
-def generate(*args) -> list[dict]:
-    result = run_cli("generate", *args, "--engine", "llama.cpp", "--json")
+@pytest.fixture(params=["llama.cpp", "hf"])
+def tiny(request):
+    """(engine, model): the tiny F32 GGUF on llama.cpp (SmolLM2's 49152-token vocabulary), the tiny
+    Llama directory on hf (a 400-token BPE trained here)."""
+    if request.param == "llama.cpp":
+        pytest.importorskip("llama_cpp")
+        return "llama.cpp", str(request.getfixturevalue("tiny_gguf"))
+    return "hf", str(request.getfixturevalue("tiny_llama"))
+
+
+def generate(tiny, *args) -> list[dict]:
+    engine, model = tiny
+    result = run_cli("generate", *args, "-m", model, "--engine", engine, "--json")
     assert result.exit_code == 0, result.stderr
     return result.json_lines()
 
 
 @pytest.mark.parametrize("number", range(len(SCHEMAS)))
-def test_seeded_samples_validate_against_the_schema(tiny_gguf, number):
+def test_seeded_samples_validate_against_the_schema(tiny, number):
     """Three seeded samples of each of two prompts, decoded together: each is complete, valid JSON for
     the schema (nested objects, arrays with minItems, enums, bounded integers, patterns, required,
     additionalProperties: false)."""
     schema = SCHEMAS[number]
-    records = generate("This License", "the work", "-m", tiny_gguf, "--schema", json.dumps(schema), "-n", "120",
+    records = generate(tiny, "This License", "the work", "--schema", json.dumps(schema), "-n", "120",
                        "-t", "3.0", "--seed", "4", "--num-return-sequences", "3")
     assert len(records) == 6
     for record in records:
-        assert record["finish_reason"] == "eos", record
+        assert record["finish_reason"] == "eos" and not record["incomplete"], record
         jsonschema.validate(json.loads(record["text"]), schema)
     assert len({r["text"] for r in records}) > 1  # samples, not one forced string
 
 
-def test_a_regex_and_a_choice_hold(tiny_gguf):
-    dates = generate("This License", "-m", tiny_gguf, "--regex", "[0-9]{4}-[0-9]{2}-[0-9]{2}", "-n", "30",
+def test_a_regex_and_a_choice_hold(tiny):
+    dates = generate(tiny, "This License", "--regex", "[0-9]{4}-[0-9]{2}-[0-9]{2}", "-n", "30",
                      "-t", "1.0", "--seed", "1", "--num-return-sequences", "4")
     assert all(re.fullmatch(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", r["text"]) for r in dates), dates
-    picked = generate("This License", "the work", "-m", tiny_gguf, "--choice", "yes", "--choice", "no",
+    picked = generate(tiny, "This License", "the work", "--choice", "yes", "--choice", "no",
                       "--choice", "maybe so", "-n", "10")
     assert all(r["text"] in ("yes", "no", "maybe so") for r in picked), picked
-    [alone] = generate("This License", "-m", tiny_gguf, "--regex", "[0-9]{3}[a-z]", "-n", "10")  # one sequence
+    [alone] = generate(tiny, "This License", "--regex", "[0-9]{3}[a-z]", "-n", "10")  # one sequence
     assert re.fullmatch("[0-9]{3}[a-z]", alone["text"]), alone
 
 
-def test_a_constraint_that_allows_everything_changes_nothing(tiny_gguf):
+def test_a_constraint_that_allows_everything_changes_nothing(tiny):
     """The mask only removes tokens: with a regex any text matches, greedy output is the unconstrained one."""
-    base = ("This License", "-m", tiny_gguf, "--no-chat", "-n", "16")
-    free = generate(*base)
-    constrained = generate(*base, "--regex", "(?s:.*)")
+    base = ("This License", "--no-chat", "-n", "16")
+    free = generate(tiny, *base)
+    constrained = generate(tiny, *base, "--regex", "(?s:.*)")
     assert [r["token_ids"] for r in constrained] == [r["token_ids"] for r in free]
 
 
@@ -78,11 +88,85 @@ def test_a_constraint_that_allows_everything_changes_nothing(tiny_gguf):
     (["--regex", "a", "--choice", "b"], "--regex and --choice are two constraints"),
     (["--schema", "missing-schema.json"], "--schema missing-schema.json: no such file"),
 ])
-def test_bad_constraints_are_one_line_errors(tiny_gguf, args, fragment):
-    result = run_cli("generate", "hi", "-m", tiny_gguf, *args)
+def test_bad_constraints_are_one_line_errors(tiny, args, fragment):
+    result = run_cli("generate", "hi", "-m", tiny[1], "--engine", tiny[0], *args)
     assert result.exit_code == 2 and fragment in result.stderr and "Traceback" not in result.stderr, result.stderr
 
 
-def test_the_hf_engine_refuses_a_constraint_in_one_line(tiny_gpt2):
-    result = run_cli("generate", "hi", "-m", tiny_gpt2, "--schema", "json")
-    assert result.exit_code == 2 and "run on the llama.cpp engine so far" in result.stderr
+def test_greedy_takes_the_likeliest_allowed_token_at_every_step(tiny):
+    """Constrained greedy decoding, checked against plain forward passes: at each step the token taken
+    is the model's likeliest among those the constraint allowed there (the mask is applied to the
+    right row, at the right step, and changes nothing else)."""
+    from llmcli.constraints import Constraint, read_schema
+    from llmcli.engines import Window, choose_engine
+
+    schema = json.dumps(SCHEMAS[1])
+    [record] = generate(tiny, "This License", "--no-chat", "--schema", schema, "-n", "60")
+    engine = choose_engine(tiny[1], tiny[0])
+    prompt, output = engine.encode("This License"), record["token_ids"]
+    vocab = engine.constraints.n_vocab
+    _, tops = engine.token_logprobs(Window(prompt + output, len(output)), top=vocab)
+    matcher = engine.constraints.matcher(Constraint("schema", read_schema(schema)))
+    for token, top in zip(output, tops):
+        allowed = matcher.allowed()
+        likeliest = max((logprob, t) for t, logprob in top if allowed[t])[1]
+        assert token == likeliest
+        matcher.accept(token, engine.eos_ids, None, 0)
+    assert record["finish_reason"] == "eos"
+
+
+def test_among_allowed_tokens_the_distribution_is_the_models(tiny):
+    """One step against a plain forward pass: the logits the engine samples from under a constraint
+    are the model's, minus the disallowed tokens; renormalised, the allowed tokens' probabilities are
+    unchanged."""
+    import numpy as np
+
+    from llmcli.constraints import Constraint
+    from llmcli.engines import Window, choose_engine
+
+    engine = choose_engine(tiny[1], tiny[0])
+    prompt = engine.encode("This License")
+    matcher = engine.constraints.matcher(Constraint("regex", "[a-m ]{1,20}"))
+    if tiny[0] == "llama.cpp":
+        engine.token_logprobs(Window(prompt + [0], 1), top=0)  # the context now holds the prompt's logits
+        plain = engine.logits_row(engine.context, -1).astype(np.float64)
+        masked = engine.logits_row(engine.context, -1)
+        matcher.mask(masked)  # what decoding does before llama.cpp's sampler chain
+    else:
+        import torch
+
+        from llmcli.engines.hf import ConstrainedLogits
+
+        ids = torch.tensor([prompt])
+        with torch.inference_mode():
+            logits = engine.loaded.model(input_ids=ids).logits[:, -1].float()
+        plain = logits[0].double().numpy().copy()
+        masked = ConstrainedLogits([matcher], engine.eos_ids)(ids, logits.clone())[0].numpy()
+    allowed = np.isfinite(masked)
+    assert 1 < allowed.sum() < len(plain) / 2  # a real choice, and a real restriction
+    assert (masked[allowed] == plain[allowed].astype(masked.dtype)).all()
+
+    def softmax(row):
+        exp = np.exp(row - row.max())
+        return exp / exp.sum()
+
+    np.testing.assert_allclose(softmax(masked[allowed].astype(np.float64)), softmax(plain[allowed]), rtol=1e-6)
+
+
+def test_a_constraint_refuses_proposed_tokens(tiny_gpt2):
+    result = run_cli("generate", "hi", "-m", tiny_gpt2, "--schema", "json", "--prompt-lookup", "3")
+    assert result.exit_code == 2 and "--prompt-lookup proposes tokens" in result.stderr, result.stderr
+
+
+def test_output_cut_by_the_token_limit_is_flagged_incomplete(tiny):
+    """A JSON object that -n cuts off ends with finish_reason length and, in --json, incomplete: true;
+    --stats shows the constraint's compile time."""
+    engine, model = tiny
+    result = run_cli("generate", "This License", "-m", model, "--engine", engine, "--json", "--stats",
+                     "--schema", json.dumps(SCHEMAS[0]), "-n", "3")
+    assert result.exit_code == 0, result.stderr
+    [record] = result.json_lines()
+    assert record["finish_reason"] == "length" and record["incomplete"] is True, record
+    assert re.search(r"^constraint compile +\d+ ms$", result.stderr, re.M), result.stderr
+    free = generate(tiny, "This License", "-n", "3")
+    assert "incomplete" not in free[0]  # the flag belongs to constrained output only

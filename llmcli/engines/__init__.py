@@ -48,6 +48,7 @@ class Engine(Protocol):
     bos_id: int | None
     adds_bos: bool  # whether encode() puts a BOS token first
     default_batch_size: int  # generate's prompts per engine.generate call when --batch-size is not given
+    constraints: Any  # llmcli.constraints.Constraints: structured output's compiled grammars
 
     def encode(self, text: str, add_special: bool = True) -> list[int]: ...
 

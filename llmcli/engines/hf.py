@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Container, Sequence
 
 from llmcli.engines import ProgressCallback, TokensCallback, Window, process_peak_rss_mb, same_shape_batches
 from llmcli.models import LoadedModel
@@ -29,6 +29,9 @@ class HFEngine:
         if eos is None:
             eos = tokenizer.eos_token_id
         self.eos_ids = set(eos) if isinstance(eos, list) else ({eos} if eos is not None else set())
+        from llmcli.constraints import Constraints
+
+        self.constraints = Constraints(self.guidance_tokenizer, config.vocab_size)  # structured output
 
     @property
     def tokenizer(self) -> Any:
@@ -41,6 +44,19 @@ class HFEngine:
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         # The template already holds the special tokens; adding them again would double the BOS.
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def guidance_tokenizer(self) -> Any:
+        """llguidance's tokenizer of this (fast) tokenizer, ending at generate's EOS ids."""
+        from llguidance.hf import from_tokenizer
+
+        from llmcli.errors import UsageError
+
+        try:
+            return from_tokenizer(self.tokenizer, n_vocab=self.constraints.n_vocab,
+                                  eos_token=sorted(self.eos_ids) or None)
+        except ValueError as exc:  # a slow (Python) tokenizer
+            raise UsageError(f"this model's tokenizer cannot be used for constrained output: {exc}",
+                             "Use a model with a fast tokenizer (tokenizer.json).") from exc
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
@@ -61,10 +77,15 @@ class HFEngine:
         decoding = assisted_kwargs(self.loaded, self.draft)
         if self.static_cache and not decoding and not options.prompt_lookup:  # assisted decoding needs a dynamic cache
             decoding["cache_implementation"] = "static"
-        from transformers import StoppingCriteriaList
+        from transformers import LogitsProcessorList, StoppingCriteriaList
 
+        rows = len(batch) * options.num_return_sequences
+        constraint = getattr(options, "constraint", None)
+        constrained = [] if constraint is None else [
+            ConstrainedLogits([self.constraints.matcher(constraint) for _ in range(rows)], self.eos_ids)]
         output = model.generate(**inputs, **sampling_kwargs(options), **decoding, streamer=StepStreamer(on_tokens),
                                 tokenizer=tokenizer, pad_token_id=tokenizer.pad_token_id,
+                                logits_processor=LogitsProcessorList(constrained),
                                 stopping_criteria=StoppingCriteriaList([AskedToStop(should_stop)]))
         return output[:, inputs["input_ids"].shape[1]:].tolist()
 
@@ -110,6 +131,34 @@ class HFEngine:
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device) / 2**20
         return process_peak_rss_mb()
+
+
+class ConstrainedLogits:
+    """A logits processor for structured output: each row's matcher follows the token the row took
+    last step, then sets the logits of the tokens it does not allow to -inf. transformers runs it after
+    its own processors (repetition penalty) and before the sampling warpers, so top-k and top-p choose
+    among allowed tokens, as llama.cpp's sampler chain does after our mask there."""
+
+    def __init__(self, matchers: list[Any], eos_ids: Container[int]) -> None:
+        self.matchers, self.eos_ids = matchers, eos_ids
+        self.ended = [False] * len(matchers)  # a row that took EOS: generate pads it from then on
+        self.started = False
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        if self.started:  # the first call sees only the prompt
+            for row, token in enumerate(input_ids[:, -1].tolist()):
+                if not self.ended[row]:
+                    self.matchers[row].accept(token, self.eos_ids, None, 0)
+                    self.ended[row] = token in self.eos_ids
+        self.started = True
+        for row, matcher in enumerate(self.matchers):
+            if not self.ended[row]:
+                allowed = torch.from_numpy(matcher.allowed()).to(scores.device)
+                scores[row, :allowed.shape[0]].masked_fill_(~allowed, float("-inf"))
+                scores[row, allowed.shape[0]:] = float("-inf")
+        return scores
 
 
 class AskedToStop:

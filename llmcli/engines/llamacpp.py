@@ -199,8 +199,9 @@ class LlamaCppEngine:
         self.context_size = 0
         self.cached: list[int] = []  # the tokens whose keys and values the context holds, in order
         self.batch = lib.llama_batch_init(BATCH, 0, 1)
-        self.guidance: Any = None  # llguidance's tokenizer of this vocabulary, built on first use (~0.5 s)
-        self.grammars: dict[Any, str] = {}  # compiled once per constraint
+        from llmcli.constraints import Constraints
+
+        self.constraints = Constraints(self.guidance_tokenizer, self.n_vocab)  # structured output
 
     def __del__(self) -> None:
         lib = getattr(self, "lib", None)
@@ -346,22 +347,17 @@ class LlamaCppEngine:
 
     def matcher(self, options: Any) -> Any:
         """A fresh constraint matcher for one sequence, or None without a constraint."""
-        constraint = getattr(options, "constraint", None)
-        if constraint is None:
-            return None
-        from llmcli.constraints import Matcher, compile_grammar
+        return self.constraints.matcher(getattr(options, "constraint", None))
 
-        if self.guidance is None:
-            import warnings
+    def guidance_tokenizer(self) -> Any:
+        """llguidance's tokenizer of this vocabulary."""
+        import warnings
 
-            from llguidance.llamacpp import lltokenizer_from_vocab
+        from llguidance.llamacpp import lltokenizer_from_vocab
 
-            with warnings.catch_warnings():  # llguidance 1.9 reads each token through a deprecated binding
-                warnings.simplefilter("ignore", DeprecationWarning)
-                self.guidance = lltokenizer_from_vocab(self.vocab)
-        if constraint not in self.grammars:
-            self.grammars[constraint] = compile_grammar(constraint, self.guidance)
-        return Matcher(self.guidance, self.grammars[constraint], self.n_vocab)
+        with warnings.catch_warnings():  # llguidance 1.9 reads each token through a deprecated binding
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return lltokenizer_from_vocab(self.vocab)
 
     def logits_row(self, context: Any, index: int) -> Any:
         """The logits llama.cpp will sample from at batch output `index` (-1: the last), writable in place."""

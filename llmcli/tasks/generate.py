@@ -54,6 +54,7 @@ class Generation:
     engine: str = "hf"
     weights: str = ""
     prompt_number: int = 0  # the prompt's place in the input (0-based): matches records to lines when prompts repeat
+    incomplete: bool | None = None  # under a constraint: the text ended before the constraint was satisfied
 
 
 def uses_chat_template(engine: Engine, prompt: Prompt, options: GenerateOptions) -> bool:
@@ -282,7 +283,8 @@ def generate(
         for row, token_ids in enumerate(rows):
             prompt_index = start + row // options.num_return_sequences
             yield replace(generation_of(engine, prompts[prompt_index], row % options.num_return_sequences, token_ids,
-                                        options.stop, len(encoded[prompt_index]), seconds, ttft),
+                                        options.stop, len(encoded[prompt_index]), seconds, ttft,
+                                        constrained=options.constraint is not None),
                           prompt_number=prompt_index)
 
 
@@ -296,13 +298,17 @@ def prepare(engine: Engine, prompts: list[Prompt], options: GenerateOptions,
             raise DataError("empty prompt", "Pass some text to continue.")
     encoded = [encode_prompt(engine, prompt, options) for prompt in prompts]
     options = cap_default_length(options, encoded, engine.context_length, on_notice)
+    engine.constraints.matcher(options.constraint)  # compiled now: its error comes first, its time is not decoding's
     return [fit_to_context(ids, engine.context_length, options) for ids in encoded], options
 
 
 def generation_of(engine: Engine, prompt: Prompt, index: int, token_ids: list[int], stops: list[str],
-                  prompt_tokens: int, seconds: float, ttft: float | None) -> Generation:
-    """One decoded sequence as a result: its text cut at EOS or a stop string, and why it ended."""
+                  prompt_tokens: int, seconds: float, ttft: float | None, constrained: bool = False) -> Generation:
+    """One decoded sequence as a result: its text cut at EOS or a stop string, and why it ended. Under
+    a constraint only EOS ends a satisfied text (the mask allows EOS nowhere else), so a length or a
+    stop string leaves it incomplete."""
     text, kept, reason = finish(engine.decode, token_ids, engine.eos_ids, stops)
     return Generation(prompt=prompt.display(), index=index, text=text, token_ids=kept, finish_reason=reason,
                       prompt_tokens=prompt_tokens, generated_tokens=len(kept), seconds=seconds,
-                      time_to_first_token=ttft, engine=engine.name, weights=engine.weights)
+                      time_to_first_token=ttft, engine=engine.name, weights=engine.weights,
+                      incomplete=reason != "eos" if constrained else None)
