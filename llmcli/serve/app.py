@@ -28,6 +28,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmcli import strict_json
+from llmcli.constraints import ANY_JSON_OBJECT, Constraint
 from llmcli.data import Prompt
 from llmcli.engines import Engine, Window
 from llmcli.errors import LlmcliError
@@ -137,6 +138,7 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
         check_model(body.model, settings)
         max_tokens = check_max_tokens(body.max_tokens, 16, settings)
         options = sampling_options(body, max_tokens, chat=False)
+        await check_constraint(engine, options)
 
         def work(emit: Callable[[dict], None] | None, cancelled: Callable[[], bool]) -> dict[str, Any]:
             return run_completions(engine, body, options, max_tokens, emit, cancelled)
@@ -156,6 +158,7 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
         asked = body.max_completion_tokens or body.max_tokens
         max_tokens = check_max_tokens(asked, CHAT_DEFAULT_TOKENS, settings)
         options = replace(sampling_options(body, max_tokens, chat=True), default_length=asked is None)
+        await check_constraint(engine, options)
 
         def work(emit: Callable[[dict], None] | None, cancelled: Callable[[], bool]) -> dict[str, Any]:
             return run_chat(engine, body, options, emit, cancelled)
@@ -199,8 +202,30 @@ def sampling_options(body: Any, max_tokens: int, chat: bool) -> GenerateOptions:
         max_new_tokens=max(1, max_tokens), temperature=body.temperature,
         top_k=0 if sampled else None,  # OpenAI's API has no top-k: none applies
         top_p=body.top_p if sampled and body.top_p < 1 else None,
-        stop=list(body.stop or []), chat=chat, truncate="error",
+        stop=list(body.stop or []), chat=chat, truncate="error", constraint=response_constraint(body),
     )
+
+
+def response_constraint(body: Any) -> Constraint | None:
+    """`response_format` as a constraint: json_object is any JSON object, json_schema its schema."""
+    chosen = body.response_format
+    if chosen is None or chosen.type == "text":
+        return None
+    if chosen.type == "json_object":
+        return Constraint("schema", ANY_JSON_OBJECT)
+    return Constraint("schema", json.dumps(chosen.json_schema.schema_))
+
+
+async def check_constraint(engine: Engine, options: GenerateOptions) -> None:
+    """A schema the library cannot compile is a 400 naming what it rejects, before any work is queued
+    (compiled off the event loop: the first one also builds the vocabulary's tokenizer, ~0.5 s)."""
+    if options.constraint is None:
+        return
+    try:
+        await asyncio.to_thread(engine.constraints.matcher, options.constraint)
+    except LlmcliError as exc:
+        raise ApiError(400, exc.message.replace("the schema", "response_format's schema"),
+                       param="response_format") from exc
 
 
 # ---------------------------------------------------------------- running on the engine thread

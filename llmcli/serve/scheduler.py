@@ -203,7 +203,7 @@ class Scheduler:
                            if running.job is job and running.number == number - 1), None)
         chain = self.engine.sampler(choice.options, choice.ids, seed=choice.seed)
         live = self.sequences.add(choice.ids, chain, choice.options.max_new_tokens, share_prefill_of=leader,
-                                  reuse_prefix=self.prefix_cache)
+                                  reuse_prefix=self.prefix_cache, matcher=self.engine.matcher(choice.options))
         if choice.index == 0:  # the prompt's first sample: later ones reuse what it decoded
             job.cached_tokens += live.reused
         streamer = TokenStreamer(self.engine.decode, choice.on_text, choice.options.stop, self.engine.eos_ids)
@@ -246,7 +246,8 @@ class Scheduler:
         job, choice = running.job, running.job.choices[running.number]
         ttft = running.streamer.first_token_at - running.began if running.streamer.first_token_at else None
         job.results[running.number] = generation_of(self.engine, choice.prompt, choice.index, live.new,
-                                                    choice.options.stop, len(choice.ids), now - running.began, ttft)
+                                                    choice.options.stop, len(choice.ids), now - running.began, ttft,
+                                                    constrained=choice.options.constraint is not None)
         self.end(live, running)
         if len(job.results) == len(job.choices):
             try:

@@ -8,13 +8,32 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 MAX_CHOICES = 16  # n above this is refused: every choice is a full generation
 
 
 class StreamOptions(BaseModel):
     include_usage: bool = False  # a last chunk with the usage, as OpenAI sends it only when asked
+
+
+class JsonSchemaFormat(BaseModel):
+    name: str = Field(max_length=64, pattern=r"^[A-Za-z0-9_-]+$")  # OpenAI's rule for the name
+    description: Optional[str] = None
+    schema_: dict[str, Any] = Field(default_factory=lambda: {"type": "object"}, alias="schema")
+    strict: Optional[bool] = None  # the schema is always enforced here, strict or not
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's structured outputs: free text, any JSON object, or JSON valid for a schema."""
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JsonSchemaFormat] = None
+
+    @model_validator(mode="after")
+    def schema_given(self) -> "ResponseFormat":
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type json_schema needs json_schema: {name, schema}")
+        return self
 
 
 class Sampling(BaseModel):
@@ -26,6 +45,7 @@ class Sampling(BaseModel):
     stop: Optional[Union[str, list[str]]] = None
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
+    response_format: Optional[ResponseFormat] = None
     tools: Optional[list[Any]] = None  # refused: no tool calling yet (a 200 would pretend to call them)
     functions: Optional[list[Any]] = None
 
