@@ -608,6 +608,70 @@ def chat_prefix_reuse(turns: int, new_tokens: int) -> Figure:
                   note=f"{new_tokens} tokens a turn; {same} of {turns} answers identical with and without")
 
 
+PEOPLE_SCHEMA = {"type": "object", "properties": {"people": {
+    "type": "array", "minItems": 6, "maxItems": 6, "items": {
+        "type": "object", "properties": {"name": {"type": "string", "maxLength": 24},
+                                         "age": {"type": "integer", "minimum": 0, "maximum": 120},
+                                         "city": {"type": "string", "maxLength": 24},
+                                         "pet": {"enum": ["cat", "dog", "none"]}},
+        "required": ["name", "age", "city", "pet"], "additionalProperties": False}}},
+    "required": ["people"], "additionalProperties": False}
+COMPILED_SCHEMAS = {
+    "any JSON object": {"type": "object"},
+    "6 people (nested, enum, bounds)": PEOPLE_SCHEMA,
+    "string patterns and formats": {"type": "object", "properties": {
+        "id": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{4}$"}, "email": {"type": "string", "format": "email"},
+        "when": {"type": "string", "format": "date-time"}}, "required": ["id", "email", "when"]},
+}
+
+
+def constrained_decoding(loaded, repeats: int) -> list[Figure]:
+    """P16: tok/s of schema-constrained greedy decoding against the same decoding unconstrained, on
+    each engine (the embedded model: F16 on llama.cpp, float32 on hf), runs alternating; and the
+    compile time of a few schemas (llguidance's tokenizer of the vocabulary is built once per engine,
+    before these, and shown apart). Rates are tokens over whole `generate` calls, matcher set-up
+    included."""
+    from llmcli.constraints import Constraint, Constraints
+    from llmcli.data import Prompt
+    from llmcli.engines import choose_engine
+    from llmcli.engines.hf import HFEngine
+    from llmcli.tasks.generate import GenerateOptions, generate
+
+    prompt = [Prompt(text="List six people with their name, age, city and pet, as JSON.")]
+    constraint = Constraint("schema", json.dumps(PEOPLE_SCHEMA))
+    figures = []
+    engines = [HFEngine(loaded)]
+    if importlib.util.find_spec("llama_cpp"):
+        engines.insert(0, choose_engine(None, "llama.cpp"))
+    for engine in engines:
+        constrained = GenerateOptions(max_new_tokens=400, constraint=constraint)
+        [sample] = generate(engine, prompt, constrained)  # also the warm-up; its length sets the free run's
+        free = GenerateOptions(max_new_tokens=sample.generated_tokens)
+
+        def run(options):
+            return lambda: sum(g.generated_tokens for g in generate(engine, prompt, options))
+
+        (seconds, count), (base_seconds, base_count) = paired_median_times(run(constrained), run(free), repeats)
+        valid = sample.finish_reason == "eos" and bool(json.loads(sample.text)["people"])
+        figures.append(Figure(f"P16 {engine.name} ({engine.weights}): schema-constrained vs free greedy decoding",
+                              count / seconds, base_count / base_seconds, "tok/s",
+                              goal=0.9 if engine.name == "llama.cpp" else None,
+                              note=f"{count} tokens of a 6-person JSON array, {'valid' if valid else 'INVALID'}; "
+                                   "the free run decodes as many tokens"))
+        fresh = Constraints(engine.constraints.make_tokenizer, engine.constraints.n_vocab)
+        fresh.matcher(Constraint("regex", "a"))
+        tokenizer_seconds = fresh.seconds
+        for label, schema in COMPILED_SCHEMAS.items():
+            began = time.perf_counter()
+            fresh.matcher(Constraint("schema", json.dumps(schema))).allowed()
+            figures.append(Figure(f"P16 {engine.name}: compile {label}", (time.perf_counter() - began) * 1000, None,
+                                  "ms", higher_is_better=False,
+                                  note=f"a new schema's set-up: compiled, a matcher made, its first mask "
+                                       f"computed; the vocabulary's tokenizer took {tokenizer_seconds * 1000:.0f} "
+                                       "ms, once per engine"))
+    return figures
+
+
 def machine() -> dict:
     from importlib.metadata import version
 
@@ -698,6 +762,8 @@ def main() -> None:
         figures += llama_serving([1, 8] if args.quick else [1, 4, 8, 16], 32 if args.quick else 64)
     if wanted("P15") and importlib.util.find_spec("llama_cpp") and args.device == "cpu":
         figures.append(chat_prefix_reuse(10, 32 if args.quick else 64))
+    if wanted("P16") and args.device == "cpu":
+        figures += constrained_decoding(loaded or models.load_model(None, device=args.device), repeats)
     if wanted("P12") and args.device == "cpu":
         figures.append(serving_batches(16, 32 if args.quick else 64))
     with tempfile.TemporaryDirectory() as tmp:

@@ -66,6 +66,14 @@ EngineOption = Annotated[str, typer.Option(help="auto (llama.cpp for .gguf model
 ThreadsOption = Annotated[Optional[int], typer.Option(help="CPU threads. Default: the physical cores.",
                                                       show_default=False)]
 # accelerate's big-model inference (hf engine): a model bigger than one device
+# structured output (llmcli.constraints): generate and chat
+SchemaOption = Annotated[Optional[str], typer.Option(help="Output valid for this JSON schema (a file or inline JSON; "
+                                                     "'json' for any JSON object).", show_default=False)]
+RegexOption = Annotated[Optional[str], typer.Option(help="Output matching this regular expression.",
+                                                    show_default=False)]
+GrammarOption = Annotated[Optional[str], typer.Option(help="Output in this Lark grammar (a file).", show_default=False)]
+ChoiceOption = Annotated[Optional[list[str]], typer.Option(help="Output exactly one of these (repeatable).",
+                                                           show_default=False, metavar="TEXT")]
 DeviceMapOption = Annotated[Optional[str], typer.Option(help="Spread the layers over GPUs, CPU memory and disk: "
                                                         "auto (or balanced, sequential). hf engine.",
                                                         show_default=False, rich_help_panel="Big models")]
@@ -227,15 +235,10 @@ def generate(
                                                          "(fast on repetitive text; same greedy output).")] = None,
     truncate: Annotated[str, typer.Option(help="A prompt too long for the context: 'error', or 'left' to keep "
                                           "its end.")] = "error",
-    schema: Annotated[Optional[str], typer.Option(help="Output valid for this JSON schema (a file or "
-                                                  "inline JSON; 'json' for any JSON object).",
-                                                  show_default=False)] = None,
-    regex: Annotated[Optional[str], typer.Option(help="Output matching this regular expression.",
-                                                 show_default=False)] = None,
-    grammar: Annotated[Optional[str], typer.Option(help="Output in this Lark grammar (a file).",
-                                                   show_default=False)] = None,
-    choice: Annotated[Optional[list[str]], typer.Option(help="Output exactly one of these (repeatable).",
-                                                        show_default=False, metavar="TEXT")] = None,
+    schema: SchemaOption = None,
+    regex: RegexOption = None,
+    grammar: GrammarOption = None,
+    choice: ChoiceOption = None,
     fast: Annotated[bool, typer.Option("--fast", help="llama.cpp: the GGUF's own quantized weights (~1.25x, answers "
                                        "differ more from fp32). hf on CPU: bfloat16 weights (~1.5x). hf on CUDA: a "
                                        "static KV cache and a compiled decode step (~8x, after ~45 s of compiling). "
@@ -594,6 +597,10 @@ def chat(
     min_p: Annotated[Optional[float], typer.Option(help="Drop tokens below min-p × the top probability.")] = None,
     repetition_penalty: Annotated[Optional[float], typer.Option(help="Penalty above 1 discourages repeats.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed for sampling.")] = None,
+    schema: SchemaOption = None,
+    regex: RegexOption = None,
+    grammar: GrammarOption = None,
+    choice: ChoiceOption = None,
     fast: Annotated[bool, typer.Option("--fast", help="As for generate: quantized weights on llama.cpp, bfloat16 "
                                        "on the CPU with hf.")] = False,
     engine: EngineOption = "auto",
@@ -603,7 +610,9 @@ def chat(
     trust_remote_code: TrustOption = False,
     allow_pickle: PickleOption = False,
 ) -> None:
-    """Chat interactively, keeping the conversation. Commands: /reset, /system TEXT, /exit (or Ctrl-D)."""
+    """Chat interactively, keeping the conversation. Commands: /reset, /system TEXT, /exit (or Ctrl-D).
+    A --schema, --regex, --grammar or --choice constrains every reply."""
+    from llmcli.constraints import constraint_from_options
     from llmcli.tasks.chat import ChatSession
     from llmcli.tasks.generate import GenerateOptions, validate
 
@@ -611,6 +620,7 @@ def chat(
         max_new_tokens=512 if max_new_tokens is None else max_new_tokens, default_length=max_new_tokens is None,
         temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
         repetition_penalty=repetition_penalty, seed=seed, chat=True,
+        constraint=constraint_from_options(schema, regex, grammar, choice),
     )
     validate(options)
     runner = load_engine(model, engine, command="chat", device=device, dtype=dtype, fast=fast, threads=threads,
@@ -618,6 +628,7 @@ def chat(
     if not runner.chat_template:
         raise UsageError("this model's tokenizer has no chat template, so llmcli chat cannot format a conversation",
                          "Use llmcli generate to continue plain text, or a chat model.")
+    runner.constraints.matcher(options.constraint)  # a constraint the vocabulary cannot express fails now, once
     session = ChatSession(runner, options, system=system, on_notice=render.notice)
     interactive = sys.stdin.isatty()
     if interactive:

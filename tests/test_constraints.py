@@ -170,3 +170,18 @@ def test_output_cut_by_the_token_limit_is_flagged_incomplete(tiny):
     assert re.search(r"^constraint compile +\d+ ms$", result.stderr, re.M), result.stderr
     free = generate(tiny, "This License", "-n", "3")
     assert "incomplete" not in free[0]  # the flag belongs to constrained output only
+
+
+def test_chat_constrains_every_reply(tiny):
+    """`chat --schema`: each reply of a conversation validates (the history grows with them); a bad
+    constraint is refused before the first message."""
+    engine, model = tiny
+    result = run_cli("chat", "-m", model, "--engine", engine, "--schema", json.dumps(SCHEMAS[1]), "-n", "80",
+                     "-t", "1.5", "--seed", "3", input="First?\nSecond?\nThird?\n")
+    assert result.exit_code == 0, result.stderr
+    replies = result.stdout.splitlines()
+    assert len(replies) == 3, result.stdout
+    for reply in replies:
+        jsonschema.validate(json.loads(reply), SCHEMAS[1])
+    bad = run_cli("chat", "-m", model, "--engine", engine, "--regex", "([", input="hi\n")
+    assert bad.exit_code == 2 and "the regex cannot be compiled" in bad.stderr and not bad.stdout, bad
