@@ -20,7 +20,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -658,6 +658,15 @@ def constrained_decoding(loaded, repeats: int) -> list[Figure]:
                               goal=0.9 if engine.name == "llama.cpp" else None,
                               note=f"{count} tokens of a 6-person JSON array, {'valid' if valid else 'INVALID'}; "
                                    "the free run decodes as many tokens"))
+        if engine.name == "llama.cpp":  # 8 sequences decoded together, each with its own matcher
+            anything = GenerateOptions(max_new_tokens=64, temperature=0.8, seed=1, num_return_sequences=8,
+                                       constraint=Constraint("regex", "(?s:.*)"))
+            free = replace(anything, constraint=None)
+            (seconds, count), (base_seconds, base_count) = paired_median_times(run(anything), run(free), repeats)
+            figures.append(Figure("P16 llama.cpp (F16): 8 sampled sequences with a constraint that allows every "
+                                  "token vs none", count / seconds, base_count / base_seconds, "tok/s", goal=0.9,
+                                  note="the matchers' whole per-step cost (a mask per row, filled and applied, "
+                                       "the token followed); the texts are the same both ways"))
         fresh = Constraints(engine.constraints.make_tokenizer, engine.constraints.n_vocab)
         fresh.matcher(Constraint("regex", "a"))
         tokenizer_seconds = fresh.seconds
