@@ -147,7 +147,12 @@ class Matcher:
 
         self.masks.fill_next_token_bitmask(self.matcher, self.bitmask)
         # bit i of the little-endian 32-bit words is token i
-        return numpy.unpackbits(self.bitmask[0].view(numpy.uint8), bitorder="little")[:self.n_vocab].view(bool)
+        allowed = numpy.unpackbits(self.bitmask[0].view(numpy.uint8), bitorder="little")[:self.n_vocab].view(bool)
+        if self.matcher.is_error() or not allowed.any():  # sampling from nothing would be NaN or token 0
+            raise UsageError("the constraint cannot go on in this model's vocabulary: no token spells what it needs "
+                             f"next ({self.matcher.get_error() or 'no token allowed'})",
+                             "Use characters the model's tokenizer can write, or a byte-level model.")
+        return allowed
 
     def accept(self, token: int, eos: Any, eos_id: int | None, room: int) -> int | None:
         """Follows the sampled token; returns the EOS id to end the sequence with when the constrained

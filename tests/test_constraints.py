@@ -185,3 +185,18 @@ def test_chat_constrains_every_reply(tiny):
         jsonschema.validate(json.loads(reply), SCHEMAS[1])
     bad = run_cli("chat", "-m", model, "--engine", engine, "--regex", "([", input="hi\n")
     assert bad.exit_code == 2 and "the regex cannot be compiled" in bad.stderr and not bad.stdout, bad
+
+
+def test_a_vocabulary_the_library_cannot_read_is_one_line(tmp_path):
+    """A WordPiece vocabulary (no bytes to spell arbitrary text with): refused before decoding."""
+    from transformers import LlamaConfig
+
+    from conftest import save_tiny, train_wordpiece_tokenizer
+
+    tokenizer = train_wordpiece_tokenizer()
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=64, eos_token_id=tokenizer.sep_token_id)
+    model = save_tiny(tmp_path / "wordpiece-llama", config, tokenizer)
+    result = run_cli("generate", "license", "-m", model, "--choice", "license", "-n", "5")
+    assert result.exit_code == 2 and "cannot be used for constrained output" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and not result.stdout

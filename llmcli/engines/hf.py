@@ -54,9 +54,10 @@ class HFEngine:
         try:
             return from_tokenizer(self.tokenizer, n_vocab=self.constraints.n_vocab,
                                   eos_token=sorted(self.eos_ids) or None)
-        except ValueError as exc:  # a slow (Python) tokenizer
+        except ValueError as exc:  # a slow (Python) tokenizer, or a vocabulary llguidance cannot read (WordPiece)
             raise UsageError(f"this model's tokenizer cannot be used for constrained output: {exc}",
-                             "Use a model with a fast tokenizer (tokenizer.json).") from exc
+                             "Constrained output needs a fast byte-level BPE or SentencePiece tokenizer, as GPT-2-, "
+                             "Llama- and most chat models have.") from exc
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
