@@ -168,6 +168,9 @@ def test_output_cut_by_the_token_limit_is_flagged_incomplete(tiny):
     [record] = result.json_lines()
     assert record["finish_reason"] == "length" and record["incomplete"] is True, record
     assert re.search(r"^constraint compile +\d+ ms$", result.stderr, re.M), result.stderr
+    [stopped] = generate(tiny, "This License", "--regex", "[a-z]{3}-[a-z]{3}", "--stop", "-", "-n", "20")
+    assert stopped["finish_reason"] == "stop" and stopped["incomplete"] is True, stopped
+    assert re.fullmatch("[a-z]{3}", stopped["text"]), stopped
     free = generate(tiny, "This License", "-n", "3")
     assert "incomplete" not in free[0]  # the flag belongs to constrained output only
 
