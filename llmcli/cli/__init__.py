@@ -1,0 +1,99 @@
+"""The command line: option declarations and validation only; the work happens in `llmcli.tasks`.
+One module per command; importing this package registers them all on `app` (in --help's order).
+
+Nothing heavy is imported at module level, so `llmcli --help` does not load torch or transformers.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+
+import typer
+
+try:  # typer 0.2x vendors its own click, whose exceptions are not click's
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError
+except ImportError:  # older typer runs on click itself
+    from click.exceptions import ClickException, NoArgsIsHelpError
+
+from llmcli import render
+from llmcli.cli import app as app_state
+# each module registers its command on import; --help lists them in this order
+from llmcli.cli import generate, fill_mask, evaluate, finetune, chat, serve, info  # noqa: F401, I001
+from llmcli.cli.app import app
+from llmcli.cli.common import Terminated
+from llmcli.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, LlmcliError
+
+
+def with_resume_default(argv: list[str]) -> list[str]:
+    """`--resume` may stand alone (latest checkpoint) or take a directory; click wants a value, so a
+    bare `--resume` becomes `--resume latest`."""
+    argv = list(argv)
+    for i, arg in enumerate(argv):
+        if arg == "--resume" and (i + 1 == len(argv) or argv[i + 1].startswith("-")):
+            argv.insert(i + 1, "latest")
+            break
+    return argv
+
+
+def interrupt_on_sigterm() -> None:
+    """SIGTERM (kill, a job scheduler's timeout) gets Ctrl-C's cleanup: flushed output, a finetune
+    checkpoint, no half-written cache, exit 130."""
+    import signal
+
+    def raise_interrupt(signum, frame):
+        raise Terminated
+
+    signal.signal(signal.SIGTERM, raise_interrupt)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the app and turn every failure into the exit-code contract."""
+    from llmcli import distributed
+
+    interrupt_on_sigterm()
+    if distributed.is_worker() and distributed.rank() != 0:
+        render.quiet_other_ranks()
+    command = typer.main.get_command(app)
+    app_state.command_line = with_resume_default(sys.argv[1:] if argv is None else argv)
+    try:
+        code = command.main(args=app_state.command_line, prog_name="llmcli", standalone_mode=False)
+        if code == EXIT_INTERRUPTED:  # typer turns Ctrl-C into Exit(130), which click returns
+            report_error("interrupted", None, EXIT_INTERRUPTED)
+    except typer.Exit as exc:
+        code = exc.exit_code
+    except NoArgsIsHelpError as exc:  # bare `llmcli`: show the help, which is what was asked for
+        print(exc.ctx.get_help())
+        code = 0
+    except ClickException as exc:  # bad option values and unknown options, from click itself
+        context = getattr(exc, "ctx", None)
+        code = report_error(exc.format_message(), f"Run '{context.command_path if context else 'llmcli'} --help' for "
+                            "usage.", EXIT_USAGE)
+    except (KeyboardInterrupt, typer.Abort):
+        code = report_error("interrupted", None, EXIT_INTERRUPTED)
+    except LlmcliError as exc:
+        if app_state.debug_mode:
+            traceback.print_exc()
+        code = report_error(exc.message, exc.hint, exc.exit_code)
+    except (render.OutputClosed, BrokenPipeError):  # `llmcli generate ... | head` closed the pipe: not an error
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail
+        code = 0
+    except Exception as exc:
+        if app_state.debug_mode:
+            traceback.print_exc()
+        code = report_error(f"internal error: {type(exc).__name__}: {exc}", "Run again with --debug for the "
+                            "traceback.", EXIT_INTERNAL)
+    if distributed.is_worker():
+        distributed.exit_worker(code or 0)
+    sys.exit(code or 0)
+
+
+def report_error(message: str, hint: str | None, code: int) -> int:
+    """The one `Error:` line; a worker we launched hands it to the launcher, which prints it once."""
+    from llmcli import distributed
+
+    if not distributed.record_error(message, hint, code):
+        render.error(message, hint)
+    return code

@@ -1,0 +1,115 @@
+"""`llmcli chat`."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated, Callable, Optional
+
+import typer
+
+from llmcli import render
+from llmcli.cli.app import app
+from llmcli.cli.common import Terminated, load_engine
+from llmcli.cli.options import (ModelOption, DeviceOption, DtypeOption, TrustOption, PickleOption, EngineOption,
+                                 ThreadsOption, SchemaOption, RegexOption, GrammarOption, ChoiceOption)
+from llmcli.errors import LlmcliError, UsageError
+
+
+@app.command()
+def chat(
+    model: ModelOption = None,
+    system: Annotated[Optional[str], typer.Option(help="System message (change it later with /system).")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", "-n", help="Tokens per reply at most. "
+                                                          "Default: 512, or what the model's context leaves.",
+                                                          show_default=False)] = None,
+    temperature: Annotated[float, typer.Option("--temperature", "-t", help="0 = greedy; above 0 samples.")] = 0.0,
+    top_k: Annotated[Optional[int], typer.Option(help="Sample among the k most likely tokens.")] = None,
+    top_p: Annotated[Optional[float], typer.Option(help="Nucleus sampling threshold in (0, 1].")] = None,
+    min_p: Annotated[Optional[float], typer.Option(help="Drop tokens below min-p × the top probability.")] = None,
+    repetition_penalty: Annotated[Optional[float], typer.Option(help="Penalty above 1 discourages repeats.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed for sampling.")] = None,
+    schema: SchemaOption = None,
+    regex: RegexOption = None,
+    grammar: GrammarOption = None,
+    choice: ChoiceOption = None,
+    fast: Annotated[bool, typer.Option("--fast", help="As for generate: quantized weights on llama.cpp, bfloat16 "
+                                       "on the CPU with hf.")] = False,
+    engine: EngineOption = "auto",
+    threads: ThreadsOption = None,
+    device: DeviceOption = None,
+    dtype: DtypeOption = "auto",
+    trust_remote_code: TrustOption = False,
+    allow_pickle: PickleOption = False,
+) -> None:
+    """Chat interactively, keeping the conversation. Commands: /reset, /system TEXT, /exit (or Ctrl-D).
+    A --schema, --regex, --grammar or --choice constrains every reply."""
+    from llmcli.constraints import constraint_from_options
+    from llmcli.tasks.chat import ChatSession
+    from llmcli.tasks.generate import GenerateOptions, validate
+
+    options = GenerateOptions(
+        max_new_tokens=512 if max_new_tokens is None else max_new_tokens, default_length=max_new_tokens is None,
+        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+        repetition_penalty=repetition_penalty, seed=seed, chat=True,
+        constraint=constraint_from_options(schema, regex, grammar, choice),
+    )
+    validate(options)
+    runner = load_engine(model, engine, command="chat", device=device, dtype=dtype, fast=fast, threads=threads,
+                         trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    if not runner.chat_template:
+        raise UsageError("this model's tokenizer has no chat template, so llmcli chat cannot format a conversation",
+                         "Use llmcli generate to continue plain text, or a chat model.")
+    runner.constraints.matcher(options.constraint)  # a constraint the vocabulary cannot express fails now, once
+    session = ChatSession(runner, options, system=system, on_notice=render.notice)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        import readline  # noqa: F401  (line editing and history for input())
+
+        from llmcli.tasks.chat import HELP
+
+        render.notice("Type a message. " + HELP)
+    while True:
+        try:
+            line = read_message(lambda first: input((">>> " if first else "... ") if interactive else ""))
+        except EOFError:  # Ctrl-D: leave, with the shell's prompt on a line of its own
+            if interactive:
+                render.write("\n")
+            break
+        except KeyboardInterrupt:  # Ctrl-C at the idle prompt leaves: exit 130, as every interrupt does
+            render.write("\n")
+            raise
+        try:
+            reply = session.handle(line, on_text=render.write)
+        except LlmcliError as exc:  # one message that cannot be answered: the conversation goes on
+            render.error(exc.message, exc.hint)
+            continue
+        except KeyboardInterrupt as interrupt:
+            # Ctrl-C during a reply stops it and keeps the conversation (as ollama and llama-cli do);
+            # SIGTERM, or a script's interrupt, still ends the session
+            if not interactive or isinstance(interrupt, Terminated):
+                render.write("\n")
+                raise
+            render.write("\n")
+            render.notice("Reply stopped (kept in the conversation as far as it got); Ctrl-C again at the prompt "
+                          "leaves.")
+            continue
+        if reply is None:
+            break
+        if reply:
+            render.notice(reply)
+        else:
+            render.write("\n")
+            if session.cut:
+                render.notice(f"(reply cut at {session.cut} tokens; -n sets the limit)")
+
+
+def read_message(read_line: Callable[[bool], str]) -> str:
+    """One chat message: a line, or the lines between two lines of \"\"\" (ollama's multi-line mode)."""
+    line = read_line(True)
+    if not line.strip().startswith('"""'):
+        return line
+    lines = [line.strip()[3:]]
+    while not lines[-1].rstrip().endswith('"""'):
+        lines.append(read_line(False))
+    lines[-1] = lines[-1].rstrip()[:-3]
+    return "\n".join(lines).strip()

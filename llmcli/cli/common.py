@@ -1,0 +1,99 @@
+"""What several commands do before their task runs: launch workers, check placement, load the
+engine, gather inputs."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from llmcli import render
+from llmcli.cli import app as app_state
+from llmcli.errors import UsageError
+
+
+def launch_if_asked(num_processes: int, nnodes: int, node_rank: int, master_addr: str, master_port: int | None,
+                    device: str | None) -> None:
+    """With --num-processes/--nnodes (and not already a worker): run this command line in workers, and
+    exit with their result."""
+    from llmcli.distributed import Launch, launch
+
+    request = Launch(num_processes, nnodes, node_rank, master_addr, master_port)
+    request.validate()
+    if request.wanted:
+        raise typer.Exit(launch(request, device, app_state.command_line, app_state.debug_mode))
+
+
+def check_fsdp(device: str | None) -> None:
+    """On the CPU accelerate silently drops FSDP and every process would train a whole unsharded copy."""
+    import torch
+
+    if device == "cpu" or not torch.cuda.is_available():
+        raise UsageError("--fsdp shards over GPUs, and this run is on the CPU (accelerate would silently train "
+                         "unsharded copies)", "Drop --fsdp; --num-processes trains data parallel on the CPU.")
+    raise UsageError("--fsdp is not available yet: its sharded checkpoints and exact resume are untested on GPUs",
+                     "Drop --fsdp; --num-processes N trains data parallel, one GPU per process.")
+
+
+def placement_from(device_map: str | None, max_memory: list[str] | None, offload_dir: str | None,
+                   device: str | None, num_processes: int, nnodes: int):
+    """--device-map and its companions as models.Placement (None without --device-map), checked."""
+    from llmcli.models import DEVICE_MAPS, Placement, parse_max_memory
+
+    if device_map is None:
+        if max_memory or offload_dir:
+            raise UsageError(f"{'--max-memory' if max_memory else '--offload-dir'} works with --device-map",
+                             "Add --device-map auto.")
+        return None
+    if device_map not in DEVICE_MAPS:
+        raise UsageError(f"unknown --device-map {device_map!r}", f"Use one of {', '.join(DEVICE_MAPS)}.")
+    if device not in (None, "cpu"):
+        raise UsageError(f"--device-map places the model itself; --device {device} asks for one device",
+                         "Choose one (--device cpu with --device-map keeps it to CPU memory and disk).")
+    if num_processes > 1 or nnodes > 1:
+        raise UsageError("--device-map spreads one model over the devices; --num-processes gives each process "
+                         "its own copy", "Choose one.")
+    limits = parse_max_memory(max_memory or [])
+    if device == "cpu":  # CPU memory and disk only: accelerate would otherwise also fill any GPU
+        if any(isinstance(name, int) for name in limits):
+            raise UsageError("--device cpu and a GPU in --max-memory", "Drop one.")
+        import psutil
+
+        limits.setdefault("cpu", psutil.virtual_memory().available)
+    return Placement(device_map, limits, offload_dir)
+
+
+def load_engine(model: str | None, engine: str = "hf", **choices):
+    """The model on its engine (see engines.choose_engine), with notices on stderr and a spinner."""
+    from llmcli.engines import choose_engine
+
+    with render.status("Loading"):
+        return choose_engine(model, engine, on_notice=render.notice, **choices)
+
+
+def collect_inputs(arguments: list[str], file: str | None, read, what: str) -> list:
+    """Inputs from arguments, '-' (stdin) or --file, read with `read` (a data.py reader)."""
+    from llmcli.data import STDIN
+
+    if file is not None and arguments:
+        raise UsageError(f"give {what}s as arguments or with --file, not both")
+    if file is not None:
+        return read(file)
+    if arguments == [STDIN]:
+        return read(STDIN)
+    if not arguments and not sys.stdin.isatty():  # `echo hi | llmcli generate` reads the pipe, as `llm` does
+        import io
+
+        data = sys.stdin.buffer.read()
+        if data.strip():
+            sys.stdin = io.TextIOWrapper(io.BytesIO(data))  # read again below, as '-' reads it
+            return read(STDIN)
+    if not arguments:
+        raise UsageError(f"no {what} given", f"Pass a {what}, '-' to read stdin, or --file PATH.")
+    if any(not a.strip() for a in arguments):
+        raise UsageError(f"empty {what}", "Pass some text.")
+    return arguments
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM: handled as Ctrl-C everywhere, except that it never just stops a chat reply."""

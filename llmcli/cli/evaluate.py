@@ -1,0 +1,96 @@
+"""`llmcli eval`."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from llmcli import render
+from llmcli.cli.app import app
+from llmcli.cli.common import launch_if_asked, load_engine, placement_from
+from llmcli.cli.options import (DeviceOption, ScoringDtypeOption, TrustOption, PickleOption, EngineOption,
+                                 ThreadsOption, DeviceMapOption, MaxMemoryOption, OffloadDirOption,
+                                 NumProcessesOption, NnodesOption, NodeRankOption, MasterAddrOption, MasterPortOption)
+from llmcli.errors import UsageError
+
+
+@app.command("eval")
+def evaluate(
+    data: Annotated[str, typer.Option("--data", "-d", help="Text to score: .txt, JSONL with 'text', or '-' "
+                                      "for stdin.", show_default=False)],
+    model: Annotated[Optional[list[str]], typer.Option("--model", "-m", metavar="MODEL", help="Model to evaluate (repeatable: one "
+                                                       "row each). Default: the embedded SmolLM2.")] = None,
+    metric: Annotated[Optional[str], typer.Option(help="perplexity (causal LMs), pseudo-perplexity or accuracy "
+                                                  "(masked LMs). Default: from the model type.")] = None,
+    max_length: Annotated[Optional[int], typer.Option(help="Window length in tokens. Default: the model's "
+                                                      "context, at most 1024.")] = None,
+    stride: Annotated[Optional[int], typer.Option(help="Tokens a sliding window moves. Default: max-length / 2.")]
+    = None,
+    llama_cpp: Annotated[bool, typer.Option("--llama-cpp", help="llama-perplexity's method: chunks of --ctx "
+                                            "tokens, second half scored.")] = False,
+    ctx: Annotated[int, typer.Option(help="Chunk size for --llama-cpp (llama-perplexity -c).")] = 512,
+    lm_eval: Annotated[bool, typer.Option("--lm-eval", help="lm-evaluation-harness's rolling log-likelihood: "
+                                          "every token scored, disjoint windows of max-length.")] = False,
+    batch_size: Annotated[Optional[int], typer.Option(help="Windows per forward pass. Default: 1 on CPU, 8 on "
+                                                      "GPUs.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the 15% masking for --metric accuracy.")] = 0,
+    per_record: Annotated[bool, typer.Option("--per-record", help="Score each line (or JSONL 'text' record) as a "
+                                             "text of its own, and aggregate over all their tokens.")] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="JSON Lines: one object per model.")] = False,
+    engine: EngineOption = "auto",
+    threads: ThreadsOption = None,
+    device: DeviceOption = None,
+    dtype: ScoringDtypeOption = "float32",
+    trust_remote_code: TrustOption = False,
+    allow_pickle: PickleOption = False,
+    num_processes: NumProcessesOption = 1,
+    nnodes: NnodesOption = 1,
+    node_rank: NodeRankOption = 0,
+    master_addr: MasterAddrOption = "127.0.0.1",
+    master_port: MasterPortOption = None,
+    device_map: DeviceMapOption = None,
+    max_memory: MaxMemoryOption = None,
+    offload_dir: OffloadDirOption = None,
+) -> None:
+    """Score a text: perplexity for causal LMs (sliding window by default), pseudo-perplexity or
+    accuracy for masked LMs. Every result names its protocol, token count and standard error."""
+    from llmcli.data import Completion, read_document, read_eval_records
+    from llmcli.tasks.evaluate import EvalOptions, evaluate as run_evaluate
+
+    if llama_cpp and lm_eval:
+        raise UsageError("--llama-cpp and --lm-eval are two different protocols", "Choose one.")
+    if stride is not None and stride <= 0:
+        raise UsageError(f"--stride must be at least 1, got {stride}")
+    if stride is not None and max_length is not None and stride > max_length:
+        raise UsageError(f"--stride ({stride}) must not exceed --max-length ({max_length})")
+    protocol = "llama.cpp" if llama_cpp else "rolling" if lm_eval else "sliding"
+    options = EvalOptions(metric=metric, protocol=protocol, max_length=max_length, stride=stride, ctx=ctx,
+                          batch_size=batch_size, seed=seed)
+    if per_record or data.endswith(".jsonl"):
+        records = read_eval_records(data)
+        # prompt/completion and chat records are scored each on its own, as a completion given its prompt
+        completions = any(isinstance(record, Completion) for record in records)
+        text = records if per_record or completions else "\n\n".join(records)
+    else:
+        text = read_document(data)
+    placement = placement_from(device_map, max_memory, offload_dir, device, num_processes, nnodes)
+    launch_if_asked(num_processes, nnodes, node_rank, master_addr, master_port, device)
+    from llmcli.distributed import Workers
+
+    workers = Workers(device)
+    results = []
+    for name in model or [None]:
+        runner = load_engine(name, engine, command="eval", kind="auto", device=device or workers.device, dtype=dtype,
+                             threads=threads, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+                             placement=placement)
+        with render.progress(f"Scoring with {runner.source.name}") as (start, advance):
+            result = run_evaluate(runner, text, options, on_start=start, on_progress=workers.progress(advance),
+                                  workers=workers)
+        results.append(result)
+        if not workers.is_main:
+            continue
+        if json_output:
+            render.json_line(render.eval_record(result))
+    if not json_output and workers.is_main:
+        render.eval_table(results)

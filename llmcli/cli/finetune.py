@@ -1,0 +1,117 @@
+"""`llmcli finetune`."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from llmcli import render
+from llmcli.cli.app import app
+from llmcli.cli.common import check_fsdp, launch_if_asked
+from llmcli.cli.options import (ModelOption, DeviceOption, TrustOption, PickleOption, NumProcessesOption,
+                                 NnodesOption, NodeRankOption, MasterAddrOption, MasterPortOption)
+from llmcli.errors import UsageError
+
+
+@app.command()
+def finetune(
+    data: Annotated[str, typer.Option("--data", "-d", help="Training data: JSONL (text, prompt+completion or "
+                                      "messages), .txt, .csv, or a save_to_disk directory.", show_default=False)],
+    output: Annotated[str, typer.Option("--output", "-o", help="Output directory for the model, metrics and "
+                                        "checkpoints.")] = "llmcli-finetuned",
+    data_eval: Annotated[Optional[str], typer.Option(help="Evaluation data, same format.")] = None,
+    model: ModelOption = None,
+    objective: Annotated[str, typer.Option(help="auto (from the model), clm or mlm.")] = "auto",
+    from_scratch: Annotated[bool, typer.Option(help="Random weights instead of pretrained ones.")] = False,
+    arch: Annotated[Optional[str], typer.Option(help="Architecture for --from-scratch: gpt2, llama or bert.")] = None,
+    config_overrides: Annotated[str, typer.Option(help="Config changes for --from-scratch, e.g. "
+                                                  "n_layer=2,n_embd=128,n_head=4.")] = "",
+    tokenizer_vocab_size: Annotated[Optional[int], typer.Option(help="Train a tokenizer of this size on the data "
+                                                                "(--from-scratch).")] = None,
+    text_column: Annotated[str, typer.Option(help="Column holding the text in a .csv file.")] = "text",
+    line_by_line: Annotated[bool, typer.Option(help=".txt: one example per line instead of per paragraph.")] = False,
+    epochs: Annotated[float, typer.Option(help="Passes over the data (fractions allowed).")] = 1.0,
+    max_steps: Annotated[Optional[int], typer.Option(help="Optimizer steps; overrides --epochs.")] = None,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 5e-5,
+    batch_size: Annotated[int, typer.Option(help="Examples per batch per process.")] = 8,
+    grad_accum: Annotated[int, typer.Option(help="Batches per optimizer step.")] = 1,
+    max_length: Annotated[Optional[int], typer.Option(help="Tokens per example (block size when packing). Default: "
+                                                      "512, or the model's context if smaller.",
+                                                      show_default=False)] = None,
+    packing: Annotated[Optional[bool], typer.Option("--packing/--no-packing", help="Concatenate and cut into "
+                                                    "--max-length blocks. Default: on for plain text.",
+                                                    show_default=False)] = None,
+    mask_prompt: Annotated[Optional[bool], typer.Option("--mask-prompt/--no-mask-prompt", help="Loss only on "
+                                                        "completions / assistant turns. Default: on for those "
+                                                        "formats.", show_default=False)] = None,
+    warmup: Annotated[float, typer.Option(help="Warmup steps, or a fraction of all steps when below 1.")] = 0.0,
+    scheduler: Annotated[str, typer.Option(help="LR schedule: linear, cosine, constant, ...")] = "linear",
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay (not on biases and norms).")] = 0.0,
+    max_grad_norm: Annotated[float, typer.Option(help="Gradient clipping norm (0 = off).")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Seed for weights, data order, dropout and masking.")] = 42,
+    val_split: Annotated[float, typer.Option(help="Fraction of the data held out for evaluation.")] = 0.0,
+    eval_every: Annotated[Optional[int], typer.Option(help="Evaluate every N steps (and at the end).")] = None,
+    save_every: Annotated[Optional[int], typer.Option(help="Checkpoint every N steps.")] = None,
+    keep_checkpoints: Annotated[Optional[int], typer.Option(help="Keep only the last N checkpoints.")] = None,
+    log_every: Annotated[int, typer.Option(help="Write a metrics line every N steps.")] = 10,
+    resume: Annotated[Optional[str], typer.Option(help="Continue from the latest checkpoint in --output, or "
+                                                  "from the checkpoint directory given.", show_default=False)] = None,
+    lora: Annotated[bool, typer.Option(help="Train LoRA adapters (peft) instead of all weights.")] = False,
+    lora_r: Annotated[int, typer.Option(help="LoRA rank.")] = 8,
+    lora_alpha: Annotated[int, typer.Option(help="LoRA alpha.")] = 16,
+    lora_dropout: Annotated[float, typer.Option(help="LoRA dropout.")] = 0.05,
+    lora_targets: Annotated[str, typer.Option(help="Modules to adapt: all-linear or names like q_proj,v_proj.")]
+    = "all-linear",
+    merge_lora: Annotated[bool, typer.Option(help="Write the merged model instead of the adapter.")] = False,
+    bf16: Annotated[bool, typer.Option("--bf16", help="bfloat16 mixed precision.")] = False,
+    fp16: Annotated[bool, typer.Option("--fp16", help="float16 mixed precision (GPU).")] = False,
+    grad_checkpointing: Annotated[bool, typer.Option(help="Trade compute for memory.")] = False,
+    fsdp: Annotated[bool, typer.Option("--fsdp", help="Shard weights, gradients and optimizer state over the GPUs "
+                                       "(FSDP2 through accelerate). GPUs only.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty --output.")] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,
+    device: DeviceOption = None,
+    trust_remote_code: TrustOption = False,
+    allow_pickle: PickleOption = False,
+    num_processes: NumProcessesOption = 1,
+    nnodes: NnodesOption = 1,
+    node_rank: NodeRankOption = 0,
+    master_addr: MasterAddrOption = "127.0.0.1",
+    master_port: MasterPortOption = None,
+) -> None:
+    """Finetune a model (or train one from scratch) on your data, with checkpoints that resume exactly."""
+    from llmcli.tasks.finetune import FinetuneOptions, validate
+    from llmcli.tasks.finetune_loop import run
+
+    if bf16 and fp16:
+        raise UsageError("--bf16 and --fp16 both given", "Choose one.")
+    if fsdp:
+        check_fsdp(device)
+    options = FinetuneOptions(
+        data=data, output=output, data_eval=data_eval, model=model, objective=objective, from_scratch=from_scratch,
+        arch=arch, config_overrides=config_overrides, tokenizer_vocab_size=tokenizer_vocab_size,
+        text_column=text_column, line_by_line=line_by_line, epochs=epochs, max_steps=max_steps, lr=lr,
+        batch_size=batch_size, grad_accum=grad_accum, max_length=max_length, packing=packing,
+        mask_prompt=mask_prompt, warmup=warmup, scheduler=scheduler, weight_decay=weight_decay,
+        max_grad_norm=max_grad_norm, seed=seed, val_split=val_split, eval_every=eval_every, save_every=save_every,
+        keep_checkpoints=keep_checkpoints, log_every=log_every, resume=resume, lora=lora, lora_r=lora_r,
+        lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_targets=lora_targets, merge_lora=merge_lora,
+        mixed_precision="bf16" if bf16 else "fp16" if fp16 else "no", grad_checkpointing=grad_checkpointing,
+        overwrite=overwrite, device=device, trust_remote_code=trust_remote_code, num_processes=num_processes,
+        allow_pickle=allow_pickle,
+    )
+    validate(options)
+    launch_if_asked(num_processes, nnodes, node_rank, master_addr, master_port, device)
+    if model is None and not from_scratch:
+        render.notice("Using the embedded model SmolLM2-135M-Instruct (pass --model to choose another).")
+    from llmcli.distributed import rank
+
+    main_process = rank() == 0
+    with render.training_progress(enabled=main_process) as reporter:
+        result = run(options, reporter)
+    if main_process:
+        if json_output:
+            render.json_line(render.finetune_record(result))
+        else:
+            render.finetune_summary(result)

@@ -1,0 +1,56 @@
+"""`llmcli info` and `llmcli cache list|rm`."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from llmcli import render
+from llmcli.cli.app import app
+
+
+@app.command()
+def info(json_output: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False) -> None:
+    """Versions, devices, engines, the embedded model and the model cache."""
+    from llmcli.inventory import machine_info
+
+    details = machine_info()
+    if json_output:
+        render.json_line(details)
+    else:
+        render.info_table(details)
+
+
+cache_app = typer.Typer(help="The model cache: GGUF conversions made once (safetensors for hf, F16 for llama.cpp).",
+                        no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("list")
+def cache_list(json_output: Annotated[bool, typer.Option("--json", help="JSON Lines: one object per entry.")] = False
+               ) -> None:
+    """Each cached conversion: name, kind, size and the file it came from."""
+    from llmcli.inventory import cache_entries
+
+    entries = cache_entries()
+    for entry in entries:
+        if json_output:
+            render.json_line(entry.__dict__)
+        else:
+            render.write(f"{entry.name}  {entry.kind}  {entry.size_mb:.0f} MB  {entry.source or ''}".rstrip() + "\n")
+    if not entries and not json_output:
+        render.notice("The cache is empty.")
+
+
+@cache_app.command("rm")
+def cache_rm(
+    name: Annotated[Optional[str], typer.Argument(help="An entry's name (or a unique start of it), from "
+                                                       "'llmcli cache list'.", show_default=False, metavar="NAME")] = None,
+    everything: Annotated[bool, typer.Option("--all", help="Remove every entry.")] = False,
+) -> None:
+    """Remove one cached conversion, or all with --all (they are rebuilt when next needed)."""
+    from llmcli.inventory import remove_cache_entries
+
+    for removed in remove_cache_entries(name, everything):
+        render.notice(f"Removed {removed}")

@@ -1,0 +1,59 @@
+"""Option declarations shared by several commands."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+# Options shared by the commands that load a model.
+ModelOption = Annotated[
+    Optional[str],
+    typer.Option("--model", "-m", help="Hub id, local save_pretrained dir, .gguf file, or 'smollm2'. "
+                 "Default: the embedded SmolLM2-135M-Instruct."),
+]
+DeviceOption = Annotated[Optional[str], typer.Option(envvar="LLMCLI_DEVICE", show_envvar=True,
+                                                     help="cpu, cuda, cuda:N or mps. Default: accelerate's choice.")]
+DtypeOption = Annotated[str, typer.Option(help="auto (bf16 on capable GPUs, else fp32), float32, bfloat16, float16.")]
+# Commands whose output is a score default to float32, so that scores match the references on any machine
+ScoringDtypeOption = Annotated[str, typer.Option(help="float32, so scores do not depend on the machine; auto, "
+                                                 "bfloat16 or float16 trade exactness for speed.")]
+TrustOption = Annotated[bool, typer.Option(help="Allow the model repository's own Python code to run.")]
+PickleOption = Annotated[bool, typer.Option(help="Allow pickle weights (*.bin), which can run code when loaded; "
+                                            "safetensors are always preferred.")]
+EngineOption = Annotated[str, typer.Option(help="auto (llama.cpp for .gguf models when installed, else hf), hf "
+                                           "(transformers) or llama.cpp.")]
+ThreadsOption = Annotated[Optional[int], typer.Option(help="CPU threads. Default: the physical cores.",
+                                                      show_default=False)]
+# accelerate's big-model inference (hf engine): a model bigger than one device
+# structured output (llmcli.constraints): generate and chat
+SchemaOption = Annotated[Optional[str], typer.Option(help="Output valid for this JSON schema (a file or inline JSON; "
+                                                     "'json' for any JSON object).", show_default=False)]
+RegexOption = Annotated[Optional[str], typer.Option(help="Output matching this regular expression.",
+                                                    show_default=False)]
+GrammarOption = Annotated[Optional[str], typer.Option(help="Output in this Lark grammar (a file).", show_default=False)]
+ChoiceOption = Annotated[Optional[list[str]], typer.Option(help="Output exactly one of these (repeatable).",
+                                                           show_default=False, metavar="TEXT")]
+DeviceMapOption = Annotated[Optional[str], typer.Option(help="Spread the layers over GPUs, CPU memory and disk: "
+                                                        "auto (or balanced, sequential). hf engine.",
+                                                        show_default=False, rich_help_panel="Big models")]
+MaxMemoryOption = Annotated[Optional[list[str]], typer.Option(metavar="DEVICE=SIZE", help="With --device-map: memory "
+                                                              "one device may hold, e.g. cpu=2GiB or 0=20GiB "
+                                                              "(repeatable).", rich_help_panel="Big models")]
+OffloadDirOption = Annotated[Optional[str], typer.Option(help="With --device-map: where layers that fit no device go "
+                                                         "(a fresh folder inside it, removed at exit). Default: a "
+                                                         "temporary folder.", show_default=False,
+                                                         rich_help_panel="Big models")]
+# Launching one command on N processes and N machines (distributed.py); under an outside launcher
+# (torchrun, accelerate launch) these are not needed: the command sees LOCAL_RANK and runs as a worker.
+NumProcessesOption = Annotated[int, typer.Option(help="Processes on this machine (data parallel; one GPU each, "
+                                                 "or gloo on CPU).", rich_help_panel="Processes")]
+NnodesOption = Annotated[int, typer.Option(help="Machines taking part (start the same command on each).",
+                                           rich_help_panel="Processes")]
+NodeRankOption = Annotated[int, typer.Option(help="This machine's number, 0..nnodes-1 (0 hosts the rendezvous).",
+                                             rich_help_panel="Processes")]
+MasterAddrOption = Annotated[str, typer.Option(help="Machine 0's address, as the others reach it.",
+                                               rich_help_panel="Processes")]
+MasterPortOption = Annotated[Optional[int], typer.Option(help="A free TCP port on machine 0 (needed with --nnodes "
+                                                         "above 1).", show_default=False,
+                                                         rich_help_panel="Processes")]
