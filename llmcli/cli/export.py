@@ -1,0 +1,38 @@
+"""`llmcli export`."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from llmcli import render
+from llmcli.cli.app import app
+
+
+@app.command()
+def export(
+    model: Annotated[str, typer.Argument(help="A save_pretrained or `llmcli finetune` directory (a LoRA adapter is "
+                                         "merged into its base), or anything --model takes.", metavar="MODEL",
+                                         show_default=False)],
+    output: Annotated[str, typer.Option("--output", "-o", help="The .gguf file to write.", show_default=False)],
+    type_name: Annotated[str, typer.Option("--type", help="f32, f16, bf16, or a llama.cpp quantization: q8_0, "
+                                           "q6_k, q5_k_m, q4_k_m, q4_0, ... (made by llama.cpp's quantizer).")] = "f16",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --output if it exists.")] = False,
+) -> None:
+    """Write a Llama-family or GPT-2 model as one GGUF file, for the llama.cpp engine, ollama or LM Studio."""
+    from llmcli.tasks.export import check_request, export as run_export
+
+    check_request(output, type_name, overwrite)  # before the slow load
+    with render.status("Loading"):
+        from llmcli.tasks.export import load_full_precision  # noqa: F401  (imports torch under the spinner)
+    with render.progress("Writing tensors") as (start, advance):
+        def on_progress(done: int, total: int) -> None:
+            if done == 1:
+                start(total)
+            advance(1)
+
+        result = run_export(model, output, type_name, overwrite, on_progress=on_progress, on_notice=render.notice)
+    merged = " (the LoRA adapter merged into its base)" if result.merged_adapter else ""
+    render.notice(f"Wrote {result.path}: {result.architecture}, {result.type.upper()}, {result.tensors} tensors, "
+                  f"{result.size_mb:.0f} MB, in {result.seconds:.1f} s{merged}.")
