@@ -15,8 +15,9 @@ from conftest import GPL3, run_cli
 
 pytest.importorskip("llama_cpp")
 
-# per-token log-probabilities, as test_llamacpp.py's engine-agreement test bounds them
-MAX_LOGPROB_GAP, MEAN_LOGPROB_GAP = 0.05, 0.002
+# per-token log-probabilities of an F32 export against its source: 20x what was measured on the tiny
+# models (max 5.3e-5, mean 1.1e-5), far inside test_llamacpp.py's engine-agreement bounds (0.05, 0.002)
+MAX_LOGPROB_GAP, MEAN_LOGPROB_GAP = 1e-3, 2e-4
 TEXT_WITH_EVERYTHING = (GPL3.read_text()[:6000] + " 12345 3.14159 1,000,000 <|endoftext|> héllo wörld 日本語 "
                         "emoji 🦙 tabs\tand  double  spaces\n\n\n and 'quotes' I've they'll")
 
