@@ -182,3 +182,22 @@ def test_the_exported_file_carries_the_metadata_llama_cpp_reads(tiny_llama, tmp_
     assert fields["llama.context_length"] == config["max_position_embeddings"]
     assert fields["tokenizer.ggml.pre"] == "gpt-2" and fields["tokenizer.ggml.add_bos_token"] is False
     assert fields["general.file_type"] == 1  # mostly F16
+
+
+def test_finetune_export_gguf_writes_what_export_writes(tiny_llama, tmp_path):
+    """`finetune --export-gguf FILE` is `export OUTPUT -o FILE --type f16` after training; an existing
+    FILE is refused before any training."""
+    data = tmp_path / "train.txt"
+    data.write_text(GPL3.read_text()[:5000])
+    args = ["finetune", "--data", data, "-m", tiny_llama, "--max-steps", "2", "--max-length", "64", "--lr", "3e-3"]
+    taken = tmp_path / "taken.gguf"
+    taken.write_text("precious")
+    refused = run_cli(*args, "-o", tmp_path / "never", "--export-gguf", taken)
+    assert refused.exit_code == 2 and "taken.gguf exists" in refused.stderr, refused.stderr
+    assert not (tmp_path / "never").exists() and taken.read_text() == "precious"
+    shortcut = tmp_path / "shortcut.gguf"
+    trained = run_cli(*args, "-o", tmp_path / "model", "--export-gguf", shortcut)
+    assert trained.exit_code == 0, trained.stderr
+    by_hand = tmp_path / "by-hand.gguf"
+    export(tmp_path / "model", by_hand, "--type", "f16")
+    assert shortcut.read_bytes() == by_hand.read_bytes()

@@ -69,7 +69,11 @@ def finetune(
     grad_checkpointing: Annotated[bool, typer.Option(help="Trade compute for memory.")] = False,
     fsdp: Annotated[bool, typer.Option("--fsdp", help="Shard weights, gradients and optimizer state over the GPUs "
                                        "(FSDP2 through accelerate). GPUs only.")] = False,
-    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty --output.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty --output (and an existing --export-gguf "
+                                            "file).")] = False,
+    export_gguf: Annotated[Optional[str], typer.Option(help="Also write the result as an F16 GGUF file (a LoRA "
+                                                       "adapter merged), for the llama.cpp engine; as llmcli "
+                                                       "export.", show_default=False)] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,
     device: DeviceOption = None,
     trust_remote_code: TrustOption = False,
@@ -102,6 +106,10 @@ def finetune(
         allow_pickle=allow_pickle,
     )
     validate(options)
+    if export_gguf:
+        from llmcli.tasks.export import check_request
+
+        check_request(export_gguf, "f16", overwrite)  # before hours of training, not after
     launch_if_asked(num_processes, nnodes, node_rank, master_addr, master_port, device)
     if model is None and not from_scratch:
         render.notice("Using the embedded model SmolLM2-135M-Instruct (pass --model to choose another).")
@@ -115,3 +123,8 @@ def finetune(
             render.json_line(render.finetune_record(result))
         else:
             render.finetune_summary(result)
+        if export_gguf:
+            from llmcli.tasks.export import export
+
+            exported = export(result.output, export_gguf, "f16", overwrite)
+            render.notice(f"Wrote {exported.path} ({exported.size_mb:.0f} MB): llmcli generate -m {exported.path}")
