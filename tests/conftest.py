@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +62,9 @@ def save_tiny(path: Path, config, tokenizer, chat_template: str | None = None) -
     model.generation_config.pad_token_id = tokenizer.eos_token_id
     model.save_pretrained(path)
     if chat_template:
+        # a copy: the session's tokenizer is shared by the fixtures, and a template set on it would reach
+        # every model saved after this one (the tiny GPT-2 has none, and tests rely on that)
+        tokenizer = copy.deepcopy(tokenizer)
         tokenizer.chat_template = chat_template
     tokenizer.save_pretrained(path)
     return path
