@@ -24,9 +24,8 @@ def export(
     from llmcli.tasks.export import check_request, export as run_export
 
     check_request(output, type_name, overwrite)  # before the slow load
-    with render.status("Loading"):
-        from llmcli.tasks.export import load_full_precision  # noqa: F401  (imports torch under the spinner)
-    with render.progress("Writing tensors") as (start, advance):
+    # one bar: open-ended while the model loads (and merges), then counting the tensors written
+    with render.progress("Exporting") as (start, advance):
         def on_progress(done: int, total: int) -> None:
             if done == 1:
                 start(total)
