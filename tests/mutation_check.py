@@ -450,6 +450,8 @@ MUTANTS = [
            "tests/test_export.py -k tiny_llama"),
     Mutant("export leaves the file private", "llmcli/tasks/export.py",
            "        os.chmod(temporary, 0o666 & ~umask)", "        pass", "tests/test_export.py -k ordinary"),
+    Mutant("an interrupt inside a weakref callback is printed and dropped", "llmcli/cli/__init__.py",
+           "    error = unraisable.exc_value\n", "    error = None\n", "tests/test_robustness.py -k sent_again"),
     Mutant("/metrics counts no generated tokens", "llmcli/serve/metrics.py",
            '        self.generation_tokens.inc(usage["completion_tokens"])', "        pass",
            "tests/test_serve_llama.py -k metrics_count"),

@@ -198,3 +198,39 @@ def test_chat_at_a_terminal_ctrl_c_stops_a_reply_then_leaves(tmp_path):
     read_until(master, b"\n", seen, timeout=5)
     assert seen.endswith(b"\n") or seen.endswith(b"\r\n")
     os.close(master)
+
+
+@pytest.mark.parametrize("interrupt, signum", [("KeyboardInterrupt", "SIGINT"), ("Terminated", "SIGTERM")])
+def test_an_interrupt_python_cannot_raise_is_sent_again_not_printed(interrupt, signum, capsys):
+    """An interrupt raised in a weakref callback is "unraisable": Python would print a traceback and
+    drop it. main's hook sends the signal again instead (received here by a recording handler)."""
+    import signal
+    import weakref
+
+    from llmcli.cli import redeliver_interrupts
+    from llmcli.cli.common import Terminated
+
+    error = {"KeyboardInterrupt": KeyboardInterrupt, "Terminated": Terminated}[interrupt]
+    number = getattr(signal, signum)
+    received = []
+    previous = signal.signal(number, lambda n, frame: received.append(n))
+    hook, sys.unraisablehook = sys.unraisablehook, redeliver_interrupts
+    try:
+        class Target:
+            pass
+
+        target = Target()
+
+        def callback(reference):
+            raise error()
+
+        reference = weakref.ref(target, callback)  # noqa: F841  (the callback runs when target goes)
+        del target
+        for _ in range(100):  # the handler runs at the next bytecode boundary
+            if received:
+                break
+    finally:
+        sys.unraisablehook = hook
+        signal.signal(number, previous)
+    assert received == [number]
+    assert "Traceback" not in capsys.readouterr().err

@@ -45,6 +45,25 @@ def interrupt_on_sigterm() -> None:
         raise Terminated
 
     signal.signal(signal.SIGTERM, raise_interrupt)
+    sys.unraisablehook = redeliver_interrupts
+
+
+def redeliver_interrupts(unraisable) -> None:
+    """An interrupt that lands in a weakref callback or a finalizer cannot be raised there: Python
+    prints it ("Exception ignored in ... Traceback") and drops it. Seen in CI with a Ctrl-C inside an
+    import lock's callback, and a SIGTERM inside an exit-time finalizer. The signal is sent again
+    instead, to be handled at the next point where it can be; anything else is reported as before."""
+    import signal
+
+    error = unraisable.exc_value
+    if isinstance(error, Terminated):
+        signal.raise_signal(signal.SIGTERM)
+    elif isinstance(error, KeyboardInterrupt):
+        signal.raise_signal(signal.SIGINT)
+    elif type(error).__name__ == "SignalException" and hasattr(error, "sigval"):  # torchrun's handlers
+        signal.raise_signal(error.sigval)
+    else:
+        sys.__unraisablehook__(unraisable)
 
 
 def main(argv: list[str] | None = None) -> None:
