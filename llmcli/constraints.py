@@ -111,8 +111,8 @@ class Constraints:
         self.grammars: dict[Constraint, str] = {}
         self.seconds = 0.0
 
-    def matcher(self, constraint: Constraint | None) -> Matcher | None:
-        """A fresh matcher for one sequence, or None without a constraint."""
+    def compile(self, constraint: Constraint | None) -> str | None:
+        """The constraint's checked grammar, compiled on first use (an error is a UsageError)."""
         if constraint is None:
             return None
         if constraint not in self.grammars:
@@ -121,7 +121,12 @@ class Constraints:
                 self.tokenizer = self.make_tokenizer()
             self.grammars[constraint] = compile_grammar(constraint, self.tokenizer)
             self.seconds += time.perf_counter() - began
-        return Matcher(self.tokenizer, self.grammars[constraint], self.n_vocab)
+        return self.grammars[constraint]
+
+    def matcher(self, constraint: Constraint | None) -> Matcher | None:
+        """A fresh matcher for one sequence, or None without a constraint."""
+        grammar = self.compile(constraint)
+        return None if grammar is None else Matcher(self.tokenizer, grammar, self.n_vocab)
 
 
 class Matcher:

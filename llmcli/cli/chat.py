@@ -59,7 +59,7 @@ def chat(
     if not runner.chat_template:
         raise UsageError("this model's tokenizer has no chat template, so llmcli chat cannot format a conversation",
                          "Use llmcli generate to continue plain text, or a chat model.")
-    runner.constraints.matcher(options.constraint)  # a constraint the vocabulary cannot express fails now, once
+    runner.constraints.compile(options.constraint)  # a constraint the vocabulary cannot express fails now, once
     session = ChatSession(runner, options, system=system, on_notice=render.notice)
     interactive = sys.stdin.isatty()
     if interactive:

@@ -222,7 +222,7 @@ async def check_constraint(engine: Engine, options: GenerateOptions) -> None:
     if options.constraint is None:
         return
     try:
-        await asyncio.to_thread(engine.constraints.matcher, options.constraint)
+        await asyncio.to_thread(engine.constraints.compile, options.constraint)
     except LlmcliError as exc:
         raise ApiError(400, exc.message.replace("the schema", "response_format's schema"),
                        param="response_format") from exc

@@ -298,7 +298,7 @@ def prepare(engine: Engine, prompts: list[Prompt], options: GenerateOptions,
             raise DataError("empty prompt", "Pass some text to continue.")
     encoded = [encode_prompt(engine, prompt, options) for prompt in prompts]
     options = cap_default_length(options, encoded, engine.context_length, on_notice)
-    engine.constraints.matcher(options.constraint)  # compiled now: its error comes first, its time is not decoding's
+    engine.constraints.compile(options.constraint)  # compiled now: its error comes first, its time is not decoding's
     return [fit_to_context(ids, engine.context_length, options) for ids in encoded], options
 
 
