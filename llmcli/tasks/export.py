@@ -62,16 +62,16 @@ def export(model: str, output: str, type_name: str = "f16", overwrite: bool = Fa
     target = check_request(output, type_name, overwrite)
     loaded, merged = load_full_precision(model)
     architecture = architecture_of(loaded.model)
-    descriptor = tokenizer_descriptor(loaded.tokenizer)  # unsupported tokenizers fail before any writing
+    pre = llama_cpp_pre_tokenizer(loaded.tokenizer)  # unsupported tokenizers fail before any writing
     # a temporary file beside the target, renamed into place only when complete
     handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
     os.close(handle)
     try:
         if type_name in WRITTEN:
-            tensors = write_gguf(loaded, architecture, descriptor, Path(temporary), type_name, on_progress)
+            tensors = write_gguf(loaded, architecture, pre, Path(temporary), type_name, on_progress)
         else:
             with tempfile.NamedTemporaryFile(suffix=".f32.gguf", dir=target.parent, delete=True) as full:
-                tensors = write_gguf(loaded, architecture, descriptor, Path(full.name), "f32", on_progress)
+                tensors = write_gguf(loaded, architecture, pre, Path(full.name), "f32", on_progress)
                 if on_notice:
                     on_notice(f"Quantizing to {type_name.upper()} with llama.cpp.")
                 quantize(Path(full.name), Path(temporary), type_name)
@@ -116,15 +116,9 @@ def architecture_of(model: Any) -> str:
 # ---------------------------------------------------------------- tokenizer
 
 
-@dataclass
-class TokenizerDescriptor:
-    pre: str  # llama.cpp's pre-tokenizer name
-    spec: dict[str, Any]  # tokenizer.json's content
-
-
-def tokenizer_descriptor(tokenizer: Any) -> TokenizerDescriptor:
-    """What llama.cpp's BPE needs to tokenize as the Hugging Face tokenizer does. Byte-level BPE
-    only; the pre-tokenizer is recognised by its structure (llama.cpp's converter hashes the ids of a
+def llama_cpp_pre_tokenizer(tokenizer: Any) -> str:
+    """llama.cpp's name for the tokenizer's pre-tokenizer: what its BPE needs to tokenize as the Hugging
+    Face tokenizer does. Byte-level BPE only; the pre-tokenizer is recognised by its structure (llama.cpp's converter hashes the ids of a
     test string against a table of known models instead, which fails for any model not in the table).
     Both kinds are checked by tests that compare llama.cpp's ids with the tokenizer's on real text."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -141,7 +135,7 @@ def tokenizer_descriptor(tokenizer: Any) -> TokenizerDescriptor:
         raise UsageError(f"export does not know llama.cpp's name for this pre-tokenizer: "
                          f"{json.dumps(spec.get('pre_tokenizer'))[:200]}",
                          "Supported: GPT-2's (ByteLevel) and SmolLM2's (single digits, then ByteLevel).")
-    return TokenizerDescriptor(pre, spec)
+    return pre
 
 
 def pre_tokenizer_name(pre: dict[str, Any]) -> str | None:
@@ -158,7 +152,7 @@ def pre_tokenizer_name(pre: dict[str, Any]) -> str | None:
     return None
 
 
-def write_vocab(writer: Any, tokenizer: Any, descriptor: TokenizerDescriptor, n_vocab: int, eos_ids: list[int],
+def write_vocab(writer: Any, tokenizer: Any, pre: str, n_vocab: int, eos_ids: list[int],
                 workdir: Path) -> None:
     """Tokens, their types, merges, special ids, BOS/EOS adding and the chat template."""
     import gguf
@@ -179,7 +173,7 @@ def write_vocab(writer: Any, tokenizer: Any, descriptor: TokenizerDescriptor, n_
         else:
             types.append(gguf.TokenType.NORMAL)
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(descriptor.pre)
+    writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     tokenizer.save_pretrained(workdir)  # SpecialVocab reads the saved files, as llama.cpp's converter does
@@ -197,7 +191,7 @@ def write_vocab(writer: Any, tokenizer: Any, descriptor: TokenizerDescriptor, n_
 # ---------------------------------------------------------------- tensors
 
 
-def write_gguf(loaded: Any, architecture: str, descriptor: TokenizerDescriptor, path: Path, type_name: str,
+def write_gguf(loaded: Any, architecture: str, pre: str, path: Path, type_name: str,
                on_progress: ProgressCallback | None) -> int:
     import gguf
 
@@ -210,7 +204,7 @@ def write_gguf(loaded: Any, architecture: str, descriptor: TokenizerDescriptor, 
     eos = loaded.model.generation_config.eos_token_id
     eos_ids = eos if isinstance(eos, list) else ([] if eos is None else [eos])
     with tempfile.TemporaryDirectory() as workdir:
-        write_vocab(writer, loaded.tokenizer, descriptor, n_vocab, eos_ids, Path(workdir))
+        write_vocab(writer, loaded.tokenizer, pre, n_vocab, eos_ids, Path(workdir))
     tensors = list(converted_tensors(model, architecture, arch, type_name))
     for name, data, raw_type in tensors:
         writer.add_tensor_info(name, data.shape, data.dtype, data.nbytes, raw_dtype=raw_type)
