@@ -90,24 +90,36 @@ def eval_file(tmp_path) -> Path:
     return path
 
 
+def threads_per_worker(processes: int) -> int:
+    """The threads each of `processes` CPU workers gets from llmcli's launcher (the cores shared out)."""
+    from llmcli.engines import machine_physical_cores
+
+    return max(1, machine_physical_cores() // processes)
+
+
 def test_eval_on_two_processes_and_under_torchrun_equals_one(tiny_gpt2, eval_file):
     """Causal perplexity: per-token NLLs gathered in order, so value, tokens and stderr are the one-process
-    ones exactly. Started by torchrun or `accelerate launch`, the command runs as a worker and does not
+    ones exactly, once each forward pass runs on as many threads as a worker's: on an AVX2-only AMD EPYC
+    host torch's float32 kernels sum in another order on 1 thread than on 2 (nll 18497.031833171844 with
+    --threads 1, 18497.03183364868 with 2, measured), so the reference is one process with a worker's
+    threads. Started by torchrun or `accelerate launch`, the command runs as a worker and does not
     launch again."""
     args = ["eval", "-d", eval_file, "-m", tiny_gpt2, "--max-length", "64", "--stride", "32", "--batch-size", "2",
             "--json"]
-    [one] = records(llmcli(*args))
+    threads = threads_per_worker(2)
+    [one] = records(llmcli(*args, "--threads", str(threads)))
     [two] = records(llmcli(*args, "--num-processes", "2"))
     assert two == one
+    launched = {**os.environ, **LOOPBACK, "OMP_NUM_THREADS": str(threads)}
     torchrun = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
                                f"--master-port={free_port()}", "-m", "llmcli", *map(str, args)],
-                              capture_output=True, text=True, timeout=300, env={**os.environ, **LOOPBACK})
+                              capture_output=True, text=True, timeout=300, env=launched)
     assert records(torchrun) == [one]  # one line: rank 0 alone prints
     assert "Launching" not in torchrun.stderr
     accelerate = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes=2",
                                  "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no",
                                  f"--main_process_port={free_port()}", "-m", "llmcli", *map(str, args)],
-                                capture_output=True, text=True, timeout=300, env={**os.environ, **LOOPBACK})
+                                capture_output=True, text=True, timeout=300, env=launched)
     assert records(accelerate) == [one] and "Launching" not in accelerate.stderr
 
 
@@ -115,7 +127,7 @@ def test_pseudo_perplexity_and_accuracy_on_two_processes_equal_one(tiny_bert, ev
     for metric in ("pseudo-perplexity", "accuracy"):
         args = ["eval", "-d", eval_file, "-m", tiny_bert, "--metric", metric, "--max-length", "64",
                 "--batch-size", "16", "--json"]
-        [one] = records(llmcli(*args))
+        [one] = records(llmcli(*args, "--threads", str(threads_per_worker(2))))  # see the causal test above
         assert records(llmcli(*args, "--num-processes", "2")) == [one], metric
 
 

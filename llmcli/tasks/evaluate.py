@@ -285,7 +285,8 @@ def evaluate(engine: Engine, text: str | list[str], options: EvalOptions,
 
     `workers` (distributed.Workers) shares the forward passes out between processes, whole batches
     each, and gathers the per-token values back in order: every process's result is the one-process
-    result, to the last bit."""
+    result, to the last bit, when that process runs on a worker's number of threads (CPU kernels may
+    sum in another order on another number of threads)."""
     engine = as_engine(engine)
     texts = [text] if isinstance(text, str) else text
     if not any(isinstance(t, Completion) or t.strip() for t in texts):
