@@ -64,14 +64,16 @@ def resolve_model(arg: str | None) -> ModelSource:
         return ModelSource("gguf", str(embedded_gguf_path()), EMBEDDED_NAME)
     path = Path(arg).expanduser()
     if path.is_file():
-        if path.suffix.lower() != ".gguf":
-            raise ModelLoadError(
-                f"{arg} is a file but not a .gguf model",
-                "Pass a .gguf file, a directory written by save_pretrained, or a hub id.",
-            )
+        # a GGUF file is known by its magic bytes, whatever its name (`export -o model.bin` writes one)
         with path.open("rb") as file:
-            if file.read(4) != b"GGUF":
-                raise ModelLoadError(f"{arg} is not a GGUF model (no GGUF header)", "Check that the file is complete.")
+            is_gguf = file.read(4) == b"GGUF"
+        if not is_gguf and path.suffix.lower() == ".gguf":
+            raise ModelLoadError(f"{arg} is not a GGUF model (no GGUF header)", "Check that the file is complete.")
+        if not is_gguf:
+            raise ModelLoadError(
+                f"{arg} is a file but not a GGUF model (no GGUF header)",
+                "Pass a GGUF file, a directory written by save_pretrained, or a hub id.",
+            )
         return ModelSource("gguf", str(path), path.name)
     if path.is_dir():
         if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
@@ -173,6 +175,18 @@ def read_gguf_metadata(gguf_path: Path) -> dict[str, Any]:
     return {key: reader.fields[key].contents() for key in keys if key in reader.fields}
 
 
+def quantized_types(gguf_path: Path) -> list[str]:
+    """The quantized tensor types in a GGUF file (Q4_1, Q8_0, ...); empty for F32/F16/BF16 weights."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(gguf_path)
+    except Exception as exc:  # see read_gguf_metadata
+        raise ModelLoadError(f"{gguf_path} is not a readable GGUF model ({exc})", "Check that the file is complete.") from exc
+    full = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16}
+    return sorted({tensor.tensor_type.name for tensor in reader.tensors if tensor.tensor_type not in full})
+
+
 def fix_gguf_tokenizer(tokenizer: Any, metadata: dict[str, Any]) -> None:
     """Restore the pre-tokenizer that transformers' GGUF converter drops (transformers 5.23).
 
@@ -241,9 +255,15 @@ def write_cache_entry(gguf_path: Path, metadata: dict[str, Any], target: Path) -
     try:
         tmp.mkdir()
         quiet_gguf_progress()
-        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        named = gguf_path
+        if gguf_path.suffix.lower() != ".gguf":  # transformers reads any other name as pickled weights
+            named = tmp / "source.gguf"
+            named.symlink_to(gguf_path.resolve())
+        tokenizer = AutoTokenizer.from_pretrained(named.parent, gguf_file=named.name)
         fix_gguf_tokenizer(tokenizer, metadata)
-        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(named.parent, gguf_file=named.name)
+        if named != gguf_path:
+            named.unlink()  # the cache entry holds the converted files alone
         # the weights are dequantized now: a leftover GGUF quantization_config would make other
         # tools (and save_pretrained after finetuning) treat the directory as a GGUF checkpoint
         if hasattr(model.config, "quantization_config"):

@@ -40,7 +40,34 @@ def apply_overrides(config: Any, overrides: dict[str, Any]) -> None:
             known = sorted(k for k in config.to_dict() if not k.startswith("_"))[:40]
             raise UsageError(f"--config-overrides: {type(config).__name__} has no setting {key!r}",
                              f"Known settings include: {', '.join(known)}.")
-        setattr(config, key, value)
+        try:
+            setattr(config, key, value)
+        except invalid_config_errors() as exc:  # transformers 5 configs are strict dataclasses: checked here
+            raise UsageError(f"--config-overrides: {key}={value!r} is not valid for {type(config).__name__}"
+                             f"{needed_type(config, key)}", "Give that setting a value of its type.") from exc
+
+
+def invalid_config_errors() -> tuple[type[Exception], ...]:
+    """What a config raises for a bad value: huggingface_hub's strict-dataclass errors (transformers 5),
+    or the TypeError/ValueError of older configs."""
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:
+        return (TypeError, ValueError)
+    return (StrictDataclassError, TypeError, ValueError)
+
+
+def needed_type(config: Any, key: str) -> str:
+    """': it needs int' from the config's dataclass field, or nothing where the config declares none."""
+    import dataclasses
+
+    if not dataclasses.is_dataclass(config):
+        return ""
+    field = next((f for f in dataclasses.fields(config) if f.name == key), None)
+    if field is None:
+        return ""
+    kind = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", str(field.type))
+    return f": it needs {kind}"
 
 
 def training_texts(dataset: Any, data_format: str) -> Iterator[str]:
@@ -95,7 +122,11 @@ def build_from_scratch(arch: str | None, base_config: Any, base_tokenizer: Any, 
         apply_overrides(config_class(), settings)  # checks the names
         # built with the overrides, so that settings derived from them follow (Llama's
         # num_key_value_heads and head_dim from num_attention_heads and hidden_size)
-        config = config_class(**settings)
+        try:
+            config = config_class(**settings)
+        except invalid_config_errors() as exc:  # values valid alone, not together (heads not dividing the width)
+            raise UsageError(f"--config-overrides: these settings do not make a valid {config_class.__name__}: "
+                             f"{' '.join(str(exc).split())}", "Check --config-overrides.") from exc
     else:
         config = base_config
         apply_overrides(config, settings)

@@ -173,6 +173,14 @@ def test_output_cut_by_the_token_limit_is_flagged_incomplete(tiny):
     assert re.fullmatch("[a-z]{3}", stopped["text"]), stopped
     free = generate(tiny, "This License", "-n", "3")
     assert "incomplete" not in free[0]  # the flag belongs to constrained output only
+    # printed as text, a cut output says so on stderr, in one line after the text; a whole one does not
+    cut = run_cli("generate", "This License", "-m", model, "--engine", engine, "--schema", json.dumps(SCHEMAS[0]),
+                  "-n", "3")
+    assert cut.exit_code == 0 and cut.stdout.strip() == record["text"], cut.stdout
+    assert ("Warning: the output is incomplete: cut at the 3-token limit; -n raises it, so it does not satisfy "
+            "the constraint.") in cut.stderr.splitlines(), cut.stderr
+    whole = run_cli("generate", "This License", "-m", model, "--engine", engine, "--choice", "yes", "--choice", "no")
+    assert whole.exit_code == 0 and whole.stdout.strip() in ("yes", "no") and "incomplete" not in whole.stderr
 
 
 def test_chat_constrains_every_reply(tiny):

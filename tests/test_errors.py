@@ -81,7 +81,7 @@ MATRIX = [
     # generate
     ("generate hi -m {ws}/missing-model", "does not exist"),
     ("generate hi -m {ws}/not-a-model", "without config.json"),
-    ("generate hi -m {ws}/notes.txt", "not a .gguf model"),
+    ("generate hi -m {ws}/notes.txt", "notes.txt is a file but not a GGUF model (no GGUF header)"),
     ("generate hi -m {ws}/fake.gguf", "not a GGUF model"),
     ("generate hi -m {ws}/cut.gguf", "is not a readable GGUF model"),
     ("generate hi -m {ws}/cut.gguf --engine hf", "is not a readable GGUF model"),
@@ -173,6 +173,14 @@ MATRIX = [
      "bad --config-overrides item"),
     ("finetune --data {ws}/gpl.txt -o {ws}/out --from-scratch --arch gpt2 --config-overrides no_such_thing=3 "
      "--tokenizer-vocab-size 400", "GPT2Config has no setting 'no_such_thing'"),
+    ("finetune --data {ws}/gpl.txt -o {ws}/out --from-scratch --arch gpt2 --config-overrides n_layer=two "
+     "--tokenizer-vocab-size 300", "--config-overrides: n_layer='two' is not valid for GPT2Config: it needs int"),
+    ("finetune --data {ws}/gpl.txt -o {ws}/out --from-scratch --arch gpt2 --config-overrides n_head=5 "
+     "--tokenizer-vocab-size 300", "embed_dim` must be divisible by num_heads"),
+    ("finetune --data {ws}/gpl.txt -m {gpt2} -o {ws}/out --config-overrides n_layer=two",
+     "n_layer='two' is not valid for GPT2Config"),
+    ("export smollm2 -o {ws}/requantized.gguf --type q4_0",
+     "SmolLM2-135M-Instruct (embedded) is already quantized (Q4_1, Q8_0); quantizing it to Q4_0 rounds its weights"),
     ("finetune --data {ws}/gpl.txt -o {ws}/out --from-scratch --arch t5x", "unknown --arch 't5x'"),
     ("finetune --data {ws}/gpl.txt -o {ws}/out --from-scratch --arch gpt2", "--from-scratch needs a tokenizer"),
     ("finetune --data {ws}/gpl.txt -m {gpt2} -o {ws}/out --lr 0", "--lr must be positive"),

@@ -68,6 +68,23 @@ def test_an_f32_export_decodes_scores_and_tokenizes_as_its_source(fixture, reque
         assert llama.encode_chat(messages) == hf.encode_chat(messages)
 
 
+def test_an_export_is_read_back_whatever_its_name_and_is_not_requantized_unasked(tiny_llama, tmp_path):
+    """GGUF files are known by their magic bytes: `-o model.bin` loads as it was written. Quantizing an
+    already-quantized file again needs --allow-requantize, as llama-quantize's does."""
+    named = tmp_path / "model.bin"
+    export(tiny_llama, named, "--type", "f32")
+    prompts = ["This License", "the work"]
+    assert greedy(named, "llama.cpp", prompts, 12) == greedy(tiny_llama, "hf", prompts, 12)
+    quantized = tmp_path / "model-q8_0.weights"
+    export(tiny_llama, quantized, "--type", "q8_0")
+    again = tmp_path / "again.gguf"
+    refused = run_cli("export", quantized, "-o", again, "--type", "q4_0")
+    assert refused.exit_code == 2 and "is already quantized (Q8_0)" in refused.stderr, refused.stderr
+    assert "--allow-requantize" in refused.stderr and not again.exists()
+    export(quantized, again, "--type", "f16")  # no second rounding: allowed
+    export(quantized, tmp_path / "q4.gguf", "--type", "q4_0", "--allow-requantize")
+
+
 def test_a_lora_adapter_is_merged_into_its_base(tiny_llama, tmp_path):
     """A LoRA finetune's output directory: the export runs base + adapter, as the hf engine does."""
     data = tmp_path / "train.txt"
@@ -197,6 +214,7 @@ def test_finetune_export_gguf_writes_what_export_writes(tiny_llama, tmp_path):
     taken.write_text("precious")
     refused = run_cli(*args, "-o", tmp_path / "never", "--export-gguf", taken)
     assert refused.exit_code == 2 and "taken.gguf exists" in refused.stderr, refused.stderr
+    assert "Choose another --export-gguf file" in refused.stderr, refused.stderr
     assert not (tmp_path / "never").exists() and taken.read_text() == "precious"
     shortcut = tmp_path / "shortcut.gguf"
     trained = run_cli(*args, "-o", tmp_path / "model", "--export-gguf", shortcut)

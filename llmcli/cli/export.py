@@ -19,11 +19,13 @@ def export(
     type_name: Annotated[str, typer.Option("--type", help="f32, f16, bf16, or a llama.cpp quantization: q8_0, "
                                            "q6_k, q5_k_m, q4_k_m, q4_0, ... (made by llama.cpp's quantizer).")] = "f16",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --output if it exists.")] = False,
+    allow_requantize: Annotated[bool, typer.Option("--allow-requantize", help="Quantize a model whose weights are "
+                                                   "already quantized (a second rounding: more loss).")] = False,
 ) -> None:
     """Write a Llama-family or GPT-2 model as one GGUF file, for the llama.cpp engine, ollama or LM Studio."""
     from llmcli.tasks.export import check_request, export as run_export
 
-    check_request(output, type_name, overwrite)  # before the slow load
+    check_request(output, type_name, overwrite, model, allow_requantize)  # before the slow load
     # one bar: open-ended while the model loads (and merges), then counting the tensors written
     with render.progress("Exporting") as (start, advance):
         def on_progress(done: int, total: int) -> None:
@@ -31,7 +33,8 @@ def export(
                 start(total)
             advance(1)
 
-        result = run_export(model, output, type_name, overwrite, on_progress=on_progress, on_notice=render.notice)
+        result = run_export(model, output, type_name, overwrite, on_progress=on_progress, on_notice=render.notice,
+                            allow_requantize=allow_requantize)
     merged = " (the LoRA adapter merged into its base)" if result.merged_adapter else ""
     render.notice(f"Wrote {result.path}: {result.architecture}, {result.type.upper()}, {result.tensors} tensors, "
                   f"{result.size_mb:.0f} MB, in {result.seconds:.1f} s{merged}.")

@@ -109,7 +109,7 @@ def finetune(
     if export_gguf:
         from llmcli.tasks.export import check_request
 
-        check_request(export_gguf, "f16", overwrite)  # before hours of training, not after
+        check_request(export_gguf, "f16", overwrite, option="--export-gguf")  # before hours of training, not after
     launch_if_asked(num_processes, nnodes, node_rank, master_addr, master_port, device)
     if model is None and not from_scratch:
         render.notice("Using the embedded model SmolLM2-135M-Instruct (pass --model to choose another).")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
@@ -14,6 +14,9 @@ from llmcli.cli.options import (ModelOption, DeviceOption, DtypeOption, TrustOpt
                                  DeviceMapOption, MaxMemoryOption, OffloadDirOption, NumProcessesOption,
                                  NnodesOption, NodeRankOption, MasterAddrOption, MasterPortOption)
 from llmcli.errors import UsageError
+
+if TYPE_CHECKING:
+    from llmcli.tasks.generate import Generation
 
 
 @app.command()
@@ -142,6 +145,16 @@ def generate(
         if not streaming:
             render.write(result.text)
         render.write("\n")
+        if result.incomplete:  # constrained output cut before it was complete: not valid as it stands
+            render.notice(incomplete_notice(result, len(prompt_list) > 1 or num_return_sequences > 1))
     if stats:
         render.generation_stats(results, runner.peak_memory_mb(),
                                 runner.constraints.seconds if options.constraint is not None else None)
+
+
+def incomplete_notice(result: Generation, several: bool) -> str:
+    """One line saying that a constrained text stopped short of what the constraint asks for, and why."""
+    which = f" (prompt {result.prompt_number + 1}, sequence {result.index + 1})" if several else ""
+    why = (f"at the {result.generated_tokens}-token limit; -n raises it" if result.finish_reason == "length"
+           else "at a stop string")
+    return f"Warning: the output{which} is incomplete: cut {why}, so it does not satisfy the constraint."

@@ -42,24 +42,48 @@ class Exported:
     merged_adapter: bool
 
 
-def check_request(output: str, type_name: str, overwrite: bool) -> Path:
-    """The output path, once the type is known and nothing would be overwritten unasked."""
+def check_request(output: str, type_name: str, overwrite: bool, model: str | None = None,
+                  allow_requantize: bool = False, option: str = "--output") -> Path:
+    """The output path, once the type is known, nothing would be overwritten unasked and no quantized
+    model would be quantized again unasked."""
     if type_name not in TYPES:
         raise UsageError(f"unknown --type {type_name!r}", f"Use one of: {', '.join(TYPES)}.")
+    if model is not None and type_name in QUANTIZED and not allow_requantize:
+        check_not_requantizing(model, type_name)
     path = Path(output).expanduser()
     if path.is_dir():
-        raise UsageError(f"--output {output} is a directory", "Name the .gguf file to write.")
+        raise UsageError(f"{option} {output} is a directory", "Name the .gguf file to write.")
     if path.exists() and not overwrite:
-        raise UsageError(f"{output} exists", "Pass --overwrite to replace it, or choose another --output.")
+        hint = ("Pass --overwrite to replace it, or choose another --output." if option == "--output" else
+                f"Choose another {option} file, or remove this one (finetune's --overwrite would also empty "
+                "its --output directory).")
+        raise UsageError(f"{option} {output} exists", hint)
     if not path.parent.is_dir():
-        raise UsageError(f"the folder of --output {output} does not exist", "Create it first.")
+        raise UsageError(f"the folder of {option} {output} does not exist", "Create it first.")
     return path
 
 
+def check_not_requantizing(model: str, type_name: str) -> None:
+    """llama-quantize's rule: quantizing weights that are already quantized adds the second rounding's
+    error to the first's, so it needs --allow-requantize."""
+    from llmcli import models
+
+    source = models.resolve_model(model)
+    if source.kind != "gguf":
+        return
+    already = models.quantized_types(Path(source.location))
+    if already:
+        raise UsageError(f"{source.name} is already quantized ({', '.join(already)}); quantizing it to "
+                         f"{type_name.upper()} rounds its weights a second time and loses more than quantizing "
+                         "the original weights once",
+                         "Export from the full-precision model, or pass --allow-requantize to accept the loss.")
+
+
 def export(model: str, output: str, type_name: str = "f16", overwrite: bool = False,
-           on_progress: ProgressCallback | None = None, on_notice: Callable[[str], None] | None = None) -> Exported:
+           on_progress: ProgressCallback | None = None, on_notice: Callable[[str], None] | None = None,
+           allow_requantize: bool = False) -> Exported:
     began = time.perf_counter()
-    target = check_request(output, type_name, overwrite)
+    target = check_request(output, type_name, overwrite, model, allow_requantize)
     loaded, merged = load_full_precision(model)
     architecture = architecture_of(loaded.model)
     pre = llama_cpp_pre_tokenizer(loaded.tokenizer)  # unsupported tokenizers fail before any writing
