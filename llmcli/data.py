@@ -16,10 +16,12 @@ STDIN = "-"
 
 @dataclass
 class Prompt:
-    """One generation request: plain text, or chat messages (`[{"role", "content"}, ...]`)."""
+    """One generation request: plain text, or chat messages (`[{"role", "content"}, ...]`), or token ids
+    (`ids`, decoded as they are, with `text` their decoding for display)."""
 
     text: str | None = None
     messages: list[dict[str, str]] | None = None
+    ids: list[int] | None = None
 
     def display(self) -> str:
         """The prompt as reported in results: its text, or the last user message of a chat."""

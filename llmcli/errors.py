@@ -27,6 +27,11 @@ class DataError(LlmcliError):
     """A missing, unreadable, empty or malformed input file or prompt."""
 
 
+class ContextOverflow(DataError):
+    """A prompt and its new tokens that do not fit the model's context (a server says
+    context_length_exceeded, as OpenAI does)."""
+
+
 class ModelNotFound(LlmcliError):
     """A model argument that names no file, directory, alias or reachable hub repository."""
 

@@ -162,7 +162,7 @@ def test_bad_requests_get_their_status_and_an_error_body(tiny_gpt2):
             ({"prompt": "hi", "max_tokens": 10_000}, key, 400, "above this server's limit of 50"),
             ({"prompt": "hi", "temperature": 9}, key, 400, "temperature"),
             ({"prompt": [], "max_tokens": 1}, key, 400, "prompt"),
-            ({"prompt": "hi", "model": "gpt-4"}, key, 400, "unknown model 'gpt-4'"),
+            ({"prompt": "hi", "model": "gpt-4"}, key, 404, "unknown model 'gpt-4'"),
             ({"prompt": " ".join(["word"] * 400), "max_tokens": 5}, key, 400, "context"),
             ({"prompt": "hi"}, {}, 401, "API key"),
             ({"prompt": "hi"}, {"Authorization": "Bearer sesame2"}, 401, "API key"),
@@ -307,7 +307,7 @@ def test_what_real_clients_send_and_expect(tiny_gguf):
         assert client.models.retrieve("tiny-llama-f32.gguf").id == "tiny"  # the file's own name works too
         status, _, answer = server.post("/v1/chat/completions", {"model": "nope", "messages": [{"role": "user",
                                                                                                "content": "hi"}]})
-        assert status == 400 and answer["error"]["code"] == "model_not_found"
+        assert status == 404 and answer["error"]["code"] == "model_not_found"  # as OpenAI answers
         with pytest.raises(Exception, match="404"):
             client.models.retrieve("nope")
 

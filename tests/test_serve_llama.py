@@ -62,7 +62,9 @@ def test_concurrent_streaming_clients_each_get_the_text_they_get_alone(tiny_gguf
         alone = {n: stream_text(client, {"model": model, **request_for(n)}) for n in range(8)}
         assert len(set(alone.values())) == 8
         unseeded = {n: stream_text(client, {"model": model, **request_for(n), "seed": None}) for n in range(1, 8, 2)}
-        assert all(unseeded[n] != alone[n] for n in unseeded)  # the seeded ones are samples, not near-greedy
+        # the seeded ones are samples, not near-greedy: some unseeded draw differs (the tiny model is peaked
+        # enough that a 12-token draw can equal another: one of the four did, once, on an EPYC host)
+        assert any(unseeded[n] != alone[n] for n in unseeded)
         texts: dict[int, str] = {}
         start = threading.Barrier(9)
 
@@ -107,8 +109,9 @@ def test_n_choices_share_the_prefill_and_equal_seeded_requests(tiny_gguf):
     assert decoded == usage["prompt_tokens"] + sum(length - 1 for length in lengths)
 
 
-def chat(server, messages: list[dict]) -> dict:
-    status, _, body = server.post("/v1/chat/completions", {"messages": messages, "max_tokens": 20, "temperature": 0})
+def chat(server, messages: list[dict], **fields) -> dict:
+    request = {"messages": messages, "max_tokens": 20, "temperature": 0, **fields}
+    status, _, body = server.post("/v1/chat/completions", request)
     assert status == 200, body
     return body
 
@@ -135,6 +138,23 @@ def test_a_cached_prefix_is_not_decoded_again_and_the_text_is_the_same(tiny_gguf
     assert two["choices"][0]["message"] == reference["choices"][0]["message"]
     assert after["llmcli:prefix_cache_hits_total"] == one["usage"]["prompt_tokens_details"]["cached_tokens"] + cached
     assert after["llmcli:prefix_cache_queries_total"] == one["usage"]["prompt_tokens"] + two["usage"]["prompt_tokens"]
+
+
+def test_a_seeded_request_repeats_whatever_the_cache_holds():
+    """Five identical seeded chat requests one after another on an idle server (the embedded model,
+    temperature 1): the same text each time, the first with nothing cached and the rest with the prompt
+    in the cache, as with --no-prefix-cache; unseeded repeats still reuse the cached prompt."""
+    # without the fix this prompt gave 3 distinct texts in 4 (2 for "What is the capital of France?")
+    messages = [{"role": "user", "content": "Tell me a short story about a cat."}]
+    body = {"temperature": 1, "seed": 42, "max_tokens": 100}
+    with serving(*CELLS) as server:
+        answers = [chat(server, messages, **body) for _ in range(5)]
+        unseeded = [chat(server, messages, **{**body, "seed": None, "temperature": 0}) for _ in range(2)]
+        other = chat(server, messages, **{**body, "seed": 43})
+    texts = [answer["choices"][0]["message"]["content"] for answer in answers]
+    assert len(set(texts)) == 1, texts
+    assert other["choices"][0]["message"]["content"] != texts[0]  # a sample, not greedy
+    assert unseeded[1]["usage"]["prompt_tokens_details"]["cached_tokens"] > 0  # the cache is on
 
 
 def test_metrics_count_the_requests_made(tiny_gguf):

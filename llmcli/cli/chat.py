@@ -9,9 +9,10 @@ import typer
 
 from llmcli import render
 from llmcli.cli.app import app
-from llmcli.cli.common import Terminated, load_engine
+from llmcli.cli.common import Terminated, load_engine, parse_logit_bias
 from llmcli.cli.options import (ModelOption, DeviceOption, DtypeOption, TrustOption, PickleOption, EngineOption,
-                                 ThreadsOption, SchemaOption, RegexOption, GrammarOption, ChoiceOption)
+                                 ThreadsOption, SchemaOption, RegexOption, GrammarOption, ChoiceOption,
+                                 PresencePenaltyOption, FrequencyPenaltyOption, LogitBiasOption)
 from llmcli.errors import LlmcliError, UsageError
 
 
@@ -27,6 +28,9 @@ def chat(
     top_p: Annotated[Optional[float], typer.Option(help="Nucleus sampling threshold in (0, 1].")] = None,
     min_p: Annotated[Optional[float], typer.Option(help="Drop tokens below min-p × the top probability.")] = None,
     repetition_penalty: Annotated[Optional[float], typer.Option(help="Penalty above 1 discourages repeats.")] = None,
+    presence_penalty: PresencePenaltyOption = 0.0,
+    frequency_penalty: FrequencyPenaltyOption = 0.0,
+    logit_bias: LogitBiasOption = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed for sampling.")] = None,
     schema: SchemaOption = None,
     regex: RegexOption = None,
@@ -50,7 +54,8 @@ def chat(
     options = GenerateOptions(
         max_new_tokens=512 if max_new_tokens is None else max_new_tokens, default_length=max_new_tokens is None,
         temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-        repetition_penalty=repetition_penalty, seed=seed, chat=True,
+        repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+        frequency_penalty=frequency_penalty, logit_bias=parse_logit_bias(logit_bias), seed=seed, chat=True,
         constraint=constraint_from_options(schema, regex, grammar, choice),
     )
     validate(options)

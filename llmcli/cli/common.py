@@ -97,3 +97,15 @@ def collect_inputs(arguments: list[str], file: str | None, read, what: str) -> l
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM: handled as Ctrl-C everywhere, except that it never just stops a chat reply."""
+
+
+def parse_logit_bias(items: list[str] | None) -> dict[int, float]:
+    """`--logit-bias 504=-100 --logit-bias 42=5` -> {504: -100.0, 42: 5.0}."""
+    biases: dict[int, float] = {}
+    for item in items or []:
+        token, _, bias = item.partition("=")
+        try:
+            biases[int(token)] = float(bias)  # no '=' leaves bias empty: refused too
+        except ValueError:
+            raise UsageError(f"bad --logit-bias {item!r}", "Write ID=BIAS, a token id and a number: 504=-100.") from None
+    return biases

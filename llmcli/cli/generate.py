@@ -8,11 +8,12 @@ import typer
 
 from llmcli import render
 from llmcli.cli.app import app
-from llmcli.cli.common import collect_inputs, launch_if_asked, load_engine, placement_from
+from llmcli.cli.common import collect_inputs, launch_if_asked, load_engine, parse_logit_bias, placement_from
 from llmcli.cli.options import (ModelOption, DeviceOption, DtypeOption, TrustOption, PickleOption, EngineOption,
                                  ThreadsOption, SchemaOption, RegexOption, GrammarOption, ChoiceOption,
                                  DeviceMapOption, MaxMemoryOption, OffloadDirOption, NumProcessesOption,
-                                 NnodesOption, NodeRankOption, MasterAddrOption, MasterPortOption)
+                                 NnodesOption, NodeRankOption, MasterAddrOption, MasterPortOption,
+                                 PresencePenaltyOption, FrequencyPenaltyOption, LogitBiasOption)
 from llmcli.errors import UsageError
 
 if TYPE_CHECKING:
@@ -34,6 +35,9 @@ def generate(
     top_p: Annotated[Optional[float], typer.Option(help="Nucleus sampling threshold in (0, 1].")] = None,
     min_p: Annotated[Optional[float], typer.Option(help="Drop tokens below min-p × the top probability.")] = None,
     repetition_penalty: Annotated[Optional[float], typer.Option(help="Penalty above 1 discourages repeats.")] = None,
+    presence_penalty: PresencePenaltyOption = 0.0,
+    frequency_penalty: FrequencyPenaltyOption = 0.0,
+    logit_bias: LogitBiasOption = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed: the same seed gives the same samples.")] = None,
     num_return_sequences: Annotated[int, typer.Option(help="Samples per prompt (needs --temperature > 0).")] = 1,
     stop: Annotated[Optional[list[str]], typer.Option(help="Stop before this string (repeatable).",
@@ -85,7 +89,8 @@ def generate(
     options = GenerateOptions(
         max_new_tokens=256 if max_new_tokens is None else max_new_tokens, default_length=max_new_tokens is None,
         temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-        repetition_penalty=repetition_penalty, seed=seed, num_return_sequences=num_return_sequences,
+        repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+        frequency_penalty=frequency_penalty, logit_bias=parse_logit_bias(logit_bias), seed=seed, num_return_sequences=num_return_sequences,
         stop=stop or [], system=system, chat=chat, batch_size=1 if batch_size is None else batch_size,
         prompt_lookup=prompt_lookup, truncate=truncate,
     )

@@ -25,6 +25,14 @@ EngineOption = Annotated[str, typer.Option(help="auto (llama.cpp for .gguf model
                                            "(transformers) or llama.cpp.")]
 ThreadsOption = Annotated[Optional[int], typer.Option(help="CPU threads. Default: the physical cores.",
                                                       show_default=False)]
+# OpenAI's sampling adjustments: generate and chat (serve takes them as request fields)
+PresencePenaltyOption = Annotated[float, typer.Option(help="In [-2, 2]: subtracted once from the logit of every token "
+                                                      "already generated (OpenAI's presence_penalty).")]
+FrequencyPenaltyOption = Annotated[float, typer.Option(help="In [-2, 2]: subtracted from a token's logit for each "
+                                                       "time it was generated (OpenAI's frequency_penalty).")]
+LogitBiasOption = Annotated[Optional[list[str]], typer.Option(metavar="ID=BIAS", help="Add BIAS in [-100, 100] to "
+                                                              "token ID's logit (repeatable; -100 bans it).",
+                                                              show_default=False)]
 # accelerate's big-model inference (hf engine): a model bigger than one device
 # structured output (llmcli.constraints): generate and chat
 SchemaOption = Annotated[Optional[str], typer.Option(help="Output valid for this JSON schema (a file or inline JSON; "

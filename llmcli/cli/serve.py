@@ -46,8 +46,8 @@ def serve(
     allow_pickle: PickleOption = False,
 ) -> None:
     """Serve the model over the OpenAI HTTP API (/v1/completions, /v1/chat/completions, /v1/models,
-    /health), streaming as server-sent events. Ctrl-C or SIGTERM: stop accepting, let requests in
-    flight finish for up to 10 s, exit 0."""
+    /health, /metrics; the schema at /openapi.json), streaming as server-sent events. Ctrl-C or SIGTERM:
+    stop accepting, let requests in flight finish for up to 5 s, then cut their generations, exit 0."""
     for name, value in (("--port", port), ("--queue-size", queue_size), ("--max-body", max_body),
                         ("--max-batch", max_batch), ("--parallel", parallel), ("--ctx-size", 1 if ctx_size is None else ctx_size)):
         if value <= 0 or (name == "--port" and value > 65535):

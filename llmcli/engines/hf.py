@@ -82,11 +82,14 @@ class HFEngine:
 
         rows = len(batch) * options.num_return_sequences
         constraint = getattr(options, "constraint", None)
-        constrained = [] if constraint is None else [
+        processors = [] if constraint is None else [
             ConstrainedLogits([self.constraints.matcher(constraint) for _ in range(rows)], self.eos_ids)]
+        presence, frequency = getattr(options, "presence_penalty", 0.0), getattr(options, "frequency_penalty", 0.0)
+        if presence or frequency:
+            processors.insert(0, OpenAIPenalties(inputs["input_ids"].shape[1], presence, frequency))
         output = model.generate(**inputs, **sampling_kwargs(options), **decoding, streamer=StepStreamer(on_tokens),
                                 tokenizer=tokenizer, pad_token_id=tokenizer.pad_token_id,
-                                logits_processor=LogitsProcessorList(constrained),
+                                logits_processor=LogitsProcessorList(processors),
                                 stopping_criteria=StoppingCriteriaList([AskedToStop(should_stop)]))
         return output[:, inputs["input_ids"].shape[1]:].tolist()
 
@@ -132,6 +135,25 @@ class HFEngine:
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device) / 2**20
         return process_peak_rss_mb()
+
+
+class OpenAIPenalties:
+    """OpenAI's presence and frequency penalties as a logits processor (transformers has neither): a
+    token's logit loses `frequency` for each time it was generated and `presence` once if it was, the
+    prompt (the first `prompt_width` columns of the padded batch) not counted; llama.cpp's penalties
+    sampler computes the same."""
+
+    def __init__(self, prompt_width: int, presence: float, frequency: float) -> None:
+        self.prompt_width, self.presence, self.frequency = prompt_width, presence, frequency
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        generated = input_ids[:, self.prompt_width:]
+        if generated.shape[1] == 0:
+            return scores
+        counts = torch.zeros_like(scores).scatter_add_(1, generated, torch.ones_like(generated, dtype=scores.dtype))
+        return scores - counts * self.frequency - (counts > 0).to(scores.dtype) * self.presence
 
 
 class ConstrainedLogits:
@@ -204,6 +226,8 @@ def sampling_kwargs(options: Any) -> dict[str, Any]:
                 kwargs[name] = getattr(options, name)
     if options.repetition_penalty is not None:
         kwargs["repetition_penalty"] = options.repetition_penalty
+    if getattr(options, "logit_bias", None):  # transformers' SequenceBiasLogitsProcessor, one-token sequences
+        kwargs["sequence_bias"] = {(token,): bias for token, bias in options.logit_bias.items()}
     if options.num_return_sequences > 1:
         kwargs["num_return_sequences"] = options.num_return_sequences
     if options.stop:

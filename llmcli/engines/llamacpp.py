@@ -316,16 +316,29 @@ class LlamaCppEngine:
         self.seed, self.sequences = seed, 0
 
     def sampler(self, options: Any, prompt: list[int], seed: int | None = None) -> Any:
-        """A sampler chain in Hugging Face's order: repetition penalty, temperature, top-k, top-p, min-p.
+        """A sampler chain in Hugging Face's order: repetition penalty, OpenAI's presence and frequency
+        penalties, logit bias, temperature, top-k, top-p, min-p.
         (llama-cpp-python's own chain puts the temperature last, which changes what top-p keeps.)
         Its seed: `seed`, else the engine's (set_seed) plus the sequences sampled since, else random."""
         lib = self.lib
         chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
         add = lambda sampler: lib.llama_sampler_chain_add(chain, sampler)  # noqa: E731
+        repetition = None
         if options.repetition_penalty is not None and options.repetition_penalty != 1:
             # over the sequence's whole history, prompt included, as transformers applies it
             history = len(prompt) + options.max_new_tokens
-            add(lib.llama_sampler_init_penalties(self.n_vocab, history, options.repetition_penalty, 0.0, 0.0))
+            repetition = lib.llama_sampler_init_penalties(self.n_vocab, history, options.repetition_penalty, 0.0, 0.0)
+            add(repetition)
+        presence, frequency = getattr(options, "presence_penalty", 0.0), getattr(options, "frequency_penalty", 0.0)
+        if presence or frequency:
+            # llama.cpp's penalties are OpenAI's (logit -= count * frequency + (count > 0) * presence); this
+            # one never sees the prompt (below), so it counts the generated tokens only, as OpenAI does
+            add(lib.llama_sampler_init_penalties(self.n_vocab, options.max_new_tokens, 1.0, frequency, presence))
+        biases = getattr(options, "logit_bias", {})
+        if biases:
+            entries = (lib.llama_logit_bias * len(biases))(*(lib.llama_logit_bias(token, bias)
+                                                            for token, bias in biases.items()))
+            add(lib.llama_sampler_init_logit_bias(self.n_vocab, len(biases), entries))
         if options.temperature == 0:
             add(lib.llama_sampler_init_greedy())
         else:
@@ -341,8 +354,9 @@ class LlamaCppEngine:
                 seed = lib.LLAMA_DEFAULT_SEED if self.seed is None else (self.seed + self.sequences) % 2**32
                 self.sequences += 1
             add(lib.llama_sampler_init_dist(seed))
-        for token in prompt:  # the penalty's history starts with the prompt
-            lib.llama_sampler_accept(chain, token)
+        if repetition is not None:
+            for token in prompt:  # the repetition penalty's history starts with the prompt (the others' does not)
+                lib.llama_sampler_accept(repetition, token)
         return chain
 
     def matcher(self, options: Any) -> Any:

@@ -41,8 +41,9 @@ def model_aliases(engine: Any) -> frozenset[str]:
 
 def run_server(engine: Any, host: str, port: int, *, on_notice: Callable[[str], None], served_name: str | None = None,
                **settings: Any) -> None:
-    """Serve until Ctrl-C or SIGTERM; uvicorn then stops accepting and gives requests in flight 10 s, and
-    the command exits 0, as servers do (a stop that was asked for is not an error)."""
+    """Serve until Ctrl-C or SIGTERM; uvicorn then stops accepting, requests in flight get half of
+    GRACE_SECONDS to finish before their generations are cut, and the command exits 0, as servers do
+    (a stop that was asked for is not an error)."""
     import uvicorn
 
     from llmcli.serve.app import Settings, create_app

@@ -31,7 +31,7 @@ from llmcli import strict_json
 from llmcli.constraints import ANY_JSON_OBJECT, Constraint
 from llmcli.data import Prompt
 from llmcli.engines import Engine, Window
-from llmcli.errors import LlmcliError
+from llmcli.errors import ContextOverflow, LlmcliError
 from llmcli.serve.metrics import CONTENT_TYPE_LATEST, Metrics
 from llmcli.serve.schemas import ChatRequest, CompletionRequest
 from llmcli.serve.scheduler import Choice, Scheduler
@@ -54,6 +54,24 @@ class Settings:
     prefix_cache: bool = True  # llama.cpp: a prompt's cached prefix is not decoded again
     max_body_bytes: int = 1 << 20
     json_logs: bool = False
+    fingerprint: str = ""  # system_fingerprint: what produced the answers (create_app fills it in)
+
+
+def system_fingerprint(engine: Engine) -> str:
+    """The engine, its weights and its build, as OpenAI's system_fingerprint: a seeded request repeats
+    only while this stays the same."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from llmcli import __version__
+
+    packages = ("llama_cpp_python",) if engine.name == "llama.cpp" else ("torch", "transformers")
+    builds = []
+    for package in packages:
+        try:
+            builds.append(f"{package}-{version(package)}")
+        except PackageNotFoundError:
+            pass
+    return "_".join([f"llmcli-{__version__}", engine.name, engine.weights or "default", *builds])
 
 
 class ApiError(Exception):
@@ -74,6 +92,7 @@ def error_response(error: ApiError) -> JSONResponse:
 
 
 def create_app(engine: Engine, settings: Settings) -> FastAPI:
+    settings = replace(settings, fingerprint=settings.fingerprint or system_fingerprint(engine))
     scheduler = None
     if engine.name == "llama.cpp":
         worker = scheduler = Scheduler(engine, settings.parallel, settings.queue_size, kv_cells(engine, settings),
@@ -88,7 +107,11 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
         yield
         worker.close()
 
-    app = FastAPI(title="llmcli", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    # the schema and its page, as FastAPI publishes them: client generators and schemathesis read it
+    from llmcli import __version__
+
+    app = FastAPI(title="llmcli", version=__version__, docs_url="/docs", redoc_url=None, openapi_url="/openapi.json",
+                  lifespan=lifespan)
     app.state.worker = worker
     app.add_middleware(Gate, settings=settings)  # size limit, API key and access log, before any parsing
 
@@ -98,18 +121,11 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
-        first = error.errors()[0]
-        if first.get("type") == "json_invalid" or tuple(first.get("loc", ())) == ("body",):
-            return error_response(ApiError(400, "the request body is not a JSON object (send one, with "
-                                                "Content-Type: application/json)"))
-        where = [str(part) for part in first.get("loc", ()) if part != "body"]
-        message = f"{'.'.join(where)}: {first.get('msg', 'invalid')}" if where else first.get("msg", "invalid body")
-        return error_response(ApiError(400, message, param=where[0] if where else None))
+        return error_response(validation_error(error.errors()[0]))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
-        kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
-        return error_response(ApiError(error.status_code, str(error.detail), kind))
+        return error_response(route_error(app, request, error))
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -143,7 +159,7 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
         def work(emit: Callable[[dict], None] | None, cancelled: Callable[[], bool]) -> dict[str, Any]:
             return run_completions(engine, body, options, max_tokens, emit, cancelled)
 
-        prompts = [Prompt(text=text) for text in body.prompt]
+        prompts = completion_prompts(engine, body)
         if scheduler is not None and body.logprobs is None and max_tokens > 0:
             start = decode_together(scheduler, engine, prompts, body, options)
         else:
@@ -177,13 +193,46 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
 # ---------------------------------------------------------------- checks and options
 
 
+UNION_BRANCHES = ("str", "int", "float", "bool", "list", "dict")  # pydantic names the union member it tried
+
+
+def validation_error(first: dict[str, Any]) -> ApiError:
+    """pydantic's first complaint as OpenAI's 400: the message names the field's path (`messages.0.content`,
+    without pydantic's union-branch parts such as `str`) and has no "Value error, " prefix; `param` is
+    the top-level field."""
+    kind, context = first.get("type"), first.get("ctx") or {}
+    where = [str(part) for part in first.get("loc", ()) if part != "body"]
+    where = [part for part in where if part not in UNION_BRANCHES and "[" not in part]
+    if kind == "json_invalid" or (not where and kind not in ("value_error", "unsupported_field")):
+        return ApiError(400, "the request body is not a JSON object (send one, with Content-Type: application/json)")
+    message = str(first.get("msg", "invalid")).removeprefix("Value error, ")
+    if not where:  # a check of the whole body: its context names the field
+        return ApiError(400, message, param=context.get("field"))
+    return ApiError(400, f"{'.'.join(where)}: {message}", param=where[0])
+
+
+def route_error(app: FastAPI, request: Request, error: StarletteHTTPException) -> ApiError:
+    """A path this server does not serve names what it does serve; a method it does not take on a
+    path it serves says which it takes (and the Allow header, as HTTP asks)."""
+    routes = {route.path: route.methods for route in app.routes if getattr(route, "include_in_schema", False)}
+    if error.status_code == 404:
+        served = ", ".join(sorted(f"{' '.join(sorted(methods))} {path}" for path, methods in routes.items()))
+        return ApiError(404, f"this server has no {request.method} {request.url.path}; it serves {served}",
+                        "not_found_error", code="unknown_url")
+    allow = (error.headers or {}).get("Allow")  # starlette names the route's methods on a 405
+    if error.status_code == 405 and allow:
+        return ApiError(405, f"{request.url.path} takes {allow}, not {request.method}", headers={"Allow": allow})
+    return ApiError(error.status_code, str(error.detail), headers=error.headers)
+
+
 def known_model(name: str, settings: Settings) -> bool:
     return name == settings.model_name or name in settings.model_aliases
 
 
 def check_model(name: str | None, settings: Settings) -> None:
+    """OpenAI answers a model it does not have with 404 model_not_found."""
     if name is not None and not known_model(name, settings):
-        raise ApiError(400, f"unknown model {name!r}; this server runs {settings.model_name!r}", param="model",
+        raise ApiError(404, f"unknown model {name!r}; this server runs {settings.model_name!r}", param="model",
                        code="model_not_found")
 
 
@@ -200,9 +249,12 @@ def sampling_options(body: Any, max_tokens: int, chat: bool) -> GenerateOptions:
     sampled = body.temperature > 0
     return GenerateOptions(
         max_new_tokens=max(1, max_tokens), temperature=body.temperature,
-        top_k=0 if sampled else None,  # OpenAI's API has no top-k: none applies
+        top_k=(body.top_k or 0) if sampled else None,  # OpenAI's API has no top-k: none applies unless asked
         top_p=body.top_p if sampled and body.top_p < 1 else None,
+        min_p=body.min_p if sampled and body.min_p else None, repetition_penalty=body.repetition_penalty,
         stop=list(body.stop or []), chat=chat, truncate="error", constraint=response_constraint(body),
+        presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+        logit_bias={int(token): bias for token, bias in (body.logit_bias or {}).items()},
     )
 
 
@@ -218,7 +270,13 @@ def response_constraint(body: Any) -> Constraint | None:
 
 async def check_constraint(engine: Engine, options: GenerateOptions) -> None:
     """A schema the library cannot compile is a 400 naming what it rejects, before any work is queued
-    (compiled off the event loop: the first one also builds the vocabulary's tokenizer, ~0.5 s)."""
+    (compiled off the event loop: the first one also builds the vocabulary's tokenizer, ~0.5 s); so is
+    a logit_bias token outside the vocabulary."""
+    vocabulary = engine.constraints.n_vocab
+    outside = [token for token in options.logit_bias if token >= vocabulary]
+    if outside:
+        raise ApiError(400, f"logit_bias names token {outside[0]}, outside this model's vocabulary of {vocabulary} "
+                       f"tokens (ids 0..{vocabulary - 1})", param="logit_bias")
     if options.constraint is None:
         return
     try:
@@ -257,8 +315,8 @@ def token_text(engine: Engine, token: int) -> str:
 def run_completions(engine: Engine, body: CompletionRequest, options: GenerateOptions, max_tokens: int,
                     emit: Callable[[dict], None] | None, cancelled: Callable[[], bool]) -> dict[str, Any]:
     out, prompt_tokens, completion_tokens, began, first = [], 0, 0, time.perf_counter(), None
-    for number, text in enumerate(body.prompt):
-        prompt = Prompt(text=text)
+    for number, prompt in enumerate(completion_prompts(engine, body)):
+        text = prompt.text
         prompt_ids = encode_prompt(engine, prompt, options)
         prompt_tokens += len(prompt_ids)
         if max_tokens == 0:  # nothing to generate: the prompt's own scores (echo) are the answer
@@ -281,6 +339,23 @@ def run_completions(engine: Engine, body: CompletionRequest, options: GenerateOp
                                                          body.echo)
             out.append(choice)
     return {"choices": out, "usage": usage(prompt_tokens, completion_tokens), "first_token_at": first}
+
+
+def completion_prompts(engine: Engine, body: CompletionRequest) -> list[Prompt]:
+    """The request's prompts: texts, or token ids (checked against the vocabulary; their text is what
+    echo shows)."""
+    prompts = []
+    for prompt in body.prompt:
+        if isinstance(prompt, str):
+            prompts.append(Prompt(text=prompt))
+            continue
+        vocabulary = engine.constraints.n_vocab
+        outside = [token for token in prompt if not 0 <= token < vocabulary]
+        if outside:
+            raise ApiError(400, f"prompt token {outside[0]} is outside this model's vocabulary of {vocabulary} tokens",
+                           param="prompt")
+        prompts.append(Prompt(text=engine.decode(prompt), ids=list(prompt)))
+    return prompts
 
 
 def first_token_at(began: float, generated: list[Generation]) -> float | None:
@@ -420,11 +495,11 @@ def decode_together(scheduler: Scheduler, engine: Engine, prompts: list[Prompt],
     try:
         encoded, options = prepare(engine, prompts, options)
     except LlmcliError as exc:
-        raise ApiError(400, api_message(exc)) from exc
+        raise api_error(exc) from exc
     need = max(len(ids) for ids in encoded) + options.max_new_tokens
     if need > scheduler.cells:
         raise ApiError(400, f"the prompt and max_tokens need {need} tokens of cache, above this server's "
-                       f"--ctx-size of {scheduler.cells}", param="max_tokens")
+                       f"--ctx-size of {scheduler.cells}", param="max_tokens", code="context_length_exceeded")
 
     def start(emit: Callable[[dict], None] | None, cancelled: threading.Event) -> asyncio.Future:
         choices = []
@@ -476,7 +551,13 @@ def piece_emitter(emit: Callable[[dict], None] | None, place: int, chat: bool) -
 Start = Callable[[Callable[[dict], None] | None, threading.Event], asyncio.Future]  # (emit, cancelled) -> result
 
 
-CLI_TO_API = {"--max-new-tokens": "max_tokens"}  # what an error names, as a client sends it
+CLI_TO_API = {"--max-new-tokens": "max_tokens", "--logit-bias": "logit_bias"}  # what an error names, as a client sends it
+
+
+def api_error(exc: LlmcliError) -> ApiError:
+    """A user error from the task as a 400; one that does not fit the context says so in OpenAI's code."""
+    overflow = isinstance(exc, ContextOverflow)
+    return ApiError(400, api_message(exc), code="context_length_exceeded" if overflow else None)
 
 
 def api_message(exc: LlmcliError) -> str:
@@ -491,7 +572,8 @@ def api_message(exc: LlmcliError) -> str:
 async def respond(request: Request, start: Start, body: Any, kind: str, settings: Settings,
                   metrics: Metrics) -> Any:
     ident = f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-    header = {"id": ident, "object": kind, "created": int(time.time()), "model": settings.model_name}
+    header = {"id": ident, "object": kind, "created": int(time.time()), "model": settings.model_name,
+              "system_fingerprint": settings.fingerprint}
     cancelled = threading.Event()
     tally = Tally(metrics, time.perf_counter(), settings.prefix_cache)
     if not body.stream:
@@ -572,7 +654,7 @@ def job_result(future: asyncio.Future) -> Any:
     except Cancelled as exc:
         raise ApiError(499, "the client closed the connection", "client_closed") from exc
     except LlmcliError as exc:  # a prompt too long for the context, a template the model lacks
-        raise ApiError(400, api_message(exc)) from exc
+        raise api_error(exc) from exc
     except Exception as exc:  # a bug: the client gets a 500 without a traceback, the log gets its line
         log_internal_error(exc)
         raise ApiError(500, f"internal error: {type(exc).__name__}", "server_error") from exc

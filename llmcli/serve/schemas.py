@@ -9,8 +9,21 @@ from __future__ import annotations
 from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 MAX_CHOICES = 16  # n above this is refused: every choice is a full generation
+
+
+# field -> the values that change nothing (accepted); any other value is refused
+UNSUPPORTED = {
+    "suffix": lambda value: not value,  # insertion: no fill-in-the-middle here
+    "best_of": lambda value: value in (None, 1),  # server-side choice of the best of several samples
+    "audio": lambda value: value is None,
+    "modalities": lambda value: value in (None, ["text"]),
+    "prediction": lambda value: value is None,  # predicted outputs
+    "web_search_options": lambda value: value is None,
+    "function_call": lambda value: value in (None, "none"),
+}
 
 
 class StreamOptions(BaseModel):
@@ -46,6 +59,13 @@ class Sampling(BaseModel):
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     response_format: Optional[ResponseFormat] = None
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    logit_bias: Optional[dict[str, float]] = None  # token id (as a string, as JSON keys are) -> bias in [-100, 100]
+    # beyond OpenAI, as vLLM and llama-server take them
+    top_k: Optional[int] = Field(None, ge=0)
+    min_p: Optional[float] = Field(None, ge=0, le=1)
+    repetition_penalty: Optional[float] = Field(None, gt=0)
     tools: Optional[list[Any]] = None  # refused: no tool calling yet (a 200 would pretend to call them)
     functions: Optional[list[Any]] = None
 
@@ -55,6 +75,29 @@ class Sampling(BaseModel):
         if value:
             raise ValueError("tool calling is not supported by this server; send the request without tools")
         return None
+
+    @model_validator(mode="before")
+    @classmethod
+    def nothing_silently_ignored(cls, data: Any) -> Any:
+        """OpenAI fields that would change the answer and that this server does not do: a 400 naming
+        the field, never a 200 that pretends (metadata such as `user` or `store` is ignored, as elsewhere)."""
+        if not isinstance(data, dict):
+            return data
+        for name, fine in UNSUPPORTED.items():
+            if name in data and not fine(data[name]):
+                raise PydanticCustomError("unsupported_field", "{field} is not supported by this server; send the "
+                                          "request without it", {"field": name})  # ctx: the error's param
+        return data
+
+    @field_validator("logit_bias")
+    @classmethod
+    def token_ids_and_biases(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for token, bias in (value or {}).items():
+            if not token.isdigit():
+                raise ValueError(f"logit_bias keys are token ids, got {token!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"logit_bias {token}: a bias must be in [-100, 100], got {bias}")
+        return value
 
     @field_validator("stop")
     @classmethod
@@ -66,16 +109,27 @@ class Sampling(BaseModel):
 
 
 class CompletionRequest(Sampling):
-    prompt: Union[str, list[str]]
+    # text, texts, token ids or lists of token ids, as OpenAI takes them (lm-eval sends ids)
+    prompt: Union[str, list[str], list[int], list[list[int]]]
     max_tokens: Optional[int] = Field(None, ge=0)  # None: OpenAI's default of 16, capped by --max-tokens-limit
     echo: bool = False
     logprobs: Optional[int] = Field(None, ge=0, le=20)
 
+    @field_validator("logprobs", mode="before")
+    @classmethod
+    def false_is_none(cls, value: Any) -> Any:
+        """`logprobs: false` asks for none (pydantic would read it as 0, the chosen tokens' own), `true`
+        for the chosen tokens' own (0 alternatives)."""
+        if value is False:
+            return None
+        return 0 if value is True else value
+
     @field_validator("prompt")
     @classmethod
-    def some_prompt(cls, value: str | list[str]) -> list[str]:
-        prompts = [value] if isinstance(value, str) else value
-        if not prompts:
+    def some_prompt(cls, value: Any) -> list[str | list[int]]:
+        """Always a list of prompts, each a text or a list of token ids."""
+        prompts = [value] if isinstance(value, str) or (value and isinstance(value[0], int)) else value
+        if not prompts or any(not prompt for prompt in prompts):
             raise ValueError("prompt must not be empty")
         return prompts
 

@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterator
 
 from llmcli.data import Prompt
 from llmcli.engines import Engine, as_engine
-from llmcli.errors import DataError, UsageError
+from llmcli.errors import ContextOverflow, DataError, UsageError
 
 TextCallback = Callable[[str], None]
 SEEDS = 2**32  # seeds are 0..SEEDS-1, numpy's range (transformers.set_seed seeds numpy too)
@@ -28,6 +28,11 @@ class GenerateOptions:
     top_p: float | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
+    # OpenAI's penalties, over the generated tokens only: a token's logit loses presence_penalty once it
+    # has been generated and frequency_penalty for each time it has
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit before sampling
     seed: int | None = None
     num_return_sequences: int = 1
     stop: list[str] = field(default_factory=list)
@@ -74,7 +79,9 @@ def uses_chat_template(engine: Engine, prompt: Prompt, options: GenerateOptions)
 
 
 def encode_prompt(engine: Engine, prompt: Prompt, options: GenerateOptions) -> list[int]:
-    """Token ids of one prompt; without a chat template exactly `tokenizer(prompt)`."""
+    """Token ids of one prompt; without a chat template exactly `tokenizer(prompt)`; ids given as they are."""
+    if prompt.ids is not None:
+        return list(prompt.ids)
     if not uses_chat_template(engine, prompt, options):
         if prompt.text is None:
             raise UsageError("chat messages given with --no-chat", "Drop --no-chat or pass plain prompts.")
@@ -176,6 +183,14 @@ def validate(options: GenerateOptions) -> None:
         raise UsageError(f"--top-k must be 0 (off) or positive, got {options.top_k}")
     if options.repetition_penalty is not None and options.repetition_penalty <= 0:
         raise UsageError(f"--repetition-penalty must be positive, got {options.repetition_penalty}")
+    for name, value in (("--presence-penalty", options.presence_penalty),
+                        ("--frequency-penalty", options.frequency_penalty)):
+        if not -2 <= value <= 2:  # OpenAI's range
+            raise UsageError(f"{name} must be in [-2, 2], got {value}")
+    for token, bias in options.logit_bias.items():
+        if not -100 <= bias <= 100:
+            raise UsageError(f"--logit-bias {token}={bias}: a bias must be in [-100, 100]",
+                             "-100 bans the token, 100 all but forces it.")
     if options.batch_size <= 0:
         raise UsageError(f"--batch-size must be at least 1, got {options.batch_size}")
     if options.num_return_sequences <= 0:
@@ -238,14 +253,14 @@ def fit_to_context(ids: list[int], context: int | None, options: GenerateOptions
     if not context:
         return ids
     if options.max_new_tokens >= context:
-        raise UsageError(f"--max-new-tokens {options.max_new_tokens} leaves no room in the model's context of "
+        raise ContextOverflow(f"--max-new-tokens {options.max_new_tokens} leaves no room in the model's context of "
                          f"{context} tokens", f"Use --max-new-tokens below {context}.")
     overflow = len(ids) + options.max_new_tokens - context
     if overflow <= 0:
         return ids
     if options.truncate == "left":
         return ids[overflow:]
-    raise DataError(f"prompt of {len(ids)} tokens plus --max-new-tokens {options.max_new_tokens} exceeds the "
+    raise ContextOverflow(f"prompt of {len(ids)} tokens plus --max-new-tokens {options.max_new_tokens} exceeds the "
                     f"model's context of {context} tokens",
                     "Shorten the prompt, lower --max-new-tokens, or pass --truncate left.")
 
@@ -294,11 +309,15 @@ def prepare(engine: Engine, prompts: list[Prompt], options: GenerateOptions,
     capped: what every way of generating (this module's `generate`, the server's scheduler) starts from."""
     validate(options)
     for prompt in prompts:
-        if prompt.text is not None and not prompt.text.strip():
+        if prompt.ids is None and prompt.text is not None and not prompt.text.strip():
             raise DataError("empty prompt", "Pass some text to continue.")
     encoded = [encode_prompt(engine, prompt, options) for prompt in prompts]
     options = cap_default_length(options, encoded, engine.context_length, on_notice)
     engine.constraints.compile(options.constraint)  # compiled now: its error comes first, its time is not decoding's
+    outside = [token for token in options.logit_bias if not 0 <= token < engine.constraints.n_vocab]
+    if outside:
+        raise UsageError(f"--logit-bias names token {outside[0]}, outside this model's vocabulary of "
+                         f"{engine.constraints.n_vocab} tokens", f"Use ids 0..{engine.constraints.n_vocab - 1}.")
     return [fit_to_context(ids, engine.context_length, options) for ids in encoded], options
 
 
