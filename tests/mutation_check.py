@@ -460,14 +460,16 @@ MUTANTS = [
            "            add(lib.llama_sampler_init_penalties(self.n_vocab, options.max_new_tokens, 1.0, frequency, presence))",
            "            pass", "tests/test_sampling.py -k llama.cpp"),
     Mutant("llama.cpp penalties count the prompt", "llmcli/engines/llamacpp.py",
-           "        if repetition is not None:\n            for token in prompt:",
-           "        if True:\n            for token in prompt:", "tests/test_sampling.py -k llama.cpp"),
+           "        if repetition is not None:\n            for token in prompt:  # the repetition penalty's history "
+           "starts with the prompt (the others' does not)\n                lib.llama_sampler_accept(repetition, token)",
+           "        for token in prompt:\n            lib.llama_sampler_accept(chain, token)",
+           "tests/test_sampling.py -k not_count_the_prompt"),
     Mutant("llama.cpp drops logit bias", "llmcli/engines/llamacpp.py",
            "            add(lib.llama_sampler_init_logit_bias(self.n_vocab, len(biases), entries))", "            pass",
            "tests/test_sampling.py -k llama.cpp"),
     Mutant("hf penalties count the prompt", "llmcli/engines/hf.py",
            "        generated = input_ids[:, self.prompt_width:]", "        generated = input_ids",
-           "tests/test_sampling.py -k hf"),
+           "tests/test_sampling.py -k not_count_the_prompt"),
     Mutant("hf presence penalty dropped", "llmcli/engines/hf.py",
            "- (counts > 0).to(scores.dtype) * self.presence", "", "tests/test_sampling.py -k hf"),
     Mutant("hf drops logit bias", "llmcli/engines/hf.py",
@@ -492,7 +494,7 @@ MUTANTS = [
            "tests/test_export.py -k whatever_its_name"),
     Mutant("a bad config override is an internal error", "llmcli/scratch.py",
            "        except invalid_config_errors() as exc:  # transformers 5 configs", "        except KeyError as exc:  #",
-           "tests/test_errors.py -k config-overrides"),
+           "tests/test_errors.py -k scratch"),
 ]
 
 

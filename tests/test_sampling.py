@@ -20,11 +20,15 @@ def tiny(request):
     return "hf", str(request.getfixturevalue("tiny_llama"))
 
 
-def greedy(tiny, *args: str) -> list[int]:
+def greedy(tiny, *args: str, prompt: str = PROMPT) -> list[int]:
+    return generated(tiny, *args, prompt=prompt)["token_ids"]
+
+
+def generated(tiny, *args: str, prompt: str = PROMPT) -> dict:
     engine, model = tiny
-    result = run_cli("generate", PROMPT, "-m", model, "--engine", engine, "--no-chat", "-n", "24", "--json", *args)
+    result = run_cli("generate", prompt, "-m", model, "--engine", engine, "--no-chat", "-n", "24", "--json", *args)
     assert result.exit_code == 0, result.stderr
-    return result.json_lines()[0]["token_ids"]
+    return result.json_lines()[0]
 
 
 def test_penalties_and_bias_take_the_token_openai_defines_at_every_step(tiny):
@@ -33,16 +37,20 @@ def test_penalties_and_bias_take_the_token_openai_defines_at_every_step(tiny):
     log-probabilities of a plain forward pass."""
     from llmcli.engines import Window, choose_engine
 
-    plain = greedy(tiny)
+    first = generated(tiny)
+    # the prompt ends with what the model says next, so it holds the tokens the model wants: a penalty
+    # that counted the prompt would push them down from the first step
+    text = PROMPT + first["text"]
+    plain = greedy(tiny, prompt=text)
     banned = plain[0]
-    favoured = greedy(tiny, "--logit-bias", f"{banned}=-100")[2]  # one the model takes once the first is banned
+    favoured = greedy(tiny, "--logit-bias", f"{banned}=-100", prompt=text)[2]  # taken once the first is banned
     assert favoured != banned
     presence, frequency = 0.8, 0.6
     output = greedy(tiny, "--presence-penalty", str(presence), "--frequency-penalty", str(frequency),
-                    "--logit-bias", f"{banned}=-100", "--logit-bias", f"{favoured}=2.5")
+                    "--logit-bias", f"{banned}=-100", "--logit-bias", f"{favoured}=2.5", prompt=text)
     assert output != plain and banned not in output
     engine = choose_engine(tiny[1], tiny[0])
-    prompt = engine.encode(PROMPT)
+    prompt = engine.encode(text)
     vocabulary = engine.constraints.n_vocab
     _, tops = engine.token_logprobs(Window(prompt + output, len(output)), top=vocabulary)
     bias = {banned: -100.0, favoured: 2.5}
@@ -54,6 +62,25 @@ def test_penalties_and_bias_take_the_token_openai_defines_at_every_step(tiny):
         # a plain forward pass rounds in another batch shape than decoding: a near-tie may go either way
         assert token == best or adjusted[best] - adjusted[token] < 1e-4, (step, token, best)
         counts[token] = counts.get(token, 0) + 1
+
+
+def test_the_penalties_do_not_count_the_prompt(tiny):
+    """A token the prompt holds four times, biased to be the likeliest first token by a margin of 1:
+    taken first, as OpenAI's penalties count only generated tokens (counting the prompt would take
+    2 × 4 + 2 = 10 from it)."""
+    from llmcli.engines import Window, choose_engine
+
+    engine = choose_engine(tiny[1], tiny[0])
+    prompt = "the the the the the License"
+    ids = engine.encode(prompt)
+    repeated = max(set(ids), key=ids.count)
+    assert ids.count(repeated) >= 4
+    _, [first] = engine.token_logprobs(Window(ids + [0], 1), top=engine.constraints.n_vocab)
+    logprobs = dict(first)
+    bias = max(logprobs.values()) - logprobs[repeated] + 1
+    output = greedy(tiny, "--presence-penalty", "2", "--frequency-penalty", "2", "--logit-bias",
+                    f"{repeated}={bias}", prompt=prompt)
+    assert output[0] == repeated, (output, repeated)
 
 
 @pytest.mark.parametrize("option", ["--presence-penalty", "--frequency-penalty"])

@@ -114,3 +114,22 @@ def test_the_schema_errors_and_unsupported_fields(tiny_gpt2):
                                                             "best_of": 1, "suffix": None})
         assert status == 200, answer
     assert "Traceback" not in server.stderr
+
+
+def test_schemathesis_finds_no_server_error_in_the_published_schema(tiny_gpt2, tmp_path):
+    """schemathesis, reading /openapi.json, sends a bounded run of generated requests (its examples and
+    coverage and fuzzing phases, up to 100 cases an operation, deterministic): no 5xx, and the server still answers after."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    st = Path(sys.executable).parent / "st"
+    with serving("-m", tiny_gpt2, "--max-tokens-limit", "8") as server:
+        run = subprocess.run([str(st), "run", f"{server.url}/openapi.json", "--checks", "not_a_server_error",
+                              "--max-examples", "100", "--phases", "examples,coverage,fuzzing", "--workers", "1",
+                              "--generation-deterministic", "--request-timeout", "60"],
+                             capture_output=True, text=True, timeout=900, cwd=tmp_path)  # its .schemathesis/
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+        assert get(server, "/health") == (200, get(server, "/health")[1], {"status": "ok"})
+    cases = [line for line in server.stderr.splitlines() if line.startswith(("POST ", "GET "))]
+    assert len(cases) > 300 and not any(" 500 " in line for line in cases), len(cases)

@@ -65,7 +65,7 @@ class Sampling(BaseModel):
     # beyond OpenAI, as vLLM and llama-server take them
     top_k: Optional[int] = Field(None, ge=0)
     min_p: Optional[float] = Field(None, ge=0, le=1)
-    repetition_penalty: Optional[float] = Field(None, gt=0)
+    repetition_penalty: Optional[float] = Field(None, ge=0.01, le=100)  # as `generate` takes it
     tools: Optional[list[Any]] = None  # refused: no tool calling yet (a 200 would pretend to call them)
     functions: Optional[list[Any]] = None
 

@@ -181,8 +181,10 @@ def validate(options: GenerateOptions) -> None:
         raise UsageError(f"--min-p must be in [0, 1], got {options.min_p}")
     if options.top_k is not None and options.top_k < 0:
         raise UsageError(f"--top-k must be 0 (off) or positive, got {options.top_k}")
-    if options.repetition_penalty is not None and options.repetition_penalty <= 0:
-        raise UsageError(f"--repetition-penalty must be positive, got {options.repetition_penalty}")
+    if options.repetition_penalty is not None and not 0.01 <= options.repetition_penalty <= 100:
+        # it divides the logits: a tiny one makes them infinite and sampling fails (found by schemathesis)
+        raise UsageError(f"--repetition-penalty must be in [0.01, 100], got {options.repetition_penalty}",
+                         "1 is none; 1.1-1.3 discourages repeats.")
     for name, value in (("--presence-penalty", options.presence_penalty),
                         ("--frequency-penalty", options.frequency_penalty)):
         if not -2 <= value <= 2:  # OpenAI's range
