@@ -182,9 +182,11 @@ def eval_record(result: Any) -> dict[str, Any]:
 
 def eval_table(results: list[Any]) -> None:
     """One row per model. With one protocol it is the caption; with several, each row points to a
-    numbered line under the table. Only results of the same metric and protocol are compared (the
-    best in bold green)."""
+    numbered line under the table, which names the engine and weights too. Results of the same metric
+    and protocol are compared (the best in bold green), whatever their engine: `eval` runs several
+    models on the weights `generate` would, so their rows compare models, not formats."""
     runs = [f"{r.metric}: {r.protocol} on {r.engine} ({r.weights})" for r in results]
+    scores = [(r.metric, r.protocol) for r in results]
     legend = list(dict.fromkeys(runs))
     table = Table(title=", ".join(dict.fromkeys(r.metric for r in results)), title_justify="left",
                   caption=legend[0] if len(legend) == 1 else "\n".join(f"[{i}] {run}" for i, run in
@@ -194,8 +196,8 @@ def eval_table(results: list[Any]) -> None:
         table.add_column("run", no_wrap=True)
     for column in ("value", "± stderr", "tokens", "bits/byte", "seconds"):
         table.add_column(column, justify="right", no_wrap=True)
-    for r, name, run in zip(results, short_names([r.model for r in results]), runs):
-        peers = [p.value for p, p_run in zip(results, runs) if p_run == run]
+    for r, name, run, score in zip(results, short_names([r.model for r in results]), runs, scores):
+        peers = [p.value for p, p_score in zip(results, scores) if p_score == score]
         best = max(peers) if r.metric == "accuracy" else min(peers)
         style = "bold green" if len(peers) > 1 and r.value == best else None
         cells = [f"{r.value:.4f}", "-" if r.stderr is None else f"{r.stderr:.4f}", str(r.tokens),

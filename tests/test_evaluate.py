@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import re
 
@@ -468,3 +469,20 @@ def test_tables_have_no_trailing_spaces(text_file, tiny_gpt2):
     assert result.exit_code == 0, result.stderr
     lines = result.stdout.splitlines()
     assert len(lines) > 2 and not [line for line in lines if line != line.rstrip()]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="the llama.cpp engine is not installed")
+def test_several_models_are_scored_on_the_weights_generate_runs(text_file):
+    """One model is scored as its file is (the embedded Q4_1, llama-perplexity's number for that file);
+    several are each scored on the weights `generate` runs (F16 for a quantized GGUF), so a table of
+    them compares models, not formats; each row's run names its engine and weights."""
+    alone = evaluate(text_file, "smollm2", "--max-length", "128")
+    assert (alone["engine"], alone["weights"]) == ("llama.cpp", "Q4_1")
+    compared = run_cli("eval", "--data", text_file, "-m", "smollm2", "-m", "smollm2", "--max-length", "128", "--json")
+    assert compared.exit_code == 0, compared.stderr
+    generated = run_cli("generate", "hi", "-n", "1", "--json")
+    assert generated.exit_code == 0, generated.stderr
+    weights = generated.json_lines()[0]["weights"]
+    assert [record["weights"] for record in compared.json_lines()] == [weights, weights] == ["F16", "F16"]
+    table = run_cli("eval", "--data", text_file, "-m", "smollm2", "-m", "smollm2", "--max-length", "128")
+    assert "on llama.cpp (F16)" in table.stdout, table.stdout

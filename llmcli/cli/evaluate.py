@@ -80,8 +80,12 @@ def evaluate(
 
     workers = Workers(device)
     results = []
+    # one model: its file as it is (llama-perplexity's number for that file); several: each on the weights
+    # generate would run (F16 for a quantized GGUF), so the rows compare models, not formats
+    compared = len(model or []) > 1
     for name in model or [None]:
-        runner = load_engine(name, engine, command="eval", kind="auto", device=device or workers.device, dtype=dtype,
+        runner = load_engine(name, engine, command="generate" if compared else "eval", kind="auto",
+                             device=device or workers.device, dtype=dtype,
                              threads=threads, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
                              placement=placement)
         with render.progress(f"Scoring with {runner.source.name}") as (start, advance):
