@@ -235,7 +235,8 @@ def training_progress(enabled: bool = True) -> Iterator[Any]:
             notice(strict_json.dumps(record))
 
     with bar:
-        yield Reporter(start=lambda total, done: bar.update(task, total=total, completed=done), log=log,
+        yield Reporter(start=lambda total, done: bar.update(task, total=total, completed=done),
+                       step=lambda done: bar.update(task, completed=done), log=log,
                        note=lambda message: notice(message) if enabled else None)
 
 

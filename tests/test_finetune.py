@@ -624,3 +624,16 @@ def test_the_logged_loss_is_the_mean_since_the_last_record_and_survives_a_resume
     kill_after_checkpoint(args, killed, 3)
     assert run_cli("finetune", *args, "-o", killed, "--resume").exit_code == 0
     assert [(r["step"], r["loss"]) for r in metrics(killed)] == [(r["step"], r["loss"]) for r in straight]
+
+
+def test_the_progress_bar_moves_every_optimizer_step(tiny_gpt2, gpl_file, tmp_path):
+    """The reporter hears of every optimizer step (the bar and its ETA move), not only of the
+    --log-every records: 5 steps logged every 4 report steps 1..5 and log steps 4 and 5."""
+    from llmcli.tasks.finetune import FinetuneOptions, Reporter
+    from llmcli.tasks.finetune_loop import run
+
+    steps, logged = [], []
+    options = FinetuneOptions(data=str(gpl_file), output=str(tmp_path / "out"), model=str(tiny_gpt2), max_steps=5,
+                              max_length=64, batch_size=2, log_every=4)
+    run(options, Reporter(step=steps.append, log=lambda record: logged.append(record["step"])))
+    assert steps == [1, 2, 3, 4, 5] and logged == [4, 5]

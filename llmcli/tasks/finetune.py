@@ -91,7 +91,8 @@ class Reporter:
     """How the task tells the CLI what is happening; the CLI draws it."""
 
     start: Callable[[int, int], None] = lambda total, done: None
-    log: Callable[[dict[str, Any]], None] = lambda record: None
+    step: Callable[[int], None] = lambda done: None  # every optimizer step: the progress bar and its ETA move
+    log: Callable[[dict[str, Any]], None] = lambda record: None  # every --log-every steps
     note: Callable[[str], None] = lambda message: None
 
 

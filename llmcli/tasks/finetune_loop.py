@@ -300,6 +300,7 @@ def train(options: FinetuneOptions, output: Path, model: Any, tokenizer: Any, tr
                 step_tokens = int(accelerator.reduce(torch.tensor(step_tokens, device=accelerator.device), "sum"))
             state["tokens"] += step_tokens
             interval[0], interval[1] = interval[0] + step_loss, interval[1] + 1
+            reporter.step(state["step"])
             record: dict[str, Any] = {}
             if state["step"] % options.log_every == 0 or state["step"] == steps:
                 # the loss is read only when logged: .item() makes the CPU wait for the GPU's queue
