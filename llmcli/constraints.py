@@ -64,6 +64,13 @@ def constraint_from_options(schema: str | None, regex: str | None, grammar: str 
     return None
 
 
+CHECK_HINTS = {  # what to look at after a constraint fails to compile, by its kind
+    "schema": "Check it; an unsupported JSON-schema keyword is named in the message.",
+    "regex": "Check the regular expression (Rust regex syntax: no look-around or backreferences).",
+    "grammar": "Check the Lark grammar at the place the message names.",
+}
+
+
 def read_schema(value: str) -> str:
     """`json` (any JSON object), inline JSON, or a file of it; checked to be a JSON object."""
     if value == "json":
@@ -96,8 +103,9 @@ def compile_grammar(constraint: Constraint, tokenizer: Any) -> str:
         raise UsageError(f"the {constraint.kind} cannot be compiled: {exc}") from exc
     is_error, messages = LLMatcher.validate_grammar_with_warnings(grammar, tokenizer)
     if is_error:
-        raise UsageError(f"the {constraint.kind} cannot be compiled: {messages[0]}",
-                         "Check it; unsupported JSON-schema keywords are named above.")
+        # llguidance's message draws the place over several lines: one line here, as every error is
+        raise UsageError(f"the {constraint.kind} cannot be compiled: {' '.join(messages[0].split())}",
+                         CHECK_HINTS.get(constraint.kind, "Check it."))
     return grammar
 
 

@@ -85,12 +85,20 @@ def test_a_constraint_that_allows_everything_changes_nothing(tiny):
     (["--schema", "{not json"], "--schema is not valid JSON"),
     (["--schema", "[1, 2]"], "--schema must be a JSON object"),
     (["--regex", "(["], "the regex cannot be compiled"),
+    (["--grammar", "{broken}"], "the grammar cannot be compiled"),
     (["--regex", "a", "--choice", "b"], "--regex and --choice are two constraints"),
     (["--schema", "missing-schema.json"], "--schema missing-schema.json: no such file"),
 ])
-def test_bad_constraints_are_one_line_errors(tiny, args, fragment):
+def test_bad_constraints_are_one_line_errors(tiny, args, fragment, tmp_path):
+    broken = tmp_path / "broken.lark"
+    broken.write_text('start: "a" (\n')  # a group never closed
+    args = [arg.replace("{broken}", str(broken)) for arg in args]
     result = run_cli("generate", "hi", "-m", tiny[1], "--engine", tiny[0], *args)
     assert result.exit_code == 2 and fragment in result.stderr and "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines[0].startswith("Error: ") and len(lines) <= 2, result.stderr  # the error and at most a hint
+    if "--regex" in args or "--grammar" in args:
+        assert "JSON-schema" not in result.stderr, result.stderr  # the hint fits the constraint given
 
 
 def test_greedy_takes_the_likeliest_allowed_token_at_every_step(tiny):

@@ -313,9 +313,9 @@ def prepare(engine: Engine, prompts: list[Prompt], options: GenerateOptions,
     for prompt in prompts:
         if prompt.ids is None and prompt.text is not None and not prompt.text.strip():
             raise DataError("empty prompt", "Pass some text to continue.")
+    engine.constraints.compile(options.constraint)  # compiled now: its error comes first, its time is not decoding's
     encoded = [encode_prompt(engine, prompt, options) for prompt in prompts]
     options = cap_default_length(options, encoded, engine.context_length, on_notice)
-    engine.constraints.compile(options.constraint)  # compiled now: its error comes first, its time is not decoding's
     outside = [token for token in options.logit_bias if not 0 <= token < engine.constraints.n_vocab]
     if outside:
         raise UsageError(f"--logit-bias names token {outside[0]}, outside this model's vocabulary of "
