@@ -76,6 +76,7 @@ def notice(message: str) -> None:
 
 
 def error(message: str, hint: str | None = None) -> None:
+    end_open_line()
     stderr.print(f"Error: {message}", style="bold red", markup=False, soft_wrap=True)
     if hint:
         stderr.print(hint, markup=False, soft_wrap=True)
@@ -91,10 +92,22 @@ def status(message: str) -> Iterator[None]:
         yield
 
 
+_line_open = [False]  # the last text written to stdout did not end its line (a stream was cut)
+
+
 def write(text: str) -> None:
     """Write result text to stdout immediately (used for streaming)."""
     stdout.write(text)
     stdout.flush()
+    if text:
+        _line_open[0] = not text.endswith("\n")
+
+
+def end_open_line() -> None:
+    """Before an error on a terminal: end the line a cut stream left open (Ctrl-C mid-text), so that
+    `Error:` starts a line of its own. Redirected output is left as it was written."""
+    if _line_open[0] and stdout.isatty():
+        write("\n")
 
 
 def json_line(record: dict[str, Any]) -> None:

@@ -52,18 +52,28 @@ def redeliver_interrupts(unraisable) -> None:
     """An interrupt that lands in a weakref callback or a finalizer cannot be raised there: Python
     prints it ("Exception ignored in ... Traceback") and drops it. Seen in CI with a Ctrl-C inside an
     import lock's callback, and a SIGTERM inside an exit-time finalizer. The signal is sent again
-    instead, to be handled at the next point where it can be; anything else is reported as before."""
+    instead, to be handled at the next point where it can be; anything else is reported as before.
+    It is sent from another thread, once this hook has returned: raised here, its handler would run
+    inside the hook, whose own exception Python also drops ("Exception ignored in sys.unraisablehook",
+    seen on a Ctrl-C during a model load)."""
     import signal
 
     error = unraisable.exc_value
     if isinstance(error, Terminated):
-        signal.raise_signal(signal.SIGTERM)
+        send_again(signal.SIGTERM)
     elif isinstance(error, KeyboardInterrupt):
-        signal.raise_signal(signal.SIGINT)
+        send_again(signal.SIGINT)
     elif type(error).__name__ == "SignalException" and hasattr(error, "sigval"):  # torchrun's handlers
-        signal.raise_signal(error.sigval)
+        send_again(error.sigval)
     else:
         sys.__unraisablehook__(unraisable)
+
+
+def send_again(signum: int) -> None:
+    import os
+    import threading
+
+    threading.Timer(0.01, os.kill, (os.getpid(), signum)).start()
 
 
 def main(argv: list[str] | None = None) -> None:
