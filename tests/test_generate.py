@@ -201,6 +201,28 @@ def test_chat_repl_keeps_history(tiny_llama):
     assert len(result.stdout.splitlines()) == 2  # two replies; nothing after /exit
 
 
+def test_chat_system_command_keeps_the_conversation(tiny_llama):
+    """/system sets the system message and the conversation goes on (ollama's /set system): the next
+    reply is generate's for the system message, the earlier turns and the new message."""
+    from llmcli.engines import choose_engine
+    from llmcli.data import Prompt
+    from llmcli.tasks.chat import ChatSession
+    from llmcli.tasks.generate import GenerateOptions, generate
+
+    engine = choose_engine(str(tiny_llama), "hf")
+    options = GenerateOptions(max_new_tokens=6, chat=True)
+    session = ChatSession(engine, options)
+    pieces: list[str] = []
+    session.handle("Hello", pieces.append)
+    first = session.history[-1]["content"]
+    assert "conversation goes on" in session.handle("/system Be brief.", pieces.append)
+    session.handle("Again", pieces.append)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"},
+                {"role": "assistant", "content": first}, {"role": "user", "content": "Again"}]
+    [expected] = generate(engine, [Prompt(messages=messages)], options)
+    assert session.history[-1]["content"] == expected.text and len(session.history) == 4
+
+
 def test_chat_second_turn_sees_the_first(tiny_llama, tmp_path):
     """Each reply is what `generate` gives for the whole conversation so far (reply included)."""
     def reply(*messages):

@@ -14,7 +14,8 @@ from llmcli.engines import Engine
 from llmcli.errors import LlmcliError
 from llmcli.tasks.generate import GenerateOptions, TextCallback, encode_prompt, generate
 
-HELP = ('Commands: /reset clears the conversation, /system TEXT sets the system message, /help (or /?) '
+HELP = ('Commands: /reset clears the conversation, /system TEXT sets the system message (the conversation '
+        'goes on), /help (or /?) '
         'shows this, /exit (or /quit, /bye, Ctrl-D) leaves. A line of """ starts and ends a message of '
         'several lines.')
 
@@ -40,9 +41,9 @@ class ChatSession:
             self.history.clear()
             return "Conversation cleared."
         if text == "/system" or text.startswith("/system "):
+            # the conversation goes on under the new system message, as ollama's /set system does
             self.system = text[len("/system"):].strip() or None
-            self.history.clear()
-            return f"System message {'set' if self.system else 'removed'}; conversation cleared."
+            return f"System message {'set' if self.system else 'removed'}; the conversation goes on (/reset clears it)."
         if text.startswith("/") and "\n" not in text:
             return f"Unknown command {text.split()[0]}; /help lists the commands."
         if not text:
