@@ -273,3 +273,22 @@ def test_ctrl_c_mid_stream_puts_the_error_on_a_line_of_its_own():
     text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", seen.decode(errors="replace").replace("\r\n", "\n"))  # no colours
     assert interrupted and process.returncode == 130, text
     assert "\nError: interrupted" in text and "Traceback" not in text, text
+
+
+@pytest.mark.parametrize("words, offered", [
+    ("generate --engine ", ["auto", "hf", "llama.cpp"]),
+    ("chat --dtype b", ["bfloat16"]),
+    ("export model --type q8", ["q8_0"]),
+    ("eval --metric p", ["perplexity", "pseudo-perplexity"]),
+    ("generate --truncate ", ["error", "left"]),
+    ("finetune --objective ", ["auto", "clm", "mlm"]),
+    ("finetune --arch ", ["gpt2", "llama", "bert"]),
+])
+def test_shell_completion_offers_each_options_choices(words, offered):
+    """What `llmcli --install-completion` wires up: bash asks through click's completion variables."""
+    parts = words.split()
+    current = len(parts) + (1 if words.endswith(" ") else 0)
+    result = subprocess.run([sys.executable, "-m", "llmcli"], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "_LLMCLI_COMPLETE": "complete_bash",
+                                 "COMP_WORDS": f"llmcli {words}", "COMP_CWORD": str(current)})
+    assert result.stdout.split() == offered, (result.stdout, result.stderr)

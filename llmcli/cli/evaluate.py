@@ -9,7 +9,7 @@ import typer
 from llmcli import render
 from llmcli.cli.app import app
 from llmcli.cli.common import launch_if_asked, load_engine, placement_from
-from llmcli.cli.options import (DeviceOption, ScoringDtypeOption, TrustOption, PickleOption, EngineOption,
+from llmcli.cli.options import (completes, DeviceOption, ScoringDtypeOption, TrustOption, PickleOption, EngineOption,
                                  ThreadsOption, DeviceMapOption, MaxMemoryOption, OffloadDirOption,
                                  NumProcessesOption, NnodesOption, NodeRankOption, MasterAddrOption, MasterPortOption)
 from llmcli.errors import UsageError
@@ -21,7 +21,8 @@ def evaluate(
                                       "for stdin.", show_default=False)],
     model: Annotated[Optional[list[str]], typer.Option("--model", "-m", metavar="MODEL", help="Model to evaluate (repeatable: one "
                                                        "row each). Default: the embedded SmolLM2.")] = None,
-    metric: Annotated[Optional[str], typer.Option(help="perplexity (causal LMs), pseudo-perplexity or accuracy "
+    metric: Annotated[Optional[str], typer.Option(shell_complete=completes("perplexity", "pseudo-perplexity",
+                                                                           "accuracy"), help="perplexity (causal LMs), pseudo-perplexity or accuracy "
                                                   "(masked LMs). Default: from the model type.")] = None,
     max_length: Annotated[Optional[int], typer.Option(help="Window length in tokens. Default: the model's "
                                                       "context, at most 1024.")] = None,

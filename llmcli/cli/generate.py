@@ -9,7 +9,7 @@ import typer
 from llmcli import render
 from llmcli.cli.app import app
 from llmcli.cli.common import collect_inputs, launch_if_asked, load_engine, parse_logit_bias, placement_from
-from llmcli.cli.options import (ModelOption, DeviceOption, DtypeOption, TrustOption, PickleOption, EngineOption,
+from llmcli.cli.options import (completes, ModelOption, DeviceOption, DtypeOption, TrustOption, PickleOption, EngineOption,
                                  ThreadsOption, SchemaOption, RegexOption, GrammarOption, ChoiceOption,
                                  DeviceMapOption, MaxMemoryOption, OffloadDirOption, NumProcessesOption,
                                  NnodesOption, NodeRankOption, MasterAddrOption, MasterPortOption,
@@ -53,7 +53,7 @@ def generate(
                                                        "verify (assisted decoding; same greedy output).")] = None,
     prompt_lookup: Annotated[Optional[int], typer.Option(help="Propose N tokens per step by matching the prompt "
                                                          "(fast on repetitive text; same greedy output).")] = None,
-    truncate: Annotated[str, typer.Option(help="A prompt too long for the context: 'error', or 'left' to keep "
+    truncate: Annotated[str, typer.Option(shell_complete=completes("error", "left"), help="A prompt too long for the context: 'error', or 'left' to keep "
                                           "its end.")] = "error",
     schema: SchemaOption = None,
     regex: RegexOption = None,
