@@ -152,6 +152,10 @@ def generation_stats(generations: list[Any], peak_memory_mb: float, constraint_s
 def fill_mask_record(result: Any) -> dict[str, Any]:
     """The `--json` object of the contract: text and, per mask, the ranked predictions."""
     record = {"text": result.text, "predictions": [[asdict(p) for p in row] for row in result.predictions]}
+    if result.method == "masked-lm":  # one token a blank: the pipeline's keys exactly
+        for row in record["predictions"]:
+            for prediction in row:
+                prediction.pop("token_ids")
     if result.all_positions is not None:
         record["all_positions"] = result.all_positions
     return record

@@ -146,6 +146,11 @@ def test_causal_rescoring_is_a_softmax_over_sentence_likelihoods(tiny_gpt2):
     got = {p["token_str"]: p["score"] for p in record["predictions"][0]}
     assert got == pytest.approx(expected, rel=1e-4)
     assert [p["sequence"] for p in record["predictions"][0]] == sorted(sentences, key=lambda s: -scores[sentences.index(s)])
+    # a word of several pieces reports all its ids (`token` stays the first, as the pipeline's)
+    for prediction in record["predictions"][0]:
+        ids = tokenizer(" " + prediction["token_str"], add_special_tokens=False)["input_ids"]
+        assert prediction["token_ids"] == ids and prediction["token"] == ids[0]
+    assert any(len(p["token_ids"]) > 1 for p in record["predictions"][0])
 
 
 @pytest.mark.slow

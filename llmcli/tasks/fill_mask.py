@@ -31,10 +31,11 @@ class FillMaskOptions:
 
 @dataclass
 class Prediction:
-    token: int  # first token id of the filling
+    token: int  # first token id of the filling (the pipeline's `token`)
     token_str: str
     score: float
     sequence: str
+    token_ids: list[int] = field(default_factory=list)  # every id of the filling (a causal blank may take several)
 
 
 @dataclass
@@ -170,7 +171,7 @@ def fill_masked_batch(loaded: LoadedModel, texts: list[str], encoded: list[list[
                 filled[masked_index[i]] = token
                 # as the pipeline: other masks stay visible when there are several
                 sequence = tokenizer.decode(filled.tolist(), skip_special_tokens=single_mask)
-                row_predictions.append(Prediction(token, tokenizer.decode([token]), score, sequence))
+                row_predictions.append(Prediction(token, tokenizer.decode([token]), score, sequence, [token]))
             ranked.append(row_predictions)
         argmax_text = None
         if options.all_positions:
@@ -363,8 +364,8 @@ def fill_causal_lm(loaded: LoadedModel, text: str, options: FillMaskOptions) -> 
         row = []
         for filling, score, sentence in ranked[: options.top_k]:
             sequence = sentence + (MASK_MARKER + after if blank + 2 < len(parts) else "")
-            first_token = tokenizer(filling, add_special_tokens=False)["input_ids"][0]
-            row.append(Prediction(first_token, filling.strip(), score, sequence))
+            ids = tokenizer(filling, add_special_tokens=False)["input_ids"]
+            row.append(Prediction(ids[0], filling.strip(), score, sequence, ids))
         predictions.append(row)
         filled_left = ranked[0][2]
     return FillMaskResult(text, predictions, "causal-rescoring")
