@@ -418,3 +418,16 @@ def test_piped_stdin_is_read_without_a_dash_and_records_are_numbered(tiny_gpt2):
     records = result.json_lines()
     assert [(r["prompt"], r["prompt_number"]) for r in records] == [("This License", 0), ("This License", 1),
                                                                      ("the work", 2)]
+
+
+def test_chat_stop_ends_each_reply_before_the_string(tiny_llama):
+    """`chat --stop TEXT` cuts every reply before TEXT, as `generate --stop` does."""
+    plain = run_cli("chat", "-m", tiny_llama, "-n", "12", input="Hello\n/exit\n")
+    assert plain.exit_code == 0, plain.stderr
+    reply = plain.stdout.splitlines()[0]
+    cut_at = len(reply) // 2
+    stop = reply[cut_at:cut_at + 3]
+    assert len(stop) == 3 and stop.strip(), reply
+    stopped = run_cli("chat", "-m", tiny_llama, "-n", "12", "--stop", stop, input="Hello\n/exit\n")
+    assert stopped.exit_code == 0, stopped.stderr
+    assert stopped.stdout.splitlines()[0] == reply[:reply.index(stop)].rstrip("\n"), stopped.stdout

@@ -32,6 +32,8 @@ def chat(
     frequency_penalty: FrequencyPenaltyOption = 0.0,
     logit_bias: LogitBiasOption = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed for sampling.")] = None,
+    stop: Annotated[Optional[list[str]], typer.Option(help="End a reply before this string (repeatable).",
+                                                      metavar="TEXT")] = None,
     schema: SchemaOption = None,
     regex: RegexOption = None,
     grammar: GrammarOption = None,
@@ -56,6 +58,7 @@ def chat(
         temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
         repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
         frequency_penalty=frequency_penalty, logit_bias=parse_logit_bias(logit_bias), seed=seed, chat=True,
+        stop=stop or [],
         constraint=constraint_from_options(schema, regex, grammar, choice),
     )
     validate(options)
