@@ -22,6 +22,11 @@ from typing import Any, Callable
 from llmcli.errors import UsageError
 
 ANY_JSON_OBJECT = '{"type": "object"}'
+# JSON output is bounded by default where a sampler could otherwise loop up to max_tokens: a string
+# without maxLength (or enum, const, format, pattern) gets this maxLength, which a schema lifts by
+# giving its own; a number never gets more digits than a double needs (17 significant, 3 of exponent)
+DEFAULT_STRING_LENGTH = 1000
+NUMBER_DIGITS, EXPONENT_DIGITS = 17, 3
 
 
 @dataclass(frozen=True)
@@ -35,12 +40,29 @@ class Constraint:
 
         if self.kind == "schema":
             # compact JSON: no run of whitespace a sampler could loop in up to max_tokens
-            return LLMatcher.grammar_from_json_schema(self.text, defaults={"whitespace_flexible": False})
+            schema = json.dumps(bounded_strings(json.loads(self.text)))
+            return LLMatcher.grammar_from_json_schema(schema, defaults={"whitespace_flexible": False})
         if self.kind == "grammar":
             return LLMatcher.grammar_from_lark(self.text)
         if self.kind == "choice":
             return LLMatcher.grammar_from_regex("|".join(f"({re.escape(c)})" for c in self.text.split("\n")))
         return LLMatcher.grammar_from_regex(self.text)
+
+
+def bounded_strings(schema: Any) -> Any:
+    """The schema with DEFAULT_STRING_LENGTH as the maxLength of every free string in it."""
+    if isinstance(schema, list):
+        return [bounded_strings(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    bounded = {key: bounded_strings(value) for key, value in schema.items()
+               if key not in ("enum", "const", "default", "examples")}
+    bounded.update({key: schema[key] for key in ("enum", "const", "default", "examples") if key in schema})
+    kind = schema.get("type")
+    is_string = kind == "string" or (isinstance(kind, list) and "string" in kind)
+    if is_string and not any(key in schema for key in ("maxLength", "enum", "const", "format", "pattern")):
+        bounded["maxLength"] = DEFAULT_STRING_LENGTH
+    return bounded
 
 
 def constraint_from_options(schema: str | None, regex: str | None, grammar: str | None,
@@ -128,24 +150,97 @@ class Constraints:
             if self.tokenizer is None:
                 self.tokenizer = self.make_tokenizer()
             self.grammars[constraint] = compile_grammar(constraint, self.tokenizer)
+            if constraint.kind == "schema":
+                self.number_digits()  # built once per engine (0.1 s for 49152 tokens), before decoding starts
             self.seconds += time.perf_counter() - began
         return self.grammars[constraint]
 
     def matcher(self, constraint: Constraint | None) -> Matcher | None:
         """A fresh matcher for one sequence, or None without a constraint."""
         grammar = self.compile(constraint)
-        return None if grammar is None else Matcher(self.tokenizer, grammar, self.n_vocab)
+        if grammar is None:
+            return None
+        numbers = self.number_digits() if constraint.kind == "schema" else None
+        return Matcher(self.tokenizer, grammar, self.n_vocab, numbers)
+
+    def number_digits(self) -> NumberDigits:
+        if not hasattr(self, "digits"):
+            self.digits = NumberDigits(self.tokenizer, self.n_vocab)
+        return self.digits
+
+
+class NumberDigits:
+    """What each token would add to a JSON number, for the digit bound: the digits at its start (after
+    a leading '.'), and whether it starts with '.' (a fraction, which needs at least one digit more)."""
+
+    def __init__(self, tokenizer: Any, n_vocab: int) -> None:
+        import numpy
+
+        self.tokenizer = tokenizer
+        self.leading = numpy.zeros(n_vocab, dtype=numpy.int32)
+        self.dot = numpy.zeros(n_vocab, dtype=bool)
+        for token in range(min(n_vocab, tokenizer.vocab_size)):
+            text = tokenizer.decode_bytes([token]).decode("utf-8", errors="replace")
+            self.dot[token] = text.startswith(".")
+            digits = re.match(r"\.?([0-9]*)", text).group(1)
+            self.leading[token] = len(digits)
+
+    def text(self, token: int) -> str:
+        return self.tokenizer.decode_bytes([token]).decode("utf-8", errors="replace")
+
+
+class NumberState:
+    """Where the JSON text so far stands: inside a string, or inside a number with how many digits of
+    mantissa and exponent it has."""
+
+    def __init__(self) -> None:
+        self.in_string = self.escaped = self.in_number = self.in_exponent = False
+        self.mantissa = self.exponent = 0
+
+    def follow(self, text: str) -> None:
+        for ch in text:
+            if self.in_string:
+                if self.escaped:
+                    self.escaped = False
+                elif ch == "\\":
+                    self.escaped = True
+                elif ch == '"':
+                    self.in_string = False
+            elif ch.isdigit():
+                self.in_number = True
+                if self.in_exponent:
+                    self.exponent += 1
+                else:
+                    self.mantissa += 1
+            elif ch in "eE" and self.in_number:
+                self.in_exponent = True
+            elif ch == "." and self.in_number or ch in "+-" and self.in_exponent:
+                pass
+            else:
+                self.in_number = self.in_exponent = False
+                self.mantissa = self.exponent = 0
+                self.in_number = ch == "-"  # a number's sign
+                self.in_string = ch == '"'
+
+    def room(self) -> int | None:
+        """How many more digits the number may take (None: not in a number, or in a string)."""
+        if self.in_string:
+            return None
+        if self.in_exponent:
+            return EXPONENT_DIGITS - self.exponent
+        return NUMBER_DIGITS - self.mantissa if self.in_number else NUMBER_DIGITS
 
 
 class Matcher:
     """One sequence's constraint state: masks its logits, then follows the token sampled."""
 
-    def __init__(self, tokenizer: Any, grammar: str, n_vocab: int) -> None:
+    def __init__(self, tokenizer: Any, grammar: str, n_vocab: int, numbers: NumberDigits | None = None) -> None:
         import llguidance.numpy as masks
         from llguidance import LLMatcher
 
         self.masks, self.matcher, self.n_vocab = masks, LLMatcher(tokenizer, grammar, log_level=0), n_vocab
         self.bitmask = masks.allocate_token_bitmask(1, n_vocab)
+        self.numbers, self.state = numbers, NumberState()  # JSON: the digit bound
 
     def mask(self, logits: Any) -> None:
         """Disallowed tokens' logits (a writable float32 array of the vocabulary) become -inf."""
@@ -165,6 +260,14 @@ class Matcher:
             raise UsageError("the constraint cannot go on in this model's vocabulary: no token spells what it needs "
                              f"next ({self.matcher.get_error() or 'no token allowed'})",
                              "Use characters the model's tokenizer can write, or a byte-level model.")
+        room = self.state.room() if self.numbers is not None else None
+        if room is not None and room < NUMBER_DIGITS:
+            # no digit past the bound, and no '.' once the mantissa is full (a fraction needs a digit)
+            bounded = allowed & (self.numbers.leading <= room)
+            if not self.state.in_exponent and room == 0:
+                bounded &= ~self.numbers.dot
+            if bounded.any():  # the grammar always lets a number end; kept as it is if it does not
+                allowed = bounded
         return allowed
 
     def accept(self, token: int, eos: Any, eos_id: int | None, room: int) -> int | None:
@@ -173,6 +276,8 @@ class Matcher:
         sequence has `room` for another token and did not just end at EOS."""
         if not self.matcher.consume_token(token):
             raise RuntimeError(f"the constraint rejected token {token}: {self.matcher.get_error()}")
+        if self.numbers is not None:
+            self.state.follow(self.numbers.text(token))
         if self.matcher.is_stopped() and token not in eos and eos_id is not None and room > 0:
             return eos_id
         return None

@@ -240,3 +240,36 @@ def test_the_embedded_model_writes_valid_json_on_each_engine(engine):
     for record in records:
         assert record["finish_reason"] == "eos" and record["incomplete"] is False, record
         jsonschema.validate(json.loads(record["text"]), schema)
+
+
+NUMBERS = {"type": "object", "properties": {"x": {"type": "number"}, "y": {"type": "number"}},
+           "required": ["x", "y"], "additionalProperties": False}
+
+
+def test_numbers_are_bounded_to_what_a_double_needs(tiny):
+    """A tiny model writes digits forever under a plain number schema (-777...777 to the token limit,
+    seen before the bound); each number now ends within 17 digits of mantissa and 3 of exponent, so
+    the object is complete well inside -n."""
+    for seed in range(3):
+        [record] = generate(tiny, "This License", "--no-chat", "--schema", json.dumps(NUMBERS), "-n", "120",
+                            "--temperature", "1", "--seed", str(seed))
+        assert record["finish_reason"] == "eos" and record["incomplete"] is False, record
+        json.loads(record["text"])
+        for number in re.findall(r"-?[0-9.]+(?:[eE][+-]?[0-9]+)?", record["text"]):
+            mantissa, _, exponent = number.lower().partition("e")
+            assert sum(c.isdigit() for c in mantissa) <= 17 and len(exponent.lstrip("+-")) <= 3, record["text"]
+
+
+def test_free_strings_get_a_default_length_that_a_schema_lifts(tiny, monkeypatch):
+    """A string without maxLength, enum, const, format or pattern gets DEFAULT_STRING_LENGTH (made 5
+    here to see it hold); a schema's own maxLength, pattern or enum is left as it is."""
+    from llmcli import constraints
+
+    schema = {"type": "object", "properties": {"s": {"type": "string"}, "t": {"type": "string", "maxLength": 40},
+                                               "u": {"enum": ["a", "b"]}, "v": {"type": ["string", "null"]}}}
+    bounded = constraints.bounded_strings(schema)["properties"]
+    assert bounded["s"]["maxLength"] == constraints.DEFAULT_STRING_LENGTH and bounded["t"]["maxLength"] == 40
+    assert "maxLength" not in bounded["u"] and bounded["v"]["maxLength"] == constraints.DEFAULT_STRING_LENGTH
+    monkeypatch.setattr(constraints, "DEFAULT_STRING_LENGTH", 5)
+    [record] = generate(tiny, "This License", "--no-chat", "--schema", '{"type": "string"}', "-n", "60")
+    assert record["finish_reason"] == "eos" and len(json.loads(record["text"])) <= 5, record

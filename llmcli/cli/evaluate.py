@@ -21,7 +21,7 @@ def evaluate(
                                       "for stdin.", show_default=False)],
     model: Annotated[Optional[list[str]], typer.Option("--model", "-m", metavar="MODEL", help="Model to evaluate (repeatable: one "
                                                        "row each). Default: the embedded SmolLM2.")] = None,
-    metric: Annotated[Optional[str], typer.Option(shell_complete=completes("perplexity", "pseudo-perplexity",
+    metric: Annotated[Optional[str], typer.Option(autocompletion=completes("perplexity", "pseudo-perplexity",
                                                                            "accuracy"), help="perplexity (causal LMs), pseudo-perplexity or accuracy "
                                                   "(masked LMs). Default: from the model type.")] = None,
     max_length: Annotated[Optional[int], typer.Option(help="Window length in tokens. Default: the model's "

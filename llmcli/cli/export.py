@@ -18,7 +18,7 @@ def export(
                                          "merged into its base), or anything --model takes.", metavar="MODEL",
                                          show_default=False)],
     output: Annotated[str, typer.Option("--output", "-o", help="The .gguf file to write.", show_default=False)],
-    type_name: Annotated[str, typer.Option("--type", shell_complete=completes(*TYPES), help="f32, f16, bf16, or a llama.cpp quantization: q8_0, "
+    type_name: Annotated[str, typer.Option("--type", autocompletion=completes(*TYPES), help="f32, f16, bf16, or a llama.cpp quantization: q8_0, "
                                            "q6_k, q5_k_m, q4_k_m, q4_0, ... (made by llama.cpp's quantizer).")] = "f16",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --output if it exists.")] = False,
     allow_requantize: Annotated[bool, typer.Option("--allow-requantize", help="Quantize a model whose weights are "

@@ -22,9 +22,9 @@ def finetune(
                                         "checkpoints.")] = "llmcli-finetuned",
     data_eval: Annotated[Optional[str], typer.Option(help="Evaluation data, same format.")] = None,
     model: ModelOption = None,
-    objective: Annotated[str, typer.Option(shell_complete=completes("auto", "clm", "mlm"), help="auto (from the model), clm or mlm.")] = "auto",
+    objective: Annotated[str, typer.Option(autocompletion=completes("auto", "clm", "mlm"), help="auto (from the model), clm or mlm.")] = "auto",
     from_scratch: Annotated[bool, typer.Option(help="Random weights instead of pretrained ones.")] = False,
-    arch: Annotated[Optional[str], typer.Option(shell_complete=completes("gpt2", "llama", "bert"), help="Architecture for --from-scratch: gpt2, llama or bert.")] = None,
+    arch: Annotated[Optional[str], typer.Option(autocompletion=completes("gpt2", "llama", "bert"), help="Architecture for --from-scratch: gpt2, llama or bert.")] = None,
     config_overrides: Annotated[str, typer.Option(help="Config changes for --from-scratch, e.g. "
                                                   "n_layer=2,n_embd=128,n_head=4.")] = "",
     tokenizer_vocab_size: Annotated[Optional[int], typer.Option(help="Train a tokenizer of this size on the data "

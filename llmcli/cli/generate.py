@@ -53,7 +53,7 @@ def generate(
                                                        "verify (assisted decoding; same greedy output).")] = None,
     prompt_lookup: Annotated[Optional[int], typer.Option(help="Propose N tokens per step by matching the prompt "
                                                          "(fast on repetitive text; same greedy output).")] = None,
-    truncate: Annotated[str, typer.Option(shell_complete=completes("error", "left"), help="A prompt too long for the context: 'error', or 'left' to keep "
+    truncate: Annotated[str, typer.Option(autocompletion=completes("error", "left"), help="A prompt too long for the context: 'error', or 'left' to keep "
                                           "its end.")] = "error",
     schema: SchemaOption = None,
     regex: RegexOption = None,

@@ -9,7 +9,10 @@ import typer
 def completes(*values: str):
     """Shell completion of an option's choices (`llmcli --install-completion`), validated by the task as
     before: the values are offered, not enforced here."""
-    return lambda ctx, param, incomplete: [value for value in values if value.startswith(incomplete)]
+    def complete(incomplete: str) -> list[str]:  # typer passes the parameters it finds by name
+        return [value for value in values if value.startswith(incomplete)]
+
+    return complete
 
 
 # Options shared by the commands that load a model.
@@ -21,7 +24,7 @@ ModelOption = Annotated[
 DeviceOption = Annotated[Optional[str], typer.Option(envvar="LLMCLI_DEVICE", show_envvar=True,
                                                      help="cpu, cuda, cuda:N or mps. Default: accelerate's choice.")]
 DtypeOption = Annotated[str, typer.Option(help="auto (bf16 on capable GPUs, else fp32), float32, bfloat16, float16.",
-                                          shell_complete=completes("auto", "float32", "bfloat16", "float16"))]
+                                          autocompletion=completes("auto", "float32", "bfloat16", "float16"))]
 # Commands whose output is a score default to float32, so that scores match the references on any machine
 ScoringDtypeOption = Annotated[str, typer.Option(help="float32, so scores do not depend on the machine; auto, "
                                                  "bfloat16 or float16 trade exactness for speed.")]
@@ -30,7 +33,7 @@ PickleOption = Annotated[bool, typer.Option(help="Allow pickle weights (*.bin), 
                                             "safetensors are always preferred.")]
 EngineOption = Annotated[str, typer.Option(help="auto (llama.cpp for .gguf models when installed, else hf), hf "
                                            "(transformers) or llama.cpp.",
-                                           shell_complete=completes("auto", "hf", "llama.cpp"))]
+                                           autocompletion=completes("auto", "hf", "llama.cpp"))]
 ThreadsOption = Annotated[Optional[int], typer.Option(help="CPU threads. Default: the physical cores.",
                                                       show_default=False)]
 # OpenAI's sampling adjustments: generate and chat (serve takes them as request fields)
