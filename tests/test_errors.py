@@ -177,7 +177,7 @@ MATRIX = [
      "--tokenizer-vocab-size 300", "--config-overrides: n_layer='two' is not valid for GPT2Config: it needs int"),
     ("finetune --data {ws}/gpl.txt -o {ws}/out --from-scratch --arch gpt2 --config-overrides n_head=5 "
      "--tokenizer-vocab-size 300", "embed_dim` must be divisible by num_heads"),
-    ("finetune --data {ws}/gpl.txt -m {gpt2} -o {ws}/out --config-overrides n_layer=two",
+    ("finetune --data {ws}/gpl.txt -m {gpt2} -o {ws}/out --from-scratch --config-overrides n_layer=two",
      "n_layer='two' is not valid for GPT2Config"),
     ("export smollm2 -o {ws}/requantized.gguf --type q4_0",
      "SmolLM2-135M-Instruct (embedded) is already quantized (Q4_1, Q8_0); quantizing it to Q4_0 rounds its weights"),

@@ -133,3 +133,28 @@ def test_schemathesis_finds_no_server_error_in_the_published_schema(tiny_gpt2, t
         assert get(server, "/health") == (200, get(server, "/health")[1], {"status": "ok"})
     cases = [line for line in server.stderr.splitlines() if line.startswith(("POST ", "GET "))]
     assert len(cases) > 300 and not any(" 500 " in line for line in cases), len(cases)
+
+
+@pytest.mark.parametrize("model", ["tiny_llama", "tiny_gguf"])
+def test_streamed_logprobs_come_with_each_tokens_delta(model, request):
+    """stream + logprobs: every chunk carries its own tokens' log-probabilities, as OpenAI sends them,
+    and together they are the non-streamed answer's; the text is the same too."""
+    path = request.getfixturevalue(model)
+    with serving("-m", path) as server:
+        client = server.client()
+        name = client.models.list().data[0].id
+        chat = dict(model=name, messages=[{"role": "user", "content": "This License"}], max_tokens=8, temperature=0,
+                    logprobs=True, top_logprobs=2)
+        whole = client.chat.completions.create(**chat)
+        chunks = [c for c in client.chat.completions.create(**chat, stream=True) if c.choices]
+        with_entries = [c for c in chunks if c.choices[0].logprobs and c.choices[0].logprobs.content]
+        assert all(len(c.choices[0].logprobs.content) == 1 for c in with_entries)
+        assert [c.choices[0].logprobs.content[0].logprob for c in with_entries] == \
+            [entry.logprob for entry in whole.choices[0].logprobs.content]
+        assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.choices[0].message.content
+        legacy = dict(model=name, prompt="This License", max_tokens=8, temperature=0, logprobs=1)
+        whole = client.completions.create(**legacy)
+        chunks = [c for c in client.completions.create(**legacy, stream=True) if c.choices and c.choices[0].logprobs]
+        assert [c.choices[0].logprobs.token_logprobs[0] for c in chunks] == whole.choices[0].logprobs.token_logprobs
+        assert "".join(c.choices[0].text for c in chunks) == whole.choices[0].text
+    assert "Traceback" not in server.stderr

@@ -328,7 +328,8 @@ def run_completions(engine: Engine, body: CompletionRequest, options: GenerateOp
             if emit and body.echo:
                 for index in range(body.n):
                     on_text(index, text)
-            generated = choices(engine, prompt, options, body.n, body.seed, on_text if emit else None, cancelled)
+            live = emit is not None and (body.logprobs is None or body.echo)  # see per_token below
+            generated = choices(engine, prompt, options, body.n, body.seed, on_text if live else None, cancelled)
             first = first or first_token_at(began, generated)
         for index, result in enumerate(generated):
             completion_tokens += result.generated_tokens
@@ -337,8 +338,23 @@ def run_completions(engine: Engine, body: CompletionRequest, options: GenerateOp
             if body.logprobs is not None:
                 choice["logprobs"] = completion_logprobs(engine, prompt_ids, result.token_ids, body.logprobs,
                                                          body.echo)
+                if emit and not body.echo and max_tokens > 0:
+                    stream_completion_logprobs(emit, choice, token_pieces(engine, result.token_ids, result.text))
             out.append(choice)
-    return {"choices": out, "usage": usage(prompt_tokens, completion_tokens), "first_token_at": first}
+    # a stream sends each token's log-probabilities with its text, as OpenAI does, once the choice is
+    # scored; with echo the prompt's come whole in the last chunk
+    per_token = emit is not None and body.logprobs is not None and not body.echo and max_tokens > 0
+    return {"choices": out, "usage": usage(prompt_tokens, completion_tokens), "first_token_at": first,
+            "logprobs_streamed": per_token}
+
+
+def stream_completion_logprobs(emit: Callable[[dict], None], choice: dict[str, Any], pieces: list[str]) -> None:
+    """One chunk per token: its text and its entry of each legacy `logprobs` list."""
+    logprobs = choice["logprobs"]
+    for position, piece in enumerate(pieces):
+        entry = {key: None if logprobs[key] is None else [logprobs[key][position]]
+                 for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
+        emit({"index": choice["index"], "text": piece, "logprobs": entry, "finish_reason": None})
 
 
 def completion_prompts(engine: Engine, body: CompletionRequest) -> list[Prompt]:
@@ -423,16 +439,35 @@ def run_chat(engine: Engine, body: ChatRequest, options: GenerateOptions, emit: 
         for index in range(body.n):
             emit({"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                   "finish_reason": None})
-    generated = choices(engine, prompt, options, body.n, body.seed, on_text if emit else None, cancelled)
+    # with logprobs a stream sends each token's with its delta, as OpenAI does: the text is streamed
+    # once the choice is generated and scored
+    live = emit is not None and not body.logprobs
+    generated = choices(engine, prompt, options, body.n, body.seed, on_text if live else None, cancelled)
     out = []
     for index, result in enumerate(generated):
         choice = {"index": index, "message": {"role": "assistant", "content": result.text},
                   "logprobs": None, "finish_reason": finish_reason(result.finish_reason)}
         if body.logprobs:
             choice["logprobs"] = chat_logprobs(engine, prompt_ids, result.token_ids, body.top_logprobs or 0)
+            if emit:
+                for piece, entry in zip(token_pieces(engine, result.token_ids, result.text),
+                                        choice["logprobs"]["content"]):
+                    emit({"index": index, "delta": {"content": piece}, "logprobs": {"content": [entry]},
+                          "finish_reason": None})
         out.append(choice)
     return {"choices": out, "usage": usage(len(prompt_ids), sum(r.generated_tokens for r in generated)),
-            "first_token_at": first_token_at(began, generated)}
+            "first_token_at": first_token_at(began, generated), "logprobs_streamed": bool(emit and body.logprobs)}
+
+
+def token_pieces(engine: Engine, ids: list[int], text: str) -> list[str]:
+    """The text each token adds (empty while a character is incomplete), cut where the finished text
+    ends (a stop string is not part of it)."""
+    pieces, emitted = [], 0
+    for count in range(1, len(ids) + 1):
+        decoded = engine.decode(ids[:count]).rstrip("\ufffd")[:len(text)]
+        pieces.append(decoded[emitted:])
+        emitted = max(emitted, len(decoded))
+    return pieces
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
@@ -586,6 +621,7 @@ async def respond(request: Request, start: Start, body: Any, kind: str, settings
         tally.finished(result)
         request.state.tokens = result["usage"]["total_tokens"]
         request.state.batch = result.pop("batch", 1)
+        result.pop("logprobs_streamed", None)
         return {**header, **result}
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
@@ -685,9 +721,10 @@ async def sse_events(request: Request, header: dict[str, Any], kind: str, events
                 yield f"data: {json.dumps(error_body(error.message, error.kind, error.param, error.code))}\n\n"
                 return
             tally.finished(result)
+            streamed = result.pop("logprobs_streamed", False)  # each token's came with its text already
             for choice in result["choices"]:
                 last = {"index": choice["index"], "finish_reason": choice["finish_reason"],
-                        "logprobs": choice["logprobs"]}
+                        "logprobs": None if streamed else choice["logprobs"]}
                 last.update({"delta": {}} if kind == "chat.completion" else {"text": ""})
                 yield chunk([last])
             if with_usage:  # OpenAI sends the usage chunk only when stream_options.include_usage asks for it
