@@ -138,6 +138,7 @@ class Constraints:
     def __init__(self, make_tokenizer: Callable[[], Any], n_vocab: int) -> None:
         self.make_tokenizer, self.n_vocab = make_tokenizer, n_vocab
         self.tokenizer: Any = None
+        self.digits: NumberDigits | None = None  # for JSON's digit bound, built with the first schema
         self.grammars: dict[Constraint, str] = {}
         self.seconds = 0.0
 
@@ -164,7 +165,7 @@ class Constraints:
         return Matcher(self.tokenizer, grammar, self.n_vocab, numbers)
 
     def number_digits(self) -> NumberDigits:
-        if not hasattr(self, "digits"):
+        if self.digits is None:
             self.digits = NumberDigits(self.tokenizer, self.n_vocab)
         return self.digits
 
@@ -217,13 +218,12 @@ class NumberState:
             elif ch == "." and self.in_number or ch in "+-" and self.in_exponent:
                 pass
             else:
-                self.in_number = self.in_exponent = False
-                self.mantissa = self.exponent = 0
+                self.in_exponent, self.mantissa, self.exponent = False, 0, 0
                 self.in_number = ch == "-"  # a number's sign
                 self.in_string = ch == '"'
 
     def room(self) -> int | None:
-        """How many more digits the number may take (None: not in a number, or in a string)."""
+        """How many more digits the number may take: None inside a string, NUMBER_DIGITS before a number."""
         if self.in_string:
             return None
         if self.in_exponent:
