@@ -36,7 +36,8 @@ from llmcli.serve.metrics import CONTENT_TYPE_LATEST, Metrics
 from llmcli.serve.schemas import ChatRequest, CompletionRequest
 from llmcli.serve.scheduler import Choice, Scheduler
 from llmcli.serve.worker import Batchable, Busy, Cancelled, EngineWorker
-from llmcli.tasks.generate import SEEDS, Generation, GenerateOptions, encode_prompt, generate, prepare
+from llmcli.tasks.generate import (SEEDS, Generation, GenerateOptions, encode_prompt, generate, outside_vocabulary,
+                                   prepare)
 
 CHAT_DEFAULT_TOKENS = 512  # a chat request without max_tokens: this, or what the context leaves
 
@@ -272,11 +273,10 @@ async def check_constraint(engine: Engine, options: GenerateOptions) -> None:
     """A schema the library cannot compile is a 400 naming what it rejects, before any work is queued
     (compiled off the event loop: the first one also builds the vocabulary's tokenizer, ~0.5 s); so is
     a logit_bias token outside the vocabulary."""
-    vocabulary = engine.constraints.n_vocab
-    outside = [token for token in options.logit_bias if token >= vocabulary]
-    if outside:
-        raise ApiError(400, f"logit_bias names token {outside[0]}, outside this model's vocabulary of {vocabulary} "
-                       f"tokens (ids 0..{vocabulary - 1})", param="logit_bias")
+    outside = outside_vocabulary(options.logit_bias, engine)
+    if outside is not None:
+        raise ApiError(400, f"logit_bias names token {outside}, outside this model's vocabulary of "
+                       f"{engine.constraints.n_vocab} tokens", param="logit_bias")
     if options.constraint is None:
         return
     try:
@@ -365,11 +365,10 @@ def completion_prompts(engine: Engine, body: CompletionRequest) -> list[Prompt]:
         if isinstance(prompt, str):
             prompts.append(Prompt(text=prompt))
             continue
-        vocabulary = engine.constraints.n_vocab
-        outside = [token for token in prompt if not 0 <= token < vocabulary]
-        if outside:
-            raise ApiError(400, f"prompt token {outside[0]} is outside this model's vocabulary of {vocabulary} tokens",
-                           param="prompt")
+        outside = outside_vocabulary(prompt, engine)
+        if outside is not None:
+            raise ApiError(400, f"prompt token {outside} is outside this model's vocabulary of "
+                           f"{engine.constraints.n_vocab} tokens", param="prompt")
         prompts.append(Prompt(text=engine.decode(prompt), ids=list(prompt)))
     return prompts
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from llmcli.data import Prompt
 from llmcli.engines import Engine, as_engine
@@ -316,11 +316,16 @@ def prepare(engine: Engine, prompts: list[Prompt], options: GenerateOptions,
     engine.constraints.compile(options.constraint)  # compiled now: its error comes first, its time is not decoding's
     encoded = [encode_prompt(engine, prompt, options) for prompt in prompts]
     options = cap_default_length(options, encoded, engine.context_length, on_notice)
-    outside = [token for token in options.logit_bias if not 0 <= token < engine.constraints.n_vocab]
-    if outside:
-        raise UsageError(f"--logit-bias names token {outside[0]}, outside this model's vocabulary of "
+    outside = outside_vocabulary(options.logit_bias, engine)
+    if outside is not None:
+        raise UsageError(f"--logit-bias names token {outside}, outside this model's vocabulary of "
                          f"{engine.constraints.n_vocab} tokens", f"Use ids 0..{engine.constraints.n_vocab - 1}.")
     return [fit_to_context(ids, engine.context_length, options) for ids in encoded], options
+
+
+def outside_vocabulary(tokens: Iterable[int], engine: Engine) -> int | None:
+    """The first of `tokens` that is no id of the engine's vocabulary, or None."""
+    return next((token for token in tokens if not 0 <= token < engine.constraints.n_vocab), None)
 
 
 def generation_of(engine: Engine, prompt: Prompt, index: int, token_ids: list[int], stops: list[str],
