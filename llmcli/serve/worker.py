@@ -131,9 +131,14 @@ class EngineWorker:
                 job.settle(error=result) if isinstance(result, BaseException) else job.settle(result)
 
     def close(self) -> None:
+        """Stop the engine thread once the requests in flight are done, and wait for it (10 s at most):
+        a daemon thread still inside the engine while the interpreter tears the engine down makes the
+        process abort (SIGABRT, seen once on SIGTERM under load)."""
         with self.changed:
             self.waiting.append(None)
             self.changed.notify()
+        if self.thread.is_alive() and threading.current_thread() is not self.thread:
+            self.thread.join(timeout=10)
 
 
 def settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
