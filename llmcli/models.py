@@ -164,13 +164,18 @@ def remove_stale_temporaries(root: Path, older_than: float = 3600) -> None:
             pass
 
 
-def read_gguf_metadata(gguf_path: Path) -> dict[str, Any]:
+def gguf_reader(gguf_path: Path) -> Any:
+    """The gguf package's reader of the file; a damaged file is a ModelLoadError."""
     import gguf
 
     try:
-        reader = gguf.GGUFReader(gguf_path)
+        return gguf.GGUFReader(gguf_path)
     except Exception as exc:  # gguf raises ValueError/struct errors of many kinds on a bad file
         raise ModelLoadError(f"{gguf_path} is not a readable GGUF model ({exc})", "Check that the file is complete.") from exc
+
+
+def read_gguf_metadata(gguf_path: Path) -> dict[str, Any]:
+    reader = gguf_reader(gguf_path)
     keys = ["general.architecture", "general.name", "tokenizer.ggml.pre", "tokenizer.ggml.add_bos_token"]
     return {key: reader.fields[key].contents() for key in keys if key in reader.fields}
 
@@ -179,10 +184,7 @@ def quantized_types(gguf_path: Path) -> list[str]:
     """The quantized tensor types in a GGUF file (Q4_1, Q8_0, ...); empty for F32/F16/BF16 weights."""
     import gguf
 
-    try:
-        reader = gguf.GGUFReader(gguf_path)
-    except Exception as exc:  # see read_gguf_metadata
-        raise ModelLoadError(f"{gguf_path} is not a readable GGUF model ({exc})", "Check that the file is complete.") from exc
+    reader = gguf_reader(gguf_path)
     full = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16}
     return sorted({tensor.tensor_type.name for tensor in reader.tensors if tensor.tensor_type not in full})
 
