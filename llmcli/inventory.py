@@ -18,8 +18,9 @@ from llmcli.errors import UsageError
 class CacheEntry:
     name: str  # the file or directory name under the cache's gguf/ folder
     kind: str  # "safetensors" (hf engine's dequantized copy) | "F16 GGUF" (llama.cpp engine's conversion)
+    #            | "hub model" (a model in the Hugging Face hub cache, where `-m org/name` finds it offline)
     size_mb: float
-    source: str | None  # the GGUF file it was made from, when recorded
+    source: str | None  # the GGUF file it was made from, when recorded; the hub cache's folder for a hub model
 
 
 def package_version(name: str) -> str | None:
@@ -51,6 +52,20 @@ def cache_entries() -> list[CacheEntry]:
     return entries
 
 
+def hub_entries() -> list[CacheEntry]:
+    """The models in the Hugging Face hub cache (HF_HUB_CACHE), each under its repository id. They are
+    listed, not managed: `hf cache rm` removes them."""
+    from huggingface_hub import constants, scan_cache_dir
+    from huggingface_hub.errors import CacheNotFound, CorruptedCacheException
+
+    try:  # the folder transformers reads (scan_cache_dir's own default is fixed when it is imported)
+        cache = scan_cache_dir(constants.HF_HUB_CACHE)
+    except (CacheNotFound, CorruptedCacheException, OSError, ValueError):  # none, or a file in its place
+        return []
+    return [CacheEntry(repo.repo_id, "hub model", round(repo.size_on_disk / 2**20, 1), str(cache.cache_dir))
+            for repo in sorted(cache.repos, key=lambda repo: repo.repo_id) if repo.repo_type == "model"]
+
+
 def remove_cache_entries(name: str | None, everything: bool) -> list[str]:
     """Remove one entry by name (or a unique prefix of it), or all with `everything`; returns the names."""
     if (name is None) == (not everything):
@@ -60,6 +75,9 @@ def remove_cache_entries(name: str | None, everything: bool) -> list[str]:
         [e for e in entries if e.name.startswith(name or "")]
     if not everything and len(chosen) != 1:
         found = "no cache entry" if not chosen else f"{len(chosen)} cache entries"
+        if not chosen and any(e.name == name for e in hub_entries()):
+            raise UsageError(f"{name!r} is in the Hugging Face hub cache, which llmcli lists but does not manage",
+                             f"Remove it with: hf cache rm model/{name}")
         raise UsageError(f"{found} named {name!r}", "See the names with: llmcli cache list")
     folder = models.cache_root() / "gguf"
     for entry in chosen:

@@ -511,6 +511,9 @@ MUTANTS = [
     Mutant("a bad config override is an internal error", "llmcli/scratch.py",
            "        except invalid_config_errors() as exc:  # transformers 5 configs", "        except KeyError as exc:  #",
            "tests/test_errors.py -k scratch"),
+    Mutant("cache list omits the hub cache", "llmcli/cli/info.py",
+           "entries = cache_entries() + hub_entries()", "entries = cache_entries()",
+           "tests/test_errors.py -k cache_list_shows"),
 ]
 
 

@@ -426,6 +426,31 @@ def test_info_and_cache_commands(tmp_path, monkeypatch):
     assert run_cli("cache", "rm", "--all").exit_code == 0 and not entry.exists()
 
 
+def test_cache_list_shows_the_hub_cache_models(tmp_path, monkeypatch):
+    """`cache list` also lists the Hugging Face hub cache's models (what `-m org/name` finds offline), and
+    `cache rm` of one says that `hf cache rm` removes it, leaving it in place."""
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("LLMCLI_CACHE", str(tmp_path / "llmcli"))
+    hub = tmp_path / "hub"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub))
+    repo = hub / "models--org--tiny"  # the hub cache's layout: blobs, refs, snapshots of symlinks
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "blobs" / "abc").write_bytes(b"z" * 4096)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "model.safetensors").symlink_to(repo / "blobs" / "abc")
+    (hub / "datasets--org--data" / "snapshots").mkdir(parents=True)  # not a model: not listed
+    listed = run_cli("cache", "list", "--json").json_lines()
+    assert [(e["name"], e["kind"], e["source"]) for e in listed] == [("org/tiny", "hub model", str(hub))]
+    assert "org/tiny  hub model" in run_cli("cache", "list").stdout
+    refused = run_cli("cache", "rm", "org/tiny")
+    assert refused.exit_code == 2 and "hf cache rm model/org/tiny" in refused.stderr
+    assert (repo / "blobs" / "abc").exists()
+
+
 def test_shell_completion():
     script = subprocess.run([sys.executable, "-m", "llmcli", "--show-completion", "bash"], capture_output=True,
                             text=True)

@@ -30,10 +30,11 @@ app.add_typer(cache_app, name="cache")
 @cache_app.command("list")
 def cache_list(json_output: Annotated[bool, typer.Option("--json", help="JSON Lines: one object per entry.")] = False
                ) -> None:
-    """Each cached conversion: name, kind, size and the file it came from."""
-    from llmcli.inventory import cache_entries
+    """Each cached conversion (name, kind, size and the file it came from), then the models in the Hugging
+    Face hub cache (which 'hf cache' manages)."""
+    from llmcli.inventory import cache_entries, hub_entries
 
-    entries = cache_entries()
+    entries = cache_entries() + hub_entries()
     for entry in entries:
         if json_output:
             render.json_line(entry.__dict__)
