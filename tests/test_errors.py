@@ -49,6 +49,7 @@ def workspace(tmp_path_factory, tiny_gpt2, tiny_bert) -> Path:
         "train-empty.jsonl": "\n",
         "table.csv": "title,body\nx,y\n",
         "fake.gguf": "this is not gguf at all" * 10,
+        "bad.jinja": "{% for m in messages %}{{ m['content'] }}",  # the for loop never ends
     }
     for name, text in files.items():
         (root / name).write_text(text)
@@ -98,7 +99,11 @@ MATRIX = [
     ("generate hi -m {gpt2} --system Be", "--system needs the chat template, but this model's tokenizer has none"),
     ("generate hi -m {gpt2} --no-chat --system Be", "--system needs the chat template, but --no-chat is given"),
     ("generate hi -m {gpt2} --top-k 5 --top-p 0.9", "--top-k, --top-p shape sampling, but --temperature is 0"),
-    ("chat -m {gpt2}", "no chat template, so llmcli chat cannot format a conversation"),
+    ("chat -m {gpt2} --chat-template {ws}/missing.jinja", "cannot read --chat-template"),
+    ("generate hi -m {gpt2} --chat-template {ws}/bad.jinja", "bad.jinja line 1: Unexpected end of template"),
+    ("generate hi -m {gpt2} --chat-template {ws}/empty.txt", "empty.txt is empty"),
+    ("generate hi -m {gpt2} -c 1000", "--ctx-size 1000 is more than this model's trained context of 256"),
+    ("chat -m {gpt2} -c 8", "--ctx-size must be at least 16 tokens, got 8"),
     ("generate hi -m {bert} -n 2", "(bert) is a masked LM, not a causal (text generation) LM"),
     ("generate hi -m {gpt2} -n 0", "--max-new-tokens must be at least 1, got 0"),
     ("generate hi -m {gpt2} -n -5", "--max-new-tokens must be at least 1, got -5"),

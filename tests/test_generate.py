@@ -431,3 +431,77 @@ def test_chat_stop_ends_each_reply_before_the_string(tiny_llama):
     stopped = run_cli("chat", "-m", tiny_llama, "-n", "12", "--stop", stop, input="Hello\n/exit\n")
     assert stopped.exit_code == 0, stopped.stderr
     assert stopped.stdout.splitlines()[0] == reply[:reply.index(stop)].rstrip("\n"), stopped.stdout
+
+
+@pytest.mark.parametrize("model", ["tiny_gpt2", "tiny_gguf"])
+def test_chat_template_file_replaces_the_models_own(model, request, tmp_path):
+    """`--chat-template FILE` formats the chat with that file on both engines: the reply is greedy
+    generate's for the text the template renders (neither fixture adds a BOS of its own)."""
+    model_dir = request.getfixturevalue(model)
+    template = tmp_path / "plain.jinja"
+    template.write_text("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+                        "{% if add_generation_prompt %}[assistant]{% endif %}")
+    chatted = run_cli("generate", "This License", "-m", model_dir, "--chat", "--chat-template", template,
+                      "--system", "Be brief.", "-n", "8", "--json")
+    assert chatted.exit_code == 0, chatted.stderr
+    [expected] = greedy(model_dir, "[system] Be brief.\n[user] This License\n[assistant]", n=8)
+    assert chatted.json_lines()[0]["text"] == expected["text"]
+    [default] = greedy(model_dir, "This License", n=8)
+    assert expected["text"] != default["text"]  # the template changed what the model saw
+
+
+def test_ctx_size_bounds_the_context_a_run_uses(tiny_gguf):
+    """`-c N` is the context the run has: the prompt and the reply must fit in it, and the default
+    length is what it leaves."""
+    words = " ".join(GPL3.read_text().split()[:60])
+    fits = run_cli("generate", words, "-m", tiny_gguf, "--no-chat", "-n", "4", "--json")
+    assert fits.exit_code == 0, fits.stderr
+    prompt_tokens = fits.json_lines()[0]["prompt_tokens"]
+    refused = run_cli("generate", words, "-m", tiny_gguf, "--no-chat", "-n", "4", "-c", str(prompt_tokens + 2))
+    assert refused.exit_code == 2 and f"context of {prompt_tokens + 2}" in refused.stderr, refused.stderr
+    capped = run_cli("generate", words, "-m", tiny_gguf, "--no-chat", "-c", str(prompt_tokens + 5), "--json")
+    assert capped.exit_code == 0, capped.stderr
+    assert capped.json_lines()[0]["generated_tokens"] <= 5
+
+
+def test_chat_without_a_template_uses_plain_lines_and_stops_at_the_next_turn(tiny_gpt2):
+    """A model without a chat template chats in plain User:/Assistant: lines (said once on stderr): the
+    reply is greedy generate's for that text, and replies stop where the model would write "\nUser:"."""
+    from llmcli.engines import choose_engine
+    from llmcli.engines.chat_template import FALLBACK_CHAT_TEMPLATE, render
+    from llmcli.tasks.chat import plain_chat
+    from llmcli.tasks.generate import GenerateOptions
+
+    result = run_cli("chat", "-m", tiny_gpt2, "-n", "24", input="This License\n/exit\n")
+    assert result.exit_code == 0, result.stderr
+    assert "no chat template" in result.stderr and "Error" not in result.stderr
+    text = render(FALLBACK_CHAT_TEMPLATE, [{"role": "user", "content": "This License"}])
+    assert text == "User: This License\nAssistant:"
+    [record] = greedy(tiny_gpt2, text, n=24)
+    assert result.stdout == record["text"].split("\nUser:")[0] + "\n"
+    engine = choose_engine(str(tiny_gpt2), "hf")
+    assert engine.chat_template is None
+    options = plain_chat(engine, GenerateOptions(stop=["END"], chat=True))
+    assert options.stop == ["END", "\nUser:"] and engine.chat_template == FALLBACK_CHAT_TEMPLATE
+
+
+def test_chat_save_and_load_a_conversation(tiny_llama, tmp_path):
+    """/save writes the conversation (system message included) as a `generate --file` line and never
+    over an existing file; /load goes on from it: the next reply is the one the saved chat would give."""
+    saved = tmp_path / "talk.jsonl"
+    first = run_cli("chat", "-m", tiny_llama, "-n", "6", "--system", "Be brief.",
+                    input=f"Hello\n/save {saved}\n/save {saved}\nAgain\n")
+    assert first.exit_code == 0, first.stderr
+    assert "Saved 2 messages" in first.stderr and f"Error: {saved} exists" in first.stderr
+    record = json.loads(saved.read_text())
+    assert [m["role"] for m in record["messages"]] == ["system", "user", "assistant"]
+    assert record["messages"][2]["content"] == first.stdout.splitlines()[0]
+    resumed = run_cli("chat", "-m", tiny_llama, "-n", "6", input=f"/load {saved}\nAgain\n")
+    assert resumed.exit_code == 0, resumed.stderr
+    assert "Loaded 2 messages" in resumed.stderr
+    assert resumed.stdout.splitlines()[-1] == first.stdout.splitlines()[1]  # the same second reply
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"messages": [{"role": "user"}]}')
+    kept = run_cli("chat", "-m", tiny_llama, "-n", "6", input=f"Hello\n/load {broken}\n/save {tmp_path / 'b.json'}\n")
+    assert "each message needs a role" in kept.stderr
+    assert len(json.loads((tmp_path / "b.json").read_text())["messages"]) == 2  # the failed load changed nothing

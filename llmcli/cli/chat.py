@@ -12,8 +12,9 @@ from llmcli.cli.app import app
 from llmcli.cli.common import Terminated, load_engine, parse_logit_bias
 from llmcli.cli.options import (ModelOption, DeviceOption, DtypeOption, TrustOption, PickleOption, EngineOption,
                                  ThreadsOption, SchemaOption, RegexOption, GrammarOption, ChoiceOption,
-                                 PresencePenaltyOption, FrequencyPenaltyOption, LogitBiasOption)
-from llmcli.errors import LlmcliError, UsageError
+                                 PresencePenaltyOption, FrequencyPenaltyOption, LogitBiasOption, CtxSizeOption,
+                                 ChatTemplateOption)
+from llmcli.errors import LlmcliError
 
 
 @app.command()
@@ -38,6 +39,8 @@ def chat(
     regex: RegexOption = None,
     grammar: GrammarOption = None,
     choice: ChoiceOption = None,
+    chat_template: ChatTemplateOption = None,
+    ctx_size: CtxSizeOption = None,
     fast: Annotated[bool, typer.Option("--fast", help="As for generate: quantized weights on llama.cpp, bfloat16 "
                                        "on the CPU with hf.")] = False,
     engine: EngineOption = "auto",
@@ -47,8 +50,9 @@ def chat(
     trust_remote_code: TrustOption = False,
     allow_pickle: PickleOption = False,
 ) -> None:
-    """Chat interactively, keeping the conversation. Commands: /reset, /system TEXT, /exit (or Ctrl-D).
-    A --schema, --regex, --grammar or --choice constrains every reply."""
+    """Chat interactively, keeping the conversation. Commands: /reset, /system TEXT, /save FILE, /load FILE,
+    /exit (or Ctrl-D). A --schema, --regex, --grammar or --choice constrains every reply. A model without
+    a chat template gets plain User:/Assistant: lines (or pass --chat-template FILE)."""
     from llmcli.constraints import constraint_from_options
     from llmcli.tasks.chat import ChatSession
     from llmcli.tasks.generate import GenerateOptions, validate
@@ -62,11 +66,14 @@ def chat(
         constraint=constraint_from_options(schema, regex, grammar, choice),
     )
     validate(options)
-    runner = load_engine(model, engine, command="chat", device=device, dtype=dtype, fast=fast, threads=threads,
-                         trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    runner = load_engine(model, engine, ctx_size, chat_template, command="chat", device=device, dtype=dtype,
+                         fast=fast, threads=threads, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     if not runner.chat_template:
-        raise UsageError("this model's tokenizer has no chat template, so llmcli chat cannot format a conversation",
-                         "Use llmcli generate to continue plain text, or a chat model.")
+        from llmcli.tasks.chat import plain_chat
+
+        options = plain_chat(runner, options)
+        render.notice("This model has no chat template: the conversation is written as plain 'User:' and "
+                      "'Assistant:' lines (--chat-template FILE gives it another).")
     runner.constraints.compile(options.constraint)  # a constraint the vocabulary cannot express fails now, once
     session = ChatSession(runner, options, system=system, on_notice=render.notice)
     interactive = sys.stdin.isatty()

@@ -63,12 +63,47 @@ def placement_from(device_map: str | None, max_memory: list[str] | None, offload
     return Placement(device_map, limits, offload_dir)
 
 
-def load_engine(model: str | None, engine: str = "hf", **choices):
-    """The model on its engine (see engines.choose_engine), with notices on stderr and a spinner."""
+def load_engine(model: str | None, engine: str = "hf", ctx_size: int | None = None, chat_template: str | None = None,
+                **choices):
+    """The model on its engine (see engines.choose_engine), with notices on stderr and a spinner; then
+    --ctx-size and --chat-template FILE applied to it (both checked before the slow load)."""
     from llmcli.engines import choose_engine
 
+    if ctx_size is not None and ctx_size < 16:
+        raise UsageError(f"--ctx-size must be at least 16 tokens, got {ctx_size}")
+    template = read_chat_template(chat_template) if chat_template is not None else None
     with render.status("Loading"):
-        return choose_engine(model, engine, on_notice=render.notice, **choices)
+        runner = choose_engine(model, engine, on_notice=render.notice, **choices)
+    if ctx_size is not None:
+        if runner.context_length and ctx_size > runner.context_length:
+            raise UsageError(f"--ctx-size {ctx_size} is more than this model's trained context of "
+                             f"{runner.context_length} tokens", f"Pass at most {runner.context_length}.")
+        runner.context_length = ctx_size  # every length rule (prompt fit, default -n, chat history) reads it
+    if template is not None:
+        runner.chat_template = template  # both engines render what this attribute holds
+    return runner
+
+
+def read_chat_template(path: str) -> str:
+    """A chat template file's text, checked to be valid Jinja (a syntax error names its line)."""
+    from jinja2 import TemplateSyntaxError
+
+    from llmcli.engines.chat_template import compile_template
+
+    try:
+        with open(path, encoding="utf-8") as file:
+            source = file.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read --chat-template {path}: {getattr(exc, 'strerror', None) or exc}",
+                         "Pass a Jinja chat template file.") from None
+    if not source.strip():
+        raise UsageError(f"--chat-template {path} is empty", "Pass a Jinja chat template file.")
+    try:
+        compile_template(source)
+    except TemplateSyntaxError as exc:
+        raise UsageError(f"--chat-template {path} line {exc.lineno}: {exc.message}",
+                         "Fix the template (Jinja syntax, as transformers renders it).") from None
+    return source
 
 
 def collect_inputs(arguments: list[str], file: str | None, read, what: str) -> list:

@@ -13,7 +13,8 @@ from llmcli.cli.options import (completes, ModelOption, DeviceOption, DtypeOptio
                                  ThreadsOption, SchemaOption, RegexOption, GrammarOption, ChoiceOption,
                                  DeviceMapOption, MaxMemoryOption, OffloadDirOption, NumProcessesOption,
                                  NnodesOption, NodeRankOption, MasterAddrOption, MasterPortOption,
-                                 PresencePenaltyOption, FrequencyPenaltyOption, LogitBiasOption)
+                                 PresencePenaltyOption, FrequencyPenaltyOption, LogitBiasOption, CtxSizeOption,
+                                 ChatTemplateOption)
 from llmcli.errors import UsageError
 
 if TYPE_CHECKING:
@@ -43,6 +44,7 @@ def generate(
     stop: Annotated[Optional[list[str]], typer.Option(help="Stop before this string (repeatable).",
                                                       metavar="TEXT")] = None,
     system: Annotated[Optional[str], typer.Option(help="System message for the chat template.")] = None,
+    chat_template: ChatTemplateOption = None,
     chat: Annotated[Optional[bool], typer.Option("--chat/--no-chat", help="Apply the chat template. Default: "
                                                  "when the tokenizer has one.", show_default=False)] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Prompts decoded together: left-padded into one "
@@ -55,6 +57,7 @@ def generate(
                                                          "(fast on repetitive text; same greedy output).")] = None,
     truncate: Annotated[str, typer.Option(autocompletion=completes("error", "left"), help="A prompt too long for the context: 'error', or 'left' to keep "
                                           "its end.")] = "error",
+    ctx_size: CtxSizeOption = None,
     schema: SchemaOption = None,
     regex: RegexOption = None,
     grammar: GrammarOption = None,
@@ -119,7 +122,8 @@ def generate(
 
     workers = Workers(device)
     hf_only = [name for name, given in (("--draft-model", draft_model), ("--prompt-lookup", prompt_lookup)) if given]
-    runner = load_engine(model, engine, command="generate", device=device or workers.device, dtype=dtype, fast=fast,
+    runner = load_engine(model, engine, ctx_size, chat_template, command="generate", device=device or workers.device,
+                         dtype=dtype, fast=fast,
                          threads=threads, hf_only=hf_only, draft_model=draft_model,
                          trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, placement=placement)
     if batch_size is None:

@@ -10,7 +10,7 @@ from llmcli import render
 from llmcli.cli.app import app
 from llmcli.cli.common import load_engine
 from llmcli.cli.options import (ModelOption, DeviceOption, DtypeOption, TrustOption, PickleOption, EngineOption,
-                                 ThreadsOption)
+                                 ThreadsOption, ChatTemplateOption)
 from llmcli.errors import UsageError
 
 
@@ -38,6 +38,7 @@ def serve(
     served_model_name: Annotated[Optional[str], typer.Option(help="The model's id in /v1/models (default: the "
                                                              "alias, file or directory name).", show_default=False)] = None,
     json_logs: Annotated[bool, typer.Option("--json-logs", help="Access log lines as JSON.")] = False,
+    chat_template: ChatTemplateOption = None,
     engine: EngineOption = "auto",
     threads: ThreadsOption = None,
     device: DeviceOption = None,
@@ -66,7 +67,7 @@ def serve(
         except OSError as exc:
             raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror}",
                              "Pick another --port, or stop what is using it.") from exc
-    runner = load_engine(model, engine, command="generate", device=device, dtype=dtype, threads=threads,
+    runner = load_engine(model, engine, chat_template=chat_template, command="generate", device=device, dtype=dtype, threads=threads,
                          trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     from llmcli.serve import exposure_warning, run_server
 

@@ -12,6 +12,19 @@ from typing import Any
 from llmcli.errors import DataError
 
 
+# `chat` on a model whose tokenizer has no template (a base model): plain "User:"/"Assistant:" lines,
+# which a base model continues better than special tokens it never saw; the caller stops replies at
+# FALLBACK_STOP, where such a model would go on to write the user's next turn.
+FALLBACK_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] }}\n\n"
+    "{% elif message['role'] == 'user' %}User: {{ message['content'] }}\n"
+    "{% else %}Assistant: {{ message['content'] }}\n{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+FALLBACK_STOP = "\nUser:"
+
+
 def raise_exception(message: str) -> None:
     from jinja2.exceptions import TemplateError
 

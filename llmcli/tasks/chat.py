@@ -7,17 +7,29 @@ got, with the user's message, as llama-cli keeps it.
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from llmcli.data import Prompt
 from llmcli.engines import Engine
-from llmcli.errors import LlmcliError
+from llmcli.errors import DataError, LlmcliError, UsageError
 from llmcli.tasks.generate import GenerateOptions, TextCallback, encode_prompt, generate
 
 HELP = ('Commands: /reset clears the conversation, /system TEXT sets the system message (the conversation '
-        'goes on), /help (or /?) '
+        'goes on), /save FILE writes the conversation as JSON, /load FILE goes on from one, /help (or /?) '
         'shows this, /exit (or /quit, /bye, Ctrl-D) leaves. A line of """ starts and ends a message of '
         'several lines.')
+
+
+def plain_chat(engine: Engine, options: GenerateOptions) -> GenerateOptions:
+    """A model without a chat template chats in plain lines; its replies stop where it would write the
+    user's next turn."""
+    from llmcli.engines.chat_template import FALLBACK_CHAT_TEMPLATE, FALLBACK_STOP
+
+    engine.chat_template = FALLBACK_CHAT_TEMPLATE
+    return replace(options, stop=[*options.stop, FALLBACK_STOP])
 
 
 @dataclass
@@ -44,6 +56,12 @@ class ChatSession:
             # the conversation goes on under the new system message, as ollama's /set system does
             self.system = text[len("/system"):].strip() or None
             return f"System message {'set' if self.system else 'removed'}; the conversation goes on (/reset clears it)."
+        for command, act in (("/save", self.save), ("/load", self.load)):
+            if text == command or text.startswith(command + " "):
+                path = text[len(command):].strip()
+                if not path:
+                    raise UsageError(f"{command} needs a file name", f"Type {command} FILE.")
+                return act(Path(path).expanduser())
         if text.startswith("/") and "\n" not in text:
             return f"Unknown command {text.split()[0]}; /help lists the commands."
         if not text:
@@ -73,6 +91,45 @@ class ChatSession:
         self.history.append({"role": "assistant", "content": reply.text})
         self.cut = reply.generated_tokens if reply.finish_reason == "length" else None
         return ""
+
+    def messages(self) -> list[dict[str, str]]:
+        return ([{"role": "system", "content": self.system}] if self.system else []) + self.history
+
+    def save(self, path: Path) -> str:
+        """The conversation as one JSON object {"messages": [...]}: a line that `generate --file` reads
+        too. An existing file is left alone (a new name is asked for); the file appears whole or not at all."""
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            temporary.write_text(json.dumps({"messages": self.messages()}, ensure_ascii=False) + "\n", encoding="utf-8")
+            os.link(temporary, path)  # fails if the name was taken meanwhile, where a rename would replace it
+        except FileExistsError:
+            raise UsageError(f"{path} exists", "/save FILE with a new name; nothing was written.") from None
+        except OSError as exc:
+            raise UsageError(f"cannot write {path}: {exc.strerror}", "/save to another place.") from None
+        finally:
+            temporary.unlink(missing_ok=True)
+        return f"Saved {len(self.history)} messages to {path}."
+
+    def load(self, path: Path) -> str:
+        """Go on from a saved conversation (or any JSON object with OpenAI-style "messages"): it replaces
+        this one, its system message included; a file that is not one changes nothing."""
+        try:
+            messages = json.loads(path.read_text(encoding="utf-8"))["messages"]
+        except OSError as exc:
+            raise UsageError(f"cannot read {path}: {exc.strerror}", "/load a file written by /save.") from None
+        except (ValueError, KeyError, TypeError):
+            raise DataError(f"{path} is not a saved conversation (a JSON object with \"messages\")",
+                            "/load a file written by /save.") from None
+        if not isinstance(messages, list) or not all(
+                isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
+                and isinstance(m.get("content"), str) for m in messages):
+            raise DataError(f"{path}: each message needs a role (system, user or assistant) and a text content",
+                            "/load a file written by /save.")
+        system = [m["content"] for m in messages if m["role"] == "system"]
+        self.system = system[-1] if system else None
+        self.history = [{"role": m["role"], "content": m["content"]} for m in messages if m["role"] != "system"]
+        self.cut = None
+        return f"Loaded {len(self.history)} messages from {path}; the conversation goes on from there."
 
     def fit_history(self, options: GenerateOptions) -> None:
         """Drops the oldest turns until the conversation and a reply fit the model's context; says so."""
