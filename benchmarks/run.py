@@ -262,19 +262,40 @@ def small_models(workdir: Path) -> tuple[Path, Path]:
 def fill_mask(bert: Path, lines: int, repeats: int, device: str) -> Figure:
     from transformers import pipeline
 
-    from llmcli import models
+    from llmcli.engines import choose_engine
     from llmcli.tasks.fill_mask import FillMaskOptions, fill_mask as run_fill_mask
 
     sentences = [line.strip() for line in GPL3.read_text().splitlines() if len(line.split()) > 6]
     texts = [" ".join("[MASK]" if i == 3 else w for i, w in enumerate(s.split())) for s in sentences][:lines]
-    loaded = models.load_model(str(bert), kind="masked", device=device, dtype="float32")  # fill-mask's default
+    engine = choose_engine(str(bert), "hf", kind="masked", device=device, dtype="float32")  # fill-mask's default
     fill = pipeline("fill-mask", model=str(bert), device=device)
     (ours, results), (theirs, reference) = paired_median_times(
-        lambda: run_fill_mask(loaded, texts, FillMaskOptions(batch_size=32)),
+        lambda: run_fill_mask(engine, texts, FillMaskOptions(batch_size=32)),
         lambda: [fill(t, top_k=5) for t in texts], repeats)
     same = all([p.token for p in r.predictions[0]] == [p["token"] for p in ref] for r, ref in zip(results, reference))
     return Figure(f"P4 fill-mask {len(texts)} lines", len(texts) / ours, len(texts) / theirs, "lines/s", goal=4,
                   note=f"small BERT; pipeline one line at a time; same top-5: {same}")
+
+
+CLOZE = ["The capital of France is [MASK].", "Birds can [MASK] because they have wings.",
+         "[MASK] is the first month of the year."]
+
+
+def causal_fill_mask(repeats: int) -> Figure:
+    """`llmcli fill-mask` on the embedded model as a user runs it (a new process each time, so loading
+    counts): the default llama.cpp engine, candidates' shared beginning decoded once, against the hf
+    path (batched forward passes over whole sentences, which was the only path before)."""
+    def command(engine: str) -> Callable[[], object]:
+        return lambda: subprocess.run([str(BIN / "llmcli"), "fill-mask", *CLOZE, "--top-k", "3", "--json",
+                                       "--engine", engine], capture_output=True, check=True, text=True).stdout
+
+    (ours, llama_out), (theirs, hf_out) = paired_median_times(command("llama.cpp"), command("hf"), repeats)
+    ranked = lambda out: [[p["token_str"] for p in json.loads(line)["predictions"][0]]  # noqa: E731
+                          for line in out.splitlines()]
+    return Figure(f"P17 causal fill-mask, {len(CLOZE)} sentences, embedded model (llama.cpp vs hf)", ours, theirs,
+                  "s", higher_is_better=False, goal=1.5,
+                  note=f"new process each, top-3; same top-3 on both: {ranked(llama_out) == ranked(hf_out)}; "
+                       f"llama.cpp {ranked(llama_out)}")
 
 
 def guide_perplexity(model, ids, max_length: int, stride: int) -> float:
@@ -314,6 +335,22 @@ def perplexity(gpt2: Path, repeats: int, device: str, text_bytes: int) -> Figure
         lambda: evaluate(loaded, text, options), lambda: guide_perplexity(model, ids, 512, 512), repeats)
     return Figure("P5 eval perplexity", result.tokens / ours, result.tokens / theirs, "tok/s", goal=3,
                   note=f"small GPT-2, {text_bytes // 1000} KB, windows 512/512; values {result.value:.4f} vs {value:.4f}")
+
+
+def pseudo_perplexity(bert: Path, repeats: int, device: str, text_bytes: int) -> Figure:
+    """`eval --metric pseudo-perplexity` with its default --batch-size against --batch-size 1 (the
+    default before it was measured): the same value, the time and the process's peak memory."""
+    from llmcli import models
+    from llmcli.tasks.evaluate import EvalOptions, evaluate
+
+    text = GPL3.read_text()[:text_bytes]
+    loaded = models.load_model(str(bert), kind="masked", device=device, dtype="float32")
+    (ours, result), (theirs, one) = paired_median_times(
+        lambda: evaluate(loaded, text, EvalOptions(metric="pseudo-perplexity")),
+        lambda: evaluate(loaded, text, EvalOptions(metric="pseudo-perplexity", batch_size=1)), repeats)
+    return Figure("P18 pseudo-perplexity, default --batch-size vs 1", result.tokens / ours, one.tokens / theirs,
+                  "tok/s", goal=1.1, note=f"small BERT, {text_bytes // 1000} KB; values "
+                  f"{result.value:.6f} vs {one.value:.6f}")
 
 
 def finetune(gpt2: Path, steps: int, repeats: int, workdir: Path, device: str) -> list[Figure]:
@@ -696,7 +733,8 @@ def report(figures: list[Figure], path: Path, args: argparse.Namespace) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"llmcli vs plain Hugging Face ({args.device}{', quick' if args.quick else ''})")
+    host = machine()["cpu"]  # a figure holds only beside others from the same host kind (AVX2 / AVX-512)
+    table = Table(title=f"llmcli vs plain Hugging Face ({args.device}, {host}{', quick' if args.quick else ''})")
     for column in ("benchmark", "llmcli", "baseline", "ratio", "goal", ""):
         table.add_column(column, justify="left" if column == "benchmark" else "right")
     for f in figures:
@@ -773,6 +811,8 @@ def main() -> None:
         figures.append(chat_prefix_reuse(10, 32 if args.quick else 64))
     if wanted("P16") and args.device == "cpu":
         figures += constrained_decoding(loaded or models.load_model(None, device=args.device), repeats)
+    if wanted("P17") and importlib.util.find_spec("llama_cpp") and args.device == "cpu":
+        figures.append(causal_fill_mask(1 if args.quick else repeats))
     if wanted("P12") and args.device == "cpu":
         figures.append(serving_batches(16, 32 if args.quick else 64))
     with tempfile.TemporaryDirectory() as tmp:
@@ -782,6 +822,9 @@ def main() -> None:
             figures.append(fill_mask(bert, 64 if args.quick else 256, repeats, args.device))
         if wanted("P5"):
             figures.append(perplexity(gpt2, repeats, args.device, 30_000 if args.quick else 100_000))
+        if wanted("P18"):
+            figures.append(pseudo_perplexity(bert, 1 if args.quick else repeats, args.device,
+                                             1000 if args.quick else 3000))
         if wanted("P6"):
             figures += finetune(gpt2, 10 if args.quick else 40, 1 if args.quick else repeats, workdir, args.device)
         if wanted("P10") and args.device in ("cpu", "cuda"):

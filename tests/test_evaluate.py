@@ -486,3 +486,16 @@ def test_several_models_are_scored_on_the_weights_generate_runs(text_file):
     assert [record["weights"] for record in compared.json_lines()] == [weights, weights] == ["F16", "F16"]
     table = run_cli("eval", "--data", text_file, "-m", "smollm2", "-m", "smollm2", "--max-length", "128")
     assert "on llama.cpp (F16)" in table.stdout, table.stdout
+
+
+def test_default_batch_sizes_are_the_measured_ones(tiny_bert, tiny_gpt2):
+    """On the CPU a masked LM's copies go 8 to a pass and causal windows one at a time (README "eval"
+    has the measurements); --batch-size overrides both."""
+    from llmcli.engines import choose_engine
+    from llmcli.tasks.evaluate import EvalOptions, resolve_options
+
+    masked = choose_engine(str(tiny_bert), "hf", kind="masked", device="cpu", dtype="float32")
+    causal = choose_engine(str(tiny_gpt2), "hf", device="cpu", dtype="float32")
+    assert resolve_options(masked, EvalOptions()).batch_size == 8
+    assert resolve_options(causal, EvalOptions()).batch_size == 1
+    assert resolve_options(masked, EvalOptions(batch_size=3)).batch_size == 3

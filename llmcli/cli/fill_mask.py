@@ -9,7 +9,8 @@ import typer
 from llmcli import render
 from llmcli.cli.app import app
 from llmcli.cli.common import collect_inputs, launch_if_asked, load_engine, placement_from
-from llmcli.cli.options import (ModelOption, DeviceOption, ScoringDtypeOption, TrustOption, PickleOption,
+from llmcli.cli.options import (ModelOption, DeviceOption, ScoringDtypeOption, TrustOption, PickleOption, EngineOption,
+                                 ThreadsOption,
                                  DeviceMapOption, MaxMemoryOption, OffloadDirOption, NumProcessesOption,
                                  NnodesOption, NodeRankOption, MasterAddrOption, MasterPortOption)
 from llmcli.errors import UsageError
@@ -33,6 +34,8 @@ def fill_mask(
     all_positions: Annotated[bool, typer.Option(help="Also print the argmax token at every position "
                                                 "(the original BERT example).")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="JSON Lines: one object per input text.")] = False,
+    engine: EngineOption = "auto",
+    threads: ThreadsOption = None,
     device: DeviceOption = None,
     dtype: ScoringDtypeOption = "float32",
     trust_remote_code: TrustOption = False,
@@ -66,16 +69,16 @@ def fill_mask(
 
     workers = Workers(device)
     try:
-        loaded = load_engine(model, "hf", kind=kinds[mode], device=device or workers.device, dtype=dtype,
-                             trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
-                             placement=placement).loaded
+        runner = load_engine(model, engine, command="fill-mask", kind=kinds[mode], device=device or workers.device,
+                             dtype=dtype, threads=threads, trust_remote_code=trust_remote_code,
+                             allow_pickle=allow_pickle, placement=placement)
     except WrongModelKind as exc:  # here the fix is the --mode option, not another command
         raise WrongModelKind(exc.message, f"Drop --mode {mode}: fill-mask picks the method from the model.") from exc
-    results = run_fill_mask(loaded, inputs, options, workers)
+    results = run_fill_mask(runner, inputs, options, workers)
     if not workers.is_main:
         return
     for result in results:
         if json_output:
             render.json_line(render.fill_mask_record(result))
         else:
-            render.fill_mask_table(result, loaded.source.name)
+            render.fill_mask_table(result, runner.source.name)

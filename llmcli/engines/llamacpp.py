@@ -45,7 +45,9 @@ def import_llama_cpp() -> Any:
         # (README "Every x86 host"). libgomp reads it when llama_cpp loads it, just below.
         os.environ.setdefault("GOMP_SPINCOUNT", "1000")
     try:
-        import llama_cpp
+        from llmcli.engines.llama_import import bindings
+
+        llama_cpp = bindings()
     except ImportError as exc:
         from llmcli.engines import LLAMA_INSTALL_HINT
 

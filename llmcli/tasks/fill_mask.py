@@ -57,19 +57,21 @@ def validate(options: FillMaskOptions) -> None:
         raise UsageError("--targets must not be empty")
 
 
-def fill_mask(loaded: LoadedModel, texts: list[str], options: FillMaskOptions, workers: Any = None) -> list[FillMaskResult]:
-    """Results in input order. `workers` (distributed.Workers) shares the work out between processes:
-    whole batches of a masked LM, whole texts of a causal one, so every number is the one-process one."""
-    import torch
-
+def fill_mask(engine: Any, texts: list[str], options: FillMaskOptions, workers: Any = None) -> list[FillMaskResult]:
+    """Results in input order, from an engine (engines.choose_engine): a masked LM on hf, a causal LM
+    on either engine. `workers` (distributed.Workers) shares the work out between processes: whole
+    batches of a masked LM, whole texts of a causal one, so every number is the one-process one."""
     validate(options)
-    if options.all_positions and loaded.kind != "masked":
+    if options.all_positions and engine.kind != "masked":
         raise UsageError("--all-positions needs a masked LM (BERT-style)", "Pass --model with a masked LM.")
     map_in_order = (workers or OneProcess()).map_in_order
-    with torch.inference_mode():
-        if loaded.kind == "masked":
-            return fill_masked_lm(loaded, texts, options, map_in_order)
-        return map_in_order(texts, 1, lambda share: [fill_causal_lm(loaded, text, options) for text in share])
+    if engine.kind == "masked":
+        import torch
+
+        with torch.inference_mode():
+            return fill_masked_lm(engine.loaded, texts, options, map_in_order)
+    scorer = LlamaCausalScorer(engine) if engine.name == "llama.cpp" else HFCausalScorer(engine.loaded)
+    return map_in_order(texts, 1, lambda share: [fill_causal_lm(scorer, text, options) for text in share])
 
 
 # ---------------------------------------------------------------- masked LMs
@@ -196,6 +198,86 @@ def encoder_and_head(model: Any) -> tuple[Any, Any] | None:
 # ---------------------------------------------------------------- causal LMs by rescoring
 
 
+class HFCausalScorer:
+    """Sentences scored with plain batched forward passes (right-padded, every token's log_softmax):
+    the reference computation, which tests/test_fill_mask.py repeats by hand."""
+
+    def __init__(self, loaded: LoadedModel) -> None:
+        self.loaded, self.tokenizer = loaded, loaded.tokenizer
+        self.start = start_token(self.tokenizer)
+        self.special = set(self.tokenizer.all_special_ids)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def piece(self, token: int) -> str:
+        return self.tokenizer.decode([token])
+
+    def next_logprobs(self, prefixes: list[str], batch_size: int) -> list[Any]:
+        """Log-probabilities (numpy, over the vocabulary) of the token after each prefix."""
+        import torch
+
+        rows = []
+        with torch.inference_mode():
+            for start in range(0, len(prefixes), batch_size):
+                sequences = [[self.start] + self.encode(text) for text in prefixes[start:start + batch_size]]
+                ids, mask = padded(self.loaded, sequences)
+                logits = self.loaded.model(input_ids=ids, attention_mask=mask).logits
+                last = torch.tensor([len(s) - 1 for s in sequences], device=logits.device)
+                rows.extend(logits[torch.arange(len(sequences)), last].float().log_softmax(-1).cpu().numpy())
+        return rows
+
+    def sentence_logprobs(self, sentences: list[str], batch_size: int) -> list[float]:
+        """Total log-likelihood of each sentence, every token conditioned on all before it."""
+        import torch
+
+        totals: list[float] = []
+        with torch.inference_mode():
+            for start in range(0, len(sentences), batch_size):
+                sequences = [[self.start] + self.encode(text) for text in sentences[start:start + batch_size]]
+                ids, mask = padded(self.loaded, sequences)
+                logprobs = self.loaded.model(input_ids=ids, attention_mask=mask).logits[:, :-1].float().log_softmax(-1)
+                token_lp = logprobs.gather(-1, ids[:, 1:, None]).squeeze(-1) * mask[:, 1:]
+                totals.extend(token_lp.sum(-1).tolist())
+        return totals
+
+
+class LlamaCausalScorer:
+    """The same numbers on llama.cpp, the candidates' shared beginning (the start token and the left
+    context) decoded once (engines/llama_scoring.py); `batch_size` does not apply: the scorer groups
+    the sentences itself."""
+
+    def __init__(self, engine: Any) -> None:
+        from llmcli.engines.llama_scoring import SharedPrefixScorer
+
+        self.engine, self.scorer = engine, SharedPrefixScorer(engine)
+        self.start = self.start_token()
+        lib = engine.lib
+        self.special = {t for t in range(engine.n_vocab) if lib.llama_vocab_is_control(engine.vocab, t)}
+
+    def start_token(self) -> int:
+        """As start_token below: <|endoftext|> where the vocabulary has it, else BOS, else EOS."""
+        ids = self.engine.encode("<|endoftext|>", add_special=False)
+        if len(ids) == 1 and self.engine.token_text(ids[0]) == "<|endoftext|>":
+            return ids[0]
+        for token in (self.engine.bos_id, self.engine.eos_id):
+            if token is not None:
+                return token
+        raise UsageError("this causal LM's tokenizer has neither a BOS nor an EOS token to condition on")
+
+    def encode(self, text: str) -> list[int]:
+        return self.engine.encode(text, add_special=False)
+
+    def piece(self, token: int) -> str:
+        return self.engine.decode([token])
+
+    def next_logprobs(self, prefixes: list[str], batch_size: int) -> list[Any]:
+        return [row for _, row in self.scorer.score([[self.start] + self.encode(p) for p in prefixes], rows=True)]
+
+    def sentence_logprobs(self, sentences: list[str], batch_size: int) -> list[float]:
+        return [total for total, _ in self.scorer.score([[self.start] + self.encode(s) for s in sentences])]
+
+
 def start_token(tokenizer: Any) -> int:
     """The token a sentence is conditioned on: the pretraining document separator where there is one.
 
@@ -210,11 +292,6 @@ def start_token(tokenizer: Any) -> int:
     raise UsageError("this causal LM's tokenizer has neither a BOS nor an EOS token to condition on")
 
 
-def encode_with_start(tokenizer: Any, texts: list[str]) -> list[list[int]]:
-    start = start_token(tokenizer)
-    return [[start] + tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
-
-
 def padded(loaded: LoadedModel, sequences: list[list[int]]) -> tuple[Any, Any]:
     import torch
 
@@ -227,43 +304,17 @@ def padded(loaded: LoadedModel, sequences: list[list[int]]) -> tuple[Any, Any]:
     return ids.to(loaded.device), mask.to(loaded.device)
 
 
-def next_token_logprobs(loaded: LoadedModel, prefixes: list[str], batch_size: int) -> Any:
-    """Log-probabilities of the token after each prefix, [len(prefixes), vocab]."""
-    import torch
-
-    rows = []
-    for start in range(0, len(prefixes), batch_size):
-        sequences = encode_with_start(loaded.tokenizer, prefixes[start:start + batch_size])
-        ids, mask = padded(loaded, sequences)
-        logits = loaded.model(input_ids=ids, attention_mask=mask).logits
-        last = torch.tensor([len(s) - 1 for s in sequences], device=logits.device)
-        rows.append(logits[torch.arange(len(sequences)), last].float().log_softmax(-1).cpu())
-    return torch.cat(rows)
-
-
-def sentence_logprobs(loaded: LoadedModel, sentences: list[str], batch_size: int) -> list[float]:
-    """Total log-likelihood of each sentence, every token conditioned on all before it."""
-    totals: list[float] = []
-    for start in range(0, len(sentences), batch_size):
-        sequences = encode_with_start(loaded.tokenizer, sentences[start:start + batch_size])
-        ids, mask = padded(loaded, sequences)
-        logprobs = loaded.model(input_ids=ids, attention_mask=mask).logits[:, :-1].float().log_softmax(-1)
-        token_lp = logprobs.gather(-1, ids[:, 1:, None]).squeeze(-1) * mask[:, 1:]
-        totals.extend(token_lp.sum(-1).tolist())
-    return totals
-
-
-def word_starts(loaded: LoadedModel, logprobs: Any, leading_space: bool, count: int) -> list[str]:
+def word_starts(scorer: Any, logprobs: Any, leading_space: bool, count: int) -> list[str]:
     """The `count` likeliest tokens in `logprobs` that begin a word, most likely first: a letter or
     digit first (after one space when `leading_space`), so pure punctuation ("," ".") and clitics
     ("'s") never fill a word blank."""
-    tokenizer = loaded.tokenizer
-    special = set(tokenizer.all_special_ids)
+    import numpy as np
+
     pieces: list[str] = []
-    for token in logprobs.argsort(descending=True).tolist():
-        piece = tokenizer.decode([token])
+    for token in np.argsort(-logprobs, kind="stable").tolist():
+        piece = scorer.piece(token)
         word = piece[1:] if leading_space and piece.startswith(" ") else piece
-        if (token not in special and piece.startswith(" ") == leading_space and word[:1].isalnum()
+        if (token not in scorer.special and piece.startswith(" ") == leading_space and word[:1].isalnum()
                 and word.isprintable() and piece not in pieces):
             pieces.append(piece)
         if len(pieces) == count:
@@ -276,35 +327,32 @@ def blank_question(sentence: str) -> str:
     return f'In the sentence "{sentence}", the blank ___ stands for the word "'
 
 
-def word_candidates(
-    loaded: LoadedModel, left: str, right: str, needs_space: bool, count: int, batch_size: int
-) -> list[str]:
+def word_candidates(scorer: Any, left: str, right: str, needs_space: bool, count: int, batch_size: int) -> list[str]:
     """First pieces of the blank's word from two proposers, each giving its `count` likeliest.
 
     The left context alone never proposes the answer when the blank starts the sentence: for
     "[MASK] is the capital of France." " Paris" ranks 1743rd after the start token, but 3rd after
     `blank_question` (measured on the embedded model, benchmarks/cloze.py)."""
     space = " " if needs_space else ""
-    after_left, after_question = next_token_logprobs(
-        loaded, [left, blank_question(left + space + "___" + right)], batch_size
-    )
-    from_left = word_starts(loaded, after_left, needs_space, count)
-    from_sentence = [space + piece for piece in word_starts(loaded, after_question, False, count)]
+    after_left, after_question = scorer.next_logprobs([left, blank_question(left + space + "___" + right)], batch_size)
+    from_left = word_starts(scorer, after_left, needs_space, count)
+    from_sentence = [space + piece for piece in word_starts(scorer, after_question, False, count)]
     return list(dict.fromkeys(from_left + from_sentence))
 
 
-def extend_candidates(loaded: LoadedModel, left: str, seeds: list[str], options: FillMaskOptions) -> list[str]:
+def extend_candidates(scorer: Any, left: str, seeds: list[str], options: FillMaskOptions) -> list[str]:
     """Grow candidates greedily by word-continuing pieces (no leading space), up to --max-mask-tokens,
     so a blank can stand for a word the tokenizer splits (" Pythag" + "oras")."""
-    special = set(loaded.tokenizer.all_special_ids)
+    import numpy as np
+
     frontier, grown = seeds, []
     for _ in range(options.max_mask_tokens - 1):
-        logprobs = next_token_logprobs(loaded, [left + c for c in frontier], options.batch_size)
+        logprobs = scorer.next_logprobs([left + c for c in frontier], options.batch_size)
         extended = []
         for candidate, row in zip(frontier, logprobs):
-            for token in row.topk(2).indices.tolist():
-                piece = loaded.tokenizer.decode([token])
-                if piece[:1].isalnum() and token not in special:
+            for token in np.argsort(-row, kind="stable")[:2].tolist():
+                piece = scorer.piece(token)
+                if piece[:1].isalnum() and token not in scorer.special:
                     extended.append(candidate + piece)
         grown.extend(extended)
         frontier = extended
@@ -322,49 +370,46 @@ def softmax_ranked(candidates: list[str], scores: list[float], sentences: list[s
     return [(c, math.exp(s - top) / total, sentence) for c, s, sentence in ranked]
 
 
-def fill_one_blank(
-    loaded: LoadedModel, left: str, right: str, options: FillMaskOptions
-) -> list[tuple[str, float, str]]:
+def fill_one_blank(scorer: Any, left: str, right: str, options: FillMaskOptions) -> list[tuple[str, float, str]]:
     """Ranked (filling, probability, sentence) for the blank between left and right."""
     needs_space = left != left.rstrip() and bool(left.strip())
     left = left.rstrip() if needs_space else left
     if options.targets:
         candidates = [(" " + t.strip()) if needs_space else t.strip() for t in options.targets]
         sentences = [left + c + right for c in candidates]
-        return softmax_ranked(candidates, sentence_logprobs(loaded, sentences, options.batch_size), sentences)
+        return softmax_ranked(candidates, scorer.sentence_logprobs(sentences, options.batch_size), sentences)
     # Each proposer is weak alone ("Birds can" rarely predicts " fly"), so take many first tokens:
     # scoring a short sentence is cheap next to missing the answer.
     count = max(10 * options.top_k, 100)
-    candidates = word_candidates(loaded, left, right, needs_space, count, options.batch_size)
-    scores = sentence_logprobs(loaded, [left + c + right for c in candidates], options.batch_size)
+    candidates = word_candidates(scorer, left, right, needs_space, count, options.batch_size)
+    scores = scorer.sentence_logprobs([left + c + right for c in candidates], options.batch_size)
     # Extend both the best sentences and the most likely first pieces: a word prefix (" Pythag")
     # is likely from the left but scores badly as a whole word until it is completed.
     by_sentence = [c for _, c in sorted(zip(scores, candidates), reverse=True)[: options.top_k]]
     seeds = list(dict.fromkeys(by_sentence + candidates[: options.top_k]))
-    grown = [c for c in extend_candidates(loaded, left, seeds, options) if c not in candidates]
+    grown = [c for c in extend_candidates(scorer, left, seeds, options) if c not in candidates]
     sentences = [left + c + right for c in grown]
     return softmax_ranked(
-        candidates + grown, scores + sentence_logprobs(loaded, sentences, options.batch_size),
+        candidates + grown, scores + (scorer.sentence_logprobs(sentences, options.batch_size) if grown else []),
         [left + c + right for c in candidates] + sentences,
     )
 
 
-def fill_causal_lm(loaded: LoadedModel, text: str, options: FillMaskOptions) -> FillMaskResult:
+def fill_causal_lm(scorer: Any, text: str, options: FillMaskOptions) -> FillMaskResult:
     """Blanks are filled left to right: each sees earlier blanks filled with their best word and the
     right context up to the next blank."""
     parts = text.split(MASK_MARKER)
     if len(parts) < 2:
         raise DataError(f"no mask in {text!r}", f"Mark each blank with {MASK_MARKER}.")
-    tokenizer = loaded.tokenizer
     filled_left = parts[0]
     predictions = []
     for blank, right in enumerate(parts[1:]):
-        ranked = fill_one_blank(loaded, filled_left, right, options)
+        ranked = fill_one_blank(scorer, filled_left, right, options)
         after = MASK_MARKER.join(parts[blank + 2:])
         row = []
         for filling, score, sentence in ranked[: options.top_k]:
             sequence = sentence + (MASK_MARKER + after if blank + 2 < len(parts) else "")
-            ids = tokenizer(filling, add_special_tokens=False)["input_ids"]
+            ids = scorer.encode(filling)
             row.append(Prediction(ids[0], filling.strip(), score, sequence, ids))
         predictions.append(row)
         filled_left = ranked[0][2]

@@ -1,0 +1,132 @@
+"""Scoring many short sequences that share a beginning on llama.cpp (fill-mask's candidate sentences):
+the shared tokens are decoded once, into sequence 0, and each group of sequences gets a copy of those
+cells (llama_memory_seq_cp only tags cells in one unified KV cache) and decodes only its own rest, all
+of the group's rests in one batch. Every number is llama.cpp's own log-softmax of its logits, as
+`LlamaCppEngine.token_logprobs` computes it; only the batch shapes differ from one sequence at a time.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from llmcli.errors import DataError, ModelLoadError
+
+GROUP = 64  # sequences decoded together after the shared part; 236 candidate sentences take 4 groups
+BATCH = 512  # tokens per llama_decode
+
+
+def common_length(sequences: list[list[int]]) -> int:
+    first = sequences[0]
+    size = min(len(s) for s in sequences)
+    n = 0
+    while n < size and all(s[n] == first[n] for s in sequences):
+        n += 1
+    return n
+
+
+def log_softmax(row: Any) -> Any:
+    import numpy as np
+
+    row = row.astype(np.float64)
+    top = row.max()
+    return row - (np.log(np.exp(row - top).sum()) + top)
+
+
+class SharedPrefixScorer:
+    """`score(sequences)`: for each, the summed log-probability of its tokens after the first (each
+    given all before it) and, with `rows`, the log-probabilities of the token that would follow it."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine, self.lib = engine, engine.lib
+        self.decoded = 0  # tokens decoded so far (tests: the shared part counts once)
+
+    def score(self, sequences: list[list[int]], rows: bool = False) -> list[tuple[float, Any]]:
+        if not sequences:
+            return []
+        if any(not s for s in sequences):
+            raise ValueError("an empty sequence has nothing to score")
+        # at least one token of each is its own, so that its last row is its own decode's
+        shared = min(common_length(sequences), min(len(s) for s in sequences) - 1)
+        longest_group = max(sum(len(s) - shared for s in sequences[i:i + GROUP])
+                            for i in range(0, len(sequences), GROUP))
+        context, batch = self.open(shared + longest_group, min(GROUP, len(sequences)) + 1)
+        lib = self.lib
+        try:
+            memory = lib.llama_get_memory(context)
+            prefix_total, prefix_last = self.decode_shared(context, batch, sequences[0][:shared])
+            results: list[tuple[float, Any]] = []
+            for begin in range(0, len(sequences), GROUP):
+                group = sequences[begin:begin + GROUP]
+                for seq_id in range(1, len(group) + 1):
+                    lib.llama_memory_seq_cp(memory, 0, seq_id, 0, shared)
+                results.extend(self.decode_rests(context, batch, group, shared, prefix_total, prefix_last, rows))
+                for seq_id in range(1, len(group) + 1):
+                    lib.llama_memory_seq_rm(memory, seq_id, -1, -1)
+            return results
+        finally:
+            lib.llama_batch_free(batch)
+            lib.llama_free(context)
+
+    def open(self, cells: int, n_seq: int) -> tuple[Any, Any]:
+        lib, engine = self.lib, self.engine
+        params = lib.llama_context_default_params()
+        params.n_ctx = -(-cells // 256) * 256
+        params.n_batch = params.n_ubatch = BATCH
+        params.n_seq_max = n_seq
+        params.kv_unified = True  # copies of the shared cells are tags on the same cells
+        params.n_threads = params.n_threads_batch = engine.threads
+        params.no_perf = True
+        context = lib.llama_init_from_model(engine.model, params)
+        if not context:
+            raise ModelLoadError(f"llama.cpp could not allocate a context of {params.n_ctx} tokens",
+                                 "Use a shorter text or a smaller --top-k.")
+        return context, lib.llama_batch_init(BATCH, 0, 1)
+
+    def decode(self, context: Any, batch: Any, entries: list[tuple[int, int, int, bool]]) -> None:
+        """One llama_decode of (token, position, seq_id, wants logits) entries."""
+        batch.n_tokens = len(entries)
+        for i, (token, position, seq_id, logits) in enumerate(entries):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, position, 1, logits
+            batch.seq_id[i][0] = seq_id
+        code = self.lib.llama_decode(context, batch)
+        self.decoded += len(entries)
+        if code != 0:
+            raise DataError(f"llama.cpp could not decode the batch (llama_decode returned {code})",
+                            "Use a shorter text or a smaller --batch-size.")
+
+    def row(self, context: Any, index: int) -> Any:
+        return log_softmax(self.engine.logits_row(context, index))
+
+    def decode_shared(self, context: Any, batch: Any, tokens: list[int]) -> tuple[float, Any]:
+        """The shared tokens' own summed log-probability, and the row that predicts the next token."""
+        total, last = 0.0, None
+        for begin in range(0, len(tokens), BATCH):
+            chunk = tokens[begin:begin + BATCH]
+            self.decode(context, batch, [(token, begin + i, 0, True) for i, token in enumerate(chunk)])
+            for i in range(len(chunk)):
+                last = self.row(context, i)
+                if begin + i + 1 < len(tokens):
+                    total += float(last[tokens[begin + i + 1]])
+        return total, last
+
+    def decode_rests(self, context: Any, batch: Any, group: list[list[int]], shared: int, prefix_total: float,
+                     prefix_last: Any, rows: bool) -> list[tuple[float, Any]]:
+        # a sequence's last token needs logits only for the row that would follow it
+        entries = [(sequence[p], p, seq_id + 1, rows or p + 1 < len(sequence)) for seq_id, sequence in enumerate(group)
+                   for p in range(shared, len(sequence))]
+        totals = [prefix_total + (float(prefix_last[s[shared]]) if prefix_last is not None else 0.0) for s in group]
+        lasts: list[Any] = [None] * len(group)
+        for begin in range(0, len(entries), BATCH):
+            chunk = entries[begin:begin + BATCH]
+            self.decode(context, batch, chunk)
+            for i, (_, position, seq_id, logits) in enumerate(chunk):
+                if not logits:
+                    continue
+                sequence = group[seq_id - 1]
+                last = position + 1 == len(sequence)
+                logprobs = self.row(context, i)
+                if last:
+                    lasts[seq_id - 1] = logprobs
+                else:
+                    totals[seq_id - 1] += float(logprobs[sequence[position + 1]])
+        return list(zip(totals, lasts))
