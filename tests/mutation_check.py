@@ -554,6 +554,10 @@ MUTANTS = [
     Mutant("the llama.cpp engine imports the whole package", "llmcli/engines/llamacpp.py",
            "        llama_cpp = bindings()", "        import llama_cpp",
            "tests/test_llamacpp.py -k bindings"),
+    Mutant("echoed prompt logprobs are not streamed per token", "llmcli/serve/app.py",
+           "                if emit and max_tokens > 0:\n                    stream_completion_logprobs(",
+           "                if emit and not body.echo and max_tokens > 0:\n                    stream_completion_logprobs(",
+           "tests/test_serve_protocol.py -k streamed_logprobs"),
 ]
 
 

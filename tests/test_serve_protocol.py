@@ -138,7 +138,8 @@ def test_schemathesis_finds_no_server_error_in_the_published_schema(tiny_gpt2, t
 @pytest.mark.parametrize("model", ["tiny_llama", "tiny_gguf"])
 def test_streamed_logprobs_come_with_each_tokens_delta(model, request):
     """stream + logprobs: every chunk carries its own tokens' log-probabilities, as OpenAI sends them,
-    and together they are the non-streamed answer's; the text is the same too."""
+    and together they are the non-streamed answer's (with echo, the prompt's tokens first); the text is
+    the same too."""
     path = request.getfixturevalue(model)
     with serving("-m", path) as server:
         client = server.client()
@@ -157,4 +158,12 @@ def test_streamed_logprobs_come_with_each_tokens_delta(model, request):
         chunks = [c for c in client.completions.create(**legacy, stream=True) if c.choices and c.choices[0].logprobs]
         assert [c.choices[0].logprobs.token_logprobs[0] for c in chunks] == whole.choices[0].logprobs.token_logprobs
         assert "".join(c.choices[0].text for c in chunks) == whole.choices[0].text
+        echoed = dict(legacy, echo=True)  # the prompt's tokens first, each with its own chunk too
+        whole = client.completions.create(**echoed)
+        streamed = [c for c in client.completions.create(**echoed, stream=True) if c.choices]
+        chunks = [c for c in streamed if c.choices[0].logprobs]
+        assert len(chunks) == len(whole.choices[0].logprobs.tokens) > 8
+        assert [c.choices[0].logprobs.tokens[0] for c in chunks] == whole.choices[0].logprobs.tokens
+        assert [c.choices[0].logprobs.token_logprobs[0] for c in chunks] == whole.choices[0].logprobs.token_logprobs
+        assert "".join(c.choices[0].text for c in streamed) == whole.choices[0].text
     assert "Traceback" not in server.stderr

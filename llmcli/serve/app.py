@@ -325,10 +325,10 @@ def run_completions(engine: Engine, body: CompletionRequest, options: GenerateOp
             def on_text(index: int, piece: str, number: int = number) -> None:
                 emit({"index": number * body.n + index, "text": piece, "logprobs": None, "finish_reason": None})
 
-            if emit and body.echo:
+            live = emit is not None and body.logprobs is None  # see per_token below
+            if live and body.echo:
                 for index in range(body.n):
                     on_text(index, text)
-            live = emit is not None and (body.logprobs is None or body.echo)  # see per_token below
             generated = choices(engine, prompt, options, body.n, body.seed, on_text if live else None, cancelled)
             first = first or first_token_at(began, generated)
         for index, result in enumerate(generated):
@@ -338,19 +338,28 @@ def run_completions(engine: Engine, body: CompletionRequest, options: GenerateOp
             if body.logprobs is not None:
                 choice["logprobs"] = completion_logprobs(engine, prompt_ids, result.token_ids, body.logprobs,
                                                          body.echo)
-                if emit and not body.echo and max_tokens > 0:
-                    stream_completion_logprobs(emit, choice, token_pieces(engine, result.token_ids, result.text))
+                if emit and max_tokens > 0:
+                    stream_completion_logprobs(emit, choice, engine, (prompt_ids + result.token_ids))
             out.append(choice)
     # a stream sends each token's log-probabilities with its text, as OpenAI does, once the choice is
-    # scored; with echo the prompt's come whole in the last chunk
-    per_token = emit is not None and body.logprobs is not None and not body.echo and max_tokens > 0
+    # scored (echoed prompt tokens first); with max_tokens 0 they come in the last chunk
+    per_token = emit is not None and body.logprobs is not None and max_tokens > 0
     return {"choices": out, "usage": usage(prompt_tokens, completion_tokens), "first_token_at": first,
             "logprobs_streamed": per_token}
 
 
-def stream_completion_logprobs(emit: Callable[[dict], None], choice: dict[str, Any], pieces: list[str]) -> None:
-    """One chunk per token: its text and its entry of each legacy `logprobs` list."""
+def stream_completion_logprobs(emit: Callable[[dict], None], choice: dict[str, Any], engine: Engine,
+                               ids: list[int]) -> None:
+    """One chunk per token of the choice's `logprobs` (the last of `ids`: an echoed prompt's, then the
+    generated ones): its text and its entry of each legacy list. Where the tokens' decoded pieces do
+    not add up to the choice's text (a tokenizer that does not decode a prompt back to itself), one
+    chunk carries the whole text and the whole object."""
     logprobs = choice["logprobs"]
+    count = len(logprobs["tokens"])
+    pieces = token_pieces(engine, ids[len(ids) - count:], choice["text"]) if count else []
+    if "".join(pieces) != choice["text"]:
+        emit({"index": choice["index"], "text": choice["text"], "logprobs": logprobs, "finish_reason": None})
+        return
     for position, piece in enumerate(pieces):
         entry = {key: None if logprobs[key] is None else [logprobs[key][position]]
                  for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
