@@ -46,7 +46,8 @@ def run_server(engine: Any, host: str, port: int, *, on_notice: Callable[[str], 
     (a stop that was asked for is not an error)."""
     import uvicorn
 
-    from llmcli.serve.app import Settings, create_app
+    from llmcli.serve.app import create_app
+    from llmcli.serve.settings import Settings
 
     name = model_id(engine, served_name)
     app = create_app(engine, Settings(model_name=name, model_aliases=model_aliases(engine), **settings))
