@@ -33,8 +33,8 @@ def evaluate(
     ctx: Annotated[int, typer.Option(help="Chunk size for --llama-cpp (llama-perplexity -c).")] = 512,
     lm_eval: Annotated[bool, typer.Option("--lm-eval", help="lm-evaluation-harness's rolling log-likelihood: "
                                           "every token scored, disjoint windows of max-length.")] = False,
-    batch_size: Annotated[Optional[int], typer.Option(help="Windows (masked copies for a masked LM) per "
-                                                      "forward pass. Default: 8, or 1 for perplexity on the CPU.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Windows (masked copies for a masked LM) per forward "
+                                                      "pass. Default: 8, or 1 for perplexity on the CPU.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the 15% masking for --metric accuracy.")] = 0,
     per_record: Annotated[bool, typer.Option("--per-record", help="Score each line (or JSONL 'text' record) as a "
                                              "text of its own, and aggregate over all their tokens.")] = False,

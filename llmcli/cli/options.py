@@ -37,13 +37,12 @@ EngineOption = Annotated[str, typer.Option(help="auto (llama.cpp for .gguf model
 ThreadsOption = Annotated[Optional[int], typer.Option(help="CPU threads. Default: the physical cores.",
                                                       show_default=False)]
 # What a run makes of the model's context and chat format: generate, chat (serve takes the template)
-CtxSizeOption = Annotated[Optional[int], typer.Option("--ctx-size", "-c", help="Tokens of context this run uses (prompt "
-                                                      "and reply), at most the model's trained context (llama-cli -c, "
-                                                      "ollama num_ctx). Default: the trained context.",
-                                                      show_default=False)]
-ChatTemplateOption = Annotated[Optional[str], typer.Option(metavar="FILE", help="A Jinja chat template file used in place "
-                                                           "of the model's own (as transformers renders templates).",
-                                                           show_default=False)]
+CtxSizeOption = Annotated[Optional[int], typer.Option(
+    "--ctx-size", "-c", show_default=False, help="Tokens of context this run uses (prompt and reply), at most the "
+    "model's trained context (llama-cli -c, ollama num_ctx). Default: the trained context.")]
+ChatTemplateOption = Annotated[Optional[str], typer.Option(
+    metavar="FILE", show_default=False, help="A Jinja chat template file used in place of the model's own (as "
+    "transformers renders templates).")]
 # OpenAI's sampling adjustments: generate and chat (serve takes them as request fields)
 PresencePenaltyOption = Annotated[float, typer.Option(help="In [-2, 2]: subtracted once from the logit of every token "
                                                       "already generated (OpenAI's presence_penalty).")]

@@ -67,7 +67,8 @@ def serve(
         except OSError as exc:
             raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror}",
                              "Pick another --port, or stop what is using it.") from exc
-    runner = load_engine(model, engine, chat_template=chat_template, command="generate", device=device, dtype=dtype, threads=threads,
+    runner = load_engine(model, engine, chat_template=chat_template, command="generate", device=device, dtype=dtype,
+                         threads=threads,
                          trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     from llmcli.serve import exposure_warning, run_server
 

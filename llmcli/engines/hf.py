@@ -41,8 +41,9 @@ class HFEngine:
         return self.tokenizer(text, add_special_tokens=add_special)["input_ids"]
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        text = self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, add_generation_prompt=True,
-                                                  tokenize=False)  # self.chat_template: --chat-template may replace it
+        # self.chat_template, not the tokenizer's: --chat-template may replace it
+        text = self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template,
+                                                  add_generation_prompt=True, tokenize=False)
         # The template already holds the special tokens; adding them again would double the BOS.
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
