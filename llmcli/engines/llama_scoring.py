@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from llmcli.engines.llamacpp import log_softmax
 from llmcli.errors import DataError, ModelLoadError
 
 GROUP = 64  # sequences decoded together after the shared part; 236 candidate sentences take 4 groups
@@ -22,14 +23,6 @@ def common_length(sequences: list[list[int]]) -> int:
     while n < size and all(s[n] == first[n] for s in sequences):
         n += 1
     return n
-
-
-def log_softmax(row: Any) -> Any:
-    import numpy as np
-
-    row = row.astype(np.float64)
-    top = row.max()
-    return row - (np.log(np.exp(row - top).sum()) + top)
 
 
 class SharedPrefixScorer:

@@ -59,6 +59,15 @@ def import_llama_cpp() -> Any:
     return llama_cpp
 
 
+def log_softmax(row: Any) -> Any:
+    """A row of logits as log-probabilities, in float64 (every score the engine reports)."""
+    import numpy as np
+
+    row = row.astype(np.float64)
+    top = row.max()
+    return row - (np.log(np.exp(row - top).sum()) + top)
+
+
 _host_checks: dict[str, llama_host.HostCheck] = {}
 
 
@@ -474,7 +483,6 @@ class LlamaCppEngine:
         keeps only the last decode batch's logits."""
         import numpy as np
 
-        lib = self.lib
         inputs = window.ids[:-1]
         first = len(inputs) - window.scored  # the input whose logits predict the first scored token
         chosen: list[float] = []
@@ -482,10 +490,7 @@ class LlamaCppEngine:
 
         def score_batch(begin: int, size: int) -> None:
             for i in range(max(first, begin), begin + size):
-                row = np.ctypeslib.as_array(lib.llama_get_logits_ith(self.context, i - begin),
-                                            shape=(self.n_vocab,)).astype(np.float64)
-                top_logit = row.max()
-                logprobs = row - (np.log(np.exp(row - top_logit).sum()) + top_logit)
+                logprobs = log_softmax(self.logits_row(self.context, i - begin))
                 chosen.append(float(logprobs[window.ids[i + 1]]))
                 if top:
                     best = np.argpartition(-logprobs, top - 1)[:top]
