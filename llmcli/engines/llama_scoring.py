@@ -9,20 +9,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from llmcli.engines.llama_sequences import common_prefix
 from llmcli.engines.llamacpp import log_softmax
 from llmcli.errors import DataError, ModelLoadError
 
 GROUP = 64  # sequences decoded together after the shared part; 236 candidate sentences take 4 groups
 BATCH = 512  # tokens per llama_decode
-
-
-def common_length(sequences: list[list[int]]) -> int:
-    first = sequences[0]
-    size = min(len(s) for s in sequences)
-    n = 0
-    while n < size and all(s[n] == first[n] for s in sequences):
-        n += 1
-    return n
 
 
 class SharedPrefixScorer:
@@ -39,7 +31,7 @@ class SharedPrefixScorer:
         if any(not s for s in sequences):
             raise ValueError("an empty sequence has nothing to score")
         # at least one token of each is its own, so that its last row is its own decode's
-        shared = min(common_length(sequences), min(len(s) for s in sequences) - 1)
+        shared = min(min(common_prefix(sequences[0], s) for s in sequences), min(len(s) for s in sequences) - 1)
         longest_group = max(sum(len(s) - shared for s in sequences[i:i + GROUP])
                             for i in range(0, len(sequences), GROUP))
         context, batch = self.open(shared + longest_group, min(GROUP, len(sequences)) + 1)
