@@ -266,7 +266,7 @@ def test_no_torch_or_transformers_on_the_llama_cpp_path(tiny_gguf):
         "        main(argv)\n"
         "    except SystemExit as exit:\n"
         "        assert exit.code == 0, exit.code\n"
-        "print(sorted(m for m in ('torch', 'transformers', 'accelerate', 'datasets') if m in sys.modules))\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'accelerate', 'datasets', 'pydantic') if m in sys.modules))\n"
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

@@ -1,8 +1,6 @@
 """The typer application and its root options (--version, --debug); each command registers itself
 on `app` from a module of its own."""
 
-from __future__ import annotations
-
 from typing import Annotated
 
 import typer
@@ -22,19 +20,6 @@ app = typer.Typer(
 
 debug_mode = False
 command_line: list[str] = []  # the arguments this process was started with: what launched workers run
-
-
-def _argument_type_label(argument: object, ctx: object) -> str | None:
-    """typer 0.2x labels a positional argument with its Python type ("TEXT <list[str]>"); where we
-    name the argument (metavar), that name is the label and the usage line already shows "...". """
-    if getattr(argument, "metavar", None) is not None:
-        return None
-    return _typer_argument_type_label(argument, ctx)
-
-
-if hasattr(typer.core, "TyperArgument"):
-    _typer_argument_type_label = typer.core.TyperArgument.display_type_rich
-    typer.core.TyperArgument.display_type_rich = _argument_type_label
 
 
 def version_callback(value: bool) -> None:

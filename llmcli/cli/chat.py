@@ -1,6 +1,5 @@
 """`llmcli chat`."""
 
-from __future__ import annotations
 
 import sys
 from typing import Annotated, Callable, Optional

@@ -1,7 +1,6 @@
 """What several commands do before their task runs: launch workers, check placement, load the
 engine, gather inputs."""
 
-from __future__ import annotations
 
 import sys
 

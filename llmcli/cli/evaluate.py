@@ -1,6 +1,5 @@
 """`llmcli eval`."""
 
-from __future__ import annotations
 
 from typing import Annotated, Optional
 

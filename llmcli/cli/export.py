@@ -1,6 +1,5 @@
 """`llmcli export`."""
 
-from __future__ import annotations
 
 from typing import Annotated
 

@@ -1,6 +1,5 @@
 """`llmcli finetune`."""
 
-from __future__ import annotations
 
 from typing import Annotated, Optional
 

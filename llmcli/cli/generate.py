@@ -1,6 +1,5 @@
 """`llmcli generate`."""
 
-from __future__ import annotations
 
 from typing import TYPE_CHECKING, Annotated, Optional
 
@@ -161,7 +160,7 @@ def generate(
                                 runner.constraints.seconds if options.constraint is not None else None)
 
 
-def incomplete_notice(result: Generation, several: bool) -> str:
+def incomplete_notice(result: "Generation", several: bool) -> str:
     """One line saying that a constrained text stopped short of what the constraint asks for, and why."""
     which = f" (prompt {result.prompt_number + 1}, sequence {result.index + 1})" if several else ""
     why = (f"at the {result.generated_tokens}-token limit; -n raises it" if result.finish_reason == "length"

@@ -1,6 +1,5 @@
 """`llmcli info` and `llmcli cache list|rm`."""
 
-from __future__ import annotations
 
 from typing import Annotated, Optional
 
