@@ -20,8 +20,9 @@ class Prompt:
     (`ids`, decoded as they are, with `text` their decoding for display)."""
 
     text: str | None = None
-    messages: list[dict[str, str]] | None = None
+    messages: list[dict[str, Any]] | None = None
     ids: list[int] | None = None
+    tools: list[dict[str, Any]] | None = None  # OpenAI function specs for the chat template's `tools`
 
     def display(self) -> str:
         """The prompt as reported in results: its text, or the last user message of a chat."""

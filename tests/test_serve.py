@@ -294,7 +294,7 @@ def test_listening_beyond_this_machine_without_a_key_warns():
 
 
 def test_what_real_clients_send_and_expect(tiny_gguf):
-    """Content as a list of text parts, model names and retrieval, tools refused, a default max_tokens
+    """Content as a list of text parts, model names and retrieval, `functions` refused, a default max_tokens
     capped by --max-tokens-limit, the usage chunk only when asked, JSON sent without its content type,
     and errors that name request fields, not command-line options."""
     import urllib.request
@@ -319,10 +319,10 @@ def test_what_real_clients_send_and_expect(tiny_gguf):
         image = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}
         status, _, answer = server.post("/v1/chat/completions", {"messages": [image]})
         assert status == 400 and "'image_url' are not supported" in answer["error"]["message"]
-        tool = {"type": "function", "function": {"name": "f", "parameters": {}}}
+        legacy = {"name": "f", "parameters": {}}  # OpenAI's deprecated `functions`, which no 200 would honour
         status, _, answer = server.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
-                                                                 "tools": [tool]})
-        assert status == 400 and "tool calling is not supported" in answer["error"]["message"]
+                                                                 "functions": [legacy]})
+        assert status == 400 and answer["error"]["param"] == "functions" and "send tools" in answer["error"]["message"]
 
         status, _, answer = server.post("/v1/completions", {"prompt": "This License", "temperature": 0})
         assert status == 200 and answer["usage"]["completion_tokens"] == 5  # the default 16, capped to the limit

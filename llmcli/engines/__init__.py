@@ -52,8 +52,9 @@ class Engine(Protocol):
 
     def encode(self, text: str, add_special: bool = True) -> list[int]: ...
 
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        """Ids of the chat template rendered with a generation prompt (its special tokens parsed)."""
+    def encode_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
+        """Ids of the chat template rendered with a generation prompt (its special tokens parsed); `tools`
+        (OpenAI function specs) go to the template's `tools`."""
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of the ids, special tokens left out."""

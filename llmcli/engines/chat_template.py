@@ -53,12 +53,14 @@ def compile_template(source: str) -> Any:
     return environment.from_string(source)
 
 
-def render(source: str, messages: list[dict[str, str]], add_generation_prompt: bool = True, **special: str) -> str:
-    """The template's text for `messages`; `special` gives bos_token, eos_token and the like."""
+def render(source: str, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+           tools: list[dict[str, Any]] | None = None, **special: str) -> str:
+    """The template's text for `messages` (and `tools`, OpenAI function specs, as transformers passes
+    them); `special` gives bos_token, eos_token and the like."""
     from jinja2.exceptions import TemplateError
 
     try:
         return compile_template(source).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                               tools=None, documents=None, **special)
+                                               tools=tools, documents=None, **special)
     except TemplateError as exc:
         raise DataError(f"the model's chat template failed: {exc}", "Pass plain prompts with --no-chat.") from exc

@@ -40,9 +40,9 @@ class HFEngine:
     def encode(self, text: str, add_special: bool = True) -> list[int]:
         return self.tokenizer(text, add_special_tokens=add_special)["input_ids"]
 
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+    def encode_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
         # self.chat_template, not the tokenizer's: --chat-template may replace it
-        text = self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template,
+        text = self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, tools=tools,
                                                   add_generation_prompt=True, tokenize=False)
         # The template already holds the special tokens; adding them again would double the BOS.
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -257,10 +257,10 @@ class LlamaCppEngine:
             return ""
         return self.lib.llama_vocab_get_text(self.vocab, token).decode("utf-8", errors="replace")
 
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+    def encode_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
         from llmcli.engines.chat_template import render
 
-        text = render(self.chat_template, messages, bos_token=self.token_text(self.bos_id),
+        text = render(self.chat_template, messages, tools=tools, bos_token=self.token_text(self.bos_id),
                       eos_token=self.token_text(self.eos_id))
         return self.encode(text, add_special=False)
 

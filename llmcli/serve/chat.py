@@ -1,5 +1,5 @@
 """`/v1/chat/completions`: chat messages through the model's chat template, with OpenAI's chat
-`logprobs`."""
+`logprobs` and tool calls (prompted, constrained and read back by `llmcli.tools`)."""
 
 from __future__ import annotations
 
@@ -9,54 +9,102 @@ from typing import Any, Callable
 
 from fastapi import FastAPI, Request
 
+from llmcli import tools
 from llmcli.data import Prompt
 from llmcli.engines import Engine, Window
-from llmcli.serve.common import (batch_job, check_constraint, check_max_tokens, check_model, choices,
-                                 decode_together, finish_reason, first_token_at, on_worker, respond, sampling_options,
-                                 token_pieces, token_text, usage)
+from llmcli.serve.common import (PlainChat, Start, batch_job, check_constraint, check_max_tokens, check_model,
+                                 choices, decode_together, finish_reason, first_token_at, on_worker, respond,
+                                 sampling_options, token_pieces, token_text, usage)
 from llmcli.serve.metrics import Metrics
 from llmcli.serve.schemas import ChatRequest
 from llmcli.serve.settings import Settings
-from llmcli.tasks.generate import GenerateOptions, encode_prompt
+from llmcli.tasks.generate import GenerateOptions, Generation, encode_prompt
 
 
 def add_route(app: FastAPI, engine: Engine, settings: Settings, worker: Any, scheduler: Any, metrics: Metrics) -> None:
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request) -> Any:
-        check_model(body.model, settings)
-        asked = body.max_completion_tokens or body.max_tokens
-        max_tokens = check_max_tokens(asked, CHAT_DEFAULT_TOKENS, settings)
-        options = replace(sampling_options(body, max_tokens, chat=True), default_length=asked is None)
-        await check_constraint(engine, options)
-
-        def work(emit: Callable[[dict], None] | None, cancelled: Callable[[], bool]) -> dict[str, Any]:
-            return run_chat(engine, body, options, emit, cancelled)
-
-        if scheduler is not None and not body.logprobs:
-            start = decode_together(scheduler, engine, [chat_prompt(body)], body, options)
-        else:
-            # a default length is capped by the batch's longest prompt: only explicit lengths batch
-            batchable = None if body.logprobs or asked is None else batch_job(engine, chat_prompt(body), body, options)
-            start = on_worker(worker, work, batchable)
+        start = await chat_start(engine, body, settings, worker, scheduler)
         return await respond(request, start, body, "chat.completion", settings, metrics)
 
 
 CHAT_DEFAULT_TOKENS = 512  # a chat request without max_tokens: this, or what the context leaves
 
 
-def chat_prompt(body: ChatRequest) -> Prompt:
-    return Prompt(messages=[{"role": "system" if m.role == "developer" else m.role, "content": m.content}
-                            for m in body.messages])
+async def chat_start(engine: Engine, body: ChatRequest, settings: Settings, worker: Any, scheduler: Any) -> Start:
+    """The checked request, ready to run: on the scheduler (llama.cpp) or the engine thread (hf)."""
+    check_model(body.model, settings)
+    asked = body.max_completion_tokens or body.max_tokens
+    max_tokens = check_max_tokens(asked, CHAT_DEFAULT_TOKENS, settings)
+    options = replace(sampling_options(body, max_tokens, chat=True), default_length=asked is None)
+    use, form = body.tool_use(), tools.call_format(engine.chat_template)
+    if use is not None and use.active:
+        options = replace(options, constraint=tools.constraint(use, form))
+        await check_constraint(engine, options, param="tools")
+    else:
+        await check_constraint(engine, options)
+    prompt, shape = chat_prompt(body, use, form), reply_shape(use, form)
+
+    def work(emit: Callable[[dict], None] | None, cancelled: Callable[[], bool]) -> dict[str, Any]:
+        return run_chat(engine, body, prompt, shape, options, emit, cancelled)
+
+    if scheduler is not None and not body.logprobs:
+        return decode_together(scheduler, engine, [prompt], body, options, shape)
+    # a default length is capped by the batch's longest prompt: only explicit lengths batch
+    batchable = None if body.logprobs or asked is None else batch_job(engine, prompt, body, options, shape)
+    return on_worker(worker, work, batchable)
 
 
-def run_chat(engine: Engine, body: ChatRequest, options: GenerateOptions, emit: Callable[[dict], None] | None,
-             cancelled: Callable[[], bool]) -> dict[str, Any]:
+def chat_prompt(body: ChatRequest, use: tools.ToolUse | None, form: str) -> Prompt:
+    messages, template_tools = tools.prompt_messages([m.plain() for m in body.messages], use, form)
+    return Prompt(messages=messages, tools=template_tools)
+
+
+def reply_shape(use: tools.ToolUse | None, form: str) -> Any:
+    return ToolChat(form) if use is not None and use.active else PlainChat()
+
+
+class ToolChat:
+    """A reply read for tool calls (`tools.ReplyReader`): streamed as content and tool-call deltas,
+    finished as a message with `tool_calls` and content null, finish_reason "tool_calls"."""
+
+    def __init__(self, form: str) -> None:
+        self.form = form
+        self.readers: dict[int, tools.ReplyReader] = {}  # a streamed choice's, so its ids stay
+
+    def emitter(self, emit: Callable[[dict], None], place: int) -> Callable[[str], None]:
+        reader = self.readers.setdefault(place, tools.ReplyReader(self.form))
+
+        def on_piece(piece: str) -> None:
+            for delta in reader.feed(piece):
+                emit({"index": place, "delta": delta, "logprobs": None, "finish_reason": None})
+
+        return on_piece
+
+    def message(self, result: Generation, place: int,
+                emit: Callable[[dict], None] | None = None) -> tuple[dict[str, Any], str]:
+        reader = self.readers.pop(place, None) or tools.ReplyReader(self.form)
+        reader.text = result.text  # the finished text: a stop string is not part of it
+        for delta in reader.feed("", finished=True):  # what the stream held back (a marker's start)
+            if emit:
+                emit({"index": place, "delta": delta, "logprobs": None, "finish_reason": None})
+        reply = reader.reply()
+        if not reply.calls:
+            return {"role": "assistant", "content": reply.content or ""}, finish_reason(result.finish_reason)
+        message = {"role": "assistant", "content": reply.content, "tool_calls": [call.openai() for call in reply.calls]}
+        return message, "length" if result.finish_reason == "length" else "tool_calls"
+
+
+def run_chat(engine: Engine, body: ChatRequest, prompt: Prompt, shape: Any, options: GenerateOptions,
+             emit: Callable[[dict], None] | None, cancelled: Callable[[], bool]) -> dict[str, Any]:
     began = time.perf_counter()
-    prompt = chat_prompt(body)
     prompt_ids = encode_prompt(engine, prompt, options)
+    emitters: dict[int, Callable[[str], None]] = {}
 
     def on_text(index: int, piece: str) -> None:
-        emit({"index": index, "delta": {"content": piece}, "logprobs": None, "finish_reason": None})
+        if index not in emitters:
+            emitters[index] = shape.emitter(emit, index)
+        emitters[index](piece)
 
     if emit:
         for index in range(body.n):
@@ -68,8 +116,8 @@ def run_chat(engine: Engine, body: ChatRequest, options: GenerateOptions, emit: 
     generated = choices(engine, prompt, options, body.n, body.seed, on_text if live else None, cancelled)
     out = []
     for index, result in enumerate(generated):
-        choice = {"index": index, "message": {"role": "assistant", "content": result.text},
-                  "logprobs": None, "finish_reason": finish_reason(result.finish_reason)}
+        message, reason = shape.message(result, index, emit if live else None)
+        choice = {"index": index, "message": message, "logprobs": None, "finish_reason": reason}
         if body.logprobs:
             choice["logprobs"] = chat_logprobs(engine, prompt_ids, result.token_ids, body.top_logprobs or 0)
             if emit:

@@ -22,7 +22,6 @@ from llmcli.engines import Engine
 from llmcli.errors import LlmcliError
 from llmcli.serve.errors import ApiError, api_error, busy, error_body, log_internal_error
 from llmcli.serve.metrics import Metrics
-from llmcli.serve.schemas import ChatRequest
 from llmcli.serve.scheduler import Choice, Scheduler
 from llmcli.serve.settings import Settings
 from llmcli.serve.worker import Batchable, Busy, Cancelled, EngineWorker
@@ -72,7 +71,7 @@ def response_constraint(body: Any) -> Constraint | None:
     return Constraint("schema", json.dumps(chosen.json_schema.schema_))
 
 
-async def check_constraint(engine: Engine, options: GenerateOptions) -> None:
+async def check_constraint(engine: Engine, options: GenerateOptions, param: str = "response_format") -> None:
     """A schema the library cannot compile is a 400 naming what it rejects, before any work is queued
     (compiled off the event loop: the first one also builds the vocabulary's tokenizer, ~0.5 s); so is
     a logit_bias token outside the vocabulary."""
@@ -85,8 +84,9 @@ async def check_constraint(engine: Engine, options: GenerateOptions) -> None:
     try:
         await asyncio.to_thread(engine.constraints.compile, options.constraint)
     except LlmcliError as exc:
-        raise ApiError(400, exc.message.replace("the schema", "response_format's schema"),
-                       param="response_format") from exc
+        where = "response_format's schema" if param == "response_format" else "a tool's parameters"
+        raise ApiError(400, exc.message.replace("the schema", where).replace("the grammar", where),
+                       param=param) from exc
 
 
 def choices(engine: Engine, prompt: Prompt, options: GenerateOptions, n: int, seed: int | None,
@@ -119,19 +119,34 @@ def first_token_at(began: float, generated: list[Generation]) -> float | None:
     return began + times[0] if times else None
 
 
-def batch_job(engine: Engine, prompt: Prompt, body: Any, options: GenerateOptions) -> Batchable | None:
+class PlainChat:
+    """A chat reply as OpenAI's message: the text is the content."""
+
+    def emitter(self, emit: Callable[[dict], None], place: int) -> Callable[[str], None]:
+        return lambda piece: emit({"index": place, "delta": {"content": piece}, "logprobs": None,
+                                   "finish_reason": None})
+
+    def message(self, result: Generation, place: int,
+                emit: Callable[[dict], None] | None = None) -> tuple[dict[str, Any], str]:
+        return {"role": "assistant", "content": result.text}, finish_reason(result.finish_reason)
+
+
+def batch_job(engine: Engine, prompt: Prompt, body: Any, options: GenerateOptions,
+              shape: Any = None) -> Batchable | None:
     """A request that may share `model.generate` with others waiting: one choice, no seed (a seed
     fixes one request's own random stream), not streamed. Requests with equal options batch together;
     each gets its own text and usage, or its own error (an exception in its place)."""
     if body.n != 1 or body.seed is not None or body.stream:
         return None
-    chat = isinstance(body, ChatRequest)
+    chat = shape is not None
 
     def answer(result: Generation, batch: int) -> dict[str, Any]:
-        reason = finish_reason(result.finish_reason)
-        choice = ({"index": 0, "message": {"role": "assistant", "content": result.text}, "logprobs": None,
-                   "finish_reason": reason} if chat else
-                  {"index": 0, "text": result.text, "logprobs": None, "finish_reason": reason})
+        if chat:
+            message, reason = shape.message(result, 0)
+            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": reason}
+        else:
+            choice = {"index": 0, "text": result.text, "logprobs": None,
+                      "finish_reason": finish_reason(result.finish_reason)}
         return {"choices": [choice], "usage": usage(result.prompt_tokens, result.generated_tokens),
                 "batch": batch}  # for the access log, not the client
 
@@ -176,10 +191,11 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 
 def decode_together(scheduler: Scheduler, engine: Engine, prompts: list[Prompt], body: Any,
-                    options: GenerateOptions) -> Start:
+                    options: GenerateOptions, shape: Any = None) -> Start:
     """The request's choices (each prompt's n samples; choice i seeded seed + i, as `choices` does),
-    handed to the scheduler, which decodes them with every other live request."""
-    chat = isinstance(body, ChatRequest)
+    handed to the scheduler, which decodes them with every other live request. `shape` makes a chat
+    reply's message (None: a completion)."""
+    chat = shape is not None
     try:
         encoded, options = prepare(engine, prompts, options)
     except LlmcliError as exc:
@@ -200,18 +216,19 @@ def decode_together(scheduler: Scheduler, engine: Engine, prompts: list[Prompt],
                           "finish_reason": None})
                 elif emit and body.echo:
                     emit({"index": place, "text": prompt.text, "logprobs": None, "finish_reason": None})
-                choices.append(Choice(prompt, ids, options, index, seed, piece_emitter(emit, place, chat)))
+                pieces = (shape.emitter(emit, place) if chat else piece_emitter(emit, place)) if emit else None
+                choices.append(Choice(prompt, ids, options, index, seed, pieces))
 
         def answer(results: list[Generation], cached_tokens: int) -> dict[str, Any]:
             out = []
             for place, result in enumerate(results):
-                reason = finish_reason(result.finish_reason)
                 if chat:
-                    out.append({"index": place, "message": {"role": "assistant", "content": result.text},
-                                "logprobs": None, "finish_reason": reason})
+                    message, reason = shape.message(result, place, emit)
+                    out.append({"index": place, "message": message, "logprobs": None, "finish_reason": reason})
                 else:
                     text = (prompts[place // body.n].text if body.echo else "") + result.text
-                    out.append({"index": place, "text": text, "logprobs": None, "finish_reason": reason})
+                    out.append({"index": place, "text": text, "logprobs": None,
+                                "finish_reason": finish_reason(result.finish_reason)})
             counted = usage(sum(len(ids) for ids in encoded), sum(r.generated_tokens for r in results))
             return {"choices": out, "usage": {**counted, "prompt_tokens_details": {"cached_tokens": cached_tokens}}}
 
@@ -223,13 +240,8 @@ def decode_together(scheduler: Scheduler, engine: Engine, prompts: list[Prompt],
     return start
 
 
-def piece_emitter(emit: Callable[[dict], None] | None, place: int, chat: bool) -> Callable[[str], None] | None:
-    """Where a streamed choice's text goes: one event per piece, in OpenAI's chunk shape."""
-    if emit is None:
-        return None
-    if chat:
-        return lambda piece: emit({"index": place, "delta": {"content": piece}, "logprobs": None,
-                                   "finish_reason": None})
+def piece_emitter(emit: Callable[[dict], None], place: int) -> Callable[[str], None]:
+    """Where a streamed completion's text goes: one event per piece, in OpenAI's chunk shape."""
     return lambda piece: emit({"index": place, "text": piece, "logprobs": None, "finish_reason": None})
 
 

@@ -1,7 +1,7 @@
 """Request bodies of the OpenAI API as OpenAI documents them, checked by pydantic.
 
 Unknown fields are ignored, as OpenAI-compatible servers do (clients send fields such as `user`).
-Responses are plain dicts built in `app.py`.
+Responses are plain dicts built by the endpoint modules.
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
+
+from llmcli.tools import Tool, ToolUse
 
 MAX_CHOICES = 16  # n above this is refused: every choice is a full generation
 
@@ -66,14 +68,13 @@ class Sampling(BaseModel):
     top_k: Optional[int] = Field(None, ge=0)
     min_p: Optional[float] = Field(None, ge=0, le=1)
     repetition_penalty: Optional[float] = Field(None, ge=0.01, le=100)  # as `generate` takes it
-    tools: Optional[list[Any]] = None  # refused: no tool calling yet (a 200 would pretend to call them)
-    functions: Optional[list[Any]] = None
+    functions: Optional[list[Any]] = None  # OpenAI's deprecated form of tools: refused, naming the new one
 
-    @field_validator("tools", "functions")
+    @field_validator("functions")
     @classmethod
-    def no_tools(cls, value: list[Any] | None) -> None:
+    def no_functions(cls, value: list[Any] | None) -> None:
         if value:
-            raise ValueError("tool calling is not supported by this server; send the request without tools")
+            raise ValueError("functions is OpenAI's deprecated form; send tools: [{type: function, function: ...}]")
         return None
 
     @model_validator(mode="before")
@@ -134,25 +135,85 @@ class CompletionRequest(Sampling):
         return prompts
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: Union[str, dict[str, Any]] = "{}"  # a JSON string, as OpenAI sends it, or an object
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class Message(BaseModel):
-    role: Literal["system", "user", "assistant", "developer"]
-    content: Union[str, list[dict[str, Any]]]
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: Optional[Union[str, list[dict[str, Any]]]] = None  # None: an assistant message that called tools
+    tool_calls: Optional[list[ToolCall]] = None
+    tool_call_id: Optional[str] = None  # which call a `tool` message answers
 
     @field_validator("content")
     @classmethod
-    def text_parts(cls, value: str | list[dict[str, Any]]) -> str:
+    def text_parts(cls, value: str | list[dict[str, Any]] | None) -> str | None:
         """A list of content parts (what the OpenAI SDK and LangChain send) is joined from its text
         parts; images, audio and files are refused by name."""
-        if isinstance(value, str):
+        if value is None or isinstance(value, str):
             return value
         texts = []
         for part in value:
             kind = part.get("type")
-            if kind != "text" or not isinstance(part.get("text"), str):
+            if kind not in ("text", "input_text", "output_text") or not isinstance(part.get("text"), str):
                 raise ValueError(f"content parts of type {kind!r} are not supported; this model reads text parts "
                                  "({'type': 'text', 'text': ...}) only")
             texts.append(part["text"])
         return "".join(texts)
+
+    @model_validator(mode="after")
+    def complete(self) -> "Message":
+        if self.role == "tool" and not self.tool_call_id:
+            raise PydanticCustomError("value_error", "a tool message needs tool_call_id, the id of the call it "
+                                      "answers", {"field": "tool_call_id"})
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("content is required (it may be null only on an assistant message with tool_calls)")
+        return self
+
+    def plain(self) -> dict[str, Any]:
+        """The message as the tool layer reads it: calls flattened to {id, name, arguments}."""
+        message: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": self.content}
+        if self.tool_calls:
+            message["tool_calls"] = [{"id": call.id, "name": call.function.name, "arguments": call.function.arguments}
+                                     for call in self.tool_calls]
+        if self.tool_call_id:
+            message["tool_call_id"] = self.tool_call_id
+        return message
+
+
+class FunctionTool(BaseModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for a function's name
+    description: str = ""
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+    strict: Optional[bool] = None  # the schema is always enforced here, strict or not
+
+    @field_validator("parameters")
+    @classmethod
+    def object_schema(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if value.get("type", "object") != "object":
+            raise ValueError(f"parameters must be a JSON schema of type object, got type {value.get('type')!r}")
+        return value
+
+
+class ToolSpec(BaseModel):
+    type: Literal["function"]
+    function: FunctionTool
+
+
+class NamedFunction(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatRequest(Sampling):
@@ -161,3 +222,32 @@ class ChatRequest(Sampling):
     max_completion_tokens: Optional[int] = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: Optional[int] = Field(None, ge=0, le=20)
+    tools: Optional[list[ToolSpec]] = None
+    tool_choice: Optional[Union[Literal["none", "auto", "required"], NamedToolChoice]] = None
+    parallel_tool_calls: bool = True
+
+    @model_validator(mode="after")
+    def choice_among_tools(self) -> "ChatRequest":
+        names = [tool.function.name for tool in self.tools or []]
+        chosen = self.tool_choice
+        if isinstance(chosen, NamedToolChoice) and chosen.function.name not in names:
+            raise PydanticCustomError("value_error", "tool_choice names '{name}', which is not among the tools given "
+                                      "({given})", {"field": "tool_choice", "name": chosen.function.name,
+                                                    "given": ", ".join(names) or "none"})
+        if chosen == "required" and not names:
+            raise PydanticCustomError("value_error", "tool_choice required needs tools", {"field": "tool_choice"})
+        if len(set(names)) < len(names):
+            raise PydanticCustomError("value_error", "two tools have one name; give each its own",
+                                      {"field": "tools"})
+        return self
+
+    def tool_use(self) -> ToolUse | None:
+        """The request's tools as the tool layer takes them; None without tools."""
+        if not self.tools:
+            return None
+        chosen = self.tool_choice or "auto"
+        answer = None
+        if self.response_format is not None and self.response_format.type != "text":
+            answer = self.response_format.json_schema.schema_ if self.response_format.json_schema else {"type": "object"}
+        return ToolUse(tuple(Tool(t.function.name, t.function.description, t.function.parameters) for t in self.tools),
+                       chosen if isinstance(chosen, str) else chosen.function.name, self.parallel_tool_calls, answer)

@@ -89,7 +89,7 @@ def encode_prompt(engine: Engine, prompt: Prompt, options: GenerateOptions) -> l
     messages = prompt.messages or [{"role": "user", "content": prompt.text}]
     if options.system is not None and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": options.system}, *messages]
-    return engine.encode_chat(messages)
+    return engine.encode_chat(messages, prompt.tools)
 
 
 def find_stop(text: str, stops: list[str]) -> int | None:
