@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmcli import strict_json
 from llmcli.engines import Engine
-from llmcli.serve import chat, completions
+from llmcli.serve import chat, completions, responses
 from llmcli.serve.common import known_model
 from llmcli.serve.errors import ApiError, error_response, log_internal_error, route_error, validation_error
 from llmcli.serve.metrics import CONTENT_TYPE_LATEST, Metrics
@@ -98,6 +98,7 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
 
     completions.add_route(app, engine, settings, worker, scheduler, metrics)
     chat.add_route(app, engine, settings, worker, scheduler, metrics)
+    responses.add_route(app, engine, settings, worker, scheduler, metrics)
 
     return app
 
