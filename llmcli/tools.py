@@ -26,6 +26,9 @@ from typing import Any
 from llmcli.constraints import Constraint, bounded_strings
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
+# calls in one reply at most: a small model repeats a call until max_tokens otherwise (seen on the
+# embedded model at temperature 0), as JSON strings and numbers are bounded by default
+MAX_CALLS = 8
 COMPACT = {"whitespace_flexible": False}  # llguidance's JSON options: `,` and `:` with no spaces
 
 
@@ -138,6 +141,8 @@ def generic_instructions(use: ToolUse) -> str:
     if not use.must_call:
         answer = "<your answer as JSON>" if use.answer_schema is not None else '"<your answer>"'
         lines.append(f'To answer the user directly, reply with JSON: {{"response":{answer}}}')
+        lines.append("A tool's result comes back as a tool_response; once it holds what the user asked for, "
+                     "answer with a response instead of calling the tool again.")
     return "\n".join(lines)
 
 
@@ -177,7 +182,7 @@ def constraint(use: ToolUse, form: str) -> Constraint | None:
     call = one_of([call_schema(tool) for tool in use.callable_tools()])
     single = not use.parallel or use.choice not in ("auto", "required")
     if form == "generic":
-        calls = {"type": "array", "items": call, "minItems": 1, **({"maxItems": 1} if single else {})}
+        calls = {"type": "array", "items": call, "minItems": 1, "maxItems": 1 if single else MAX_CALLS}
         options = [{"type": "object", "properties": {"tool_calls": calls}, "required": ["tool_calls"],
                     "additionalProperties": False}]
         if not use.must_call:
@@ -186,7 +191,7 @@ def constraint(use: ToolUse, form: str) -> Constraint | None:
                             "additionalProperties": False})
         return Constraint("schema", json.dumps(one_of(options)))
     body = f'"\\n"? %json {json.dumps({"x-guidance": COMPACT, **call})} "\\n"? "{CLOSE}"'
-    more = "" if single else ' ("\\n"* call)*'
+    more = "" if single else f' ("\\n"? call){{0,{MAX_CALLS - 1}}}'
     rules = [f"call: \"{OPEN}\" body", f"body: {body}"]
     if use.must_call:
         rules.insert(0, f"start: call{more}")

@@ -159,16 +159,26 @@ def tiny_gpt2(tmp_path_factory, tiny_tokenizer) -> Path:
     return save_tiny(tmp_path_factory.mktemp("tiny-gpt2"), config, tiny_tokenizer)
 
 
-@pytest.fixture(scope="session")
-def tiny_llama(tmp_path_factory, tiny_tokenizer) -> Path:
+def build_tiny_llama(path: Path, tokenizer, context: int) -> Path:
     from transformers import LlamaConfig
 
     config = LlamaConfig(
-        vocab_size=len(tiny_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        bos_token_id=tiny_tokenizer.eos_token_id, eos_token_id=tiny_tokenizer.eos_token_id,
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context,
+        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
     )
-    return save_tiny(tmp_path_factory.mktemp("tiny-llama"), config, tiny_tokenizer, CHAT_TEMPLATE)
+    return save_tiny(path, config, tokenizer, CHAT_TEMPLATE)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory, tiny_tokenizer) -> Path:
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), tiny_tokenizer, 256)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_2k(tmp_path_factory, tiny_tokenizer) -> Path:
+    """The tiny Llama with a context of 2048: room for prompts that describe tools."""
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama-2k"), tiny_tokenizer, 2048)
 
 
 @dataclass
@@ -230,17 +240,26 @@ def tiny_gguf(tmp_path_factory) -> Path:
     """A tiny random Llama written with the gguf package: F32 weights, SmolLM2's tokenizer and chat
     template (copied from the embedded file), context 256. Embeddings are large enough that greedy
     choices are clear-cut rather than near-ties."""
+    return write_tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny-llama-f32.gguf", 256)
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf_2k(tmp_path_factory) -> Path:
+    """The tiny GGUF with a context of 2048: room for prompts that describe tools."""
+    return write_tiny_gguf(tmp_path_factory.mktemp("gguf-2k") / "tiny-llama-f32-2k.gguf", 2048)
+
+
+def write_tiny_gguf(path: Path, context: int) -> Path:
     import gguf
     import numpy as np
 
     from llmcli.models import embedded_gguf_path
 
     source = gguf.GGUFReader(embedded_gguf_path())
-    path = tmp_path_factory.mktemp("gguf") / "tiny-llama-f32.gguf"
     n_vocab, n_embd, n_ff, n_head, n_head_kv, n_layer = 49152, 64, 128, 4, 2, 2
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_name("tiny-llama")
-    writer.add_context_length(256)
+    writer.add_context_length(context)
     writer.add_embedding_length(n_embd)
     writer.add_block_count(n_layer)
     writer.add_feed_forward_length(n_ff)
