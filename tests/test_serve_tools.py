@@ -237,3 +237,236 @@ def test_bad_tool_requests_are_answered_by_name_and_the_server_keeps_serving(tin
             assert answer["error"]["type"] == "invalid_request_error"
         code, _, answer = server.post("/v1/chat/completions", {"messages": QUESTION, "max_tokens": 2})
         assert code == 200
+
+
+# ------------------------------------------------------------------ below the server
+
+def streamed(form: str, text: str) -> tuple[str, dict[int, list[str]], "object"]:
+    """`text` fed to a ReplyReader one character at a time: the content and each call's (name,
+    arguments) as the deltas give them, and the finished reply."""
+    from llmcli.tools import ReplyReader
+
+    reader = ReplyReader(form)
+    deltas = [delta for char in text for delta in reader.feed(char)] + reader.feed("", finished=True)
+    content = "".join(delta.get("content", "") for delta in deltas)
+    calls: dict[int, list[str]] = {}
+    for delta in deltas:
+        for call in delta.get("tool_calls", []):
+            if "id" in call:
+                assert call["index"] not in calls
+                calls[call["index"]] = [call["function"]["name"], ""]
+            calls[call["index"]][1] += call["function"]["arguments"]
+    return content, calls, reader.reply()
+
+
+@pytest.mark.parametrize("form, text, content, calls", [
+    ("generic", '{"tool_calls":[{"name":"get_weather","arguments":{"city":"Paris"}},'
+                '{"name":"get_time","arguments":{"zone":"UTC"}}]}', None,
+     [("get_weather", '{"city":"Paris"}'), ("get_time", '{"zone":"UTC"}')]),
+    ("generic", '{"response":"Say \\"hi\\" \\u00e9\\\\n"}', 'Say "hi" é\\n', []),
+    ("generic", '{"response":{"summary":"ok","n":[1,2]}}', '{"summary":"ok","n":[1,2]}', []),
+    ("marker", 'Let me look.\n<tool_call>\n{"name":"get_weather","arguments":{"city":"Oslo"}}\n</tool_call>\n'
+               '<tool_call>{"name":"get_time","arguments":{"zone":"CET"}}</tool_call>', "Let me look.\n",
+     [("get_weather", '{"city":"Oslo"}'), ("get_time", '{"zone":"CET"}')]),
+    ("marker", "a < b and <tool but no call", "a < b and <tool but no call", []),
+])
+def test_a_reply_read_as_it_streams_adds_up_to_the_finished_reply(form, text, content, calls):
+    """Deltas for each character (a marker's start held back, escapes decoded whole) add up to the
+    finished reply's content and calls; a call's header comes once, with its id."""
+    streamed_content, streamed_calls, reply = streamed(form, text)
+    assert reply.content == content
+    assert [(call.name, call.arguments) for call in reply.calls] == calls
+    assert streamed_content == (content or "")
+    assert [tuple(streamed_calls[index]) for index in sorted(streamed_calls)] == calls
+    assert all(call.id.startswith("call_") for call in reply.calls)
+
+
+def test_the_prompt_renders_tools_and_history_for_each_format():
+    """Marker: the tools go to the template and earlier arguments become objects (templates `tojson`
+    them); generic: the tools are described in the system message, earlier calls are the JSON the
+    model writes and a tool's result is a user turn naming its tool."""
+    from llmcli.tools import Tool, ToolUse, prompt_messages
+
+    use = ToolUse((Tool("get_weather", "The weather.", WEATHER),))
+    history = [{"role": "system", "content": "Be brief."}, *QUESTION,
+               {"role": "assistant", "content": None,
+                "tool_calls": [{"id": "call_1", "name": "get_weather", "arguments": '{"city": "Paris"}'}]},
+               {"role": "tool", "tool_call_id": "call_1", "content": "18 C"}]
+    messages, tools = prompt_messages(history, use, "marker")
+    assert tools == [{"type": "function", "function": {"name": "get_weather", "description": "The weather.",
+                                                       "parameters": WEATHER}}]
+    assert messages[2]["tool_calls"][0]["function"]["arguments"] == {"city": "Paris"}
+    messages, tools = prompt_messages(history, use, "generic")
+    assert tools is None and messages[0]["content"].startswith("Be brief.\n\nYou can call these tools:")
+    assert json.dumps(WEATHER) in messages[0]["content"]
+    assert messages[2] == {"role": "assistant",
+                           "content": '{"tool_calls":[{"name":"get_weather","arguments":{"city":"Paris"}}]}'}
+    assert messages[3] == {"role": "user", "content": '{"tool_response":{"tool":"get_weather","content":"18 C"}}'}
+    plain, _ = prompt_messages(history, ToolUse(use.tools, "none"), "generic")
+    assert plain[0] == {"role": "system", "content": "Be brief."}  # "none": no tools described
+
+
+def test_the_grammar_allows_exactly_the_calls_each_choice_allows():
+    """On the embedded model's vocabulary: which replies each tool_choice, parallel_tool_calls and
+    format lets through (one call, two calls, a plain answer)."""
+    pytest.importorskip("llama_cpp")
+    from llguidance import LLMatcher
+
+    from llmcli.constraints import compile_grammar
+    from llmcli.engines import choose_engine
+    from llmcli.tools import Tool, ToolUse, constraint
+
+    engine = choose_engine(None, "llama.cpp", fast=True)
+    vocabulary = engine.guidance_tokenizer()
+
+    def allows(rule, text: str) -> bool:
+        matcher = LLMatcher(vocabulary, compile_grammar(rule, vocabulary), log_level=0)
+        return all(matcher.consume_token(token) for token in engine.encode(text, add_special=False)) \
+            and matcher.is_accepting()
+
+    tools = (Tool("get_weather", "", WEATHER), Tool("get_time", "", CLOCK))
+    one = {"generic": '{"tool_calls":[{"name":"get_weather","arguments":{"city":"Paris"}}]}',
+           "marker": 'Checking.\n<tool_call>\n{"name":"get_weather","arguments":{"city":"Paris"}}\n</tool_call>'}
+    bare = {"generic": one["generic"], "marker": one["marker"].removeprefix("Checking.\n")}
+    two = {"generic": '{"tool_calls":[{"name":"get_weather","arguments":{"city":"Paris"}},'
+                      '{"name":"get_time","arguments":{"zone":"UTC"}}]}',
+           "marker": '<tool_call>{"name":"get_weather","arguments":{"city":"Paris"}}</tool_call>\n'
+                     '<tool_call>{"name":"get_time","arguments":{"zone":"UTC"}}</tool_call>'}
+    answer = {"generic": '{"response":"It is sunny."}', "marker": "It is sunny."}
+    wrong = {"generic": '{"tool_calls":[{"name":"get_weather","arguments":{"city":3}}]}',
+             "marker": '<tool_call>{"name":"get_weather","arguments":{"town":"Paris"}}</tool_call>'}
+    for form in ("generic", "marker"):
+        auto = constraint(ToolUse(tools), form)
+        assert [allows(auto, text[form]) for text in (one, two, answer, wrong)] == [True, True, True, False]
+        required = constraint(ToolUse(tools, "required"), form)
+        assert [allows(required, text[form]) for text in (bare, two, answer)] == [True, True, False]
+        single = constraint(ToolUse(tools, "required", parallel=False), form)
+        assert [allows(single, text[form]) for text in (bare, two)] == [True, False]
+        named = constraint(ToolUse(tools, "get_time"), form)
+        assert not allows(named, bare[form])  # a call to another tool
+        assert constraint(ToolUse(tools, "none"), form) is None
+
+
+# ------------------------------------------------------------------ the Responses API and agent clients
+
+def test_responses_plain_streamed_with_a_tool_and_a_previous_response(tiny_gguf):
+    """responses.create on the embedded model: plain; streamed (the whole event sequence, numbered
+    from 0, the SDK's helper ending at response.completed); a function tool; the call's result sent with
+    previous_response_id (the stored turn is read again, from the prefix cache); an unknown id is a 404."""
+    pytest.importorskip("llama_cpp")
+    tools = [{"type": "function", "name": "get_weather", "description": "The weather in a city now.",
+              "parameters": WEATHER}]
+    with serving() as server:
+        client = server.client()
+        plain = client.responses.create(model="smollm2", input="Say hello.", max_output_tokens=12, temperature=0)
+        assert plain.object == "response" and plain.output[0].type == "message" and plain.output_text
+        assert plain.status in ("completed", "incomplete") and plain.usage.output_tokens <= 12
+        chat = client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "Say hello."}],
+                                              max_tokens=12, temperature=0)
+        assert plain.output_text == chat.choices[0].message.content  # the same path underneath
+
+        events = list(client.responses.create(model="smollm2", input="Say hello.", max_output_tokens=12,
+                                              temperature=0, stream=True))
+        kinds = [event.type for event in events]
+        assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added",
+                             "response.content_part.added"]
+        assert kinds[-4:] == ["response.output_text.done", "response.content_part.done",
+                              "response.output_item.done", "response.completed"]
+        assert [event.sequence_number for event in events] == list(range(len(events)))
+        deltas = [event for event in events if event.type == "response.output_text.delta"]
+        assert "".join(event.delta for event in deltas) == plain.output_text
+        assert all(event.output_index == 0 and event.content_index == 0 for event in deltas)
+        with client.responses.stream(model="smollm2", input="Say hello.", max_output_tokens=12,
+                                     temperature=0) as stream:
+            assert stream.get_final_response().output_text == plain.output_text
+
+        called = client.responses.create(model="smollm2", input="What is the weather in Paris?", tools=tools,
+                                         tool_choice="required", temperature=0)
+        [call] = [item for item in called.output if item.type == "function_call"]
+        assert call.name == "get_weather" and call.call_id.startswith("call_")
+        jsonschema.validate(json.loads(call.arguments), WEATHER)
+        with client.responses.stream(model="smollm2", input="What is the weather in Paris?", tools=tools,
+                                     tool_choice="required", temperature=0) as stream:
+            streamed_call = stream.get_final_response().output[0]
+        assert (streamed_call.name, streamed_call.arguments) == (call.name, call.arguments)
+
+        then = client.responses.create(model="smollm2", previous_response_id=called.id, tools=tools, temperature=0,
+                                       input=[{"type": "function_call_output", "call_id": call.call_id,
+                                               "output": "18 C and sunny"}], max_output_tokens=40)
+        assert then.previous_response_id == called.id
+        assert then.usage.input_tokens > called.usage.input_tokens + 10
+        assert then.usage.input_tokens_details.cached_tokens > 0
+        assert client.responses.retrieve(then.id).id == then.id
+
+        status, _, answer = server.post("/v1/responses", {"input": "hi", "previous_response_id": "resp_nope"})
+        assert status == 404 and answer["error"]["code"] == "previous_response_not_found"
+        assert answer["error"]["param"] == "previous_response_id"
+        status, _, answer = server.post("/v1/responses", {"input": "hi", "tools": [{"type": "web_search"}]})
+        assert status == 400 and answer["error"]["param"] == "tools"
+        status, _, answer = server.post("/v1/responses", {"input": [{"type": "function_call_output",
+                                                                     "output": "x"}]})
+        assert status == 400 and "tool_call_id" in answer["error"]["message"]
+
+
+@pytest.mark.parametrize("api", ["responses", "chat completions"])
+def test_openai_agents_runs_an_agent_with_a_function_tool_to_its_final_output(api):
+    """The openai-agents SDK against `llmcli serve` (the embedded model), through its Responses model
+    and its chat-completions model: the agent calls the tool with valid arguments and ends with the
+    tool's result as its final output (stop_on_first_tool: this model calls tools again rather than
+    answering from a result)."""
+    pytest.importorskip("llama_cpp")
+    agents = pytest.importorskip("agents")
+    import asyncio
+
+    from openai import AsyncOpenAI
+
+    agents.set_tracing_disabled(True)
+    cities = []
+
+    @agents.function_tool
+    def get_weather(city: str) -> str:
+        """The weather in a city now."""
+        cities.append(city)
+        return f"18 C and sunny in {city}"
+
+    with serving() as server:
+        client = AsyncOpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
+        model = (agents.OpenAIResponsesModel if api == "responses" else agents.OpenAIChatCompletionsModel)(
+            "smollm2", client)
+        agent = agents.Agent(name="weather", instructions="Use the weather tool.", tools=[get_weather], model=model,
+                             # one call a turn: greedy, this model repeats a call up to the grammar's 8
+                             model_settings=agents.ModelSettings(temperature=0, max_tokens=64, tool_choice="required",
+                                                                 parallel_tool_calls=False),
+                             tool_use_behavior="stop_on_first_tool")
+        result = asyncio.run(agents.Runner.run(agent, "What is the weather in Paris?", max_turns=3))
+    assert cities and isinstance(cities[0], str)
+    assert result.final_output == f"18 C and sunny in {cities[0]}"
+
+
+def test_langchain_binds_tools_and_returns_structured_output():
+    """langchain-openai against `llmcli serve` (the embedded model): `bind_tools(...).invoke` gives a
+    tool call LangChain parses, and `with_structured_output(Model, method="function_calling")` an
+    instance of the model."""
+    pytest.importorskip("llama_cpp")
+    langchain_openai = pytest.importorskip("langchain_openai")
+    from pydantic import BaseModel, Field
+
+    class Weather(BaseModel):
+        """The weather in a city."""
+
+        city: str = Field(max_length=20)
+        degrees: int = Field(ge=-50, le=50)
+
+    def get_weather(city: str) -> str:
+        """The weather in a city now."""
+        return "18 C"
+
+    with serving() as server:
+        llm = langchain_openai.ChatOpenAI(base_url=f"{server.url}/v1", api_key="none", model="smollm2",
+                                          temperature=0, max_tokens=64, max_retries=0)
+        message = llm.bind_tools([get_weather], tool_choice="get_weather").invoke("What is the weather in Paris?")
+        [call] = message.tool_calls
+        assert call["name"] == "get_weather" and isinstance(call["args"]["city"], str) and call["id"]
+        weather = llm.with_structured_output(Weather, method="function_calling").invoke(
+            "It is 18 degrees in Paris. Give the weather.")
+        assert isinstance(weather, Weather)
