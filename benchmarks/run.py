@@ -718,6 +718,48 @@ def constrained_decoding(loaded, repeats: int) -> list[Figure]:
     return figures
 
 
+STORY_TOOL = [{"type": "function", "function": {
+    "name": "write_story", "description": "Publish a story.",
+    "parameters": {"type": "object", "properties": {"story": {"type": "string", "maxLength": 4000}},
+                   "required": ["story"]}}}]
+
+
+def tool_calling(new_tokens: int, repeats: int, clients: int) -> list[Figure]:
+    """P19: `llmcli serve` on the embedded model, each engine: a chat request that must call a tool
+    (write_story, its one string argument the story) against the same request without tools, greedy,
+    `new_tokens` tokens, runs alternating; tok/s counts the generated tokens over the whole request, so
+    the longer prompt (the tools described) and the grammar are both in it. On llama.cpp also
+    `clients` concurrent tool-calling clients against as many plain ones (aggregate tok/s)."""
+    messages = [{"role": "user", "content": STORY}]
+    figures = []
+    engines = (["llama.cpp"] if importlib.util.find_spec("llama_cpp") else []) + ["hf"]
+    for engine in engines:
+        with serving_process(["--engine", engine, "--queue-size", str(4 * clients)]) as (client, model):
+            def ask(tools: bool) -> Callable[[], int]:
+                fields = {"tools": STORY_TOOL, "tool_choice": "required"} if tools else {}
+                return lambda: client.chat.completions.create(model=model, messages=messages, max_tokens=new_tokens,
+                                                              temperature=0, **fields).usage.completion_tokens
+
+            (seconds, tokens), (base_seconds, base_tokens) = paired_median_times(ask(True), ask(False), repeats)
+            figures.append(Figure(f"P19 serve ({engine}): a tool-calling request vs the same without tools",
+                                  tokens / seconds, base_tokens / base_seconds, "tok/s", goal=0.9,
+                                  note=f"greedy chat, {new_tokens} tokens: a required write_story call "
+                                       f"({tokens} tokens) vs a plain answer ({base_tokens})"))
+            if engine != "llama.cpp":
+                continue
+
+            def load(tools: bool) -> Callable[[], int]:
+                one = ask(tools)
+                counts: list[int] = []
+                return lambda: (counts.clear(), run_threads(lambda _: counts.append(one()), clients), sum(counts))[-1]
+
+            (seconds, tokens), (base_seconds, base_tokens) = paired_median_times(load(True), load(False), 1)
+            figures.append(Figure(f"P19 serve (llama.cpp): {clients} concurrent tool-calling clients vs {clients} "
+                                  "plain ones", tokens / seconds, base_tokens / base_seconds, "tok/s", goal=0.9,
+                                  note=f"aggregate; each client one request of {new_tokens} tokens, decoded together"))
+    return figures
+
+
 def machine() -> dict:
     from importlib.metadata import version
 
@@ -811,6 +853,8 @@ def main() -> None:
         figures.append(chat_prefix_reuse(10, 32 if args.quick else 64))
     if wanted("P16") and args.device == "cpu":
         figures += constrained_decoding(loaded or models.load_model(None, device=args.device), repeats)
+    if wanted("P19") and args.device == "cpu":
+        figures += tool_calling(32 if args.quick else 128, 1 if args.quick else repeats, 8)
     if wanted("P17") and importlib.util.find_spec("llama_cpp") and args.device == "cpu":
         figures.append(causal_fill_mask(1 if args.quick else repeats))
     if wanted("P12") and args.device == "cpu":

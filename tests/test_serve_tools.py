@@ -60,6 +60,9 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "description":
          {"type": "function", "function": {"name": "get_time", "description": "The time in a zone.",
                                             "parameters": CLOCK}}]
 SCHEMAS = {"get_weather": WEATHER, "get_time": CLOCK}
+CITY = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
+                                         "country": {"type": "string", "maxLength": 20}},
+        "required": ["name", "country"], "additionalProperties": False}
 QUESTION = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
@@ -335,9 +338,13 @@ def test_the_grammar_allows_exactly_the_calls_each_choice_allows():
     answer = {"generic": '{"response":"It is sunny."}', "marker": "It is sunny."}
     wrong = {"generic": '{"tool_calls":[{"name":"get_weather","arguments":{"city":3}}]}',
              "marker": '<tool_call>{"name":"get_weather","arguments":{"town":"Paris"}}</tool_call>'}
+    # a key the schema does not list: refused, as OpenAI's strict mode does
+    extra = {"generic": '{"tool_calls":[{"name":"get_weather","arguments":{"city":"Paris","country":"FR"}}]}',
+             "marker": '<tool_call>{"name":"get_weather","arguments":{"city":"Paris","country":"FR"}}</tool_call>'}
     for form in ("generic", "marker"):
         auto = constraint(ToolUse(tools), form)
-        assert [allows(auto, text[form]) for text in (one, two, answer, wrong)] == [True, True, True, False]
+        assert [allows(auto, text[form]) for text in (one, two, answer, wrong, extra)] == [True, True, True, False,
+                                                                                          False]
         required = constraint(ToolUse(tools, "required"), form)
         assert [allows(required, text[form]) for text in (bare, two, answer)] == [True, True, False]
         single = constraint(ToolUse(tools, "required", parallel=False), form)
@@ -397,6 +404,10 @@ def test_responses_plain_streamed_with_a_tool_and_a_previous_response(tiny_gguf)
         assert then.usage.input_tokens > called.usage.input_tokens + 10
         assert then.usage.input_tokens_details.cached_tokens > 0
         assert client.responses.retrieve(then.id).id == then.id
+
+        shaped = client.responses.create(model="smollm2", input="Describe Paris.", temperature=0, max_output_tokens=80,
+                                         text={"format": {"type": "json_schema", "name": "city", "schema": CITY}})
+        jsonschema.validate(json.loads(shaped.output_text), CITY)
 
         status, _, answer = server.post("/v1/responses", {"input": "hi", "previous_response_id": "resp_nope"})
         assert status == 404 and answer["error"]["code"] == "previous_response_not_found"

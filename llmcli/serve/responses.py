@@ -125,10 +125,12 @@ def add_route(app: FastAPI, engine: Engine, settings: Settings, worker: Any, sch
 
 def text_of(content: Any) -> str:
     """A message's content: a string, or its text parts joined (input_text, output_text, text)."""
-    if isinstance(content, str):
-        return content
+    if isinstance(content, str) or content is None:
+        return content or ""
+    if not isinstance(content, list):
+        raise ApiError(400, "input: a message's content is a string or a list of parts", param="input")
     texts = []
-    for part in content or []:
+    for part in content:
         if not isinstance(part, dict) or part.get("type") not in ("input_text", "output_text", "text"):
             kind = part.get("type") if isinstance(part, dict) else type(part).__name__
             raise ApiError(400, f"input content parts of type {kind!r} are not supported; this model reads text "
