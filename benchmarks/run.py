@@ -753,10 +753,11 @@ def tool_calling(new_tokens: int, repeats: int, clients: int) -> list[Figure]:
                 counts: list[int] = []
                 return lambda: (counts.clear(), run_threads(lambda _: counts.append(one()), clients), sum(counts))[-1]
 
-            (seconds, tokens), (base_seconds, base_tokens) = paired_median_times(load(True), load(False), 1)
+            (seconds, tokens), (base_seconds, base_tokens) = paired_median_times(load(True), load(False), repeats)
             figures.append(Figure(f"P19 serve (llama.cpp): {clients} concurrent tool-calling clients vs {clients} "
                                   "plain ones", tokens / seconds, base_tokens / base_seconds, "tok/s", goal=0.9,
-                                  note=f"aggregate; each client one request of {new_tokens} tokens, decoded together"))
+                                  note=f"aggregate; each client one request of {new_tokens} tokens, decoded together "
+                                       "(8 prompts with the tools described to prefill, none cached yet)"))
     return figures
 
 

@@ -7,6 +7,7 @@ constrains. Servers bind 127.0.0.1 on a free port."""
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 
 import pytest
 
@@ -77,7 +78,19 @@ def hermes_template(tmp_path_factory):
 def server(request, hermes_template):
     """The tiny F32 GGUF (llama.cpp, SmolLM2's template: generic) or the tiny Llama (hf, a template
     without tools: generic), each with a context of 2048 and each also with the Hermes template (markers)."""
+    with tool_server(request, hermes_template) as running:
+        yield running
+
+
+@contextmanager
+def tool_server(request, hermes_template):
     engine, form = request.param.split()
+    if engine == "embedded":
+        pytest.importorskip("llama_cpp")
+        with serving() as running:
+            running.form = form
+            yield running
+        return
     if engine == "llama.cpp":
         pytest.importorskip("llama_cpp")
         model = request.getfixturevalue("tiny_gguf_2k")
@@ -99,11 +112,18 @@ def check_calls(message, allowed: set[str]) -> None:
     assert len({call.id for call in message.tool_calls}) == len(message.tool_calls)
 
 
-def test_every_tool_choice_form_gives_calls_that_validate(server):
+@pytest.fixture(params=["llama.cpp generic", "llama.cpp marker", "hf generic", "hf marker", "embedded generic"])
+def any_server(request, hermes_template):
+    """The four tiny servers, and the embedded model on llama.cpp."""
+    with tool_server(request, hermes_template) as running:
+        yield running
+
+
+def test_every_tool_choice_form_gives_calls_that_validate(any_server):
     """16 seeded samples for each tool_choice: required and a named function always call (the named one
     only), with arguments valid for the tool's schema; auto calls validly or answers in plain text;
     parallel_tool_calls false allows one call; none never calls."""
-    client = server.client()
+    client = any_server.client()
     model = client.models.list().data[0].id
 
     def sample(max_tokens=1000, **fields):  # room for 8 calls; a free-text answer is cut sooner
