@@ -138,3 +138,46 @@ def test_bad_embed_input_is_one_error_and_writes_nothing(tmp_path, tiny_bert):
     assert result.exit_code == 2 and "above the limit" in result.stderr
     result = run_cli("embed", long, "-m", str(tiny_bert))
     assert result.exit_code == 0 and "1 of 1 inputs were cut" in result.stderr
+
+
+def test_serve_embeddings_equal_embed_for_the_openai_client_and_langchain(tiny_gguf, tmp_path):
+    """/v1/embeddings through the official client (its default base64 and float), token-id input,
+    dimensions, LangChain's OpenAIEmbeddings; each vector equals `llmcli embed`'s; bad input a 400 by
+    name; the embedding model listed beside the chat model."""
+    pytest.importorskip("llama_cpp")
+    from test_serve import serving
+
+    from llmcli.sentence_models import embedded_model_dir
+
+    expected = np.array([r["embedding"] for r in run_cli("embed", *TEXTS).json_lines()], dtype=np.float32)
+    with serving("-m", tiny_gguf) as server:
+        client = server.client()
+        assert [card.id for card in client.models.list().data] == ["tiny-llama-f32.gguf", "minilm"]
+        packed = client.embeddings.create(model="minilm", input=TEXTS)  # the SDK asks for base64 by default
+        got = np.array([item.embedding for item in packed.data], dtype=np.float32)
+        assert np.abs(got - expected).max() < TOLERANCE and packed.usage.prompt_tokens > len(TEXTS)
+        floats = client.embeddings.create(model="minilm", input=TEXTS, encoding_format="float")
+        assert np.abs(np.array([item.embedding for item in floats.data]) - expected).max() < TOLERANCE
+        from transformers import AutoTokenizer
+
+        ids = AutoTokenizer.from_pretrained(embedded_model_dir())(TEXTS[1], add_special_tokens=False)["input_ids"]
+        by_ids = client.embeddings.create(model="minilm", input=[ids])
+        assert np.abs(np.array(by_ids.data[0].embedding) - expected[1]).max() < TOLERANCE
+        short = client.embeddings.create(model="minilm", input=TEXTS, dimensions=32)
+        assert len(short.data[0].embedding) == 32
+        assert np.abs(np.array(short.data[0].embedding) - expected[0][:32]).max() < TOLERANCE
+
+        langchain_openai = pytest.importorskip("langchain_openai")
+        # LangChain tokenizes with tiktoken by default, whose files need the network: strings here
+        lc = langchain_openai.OpenAIEmbeddings(base_url=f"{server.url}/v1", api_key="none", model="minilm",
+                                               check_embedding_ctx_length=False)
+        assert np.abs(np.array(lc.embed_documents(TEXTS)) - expected).max() < TOLERANCE
+        assert np.abs(np.array(lc.embed_query(TEXTS[0])) - expected[0]).max() < TOLERANCE
+
+        for body, param in (({"input": ""}, "input"), ({"input": ["a", "b"], "dimensions": 999}, "dimensions"),
+                            ({"input": [[10**9]]}, "input"), ({"input": "a", "model": "nope"}, "model"),
+                            ({"input": " ".join(["license"] * 400)}, "input")):
+            status, _, answer = server.post("/v1/embeddings", body)
+            assert status in (400, 404) and answer["error"]["param"] == param, (body, answer)
+        status, _, _ = server.post("/v1/embeddings", {"input": "still serving"})
+        assert status == 200

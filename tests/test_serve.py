@@ -96,7 +96,8 @@ def test_openai_client_completions_and_chat_equal_llmcli_generate(model, request
     path = request.getfixturevalue(model)
     with serving("-m", path) as server:
         client = server.client()
-        [listed] = client.models.list().data
+        listed, embedder = client.models.list().data  # the chat model first, then the embedding model
+        assert embedder.id == "minilm"
         completion = client.completions.create(model=listed.id, prompt="This License", max_tokens=12, temperature=0)
         assert completion.choices[0].text == generate_text("This License", "-m", path, "--no-chat", "-n", "12")
         assert completion.usage.completion_tokens == 12 and completion.usage.prompt_tokens > 0
@@ -301,7 +302,7 @@ def test_what_real_clients_send_and_expect(tiny_gguf):
 
     with serving("-m", tiny_gguf, "--max-tokens-limit", "5", "--served-model-name", "tiny") as server:
         client = server.client()
-        [card] = client.models.list().data
+        card, _ = client.models.list().data
         assert card.id == "tiny" and card.created > 1_700_000_000
         assert client.models.retrieve("tiny").id == "tiny"
         assert client.models.retrieve("tiny-llama-f32.gguf").id == "tiny"  # the file's own name works too

@@ -38,6 +38,9 @@ def serve(
                                                              "alias, file or directory name).", show_default=False)] = None,
     json_logs: Annotated[bool, typer.Option("--json-logs", help="Access log lines as JSON.")] = False,
     chat_template: ChatTemplateOption = None,
+    embedding_model: Annotated[Optional[str], typer.Option(
+        help="/v1/embeddings' model: a sentence-transformers or encoder directory (default: the embedded "
+        "all-MiniLM-L6-v2, loaded at the first request).", show_default=False)] = None,
     engine: EngineOption = "auto",
     threads: ThreadsOption = None,
     device: DeviceOption = None,
@@ -45,8 +48,8 @@ def serve(
     trust_remote_code: TrustOption = False,
     allow_pickle: PickleOption = False,
 ) -> None:
-    """Serve the model over the OpenAI HTTP API (/v1/completions, /v1/chat/completions, /v1/models,
-    /health, /metrics; the schema at /openapi.json), streaming as server-sent events. Ctrl-C or SIGTERM:
+    """Serve the model over the OpenAI HTTP API (/v1/completions, /v1/chat/completions, /v1/responses,
+    /v1/embeddings, /v1/models, /health, /metrics; the schema at /openapi.json), streaming as server-sent events. Ctrl-C or SIGTERM:
     stop accepting, let requests in flight finish for up to 5 s, then cut their generations, exit 0."""
     for name, value in (("--port", port), ("--queue-size", queue_size), ("--max-body", max_body),
                         ("--max-batch", max_batch), ("--parallel", parallel), ("--ctx-size", 1 if ctx_size is None else ctx_size)):
@@ -76,4 +79,5 @@ def serve(
         render.notice(warning)
     run_server(runner, host, port, api_key=api_key, max_tokens_limit=max_tokens_limit, queue_size=queue_size,
                max_batch=max_batch, parallel=parallel, ctx_size=ctx_size, prefix_cache=prefix_cache,
-               max_body_bytes=max_body, json_logs=json_logs, served_name=served_model_name, on_notice=render.notice)
+               max_body_bytes=max_body, json_logs=json_logs, served_name=served_model_name, on_notice=render.notice,
+               embedding_model=embedding_model)

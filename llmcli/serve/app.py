@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmcli import strict_json
 from llmcli.engines import Engine
-from llmcli.serve import chat, completions, responses
+from llmcli.serve import chat, completions, embeddings, responses
 from llmcli.serve.common import known_model
 from llmcli.serve.errors import ApiError, error_response, log_internal_error, route_error, validation_error
 from llmcli.serve.metrics import CONTENT_TYPE_LATEST, Metrics
@@ -85,12 +85,16 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
     started = int(time.time())
     model_card = {"id": settings.model_name, "object": "model", "created": started, "owned_by": "llmcli"}
 
+    embedding_card = {**model_card, "id": embeddings.embedding_model_id(settings.embedding_model)}
+
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
-        return {"object": "list", "data": [model_card]}
+        return {"object": "list", "data": [model_card, embedding_card]}
 
     @app.get("/v1/models/{name:path}")
     async def retrieve_model(name: str) -> dict[str, Any]:
+        if name == embedding_card["id"]:
+            return embedding_card
         if not known_model(name, settings):
             raise ApiError(404, f"no model {name!r} here; this server runs {settings.model_name!r}",
                            "not_found_error", param="model", code="model_not_found")
@@ -99,6 +103,7 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
     completions.add_route(app, engine, settings, worker, scheduler, metrics)
     chat.add_route(app, engine, settings, worker, scheduler, metrics)
     responses.add_route(app, engine, settings, worker, scheduler, metrics)
+    embeddings.add_route(app, settings)
 
     return app
 

@@ -21,6 +21,7 @@ class Settings:
     max_body_bytes: int = 1 << 20
     json_logs: bool = False
     fingerprint: str = ""  # system_fingerprint: what produced the answers (create_app fills it in)
+    embedding_model: str | None = None  # /v1/embeddings' model (None: the embedded all-MiniLM-L6-v2)
 
 
 def system_fingerprint(engine: Engine) -> str:
