@@ -761,6 +761,36 @@ def tool_calling(new_tokens: int, repeats: int, clients: int) -> list[Figure]:
     return figures
 
 
+def embedding(lines_count: int, repeats: int) -> list[Figure]:
+    """P20: `embed`'s task on the embedded all-MiniLM-L6-v2 against sentence-transformers' `encode` on
+    the same directory, threads and batch size (32), runs alternating, over lines of license text;
+    the vectors compared too."""
+    import numpy
+    from sentence_transformers import SentenceTransformer
+
+    from llmcli.sentence_models import embedded_model_dir, load_sentence_model
+    from llmcli.tasks.embed import EmbedOptions, embed_texts
+
+    texts = [line.strip() for path in sorted(Path("/usr/share/common-licenses").iterdir()) if path.is_file()
+             for line in path.read_text(errors="replace").splitlines() if line.strip()][:lines_count]
+    ours = load_sentence_model(None)
+    theirs = SentenceTransformer(str(embedded_model_dir()), device="cpu")
+    (seconds, mine), (base_seconds, reference) = paired_median_times(
+        lambda: embed_texts(ours, texts, EmbedOptions()).vectors,
+        lambda: theirs.encode(texts, batch_size=32, convert_to_numpy=True), repeats)
+    difference = float(numpy.abs(mine - reference).max())
+    return [Figure("P20 embed vs sentence-transformers encode (all-MiniLM-L6-v2)", len(texts) / seconds,
+                   len(texts) / base_seconds, "lines/s", goal=1.0,
+                   note=f"{len(texts)} license lines, batch 32, {torch_threads()} threads; max abs difference "
+                        f"{difference:.1e}")]
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 def machine() -> dict:
     from importlib.metadata import version
 
@@ -854,6 +884,8 @@ def main() -> None:
         figures.append(chat_prefix_reuse(10, 32 if args.quick else 64))
     if wanted("P16") and args.device == "cpu":
         figures += constrained_decoding(loaded or models.load_model(None, device=args.device), repeats)
+    if wanted("P20") and args.device == "cpu" and importlib.util.find_spec("sentence_transformers"):
+        figures += embedding(500 if args.quick else 3000, 1 if args.quick else repeats)
     if wanted("P19") and args.device == "cpu":
         figures += tool_calling(32 if args.quick else 128, 1 if args.quick else repeats, 8)
     if wanted("P17") and importlib.util.find_spec("llama_cpp") and args.device == "cpu":

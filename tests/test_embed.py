@@ -4,7 +4,6 @@ a plain encoder directory, and the embedded all-MiniLM-L6-v2. Vectors within 1e-
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
