@@ -279,7 +279,8 @@ def test_bare_command_prints_help():
 
 def test_help_imports_neither_torch_nor_transformers():
     for args in (["--help"], ["generate", "--help"], ["chat", "--help"], ["fill-mask", "--help"],
-                 ["eval", "--help"], ["finetune", "--help"], ["serve", "--help"]):
+                 ["eval", "--help"], ["finetune", "--help"], ["serve", "--help"], ["embed", "--help"],
+                 ["similar", "--help"]):
         result = subprocess.run([sys.executable, "-X", "importtime", "-m", "llmcli", *args],
                                 capture_output=True, text=True)
         assert result.returncode == 0, result.stderr
