@@ -779,10 +779,29 @@ def embedding(lines_count: int, repeats: int) -> list[Figure]:
         lambda: embed_texts(ours, texts, EmbedOptions()).vectors,
         lambda: theirs.encode(texts, batch_size=32, convert_to_numpy=True), repeats)
     difference = float(numpy.abs(mine - reference).max())
-    return [Figure("P20 embed vs sentence-transformers encode (all-MiniLM-L6-v2)", len(texts) / seconds,
-                   len(texts) / base_seconds, "lines/s", goal=1.0,
-                   note=f"{len(texts)} license lines, batch 32, {torch_threads()} threads; max abs difference "
-                        f"{difference:.1e}")]
+    figures = [Figure("P20 embed vs sentence-transformers encode (all-MiniLM-L6-v2)", len(texts) / seconds,
+                      len(texts) / base_seconds, "lines/s", goal=1.0,
+                      note=f"{len(texts)} license lines, batch 32, {torch_threads()} threads; max abs difference "
+                           f"{difference:.1e}")]
+    script = ("import sys; from sentence_transformers import SentenceTransformer; "
+              "SentenceTransformer(sys.argv[1], device='cpu').encode(['one line'])")
+    cold, walls = {}, {}
+    for side, command in (("llmcli", [str(ROOT / "peak_rss.py"), "{rss}", "embed", "one line"]),
+                          ("st", ["-c", script, str(embedded_model_dir())])):
+        times, peaks = [], []
+        for _ in range(repeats):
+            with tempfile.NamedTemporaryFile(suffix=".json") as rss:
+                began = time.perf_counter()
+                subprocess.run([sys.executable, *[part.replace("{rss}", rss.name) for part in command]],
+                               capture_output=True, check=True)
+                times.append(time.perf_counter() - began)
+                if side == "llmcli":
+                    peaks.append(json.loads(Path(rss.name).read_text())["peak_rss_mb"])
+        walls[side], cold[side] = statistics.median(times), peaks
+    figures.append(Figure("P20 cold embed of one line vs sentence-transformers", walls["llmcli"], walls["st"], "s",
+                          higher_is_better=False, note=f"new process each time; llmcli's peak RSS "
+                                                       f"{statistics.median(cold['llmcli']):.0f} MB; goal ~1 s"))
+    return figures
 
 
 def torch_threads() -> int:

@@ -95,6 +95,12 @@ def test_the_embedded_minilm_equals_sentence_transformers(tmp_path):
     assert "Using the embedded model all-MiniLM-L6-v2" in result.stderr
     got = np.load(tmp_path / "vectors.npy")
     expected = reference(embedded_model_dir(), lines)
+    assert run_cli("embed", "-f", str(file), "-o", str(tmp_path / "vectors.parquet")).exit_code == 0
+    import pyarrow.parquet
+
+    table = pyarrow.parquet.read_table(tmp_path / "vectors.parquet")
+    assert table.column("index").to_pylist() == list(range(40))
+    assert np.array_equal(np.array(table.column("embedding").to_pylist(), dtype=np.float32), got)
     assert got.shape == (40, 384) and got.dtype == np.float32
     assert np.abs(got - expected).max() < TOLERANCE
     assert np.allclose(np.linalg.norm(got, axis=1), 1, atol=1e-5)  # its Normalize module

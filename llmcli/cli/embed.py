@@ -11,7 +11,7 @@ from llmcli.cli.common import collect_inputs
 from llmcli.cli.options import DeviceOption, TrustOption
 from llmcli.errors import UsageError
 
-OUTPUT_SUFFIXES = (".jsonl", ".npy")
+OUTPUT_SUFFIXES = (".jsonl", ".npy", ".parquet")
 
 EmbeddingModelOption = Annotated[Optional[str], typer.Option(
     "--model", "-m", help="A sentence-transformers or Hugging Face encoder directory, or a hub id. Default: the "
@@ -45,7 +45,8 @@ def embed(
                                                 "or JSONL with 'text'.")] = None,
     model: EmbeddingModelOption = None,
     output: Annotated[Optional[str], typer.Option(
-        "--output", "-o", help="Write FILE.jsonl or FILE.npy (float32, a row per input) instead of stdout.")] = None,
+        "--output", "-o", help="Write FILE.jsonl, FILE.npy (float32, a row per input) or FILE.parquet (index, "
+        "embedding, tokens) instead of stdout.")] = None,
     normalize: Annotated[bool, typer.Option(help="L2-normalize each vector (after --dimensions), as "
                                             "sentence-transformers' normalize_embeddings.")] = False,
     pooling: PoolingOption = "auto",
@@ -61,7 +62,7 @@ def embed(
     trust_remote_code: TrustOption = False,
 ) -> None:
     """Embed texts as sentence vectors, equal to sentence-transformers' encode on the same model. JSON
-    Lines {"index", "embedding", "tokens"} on stdout, or --output FILE.jsonl|FILE.npy."""
+    Lines {"index", "embedding", "tokens"} on stdout, or --output FILE.jsonl|FILE.npy|FILE.parquet."""
     from llmcli.data import read_texts_without_gaps
     from llmcli.tasks.embed import EmbedOptions, embed_texts
 
@@ -96,7 +97,7 @@ def check_output(output: Optional[str], overwrite: bool) -> Optional[Path]:
     target = Path(output)
     if target.suffix.lower() not in OUTPUT_SUFFIXES:
         raise UsageError(f"--output {output}: the suffix says the format, and {target.suffix or 'none'} is not one",
-                         "Use FILE.jsonl or FILE.npy.")
+                         "Use FILE.jsonl, FILE.npy or FILE.parquet.")
     if target.exists() and not overwrite:
         raise UsageError(f"--output {output} exists", "Pass --overwrite to replace it, or choose another file.")
     if not target.parent.is_dir():
@@ -116,6 +117,15 @@ def write_vectors(target: Path, vectors, tokens: list[int]) -> None:
         if target.suffix.lower() == ".npy":
             with partial.open("wb") as handle:
                 numpy.save(handle, vectors.astype(numpy.float32), allow_pickle=False)
+        elif target.suffix.lower() == ".parquet":  # pyarrow comes with datasets
+            import pyarrow
+            import pyarrow.parquet
+
+            width = vectors.shape[1]
+            column = pyarrow.FixedSizeListArray.from_arrays(pyarrow.array(vectors.astype(numpy.float32).ravel()), width)
+            table = pyarrow.table({"index": pyarrow.array(range(len(tokens)), pyarrow.int64()), "embedding": column,
+                                   "tokens": pyarrow.array(tokens, pyarrow.int64())})
+            pyarrow.parquet.write_table(table, partial)
         else:
             with partial.open("w") as handle:
                 for number, (vector, count) in enumerate(zip(vectors, tokens)):
