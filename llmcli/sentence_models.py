@@ -1,5 +1,6 @@
 """Sentence-embedding models: a sentence-transformers directory read from its own files, a plain
-Hugging Face encoder (mean pooling, as sentence-transformers does without `modules.json`), or the
+Hugging Face encoder (mean pooling, as sentence-transformers does without `modules.json`), a causal
+LM (last-token pooling; the embedded SmolLM2 too, dequantized as the hf engine loads it), or the
 embedded all-MiniLM-L6-v2. Its modules are reproduced here rather than imported: sentence-transformers
 takes 12-15 s to import on these hosts against 5 s for torch and transformers (measured, README
 "embed"), and every vector is tested equal to its `encode`.
@@ -188,15 +189,13 @@ def load_sentence_model(model: str | None, device: str | None = None, pooling: s
     from llmcli.models import quiet_libraries
 
     quiet_libraries()
+    from llmcli.models import local_model_dir, resolve_model
+
     if model is None or model == EMBEDDING_ALIAS:
         location, name = embedded_model_dir(), EMBEDDING_NAME
-    else:
-        location, name = Path(model).expanduser(), model
-        if model.endswith(".gguf") or location.is_file():
-            raise UsageError(f"{model}: embed reads sentence-transformers and Hugging Face encoder directories, "
-                             "not GGUF files", "Pass a model directory or hub id, or omit --model for minilm.")
-        if not location.is_dir():
-            location = Path(snapshot(model))
+    else:  # a directory, a hub id, or a causal LM's GGUF (dequantized once into the cache, as hf loads it)
+        source = resolve_model(model)
+        location, name = Path(local_model_dir(source)), source.name
     if not (location / "config.json").is_file():
         raise ModelLoadError(f"{model} has no config.json, so it is not a saved model", "Pass a model directory.")
     notices: list[str] = []
@@ -208,8 +207,15 @@ def load_sentence_model(model: str | None, device: str | None = None, pooling: s
         raise ModelLoadError(f"{model} cannot be loaded as an encoder ({exc})", "Pass a model with an encoder.") \
             from exc
     encoder = encoder.to(torch.device(device or "cpu")).eval()
+    if tokenizer.pad_token is None:  # a causal LM's tokenizer often has none; padding is masked out anyway
+        tokenizer.pad_token = tokenizer.eos_token
     built = SentenceModel(encoder, tokenizer, name, notices=notices)
-    if modules is None:
+    causal = any(arch.endswith("ForCausalLM") for arch in getattr(encoder.config, "architectures", None) or [])
+    if modules is None and causal:
+        built.pooling = ("lasttoken",)
+        if pooling == "auto":
+            notices.append(f"{name} is a causal LM: last-token pooling (--pooling mean for the mean)")
+    elif modules is None and pooling == "auto":
         notices.append(f"{name} has no modules.json: mean pooling, as sentence-transformers uses for such models")
     else:
         for module in modules:
@@ -240,13 +246,3 @@ def load_sentence_model(model: str | None, device: str | None = None, pooling: s
         built.pooling = (chosen,)
     return built
 
-
-def snapshot(hub_id: str) -> str:
-    """A hub model's local snapshot (offline unless HF_HUB_OFFLINE=0)."""
-    from huggingface_hub import snapshot_download
-
-    try:
-        return snapshot_download(hub_id)
-    except Exception as exc:  # the hub's errors are many (offline, gated, unknown): one message for all
-        raise ModelNotFound(f"model {hub_id} is not a directory and cannot be fetched ({type(exc).__name__})",
-                            "Pass a local directory, or omit --model for the embedded minilm.") from exc

@@ -19,14 +19,14 @@ TEXTS = ["This License", "The GNU General Public License is a free, copyleft lic
 
 
 def build(path, encoder, pooling: str, dense: bool = False, normalize: bool = False, prompts: dict | None = None,
-          default_prompt: str | None = None):
+          default_prompt: str | None = None, max_length: int = 32):
     """A sentence-transformers directory saved by sentence-transformers itself."""
     import torch
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import Dense, Normalize, Pooling, Transformer
 
     torch.manual_seed(0)
-    transformer = Transformer(str(encoder), max_seq_length=32)
+    transformer = Transformer(str(encoder), max_seq_length=max_length)
     modules = [transformer, Pooling(transformer.get_embedding_dimension(), pooling_mode=pooling)]
     if dense:
         modules.append(Dense(modules[-1].get_embedding_dimension(), 24, activation_function=torch.nn.Tanh()))
@@ -84,6 +84,36 @@ def test_a_plain_encoder_directory_is_mean_pooled_with_a_notice(tiny_bert):
     assert tokens[3] < tokens[1]  # each input's own token count
 
 
+def test_a_causal_lm_is_last_token_pooled_as_sentence_transformers_does(tmp_path, tiny_llama):
+    """A causal LM directory without modules.json: last-token pooling, said once; equal to
+    sentence-transformers' Transformer + lasttoken Pooling on it (its tokenizer given a pad token, which
+    sentence-transformers needs and llmcli sets itself); the embedded SmolLM2 embeds too."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    padded = tmp_path / "llama"
+    shutil.copytree(tiny_llama, padded)
+    tokenizer = AutoTokenizer.from_pretrained(padded)
+    tokenizer.pad_token = tokenizer.eos_token
+    # sentence-transformers 6 renders a model's chat template around the text ("message" modality);
+    # llmcli embeds the text itself, so the reference model here has none
+    tokenizer.chat_template = None
+    tokenizer.save_pretrained(padded)
+    (padded / "chat_template.jinja").unlink(missing_ok=True)
+    expected = reference(build(tmp_path / "st", padded, "lasttoken", max_length=256))  # the model's own limit
+    result = run_cli("embed", *TEXTS, "-m", str(tiny_llama))
+    assert result.exit_code == 0, result.stderr
+    assert "is a causal LM: last-token pooling" in result.stderr
+    got = np.array([record["embedding"] for record in result.json_lines()], dtype=np.float32)
+    assert np.abs(got - expected).max() < TOLERANCE
+    mean = ours(tiny_llama, "--pooling", "mean")
+    assert np.abs(mean - reference(build(tmp_path / "st-mean", padded, "mean", max_length=256))).max() < TOLERANCE
+    smol = run_cli("embed", "Hello there", "-m", "smollm2")
+    assert smol.exit_code == 0, smol.stderr
+    assert len(smol.json_lines()[0]["embedding"]) == 576  # SmolLM2-135M's hidden size
+
+
 def test_the_embedded_minilm_equals_sentence_transformers(tmp_path):
     from llmcli.sentence_models import embedded_model_dir
 
@@ -125,7 +155,7 @@ def test_bad_embed_input_is_one_error_and_writes_nothing(tmp_path, tiny_bert):
         (["-f", str(tmp_path / "missing.txt")], "does not exist"),
         (["hello", "-m", str(tiny_bert), "--dimensions", "65"], "--dimensions 65"),
         (["hello", "-o", str(tmp_path / "out.csv")], ".csv is not one"),
-        (["hello", "-m", str(tmp_path)], "no config.json"),
+        (["hello", "-m", str(tmp_path)], "config.json"),
     ]
     for args, fragment in cases:
         result = run_cli("embed", *args)
