@@ -253,28 +253,40 @@ async def respond(request: Request, start: Start, body: Any, kind: str, settings
     ident = f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     header = {"id": ident, "object": kind, "created": int(time.time()), "model": settings.model_name,
               "system_fingerprint": settings.fingerprint}
-    cancelled = threading.Event()
     tally = Tally(metrics, time.perf_counter(), settings.prefix_cache)
     if not body.stream:
-        future = start(None, cancelled)
-        try:
-            result = await until_done_or_gone(request, future, cancelled)
-        except ApiError as error:
-            tally.failed(error)
-            raise
-        tally.finished(result)
-        request.state.tokens = result["usage"]["total_tokens"]
+        result = await run_to_end(request, start, tally)
         request.state.batch = result.pop("batch", 1)
         result.pop("logprobs_streamed", None)
         return {**header, **result}
-    loop = asyncio.get_running_loop()
-    events: asyncio.Queue = asyncio.Queue()
-    emit = lambda event: loop.call_soon_threadsafe(events.put_nowait, event)  # noqa: E731
-    future = start(emit, cancelled)
-    request.state.tokens = 0
+    cancelled = threading.Event()
+    events, future = start_streaming(request, start, cancelled)
     with_usage = bool(body.stream_options and body.stream_options.include_usage)
     return StreamingResponse(sse_events(request, header, kind, events, future, cancelled, tally, with_usage),
                              media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+async def run_to_end(request: Request, start: Start, tally: Tally) -> dict[str, Any]:
+    """The job's whole result (no stream), counted in the metrics whether it ends well or not."""
+    cancelled = threading.Event()
+    future = start(None, cancelled)
+    try:
+        result = await until_done_or_gone(request, future, cancelled)
+    except ApiError as error:
+        tally.failed(error)
+        raise
+    tally.finished(result)
+    request.state.tokens = result["usage"]["total_tokens"]
+    return result
+
+
+def start_streaming(request: Request, start: Start, cancelled: threading.Event) -> tuple[asyncio.Queue, asyncio.Future]:
+    """The job started with its events going to a queue on this event loop."""
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()
+    future = start(lambda event: loop.call_soon_threadsafe(events.put_nowait, event), cancelled)
+    request.state.tokens = 0
+    return events, future
 
 
 @dataclass

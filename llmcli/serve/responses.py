@@ -20,7 +20,7 @@ from pydantic import BaseModel, Field, ValidationError
 from llmcli import strict_json
 from llmcli.engines import Engine
 from llmcli.serve.chat import chat_start
-from llmcli.serve.common import Tally, job_result, until_done_or_gone
+from llmcli.serve.common import Tally, job_result, run_to_end, start_streaming
 from llmcli.serve.errors import ApiError, error_body, validation_error
 from llmcli.serve.metrics import Metrics
 from llmcli.serve.schemas import ChatRequest
@@ -95,21 +95,10 @@ def add_route(app: FastAPI, engine: Engine, settings: Settings, worker: Any, sch
         start = await chat_start(engine, chat, settings, worker, scheduler)
         reply = Reply(body, settings, store, conversation)
         tally = Tally(metrics, time.perf_counter(), settings.prefix_cache)
-        cancelled = threading.Event()
         if not body.stream:
-            future = start(None, cancelled)
-            try:
-                result = await until_done_or_gone(request, future, cancelled)
-            except ApiError as error:
-                tally.failed(error)
-                raise
-            tally.finished(result)
-            request.state.tokens = result["usage"]["total_tokens"]
-            return reply.finish(result)
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
-        future = start(lambda event: loop.call_soon_threadsafe(events.put_nowait, event), cancelled)
-        request.state.tokens = 0
+            return reply.finish(await run_to_end(request, start, tally))
+        cancelled = threading.Event()
+        events, future = start_streaming(request, start, cancelled)
         return StreamingResponse(reply.events(request, events, future, cancelled, tally),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
