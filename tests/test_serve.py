@@ -50,10 +50,20 @@ def serving(*args) -> Iterator[Server]:
     port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "llmcli", "serve", "--port", str(port), *map(str, args)],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # read both pipes all along: a server whose access log fills an unread pipe (64 KiB, a few hundred
+    # requests) blocks in its write and stops answering
+    output = {"stdout": [], "stderr": []}
+    readers = [threading.Thread(target=lambda pipe, lines: lines.extend(pipe), args=(getattr(process, name), lines),
+                                daemon=True) for name, lines in output.items()]
+    for reader in readers:
+        reader.start()
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while True:
-        assert process.poll() is None, process.communicate()
+        if process.poll() is not None:
+            for reader in readers:
+                reader.join(timeout=10)
+            raise AssertionError(("".join(output["stdout"]), "".join(output["stderr"])))
         assert time.time() < deadline, "the server did not start"
         try:
             with urllib.request.urlopen(url + "/health", timeout=2) as response:
@@ -67,8 +77,10 @@ def serving(*args) -> Iterator[Server]:
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
-        server.stderr = process.communicate(timeout=60)[1]
-        server.returncode = process.returncode
+        server.returncode = process.wait(timeout=60)
+        for reader in readers:
+            reader.join(timeout=10)
+        server.stderr = "".join(output["stderr"])
 
 
 def open_long_stream(server: Server, prompt: str = "Once upon a time"):
