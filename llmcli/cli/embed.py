@@ -8,7 +8,7 @@ import typer
 from llmcli import render
 from llmcli.cli.app import app
 from llmcli.cli.common import collect_inputs
-from llmcli.cli.options import DeviceOption, TrustOption
+from llmcli.cli.options import DeviceOption, ThreadsOption, TrustOption, completes
 from llmcli.errors import UsageError
 
 OUTPUT_SUFFIXES = (".jsonl", ".npy", ".parquet")
@@ -23,13 +23,21 @@ DimensionsOption = Annotated[Optional[int], typer.Option(
     help="Keep the first N dimensions (Matryoshka truncation, as sentence-transformers' truncate_dim).")]
 PoolingOption = Annotated[str, typer.Option(help="auto (the model's own), mean, cls, max or last.")]
 MaxLengthOption = Annotated[Optional[int], typer.Option(help="Tokens per input. Default: the model's limit.")]
+EmbedEngineOption = Annotated[str, typer.Option(
+    "--engine", help="auto (llama.cpp for a BERT model without Dense layers when installed: about a second cold, "
+    "vectors within a few 1e-4 of sentence-transformers'; else hf), hf (transformers: sentence-transformers' own "
+    "arithmetic) or llama.cpp.", autocompletion=completes("auto", "hf", "llama.cpp"))]
 
 
-def load(model: Optional[str], pooling: str, device: Optional[str], trust_remote_code: bool):
+def load(model: Optional[str], pooling: str, device: Optional[str], trust_remote_code: bool, engine: str,
+         threads: Optional[int]):
     from llmcli.sentence_models import load_sentence_model
 
+    if threads is not None and threads < 1:
+        raise UsageError(f"--threads must be at least 1, got {threads}")
     with render.status("Loading the embedding model"):
-        loaded = load_sentence_model(model, device=device, pooling=pooling, trust_remote_code=trust_remote_code)
+        loaded = load_sentence_model(model, device=device, pooling=pooling, trust_remote_code=trust_remote_code,
+                                     engine=engine, threads=threads)
     if model is None:
         render.notice(f"Using the embedded model {loaded.name} (pass --model to choose another).")
     for notice in loaded.notices:
@@ -57,7 +65,10 @@ def embed(
     truncate: Annotated[bool, typer.Option(help="Cut an input over the limit to it (with a notice), or refuse "
                                            "it with --no-truncate.")] = True,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --output file.")] = False,
-    stats: Annotated[bool, typer.Option(help="Print inputs/s, tokens/s and peak memory to stderr.")] = False,
+    stats: Annotated[bool, typer.Option(help="Print the engine, inputs/s, tokens/s and peak memory to "
+                                        "stderr.")] = False,
+    engine: EmbedEngineOption = "auto",
+    threads: ThreadsOption = None,
     device: DeviceOption = None,
     trust_remote_code: TrustOption = False,
 ) -> None:
@@ -70,7 +81,7 @@ def embed(
     inputs = collect_inputs(texts or [], file, read_texts_without_gaps, "text")
     options = EmbedOptions(batch_size=batch_size, prompt=prompt, dimensions=dimensions, normalize=normalize,
                            max_length=max_length, truncate=truncate)
-    loaded = load(model, pooling, device, trust_remote_code)
+    loaded = load(model, pooling, device, trust_remote_code, engine, threads)
     with render.progress("embedding") as (start, advance):
         start(len(inputs))
         result = embed_texts(loaded, inputs, options, on_batch=advance if file else None)
@@ -87,7 +98,7 @@ def embed(
 
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         seconds = max(result.seconds, 1e-9)
-        render.notice(f"{len(inputs)} inputs, {len(inputs) / seconds:.1f} inputs/s, "
+        render.notice(f"engine {loaded.engine}, {len(inputs)} inputs, {len(inputs) / seconds:.1f} inputs/s, "
                       f"{sum(result.tokens) / seconds:.0f} tokens/s, peak memory {peak:.0f} MB")
 
 
@@ -150,6 +161,8 @@ def similar(
     dimensions: DimensionsOption = None,
     batch_size: BatchOption = 32,
     json_output: Annotated[bool, typer.Option("--json", help="JSON Lines {rank, index, score, text}.")] = False,
+    engine: EmbedEngineOption = "auto",
+    threads: ThreadsOption = None,
     device: DeviceOption = None,
     trust_remote_code: TrustOption = False,
 ) -> None:
@@ -163,7 +176,7 @@ def similar(
         raise UsageError("empty query", "Pass some text.")
     lines = read_texts_without_gaps(file)
     saved = read_vectors(embeddings, len(lines)) if embeddings else None
-    loaded = load(model, pooling, device, trust_remote_code)
+    loaded = load(model, pooling, device, trust_remote_code, engine, threads)
     options = EmbedOptions(batch_size=batch_size, prompt=prompt, dimensions=dimensions)
     [query_vector] = embed_texts(loaded, [query], options).vectors
     vectors = saved if saved is not None else embed_texts(loaded, lines, options).vectors

@@ -93,7 +93,7 @@ def embed_request(model: Any, body: EmbeddingRequest) -> tuple[Any, list[int]]:
     if body.dimensions is not None and body.dimensions > model.dimension:
         raise ApiError(400, f"dimensions {body.dimensions} is above this model's {model.dimension}",
                        param="dimensions")
-    texts = [item if isinstance(item, str) else model.tokenizer.decode(check_ids(item, model)) for item in body.input]
+    texts = [item if isinstance(item, str) else model.decode(check_ids(item, model)) for item in body.input]
     try:
         result = embed_texts(model, texts, EmbedOptions(batch_size=len(texts), dimensions=body.dimensions,
                                                         truncate=False))
@@ -103,7 +103,7 @@ def embed_request(model: Any, body: EmbeddingRequest) -> tuple[Any, list[int]]:
 
 
 def check_ids(ids: list[int], model: Any) -> list[int]:
-    size = len(model.tokenizer)
+    size = model.vocab_size
     wrong = next((token for token in ids if not 0 <= token < size), None)
     if wrong is not None:
         raise ApiError(400, f"input token {wrong} is outside the embedding model's vocabulary of {size} (token ids "

@@ -43,15 +43,13 @@ def embed_texts(model: SentenceModel, texts: list[str], options: EmbedOptions,
     """The inputs' vectors: sorted by length so each batch pads little (as sentence-transformers
     sorts), then put back in input order."""
     import numpy
-    import torch
 
     check_options(model, options)
     began = time.perf_counter()
     prefix = model.prompt_text(options.prompt)
     prompted = [prefix + text for text in texts]
     limit = options.max_length or model.max_length
-    lengths = [len(ids) for ids in model.tokenizer([t.lower() if model.lower_case else t for t in prompted],
-                                                    add_special_tokens=True)["input_ids"]]
+    lengths = model.count_tokens(prompted)
     over = [number for number, length in enumerate(lengths) if limit is not None and length > limit]
     if over and not options.truncate:
         raise DataError(f"input {over[0] + 1} has {lengths[over[0]]} tokens, above the limit of {limit}",
@@ -70,12 +68,12 @@ def embed_texts(model: SentenceModel, texts: list[str], options: EmbedOptions,
                 on_batch(len(batch))
     finally:
         model.max_length = saved
-    stacked = torch.stack(vectors) if vectors else torch.zeros((0, model.dimension))
+    stacked = numpy.stack(vectors) if vectors else numpy.zeros((0, model.dimension), numpy.float32)
     if options.dimensions is not None:
         stacked = stacked[:, :options.dimensions]
-    if options.normalize:
-        stacked = torch.nn.functional.normalize(stacked, p=2, dim=-1)
-    return Embeddings(stacked.cpu().numpy().astype(numpy.float32), tokens, len(over), time.perf_counter() - began)
+    if options.normalize:  # as torch.nn.functional.normalize: x / max(|x|, 1e-12)
+        stacked = stacked / numpy.maximum(numpy.linalg.norm(stacked, axis=1, keepdims=True), 1e-12)
+    return Embeddings(stacked.astype(numpy.float32), tokens, len(over), time.perf_counter() - began)
 
 
 def read_vectors(path: str, rows: int) -> Any:
