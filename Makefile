@@ -21,7 +21,7 @@ LLAMA_WHEELS ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/llmcli/wheels/$(LLAMA_BUI
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-llama$(LLAMA)$(if $(filter 1,$(LLAMA)),-$(LLAMA_BUILD))
 comma := ,
-EXTRAS := $(if $(filter 1,$(LLAMA)),dev$(comma)llama,dev)
+EXTRAS := $(if $(filter 1,$(LLAMA)),dev$(comma)tasks$(comma)llama,dev$(comma)tasks)
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
 
 .PHONY: install llama-rebuild demo test test-fast mutants bench bench-quick clean

@@ -223,6 +223,24 @@ def eval_table(results: list[Any]) -> None:
     print_table(table)
 
 
+def task_table(results: list[Any]) -> None:
+    """`eval --tasks`: one row per model, task, metric and filter, with its standard error, as lm-eval's
+    own table lists them; the caption names each model's engine and weights."""
+    table = Table(title="lm-evaluation-harness tasks", title_justify="left",
+                  caption="\n".join(f"{name}: {r.engine} ({r.weights}), {r.seconds:.1f} s"
+                                    for name, r in zip(short_names([r.model for r in results]), results)))
+    for column in ("model", "task", "n-shot", "metric", "filter", "value", "± stderr"):
+        table.add_column(column, justify="right" if column in ("n-shot", "value", "± stderr") else "left",
+                         overflow="fold")
+    for name, r in zip(short_names([r.model for r in results]), results):
+        for row in r.rows:
+            value, stderr = row["value"], row["stderr"]
+            table.add_row(name, row["task"], "-" if row["n_shot"] is None else str(row["n_shot"]), row["metric"],
+                          row["filter"], f"{value:.4f}" if isinstance(value, (int, float)) else str(value),
+                          "-" if stderr is None else f"{stderr:.4f}")
+    print_table(table)
+
+
 def short_names(names: list[str]) -> list[str]:
     """The shortest trailing path parts that still tell the models apart (runs/a/final vs runs/b/final)."""
     parts = [name.rstrip("/").split("/") for name in names]

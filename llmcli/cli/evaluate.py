@@ -16,8 +16,23 @@ from llmcli.errors import UsageError
 
 @app.command("eval")
 def evaluate(
-    data: Annotated[str, typer.Option("--data", "-d", help="Text to score: .txt, JSONL with 'text', or '-' "
-                                      "for stdin.", show_default=False)],
+    data: Annotated[Optional[str], typer.Option("--data", "-d", help="Text to score: .txt, JSONL with 'text', or "
+                                                "'-' for stdin.", show_default=False)] = None,
+    tasks: Annotated[Optional[list[str]], typer.Option(
+        "--tasks", "-t", metavar="NAMES|FILE.yaml", help="lm-evaluation-harness tasks instead of --data: registered "
+        "names (comma-separated or repeated) or task YAML files of your own.", show_default=False)] = None,
+    num_fewshot: Annotated[Optional[int], typer.Option(help="--tasks: examples in each prompt. Default: the "
+                                                       "task's.", show_default=False)] = None,
+    limit: Annotated[Optional[float], typer.Option(help="--tasks: examples per task (below 1: a fraction of "
+                                                   "them).", show_default=False)] = None,
+    apply_chat_template: Annotated[bool, typer.Option(help="--tasks: put each prompt through the model's chat "
+                                                      "template.")] = False,
+    fewshot_as_multiturn: Annotated[bool, typer.Option(help="--tasks: few-shot examples as chat turns (with "
+                                                       "--apply-chat-template).")] = False,
+    log_samples: Annotated[bool, typer.Option(help="--tasks: keep every request and answer in the results "
+                                              "(--output-path).")] = False,
+    output_path: Annotated[Optional[str], typer.Option(help="--tasks: a folder for lm-eval's results JSON (and "
+                                                       "samples).", show_default=False)] = None,
     model: Annotated[Optional[list[str]], typer.Option("--model", "-m", metavar="MODEL", help="Model to evaluate (repeatable: one "
                                                        "row each). Default: the embedded SmolLM2.")] = None,
     metric: Annotated[Optional[str], typer.Option(autocompletion=completes("perplexity", "pseudo-perplexity",
@@ -34,7 +49,9 @@ def evaluate(
                                           "every token scored, disjoint windows of max-length.")] = False,
     batch_size: Annotated[Optional[int], typer.Option(help="Windows (masked copies for a masked LM) per forward "
                                                       "pass. Default: 8, or 1 for perplexity on the CPU.")] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the 15% masking for --metric accuracy.")] = 0,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of the 15% masking for --metric accuracy (0); with "
+                                                "--tasks every lm-eval seed (default: lm-eval's).",
+                                                show_default=False)] = None,
     per_record: Annotated[bool, typer.Option("--per-record", help="Score each line (or JSONL 'text' record) as a "
                                              "text of its own, and aggregate over all their tokens.")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="JSON Lines: one object per model.")] = False,
@@ -58,6 +75,28 @@ def evaluate(
     from llmcli.data import Completion, read_document, read_eval_records
     from llmcli.tasks.evaluate import EvalOptions, evaluate as run_evaluate
 
+    if tasks:
+        from llmcli.cli.tasks import run_tasks_command
+
+        if data is not None:
+            raise UsageError("--data and --tasks are two kinds of evaluation", "Pass one of them.")
+        if num_processes != 1 or nnodes != 1:
+            raise UsageError("--tasks runs in one process", "Drop --num-processes and --nnodes.")
+        run_tasks_command(model or [None], tasks, num_fewshot=num_fewshot, limit=limit,
+                          apply_chat_template=apply_chat_template, fewshot_as_multiturn=fewshot_as_multiturn,
+                          seed=seed, batch_size=batch_size, log_samples=log_samples, output_path=output_path,
+                          max_length=max_length, json_output=json_output, engine=engine, threads=threads,
+                          device=device, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+        return
+    if data is None:
+        raise UsageError("nothing to evaluate", "Pass --data FILE (a text to score) or --tasks NAMES.")
+    task_only = [name for name, value in (("--num-fewshot", num_fewshot), ("--limit", limit),
+                                          ("--apply-chat-template", apply_chat_template or None),
+                                          ("--fewshot-as-multiturn", fewshot_as_multiturn or None),
+                                          ("--log-samples", log_samples or None), ("--output-path", output_path))
+                 if value is not None]
+    if task_only:
+        raise UsageError(f"{task_only[0]} is for --tasks", "Drop it, or pass --tasks.")
     if llama_cpp and lm_eval:
         raise UsageError("--llama-cpp and --lm-eval are two different protocols", "Choose one.")
     if stride is not None and stride <= 0:
@@ -66,7 +105,7 @@ def evaluate(
         raise UsageError(f"--stride ({stride}) must not exceed --max-length ({max_length})")
     protocol = "llama.cpp" if llama_cpp else "rolling" if lm_eval else "sliding"
     options = EvalOptions(metric=metric, protocol=protocol, max_length=max_length, stride=stride, ctx=ctx,
-                          batch_size=batch_size, seed=seed)
+                          batch_size=batch_size, seed=seed or 0)
     if per_record or data.endswith(".jsonl"):
         records = read_eval_records(data)
         # prompt/completion and chat records are scored each on its own, as a completion given its prompt

@@ -59,6 +59,13 @@ class Engine(Protocol):
     def decode(self, ids: Sequence[int]) -> str:
         """Text of the ids, special tokens left out."""
 
+    def token_text(self, token: int | None) -> str:
+        """One token's own text (a special token's too)."""
+
+    def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                    tools: list[dict[str, Any]] | None = None) -> str:
+        """The chat template's text for `messages`."""
+
     def set_seed(self, seed: int) -> None: ...
 
     def generate(self, batch: list[list[int]], options: Any, on_tokens: TokensCallback,
@@ -70,6 +77,11 @@ class Engine(Protocol):
     def token_nlls(self, windows: list[Window], batch_size: int,
                    on_progress: ProgressCallback | None = None) -> list[float]:
         """Negative log-likelihood of every scored token, in order."""
+
+    def continuation_scores(self, sequences: list[list[int]], starts: list[int],
+                            batch_size: int) -> list[tuple[float, bool]]:
+        """Each sequence's summed log-probability of its tokens from `start` on, and whether every one of
+        them was the likeliest (lm-eval's loglikelihood)."""
 
     def token_logprobs(self, window: Window, top: int) -> tuple[list[float], list[list[tuple[int, float]]]]:
         """Log-probability of each scored token (the numbers token_nlls negates), and the `top` likeliest

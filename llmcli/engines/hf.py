@@ -40,12 +40,18 @@ class HFEngine:
     def encode(self, text: str, add_special: bool = True) -> list[int]:
         return self.tokenizer(text, add_special_tokens=add_special)["input_ids"]
 
-    def encode_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
+    def token_text(self, token: int | None) -> str:
+        return "" if token is None else self.tokenizer.convert_ids_to_tokens(token)
+
+    def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                    tools: list[dict[str, Any]] | None = None) -> str:
         # self.chat_template, not the tokenizer's: --chat-template may replace it
-        text = self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, tools=tools,
-                                                  add_generation_prompt=True, tokenize=False)
+        return self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, tools=tools,
+                                                  add_generation_prompt=add_generation_prompt, tokenize=False)
+
+    def encode_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
         # The template already holds the special tokens; adding them again would double the BOS.
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self.tokenizer(self.render_chat(messages, tools=tools), add_special_tokens=False)["input_ids"]
 
     def guidance_tokenizer(self) -> Any:
         """llguidance's tokenizer of this (fast) tokenizer, ending at generate's EOS ids."""
@@ -115,6 +121,35 @@ class HFEngine:
                 if on_progress:
                     on_progress(len(run))
         return nlls
+
+    def continuation_scores(self, sequences: list[list[int]], starts: list[int],
+                            batch_size: int) -> list[tuple[float, bool]]:
+        """For each sequence, the summed log-probability of its tokens from `start` on and whether each was
+        the likeliest: lm-eval's HFLM computation (longest first, right-padded batches without a mask,
+        which a causal model's earlier positions never see; log_softmax in the model's float32)."""
+        import torch
+
+        answers: list[tuple[float, bool]] = [(0.0, False)] * len(sequences)
+        order = sorted(range(len(sequences)), key=lambda number: -len(sequences[number]))
+        with torch.inference_mode():
+            for begin in range(0, len(order), batch_size):
+                run = order[begin:begin + batch_size]
+                width = max(len(sequences[number]) - 1 for number in run)
+                ids = torch.zeros((len(run), width), dtype=torch.long)
+                for row, number in enumerate(run):
+                    inputs = sequences[number][:-1]
+                    ids[row, :len(inputs)] = torch.tensor(inputs)
+                keep = width - min(starts[number] - 1 for number in run)  # only the rows any answer reads
+                logits = self.loaded.model(input_ids=ids.to(self.device), logits_to_keep=keep).logits.float()
+                logprobs = logits.log_softmax(-1)
+                for row, number in enumerate(run):
+                    sequence, start = sequences[number], starts[number]
+                    first = start - 1 - (width - keep)
+                    rows = logprobs[row, first:first + len(sequence) - start]
+                    targets = torch.tensor(sequence[start:], device=rows.device)
+                    chosen = rows.gather(-1, targets[:, None]).squeeze(-1)
+                    answers[number] = (float(chosen.sum()), bool((rows.argmax(-1) == targets).all()))
+        return answers
 
     def token_logprobs(self, window: Window, top: int) -> tuple[list[float], list[list[tuple[int, float]]]]:
         """As token_nlls computes them (one window, the same operations), plus the top tokens."""

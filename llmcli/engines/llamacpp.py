@@ -257,12 +257,15 @@ class LlamaCppEngine:
             return ""
         return self.lib.llama_vocab_get_text(self.vocab, token).decode("utf-8", errors="replace")
 
-    def encode_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
+    def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                    tools: list[dict[str, Any]] | None = None) -> str:
         from llmcli.engines.chat_template import render
 
-        text = render(self.chat_template, messages, tools=tools, bos_token=self.token_text(self.bos_id),
-                      eos_token=self.token_text(self.eos_id))
-        return self.encode(text, add_special=False)
+        return render(self.chat_template, messages, add_generation_prompt, tools=tools,
+                      bos_token=self.token_text(self.bos_id), eos_token=self.token_text(self.eos_id))
+
+    def encode_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
+        return self.encode(self.render_chat(messages, tools=tools), add_special=False)
 
     # ------------------------------------------------------------ running the model
 
@@ -477,6 +480,24 @@ class LlamaCppEngine:
             if on_progress:
                 on_progress(1)
         return nlls
+
+    def continuation_scores(self, sequences: list[list[int]], starts: list[int],
+                            batch_size: int) -> list[tuple[float, bool]]:
+        """For each sequence, the summed log-probability of its tokens from `start` on and whether each was
+        the likeliest. Sequences with the same tokens before their start (a question's answers) are
+        scored together: that context is decoded once and its cells shared (llama_scoring.py)."""
+        from llmcli.engines.llama_scoring import SharedPrefixScorer
+
+        scorer = SharedPrefixScorer(self)
+        by_context: dict[tuple[int, ...], list[int]] = {}
+        for number, (sequence, start) in enumerate(zip(sequences, starts)):
+            by_context.setdefault(tuple(sequence[:start]), []).append(number)
+        answers: list[tuple[float, bool]] = [(0.0, False)] * len(sequences)
+        for members in by_context.values():
+            scored = scorer.score_from([sequences[n] for n in members], [starts[n] for n in members])
+            for number, result in zip(members, scored):
+                answers[number] = result
+        return answers
 
     def token_logprobs(self, window: Window, top: int) -> tuple[list[float], list[list[tuple[int, float]]]]:
         """Log-softmax in float64 of the logits at each scored position, read batch by batch: llama.cpp

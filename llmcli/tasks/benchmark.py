@@ -1,0 +1,250 @@
+"""`eval --tasks`: lm-evaluation-harness's task library run on llmcli's engines.
+
+lm-eval builds the requests (its task YAMLs, few-shot sampling, chat templates, metrics, standard
+errors, results file); `EngineLM` answers them on a loaded engine as lm-eval's own `HFLM` does
+(models/huggingface.py, 0.4.x): the same tokenization of a context and its continuation (lm-eval's
+`TemplateLM._encode_pair`), the same left truncation to the model's length, the same rolling windows,
+greedy generation cut at the first `until` string. On the llama.cpp engine the answers of one
+question share their context's cells: the context is decoded once (engines/llama_scoring.py).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from llmcli.engines import Engine
+from llmcli.errors import UsageError
+
+LM_EVAL_INSTALL_HINT = "Install lm-evaluation-harness with: pip install 'llmcli[tasks]' (make install includes it)."
+DEFAULT_MAX_LENGTH = 2048  # lm-eval's, for a model that states no context length
+DEFAULT_MAX_GEN_TOKS = 256  # HFLM's max_gen_toks
+
+
+@dataclass
+class TaskOptions:
+    tasks: list[str]  # registered task names, or YAML files of the user's own tasks
+    num_fewshot: int | None = None
+    limit: float | None = None  # examples per task (a fraction of them when below 1), as lm-eval's --limit
+    apply_chat_template: bool = False
+    fewshot_as_multiturn: bool = False
+    seed: int | None = None  # every lm-eval seed; None: lm-eval's defaults (0, 1234, 1234, 1234)
+    batch_size: int = 8
+    log_samples: bool = False
+    max_length: int | None = None
+
+
+@dataclass
+class TaskResults:
+    results: dict[str, Any]  # lm-eval's whole results object (config, versions, n-shot, hashes, samples)
+    seconds: float
+    engine: str
+    weights: str
+    model: str
+    rows: list[dict[str, Any]] = field(default_factory=list)  # task, metric, filter, value, stderr
+
+
+def import_lm_eval() -> Any:
+    """lm_eval, quiet unless --debug: its per-request progress bars and its notes on task defaults would
+    bury the table (tqdm reads TQDM_DISABLE when a bar is made)."""
+    import logging
+    import os
+
+    if not os.environ.get("LLMCLI_DEBUG"):
+        os.environ.setdefault("TQDM_DISABLE", "1")
+    try:
+        import lm_eval
+    except ImportError as exc:
+        raise UsageError(f"eval --tasks needs lm-evaluation-harness, which is not installed ({exc})",
+                         LM_EVAL_INSTALL_HINT) from exc
+    if not os.environ.get("LLMCLI_DEBUG"):
+        from llmcli.models import quiet_libraries
+
+        quiet_libraries()
+        logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    return lm_eval
+
+
+def engine_lm(engine: Engine, batch_size: int, max_length: int | None = None) -> Any:
+    """An `lm_eval.api.model.LM` answering on `engine` (lm-eval is imported here, not at start-up)."""
+    import_lm_eval()
+    from lm_eval.api.model import TemplateLM
+
+    class EngineLM(TemplateLM):
+        def __init__(self) -> None:
+            super().__init__()
+            self.engine, self.batch_size = engine, batch_size
+            self._max_length = max_length or engine.context_length or DEFAULT_MAX_LENGTH
+
+        @property
+        def eot_token_id(self) -> int:
+            return engine.eos_id
+
+        @property
+        def prefix_token_id(self) -> int:
+            # HFLM's: the BOS token, else the EOS token
+            return engine.bos_id if engine.bos_id is not None else engine.eos_id
+
+        @property
+        def max_length(self) -> int:
+            return self._max_length
+
+        @property
+        def tokenizer_name(self) -> str:
+            return engine.source.name.replace("/", "__")
+
+        def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
+            # HFLM: the tokenizer's own special tokens unless told, none when the text already starts with BOS
+            add = True if add_special_tokens is None else add_special_tokens
+            if add_special_tokens is None and engine.bos_id is not None and engine.adds_bos:
+                add = not string.startswith(engine.token_text(engine.bos_id))
+            return engine.encode(string, add_special=add)
+
+        def _loglikelihood_tokens(self, requests: list[Any], **kwargs: Any) -> list[tuple[float, bool]]:
+            sequences, starts = [], []
+            for _, context, continuation in requests:
+                # HFLM: the last max_length + 1 tokens; the last one is only a target
+                whole = (context + continuation)[-(self.max_length + 1):]
+                sequences.append(whole)
+                starts.append(len(whole) - len(continuation))
+            answers = engine.continuation_scores(sequences, starts, self.batch_size)
+            for (key, _, _), answer in zip(requests, answers):
+                if key is not None:
+                    self.cache_hook.add_partial("loglikelihood", key, answer)
+            return answers
+
+        def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
+            from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+            windows, owners = [], []
+            for number, (text,) in enumerate(request.args for request in requests):
+                for context, continuation in map(make_disjoint_window, get_rolling_token_windows(
+                        token_list=self.tok_encode(text), prefix_token=self.prefix_token_id,
+                        max_seq_len=self.max_length, context_len=1)):
+                    windows.append((None, context, continuation))
+                    owners.append(number)
+            totals = [0.0] * len(requests)
+            for owner, (value, _) in zip(owners, self._loglikelihood_tokens(windows)):
+                totals[owner] += value
+            for request, total in zip(requests, totals):
+                self.cache_hook.add_partial("loglikelihood_rolling", request.args, total)
+            return totals
+
+        def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
+            return [answer(engine, self.tok_encode(context), kwargs, self.max_length, self.batch_size)
+                    for context, kwargs in (request.args for request in requests)]
+
+        def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+            return engine.render_chat(chat_history, add_generation_prompt)
+
+        def chat_template(self, chat_template: bool | str = False) -> str | None:
+            return engine.chat_template if chat_template else None
+
+    return EngineLM()
+
+
+def answer(engine: Engine, context: list[int], kwargs: dict[str, Any], max_length: int, batch_size: int) -> str:
+    """HFLM's generate_until for one request: greedy, at most max_gen_toks new tokens after the context
+    cut on the left to what the model's length leaves, the text cut at the first `until` string."""
+    from llmcli.data import Prompt
+    from llmcli.tasks.generate import GenerateOptions, generate
+
+    kwargs = dict(kwargs)
+    until = kwargs.pop("until", None) or []
+    until = [until] if isinstance(until, str) else list(until)
+    new_tokens = int(kwargs.pop("max_gen_toks", DEFAULT_MAX_GEN_TOKS))
+    if kwargs.pop("do_sample", False) or float(kwargs.pop("temperature", 0.0) or 0.0) > 0:
+        raise UsageError("a task asks for sampled generation, and eval --tasks generates greedily",
+                         "Use a task with greedy generation (do_sample: false).")
+    options = GenerateOptions(max_new_tokens=new_tokens, temperature=0.0, stop=[s for s in until if s], chat=False,
+                              batch_size=batch_size)
+    [generation] = generate(engine, [Prompt(ids=context[-(max_length - new_tokens):])], options)
+    # HFLM's text: the new tokens decoded whole (an incomplete last character included), cut at each `until`
+    text = engine.decode(generation.token_ids)
+    for stop in until:
+        if stop:
+            text = text.split(stop)[0]
+    return text
+
+
+def run_tasks(engine: Engine, options: TaskOptions,
+              on_notice: Callable[[str], None] | None = None) -> TaskResults:
+    """lm-eval's `simple_evaluate` on the engine, with the user's YAML files' folders included."""
+    lm_eval = import_lm_eval()
+    from lm_eval.tasks import TaskManager
+
+    names, folders = task_names(options.tasks)
+    manager = TaskManager(include_path=folders or None)
+    unknown = [name for name in names if name not in manager.all_tasks]
+    if unknown:
+        raise UsageError(f"--tasks: no task {unknown[0]!r} in lm-eval's registry or the given files",
+                         "List them with: lm-eval ls tasks (or check the YAML file's task: name).")
+    began = time.perf_counter()
+    seeds = {} if options.seed is None else {f"{kind}_seed": options.seed for kind in
+                                              ("random", "numpy_random", "torch_random", "fewshot_random")}
+    results = lm_eval.simple_evaluate(
+        model=engine_lm(engine, options.batch_size, options.max_length), tasks=names,
+        num_fewshot=options.num_fewshot, limit=options.limit, log_samples=options.log_samples,
+        apply_chat_template=options.apply_chat_template, fewshot_as_multiturn=options.fewshot_as_multiturn,
+        task_manager=manager, batch_size=options.batch_size, **seeds)
+    seconds = time.perf_counter() - began
+    results["config"].update({"model": engine.source.name, "llmcli_engine": engine.name,
+                              "llmcli_weights": engine.weights, "llmcli_threads": getattr(engine, "threads", None)})
+    return TaskResults(results, seconds, engine.name, engine.weights, engine.source.name, table_rows(results))
+
+
+def task_names(tasks: list[str]) -> tuple[list[str], list[str]]:
+    """Registered names as they are; a YAML file stands for the tasks it names (its folder included)."""
+    import yaml
+
+    names, folders = [], []
+    for item in tasks:
+        path = Path(item)
+        if path.suffix in (".yaml", ".yml"):
+            if not path.is_file():
+                raise UsageError(f"--tasks {item}: no such file", "Pass a task YAML file or a registered task name.")
+            try:
+                config = yaml.safe_load(path.read_text()) or {}
+            except yaml.YAMLError as exc:
+                raise UsageError(f"--tasks {item} is not valid YAML ({exc})".replace("\n", " ")) from exc
+            task = config.get("task") if isinstance(config, dict) else None
+            if not task:
+                raise UsageError(f"--tasks {item} has no 'task:' name", "Name the task in the file (task: my_task).")
+            names.extend([task] if isinstance(task, str) else task)
+            folders.append(str(path.resolve().parent))
+        else:
+            names.extend(name for name in item.split(",") if name)
+    return names, sorted(set(folders))
+
+
+def table_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per task, metric and filter, with its standard error, as lm-eval's table lists them."""
+    rows = []
+    for task, metrics in results["results"].items():
+        for key, value in metrics.items():
+            if "," not in key or "_stderr," in key or key.startswith("alias"):
+                continue
+            metric, filter_name = key.split(",", 1)
+            stderr = metrics.get(f"{metric}_stderr,{filter_name}")
+            rows.append({"task": task, "metric": metric, "filter": filter_name, "value": value,
+                         "stderr": stderr if isinstance(stderr, (int, float)) else None,
+                         "n_shot": results.get("n-shot", {}).get(task)})
+    return rows
+
+
+def save(results: TaskResults, output_path: str) -> Path:
+    """lm-eval's own results file (and samples files, when logged), through its EvaluationTracker."""
+    from lm_eval.loggers import EvaluationTracker
+
+    tracker = EvaluationTracker(output_path=output_path)
+    tracker.general_config_tracker.model_name = results.model
+    tracker.general_config_tracker.model_name_sanitized = results.model.replace("/", "__")
+    everything = dict(results.results)
+    samples = everything.pop("samples", None)
+    tracker.save_results_aggregated(results=everything, samples=samples)
+    if samples:
+        for task in everything["configs"]:
+            tracker.save_results_samples(task_name=task, samples=samples[task])
+    return Path(output_path)

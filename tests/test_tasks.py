@@ -1,0 +1,204 @@
+"""`llmcli eval --tasks` against lm-evaluation-harness's own `hf` model on the same model and tasks, in
+the same test: task YAMLs with local data written here (multiple choice with acc and acc_norm,
+generate_until with exact_match, loglikelihood_rolling perplexity), every metric and every sample's
+answer compared. On the hf engine 1e-6 relative; on the llama.cpp engine, on an F32 GGUF export of the
+same model, within LLAMA_RELATIVE."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from conftest import GPL3, run_cli
+
+lm_eval = pytest.importorskip("lm_eval")
+
+RELATIVE = 1e-6
+# llama.cpp's kernels on the same F32 weights; measured here: a multiple-choice answer's log-likelihood up
+# to 2.5e-5 apart, a rolling sum 6.6e-7, the metrics 3.7e-6 (on hf: metrics equal, answers 1.1e-7)
+LLAMA_RELATIVE = 1e-4
+
+
+def paragraphs() -> list[str]:
+    text = GPL3.read_text()
+    return [" ".join(block.split()) for block in text.split("\n\n") if len(block.split()) > 8]
+
+
+@pytest.fixture(scope="module")
+def task_files(tmp_path_factory):
+    """Three tasks in one folder, each reading a JSONL file beside it."""
+    import random
+
+    folder = tmp_path_factory.mktemp("tasks")
+    rng = random.Random(0)
+    blocks = paragraphs()
+    words = " ".join(blocks).split()
+    questions = []
+    for block in blocks[:24]:
+        head = block.split()[:12]
+        answer = head[-1]
+        choices = [answer] + rng.sample([w for w in words if w != answer], 3)
+        rng.shuffle(choices)
+        questions.append({"context": " ".join(head[:-1]), "choices": choices, "label": choices.index(answer)})
+    write_jsonl(folder / "mc.jsonl", questions)
+    write_jsonl(folder / "gen.jsonl", [{"question": " ".join(b.split()[:6]), "answer": b.split()[6]}
+                                      for b in blocks[30:42]])
+    write_jsonl(folder / "docs.jsonl", [{"text": b} for b in blocks[50:56]] + [{"text": " ".join(blocks[60:66])}])
+    common = "dataset_path: json\ntest_split: test\n"
+    (folder / "mc.yaml").write_text(
+        f"task: license_mc\n{common}dataset_kwargs:\n  data_files:\n    test: {folder / 'mc.jsonl'}\n"
+        "output_type: multiple_choice\ndoc_to_text: '{{context}}'\ndoc_to_choice: '{{choices}}'\n"
+        "doc_to_target: label\nmetric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+        "  - metric: acc_norm\n    aggregation: mean\n    higher_is_better: true\n")
+    (folder / "gen.yaml").write_text(
+        f"task: license_gen\n{common}dataset_kwargs:\n  data_files:\n    test: {folder / 'gen.jsonl'}\n"
+        "output_type: generate_until\ndoc_to_text: '{{question}}'\ndoc_to_target: '{{answer}}'\n"
+        "generation_kwargs:\n  until: ['\\n', '.']\n  max_gen_toks: 12\n  do_sample: false\n"
+        "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n")
+    (folder / "docs.yaml").write_text(
+        f"task: license_ppl\n{common}dataset_kwargs:\n  data_files:\n    test: {folder / 'docs.jsonl'}\n"
+        "output_type: loglikelihood_rolling\ndoc_to_text: ''\ndoc_to_target: '{{text}}'\n"
+        "metric_list:\n  - metric: word_perplexity\n  - metric: byte_perplexity\n  - metric: bits_per_byte\n")
+    return folder
+
+
+def write_jsonl(path, records) -> None:
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+
+
+def reference(model_dir, folder, **options):
+    """lm-eval's own hf model, as `lm_eval --model hf --model_args pretrained=DIR` runs it."""
+    from lm_eval.tasks import TaskManager
+
+    return lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={model_dir},dtype=float32", device="cpu",
+                                   tasks=["license_mc", "license_gen", "license_ppl"], log_samples=True,
+                                   task_manager=TaskManager(include_path=str(folder)), **options)
+
+
+def ours(model, folder, output, *args):
+    result = run_cli("eval", "--tasks", str(folder / "mc.yaml"), "--tasks", str(folder / "gen.yaml"), "--tasks",
+                     str(folder / "docs.yaml"), "-m", str(model), "--json", "--log-samples", "--output-path",
+                     str(output), *args)
+    assert result.exit_code == 0, result.stderr
+    [results_file] = output.rglob("results_*.json")
+    samples = {path.name.split("_", 1)[1].rsplit("_", 1)[0]: [json.loads(line) for line in path.read_text().splitlines()]
+               for path in output.rglob("samples_*.jsonl")}
+    return result.json_lines(), json.loads(results_file.read_text()), samples
+
+
+def metrics(results: dict) -> dict[tuple[str, str], float]:
+    return {(task, key): value for task, values in results["results"].items() for key, value in values.items()
+            if isinstance(value, float) and "stderr" not in key}
+
+
+def close(a: float, b: float, relative: float) -> bool:
+    return math.isclose(a, b, rel_tol=relative, abs_tol=relative)
+
+
+def answers(samples: list[dict]) -> list:
+    """Each request's answer in doc order: (log-likelihood, greedy) pairs, texts or rolling sums."""
+    return [response for sample in sorted(samples, key=lambda s: s["doc_id"]) for response in sample["resps"]]
+
+
+def check_same(got: dict, expected: dict, ours_samples: dict, theirs_samples: dict, relative: float) -> None:
+    mine, theirs = metrics(got), metrics(expected)
+    assert set(mine) == set(theirs) and len(mine) >= 5, (mine.keys(), theirs.keys())
+    for key in theirs:
+        assert close(mine[key], theirs[key], relative), (key, mine[key], theirs[key])
+    for task in ("license_mc", "license_gen", "license_ppl"):
+        for a, b in zip(answers(ours_samples[task]), answers(theirs_samples[task]), strict=True):
+            if task == "license_gen":
+                assert a == b, (a, b)
+            elif task == "license_mc":
+                assert close(float(a[0][0]), float(b[0][0]), relative), (a, b)
+                # greedy flags: exact on the same arithmetic (the samples file holds them as text)
+                assert relative > RELATIVE or str(a[0][1]) == str(b[0][1])
+            else:
+                assert close(float(a[0]), float(b[0]), relative), (a, b)
+
+
+def test_tasks_on_the_hf_engine_equal_lm_evals_hf_model(tiny_llama, task_files, tmp_path):
+    """Every metric and every per-sample answer equal to lm-eval's hf model (1e-6 relative); the table's
+    records carry each metric with its standard error; the results file is lm-eval's own, plus the
+    engine, weights and threads."""
+    records, results, samples = ours(tiny_llama, task_files, tmp_path / "out", "--engine", "hf")
+    expected = reference(tiny_llama, task_files)
+    check_same(results, expected, samples, expected["samples"], RELATIVE)
+    acc = next(r for r in records if r["task"] == "license_mc" and r["metric"] == "acc")
+    assert acc["engine"] == "hf" and acc["stderr"] == pytest.approx(expected["results"]["license_mc"]["acc_stderr,none"])
+    assert {"results", "configs", "versions", "n-shot", "higher_is_better", "n-samples", "config",
+            "task_hashes"} <= set(results)
+    assert results["config"]["llmcli_engine"] == "hf" and results["config"]["llmcli_weights"] == "float32"
+    from lm_eval.utils import hash_string
+
+    # the hashes of every document, prompt and target: the same requests as lm-eval's own run made
+    assert results["task_hashes"] == {task: hash_string("".join(s["doc_hash"] + s["prompt_hash"] + s["target_hash"]
+                                                                for s in done))
+                                      for task, done in expected["samples"].items()}
+    # batched answers equal one at a time
+    _, one_by_one, single = ours(tiny_llama, task_files, tmp_path / "one", "--engine", "hf", "--batch-size", "1")
+    check_same(one_by_one, results, single, samples, RELATIVE)
+
+
+def test_tasks_on_llama_cpp_match_lm_eval_within_the_bound(tiny_llama, task_files, tmp_path):
+    """The same tasks on an F32 GGUF export of the same model: within LLAMA_RELATIVE of lm-eval's hf
+    model; a question's answers scored together (its context decoded once) equal each scored alone."""
+    pytest.importorskip("llama_cpp")
+    from llmcli.engines import Window, choose_engine
+
+    gguf = tmp_path / "tiny.gguf"
+    exported = run_cli("export", str(tiny_llama), "-o", str(gguf), "--type", "f32")
+    assert exported.exit_code == 0, exported.stderr
+    records, results, samples = ours(gguf, task_files, tmp_path / "out")
+    assert {record["engine"] for record in records} == {"llama.cpp"}
+    expected = reference(tiny_llama, task_files)
+    check_same(results, expected, samples, expected["samples"], LLAMA_RELATIVE)
+    engine = choose_engine(str(gguf), "llama.cpp")
+    context = engine.encode("This License applies to")
+    sequences = [context + engine.encode(word, add_special=False) for word in (" any", " the program", " works")]
+    starts = [len(context)] * 3
+    together = engine.continuation_scores(sequences, starts, 8)
+    alone = [engine.continuation_scores([s], [len(context)], 1)[0] for s in sequences]
+    for (a, greedy_a), (b, greedy_b) in zip(together, alone):
+        assert close(a, b, LLAMA_RELATIVE) and greedy_a == greedy_b
+    window = engine.token_logprobs(Window(sequences[1], len(sequences[1]) - len(context)), 0)[0]
+    assert close(alone[1][0], sum(window), 1e-9)  # one sequence: llama.cpp's own numbers
+
+
+def test_the_embedded_model_equals_lm_evals_hf_model_on_a_multiple_choice_task(task_files, tmp_path):
+    from llmcli import models
+
+    result = run_cli("eval", "--tasks", str(task_files / "mc.yaml"), "--engine", "hf", "--json", "--limit", "12")
+    assert result.exit_code == 0, result.stderr
+    got = {r["metric"]: r["value"] for r in result.json_lines()}
+    from lm_eval.tasks import TaskManager
+
+    converted = models.local_model_dir(models.resolve_model(None))
+    expected = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={converted},dtype=float32", device="cpu",
+                                       tasks=["license_mc"], limit=12,
+                                       task_manager=TaskManager(include_path=str(task_files)))["results"]["license_mc"]
+    assert close(got["acc"], expected["acc,none"], RELATIVE) and close(got["acc_norm"], expected["acc_norm,none"],
+                                                                       RELATIVE)
+
+
+def test_bad_task_requests_are_one_error_each(tmp_path, task_files, tiny_llama):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("dataset_path: json\n")
+    cases = [
+        (["--tasks", "no_such_task_anywhere"], "no task 'no_such_task_anywhere'"),
+        (["--tasks", str(tmp_path / "missing.yaml")], "no such file"),
+        (["--tasks", str(broken)], "has no 'task:' name"),
+        (["--tasks", str(task_files / "mc.yaml"), "--data", str(GPL3)], "--data and --tasks"),
+        (["--data", str(GPL3), "--limit", "3"], "--limit is for --tasks"),
+        (["--tasks", str(task_files / "mc.yaml"), "--log-samples"], "--log-samples writes the samples"),
+        (["--tasks", str(task_files / "mc.yaml"), "--fewshot-as-multiturn"], "--apply-chat-template"),
+        ([], "nothing to evaluate"),
+    ]
+    for args, fragment in cases:
+        result = run_cli("eval", "-m", str(tiny_llama), *args)
+        assert result.exit_code == 2, (args, result.stderr)
+        errors = [line for line in result.stderr.splitlines() if line.startswith("Error: ")]
+        assert len(errors) == 1 and fragment in errors[0], (args, result.stderr)
+        assert "Traceback" not in result.stderr
