@@ -156,15 +156,18 @@ def test_tasks_on_llama_cpp_match_lm_eval_within_the_bound(tiny_llama, task_file
     expected = reference(tiny_llama, task_files)
     check_same(results, expected, samples, expected["samples"], LLAMA_RELATIVE)
     engine = choose_engine(str(gguf), "llama.cpp")
-    context = engine.encode("This License applies to")
-    sequences = [context + engine.encode(word, add_special=False) for word in (" any", " the program", " works")]
-    starts = [len(context)] * 3
-    together = engine.continuation_scores(sequences, starts, 8)
-    alone = [engine.continuation_scores([s], [len(context)], 1)[0] for s in sequences]
+    sequences, starts = [], []
+    for question in ("This License applies to", "Everyone is permitted to", "You may convey"):
+        context = engine.encode(question)
+        for word in (" any", " the program", " verbatim copies of works"):
+            sequences.append(context + engine.encode(word, add_special=False))
+            starts.append(len(context))
+    together = engine.continuation_scores(sequences, starts, 8)  # three questions in one context
+    alone = [engine.continuation_scores([s], [t], 1)[0] for s, t in zip(sequences, starts)]
     for (a, greedy_a), (b, greedy_b) in zip(together, alone):
         assert close(a, b, LLAMA_RELATIVE) and greedy_a == greedy_b
-    window = engine.token_logprobs(Window(sequences[1], len(sequences[1]) - len(context)), 0)[0]
-    assert close(alone[1][0], sum(window), 1e-9)  # one sequence: llama.cpp's own numbers
+    for (value, _), sequence, start in zip(alone, sequences, starts):  # one sequence: llama.cpp's own numbers
+        assert close(value, sum(engine.token_logprobs(Window(sequence, len(sequence) - start), 0)[0]), 1e-9)
 
 
 def test_the_embedded_model_equals_lm_evals_hf_model_on_a_multiple_choice_task(task_files, tmp_path):
@@ -202,3 +205,37 @@ def test_bad_task_requests_are_one_error_each(tmp_path, task_files, tiny_llama):
         errors = [line for line in result.stderr.splitlines() if line.startswith("Error: ")]
         assert len(errors) == 1 and fragment in errors[0], (args, result.stderr)
         assert "Traceback" not in result.stderr
+
+
+def test_two_processes_a_lora_adapter_and_its_merge(tiny_llama, task_files, tmp_path):
+    """--num-processes 2 shares the requests out and gives one process's figures (1e-6 relative); a LoRA
+    adapter finetuned on the license scores it better than its base, and as its merged model does; one
+    row per model and task metric."""
+    tasks = ["--tasks", str(task_files / "mc.yaml"), "--tasks", str(task_files / "docs.yaml"), "--engine", "hf",
+             "--json"]
+    import subprocess
+    import sys
+
+    one = run_cli("eval", "-m", str(tiny_llama), *tasks)
+    # the workers write to the process's own stdout, which only a real process captures
+    two = subprocess.run([sys.executable, "-m", "llmcli", "eval", "-m", str(tiny_llama), *tasks, "--num-processes",
+                          "2"], capture_output=True, text=True, timeout=600)
+    assert one.exit_code == 0 and two.returncode == 0, one.stderr + two.stderr
+    shared = [json.loads(line) for line in two.stdout.splitlines() if line.strip()]
+    assert len(one.json_lines()) == len(shared) >= 5 and "Launching 2 processes" in two.stderr
+    for a, b in zip(one.json_lines(), shared, strict=True):
+        assert (a["task"], a["metric"]) == (b["task"], b["metric"]) and close(a["value"], b["value"], RELATIVE), (a, b)
+    data = tmp_path / "gpl.txt"
+    data.write_text(GPL3.read_text())
+    adapter, merged = tmp_path / "adapter", tmp_path / "merged"
+    for output, extra in ((adapter, []), (merged, ["--merge-lora"])):
+        trained = run_cli("finetune", "--data", str(data), "-m", str(tiny_llama), "--lora", "--lora-r", "4",
+                          "--max-steps", "10", "--max-length", "64", "--batch-size", "8", "--lr", "3e-3",
+                          "-o", str(output), *extra)
+        assert trained.exit_code == 0, trained.stderr
+    rows = run_cli("eval", "-m", str(tiny_llama), "-m", str(adapter), "-m", str(merged), "--tasks",
+                   str(task_files / "docs.yaml"), "--json")
+    assert rows.exit_code == 0, rows.stderr
+    perplexity = {r["model"]: r["value"] for r in rows.json_lines() if r["metric"] == "word_perplexity"}
+    base, tuned, folded = (perplexity[str(path)] for path in (tiny_llama, adapter, merged))
+    assert tuned < 0.95 * base and close(tuned, folded, 1e-4)

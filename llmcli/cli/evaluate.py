@@ -80,8 +80,7 @@ def evaluate(
 
         if data is not None:
             raise UsageError("--data and --tasks are two kinds of evaluation", "Pass one of them.")
-        if num_processes != 1 or nnodes != 1:
-            raise UsageError("--tasks runs in one process", "Drop --num-processes and --nnodes.")
+        launch_if_asked(num_processes, nnodes, node_rank, master_addr, master_port, device)
         run_tasks_command(model or [None], tasks, num_fewshot=num_fewshot, limit=limit,
                           apply_chat_template=apply_chat_template, fewshot_as_multiturn=fewshot_as_multiturn,
                           seed=seed, batch_size=batch_size, log_samples=log_samples, output_path=output_path,

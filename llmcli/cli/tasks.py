@@ -15,7 +15,7 @@ def run_tasks_command(models: list[Optional[str]], tasks: list[str], *, num_fews
                       seed: Optional[int], batch_size: Optional[int], log_samples: bool, output_path: Optional[str],
                       max_length: Optional[int], json_output: bool, engine: str, threads: Optional[int],
                       device: Optional[str], trust_remote_code: bool, allow_pickle: bool) -> None:
-    from llmcli.tasks.benchmark import TaskOptions, import_lm_eval, run_tasks, save
+    from llmcli.tasks.benchmark import TaskOptions, import_lm_eval, resolve_tasks, run_tasks, save
 
     if num_fewshot is not None and num_fewshot < 0:
         raise UsageError(f"--num-fewshot must be at least 0, got {num_fewshot}")
@@ -27,19 +27,25 @@ def run_tasks_command(models: list[Optional[str]], tasks: list[str], *, num_fews
         raise UsageError("--fewshot-as-multiturn needs --apply-chat-template", "Pass both, or neither.")
     if log_samples and output_path is None:
         raise UsageError("--log-samples writes the samples beside the results", "Pass --output-path DIR too.")
-    import_lm_eval()  # its absence is the first thing said, before any model loads
+    import_lm_eval()  # its absence, or an unknown task, is said before any model loads
+    resolve_tasks(tasks)
     options = TaskOptions(tasks=tasks, num_fewshot=num_fewshot, limit=limit, apply_chat_template=apply_chat_template,
-                          fewshot_as_multiturn=fewshot_as_multiturn, seed=seed, batch_size=batch_size or 8,
+                          fewshot_as_multiturn=fewshot_as_multiturn, seed=seed, batch_size=batch_size or TaskOptions.batch_size,
                           log_samples=log_samples, max_length=max_length)
+    from llmcli.distributed import Workers
+
+    workers = Workers(device)  # one process, or this worker's place among --num-processes
     compared = len(models) > 1
     everything = []
     for name in models:
         # several models: each on the weights generate would run, so their rows compare models, not formats
-        runner = load_engine(name, engine, command="generate" if compared else "eval", kind="causal", device=device,
-                             dtype="float32", threads=threads, trust_remote_code=trust_remote_code,
-                             allow_pickle=allow_pickle)
+        runner = load_engine(name, engine, command="generate" if compared else "eval", kind="causal",
+                             device=device or workers.device, dtype="float32", threads=threads,
+                             trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
         with render.status(f"Running {', '.join(tasks)} with {runner.source.name}"):
-            results = run_tasks(runner, options)
+            results = run_tasks(runner, options, workers)
+        if results is None:  # another worker's answers went to the first
+            continue
         if output_path is not None:
             save(results, output_path)
         everything.append(results)
@@ -47,5 +53,5 @@ def run_tasks_command(models: list[Optional[str]], tasks: list[str], *, num_fews
             for row in results.rows:
                 render.json_line({"model": results.model, "engine": results.engine, "weights": results.weights,
                                   **row, "seconds": round(results.seconds, 4)})
-    if not json_output:
+    if everything and not json_output:
         render.task_table(everything)

@@ -126,29 +126,34 @@ class HFEngine:
                             batch_size: int) -> list[tuple[float, bool]]:
         """For each sequence, the summed log-probability of its tokens from `start` on and whether each was
         the likeliest: lm-eval's HFLM computation (longest first, right-padded batches without a mask,
-        which a causal model's earlier positions never see; log_softmax in the model's float32)."""
+        which a causal model's earlier positions never see; log_softmax in the model's float32). As
+        HFLM does for one-token answers, sequences with the same input (a question's one-token answers)
+        share one forward row."""
         import torch
 
+        rows_of: dict[tuple[int, ...], list[int]] = {}
+        for number, sequence in enumerate(sequences):
+            rows_of.setdefault(tuple(sequence[:-1]), []).append(number)
+        inputs = sorted(rows_of, key=len, reverse=True)
         answers: list[tuple[float, bool]] = [(0.0, False)] * len(sequences)
-        order = sorted(range(len(sequences)), key=lambda number: -len(sequences[number]))
         with torch.inference_mode():
-            for begin in range(0, len(order), batch_size):
-                run = order[begin:begin + batch_size]
-                width = max(len(sequences[number]) - 1 for number in run)
+            for begin in range(0, len(inputs), batch_size):
+                run = inputs[begin:begin + batch_size]
+                width = len(run[0])
                 ids = torch.zeros((len(run), width), dtype=torch.long)
-                for row, number in enumerate(run):
-                    inputs = sequences[number][:-1]
-                    ids[row, :len(inputs)] = torch.tensor(inputs)
-                keep = width - min(starts[number] - 1 for number in run)  # only the rows any answer reads
+                for row, tokens in enumerate(run):
+                    ids[row, :len(tokens)] = torch.tensor(tokens)
+                keep = width - min(starts[n] - 1 for tokens in run for n in rows_of[tokens])  # rows any answer reads
                 logits = self.loaded.model(input_ids=ids.to(self.device), logits_to_keep=keep).logits.float()
                 logprobs = logits.log_softmax(-1)
-                for row, number in enumerate(run):
-                    sequence, start = sequences[number], starts[number]
-                    first = start - 1 - (width - keep)
-                    rows = logprobs[row, first:first + len(sequence) - start]
-                    targets = torch.tensor(sequence[start:], device=rows.device)
-                    chosen = rows.gather(-1, targets[:, None]).squeeze(-1)
-                    answers[number] = (float(chosen.sum()), bool((rows.argmax(-1) == targets).all()))
+                for row, tokens in enumerate(run):
+                    for number in rows_of[tokens]:
+                        sequence, start = sequences[number], starts[number]
+                        first = start - 1 - (width - keep)
+                        scored = logprobs[row, first:first + len(sequence) - start]
+                        targets = torch.tensor(sequence[start:], device=scored.device)
+                        chosen = scored.gather(-1, targets[:, None]).squeeze(-1)
+                        answers[number] = (float(chosen.sum()), bool((scored.argmax(-1) == targets).all()))
         return answers
 
     def token_logprobs(self, window: Window, top: int) -> tuple[list[float], list[list[tuple[int, float]]]]:

@@ -484,17 +484,18 @@ class LlamaCppEngine:
     def continuation_scores(self, sequences: list[list[int]], starts: list[int],
                             batch_size: int) -> list[tuple[float, bool]]:
         """For each sequence, the summed log-probability of its tokens from `start` on and whether each was
-        the likeliest. Sequences with the same tokens before their start (a question's answers) are
-        scored together: that context is decoded once and its cells shared (llama_scoring.py)."""
-        from llmcli.engines.llama_scoring import SharedPrefixScorer
+        the likeliest. Sequences with the same tokens before their start (a question's answers) share
+        that context: it is decoded once, and many questions' contexts and answers are decoded together
+        (llama_scoring.AnswerScorer)."""
+        from llmcli.engines.llama_scoring import AnswerScorer
 
-        scorer = SharedPrefixScorer(self)
         by_context: dict[tuple[int, ...], list[int]] = {}
         for number, (sequence, start) in enumerate(zip(sequences, starts)):
             by_context.setdefault(tuple(sequence[:start]), []).append(number)
+        questions = [(list(context), [sequences[n][starts[n]:] for n in members])
+                     for context, members in by_context.items()]
         answers: list[tuple[float, bool]] = [(0.0, False)] * len(sequences)
-        for members in by_context.values():
-            scored = scorer.score_from([sequences[n] for n in members], [starts[n] for n in members])
+        for members, scored in zip(by_context.values(), AnswerScorer(self).score_questions(questions)):
             for number, result in zip(members, scored):
                 answers[number] = result
         return answers
