@@ -629,7 +629,7 @@ MUTANTS = [
            "tests/test_tasks.py -k hf_engine"),
     Mutant("eval --tasks on hf calls an answer greedy when one token is", "llmcli/engines/hf.py",
            "bool((scored.argmax(-1) == targets).all())", "bool((scored.argmax(-1) == targets).any())",
-           "tests/test_tasks.py -k hf_engine"),
+           "tests/test_tasks.py -k greedy_exactly"),
     Mutant("eval --tasks on llama.cpp drops an answer's first token", "llmcli/engines/llama_scoring.py",
            "scores = [[scored(first_rows[q], answer[0])] for q, answer in owners]",
            "scores = [[] for q, answer in owners]", "tests/test_tasks.py -k llama_cpp_match"),

@@ -55,7 +55,7 @@ def task_files(tmp_path_factory):
     (folder / "gen.yaml").write_text(
         f"task: license_gen\n{common}dataset_kwargs:\n  data_files:\n    test: {folder / 'gen.jsonl'}\n"
         "output_type: generate_until\ndoc_to_text: '{{question}}'\ndoc_to_target: '{{answer}}'\n"
-        "generation_kwargs:\n  until: ['\\n', '.']\n  max_gen_toks: 12\n  do_sample: false\n"
+        "generation_kwargs:\n  until: ['\\n', 'e']\n  max_gen_toks: 12\n  do_sample: false\n"
         "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n")
     (folder / "docs.yaml").write_text(
         f"task: license_ppl\n{common}dataset_kwargs:\n  data_files:\n    test: {folder / 'docs.jsonl'}\n"
@@ -216,13 +216,18 @@ def test_two_processes_a_lora_adapter_and_its_merge(tiny_llama, task_files, tmp_
     import subprocess
     import sys
 
-    one = run_cli("eval", "-m", str(tiny_llama), *tasks)
+    one = run_cli("eval", "-m", str(tiny_llama), *tasks, "--output-path", str(tmp_path / "one"))
     # the workers write to the process's own stdout, which only a real process captures
     two = subprocess.run([sys.executable, "-m", "llmcli", "eval", "-m", str(tiny_llama), *tasks, "--num-processes",
-                          "2"], capture_output=True, text=True, timeout=600)
+                          "2", "--output-path", str(tmp_path / "two")], capture_output=True, text=True, timeout=600)
     assert one.exit_code == 0 and two.returncode == 0, one.stderr + two.stderr
     shared = [json.loads(line) for line in two.stdout.splitlines() if line.strip()]
     assert len(one.json_lines()) == len(shared) >= 5 and "Launching 2 processes" in two.stderr
+    [alone] = [json.loads(path.read_text())["config"] for path in (tmp_path / "one").rglob("results_*.json")]
+    [split] = [json.loads(path.read_text())["config"] for path in (tmp_path / "two").rglob("results_*.json")]
+    # each process answered its share (lm-eval pads the smaller share to the larger)
+    [total], halves = alone["llmcli_requests_per_process"], split["llmcli_requests_per_process"]
+    assert len(halves) == 2 and all(total / 2 <= half <= total / 2 + 4 for half in halves), (total, halves)
     for a, b in zip(one.json_lines(), shared, strict=True):
         assert (a["task"], a["metric"]) == (b["task"], b["metric"]) and close(a["value"], b["value"], RELATIVE), (a, b)
     data = tmp_path / "gpl.txt"
@@ -239,3 +244,23 @@ def test_two_processes_a_lora_adapter_and_its_merge(tiny_llama, task_files, tmp_
     perplexity = {r["model"]: r["value"] for r in rows.json_lines() if r["metric"] == "word_perplexity"}
     base, tuned, folded = (perplexity[str(path)] for path in (tiny_llama, adapter, merged))
     assert tuned < 0.95 * base and close(tuned, folded, 1e-4)
+
+
+@pytest.mark.parametrize("model, engine_name", [("tiny_llama", "hf"), ("tiny_gguf", "llama.cpp")])
+def test_an_answer_is_greedy_exactly_when_each_of_its_tokens_is_the_likeliest(model, engine_name, request):
+    """lm-eval's is_greedy: the model's own greedy continuation is greedy; the same with its second
+    token swapped is not, though its first token still is."""
+    if engine_name == "llama.cpp":
+        pytest.importorskip("llama_cpp")
+    from llmcli.data import Prompt
+    from llmcli.engines import choose_engine
+    from llmcli.tasks.generate import GenerateOptions, generate
+
+    engine = choose_engine(str(request.getfixturevalue(model)), engine_name)
+    context = engine.encode("This License applies to")
+    [greedy] = generate(engine, [Prompt(ids=context)], GenerateOptions(max_new_tokens=3, chat=False))
+    own = list(greedy.token_ids)
+    assert len(own) == 3
+    swapped = [own[0], (own[1] + 1) % 100 + 10, own[2]]
+    scores = engine.continuation_scores([context + own, context + swapped, context + own[:1]], [len(context)] * 3, 8)
+    assert [greedy for _, greedy in scores] == [True, False, True], scores

@@ -88,6 +88,7 @@ def engine_lm(engine: Engine, batch_size: int, max_length: int | None = None, wo
             self._max_length = max_length or engine.context_length or DEFAULT_MAX_LENGTH
             self._rank, self._world_size = (workers.rank, workers.size) if workers is not None else (0, 1)
             self._device = getattr(engine, "device", None) or "cpu"
+            self.answered = 0  # requests this process answered (its share, with several processes)
 
         def all_gather(self, tensor: Any) -> Any:
             import torch
@@ -140,6 +141,7 @@ def engine_lm(engine: Engine, batch_size: int, max_length: int | None = None, wo
 
         def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
             # its tokenizing bar is made with disable=False, which TQDM_DISABLE does not override
+            self.answered += len(requests)
             return super().loglikelihood(requests, disable_tqdm=disable_tqdm or quiet())
 
         def _loglikelihood_tokens(self, requests: list[Any], **kwargs: Any) -> list[tuple[float, bool]]:
@@ -158,6 +160,7 @@ def engine_lm(engine: Engine, batch_size: int, max_length: int | None = None, wo
         def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
             from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
+            self.answered += len(requests)
             windows, owners = [], []
             for number, (text,) in enumerate(request.args for request in requests):
                 for context, continuation in map(make_disjoint_window, get_rolling_token_windows(
@@ -173,6 +176,7 @@ def engine_lm(engine: Engine, batch_size: int, max_length: int | None = None, wo
             return totals
 
         def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
+            self.answered += len(requests)
             return [answer(engine, self.tok_encode(context), kwargs, self.max_length, self.batch_size)
                     for context, kwargs in (request.args for request in requests)]
 
@@ -217,17 +221,20 @@ def run_tasks(engine: Engine, options: TaskOptions, workers: Any = None) -> Task
     began = time.perf_counter()
     seeds = {} if options.seed is None else {f"{kind}_seed": options.seed for kind in
                                               ("random", "numpy_random", "torch_random", "fewshot_random")}
+    lm = engine_lm(engine, options.batch_size, options.max_length, workers)
     results = lm_eval.simple_evaluate(
-        model=engine_lm(engine, options.batch_size, options.max_length, workers), tasks=names,
+        model=lm, tasks=names,
         num_fewshot=options.num_fewshot, limit=options.limit, log_samples=options.log_samples,
         apply_chat_template=options.apply_chat_template, fewshot_as_multiturn=options.fewshot_as_multiturn,
         task_manager=manager, batch_size=options.batch_size, **seeds)
     seconds = time.perf_counter() - began
+    shares = lm.gather_object(lm.answered)  # every process takes part; the first gets the list
     if results is None:
         return None
     results["config"].update({"model": engine.source.name, "llmcli_engine": engine.name,
                               "llmcli_weights": engine.weights, "llmcli_threads": getattr(engine, "threads", None),
-                              "llmcli_processes": workers.size if workers is not None else 1})
+                              "llmcli_processes": workers.size if workers is not None else 1,
+                              "llmcli_requests_per_process": shares})
     return TaskResults(results, seconds, engine.name, engine.weights, engine.source.name, table_rows(results))
 
 
