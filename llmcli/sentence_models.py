@@ -65,6 +65,11 @@ class SentenceModel:
     def vocab_size(self) -> int:
         return len(self.tokenizer)
 
+    @property
+    def positions(self) -> int | None:
+        """The most tokens the encoder takes (its position embeddings), if it says."""
+        return getattr(self.encoder.config, "max_position_embeddings", None)
+
     def count_tokens(self, texts: list[str]) -> list[int]:
         """Each text's token count, before truncation (the text as the model sees it: lower-cased if so)."""
         texts = [text.lower() for text in texts] if self.lower_case else texts
@@ -272,7 +277,7 @@ def load_sentence_model(model: str | None, device: str | None = None, pooling: s
     if engine != "hf":
         from llmcli.engines import llama_embedding
 
-        reason = llama_embedding.unsupported(recipe.location, recipe) if device in (None, "cpu") else \
+        reason = llama_embedding.unsupported(recipe) if device in (None, "cpu") else \
             f"--device {device} is for the hf engine"
         if engine == "llama.cpp" and reason:
             raise UsageError(f"--engine llama.cpp cannot embed with {recipe.name}: {reason}", "Use --engine hf.")

@@ -215,6 +215,8 @@ def test_bad_embed_input_is_one_error_and_writes_nothing(tmp_path, tiny_bert):
         (["-f", str(gappy)], "line 2 is empty"),
         (["-f", str(tmp_path / "missing.txt")], "does not exist"),
         (["hello", "-m", str(tiny_bert), "--dimensions", "65"], "--dimensions 65"),
+        (["hello", "-m", str(tiny_bert), "--max-length", "129"], "outside this model's 1..128 tokens"),
+        (["hello", "-m", str(tiny_bert), "--max-length", "129", "--engine", "hf"], "1..128 tokens"),
         (["hello", "-o", str(tmp_path / "out.csv")], ".csv is not one"),
         (["hello", "-m", str(tmp_path)], "config.json"),
     ]

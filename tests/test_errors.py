@@ -163,7 +163,7 @@ MATRIX = [
     ("eval --data {ws}/empty.txt -m {gpt2}", "is empty"),
     ("eval --data {ws}/utf16.txt -m {gpt2}", "Convert it: iconv -f UTF-16 -t UTF-8"),
     ("eval --data {ws}/missing.txt -m {gpt2}", "does not exist"),
-    ("eval -m {gpt2}", "Missing option '--data'"),
+    ("eval -m {gpt2}", "nothing to evaluate"),
     # finetune (the output directory must not appear)
     ("finetune --data {ws}/train-broken.jsonl -m {gpt2} -o {ws}/out", "train-broken.jsonl line 2: invalid JSON"),
     ("finetune --data {ws}/train-mixed.jsonl -m {gpt2} -o {ws}/out", "line 2: a prompt-completion record in a text file"),

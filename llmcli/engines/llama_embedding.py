@@ -3,8 +3,8 @@
 A BERT sentence-transformers model (the embedded all-MiniLM-L6-v2 among them) is written once into the
 cache as an F32 GGUF of llama.cpp's `bert` architecture (read with safetensors' NumPy loader, names
 from the `gguf` package's tensor map, the vocabulary as llama.cpp's converter writes it). llama.cpp
-returns each token's last hidden state; pooling, Dense-free Normalize, truncation and the rest are the
-same steps as on the hf engine. Token ids come from the model's own tokenizer.json through the
+returns each token's last hidden state; pooling, Normalize, truncation and the rest are the same
+steps as on the hf engine. Token ids come from the model's own tokenizer.json through the
 `tokenizers` library (what transformers' fast tokenizer runs), so they are sentence-transformers' ids;
 only the encoder's arithmetic is llama.cpp's. Its GELU is the tanh approximation through a
 half-precision table where BERT's is erf, so vectors differ from sentence-transformers' by up to a few
@@ -25,12 +25,12 @@ from llmcli.sentence_models import SentenceModel
 
 SEQUENCES = 64  # sequences encoded together (llama.cpp's n_seq_max)
 TOKENS = 4096  # tokens encoded together: every sequence of a call, whole (a non-causal model needs that)
-POOLABLE = ("mean", "cls", "max", "lasttoken", "mean_sqrt_len_tokens", "weightedmean")
 CONVERSION = 1  # bump when the written file changes, so older cache entries are not read
 
 
-def unsupported(location: Path, recipe: Any) -> str | None:
+def unsupported(recipe: Any) -> str | None:
     """Why this model cannot run on llama.cpp here, or None when it can."""
+    location = recipe.location
     config = json.loads((location / "config.json").read_text())
     if config.get("model_type") != "bert":
         return f"its architecture is {config.get('model_type')!r}, and the llama.cpp path runs BERT models"
@@ -152,15 +152,9 @@ class LlamaEncoder:
         self.batch = lib.llama_batch_init(TOKENS, 0, 1)
 
     def __del__(self) -> None:
-        lib = getattr(self, "lib", None)
-        if lib is None:
-            return
-        if getattr(self, "batch", None) is not None:
-            lib.llama_batch_free(self.batch)
-        if getattr(self, "context", None):
-            lib.llama_free(self.context)
-        if getattr(self, "model", None):
-            lib.llama_model_free(self.model)
+        from llmcli.engines.llamacpp import free_llama
+
+        free_llama(self)
 
     def hidden_states(self, sequences: list[list[int]]) -> list[Any]:
         """Each sequence's (tokens, width) float32 array; sequences are packed into as few encodes as
@@ -228,6 +222,10 @@ class LlamaSentenceModel(SentenceModel):
     @property
     def dimension(self) -> int:
         return self.encoder.width * len(self.pooling)
+
+    @property
+    def positions(self) -> int:
+        return self.encoder.context_length
 
     @property
     def vocab_size(self) -> int:

@@ -154,6 +154,20 @@ def convert_to_f16(lib: Any, path: Path, threads: int, on_notice: Callable[[str]
     return target
 
 
+def free_llama(owner: Any) -> None:
+    """Free what an object holds of llama.cpp's (its batch, context and model), whatever it got to
+    before an error in its __init__."""
+    lib = getattr(owner, "lib", None)
+    if lib is None:
+        return
+    if getattr(owner, "batch", None) is not None:
+        lib.llama_batch_free(owner.batch)
+    if getattr(owner, "context", None):
+        lib.llama_free(owner.context)
+    if getattr(owner, "model", None):
+        lib.llama_model_free(owner.model)
+
+
 class EndOfGeneration:
     """The model's end-of-generation tokens (EOS, EOT, <|im_end|>...), as llama.cpp decides them."""
 
@@ -215,15 +229,7 @@ class LlamaCppEngine:
         self.constraints = Constraints(self.guidance_tokenizer, self.n_vocab)  # structured output
 
     def __del__(self) -> None:
-        lib = getattr(self, "lib", None)
-        if lib is None:
-            return
-        if getattr(self, "batch", None) is not None:
-            lib.llama_batch_free(self.batch)
-        if getattr(self, "context", None):
-            lib.llama_free(self.context)
-        if getattr(self, "model", None):
-            lib.llama_model_free(self.model)
+        free_llama(self)
 
     # ------------------------------------------------------------ tokens and text
 

@@ -36,6 +36,9 @@ def check_options(model: SentenceModel, options: EmbedOptions) -> None:
                          f"Pass at most {model.dimension}, or drop --dimensions.")
     if options.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {options.batch_size}")
+    if options.max_length is not None and not 1 <= options.max_length <= (model.positions or options.max_length):
+        raise UsageError(f"--max-length {options.max_length} is outside this model's 1..{model.positions} tokens",
+                         f"Pass at most {model.positions}, or drop --max-length.")
 
 
 def embed_texts(model: SentenceModel, texts: list[str], options: EmbedOptions,
