@@ -264,3 +264,33 @@ def test_an_answer_is_greedy_exactly_when_each_of_its_tokens_is_the_likeliest(mo
     swapped = [own[0], (own[1] + 1) % 100 + 10, own[2]]
     scores = engine.continuation_scores([context + own, context + swapped, context + own[:1]], [len(context)] * 3, 8)
     assert [greedy for _, greedy in scores] == [True, False, True], scores
+
+
+def test_chat_template_and_few_shot_turns_equal_lm_evals(tiny_llama, task_files, tmp_path):
+    """--apply-chat-template with --num-fewshot and --fewshot-as-multiturn: the prompts lm-eval renders
+    through the model's template (the same task hashes) and the same answers as its hf model."""
+    from lm_eval.tasks import TaskManager
+
+    output = tmp_path / "out"
+    result = run_cli("eval", "--tasks", str(task_files / "mc.yaml"), "--tasks", str(task_files / "gen.yaml"), "-m",
+                     str(tiny_llama), "--engine", "hf", "--apply-chat-template", "--fewshot-as-multiturn",
+                     "--num-fewshot", "2", "--log-samples", "--output-path", str(output), "--json")
+    assert result.exit_code == 0, result.stderr
+    [results_file] = output.rglob("results_*.json")
+    got = json.loads(results_file.read_text())
+    expected = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={tiny_llama},dtype=float32", device="cpu",
+                                       tasks=["license_mc", "license_gen"], num_fewshot=2, apply_chat_template=True,
+                                       fewshot_as_multiturn=True, log_samples=True,
+                                       task_manager=TaskManager(include_path=str(task_files)))
+    # each request's context, as lm-eval rendered it (its samples file keeps them as gen_args_N.arg_0)
+    prompts = {task: [[request[0] for request in s["arguments"]] for s in sorted(done, key=lambda s: s["doc_id"])]
+               for task, done in expected["samples"].items()}
+    samples = {path.name.split("_", 1)[1].rsplit("_", 1)[0]: [json.loads(line) for line in path.read_text().splitlines()]
+               for path in output.rglob("samples_*.jsonl")}
+    assert prompts["license_mc"][0][0].count("<|assistant|>") == 3  # two examples as turns, then the question
+    for task in ("license_mc", "license_gen"):
+        mine = [[request["arg_0"] for request in s["arguments"].values()]
+                for s in sorted(samples[task], key=lambda s: s["doc_id"])]
+        assert mine == prompts[task]
+    for key, value in metrics(expected).items():
+        assert close(metrics(got)[key], value, RELATIVE), key
