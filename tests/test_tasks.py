@@ -195,6 +195,8 @@ def test_bad_task_requests_are_one_error_each(tmp_path, task_files, tiny_llama):
         (["--tasks", str(broken)], "has no 'task:' name"),
         (["--tasks", str(task_files / "mc.yaml"), "--data", str(GPL3)], "--data and --tasks"),
         (["--data", str(GPL3), "--limit", "3"], "--limit is for --tasks"),
+        (["--tasks", str(task_files / "mc.yaml"), "--stride", "8"], "--stride is for --data"),
+        (["--tasks", str(task_files / "mc.yaml"), "--llama-cpp"], "--llama-cpp is for --data"),
         (["--tasks", str(task_files / "mc.yaml"), "--log-samples"], "--log-samples writes the samples"),
         (["--tasks", str(task_files / "mc.yaml"), "--fewshot-as-multiturn"], "--apply-chat-template"),
         ([], "nothing to evaluate"),

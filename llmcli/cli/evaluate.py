@@ -80,12 +80,21 @@ def evaluate(
 
         if data is not None:
             raise UsageError("--data and --tasks are two kinds of evaluation", "Pass one of them.")
+        data_only = [name for name, value in (("--metric", metric), ("--stride", stride),
+                                              ("--llama-cpp", llama_cpp or None), ("--lm-eval", lm_eval or None),
+                                              ("--ctx", None if ctx == 512 else ctx),
+                                              ("--per-record", per_record or None), ("--device-map", device_map),
+                                              ("--max-memory", max_memory), ("--offload-dir", offload_dir))
+                     if value is not None]
+        if data_only:
+            raise UsageError(f"{data_only[0]} is for --data, not --tasks", "Drop it.")
         launch_if_asked(num_processes, nnodes, node_rank, master_addr, master_port, device)
         run_tasks_command(model or [None], tasks, num_fewshot=num_fewshot, limit=limit,
                           apply_chat_template=apply_chat_template, fewshot_as_multiturn=fewshot_as_multiturn,
                           seed=seed, batch_size=batch_size, log_samples=log_samples, output_path=output_path,
                           max_length=max_length, json_output=json_output, engine=engine, threads=threads,
-                          device=device, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+                          device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+                          allow_pickle=allow_pickle)
         return
     if data is None:
         raise UsageError("nothing to evaluate", "Pass --data FILE (a text to score) or --tasks NAMES.")

@@ -14,7 +14,7 @@ def run_tasks_command(models: list[Optional[str]], tasks: list[str], *, num_fews
                       limit: Optional[float], apply_chat_template: bool, fewshot_as_multiturn: bool,
                       seed: Optional[int], batch_size: Optional[int], log_samples: bool, output_path: Optional[str],
                       max_length: Optional[int], json_output: bool, engine: str, threads: Optional[int],
-                      device: Optional[str], trust_remote_code: bool, allow_pickle: bool) -> None:
+                      device: Optional[str], dtype: str, trust_remote_code: bool, allow_pickle: bool) -> None:
     from llmcli.tasks.benchmark import TaskOptions, import_lm_eval, resolve_tasks, run_tasks, save
 
     if num_fewshot is not None and num_fewshot < 0:
@@ -40,7 +40,7 @@ def run_tasks_command(models: list[Optional[str]], tasks: list[str], *, num_fews
     for name in models:
         # several models: each on the weights generate would run, so their rows compare models, not formats
         runner = load_engine(name, engine, command="generate" if compared else "eval", kind="causal",
-                             device=device or workers.device, dtype="float32", threads=threads,
+                             device=device or workers.device, dtype=dtype, threads=threads,
                              trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
         with render.status(f"Running {', '.join(tasks)} with {runner.source.name}"):
             results = run_tasks(runner, options, workers)
