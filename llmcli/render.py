@@ -120,6 +120,9 @@ def generation_record(generation: Any) -> dict[str, Any]:
     record.pop("time_to_first_token")
     if record.get("incomplete") is None:  # only constrained output has the flag
         record.pop("incomplete", None)
+    if record.get("drafted") is None:  # only a speculating sequence counts drafts
+        record.pop("drafted", None)
+        record.pop("accepted", None)
     record["seconds"] = round(record["seconds"], 4)
     return record
 
@@ -143,6 +146,11 @@ def generation_stats(generations: list[Any], peak_memory_mb: float, constraint_s
     rows += [("generation time", f"{seconds:.2f} s"),
              ("tokens/s", f"{generated / seconds:.1f}" if seconds else "-"),
              ("peak memory", f"{peak_memory_mb:.0f} MB")]
+    speculating = [g for g in generations if g.drafted is not None]
+    if speculating:
+        drafted, accepted = sum(g.drafted for g in speculating), sum(g.accepted for g in speculating)
+        rows += [("drafted tokens", str(drafted)),
+                 ("accepted tokens", f"{accepted} ({accepted / drafted:.0%})" if drafted else "0")]
     if constraint_seconds is not None:  # llguidance's tokenizer and the grammar, built once per run
         rows.append(("constraint compile", f"{constraint_seconds * 1000:.0f} ms"))
     for label, value in rows:  # plain lines: no padding after the value, easy to grep

@@ -249,7 +249,7 @@ def tiny_gguf_2k(tmp_path_factory) -> Path:
     return write_tiny_gguf(tmp_path_factory.mktemp("gguf-2k") / "tiny-llama-f32-2k.gguf", 2048)
 
 
-def write_tiny_gguf(path: Path, context: int) -> Path:
+def write_tiny_gguf(path: Path, context: int, seed: int = 0) -> Path:
     import gguf
     import numpy as np
 
@@ -272,7 +272,7 @@ def write_tiny_gguf(path: Path, context: int) -> Path:
     for key, field in source.fields.items():
         if key.startswith("tokenizer."):
             writer.add_key_value(key, field.contents(), field.types[0], field.types[1] if len(field.types) > 1 else None)
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     weight = lambda *shape, scale=0.2: (rng.standard_normal(shape) * scale).astype(np.float32)  # noqa: E731
     writer.add_tensor("token_embd.weight", weight(n_vocab, n_embd, scale=1.0))
     writer.add_tensor("output_norm.weight", np.ones(n_embd, dtype=np.float32))

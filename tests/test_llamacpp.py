@@ -365,5 +365,5 @@ def test_auto_engine_is_llama_cpp_for_gguf_and_hf_otherwise(tiny_gguf, tiny_llam
     data = tmp_path / "text.txt"
     data.write_text(GPL3.read_text()[:2000])
     assert engine_of("eval", "--data", data, "-m", tiny_gguf, "--max-length", "64") == "llama.cpp"
-    # an option only hf has keeps a GGUF model on hf
-    assert engine_of("generate", "Hi", "-m", tiny_gguf, "-n", "2", "--prompt-lookup", "2") == "hf"
+    # prompt lookup runs on both engines: a GGUF model stays on llama.cpp
+    assert engine_of("generate", "Hi", "-m", tiny_gguf, "-n", "2", "--prompt-lookup", "2") == "llama.cpp"

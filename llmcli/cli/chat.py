@@ -12,7 +12,7 @@ from llmcli.cli.common import Terminated, load_engine, parse_logit_bias
 from llmcli.cli.options import (ModelOption, DeviceOption, DtypeOption, TrustOption, PickleOption, EngineOption,
                                  ThreadsOption, SchemaOption, RegexOption, GrammarOption, ChoiceOption,
                                  PresencePenaltyOption, FrequencyPenaltyOption, LogitBiasOption, CtxSizeOption,
-                                 ChatTemplateOption)
+                                 ChatTemplateOption, SpeculativeOption, DraftMaxOption, DraftModelOption)
 from llmcli.errors import LlmcliError
 
 
@@ -42,6 +42,9 @@ def chat(
     ctx_size: CtxSizeOption = None,
     fast: Annotated[bool, typer.Option("--fast", help="As for generate: quantized weights on llama.cpp, bfloat16 "
                                        "on the CPU with hf.")] = False,
+    speculative: SpeculativeOption = "auto",
+    draft_max: DraftMaxOption = 8,
+    draft_model: DraftModelOption = None,
     engine: EngineOption = "auto",
     threads: ThreadsOption = None,
     device: DeviceOption = None,
@@ -61,12 +64,17 @@ def chat(
         temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
         repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
         frequency_penalty=frequency_penalty, logit_bias=parse_logit_bias(logit_bias), seed=seed, chat=True,
-        stop=stop or [],
+        stop=stop or [], speculative=speculative, draft_max=draft_max,
         constraint=constraint_from_options(schema, regex, grammar, choice),
     )
     validate(options)
+    from llmcli.cli.generate import check_engine_speculation, check_speculation, hf_only_drafting
+
+    check_speculation(options, draft_model)
     runner = load_engine(model, engine, ctx_size, chat_template, command="chat", device=device, dtype=dtype,
-                         fast=fast, threads=threads, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+                         fast=fast, threads=threads, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+                         hf_only=hf_only_drafting(draft_model), draft_model=draft_model)
+    check_engine_speculation(runner, options, draft_model)
     if not runner.chat_template:
         from llmcli.tasks.chat import plain_chat
 

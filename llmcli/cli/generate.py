@@ -1,7 +1,7 @@
 """`llmcli generate`."""
 
 
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
@@ -13,7 +13,7 @@ from llmcli.cli.options import (completes, ModelOption, DeviceOption, DtypeOptio
                                  DeviceMapOption, MaxMemoryOption, OffloadDirOption, NumProcessesOption,
                                  NnodesOption, NodeRankOption, MasterAddrOption, MasterPortOption,
                                  PresencePenaltyOption, FrequencyPenaltyOption, LogitBiasOption, CtxSizeOption,
-                                 ChatTemplateOption)
+                                 ChatTemplateOption, SpeculativeOption, DraftMaxOption, DraftModelOption)
 from llmcli.errors import UsageError
 
 if TYPE_CHECKING:
@@ -50,10 +50,11 @@ def generate(
                                                       "forward pass on hf; on llama.cpp every prompt and sample of "
                                                       "the batch in one step. Default: 1 on hf, 16 on llama.cpp.",
                                                       show_default=False)] = None,
-    draft_model: Annotated[Optional[str], typer.Option(help="Small model proposing tokens for the main one to "
-                                                       "verify (assisted decoding; same greedy output).")] = None,
+    draft_model: DraftModelOption = None,
     prompt_lookup: Annotated[Optional[int], typer.Option(help="Propose N tokens per step by matching the prompt "
                                                          "(fast on repetitive text; same greedy output).")] = None,
+    speculative: SpeculativeOption = "auto",
+    draft_max: DraftMaxOption = 8,
     truncate: Annotated[str, typer.Option(autocompletion=completes("error", "left"), help="A prompt too long for the context: 'error', or 'left' to keep "
                                           "its end.")] = "error",
     ctx_size: CtxSizeOption = None,
@@ -94,7 +95,7 @@ def generate(
         repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
         frequency_penalty=frequency_penalty, logit_bias=parse_logit_bias(logit_bias), seed=seed, num_return_sequences=num_return_sequences,
         stop=stop or [], system=system, chat=chat, batch_size=1 if batch_size is None else batch_size,
-        prompt_lookup=prompt_lookup, truncate=truncate,
+        prompt_lookup=prompt_lookup, truncate=truncate, speculative=speculative, draft_max=draft_max,
     )
     from dataclasses import replace
 
@@ -102,11 +103,7 @@ def generate(
 
     options = replace(options, constraint=constraint_from_options(schema, regex, grammar, choice))
     validate(options)  # before the slow model load
-    if draft_model and prompt_lookup:
-        raise UsageError("--draft-model and --prompt-lookup are two ways to propose tokens", "Choose one.")
-    if options.constraint is not None and (draft_model or prompt_lookup):
-        raise UsageError(f"{'--draft-model' if draft_model else '--prompt-lookup'} proposes tokens that a "
-                         "constraint cannot check yet", "Drop it, or the constraint.")
+    check_speculation(options, draft_model)
     from llmcli.data import Prompt, read_prompts
 
     prompt_list = [p if isinstance(p, Prompt) else Prompt(text=p)
@@ -120,11 +117,11 @@ def generate(
     from llmcli.distributed import Workers
 
     workers = Workers(device)
-    hf_only = [name for name, given in (("--draft-model", draft_model), ("--prompt-lookup", prompt_lookup)) if given]
     runner = load_engine(model, engine, ctx_size, chat_template, command="generate", device=device or workers.device,
                          dtype=dtype, fast=fast,
-                         threads=threads, hf_only=hf_only, draft_model=draft_model,
+                         threads=threads, hf_only=hf_only_drafting(draft_model), draft_model=draft_model,
                          trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, placement=placement)
+    check_engine_speculation(runner, options, draft_model)
     if batch_size is None:
         options = replace(options, batch_size=runner.default_batch_size)
     if workers.size > 1:  # each process generates for its share of the prompts; rank 0 prints them all
@@ -158,6 +155,34 @@ def generate(
     if stats:
         render.generation_stats(results, runner.peak_memory_mb(),
                                 runner.constraints.seconds if options.constraint is not None else None)
+
+
+def check_speculation(options: "GenerateOptions", draft_model: str | None) -> None:
+    """Ways of proposing tokens that contradict each other, refused before the model loads."""
+    if draft_model and options.prompt_lookup:
+        raise UsageError("--draft-model and --prompt-lookup are two ways to propose tokens", "Choose one.")
+    if (draft_model or options.prompt_lookup) and options.speculative == "off":
+        raise UsageError(f"{'--draft-model' if draft_model else '--prompt-lookup'} proposes tokens, and "
+                         "--speculative off turns proposing off", "Drop one of them.")
+
+
+def hf_only_drafting(draft_model: str | None) -> list[str]:
+    """A draft model that is not a .gguf file runs on the hf engine only."""
+    return ["--draft-model"] if draft_model and not draft_model.endswith(".gguf") else []
+
+
+def check_engine_speculation(runner: Any, options: "GenerateOptions", draft_model: str | None) -> None:
+    """What the loaded engine cannot do: hf speculates through --prompt-lookup and --draft-model only, and
+    checks no constraint against their proposals."""
+    if runner.name != "hf":
+        return
+    if options.speculative == "on" and not (draft_model or options.prompt_lookup):
+        raise UsageError("--speculative on is for the llama.cpp engine", "On hf pass --prompt-lookup N or "
+                         "--draft-model MODEL.")
+    if options.constraint is not None and (draft_model or options.prompt_lookup):
+        raise UsageError(f"{'--draft-model' if draft_model else '--prompt-lookup'} proposes tokens that the hf "
+                         "engine cannot check against a constraint", "Drop it, or the constraint, or use a .gguf "
+                         "model on the llama.cpp engine.")
 
 
 def incomplete_notice(result: "Generation", several: bool) -> str:

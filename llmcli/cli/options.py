@@ -42,6 +42,14 @@ CtxSizeOption = Annotated[Optional[int], typer.Option(
 ChatTemplateOption = Annotated[Optional[str], typer.Option(
     metavar="FILE", show_default=False, help="A Jinja chat template file used in place of the model's own (as "
     "transformers renders templates).")]
+# llama.cpp's speculative decoding: generate, chat and serve
+SpeculativeOption = Annotated[str, typer.Option(
+    autocompletion=completes("auto", "on", "off"), help="llama.cpp: propose tokens (n-gram lookup in the prompt and "
+    "text, or --draft-model) and check them in one decode; same output. auto: only while it pays, per sequence.")]
+DraftMaxOption = Annotated[int, typer.Option(help="llama.cpp: tokens proposed per step at most (1-64).")]
+DraftModelOption = Annotated[Optional[str], typer.Option(help="A small model with the same vocabulary proposing "
+                                                         "tokens (a .gguf on llama.cpp); same greedy output.",
+                                                         show_default=False)]
 # OpenAI's sampling adjustments: generate and chat (serve takes them as request fields)
 PresencePenaltyOption = Annotated[float, typer.Option(help="In [-2, 2]: subtracted once from the logit of every token "
                                                       "already generated (OpenAI's presence_penalty).")]

@@ -9,7 +9,8 @@ from llmcli import render
 from llmcli.cli.app import app
 from llmcli.cli.common import load_engine
 from llmcli.cli.options import (ModelOption, DeviceOption, DtypeOption, TrustOption, PickleOption, EngineOption,
-                                 ThreadsOption, ChatTemplateOption)
+                                 ThreadsOption, ChatTemplateOption, SpeculativeOption, DraftMaxOption,
+                                 DraftModelOption)
 from llmcli.errors import UsageError
 
 
@@ -41,6 +42,9 @@ def serve(
     embedding_model: Annotated[Optional[str], typer.Option(
         help="/v1/embeddings' model: a sentence-transformers or encoder directory (default: the embedded "
         "all-MiniLM-L6-v2, loaded at the first request).", show_default=False)] = None,
+    speculative: SpeculativeOption = "auto",
+    draft_max: DraftMaxOption = 8,
+    draft_model: DraftModelOption = None,
     engine: EngineOption = "auto",
     threads: ThreadsOption = None,
     device: DeviceOption = None,
@@ -59,6 +63,12 @@ def serve(
         raise UsageError(f"--max-tokens-limit must be at least 1, got {max_tokens_limit}")
     if parallel > 128:  # llama.cpp's 256 sequence ids hold the live ones and as many cached prefixes
         raise UsageError(f"--parallel must be at most 128, got {parallel}")
+    from llmcli.tasks.generate import GenerateOptions, validate
+
+    validate(GenerateOptions(speculative=speculative, draft_max=draft_max))
+    if draft_model and speculative == "off":
+        raise UsageError("--draft-model proposes tokens, and --speculative off turns proposing off",
+                         "Drop one of them.")
     if api_key is not None and not api_key.strip():
         raise UsageError("--api-key is empty", "Pass a secret, or drop --api-key.")
     import socket
@@ -70,8 +80,10 @@ def serve(
             raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror}",
                              "Pick another --port, or stop what is using it.") from exc
     runner = load_engine(model, engine, chat_template=chat_template, command="generate", device=device, dtype=dtype,
-                         threads=threads,
+                         threads=threads, draft_model=draft_model,
                          trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    if draft_model and runner.name != "llama.cpp":
+        raise UsageError("serve's --draft-model is for the llama.cpp engine", "Serve a .gguf model, or drop it.")
     from llmcli.serve import exposure_warning, run_server
 
     warning = exposure_warning(host, api_key)
@@ -79,5 +91,6 @@ def serve(
         render.notice(warning)
     run_server(runner, host, port, api_key=api_key, max_tokens_limit=max_tokens_limit, queue_size=queue_size,
                max_batch=max_batch, parallel=parallel, ctx_size=ctx_size, prefix_cache=prefix_cache,
+               speculative=speculative, draft_max=draft_max,
                max_body_bytes=max_body, json_logs=json_logs, served_name=served_model_name, on_notice=render.notice,
                embedding_model=embedding_model)

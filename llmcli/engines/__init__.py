@@ -178,10 +178,24 @@ def choose_engine(model: str | None, requested: str = "auto", *, command: str = 
         raise UsageError(f"--threads must be at least 1, got {threads}")
     if name == "llama.cpp":
         engine = load_llama_cpp(source, model is None, command, kind, device, dtype, fast, threads, notice)
+        if draft_model is not None:
+            engine.attach_draft(load_llama_cpp(gguf_draft(draft_model), False, command, kind, device, dtype, fast,
+                                               threads, notice))
     else:
         engine = load_hf(model, kind, device, dtype, fast, threads, draft_model, trust_remote_code, allow_pickle,
                          notice, placement)
     return engine
+
+
+def gguf_draft(draft_model: str) -> Any:
+    """The --draft-model of the llama.cpp engine: a .gguf file."""
+    from llmcli import models
+
+    source = models.resolve_model(draft_model)
+    if source.kind != "gguf":
+        raise UsageError(f"--draft-model {draft_model} is not a .gguf file, and the llama.cpp engine drafts with one",
+                         "Pass a .gguf draft model, or --engine hf.")
+    return source
 
 
 def embedded_notice(notice: Callable[[str], None]) -> None:

@@ -15,6 +15,10 @@ and vLLM's engine step do. The step API (`add`, `step`, `cancel`) is what `gener
   the rest, as llama-server's prompt cache does: a chat client resending its conversation, a shared
   system prompt.
 
+- Speculation (llama_speculation): a decoding sequence may carry drafted tokens after its last sample;
+  the step decodes them with logits at each, samples them in order with the sequence's own chain,
+  keeps the drafts up to the first sample that differs, and removes the cells of the rest.
+
 Batched decoding runs matrix-matrix kernels where one sequence runs matrix-vector ones, so logits can
 differ in the last bits: README "Many sequences at once" has the measured agreement.
 """
@@ -24,6 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from llmcli.engines.llama_speculation import DraftModel, NgramDrafter, Speculation
 from llmcli.errors import DataError, ModelLoadError
 
 MAX_SEQUENCES = 256  # llama.cpp's LLAMA_MAX_SEQ
@@ -45,6 +50,8 @@ class Live:
     done: bool = False
     reused: int = 0  # prompt tokens whose cells came from the prefix cache (not decoded)
     matcher: Any = None  # its structured-output constraint (llmcli.constraints.Matcher), if any
+    speculation: Any = None  # its drafting (llama_speculation.Speculation), if it speculates
+    draft: list[int] = field(default_factory=list)  # this step's drafted tokens, after pending[0]
 
     def cached_tokens(self) -> list[int]:
         """The tokens its cells hold, in order (a sampled token is decoded the step after)."""
@@ -83,24 +90,33 @@ class SequenceSet:
         self.keep_idle = keep_idle
         self.idle: dict[int, list[int]] = {}  # seq id -> the tokens its cells hold; oldest first
         self.decoded = 0  # tokens decoded so far (prompt and sampled), for tests and metrics
+        self.n_ctx, self.n_seq = params.n_ctx, params.n_seq_max
+        self.draft_model: DraftModel | None = None  # made when a sequence first drafts with engine.draft
 
     def close(self) -> None:
         for sequence in self.live:
             self.lib.llama_sampler_free(sequence.chain)
+        if self.draft_model is not None:
+            self.draft_model.close()
         self.lib.llama_batch_free(self.batch)
         self.lib.llama_free(self.context)
 
     def add(self, prompt: list[int], chain: Any, max_new_tokens: int, share_prefill_of: Live | None = None,
-            reuse_prefix: bool = False, matcher: Any = None) -> Live:
+            reuse_prefix: bool = False, matcher: Any = None, speculative: str = "off",
+            draft_max: int = 0) -> Live:
         """A new sequence. With `share_prefill_of` (still prefilling), another sample of that sequence's
         prompt, sharing its prefill; with `reuse_prefix`, the longest prefix of the prompt any
-        sequence's cells hold is copied, not decoded."""
+        sequence's cells hold is copied, not decoded. `speculative` "auto" or "on" drafts up to
+        `draft_max` tokens a step: with the engine's draft model if it has one, else n-gram lookup."""
         if share_prefill_of is not None and (share_prefill_of.new or share_prefill_of.done):
             share_prefill_of, reuse_prefix = None, True  # its prompt is decoded already: copy its cells
         source, shared = self.longest_prefix(prompt) if reuse_prefix else (None, 0)
         if not self.free_ids:
             self.evict_idle(keep=source)
         sequence = Live(self.free_ids.pop(0), prompt, chain, max_new_tokens, matcher=matcher)
+        if speculative != "off" and draft_max > 0:
+            drafter = self.drafting_model() if getattr(self.engine, "draft", None) is not None else NgramDrafter()
+            sequence.speculation = Speculation(speculative, draft_max, drafter)
         sequence.leader = share_prefill_of
         if share_prefill_of is None:
             if shared:
@@ -110,6 +126,11 @@ class SequenceSet:
             sequence.pending, sequence.position, sequence.reused = list(prompt[shared:]), shared, shared
         self.live.append(sequence)
         return sequence
+
+    def drafting_model(self) -> DraftModel:
+        if self.draft_model is None:
+            self.draft_model = DraftModel(self.engine.draft, self.n_ctx, self.n_seq, self.batch_size)
+        return self.draft_model
 
     def longest_prefix(self, prompt: list[int]) -> tuple[int | None, int]:
         """The sequence id whose cells hold the longest prefix of `prompt`, and its length; at least the
@@ -140,6 +161,8 @@ class SequenceSet:
         sequence.done = True
         self.live.remove(sequence)
         self.lib.llama_sampler_free(sequence.chain)  # a server's sequences come and go: free each as it ends
+        if self.draft_model is not None:
+            self.draft_model.forget(sequence.seq_id)
         for follower in self.live:  # samples still waiting for this one's prefill copy what it has
             if follower.leader is sequence:
                 follower.leader = None
@@ -154,18 +177,22 @@ class SequenceSet:
             self.lib.llama_memory_seq_rm(self.memory, sequence.seq_id, -1, -1)
             self.free_ids.append(sequence.seq_id)
 
-    def step(self, eos: Any) -> list[tuple[Live, int]]:
-        """One llama_decode over every live sequence's next tokens; returns the tokens sampled (in the
-        order the sequences were added). A sequence ends at EOS or its max_new_tokens."""
+    def step(self, eos: Any) -> list[tuple[Live, list[int]]]:
+        """One llama_decode over every live sequence's next tokens (and drafts); returns the tokens each
+        sequence got (in the order the sequences were added): one, or with drafts kept, more. A
+        sequence ends at EOS or its max_new_tokens."""
         lib, batch = self.lib, self.batch
         decoding = [s for s in self.live if s.new and s.pending]
         prefilling = [s for s in self.live if not s.new and s.pending]
+        self.propose(decoding)
         count = 0
         for sequence in decoding + prefilling:
             room = self.batch_size - count
             if room <= 0:
-                break
-            chunk = sequence.pending[:room]
+                sequence.draft = []
+                continue
+            sequence.draft = sequence.draft[:room - 1]
+            chunk = sequence.pending[:room] + sequence.draft
             for i, token in enumerate(chunk):
                 batch.token[count] = token
                 batch.pos[count] = sequence.position + i
@@ -173,12 +200,13 @@ class SequenceSet:
                 batch.seq_id[count][0] = sequence.seq_id
                 batch.logits[count] = False
                 count += 1
-            sequence.pending = sequence.pending[len(chunk):]
+            sequence.pending = sequence.pending[len(chunk) - len(sequence.draft):]
             sequence.position += len(chunk)
             sequence.output = None
-            if not sequence.pending:  # its last token: the logits it samples from
-                batch.logits[count - 1] = True
-                sequence.output = count - 1
+            if not sequence.pending:  # its last token (and each draft): the logits it samples from
+                sequence.output = count - 1 - len(sequence.draft)
+                for row in range(sequence.output, count):
+                    batch.logits[row] = True
         if count == 0:
             return []
         batch.n_tokens = count
@@ -189,7 +217,6 @@ class SequenceSet:
         if code != 0:
             raise DataError(f"llama.cpp could not decode the batch (llama_decode returned {code})",
                             "Use a smaller --batch-size or fewer new tokens.")
-        sampled: list[tuple[Live, int]] = []
         for sequence in self.live:
             leader = sequence.leader
             if leader is not None and not sequence.new and not leader.new and leader.output is not None:
@@ -197,22 +224,68 @@ class SequenceSet:
                 lib.llama_memory_seq_cp(self.memory, leader.seq_id, sequence.seq_id, -1, -1)
                 sequence.position, sequence.output = len(sequence.prompt), leader.output
                 sequence.leader = None
-        for sequence in self.live:
-            if sequence.output is not None:
-                if sequence.matcher:  # samples sharing a row start from the same state: the same mask
-                    sequence.matcher.mask(self.engine.logits_row(self.context, sequence.output))
-                sampled.append((sequence, lib.llama_sampler_sample(sequence.chain, self.context, sequence.output)))
-        for sequence, token in sampled:
+        sampled = [(sequence, self.sample(sequence, eos)) for sequence in list(self.live) if sequence.output is not None]
+        for sequence, tokens in sampled:
             sequence.output = None
+            if tokens[-1] in eos or len(sequence.new) >= sequence.max_new_tokens:
+                self.cancel(sequence)
+            else:
+                sequence.pending = [tokens[-1]]
+        return sampled
+
+    def sample(self, sequence: Live, eos: Any) -> list[int]:
+        """The sequence's tokens from this step's logits: one, then one more for each draft its samples
+        equal. Samples sharing a row (a prompt's samples) start from the same state: the same mask.
+        The cells of drafts not kept are removed."""
+        lib, draft = self.lib, sequence.draft
+        tokens: list[int] = []
+        kept = 0  # drafts equal to the samples
+        for i in range(len(draft) + 1):
+            row = sequence.output + i
+            if sequence.matcher:
+                sequence.matcher.mask(self.engine.logits_row(self.context, row))
+            token = lib.llama_sampler_sample(sequence.chain, self.context, row)
+            tokens.append(token)
             sequence.new.append(token)
             if sequence.matcher:
                 end = sequence.matcher.accept(token, eos, self.engine.eos_id,
                                               sequence.max_new_tokens - len(sequence.new))
                 if end is not None:
                     token = end
-                    sequence.new.append(token)
-            if token in eos or len(sequence.new) >= sequence.max_new_tokens:
-                self.cancel(sequence)
+                    tokens.append(end)
+                    sequence.new.append(end)
+            if i < len(draft) and token == draft[i]:
+                kept += 1
             else:
-                sequence.pending = [token]
-        return sampled
+                break
+            if token in eos or len(sequence.new) >= sequence.max_new_tokens:
+                break
+        if draft:
+            sequence.position -= len(draft) - kept  # the cells after the last kept draft go
+            lib.llama_memory_seq_rm(self.memory, sequence.seq_id, sequence.position, -1)
+            sequence.speculation.checked(len(draft), kept)
+            sequence.draft = []
+        return tokens
+
+    def propose(self, decoding: list[Live]) -> None:
+        """Drafts for the decoding sequences that speculate and, in auto, find that it pays this step."""
+        wanted: list[tuple[Live, int]] = []
+        base = len(decoding)
+        for sequence in decoding:
+            speculation = sequence.speculation
+            limit = min(speculation.draft_max if speculation else 0,
+                        sequence.max_new_tokens - len(sequence.new) - 1)
+            if limit <= 0:
+                continue
+            if isinstance(speculation.drafter, NgramDrafter):
+                draft = speculation.drafter.propose(sequence.prompt + sequence.new, limit)
+                if draft and speculation.wants_draft(base, len(draft)):
+                    sequence.draft = draft
+                    base += len(draft)
+            elif speculation.wants_draft(base, limit):
+                wanted.append((sequence, limit))
+                base += limit
+        if wanted:
+            drafts = self.draft_model.propose([(s.seq_id, s.prompt + s.new, limit) for s, limit in wanted])
+            for (sequence, _), draft in zip(wanted, drafts):
+                sequence.draft = draft

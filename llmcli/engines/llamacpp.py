@@ -218,6 +218,9 @@ class LlamaCppEngine:
         self.bos_id = bos if bos >= 0 else None
         self.eos_id = eos if eos >= 0 else None
         self.eos_ids = EndOfGeneration(lib, self.vocab)
+        self.draft: LlamaCppEngine | None = None  # the draft model of speculative decoding (attach_draft)
+        self.drafts_checked: list[tuple[int, int]] = []  # the last generate's (drafted, accepted) per row
+        self.turns: Any = None  # a chat's SequenceSet, kept between turns when it speculates
         self.seed: int | None = None
         self.sequences = 0  # sampled sequences so far: each gets its own seed, so samples differ
         self.context = None
@@ -229,7 +232,24 @@ class LlamaCppEngine:
         self.constraints = Constraints(self.guidance_tokenizer, self.n_vocab)  # structured output
 
     def __del__(self) -> None:
+        if getattr(self, "turns", None) is not None:
+            self.turns.close()
         free_llama(self)
+
+    def attach_draft(self, draft: "LlamaCppEngine") -> None:
+        """A draft model for speculative decoding: it must tokenize as this model does (llama.cpp's
+        common_speculative_are_compatible checks the same)."""
+        if draft.n_vocab != self.n_vocab or (draft.bos_id, draft.eos_id) != (self.bos_id, self.eos_id):
+            raise UsageError(f"the draft model {draft.path.name} has another vocabulary than {self.path.name} "
+                             f"({draft.n_vocab} tokens against {self.n_vocab}, or other BOS/EOS tokens)",
+                             "Pass a draft model of the same family (the same tokenizer).")
+        different = next((token for token in range(0, self.n_vocab, 7)
+                          if draft.token_text(token) != self.token_text(token)), None)
+        if different is not None:
+            raise UsageError(f"the draft model {draft.path.name} spells token {different} differently "
+                             f"({draft.token_text(different)!r} against {self.token_text(different)!r})",
+                             "Pass a draft model of the same family (the same tokenizer).")
+        self.draft = draft
 
     # ------------------------------------------------------------ tokens and text
 
@@ -406,7 +426,12 @@ class LlamaCppEngine:
         from llmcli.engines.llama_sequences import MAX_SEQUENCES
 
         samples = options.num_return_sequences
-        if len(batch) * samples == 1 or getattr(options, "reuse_prefix", False) or samples > MAX_SEQUENCES:
+        self.drafts_checked = []
+        speculating = self.speculation(options) != "off"
+        if speculating and getattr(options, "reuse_prefix", False) and len(batch) * samples == 1:
+            return [self.decode_next_turn(batch[0], options, on_tokens, should_stop)]
+        alone = len(batch) * samples == 1 and not speculating  # speculation runs in a SequenceSet
+        if alone or getattr(options, "reuse_prefix", False) or samples > MAX_SEQUENCES:
             return [self.decode_one(prompt, options, on_tokens, should_stop) for prompt in batch for _ in range(samples)]
         rows: list[list[int]] = []
         per_set = MAX_SEQUENCES // samples
@@ -429,18 +454,56 @@ class LlamaCppEngine:
                 leader = None
                 for _ in range(samples):
                     live = sequences.add(prompt, self.sampler(options, prompt), options.max_new_tokens, leader,
-                                         matcher=self.matcher(options))
+                                         matcher=self.matcher(options), speculative=self.speculation(options),
+                                         draft_max=options.prompt_lookup or options.draft_max)
                     leader = leader or live
                     order.append(live)
             while sequences.live:
                 sampled = sequences.step(self.eos_ids)
                 if sampled:
-                    on_tokens([token for _, token in sampled])
+                    on_tokens([token for _, tokens in sampled for token in tokens])
                 if should_stop():
                     break
+            self.drafts_checked += [(live.speculation.drafted, live.speculation.accepted) if live.speculation
+                                    else (None, None) for live in order]
             return [live.new for live in order]
         finally:
             sequences.close()
+
+    def decode_next_turn(self, prompt: list[int], options: Any, on_tokens: TokensCallback,
+                         should_stop: Callable[[], bool]) -> list[int]:
+        """A chat's next turn, speculating: in a one-sequence set that the engine keeps between turns, whose
+        idle entry (the conversation so far) gives the turn its cached prefix, as decode_one's context does."""
+        from llmcli.engines.llama_sequences import SequenceSet
+
+        cells = len(prompt) + options.max_new_tokens
+        if self.turns is None or self.turns.n_ctx < cells:
+            if self.turns is not None:
+                self.turns.close()
+            size = max(2 * cells, 2048)
+            self.turns = SequenceSet(self, min(size, self.context_length or size), 1, BATCH, keep_idle=1)
+        live = self.turns.add(prompt, self.sampler(options, prompt), options.max_new_tokens, reuse_prefix=True,
+                              matcher=self.matcher(options), speculative=self.speculation(options),
+                              draft_max=options.prompt_lookup or options.draft_max)
+        try:
+            while not live.done:
+                for _, tokens in self.turns.step(self.eos_ids):
+                    on_tokens(tokens)
+                if should_stop():
+                    break
+        finally:
+            self.turns.cancel(live)  # its cells stay, as the idle entry the next turn reuses
+        self.drafts_checked = [(live.speculation.drafted, live.speculation.accepted) if live.speculation
+                               else (None, None)]
+        return live.new
+
+    def speculation(self, options: Any) -> str:
+        """The options' speculation on this engine: "off", "auto" or "on" (a draft model given drafts
+        at least in auto)."""
+        mode = getattr(options, "speculative", "off")
+        if getattr(options, "prompt_lookup", None):
+            return "on"
+        return mode
 
     def decode_one(self, prompt: list[int], options: Any, on_tokens: TokensCallback,
                    should_stop: Callable[[], bool]) -> list[int]:

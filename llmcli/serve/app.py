@@ -43,7 +43,7 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
     scheduler = None
     if engine.name == "llama.cpp":
         worker = scheduler = Scheduler(engine, settings.parallel, settings.queue_size, kv_cells(engine, settings),
-                                       settings.prefix_cache)
+                                       settings.prefix_cache, settings.speculative, settings.draft_max)
     else:
         worker = EngineWorker(settings.queue_size, settings.max_batch)
     metrics = Metrics(worker.running_requests, worker.waiting_requests,

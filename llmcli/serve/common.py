@@ -230,7 +230,13 @@ def decode_together(scheduler: Scheduler, engine: Engine, prompts: list[Prompt],
                     out.append({"index": place, "text": text, "logprobs": None,
                                 "finish_reason": finish_reason(result.finish_reason)})
             counted = usage(sum(len(ids) for ids in encoded), sum(r.generated_tokens for r in results))
-            return {"choices": out, "usage": {**counted, "prompt_tokens_details": {"cached_tokens": cached_tokens}}}
+            counted["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
+            if any(r.drafted is not None for r in results):  # OpenAI's names for checked predictions
+                accepted = sum(r.accepted or 0 for r in results)
+                counted["completion_tokens_details"] = {
+                    "accepted_prediction_tokens": accepted,
+                    "rejected_prediction_tokens": sum(r.drafted or 0 for r in results) - accepted}
+            return {"choices": out, "usage": counted}
 
         try:
             return scheduler.submit(choices, answer, cancelled)

@@ -42,6 +42,11 @@ class Metrics:
                                  "token.", buckets=LATENCY_BUCKETS, registry=registry)
         self.cache_queries = Counter("llmcli:prefix_cache_queries", "Prompt tokens looked up in the prefix "
                                      "cache.", registry=registry)
+        # vLLM's names: drafted tokens checked, and of those the ones kept (speculative decoding)
+        self.draft_tokens = Counter("llmcli:spec_decode_num_draft_tokens", "Drafted tokens checked by the model.",
+                                    registry=registry)
+        self.accepted_tokens = Counter("llmcli:spec_decode_num_accepted_tokens", "Drafted tokens the model "
+                                       "kept.", registry=registry)
         self.cache_hits = Counter("llmcli:prefix_cache_hits", "Prompt tokens found in the prefix cache (not "
                                   "decoded again).", registry=registry)
 
@@ -55,6 +60,10 @@ class Metrics:
         if first_token_at is not None:
             self.ttft.observe(max(0.0, first_token_at - arrived))
         self.latency.observe(ended - arrived)
+        details = usage.get("completion_tokens_details", {})
+        if details:
+            self.accepted_tokens.inc(details["accepted_prediction_tokens"])
+            self.draft_tokens.inc(details["accepted_prediction_tokens"] + details["rejected_prediction_tokens"])
         if prefix_cache:
             self.cache_queries.inc(usage["prompt_tokens"])
             self.cache_hits.inc(usage.get("prompt_tokens_details", {}).get("cached_tokens", 0))

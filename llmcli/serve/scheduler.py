@@ -16,7 +16,7 @@ import asyncio
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 from llmcli.data import Prompt
@@ -66,12 +66,14 @@ class Running:
 
 
 class Scheduler:
-    def __init__(self, engine: Any, parallel: int, queue_size: int, cells: int, prefix_cache: bool = True) -> None:
+    def __init__(self, engine: Any, parallel: int, queue_size: int, cells: int, prefix_cache: bool = True,
+                 speculative: str = "off", draft_max: int = 8) -> None:
         from llmcli.engines.llamacpp import BATCH
         from llmcli.engines.llama_sequences import SequenceSet
 
         self.engine, self.parallel, self.size, self.cells = engine, parallel, queue_size, cells
         self.prefix_cache = prefix_cache
+        self.speculative, self.draft_max = speculative, draft_max  # every sequence's, as llama-server's --draft
         # as many idle prefix entries as slots, as llama-server keeps each slot's last prompt
         self.sequences = SequenceSet(engine, cells, parallel, BATCH, keep_idle=parallel if prefix_cache else 0)
         self.waiting: deque[SequenceJob | Job | None] = deque()
@@ -213,7 +215,8 @@ class Scheduler:
         seeded = choice.seed is not None and choice.options.temperature > 0
         live = self.sequences.add(choice.ids, chain, choice.options.max_new_tokens, share_prefill_of=leader,
                                   reuse_prefix=self.prefix_cache and not seeded,
-                                  matcher=self.engine.matcher(choice.options))
+                                  matcher=self.engine.matcher(choice.options), speculative=self.speculative,
+                                  draft_max=self.draft_max)
         if choice.index == 0:  # the prompt's first sample: later ones reuse what it decoded
             job.cached_tokens += live.reused
         streamer = TokenStreamer(self.engine.decode, choice.on_text, choice.options.stop, self.engine.eos_ids)
@@ -240,12 +243,12 @@ class Scheduler:
             running.job.widest = max(running.job.widest, width)
         sampled = self.sequences.step(self.engine.eos_ids)
         now = time.perf_counter()
-        for live, token in sampled:
+        for live, tokens in sampled:
             running = self.running[live]
             job = running.job
             if job.first_token_at is None:
                 job.first_token_at = now
-            running.streamer.add([token])
+            running.streamer.add(tokens)
             if running.streamer.done and not live.done:  # a stop string: it ends here
                 self.sequences.cancel(live)
             if live.done:
@@ -255,9 +258,12 @@ class Scheduler:
         running.streamer.end()
         job, choice = running.job, running.job.choices[running.number]
         ttft = running.streamer.first_token_at - running.began if running.streamer.first_token_at else None
-        job.results[running.number] = generation_of(self.engine, choice.prompt, choice.index, live.new,
-                                                    choice.options.stop, len(choice.ids), now - running.began, ttft,
-                                                    constrained=choice.options.constraint is not None)
+        result = generation_of(self.engine, choice.prompt, choice.index, live.new, choice.options.stop,
+                               len(choice.ids), now - running.began, ttft,
+                               constrained=choice.options.constraint is not None)
+        if live.speculation is not None:
+            result = replace(result, drafted=live.speculation.drafted, accepted=live.speculation.accepted)
+        job.results[running.number] = result
         self.end(live, running)
         if len(job.results) == len(job.choices):
             try:

@@ -40,6 +40,9 @@ class GenerateOptions:
     chat: bool | None = None  # None: use the chat template when the tokenizer has one
     batch_size: int = 1
     prompt_lookup: int | None = None  # prompt-lookup decoding: tokens proposed per step from the prompt
+    # llama.cpp's speculative decoding (llama_speculation): "auto" drafts while it pays, "on" always
+    speculative: str = "off"
+    draft_max: int = 8  # tokens drafted per step at most
     truncate: str = "error"  # a prompt too long for the context: "error" or "left" (keep its end)
     reuse_prefix: bool = False  # a chat's next turn: engines that can may keep the cached prompt prefix
     constraint: Any = None  # structured output (llmcli.constraints.Constraint): only tokens it allows are sampled
@@ -60,6 +63,8 @@ class Generation:
     weights: str = ""
     prompt_number: int = 0  # the prompt's place in the input (0-based): matches records to lines when prompts repeat
     incomplete: bool | None = None  # under a constraint: the text ended before the constraint was satisfied
+    drafted: int | None = None  # speculative decoding: tokens proposed (None: it did not speculate)
+    accepted: int | None = None  # of those, the ones kept
 
 
 def uses_chat_template(engine: Engine, prompt: Prompt, options: GenerateOptions) -> bool:
@@ -216,6 +221,10 @@ def validate(options: GenerateOptions) -> None:
         raise UsageError(f"--seed must be in 0..{SEEDS - 1}, got {options.seed}")
     if options.prompt_lookup is not None and options.prompt_lookup <= 0:
         raise UsageError(f"--prompt-lookup must be at least 1, got {options.prompt_lookup}")
+    if options.speculative not in ("auto", "on", "off"):
+        raise UsageError(f"unknown --speculative {options.speculative!r}", "Use auto, on or off.")
+    if not 1 <= options.draft_max <= 64:
+        raise UsageError(f"--draft-max must be in 1..64, got {options.draft_max}")
 
 
 def cap_default_length(options: GenerateOptions, encoded: list[list[int]], context: int | None,
@@ -297,12 +306,14 @@ def generate(
         streamer.end()
         seconds = time.perf_counter() - began
         ttft = streamer.first_token_at - began if streamer.first_token_at else None
+        checked = getattr(engine, "drafts_checked", None) or [(None, None)] * len(rows)
         for row, token_ids in enumerate(rows):
             prompt_index = start + row // options.num_return_sequences
+            drafted, accepted = checked[row]
             yield replace(generation_of(engine, prompts[prompt_index], row % options.num_return_sequences, token_ids,
                                         options.stop, len(encoded[prompt_index]), seconds, ttft,
                                         constrained=options.constraint is not None),
-                          prompt_number=prompt_index)
+                          prompt_number=prompt_index, drafted=drafted, accepted=accepted)
 
 
 def prepare(engine: Engine, prompts: list[Prompt], options: GenerateOptions,

@@ -1,0 +1,204 @@
+"""Speculative decoding on llama.cpp: a sequence proposes tokens (drafts), the model checks them all in
+the one decode it runs anyway, and every draft up to the first wrong one is kept (llama_sequences does
+the decoding; this module proposes the drafts and decides when proposing pays).
+
+- Two ways to propose, as llama-server has: n-gram lookup (`NgramDrafter`: the tokens that followed
+  the last place the sequence's latest n tokens occurred, in its prompt or its own text; llama.cpp's
+  `ngram-simple`, vLLM's and transformers' prompt lookup) and a draft model (`DraftModel`: a smaller
+  GGUF with the same vocabulary, decoding greedily in a context of its own).
+- Checking a draft is sampling: each of its positions is sampled with the sequence's own sampler
+  chain in order, and the draft is kept while the samples equal it. For a proposer whose draft is one
+  certain token (both of these: lookup is deterministic, the draft model greedy), that is the
+  speculative-sampling rule (accept d with probability p(d), else draw from p without d), so the
+  distribution is the model's; and the chain draws its random numbers as plain decoding would, so a
+  seeded sample is the plain one, token for token, wherever the logits are the same.
+- `auto` pays for itself or stops: verifying k drafts costs a decode of more tokens (measured here:
+  on 2 cores a 9-token decode takes 3.4 one-token decodes of SmolLM2-135M F16), so a sequence drafts
+  only while the share of its drafts kept outweighs what the extra tokens cost every sequence of the
+  step (`extra_cost`); a sequence that stops probes again after a while, at growing intervals.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+MODES = ("auto", "on", "off")
+DEFAULT_DRAFT_MAX = 8  # tokens proposed per step at most (the README's measurements)
+# the longest and shortest n-gram looked up: with 2, free text drafts often and is mostly rejected (measured:
+# 17 of 123 kept); with 3, a summary keeps ~90% of its drafts
+NGRAM_MAX, NGRAM_MIN = 4, 3
+PROBE_AFTER = 16  # plain steps before an `auto` sequence that stopped drafting tries once more (doubling)
+PROBE_AFTER_MAX = 512
+
+
+class NgramDrafter:
+    """Prompt lookup for one sequence: an index of where each n-gram of its tokens was last followed by
+    a token, grown as the sequence grows."""
+
+    def __init__(self) -> None:
+        self.follows: dict[tuple[int, ...], int] = {}  # n-gram -> the index of the token after its latest place
+        self.indexed = 1
+
+    def propose(self, tokens: list[int], limit: int) -> list[int]:
+        """Up to `limit` tokens that followed the latest earlier place of the longest suffix of `tokens`
+        (NGRAM_MAX down to NGRAM_MIN tokens) seen before."""
+        while self.indexed < len(tokens):  # an n-gram counts once the token after it is known
+            end = self.indexed
+            for n in range(NGRAM_MIN, NGRAM_MAX + 1):
+                if end >= n:
+                    self.follows[tuple(tokens[end - n:end])] = end
+            self.indexed += 1
+        for n in range(NGRAM_MAX, NGRAM_MIN - 1, -1):
+            if len(tokens) > n:
+                after = self.follows.get(tuple(tokens[-n:]))
+                if after is not None:
+                    return tokens[after:after + limit]
+        return []
+
+
+class DraftModel:
+    """A smaller model with the target's vocabulary, drafting greedily for many sequences at once. Its
+    context keeps each sequence's tokens (by the target's sequence id): a new step decodes only what
+    was accepted since, as llama.cpp's common_speculative reuses its draft context."""
+
+    def __init__(self, engine: Any, n_ctx: int, n_seq: int, batch_size: int) -> None:
+        self.engine, self.lib, self.batch_size = engine, engine.lib, batch_size
+        lib = self.lib
+        params = lib.llama_context_default_params()
+        params.n_ctx = -(-n_ctx // 256) * 256
+        params.n_batch = params.n_ubatch = batch_size
+        params.n_seq_max = n_seq
+        params.kv_unified = True
+        params.n_threads = params.n_threads_batch = engine.threads
+        params.no_perf = True
+        self.context = lib.llama_init_from_model(engine.model, params)
+        if not self.context:
+            from llmcli.errors import ModelLoadError
+
+            raise ModelLoadError(f"llama.cpp could not allocate the draft model's context of {params.n_ctx} tokens",
+                                 "Use fewer new tokens or a smaller --parallel.")
+        self.memory = lib.llama_get_memory(self.context)
+        self.batch = lib.llama_batch_init(batch_size, 0, 1)
+        self.held: dict[int, list[int]] = {}  # seq id -> the tokens its cells hold
+        self.seconds = 0.0  # time spent drafting, for the cost of a draft
+
+    def close(self) -> None:
+        self.lib.llama_batch_free(self.batch)
+        self.lib.llama_free(self.context)
+
+    def forget(self, seq_id: int) -> None:
+        self.held.pop(seq_id, None)
+        self.lib.llama_memory_seq_rm(self.memory, seq_id, -1, -1)
+
+    def propose(self, wanted: list[tuple[int, list[int], int]]) -> list[list[int]]:
+        """For each (seq id, tokens so far, limit): up to `limit` greedy tokens after `tokens`."""
+        began = time.perf_counter()
+        drafts: list[list[int]] = [[] for _ in wanted]
+        feeds: list[tuple[int, list[int], int]] = []  # (which, tokens to decode, their first position)
+        for which, (seq_id, tokens, limit) in enumerate(wanted):
+            held = self.held.get(seq_id, [])
+            keep = 0
+            while keep < min(len(held), len(tokens) - 1) and held[keep] == tokens[keep]:
+                keep += 1
+            self.lib.llama_memory_seq_rm(self.memory, seq_id, keep, -1)
+            self.held[seq_id] = list(tokens[:keep])
+            feeds.append((which, list(tokens[keep:]), keep))
+        while feeds:
+            greedy = self.decode(wanted, feeds)
+            feeds = []
+            for which, token in greedy:
+                seq_id, _, limit = wanted[which]
+                drafts[which].append(token)
+                if len(drafts[which]) < limit and token not in self.engine.eos_ids:
+                    feeds.append((which, [token], len(self.held[seq_id])))
+        self.seconds += time.perf_counter() - began
+        return drafts
+
+    def decode(self, wanted: list[tuple[int, list[int], int]],
+               feeds: list[tuple[int, list[int], int]]) -> list[tuple[int, int]]:
+        """Decodes each feed's tokens (in chunks of the batch size); returns (which, the greedy next token)
+        for each, read from the batch that decoded its last token (llama.cpp keeps one batch's logits)."""
+        import numpy as np
+
+        from llmcli.errors import DataError
+
+        lib, batch = self.lib, self.batch
+        greedy: list[tuple[int, int]] = []
+        pending = [(which, tokens, start) for which, tokens, start in feeds if tokens]
+        while pending:
+            count, rows, rest = 0, [], []
+            for which, tokens, start in pending:
+                seq_id = wanted[which][0]
+                chunk = tokens[:self.batch_size - count]
+                for i, token in enumerate(chunk):
+                    batch.token[count] = token
+                    batch.pos[count] = start + i
+                    batch.n_seq_id[count] = 1
+                    batch.seq_id[count][0] = seq_id
+                    batch.logits[count] = False
+                    count += 1
+                self.held[seq_id].extend(chunk)
+                if len(chunk) < len(tokens):
+                    rest.append((which, tokens[len(chunk):], start + len(chunk)))
+                else:
+                    batch.logits[count - 1] = True
+                    rows.append((which, count - 1))
+            batch.n_tokens = count
+            if lib.llama_decode(self.context, batch) != 0:
+                raise DataError("llama.cpp could not decode the draft model's batch",
+                                "Use fewer new tokens or a smaller --parallel.")
+            greedy += [(which, int(np.argmax(self.engine.logits_row(self.context, row)))) for which, row in rows]
+            pending = rest
+        return greedy
+
+
+def step_time(tokens: int) -> float:
+    """The time of one decode of `tokens` tokens, in decodes of one token: one token runs matrix-vector
+    kernels, more run matrix-matrix ones that grow by about a fifth of a step per token (measured on
+    SmolLM2-135M F16 on 2 cores: 13.1 ms for 1 token, 44.9 ms for 9, 67.6 ms for 17)."""
+    return 1.0 if tokens <= 1 else 1.47 + 0.217 * tokens
+
+
+def extra_cost(base: int, drafted: int) -> float:
+    """What adding `drafted` tokens to a decode of `base` tokens costs, in tokens of output that the
+    `base` sequences of the step lose. A fixed model rather than timings measured as it runs, so that
+    whether a sequence drafts, and so its output, is the same on every run."""
+    return base * (step_time(base + drafted) / step_time(base) - 1)
+
+
+@dataclass
+class Speculation:
+    """One sequence's drafting: its mode, proposer, counts, and (in `auto`) whether it pays."""
+
+    mode: str  # "auto" | "on"
+    draft_max: int
+    drafter: Any  # NgramDrafter, or the set's DraftModel
+    drafted: int = 0  # tokens proposed and checked
+    accepted: int = 0  # of those, kept
+    rate: float = 0.5  # moving average of the accepted share of a draft (auto); a prior until measured
+    resting: int = 0  # plain steps left before the next probe (auto)
+    probe_after: int = PROBE_AFTER
+
+    def wants_draft(self, base: int, size: int) -> bool:
+        """In auto: draft `size` tokens beside `base` others this step if the tokens expected to be kept
+        outweigh the cost."""
+        if self.mode == "on":
+            return True
+        if self.resting > 0:
+            self.resting -= 1
+            return self.resting == 0  # the probe: one draft, whose result updates the rate
+        if self.rate * size > extra_cost(base, size):
+            return True
+        self.resting = self.probe_after  # rest, then probe once; each probe that fails rests twice as long
+        self.probe_after = min(2 * self.probe_after, PROBE_AFTER_MAX)
+        return False
+
+    def checked(self, drafted: int, accepted: int) -> None:
+        self.drafted += drafted
+        self.accepted += accepted
+        share = accepted / drafted
+        self.rate = 0.7 * self.rate + 0.3 * share
+        if share >= 0.5:
+            self.probe_after = PROBE_AFTER
