@@ -647,6 +647,35 @@ MUTANTS = [
     Mutant("embed's auto engine is always hf", "llmcli/sentence_models.py",
            "        if reason is None and llama_cpp_installed():", "        if False:",
            "tests/test_embed.py -k runs_on_llama_cpp_by_default"),
+    # speculative decoding on llama.cpp
+    Mutant("rejected drafts keep their cells", "llmcli/engines/llama_sequences.py",
+           "            lib.llama_memory_seq_rm(self.memory, sequence.seq_id, sequence.position, -1)\n", "",
+           "tests/test_speculative.py::test_greedy_with_lookup_equals_plain_decoding_alone_and_in_a_batch "
+           "tests/test_speculative.py::test_rejected_drafts_leave_no_cells_and_a_cancelled_sequence_none"),
+    Mutant("every draft kept without checking", "llmcli/engines/llama_sequences.py",
+           "            if i < len(draft) and token == draft[i]:", "            if i < len(draft):",
+           "tests/test_speculative.py -k greedy_with"),
+    Mutant("drafts checked by the likeliest token, not the sampler", "llmcli/engines/llama_sequences.py",
+           "            if i < len(draft) and token == draft[i]:",
+           "            if i < len(draft) and int(self.engine.logits_row(self.context, row).argmax()) == draft[i]:",
+           "tests/test_speculative.py -k distribution"),
+    Mutant("auto never stops drafting", "llmcli/engines/llama_speculation.py",
+           "        if self.rate * size > extra_cost(base, size):", "        if True:",
+           "tests/test_speculative.py -k auto_stops"),
+    Mutant("a cancelled sequence keeps its draft-model cells", "llmcli/engines/llama_sequences.py",
+           "            self.draft_model.forget(sequence.seq_id)\n", "",
+           "tests/test_speculative.py -k cells"),
+    Mutant("drafts not counted in /metrics", "llmcli/serve/metrics.py",
+           '            self.accepted_tokens.inc(details["accepted_prediction_tokens"])\n', "",
+           "tests/test_speculative.py -k serve_counts"),
+    Mutant("the draft model ignored on llama.cpp", "llmcli/engines/llama_sequences.py",
+           'drafter = self.drafting_model() if getattr(self.engine, "draft", None) is not None else NgramDrafter()',
+           "drafter = NgramDrafter()", "tests/test_speculative.py -k greedy_with_a_draft_model"),
+    Mutant("n-gram lookup proposes the tokens before the match", "llmcli/engines/llama_speculation.py",
+           "                    return tokens[after:after + limit]",
+           "                    return tokens[max(0, after - limit):after]",
+           "tests/test_speculative.py -k embedded_model"),
+
 ]
 
 
