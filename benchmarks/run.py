@@ -900,6 +900,39 @@ def shared_contexts(engine, task: Path, manager, repeats: int) -> Figure:
                        "(absolute: the kernels' batch shapes differ)")
 
 
+def speculative_decoding(new_tokens: int, repeats: int, client_counts: list[int]) -> list[Figure]:
+    """P22 (benchmarks/speculation.py): n-gram speculation (`--speculative auto`, the default) against
+    plain decoding on llama.cpp, the embedded model's F16 weights: each input-grounded task and free
+    generation in-process (decode tok/s, runs alternating), then the grounded tasks through `llmcli
+    serve` at each client count (aggregate completion tok/s, whole requests)."""
+    from speculation import STORY, chat_load, grounded_tasks, paired
+
+    from llmcli.engines import choose_engine
+
+    engine = choose_engine(None, "llama.cpp")
+    figures = []
+    for name, (message, schema) in [*grounded_tasks().items(), ("free generation (a story)", (STORY, None))]:
+        run = paired(engine, message, schema, new_tokens, repeats)
+        same = "same greedy tokens" if run["same"] else f"greedy tokens differ from token {run['first_difference']}"
+        figures.append(Figure(f"P22 llama.cpp (F16) speculative auto vs off: {name}", run["auto"], run["off"],
+                              "tok/s", goal=0.97 if name.startswith("free") else 1.5,
+                              note=f"{run['tokens']} tokens, {run['accepted']} of {run['drafted']} drafted kept; {same}",
+                              raw=run))
+    for clients in client_counts:
+        rates, texts = {}, {}
+        for mode in ("auto", "off"):
+            with serving_process(["--speculative", mode, "--queue-size", "64"]) as (client, model):
+                chat_load(client, model, 1, 8, 1)  # warm-up
+                seconds, tokens, texts[mode] = chat_load(client, model, clients, new_tokens, 1)
+                rates[mode] = tokens / seconds
+        same = sum(a == b for a, b in zip(texts["auto"], texts["off"]))
+        figures.append(Figure(f"P22 serve (llama.cpp) {clients} client{'s' if clients > 1 else ''}, grounded tasks, "
+                              "speculative auto vs off", rates["auto"], rates["off"], "tok/s",
+                              note=f"{len(texts['auto'])} requests of client 0: {same} texts identical; whole "
+                                   "requests, prefill included"))
+    return figures
+
+
 def torch_threads() -> int:
     import torch
 
@@ -1005,6 +1038,9 @@ def main() -> None:
         figures += tool_calling(32 if args.quick else 128, 1 if args.quick else repeats, 8)
     if wanted("P21") and args.device == "cpu" and importlib.util.find_spec("lm_eval"):
         figures += benchmark_tasks(100 if args.quick else 400, 1 if args.quick else repeats)
+    if wanted("P22") and importlib.util.find_spec("llama_cpp") and args.device == "cpu":
+        figures += speculative_decoding(64 if args.quick else 256, 1 if args.quick else repeats,
+                                        [1] if args.quick else [1, 8])
     if wanted("P17") and importlib.util.find_spec("llama_cpp") and args.device == "cpu":
         figures.append(causal_fill_mask(1 if args.quick else repeats))
     if wanted("P12") and args.device == "cpu":

@@ -82,8 +82,9 @@ def serve(
     runner = load_engine(model, engine, chat_template=chat_template, command="generate", device=device, dtype=dtype,
                          threads=threads, draft_model=draft_model,
                          trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
-    if draft_model and runner.name != "llama.cpp":
-        raise UsageError("serve's --draft-model is for the llama.cpp engine", "Serve a .gguf model, or drop it.")
+    if (draft_model or speculative == "on") and runner.name != "llama.cpp":
+        raise UsageError(f"serve's {'--draft-model' if draft_model else '--speculative on'} is for the llama.cpp "
+                         "engine", "Serve a .gguf model, or drop it.")
     from llmcli.serve import exposure_warning, run_server
 
     warning = exposure_warning(host, api_key)

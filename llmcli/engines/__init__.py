@@ -178,8 +178,8 @@ def choose_engine(model: str | None, requested: str = "auto", *, command: str = 
         raise UsageError(f"--threads must be at least 1, got {threads}")
     if name == "llama.cpp":
         engine = load_llama_cpp(source, model is None, command, kind, device, dtype, fast, threads, notice)
-        if draft_model is not None:
-            engine.attach_draft(load_llama_cpp(gguf_draft(draft_model), False, command, kind, device, dtype, fast,
+        if draft_model is not None:  # its own weights as they are: a draft need only be close, and fast
+            engine.attach_draft(load_llama_cpp(gguf_draft(draft_model), False, command, kind, device, dtype, True,
                                                threads, notice))
     else:
         engine = load_hf(model, kind, device, dtype, fast, threads, draft_model, trust_remote_code, allow_pickle,
