@@ -43,7 +43,7 @@ def chat(
     fast: Annotated[bool, typer.Option("--fast", help="As for generate: quantized weights on llama.cpp, bfloat16 "
                                        "on the CPU with hf.")] = False,
     speculative: SpeculativeOption = "auto",
-    draft_max: DraftMaxOption = 8,
+    draft_max: DraftMaxOption = 12,
     draft_model: DraftModelOption = None,
     engine: EngineOption = "auto",
     threads: ThreadsOption = None,

@@ -54,7 +54,7 @@ def generate(
     prompt_lookup: Annotated[Optional[int], typer.Option(help="Propose N tokens per step by matching the prompt "
                                                          "(fast on repetitive text; same greedy output).")] = None,
     speculative: SpeculativeOption = "auto",
-    draft_max: DraftMaxOption = 8,
+    draft_max: DraftMaxOption = 12,
     truncate: Annotated[str, typer.Option(autocompletion=completes("error", "left"), help="A prompt too long for the context: 'error', or 'left' to keep "
                                           "its end.")] = "error",
     ctx_size: CtxSizeOption = None,

@@ -43,7 +43,7 @@ def serve(
         help="/v1/embeddings' model: a sentence-transformers or encoder directory (default: the embedded "
         "all-MiniLM-L6-v2, loaded at the first request).", show_default=False)] = None,
     speculative: SpeculativeOption = "auto",
-    draft_max: DraftMaxOption = 8,
+    draft_max: DraftMaxOption = 12,
     draft_model: DraftModelOption = None,
     engine: EngineOption = "auto",
     threads: ThreadsOption = None,

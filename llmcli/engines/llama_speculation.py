@@ -24,8 +24,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-MODES = ("auto", "on", "off")
-DEFAULT_DRAFT_MAX = 8  # tokens proposed per step at most (the README's measurements)
 # the longest and shortest n-gram looked up: with 2, free text drafts often and is mostly rejected (measured:
 # 17 of 123 kept); with 3, a summary keeps ~90% of its drafts
 NGRAM_MAX, NGRAM_MIN = 4, 3

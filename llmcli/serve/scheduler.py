@@ -67,7 +67,7 @@ class Running:
 
 class Scheduler:
     def __init__(self, engine: Any, parallel: int, queue_size: int, cells: int, prefix_cache: bool = True,
-                 speculative: str = "off", draft_max: int = 8) -> None:
+                 speculative: str = "off", draft_max: int = 12) -> None:
         from llmcli.engines.llamacpp import BATCH
         from llmcli.engines.llama_sequences import SequenceSet
 

@@ -19,7 +19,7 @@ class Settings:
     ctx_size: int | None = None  # llama.cpp: KV cells the live sequences share (None: the model's context)
     prefix_cache: bool = True  # llama.cpp: a prompt's cached prefix is not decoded again
     speculative: str = "off"  # llama.cpp: each sequence's speculative decoding (auto, on, off)
-    draft_max: int = 8  # llama.cpp: tokens drafted per step at most
+    draft_max: int = 12  # llama.cpp: tokens drafted per step at most
     max_body_bytes: int = 1 << 20
     json_logs: bool = False
     fingerprint: str = ""  # system_fingerprint: what produced the answers (create_app fills it in)
