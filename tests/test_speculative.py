@@ -230,6 +230,9 @@ def test_auto_stops_drafting_where_it_does_not_pay_and_probes_again():
         assert winning.wants_draft(1, 8)
         winning.checked(8, 6)
     assert Speculation("on", 8, drafter=None).wants_draft(64, 8)  # "on" always drafts
+    # a draft model as big as the target costs a target decode per drafted token: auto does not draft
+    assert not Speculation("auto", 8, drafter=None, draft_cost=1.0).wants_draft(1, 8)
+    assert Speculation("auto", 8, drafter=None, draft_cost=0.05).wants_draft(1, 8)
 
 
 def test_chat_turns_speculate_and_reuse_the_conversation(tiny_gguf_2k, monkeypatch):

@@ -116,7 +116,8 @@ class SequenceSet:
         sequence = Live(self.free_ids.pop(0), prompt, chain, max_new_tokens, matcher=matcher)
         if speculative != "off" and draft_max > 0:
             drafter = self.drafting_model() if getattr(self.engine, "draft", None) is not None else NgramDrafter()
-            sequence.speculation = Speculation(speculative, draft_max, drafter)
+            sequence.speculation = Speculation(speculative, draft_max, drafter,
+                                               getattr(drafter, "relative_cost", 0.0))
         sequence.leader = share_prefill_of
         if share_prefill_of is None:
             if shared:
@@ -129,7 +130,7 @@ class SequenceSet:
 
     def drafting_model(self) -> DraftModel:
         if self.draft_model is None:
-            self.draft_model = DraftModel(self.engine.draft, self.n_ctx, self.n_seq, self.batch_size)
+            self.draft_model = DraftModel(self.engine.draft, self.engine, self.n_ctx, self.n_seq, self.batch_size)
         return self.draft_model
 
     def longest_prefix(self, prompt: list[int]) -> tuple[int | None, int]:
