@@ -26,6 +26,7 @@ differ in the last bits: README "Many sequences at once" has the measured agreem
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from llmcli.engines.llama_speculation import DraftModel, NgramDrafter, Speculation
@@ -66,23 +67,32 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
+def unified_context(engine: Any, n_ctx: int, n_seq: int, batch_size: int) -> Any:
+    """A llama.cpp context of `n_ctx` cells in one pool (kv_unified: samples of a prompt share its
+    cells) for up to `n_seq` sequences, decoding batches of up to `batch_size` tokens."""
+    lib = engine.lib
+    params = lib.llama_context_default_params()
+    params.n_ctx = n_ctx
+    params.n_batch = params.n_ubatch = batch_size
+    params.n_seq_max = n_seq
+    params.kv_unified = True
+    params.n_threads = params.n_threads_batch = engine.threads
+    params.no_perf = True
+    context = lib.llama_init_from_model(engine.model, params)
+    if not context:
+        raise ModelLoadError(f"llama.cpp could not allocate a context of {n_ctx} tokens for {n_seq} sequences "
+                             f"({Path(engine.path).name})", "Use a smaller --batch-size or fewer new tokens.")
+    return context
+
+
 class SequenceSet:
     """Live sequences on one llama.cpp context of `n_ctx` cells shared by up to `n_seq` sequences."""
 
     def __init__(self, engine: Any, n_ctx: int, n_seq: int, batch_size: int, keep_idle: int = 0) -> None:
         lib = engine.lib
         self.lib, self.engine, self.batch_size = lib, engine, batch_size
-        params = lib.llama_context_default_params()
-        params.n_ctx = -(-n_ctx // 256) * 256
-        params.n_batch = params.n_ubatch = batch_size
-        params.n_seq_max = n_seq + keep_idle
-        params.kv_unified = True  # one pool of cells: samples of a prompt share its cells
-        params.n_threads = params.n_threads_batch = engine.threads
-        params.no_perf = True
-        self.context = lib.llama_init_from_model(engine.model, params)
-        if not self.context:
-            raise ModelLoadError(f"llama.cpp could not allocate a context of {params.n_ctx} tokens for {n_seq} "
-                                 "sequences", "Use a smaller --batch-size or fewer new tokens.")
+        self.n_ctx, self.n_seq = -(-n_ctx // 256) * 256, n_seq + keep_idle
+        self.context = unified_context(engine, self.n_ctx, self.n_seq, batch_size)
         self.memory = lib.llama_get_memory(self.context)
         self.batch = lib.llama_batch_init(batch_size, 0, 1)
         self.free_ids = list(range(n_seq + keep_idle))
@@ -90,7 +100,6 @@ class SequenceSet:
         self.keep_idle = keep_idle
         self.idle: dict[int, list[int]] = {}  # seq id -> the tokens its cells hold; oldest first
         self.decoded = 0  # tokens decoded so far (prompt and sampled), for tests and metrics
-        self.n_ctx, self.n_seq = params.n_ctx, params.n_seq_max
         self.draft_model: DraftModel | None = None  # made when a sequence first drafts with engine.draft
 
     def close(self) -> None:

@@ -20,7 +20,6 @@ the decoding; this module proposes the drafts and decides when proposing pays).
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,28 +61,17 @@ class DraftModel:
     was accepted since, as llama.cpp's common_speculative reuses its draft context."""
 
     def __init__(self, engine: Any, target: Any, n_ctx: int, n_seq: int, batch_size: int) -> None:
+        from llmcli.engines.llama_sequences import unified_context
+
         self.engine, self.lib, self.batch_size = engine, engine.lib, batch_size
         lib = self.lib
-        params = lib.llama_context_default_params()
-        params.n_ctx = -(-n_ctx // 256) * 256
-        params.n_batch = params.n_ubatch = batch_size
-        params.n_seq_max = n_seq
-        params.kv_unified = True
-        params.n_threads = params.n_threads_batch = engine.threads
-        params.no_perf = True
-        self.context = lib.llama_init_from_model(engine.model, params)
-        if not self.context:
-            from llmcli.errors import ModelLoadError
-
-            raise ModelLoadError(f"llama.cpp could not allocate the draft model's context of {params.n_ctx} tokens",
-                                 "Use fewer new tokens or a smaller --parallel.")
+        self.context = unified_context(engine, n_ctx, n_seq, batch_size)
         self.memory = lib.llama_get_memory(self.context)
         self.batch = lib.llama_batch_init(batch_size, 0, 1)
         self.held: dict[int, list[int]] = {}  # seq id -> the tokens its cells hold
         # a drafted token's cost in target decodes, by parameter count: a draft as big as the target never
         # pays (measured: SmolLM2's Q4_1 file drafting for its F16 weights, 97% kept, 0.66x)
         self.relative_cost = lib.llama_model_n_params(engine.model) / lib.llama_model_n_params(target.model)
-        self.seconds = 0.0  # time spent drafting, for the cost of a draft
 
     def close(self) -> None:
         self.lib.llama_batch_free(self.batch)
@@ -95,7 +83,6 @@ class DraftModel:
 
     def propose(self, wanted: list[tuple[int, list[int], int]]) -> list[list[int]]:
         """For each (seq id, tokens so far, limit): up to `limit` greedy tokens after `tokens`."""
-        began = time.perf_counter()
         drafts: list[list[int]] = [[] for _ in wanted]
         feeds: list[tuple[int, list[int], int]] = []  # (which, tokens to decode, their first position)
         for which, (seq_id, tokens, limit) in enumerate(wanted):
@@ -114,7 +101,6 @@ class DraftModel:
                 drafts[which].append(token)
                 if len(drafts[which]) < limit and token not in self.engine.eos_ids:
                     feeds.append((which, [token], len(self.held[seq_id])))
-        self.seconds += time.perf_counter() - began
         return drafts
 
     def decode(self, wanted: list[tuple[int, list[int], int]],
