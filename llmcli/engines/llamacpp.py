@@ -498,8 +498,7 @@ class LlamaCppEngine:
         return live.new
 
     def speculation(self, options: Any) -> str:
-        """The options' speculation on this engine: "off", "auto" or "on" (a draft model given drafts
-        at least in auto)."""
+        """The options' speculation on this engine: "off", "auto" or "on" (--prompt-lookup N is "on")."""
         mode = getattr(options, "speculative", "off")
         if getattr(options, "prompt_lookup", None):
             return "on"
