@@ -26,7 +26,7 @@ from typing import Any
 # the longest and shortest n-gram looked up: with 2, free text drafts often and is mostly rejected (measured:
 # 17 of 123 kept); with 3, a summary keeps ~90% of its drafts
 NGRAM_MAX, NGRAM_MIN = 4, 3
-PROBE_AFTER = 16  # plain steps before an `auto` sequence that stopped drafting tries once more (doubling)
+PROBE_AFTER = 16  # drafts passed up before an `auto` sequence that stopped drafting tries once more (doubling)
 PROBE_AFTER_MAX = 512
 
 
@@ -166,7 +166,7 @@ class Speculation:
     drafted: int = 0  # tokens proposed and checked
     accepted: int = 0  # of those, kept
     rate: float = 0.5  # moving average of the accepted share of a draft (auto); a prior until measured
-    resting: int = 0  # plain steps left before the next probe (auto)
+    resting: int = 0  # drafts still to pass up before the next probe (auto)
     probe_after: int = PROBE_AFTER
 
     def wants_draft(self, base: int, size: int) -> bool:
