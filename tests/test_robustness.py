@@ -248,8 +248,11 @@ def test_ctrl_c_mid_stream_puts_the_error_on_a_line_of_its_own():
     import time
 
     controller, terminal = pty.openpty()
+    # as in a terminal's foreground: SIGINT is not ignored, whatever this test run inherited (a shell
+    # without job control starts its background jobs with SIGINT ignored, and exec keeps that)
     process = subprocess.Popen([sys.executable, "-m", "llmcli", "generate", "Once upon a time", "--no-chat",
-                                "-n", "2000"], stdin=subprocess.DEVNULL, stdout=terminal, stderr=terminal)
+                                "-n", "2000"], stdin=subprocess.DEVNULL, stdout=terminal, stderr=terminal,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     os.close(terminal)
     seen, deadline, interrupted = b"", time.time() + 120, False
     while time.time() < deadline:
