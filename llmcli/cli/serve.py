@@ -63,12 +63,12 @@ def serve(
         raise UsageError(f"--max-tokens-limit must be at least 1, got {max_tokens_limit}")
     if parallel > 128:  # llama.cpp's 256 sequence ids hold the live ones and as many cached prefixes
         raise UsageError(f"--parallel must be at most 128, got {parallel}")
+    from llmcli.cli.generate import check_speculation
     from llmcli.tasks.generate import GenerateOptions, validate
 
-    validate(GenerateOptions(speculative=speculative, draft_max=draft_max))
-    if draft_model and speculative == "off":
-        raise UsageError("--draft-model proposes tokens, and --speculative off turns proposing off",
-                         "Drop one of them.")
+    speculation = GenerateOptions(speculative=speculative, draft_max=draft_max)
+    validate(speculation)
+    check_speculation(speculation, draft_model)
     if api_key is not None and not api_key.strip():
         raise UsageError("--api-key is empty", "Pass a secret, or drop --api-key.")
     import socket

@@ -83,13 +83,12 @@ class DraftModel:
 
     def propose(self, wanted: list[tuple[int, list[int], int]]) -> list[list[int]]:
         """For each (seq id, tokens so far, limit): up to `limit` greedy tokens after `tokens`."""
+        from llmcli.engines.llama_sequences import common_prefix
+
         drafts: list[list[int]] = [[] for _ in wanted]
         feeds: list[tuple[int, list[int], int]] = []  # (which, tokens to decode, their first position)
         for which, (seq_id, tokens, limit) in enumerate(wanted):
-            held = self.held.get(seq_id, [])
-            keep = 0
-            while keep < min(len(held), len(tokens) - 1) and held[keep] == tokens[keep]:
-                keep += 1
+            keep = min(common_prefix(self.held.get(seq_id, []), tokens), len(tokens) - 1)  # one left: its logits
             self.lib.llama_memory_seq_rm(self.memory, seq_id, keep, -1)
             self.held[seq_id] = list(tokens[:keep])
             feeds.append((which, list(tokens[keep:]), keep))
