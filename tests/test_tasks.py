@@ -248,6 +248,32 @@ def test_two_processes_a_lora_adapter_and_its_merge(tiny_llama, task_files, tmp_
     assert tuned < 0.95 * base and close(tuned, folded, 1e-4)
 
 
+def test_llama_cpp_decodes_each_shared_token_once(tiny_gguf):
+    """Pairs that share tokens (an instruction opening every question, as few-shot examples do; a
+    question's context before each answer; two answers' first word): every distinct token of their paths
+    (a context and its answer but the last token, a target only) is decoded once, and every score is the
+    pair's own: llama.cpp's numbers for it alone."""
+    pytest.importorskip("llama_cpp")
+    from llmcli.engines import Window, choose_engine
+    from llmcli.engines.llama_scoring import AnswerScorer
+
+    engine = choose_engine(str(tiny_gguf), "llama.cpp")
+    opening = engine.encode("Answer with the word that ends each line of the license.\n\n")
+    pairs = []
+    for question in ("This License applies to", "Everyone is permitted to", "You may convey", "You may"):
+        context = opening + engine.encode(question, add_special=False)
+        for word in (" any", " the program", " the work", " verbatim copies of works", " any"):
+            pairs.append((context, engine.encode(word, add_special=False)))
+    scorer = AnswerScorer(engine)
+    together = scorer.score_answers(pairs)
+    paths = {tuple(context + answer[:-1]) for context, answer in pairs}
+    assert scorer.decoded == len({path[:end] for path in paths for end in range(1, len(path) + 1)})
+    assert scorer.decoded < sum(len(context) + len(answer) - 1 for context, answer in pairs) / 4
+    for (context, answer), (value, _) in zip(pairs, together):  # llama.cpp's own numbers, one sequence
+        alone = sum(engine.token_logprobs(Window(context + answer, len(answer)), 0)[0])
+        assert close(value, alone, LLAMA_RELATIVE)
+
+
 @pytest.mark.parametrize("model, engine_name", [("tiny_llama", "hf"), ("tiny_gguf", "llama.cpp")])
 def test_an_answer_is_greedy_exactly_when_each_of_its_tokens_is_the_likeliest(model, engine_name, request):
     """lm-eval's is_greedy: the model's own greedy continuation is greedy; the same with its second

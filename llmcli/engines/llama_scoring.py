@@ -17,7 +17,8 @@ from llmcli.errors import DataError, ModelLoadError
 GROUP = 64  # sequences decoded together after the shared part; 236 candidate sentences take 4 groups
 BATCH = 512  # tokens per llama_decode
 SEQUENCES = 256  # llama.cpp's most sequences in one context (LLAMA_MAX_SEQ)
-CELLS = 4096  # KV cells of the answer scorer's context: its questions' contexts and answers at once
+CHUNK_CELLS = 1024  # tokens of pairs decoded together (more when one pair needs more): each token's
+# attention runs over every cell of its tree (masked), so a larger tree costs more per token
 
 
 class SharedPrefixScorer:
@@ -55,7 +56,9 @@ class SharedPrefixScorer:
             lib.llama_batch_free(batch)
             lib.llama_free(context)
 
-    def open(self, cells: int, n_seq: int) -> tuple[Any, Any]:
+    def open(self, cells: int, n_seq: int, seq_ids: int = 1) -> tuple[Any, Any]:
+        """A context of `cells` cells for `n_seq` sequences, and a batch whose tokens may each be in
+        `seq_ids` of them."""
         lib, engine = self.lib, self.engine
         params = lib.llama_context_default_params()
         params.n_ctx = -(-cells // 256) * 256
@@ -68,14 +71,16 @@ class SharedPrefixScorer:
         if not context:
             raise ModelLoadError(f"llama.cpp could not allocate a context of {params.n_ctx} tokens",
                                  "Use a shorter text or a smaller --top-k.")
-        return context, lib.llama_batch_init(BATCH, 0, 1)
+        return context, lib.llama_batch_init(BATCH, 0, seq_ids)
 
-    def decode(self, context: Any, batch: Any, entries: list[tuple[int, int, int, bool]]) -> None:
-        """One llama_decode of (token, position, seq_id, wants logits) entries."""
+    def decode(self, context: Any, batch: Any, entries: list[tuple[int, int, int | list[int], bool]]) -> None:
+        """One llama_decode of (token, position, seq_id or seq_ids, wants logits) entries."""
         batch.n_tokens = len(entries)
-        for i, (token, position, seq_id, logits) in enumerate(entries):
-            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, position, 1, logits
-            batch.seq_id[i][0] = seq_id
+        for i, (token, position, seq_ids, logits) in enumerate(entries):
+            seq_ids = [seq_ids] if isinstance(seq_ids, int) else seq_ids
+            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, position, len(seq_ids), logits
+            for k, seq_id in enumerate(seq_ids):
+                batch.seq_id[i][k] = seq_id
         code = self.lib.llama_decode(context, batch)
         self.decoded += len(entries)
         if code != 0:
@@ -121,83 +126,101 @@ class SharedPrefixScorer:
 
 
 class AnswerScorer(SharedPrefixScorer):
-    """`score(questions)`: for each (context, answers) pair, each answer's summed log-probability after
-    the context and whether each of its tokens was the likeliest (lm-eval's loglikelihood). Many
-    questions go into one context at once: their contexts are decoded together, each its own sequence
-    (one batch of up to 512 tokens, rather than a dozen tokens a decode), then every answer with a
-    copy of its context's cells, all answers together. Logits are read only where a score needs them."""
+    """`score_answers(pairs)`: for each (context, answer) pair, the answer's summed log-probability after
+    the context and whether each of its tokens was the likeliest (lm-eval's loglikelihood).
 
-    def score_questions(self, questions: list[tuple[list[int], list[list[int]]]]) -> list[list[tuple[float, bool]]]:
-        if any(not context or any(not answer for answer in answers) for context, answers in questions):
-            raise ValueError("a question needs a context and answers of at least one token")
-        results: list[list[tuple[float, bool]]] = []
-        context, batch = self.open(CELLS, SEQUENCES)
+    The pairs are decoded as prefix trees (`PrefixTree`) of up to CHUNK_CELLS tokens: a token that
+    several pairs share (a question's context, before each of its answers; few-shot examples or
+    instructions that open many questions; the first words of two answers) is decoded once, into one
+    cell that belongs to all of their sequences, as llama.cpp's batched example shares its prompt. A
+    pair's last token is only a target and is not decoded, as HFLM feeds (context + answer)[:-1].
+    Logits are read only where a score needs them."""
+
+    def score_answers(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+        if any(not context or not answer for context, answer in pairs):
+            raise ValueError("a pair needs a context and an answer of at least one token")
+        if not pairs:
+            return []
+        # sorted, so that pairs sharing a beginning are neighbours, and each path's shared part is the
+        # part it shares with the path before it
+        order = sorted(range(len(pairs)), key=lambda n: pairs[n][0] + pairs[n][1][:-1])
+        cells = max(CHUNK_CELLS, max(len(context) + len(answer) - 1 for context, answer in pairs))
+        results: list[tuple[float, bool]] = [(0.0, False)] * len(pairs)
+        context, batch = self.open(cells, SEQUENCES, SEQUENCES)
         try:
-            for chunk in self.chunks(questions):
-                results.extend(self.score_chunk(context, batch, chunk))
+            tree = PrefixTree()
+            for number in order:
+                if not tree.admits(*pairs[number], cells):
+                    self.score_tree(context, batch, tree, pairs, results)
+                    tree = PrefixTree()
+                tree.add(number, *pairs[number])
+            self.score_tree(context, batch, tree, pairs, results)
         finally:
             self.lib.llama_batch_free(batch)
             self.lib.llama_free(context)
         return results
 
-    @staticmethod
-    def chunks(questions: list[tuple[list[int], list[list[int]]]]):
-        """Runs of questions whose sequences (a context and its answers each) and cells fit one context."""
-        chunk, sequences, cells = [], 0, 0
-        for context, answers in questions:
-            need_sequences, need_cells = 1 + len(answers), len(context) + sum(map(len, answers))
-            if need_sequences > SEQUENCES or need_cells > CELLS:
-                raise DataError(f"a question with {len(answers)} answers and {need_cells} tokens is too large to "
-                                "score at once", "Use shorter questions or --engine hf.")
-            if chunk and (sequences + need_sequences > SEQUENCES or cells + need_cells > CELLS):
-                yield chunk
-                chunk, sequences, cells = [], 0, 0
-            chunk.append((context, answers))
-            sequences, cells = sequences + need_sequences, cells + need_cells
-        if chunk:
-            yield chunk
+    def score_tree(self, context: Any, batch: Any, tree: "PrefixTree", pairs: list[tuple[list[int], list[int]]],
+                   results: list[tuple[float, bool]]) -> None:
+        self.lib.llama_memory_clear(self.lib.llama_get_memory(context), True)
+        scores: dict[int, list[tuple[float, bool]]] = {number: [] for number in tree.pairs}
+        nodes = list(range(len(tree.tokens)))
+        for begin in range(0, len(nodes), BATCH):
+            chunk = nodes[begin:begin + BATCH]
+            self.decode(context, batch, [(tree.tokens[n], tree.positions[n], tree.sequences[n], n in tree.readers)
+                                         for n in chunk])
+            for i, node in enumerate(chunk):
+                if node in tree.readers:
+                    row = self.row(context, i)
+                    for number, token in tree.readers[node]:
+                        scores[number].append(scored(row, token))
+        for number, own in scores.items():  # a pair's rows come in its tokens' order: a node's parent decodes first
+            results[number] = (sum_in_order(value for value, _ in own), all(best for _, best in own))
 
-    def score_chunk(self, context: Any, batch: Any, chunk: list[tuple[list[int], list[list[int]]]]) -> list[list[tuple[float, bool]]]:
-        lib = self.lib
-        memory = lib.llama_get_memory(context)
-        lib.llama_memory_clear(memory, True)
-        # the contexts, question q as sequence q: only its last token's row (the first answer token's) is read
-        entries = [(token, p, q, p + 1 == len(ids)) for q, (ids, _) in enumerate(chunk) for p, token in enumerate(ids)]
-        first_rows: dict[int, Any] = {}
-        self.decode_reading(context, batch, entries, lambda entry, row: first_rows.__setitem__(entry[2], row))
-        # the answers, each a sequence of its own holding a copy of its context's cells
-        owners, entries = [], []
-        for q, (ids, answers) in enumerate(chunk):
-            for answer in answers:
-                sequence = len(chunk) + len(owners)
-                lib.llama_memory_seq_cp(memory, q, sequence, 0, len(ids))
-                entries += [(token, len(ids) + k, sequence, k + 1 < len(answer)) for k, token in enumerate(answer)]
-                owners.append((q, answer))
-        scores = [[scored(first_rows[q], answer[0])] for q, answer in owners]
 
-        def read(entry: tuple[int, int, int, bool], row: Any) -> None:
-            _, position, sequence, _ = entry
-            q, answer = owners[sequence - len(chunk)]
-            scores[sequence - len(chunk)].append(scored(row, answer[position - len(chunk[q][0]) + 1]))
+class PrefixTree:
+    """The tokens that some (context, answer) pairs need decoded, each once: node n is a token at a
+    position, in the llama.cpp sequences of every path through it (a path: a context and all of its
+    answer but the last token; pairs with the same path share its sequence). Paths are added sorted, so
+    a path shares with the tree exactly what it shares with the path before it, and every node comes
+    after its parent: decoding the nodes in order keeps each sequence's positions consecutive."""
 
-        self.decode_reading(context, batch, entries, read)
-        results, at = [], 0
-        for _, answers in chunk:
-            results.append([(sum_in_order(value for value, _ in own), all(best for _, best in own))
-                            for own in scores[at:at + len(answers)]])
-            at += len(answers)
-        return results
+    def __init__(self) -> None:
+        self.tokens: list[int] = []
+        self.positions: list[int] = []
+        self.sequences: list[list[int]] = []
+        self.readers: dict[int, list[tuple[int, int]]] = {}  # node: (pair, the answer token its row scores)
+        self.pairs: list[int] = []
+        self.paths = 0
+        self.path: list[int] = []  # the last path added, and its nodes
+        self.nodes: list[int] = []
 
-    def decode_reading(self, context: Any, batch: Any, entries: list[tuple[int, int, int, bool]],
-                       read: Any) -> None:
-        """Decode the entries 512 at a time; `read(entry, log-probability row)` for each that wants one,
-        in order, before the next decode replaces the logits."""
-        for begin in range(0, len(entries), BATCH):
-            chunk = entries[begin:begin + BATCH]
-            self.decode(context, batch, chunk)
-            for i, entry in enumerate(chunk):
-                if entry[3]:
-                    read(entry, self.row(context, i))
+    def admits(self, context: list[int], answer: list[int], cells: int) -> bool:
+        """Whether the pair fits beside those already in: at most `cells` nodes and SEQUENCES paths."""
+        path = context + answer[:-1]
+        if not self.pairs or path == self.path:
+            return True
+        return (len(self.tokens) + len(path) - common_prefix(self.path, path) <= cells
+                and self.paths < SEQUENCES)
+
+    def add(self, number: int, context: list[int], answer: list[int]) -> None:
+        path = context + answer[:-1]
+        if not self.pairs or path != self.path:
+            shared = common_prefix(self.path, path)
+            sequence, self.paths = self.paths, self.paths + 1
+            for node in self.nodes[:shared]:
+                self.sequences[node].append(sequence)
+            self.nodes = self.nodes[:shared]
+            for position in range(shared, len(path)):
+                self.nodes.append(len(self.tokens))
+                self.tokens.append(path[position])
+                self.positions.append(position)
+                self.sequences.append([sequence])
+            self.path = path
+        # the answer's k-th token is scored on the row of the path's token before it
+        for k, token in enumerate(answer):
+            self.readers.setdefault(self.nodes[len(context) - 1 + k], []).append((number, token))
+        self.pairs.append(number)
 
 
 def scored(logprobs: Any, token: int) -> tuple[float, bool]:

@@ -552,21 +552,12 @@ class LlamaCppEngine:
     def continuation_scores(self, sequences: list[list[int]], starts: list[int],
                             batch_size: int) -> list[tuple[float, bool]]:
         """For each sequence, the summed log-probability of its tokens from `start` on and whether each was
-        the likeliest. Sequences with the same tokens before their start (a question's answers) share
-        that context: it is decoded once, and many questions' contexts and answers are decoded together
-        (llama_scoring.AnswerScorer)."""
+        the likeliest. Tokens that sequences share (a question's context, before each of its answers) are
+        decoded once, and many questions are decoded together (llama_scoring.AnswerScorer)."""
         from llmcli.engines.llama_scoring import AnswerScorer
 
-        by_context: dict[tuple[int, ...], list[int]] = {}
-        for number, (sequence, start) in enumerate(zip(sequences, starts)):
-            by_context.setdefault(tuple(sequence[:start]), []).append(number)
-        questions = [(list(context), [sequences[n][starts[n]:] for n in members])
-                     for context, members in by_context.items()]
-        answers: list[tuple[float, bool]] = [(0.0, False)] * len(sequences)
-        for members, scored in zip(by_context.values(), AnswerScorer(self).score_questions(questions)):
-            for number, result in zip(members, scored):
-                answers[number] = result
-        return answers
+        return AnswerScorer(self).score_answers([(sequence[:start], sequence[start:])
+                                                 for sequence, start in zip(sequences, starts)])
 
     def token_logprobs(self, window: Window, top: int) -> tuple[list[float], list[list[tuple[int, float]]]]:
         """Log-softmax in float64 of the logits at each scored position, read batch by batch: llama.cpp
