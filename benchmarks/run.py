@@ -809,24 +809,30 @@ def embedding(lines_count: int, repeats: int) -> list[Figure]:
     return figures
 
 
-def license_questions(folder: Path, count: int) -> Path:
+def license_questions(folder: Path, count: int, shots: int = 0) -> Path:
     """A multiple-choice task of `count` questions from license text: each line's last word among three
-    other words of the text; the task YAML (lm-eval's format) reading them is returned."""
+    other words of the text; the task YAML (lm-eval's format) reading them is returned. With `shots`,
+    that many more questions are its few-shot examples, the same ones before every question (MMLU's
+    set-up: a dev split and lm-eval's first_n sampler)."""
     import random
 
     rng = random.Random(0)
     lines = [" ".join(line.split()) for path in sorted(Path("/usr/share/common-licenses").iterdir())
              if path.is_file() for line in path.read_text(errors="replace").splitlines() if len(line.split()) > 6]
     words = sorted({word for line in lines for word in line.split()})
-    with (folder / "questions.jsonl").open("w") as out:
-        for line in rng.sample(lines, count):
-            head, answer = line.rsplit(" ", 1)
-            choices = [answer] + rng.sample([w for w in words if w != answer], 3)
-            rng.shuffle(choices)
-            out.write(json.dumps({"context": head, "choices": choices, "label": choices.index(answer)}) + "\n")
+    records = []
+    for line in rng.sample(lines, count + shots):
+        head, answer = line.rsplit(" ", 1)
+        choices = [answer] + rng.sample([w for w in words if w != answer], 3)
+        rng.shuffle(choices)
+        records.append(json.dumps({"context": head, "choices": choices, "label": choices.index(answer)}) + "\n")
+    (folder / "questions.jsonl").write_text("".join(records[shots:]))
+    (folder / "shots.jsonl").write_text("".join(records[:shots]))
+    few_shot = (f"    dev: {folder / 'shots.jsonl'}\n", f"fewshot_split: dev\nfewshot_config:\n  sampler: first_n\n"
+                f"num_fewshot: {shots}\n") if shots else ("", "")
     task = folder / "license_choice.yaml"
-    task.write_text(f"task: license_choice\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: "
-                    f"{folder / 'questions.jsonl'}\ntest_split: test\noutput_type: multiple_choice\n"
+    task.write_text(f"task: license_choice\ndataset_path: json\ndataset_kwargs:\n  data_files:\n{few_shot[0]}    test: "
+                    f"{folder / 'questions.jsonl'}\ntest_split: test\n{few_shot[1]}output_type: multiple_choice\n"
                     "doc_to_text: '{{context}}'\ndoc_to_choice: '{{choices}}'\ndoc_to_target: label\n"
                     "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
                     "  - metric: acc_norm\n    aggregation: mean\n    higher_is_better: true\n")
@@ -836,9 +842,11 @@ def license_questions(folder: Path, count: int) -> Path:
 def benchmark_tasks(count: int, repeats: int) -> list[Figure]:
     """P21: `eval --tasks` on a multiple-choice task of license lines, each engine, against lm-eval's own
     hf model (`lm_eval --model hf`) on the embedded model, in this process after loading (batch 32 on
-    both hf sides, llmcli's default; lm-eval's is 1); and the llama.cpp engine's shared contexts against
-    scoring each answer alone, the same requests."""
+    both hf sides, llmcli's default; lm-eval's is 1); the llama.cpp engine also 5-shot, the same five
+    examples before every question (MMLU's shape), on half as many questions; and its shared tokens
+    against scoring each answer alone, the same requests."""
     import lm_eval
+    from lm_eval.api.registry import get_model
     from lm_eval.tasks import TaskManager
 
     from llmcli import models
@@ -846,39 +854,39 @@ def benchmark_tasks(count: int, repeats: int) -> list[Figure]:
     from llmcli.tasks.benchmark import TaskOptions, run_tasks
 
     figures = []
-    with tempfile.TemporaryDirectory() as tmp:
-        task = license_questions(Path(tmp), count)
-        manager = TaskManager(include_path=tmp, include_defaults=False)  # what run_tasks uses for a file
-        converted = models.local_model_dir(models.resolve_model(None))
-        from lm_eval.api.registry import get_model
+    converted = models.local_model_dir(models.resolve_model(None))
+    reference = get_model("hf")(pretrained=str(converted), dtype="float32", batch_size=32, device="cpu")
+    engines = ("hf", "llama.cpp") if importlib.util.find_spec("llama_cpp") else ("hf",)
+    runs = [(name, 0, count, goal) for name, goal in zip(engines, (1.0, 3.0))]
+    if "llama.cpp" in engines:
+        runs.append(("llama.cpp", 5, count // 2, None))
+    for name, shots, questions, goal in runs:
+        engine = choose_engine(None, name, command="eval --tasks")  # its weights: F16 on llama.cpp
+        with tempfile.TemporaryDirectory() as tmp:
+            task = license_questions(Path(tmp), questions, shots)
+            manager = TaskManager(include_path=tmp, include_defaults=False)  # what run_tasks uses for a file
 
-        reference = get_model("hf")(pretrained=str(converted), dtype="float32", batch_size=32,
-                                                   device="cpu")
-
-        def theirs():
-            return lm_eval.simple_evaluate(model=reference, tasks=["license_choice"], task_manager=manager,
-                                           batch_size=32)["results"]["license_choice"]["acc,none"]
-
-        engines = ("hf", "llama.cpp") if importlib.util.find_spec("llama_cpp") else ("hf",)
-        for name, goal in zip(engines, (1.0, 3.0)):
-            engine = choose_engine(None, name, command="eval")
+            def theirs():
+                return lm_eval.simple_evaluate(model=reference, tasks=["license_choice"], task_manager=manager,
+                                               batch_size=32)["results"]["license_choice"]["acc,none"]
 
             def ours():
                 return run_tasks(engine, TaskOptions(tasks=[str(task)])).results["results"][
                     "license_choice"]["acc,none"]
 
             (seconds, accuracy), (base_seconds, base_accuracy) = paired_median_times(ours, theirs, repeats)
-            figures.append(Figure(f"P21 eval --tasks --engine {name} vs lm_eval --model hf ({count} questions)",
-                                  count / seconds, count / base_seconds, "questions/s", goal=goal,
+            shape = f"{questions} questions" + (f", {shots}-shot" if shots else "")
+            figures.append(Figure(f"P21 eval --tasks --engine {name} vs lm_eval --model hf ({shape})",
+                                  questions / seconds, questions / base_seconds, "questions/s", goal=goal,
                                   note=f"{engine.weights}: acc {accuracy:.4f} vs lm-eval's {base_accuracy:.4f}"))
-            if name == "llama.cpp":
+            if name == "llama.cpp" and not shots:
                 figures.append(shared_contexts(engine, task, manager, repeats))
     return figures
 
 
 def shared_contexts(engine, task: Path, manager, repeats: int) -> Figure:
-    """The llama.cpp engine's answers as `eval --tasks` scores them (a question's context decoded once,
-    many questions in one context) against each answer scored as one sequence (the engine's
+    """The llama.cpp engine's answers as `eval --tasks` scores them (prefix trees: each shared token
+    decoded once, many questions at once) against each answer scored as one sequence (the engine's
     token_logprobs, which eval's perplexity uses), on the same requests."""
     from llmcli.engines import Window
     from llmcli.tasks.benchmark import engine_lm
@@ -894,7 +902,7 @@ def shared_contexts(engine, task: Path, manager, repeats: int) -> Figure:
         lambda: [sum(engine.token_logprobs(Window(s, len(s) - t), 0)[0]) for s, t in zip(sequences, starts)],
         repeats)
     apart = max(abs(a[0] - b) for a, b in zip(grouped, single))
-    return Figure("P21 llama.cpp answers sharing their context vs each alone", len(sequences) / together,
+    return Figure("P21 llama.cpp answers sharing their tokens vs each alone", len(sequences) / together,
                   len(sequences) / alone, "answers/s",
                   note=f"{len(sequences)} answers on {engine.weights}; log-likelihoods at most {apart:.1e} apart "
                        "(absolute: the kernels' batch shapes differ)")

@@ -634,6 +634,8 @@ MUTANTS = [
     Mutant("eval --tasks on llama.cpp drops an answer's first token", "llmcli/engines/llama_scoring.py",
            "        for k, token in enumerate(answer):\n",
            "        for k, token in enumerate(answer[1:], 1):\n", "tests/test_tasks.py -k llama_cpp_match"),
+    Mutant("eval --tasks runs a quantized GGUF on its own kernels", "llmcli/cli/tasks.py",
+           'command="eval --tasks"', 'command="eval"', "tests/test_tasks.py -k embedded_model"),
     Mutant("eval --tasks on llama.cpp decodes shared tokens again", "llmcli/engines/llama_scoring.py",
            "            shared = common_prefix(self.path, path)\n", "            shared = 0\n",
            "tests/test_tasks.py -k shared_token_once"),

@@ -35,11 +35,9 @@ def run_tasks_command(models: list[Optional[str]], tasks: list[str], *, num_fews
     from llmcli.distributed import Workers
 
     workers = Workers(device)  # one process, or this worker's place among --num-processes
-    compared = len(models) > 1
     everything = []
     for name in models:
-        # several models: each on the weights generate would run, so their rows compare models, not formats
-        runner = load_engine(name, engine, command="generate" if compared else "eval", kind="causal",
+        runner = load_engine(name, engine, command="eval --tasks", kind="causal",
                              device=device or workers.device, dtype=dtype, threads=threads,
                              trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
         with render.status(f"Running {', '.join(tasks)} with {runner.source.name}"):
