@@ -72,6 +72,26 @@ def test_samples_share_the_prefill_and_each_step_is_one_decode(tiny_gguf, monkey
     assert [len(step) for step in steps] == [sum(len(row) > i for row in rows) for i in range(len(steps))]
 
 
+def test_each_row_of_a_batch_ends_at_its_stop_string(tiny_gguf):
+    """Rows decoded together stop one by one, each at the token that completes a stop string in its
+    own text, rather than all going on to the longest row's end (eval --tasks' generate_until)."""
+    from llmcli.engines import choose_engine
+    from llmcli.tasks.generate import GenerateOptions
+
+    engine = choose_engine(str(tiny_gguf), "llama.cpp")
+    prompts = [engine.encode(text) for text in PROMPTS]
+    greedy = GenerateOptions(max_new_tokens=40, temperature=0.0, chat=False)
+    alone = [engine.generate([prompt], greedy, on_tokens=lambda tokens: None, should_stop=lambda: False)[0]
+             for prompt in prompts]
+    stops = [engine.decode(row[3:5]) for row in alone[:3]]  # three rows' own text, a few tokens in
+    ends = [next(n for n in range(1, len(row) + 1) if any(s in engine.decode(row[:n]) for s in stops))
+            if any(s in engine.decode(row) for s in stops) else len(row) for row in alone]
+    assert min(ends) < 8 and sum(ends) < sum(map(len, alone)) / 2
+    rows = engine.generate(prompts, GenerateOptions(max_new_tokens=40, temperature=0.0, chat=False, stop=stops),
+                           on_tokens=lambda tokens: None, should_stop=lambda: False)
+    assert rows == [row[:end] for row, end in zip(alone, ends)]
+
+
 def test_a_long_prompt_is_prefilled_in_chunks_beside_the_decoding_ones(tiny_gguf, monkeypatch):
     """A batch never holds more than llama.cpp's batch size of tokens: a prompt longer than that is split
     over steps, and the others keep decoding meanwhile."""

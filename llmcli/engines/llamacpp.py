@@ -458,10 +458,14 @@ class LlamaCppEngine:
                                          draft_max=options.prompt_lookup or options.draft_max)
                     leader = leader or live
                     order.append(live)
+            stops = [stop for stop in getattr(options, "stop", None) or [] if stop]
             while sequences.live:
                 sampled = sequences.step(self.eos_ids)
                 if sampled:
                     on_tokens([token for _, tokens in sampled for token in tokens])
+                for live, _ in sampled if stops else []:  # a row whose text has a stop string ends there
+                    if not live.done and any(stop in self.decode(live.new) for stop in stops):
+                        sequences.cancel(live)
                 if should_stop():
                     break
             self.drafts_checked += [(live.speculation.drafted, live.speculation.accepted) if live.speculation

@@ -177,8 +177,8 @@ def engine_lm(engine: Engine, batch_size: int, max_length: int | None = None, wo
 
         def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
             self.answered += len(requests)
-            return [answer(engine, self.tok_encode(context), kwargs, self.max_length, self.batch_size)
-                    for context, kwargs in (request.args for request in requests)]
+            return answers(engine, [(self.tok_encode(context), kwargs) for context, kwargs in
+                                    (request.args for request in requests)], self.max_length, self.batch_size)
 
         def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
             return engine.render_chat(chat_history, add_generation_prompt)
@@ -189,28 +189,41 @@ def engine_lm(engine: Engine, batch_size: int, max_length: int | None = None, wo
     return EngineLM()
 
 
-def answer(engine: Engine, context: list[int], kwargs: dict[str, Any], max_length: int, batch_size: int) -> str:
-    """HFLM's generate_until for one request: greedy, at most max_gen_toks new tokens after the context
-    cut on the left to what the model's length leaves, the text cut at the first `until` string."""
+def answers(engine: Engine, requests: list[tuple[list[int], dict[str, Any]]], max_length: int,
+            batch_size: int) -> list[str]:
+    """HFLM's generate_until: greedy, at most max_gen_toks new tokens after each context cut on the left to
+    what the model's length leaves, each text cut at the first `until` string. Requests with the same
+    generation settings are generated `batch_size` at a time, longest first (HFLM's grouping and order);
+    a row stops at its own until string or EOS."""
+    import json
+
     from llmcli.data import Prompt
     from llmcli.tasks.generate import GenerateOptions, generate
 
-    kwargs = dict(kwargs)
-    until = kwargs.pop("until", None) or []
-    until = [until] if isinstance(until, str) else list(until)
-    new_tokens = int(kwargs.pop("max_gen_toks", DEFAULT_MAX_GEN_TOKS))
-    if kwargs.pop("do_sample", False) or float(kwargs.pop("temperature", 0.0) or 0.0) > 0:
-        raise UsageError("a task asks for sampled generation, and eval --tasks generates greedily",
-                         "Use a task with greedy generation (do_sample: false).")
-    options = GenerateOptions(max_new_tokens=new_tokens, temperature=0.0, stop=[s for s in until if s], chat=False,
-                              batch_size=batch_size)
-    [generation] = generate(engine, [Prompt(ids=context[-(max_length - new_tokens):])], options)
-    # HFLM's text: the new tokens decoded whole (an incomplete last character included), cut at each `until`
-    text = engine.decode(generation.token_ids)
-    for stop in until:
-        if stop:
-            text = text.split(stop)[0]
-    return text
+    groups: dict[str, list[int]] = {}
+    for number, (_, kwargs) in enumerate(requests):
+        groups.setdefault(json.dumps(kwargs, sort_keys=True, default=str), []).append(number)
+    texts = [""] * len(requests)
+    for members in groups.values():
+        kwargs = dict(requests[members[0]][1])
+        until = kwargs.pop("until", None) or []
+        until = [until] if isinstance(until, str) else list(until)
+        new_tokens = int(kwargs.pop("max_gen_toks", DEFAULT_MAX_GEN_TOKS))
+        if kwargs.pop("do_sample", False) or float(kwargs.pop("temperature", 0.0) or 0.0) > 0:
+            raise UsageError("a task asks for sampled generation, and eval --tasks generates greedily",
+                             "Use a task with greedy generation (do_sample: false).")
+        options = GenerateOptions(max_new_tokens=new_tokens, temperature=0.0, stop=[s for s in until if s],
+                                  chat=False, batch_size=batch_size)
+        members = sorted(members, key=lambda n: -len(requests[n][0]))
+        prompts = [Prompt(ids=requests[n][0][-(max_length - new_tokens):]) for n in members]
+        for number, generation in zip(members, generate(engine, prompts, options)):
+            # HFLM's text: the new tokens decoded whole (an incomplete last character included), cut at each `until`
+            text = engine.decode(generation.token_ids)
+            for stop in until:
+                if stop:
+                    text = text.split(stop)[0]
+            texts[number] = text
+    return texts
 
 
 def run_tasks(engine: Engine, options: TaskOptions, workers: Any = None) -> TaskResults | None:
