@@ -71,6 +71,9 @@ def test_a_regex_and_a_choice_hold(tiny):
     assert all(r["text"] in ("yes", "no", "maybe so") for r in picked), picked
     [alone] = generate(tiny, "This License", "--regex", "[0-9]{3}[a-z]", "-n", "10")  # one sequence
     assert re.fullmatch("[0-9]{3}[a-z]", alone["text"]), alone
+    # one sequence on llama.cpp's plain loop (speculation, on by default, decodes in a sequence set)
+    [plain] = generate(tiny, "This License", "--regex", "[0-9]{3}[a-z]", "-n", "10", "--speculative", "off")
+    assert re.fullmatch("[0-9]{3}[a-z]", plain["text"]), plain
 
 
 def test_a_constraint_that_allows_everything_changes_nothing(tiny):
