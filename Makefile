@@ -13,7 +13,7 @@ LLAMA ?= 1
 # On x86-64 it targets x86-64-v3 (AVX2, FMA, F16C) instead of -march=native: a native build on an
 # AVX-512 host dies by SIGILL on an AVX2-only one, and one built where AMX is advertised puts weights
 # in AMX kernels that some virtual machines do not run. Measured on the AVX-512 host kind: see the
-# README's "Every x86 host". LLAMA_CMAKE_ARGS="-DGGML_NATIVE=ON" builds for this CPU alone.
+# docs/engines.md, "Every x86 host". LLAMA_CMAKE_ARGS="-DGGML_NATIVE=ON" builds for this CPU alone.
 LLAMA_SPEC ?= llama-cpp-python==0.3.36
 LLAMA_CMAKE_ARGS ?= $(if $(filter x86_64 amd64,$(shell uname -m)),-DGGML_NATIVE=OFF)
 LLAMA_BUILD := $(shell echo '$(LLAMA_SPEC) $(LLAMA_CMAKE_ARGS)' | sha256sum | cut -c1-16)
@@ -21,10 +21,10 @@ LLAMA_WHEELS ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/llmcli/wheels/$(LLAMA_BUI
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-llama$(LLAMA)$(if $(filter 1,$(LLAMA)),-$(LLAMA_BUILD))
 comma := ,
-EXTRAS := $(if $(filter 1,$(LLAMA)),dev$(comma)tasks$(comma)llama,dev$(comma)tasks)
+EXTRAS := $(if $(filter 1,$(LLAMA)),dev$(comma)tasks$(comma)docs$(comma)llama,dev$(comma)tasks$(comma)docs)
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: install llama-rebuild demo test test-fast mutants bench bench-quick clean
+.PHONY: install llama-rebuild demo test test-fast mutants bench bench-quick docs docs-serve clean
 
 install: $(STAMP)
 
@@ -66,5 +66,13 @@ bench: install
 bench-quick: install
 	$(BIN)/python benchmarks/run.py --quick --device $(or $(DEVICE),cpu)
 
+# The documentation site (docs/, mkdocs.yml) into site/; --strict fails on a broken link or heading.
+# NO_MKDOCS_2_WARNING: mkdocs-material's banner about a future MkDocs 2, on every build.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
+docs-serve: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build site *.egg-info
