@@ -390,9 +390,9 @@ MUTANTS = [
     Mutant("a resume forgets the loss since the last record", "llmcli/tasks/finetune_loop.py",
            'float(state.get("interval_loss", 0.0))', "0.0",
            "tests/test_finetune.py -k mean_since_the_last_record"),
-    Mutant("the README's fill-mask example goes stale", "README.md",
+    Mutant("the docs' fill-mask example goes stale", "docs/fill-mask.md",
            '"score": 0.39803496082670425', '"score": 0.41046796455399437',
-           "tests/test_fill_mask.py -k readme"),
+           "tests/test_fill_mask.py -k documented_examples"),
     Mutant("tables keep rich's trailing spaces", "llmcli/render.py",
            '    stdout.write("\\n".join(line.rstrip() for line in captured.get().split("\\n")))',
            '    stdout.write(captured.get())',
@@ -689,6 +689,12 @@ MUTANTS = [
            "                    return tokens[after:after + limit]",
            "                    return tokens[max(0, after - limit):after]",
            "tests/test_speculative.py -k embedded_model"),
+    Mutant("an option in a documented example is misspelt", "README.md",
+           "--max-new-tokens 48 --stats", "--max-new-tokens 48 --statistics",
+           "tests/test_docs.py -k parses_against"),
+    Mutant("an error message shown in the docs changes", "llmcli/tasks/generate.py",
+           '"is 0 (greedy)", "Add --temperature 0.7', '"is 0 (greedy decoding)", "Add --temperature 0.7',
+           "tests/test_docs.py -k errors.md"),
 
 ]
 

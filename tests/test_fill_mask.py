@@ -196,23 +196,23 @@ def test_causal_blanks_are_not_filled_with_punctuation(tiny_gpt2):
 
 
 @pytest.mark.slow
-def test_the_readme_examples_are_what_the_commands_print():
-    """The README's fill-mask examples on the embedded model (deterministic): its --json line and its
+def test_the_documented_examples_are_what_the_commands_print():
+    """docs/fill-mask.md's examples on the embedded model (deterministic): its --json line and its
     table's probabilities are what the commands give now (to 1e-3: kernels sum in another order on
     another CPU)."""
     import json
     import re
     from pathlib import Path
 
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    page = (Path(__file__).resolve().parent.parent / "docs" / "fill-mask.md").read_text()
     command = '$ llmcli fill-mask "The sky is [MASK] and the grass is [MASK]." --top-k 2 --json\n'
-    shown = json.loads(readme.split(command, 1)[1].split("\n", 1)[0])
+    shown = json.loads(page.split(command, 1)[1].split("\n", 1)[0])
     [record] = fill("The sky is [MASK] and the grass is [MASK].", "--top-k", "2")
     assert [[p["token_str"] for p in row] for row in record["predictions"]] == \
         [[p["token_str"] for p in row] for row in shown["predictions"]]
     assert [p["score"] for row in record["predictions"] for p in row] == \
         pytest.approx([p["score"] for row in shown["predictions"] for p in row], rel=1e-3)
-    table = readme.split('$ llmcli fill-mask "The capital of France is [MASK]." --top-k 3\n', 1)[1].split("$ ", 1)[0]
+    table = page.split('$ llmcli fill-mask "The capital of France is [MASK]." --top-k 3\n', 1)[1].split("$ ", 1)[0]
     rows = re.findall(r"│ \d │ (\w+) +│ +([0-9.]+) │", table)
     [record] = fill("The capital of France is [MASK].", "--top-k", "3")
     assert [(p["token_str"], round(p["score"], 4)) for p in record["predictions"][0]] == \
