@@ -190,7 +190,7 @@ def llama_engine(loaded, new_tokens: int, repeats: int) -> list[Figure]:
                                   note="same prompt ids; HF float32 model.generate on the dequantized weights"))
     seconds, count = median_time(lambda: ours(engines["as-is"]), repeats)
     figures.append(Figure("P8 llama.cpp --fast Q4_1 vs HF fp32", count / seconds, hf_rate, "tok/s",
-                          note="quantized activations: answers differ from fp32 (README)"))
+                          note="quantized activations: answers differ from fp32 (docs/engines.md)"))
     return figures
 
 

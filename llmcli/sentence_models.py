@@ -2,8 +2,8 @@
 Hugging Face encoder (mean pooling, as sentence-transformers does without `modules.json`), a causal
 LM (last-token pooling; the embedded SmolLM2 too, dequantized as the hf engine loads it), or the
 embedded all-MiniLM-L6-v2. Its modules are reproduced here rather than imported: sentence-transformers
-takes 12-15 s to import on these hosts against 5 s for torch and transformers (measured, README
-"embed"), and every vector is tested equal to its `encode`.
+takes 12-15 s to import on these hosts against 5 s for torch and transformers (measured,
+docs/embed.md), and every vector is tested equal to its `encode`.
 
 The pipeline, as sentence-transformers runs it: the text with its prompt, lower-cased if the model
 says so, tokenized to `max_seq_length`; the encoder's last hidden states; pooling over the attention

@@ -489,7 +489,7 @@ def test_several_models_are_scored_on_the_weights_generate_runs(text_file):
 
 
 def test_default_batch_sizes_are_the_measured_ones(tiny_bert, tiny_gpt2):
-    """On the CPU a masked LM's copies go 8 to a pass and causal windows one at a time (README "eval"
+    """On the CPU a masked LM's copies go 8 to a pass and causal windows one at a time (docs/eval.md
     has the measurements); --batch-size overrides both."""
     from llmcli.engines import choose_engine
     from llmcli.tasks.evaluate import EvalOptions, resolve_options

@@ -60,7 +60,7 @@ def test_greedy_ids_equal_a_bare_llama_cpp_loop_on_the_embedded_model(fast):
 
 @pytest.mark.slow
 def test_default_weights_answer_like_hugging_face():
-    """F16 is the default because it answers as HF float32 does (see README: Q4_1 and Q8_0 do not)."""
+    """F16 is the default because it answers as HF float32 does (see docs/engines.md: Q4_1 and Q8_0 do not)."""
     [answer] = generate_json("What is the capital of France?", "-n", "24")
     assert answer["text"] == "The capital of France is Paris." and answer["finish_reason"] == "eos"
 

@@ -208,7 +208,7 @@ def embedded_notice(notice: Callable[[str], None]) -> None:
 def load_llama_cpp(source: Any, embedded: bool, command: str, kind: str, device: str | None, dtype: str,
                    fast: bool, threads: int | None, notice: Callable[[str], None]) -> Engine:
     """Weights: the format that agrees with Hugging Face's float32 at >= 99% of positions (F16 for a
-    quantized file; measured, see README "Engines"), or with --fast the file as it is. eval --data
+    quantized file; measured, see docs/engines.md), or with --fast the file as it is. eval --data
     scores the file as it is, so that its numbers are llama-perplexity's for that file; eval --tasks
     (command "eval --tasks") the F16 weights, whose scores are lm-eval's hf numbers."""
     if kind == "masked":

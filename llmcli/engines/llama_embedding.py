@@ -8,7 +8,7 @@ steps as on the hf engine. Token ids come from the model's own tokenizer.json th
 `tokenizers` library (what transformers' fast tokenizer runs), so they are sentence-transformers' ids;
 only the encoder's arithmetic is llama.cpp's. Its GELU is the tanh approximation through a
 half-precision table where BERT's is erf, so vectors differ from sentence-transformers' by up to a few
-1e-4 (measured, README "embed"); `--engine hf` is the exact path.
+1e-4 (measured, docs/embed.md); `--engine hf` is the exact path.
 """
 
 from __future__ import annotations

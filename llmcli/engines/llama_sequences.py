@@ -20,7 +20,7 @@ and vLLM's engine step do. The step API (`add`, `step`, `cancel`) is what `gener
   keeps the drafts up to the first sample that differs, and removes the cells of the rest.
 
 Batched decoding runs matrix-matrix kernels where one sequence runs matrix-vector ones, so logits can
-differ in the last bits: README "Many sequences at once" has the measured agreement.
+differ in the last bits: docs/llama-batching.md has the measured agreement.
 """
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ def import_llama_cpp() -> Any:
         # llama.cpp's OpenMP threads spin at every op's barrier (libgomp's default: 300000 spins), so with
         # other processes on the cores a spinning thread holds the core its partner needs: 0.4 tok/s
         # with 4 busy processes on 2 cores. 1000 spins, then sleep: 11 tok/s busy, the same speed idle
-        # (README "Every x86 host"). libgomp reads it when llama_cpp loads it, just below.
+        # (docs/engines.md, "Every x86 host"). libgomp reads it when llama_cpp loads it, just below.
         os.environ.setdefault("GOMP_SPINCOUNT", "1000")
     try:
         from llmcli.engines.llama_import import bindings
@@ -181,12 +181,12 @@ class EndOfGeneration:
 class LlamaCppEngine:
     name = "llama.cpp"
     kind = "causal"
-    default_batch_size = 16  # prompts decoded together: 2.7x one at a time, and 32 gained nothing (README)
+    default_batch_size = 16  # prompts decoded together: 2.7x one at a time; 32 gained nothing (docs/llama-batching.md)
 
     @classmethod
     def load(cls, source: Any, weights: str, threads: int, gpu: bool | None,
              on_notice: Callable[[str], None]) -> "LlamaCppEngine":
-        """weights "default": a quantized file runs as F16 (converted once; see README: the quantized
+        """weights "default": a quantized file runs as F16 (converted once; see docs/engines.md: the quantized
         kernels multiply by 8-bit activations, which flips near-ties on small models); "as-is": the file.
         gpu: True (--device cuda), False (--device cpu) or None (a GPU build's choice)."""
         lib = import_llama_cpp()

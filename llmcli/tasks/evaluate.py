@@ -278,7 +278,7 @@ def resolve_options(engine: Engine, options: EvalOptions) -> EvalOptions:
     if options.ctx < 4:
         raise UsageError(f"--ctx must be at least 4, got {options.ctx}")
     on_accelerator = engine.name == "hf" and engine.device.type != "cpu"
-    # measured on 2 CPU cores (README "eval"): causal windows are fastest one at a time; a masked LM's
+    # measured on 2 CPU cores (docs/eval.md): causal windows are fastest one at a time; a masked LM's
     # copies (one per token) gain up to 1.2x in batches of 8, and more rows only add memory
     batch_size = options.batch_size or (8 if on_accelerator or engine.kind == "masked" else 1)
     if batch_size <= 0:

@@ -42,7 +42,7 @@ class GenerateOptions:
     prompt_lookup: int | None = None  # prompt-lookup decoding: tokens proposed per step from the prompt
     # llama.cpp's speculative decoding (llama_speculation): "auto" drafts while it pays, "on" always
     speculative: str = "off"
-    draft_max: int = 12  # tokens drafted per step at most (README: 12 measured best of 4, 8, 12, 16)
+    draft_max: int = 12  # tokens drafted per step at most (12 measured best of 4, 8, 12, 16: docs/performance.md)
     truncate: str = "error"  # a prompt too long for the context: "error" or "left" (keep its end)
     reuse_prefix: bool = False  # a chat's next turn: engines that can may keep the cached prompt prefix
     constraint: Any = None  # structured output (llmcli.constraints.Constraint): only tokens it allows are sampled
