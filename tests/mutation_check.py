@@ -695,6 +695,9 @@ MUTANTS = [
     Mutant("an error message shown in the docs changes", "llmcli/tasks/generate.py",
            '"is 0 (greedy)", "Add --temperature 0.7', '"is 0 (greedy decoding)", "Add --temperature 0.7',
            "tests/test_docs.py -k errors.md"),
+    Mutant("an options table names an option the command lacks", "docs/generate.md",
+           "`--min-p`, `--repetition-penalty` |", "`--min-p`, `--repeat-penalty` |",
+           "tests/test_docs.py -k command_page"),
 
 ]
 

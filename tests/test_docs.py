@@ -188,6 +188,44 @@ def test_a_misspelt_option_or_a_bad_value_does_not_parse():
         parse_command_line(llmcli_arguments(bad_value.command))
 
 
+def documented_options(page: str) -> tuple[list[str], set[str]]:
+    """The commands a page is about (from its title, "# `llmcli generate`") and the options its
+    reference text names: an `| option |` table's first column, and everything in an "## Options" section."""
+    commands = re.findall(r"`llmcli ([\w-]+)", page.split("\n", 1)[0])
+    option = re.compile(r"(?<![\w-])--[a-z][\w-]*")
+    options = set()
+    for section in re.findall(r"^## Options[^\n]*\n(.*?)(?=^## |\Z)", page, re.S | re.M):
+        options |= set(option.findall(section))
+    for table in re.findall(r"^\| option \|.*?(?=\n\n|\Z)", page, re.S | re.M):
+        for row in table.strip().split("\n")[2:]:
+            options |= set(option.findall(row.split("|")[1]))
+    return commands, options
+
+
+@pytest.mark.parametrize("path", [path for path in DOC_FILES if documented_options(path.read_text())[0]],
+                         ids=lambda path: path.name)
+def test_the_options_a_command_page_documents_exist(path):
+    """Option tables and lists are prose, not examples: a renamed or removed option would stay in them."""
+    commands, options = documented_options(path.read_text())
+    assert options_lacking(commands, options) == set(), f"{path.name} documents options that {commands} lack"
+
+
+def options_lacking(commands: list[str], options: set[str]) -> set[str]:
+    import typer
+
+    from llmcli.cli import app
+
+    group = typer.main.get_command(app)
+    known = {name for command in commands for param in group.commands[command].params
+             for name in [*param.opts, *getattr(param, "secondary_opts", [])]}
+    return options - known
+
+
+def test_a_misspelt_option_in_an_options_table_is_found():
+    page = "# `llmcli generate`\n\n| option | meaning |\n|---|---|\n| `--top-k`, `--top-q` | sampling |\n"
+    assert options_lacking(*documented_options(page)) == {"--top-q"}
+
+
 def test_the_quick_start_names_make_targets_that_exist():
     targets = set(re.findall(r"^([\w-]+):", (ROOT / "Makefile").read_text(), re.M))
     for path in DOC_FILES:
