@@ -292,7 +292,8 @@ def test_lm_evals_local_completions_runs_on_the_remote_tokenizer(tiny_gpt2, tmp_
     assert sorted(ours) == sorted(remote) == [0, 1, 2]
     for doc in ours:
         for [[mine, mine_greedy]], [[them, them_greedy]] in zip(ours[doc], remote[doc], strict=True):
-            assert float(mine) == pytest.approx(float(them), rel=1e-5, abs=1e-5) and str(mine_greedy) == str(them_greedy)
+            assert float(mine) == pytest.approx(float(them), rel=1e-5, abs=1e-5)
+            assert str(mine_greedy) == str(them_greedy)
 
 
 def test_docs_page_loads_only_what_this_server_serves(tiny_gpt2):

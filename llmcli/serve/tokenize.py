@@ -69,7 +69,8 @@ def tokenize(engine: Engine, body: TokenizeRequest) -> list[int]:
         raise ApiError(400, "this model has no chat template, so messages cannot be tokenized; send prompt "
                        "(a text) instead", param="messages")
     # the chat endpoint's own rendering: tool calls and results in the messages as its template takes them
-    messages, _ = tools.prompt_messages([m.plain() for m in body.messages], None, tools.call_format(engine.chat_template))
+    messages, _ = tools.prompt_messages([m.plain() for m in body.messages], None,
+                                        tools.call_format(engine.chat_template))
     from jinja2 import TemplateError
 
     try:
