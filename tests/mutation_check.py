@@ -699,6 +699,35 @@ MUTANTS = [
            "`--min-p`, `--repetition-penalty` |", "`--min-p`, `--repeat-penalty` |",
            "tests/test_docs.py -k command_page"),
 
+    Mutant("waiting requests join the first one's batch whatever their options", "llmcli/serve/worker.py",
+           "if job is not None and job.batchable is not None and job.batchable.key == first.batchable.key:",
+           "if job is not None and job.batchable is not None:",
+           "tests/test_serve.py -k other_options"),
+    Mutant("/docs loads Swagger UI from a CDN", "llmcli/serve/app.py",
+           'app = FastAPIOffline(title="llmcli", version=__version__, docs_url="/docs", redoc_url=None,\n'
+           '                         openapi_url="/openapi.json", static_url="/docs-assets", lifespan=lifespan)',
+           'app = FastAPI(title="llmcli", version=__version__, docs_url="/docs", redoc_url=None,\n'
+           '                  openapi_url="/openapi.json", lifespan=lifespan)',
+           "tests/test_serve_protocol.py -k docs_page"),
+    Mutant("/tokenize adds special tokens whatever add_special_tokens says", "llmcli/serve/tokenize.py",
+           "add_special=body.add_special_tokens is not False", "add_special=True",
+           "tests/test_serve_protocol.py::test_tokenize_gives_the_ids_generation_uses[bos_llama]"),
+    Mutant("/tokenize of messages always adds the generation prompt", "llmcli/serve/tokenize.py",
+           "add_generation_prompt=body.add_generation_prompt", "add_generation_prompt=True",
+           "tests/test_serve_protocol.py::test_tokenize_gives_the_ids_generation_uses[bos_llama]"),
+    Mutant("/tokenize of messages skips the chat endpoint's tool-call rendering", "llmcli/serve/tokenize.py",
+           "messages, _ = tools.prompt_messages([m.plain() for m in body.messages], None,",
+           "messages = [m.plain() for m in body.messages]; _ = (None,",
+           "tests/test_serve_protocol.py::test_tokenize_gives_the_ids_generation_uses[bos_llama]"),
+    Mutant("/detokenize drops special tokens", "llmcli/serve/tokenize.py",
+           "engine.decode, body.tokens, True", "engine.decode, body.tokens",
+           "tests/test_serve_protocol.py::test_tokenize_gives_the_ids_generation_uses[bos_llama]"),
+    Mutant("/tokenizer_info names the BOS as the EOS", "llmcli/serve/tokenize.py",
+           '("eos_token", engine.eos_id)', '("eos_token", engine.bos_id)',
+           "tests/test_serve_protocol.py -k tokenize_gives"),
+    Mutant("the tokenizer's routes open without the API key", "llmcli/serve/app.py",
+           'scope["path"].startswith("/v1") or scope["path"] in tokenize.PATHS', 'scope["path"].startswith("/v1")',
+           "tests/test_serve.py -k bad_requests"),
 ]
 
 

@@ -190,6 +190,9 @@ def test_bad_requests_get_their_status_and_an_error_body(tiny_gpt2):
         assert got == 400 and answer["error"]["param"] == "messages"
         got, _, answer = server.post("/v1/nowhere", {}, key)
         assert got == 404
+        # the tokenizer's routes, at the root as vLLM serves them, need the key too
+        assert server.post("/tokenize", {"prompt": "hi"})[0] == 401
+        assert server.post("/tokenize", {"prompt": "hi"}, key)[0] == 200
         # after all that the server still answers, and /health needs no key
         got, _, answer = server.post("/v1/completions", {"prompt": "This License", "max_tokens": 3}, key)
         assert got == 200 and answer["usage"]["completion_tokens"] == 3
@@ -295,6 +298,50 @@ def test_waiting_requests_are_batched_and_each_gets_its_own_answer(tiny_gpt2):
         assert "batch" not in body
     logged = [json.loads(line) for line in server.stderr.splitlines() if line.startswith("{")]
     assert max(record["batch"] for record in logged) > 1
+
+
+def test_waiting_requests_with_other_options_are_not_batched_with_them(tiny_gpt2):
+    """hf engine: requests queued together whose options differ (length, stop string, a JSON constraint,
+    logit_bias, penalties) each get the answer the same request gets alone; two with equal options
+    still share a batch."""
+    prompt = "This License"
+    with serving("-m", tiny_gpt2, "--max-batch", "8", "--json-logs") as server:
+        _, _, plain = server.post("/v1/completions", {"prompt": prompt, "max_tokens": 16, "temperature": 0})
+        text = plain["choices"][0]["text"]
+        first = server.post("/tokenize", {"prompt": text, "add_special_tokens": False})[2]["tokens"][0]
+        variants = [{"max_tokens": 16}, {"max_tokens": 5}, {"max_tokens": 16, "stop": [text[6:9]]},
+                    {"max_tokens": 16, "response_format": {"type": "json_object"}},
+                    {"max_tokens": 16, "logit_bias": {str(first): -100}},
+                    {"max_tokens": 16, "presence_penalty": 2, "frequency_penalty": 1},
+                    {"max_tokens": 16, "repetition_penalty": 3.0}]
+        requests = [{"prompt": prompt, "temperature": 0, **options} for options in variants]
+        requests.append({**requests[1], "prompt": "Everyone is permitted"})  # equal options: one batch
+        alone = []
+        for body in requests:
+            status, _, answer = server.post("/v1/completions", body)
+            assert status == 200, answer
+            alone.append((answer["choices"][0]["text"], answer["usage"]))
+        # each option changes the answer: joined to the first one's batch, a request would get another
+        assert all(answer != alone[0] for answer in alone[1:len(variants)]), alone
+        answers: dict[int, tuple] = {}
+
+        def ask(index: int, body: dict) -> None:
+            answers[index] = server.post("/v1/completions", body)
+
+        # keeps the engine busy while the rest queue
+        blocker = threading.Thread(target=ask, args=(-1, {"prompt": prompt, "max_tokens": 200, "temperature": 0}))
+        blocker.start()
+        time.sleep(0.05)
+        threads = [threading.Thread(target=ask, args=(index, body)) for index, body in enumerate(requests)]
+        for thread in threads:
+            thread.start()
+        for thread in [blocker, *threads]:
+            thread.join(timeout=120)
+    for index, (text, usage) in enumerate(alone):
+        status, _, answer = answers[index]
+        assert status == 200 and (answer["choices"][0]["text"], answer["usage"]) == (text, usage), requests[index]
+    logged = [json.loads(line) for line in server.stderr.splitlines() if line.startswith("{")]
+    assert max(record["batch"] for record in logged) == 2  # the two with equal options, and no others
 
 
 def test_listening_beyond_this_machine_without_a_key_warns():

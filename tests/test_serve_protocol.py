@@ -80,7 +80,7 @@ def test_the_schema_errors_and_unsupported_fields(tiny_gpt2):
         status, _, schema = get(server, "/openapi.json")
         assert status == 200 and schema["openapi"].startswith("3.")
         served = {"/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/models", "/v1/models/{name}",
-                  "/v1/responses/{ident}", "/health", "/metrics"}
+                  "/v1/responses/{ident}", "/health", "/metrics", "/tokenize", "/detokenize", "/tokenizer_info"}
         assert served <= set(schema["paths"]), schema["paths"].keys()
         for path in schema["paths"]:  # every published route answers (no 404)
             concrete = path.replace("{name}", "x")
@@ -166,4 +166,148 @@ def test_streamed_logprobs_come_with_each_tokens_delta(model, request):
         assert [c.choices[0].logprobs.tokens[0] for c in chunks] == whole.choices[0].logprobs.tokens
         assert [c.choices[0].logprobs.token_logprobs[0] for c in chunks] == whole.choices[0].logprobs.token_logprobs
         assert "".join(c.choices[0].text for c in streamed) == whole.choices[0].text
+    assert "Traceback" not in server.stderr
+
+
+@pytest.fixture(scope="module")
+def bos_llama(tiny_llama, tmp_path_factory):
+    """The tiny Llama with a tokenizer that puts a BOS before every text, as Llama-family tokenizers do:
+    there `add_special_tokens` changes the ids."""
+    import shutil
+
+    from tokenizers import processors
+    from transformers import AutoTokenizer
+
+    path = tmp_path_factory.mktemp("bos-llama") / "model"
+    shutil.copytree(tiny_llama, path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer._tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", tokenizer.bos_token_id)])
+    tokenizer.save_pretrained(path)
+    return path
+
+
+CHAT = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is This License?"}]
+CHAT_WITH_TOOLS = [*CHAT, {"role": "assistant", "content": None, "tool_calls": [
+    {"id": "call_1", "type": "function", "function": {"name": "look_up", "arguments": '{"term": "License"}'}}]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "the GNU General Public License"}]
+
+
+@pytest.mark.parametrize("model", ["bos_llama", pytest.param(None, marks=pytest.mark.slow)])  # None: the embedded GGUF
+def test_tokenize_gives_the_ids_generation_uses(model, request):
+    """/tokenize: a prompt's ids are the engine's encode (with and without special tokens) and what
+    /v1/completions counts; messages' are the chat template's as /v1/chat/completions generates from
+    them (tool calls too), with or without the generation prompt; /detokenize gives the text back with
+    special tokens' text; /tokenizer_info names the special tokens and the template. Bad requests: 400
+    naming the field, and the server goes on."""
+    from llmcli.engines import choose_engine
+
+    path = None if model is None else str(request.getfixturevalue(model))
+    engine = choose_engine(path, "auto")
+    assert engine.name == ("hf" if model else "llama.cpp")
+    eos = engine.token_text(engine.eos_id)
+    texts = ["This License", f"{eos}Everyone is permitted{eos} to copy", "  spaced\n\nlines"]
+    with serving(*(["-m", path] if path else [])) as server:
+        for text in texts:
+            for add in (None, True, False):
+                status, _, answer = server.post("/tokenize", {"prompt": text} | ({} if add is None else
+                                                                                  {"add_special_tokens": add}))
+                expected = engine.encode(text, add_special=add is not False)
+                assert status == 200 and answer["tokens"] == expected and answer["count"] == len(expected), answer
+                assert answer["token_strs"] is None
+            if model:
+                assert engine.encode(text) != engine.encode(text, add_special=False)  # the BOS: the check above bites
+            _, _, named = server.post("/tokenize", {"prompt": text, "return_token_strs": True})
+            assert named["token_strs"] == [engine.token_text(token) for token in named["tokens"]]
+            _, _, done = server.post("/v1/completions", {"prompt": text, "max_tokens": 1})
+            assert done["usage"]["prompt_tokens"] == len(engine.encode(text))
+            _, _, back = server.post("/detokenize", {"tokens": engine.encode(text)})
+            assert back == {"prompt": (engine.token_text(engine.bos_id) if engine.adds_bos else "") + text}
+        _, _, chat = server.post("/tokenize", {"messages": CHAT})
+        assert chat["tokens"] == engine.encode_chat(CHAT) and chat["max_model_len"] >= 256
+        _, _, open_turn = server.post("/tokenize", {"messages": CHAT, "add_generation_prompt": False})
+        assert chat["tokens"][:open_turn["count"]] == open_turn["tokens"] and open_turn["count"] < chat["count"]
+        for messages in (CHAT, CHAT_WITH_TOOLS):
+            _, _, counted = server.post("/tokenize", {"messages": messages})
+            _, _, reply = server.post("/v1/chat/completions", {"messages": messages, "max_tokens": 1})
+            assert reply["usage"]["prompt_tokens"] == counted["count"], (counted, reply)
+        status, _, info = get(server, "/tokenizer_info")
+        assert status == 200 and info["eos_token"] == eos and info["chat_template"] == engine.chat_template
+        assert info["bos_token"] == engine.token_text(engine.bos_id) and info["add_bos_token"] == engine.adds_bos
+        for route, body, code, param in [
+            ("/tokenize", {}, 400, "prompt"),
+            ("/tokenize", {"prompt": "a", "messages": CHAT}, 400, "prompt"),
+            ("/tokenize", {"prompt": 5}, 400, "prompt"),
+            ("/tokenize", {"messages": []}, 400, "messages"),
+            ("/tokenize", {"messages": CHAT, "continue_final_message": True}, 400, "continue_final_message"),
+            ("/tokenize", {"messages": CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
+            ("/tokenize", {"prompt": "a", "model": "gpt-4"}, 404, "model"),
+            ("/detokenize", {"tokens": [engine.constraints.n_vocab]}, 400, "tokens"),
+            ("/detokenize", {"tokens": [-1]}, 400, "tokens"),
+            ("/detokenize", {"tokens": "abc"}, 400, "tokens"),
+        ]:
+            status, _, answer = server.post(route, body)
+            assert status == code and answer["error"]["param"] == param, (route, body, answer)
+        assert server.post("/detokenize", {"tokens": []})[2] == {"prompt": ""}
+    assert "Traceback" not in server.stderr
+
+
+def test_lm_evals_local_completions_runs_on_the_remote_tokenizer(tiny_gpt2, tmp_path):
+    """lm-evaluation-harness's local-completions with tokenizer_backend=remote and no tokenizer of its own:
+    its loglikelihood requests (3 questions of 3 answers) tokenized by this server's /tokenize, scored
+    by /v1/completions, give the log-likelihoods `llmcli eval --tasks` gives for the same task; a chat
+    needs the template this model lacks: a 400."""
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    from conftest import GPL3
+
+    words = GPL3.read_text().split()
+    questions = [{"context": " ".join(words[i:i + 8]), "choices": [words[i + 8], words[i + 30], words[i + 50]],
+                  "label": 0} for i in (100, 400, 700)]
+    (tmp_path / "mc.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
+    (tmp_path / "mc.yaml").write_text(
+        f"task: remote_mc\ndataset_path: json\ntest_split: test\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {tmp_path / 'mc.jsonl'}\noutput_type: multiple_choice\ndoc_to_text: '{{{{context}}}}'\n"
+        "doc_to_choice: '{{choices}}'\ndoc_to_target: label\nmetric_list:\n  - metric: acc\n")
+    with serving("-m", tiny_gpt2) as server:
+        name = server.client().models.list().data[0].id
+        from lm_eval.utils import check_remote_tokenizer_support
+
+        assert check_remote_tokenizer_support(f"{server.url}/v1/completions")
+        theirs = lm_eval.simple_evaluate(
+            model="local-completions", model_args=f"model={name},base_url={server.url}/v1/completions,"
+            "tokenizer_backend=remote,max_retries=1,max_length=256", tasks=["remote_mc"], log_samples=True,
+            task_manager=TaskManager(include_path=str(tmp_path)))
+        status, _, answer = server.post("/tokenize", {"messages": CHAT})
+        assert status == 400 and "no chat template" in answer["error"]["message"], answer
+    assert server.stderr.count("POST /tokenize 200") >= 9 and "GET /tokenizer_info 200" in server.stderr
+    assert server.stderr.count("POST /v1/completions 200") == 9
+    result = run_cli("eval", "--tasks", str(tmp_path / "mc.yaml"), "-m", str(tiny_gpt2), "--json", "--log-samples",
+                     "--output-path", str(tmp_path / "ours"))
+    assert result.exit_code == 0, result.stderr
+    [samples] = (tmp_path / "ours").rglob("samples_*.jsonl")
+    ours = {s["doc_id"]: s["resps"] for s in map(json.loads, samples.read_text().splitlines())}
+    remote = {s["doc_id"]: s["resps"] for s in theirs["samples"]["remote_mc"]}
+    assert sorted(ours) == sorted(remote) == [0, 1, 2]
+    for doc in ours:
+        for [[mine, mine_greedy]], [[them, them_greedy]] in zip(ours[doc], remote[doc], strict=True):
+            assert float(mine) == pytest.approx(float(them), rel=1e-5, abs=1e-5)
+            assert str(mine_greedy) == str(them_greedy)
+
+
+def test_docs_page_loads_only_what_this_server_serves(tiny_gpt2):
+    """/docs works offline: its script, style, icon and schema are this server's own URLs (no CDN), and
+    each answers 200."""
+    import re
+
+    with serving("-m", tiny_gpt2) as server:
+        status, headers, page = get(server, "/docs")
+        assert status == 200 and headers["content-type"].startswith("text/html")
+        assert "//" not in page, page  # no absolute or protocol-relative URL: nothing from elsewhere
+        urls = [a or b for a, b in re.findall(r'(?:src|href)="([^"]+)"|url: \'([^\']+)\'', page)]
+        assert {url.rsplit(".", 1)[-1] for url in urls} == {"js", "css", "png", "json"}, urls
+        for url in urls:
+            request = urllib.request.urlopen(server.url + url, timeout=60)
+            assert request.status == 200 and len(request.read()) > 100, url
     assert "Traceback" not in server.stderr

@@ -56,8 +56,9 @@ class Engine(Protocol):
         """Ids of the chat template rendered with a generation prompt (its special tokens parsed); `tools`
         (OpenAI function specs) go to the template's `tools`."""
 
-    def decode(self, ids: Sequence[int]) -> str:
-        """Text of the ids, special tokens left out."""
+    def decode(self, ids: Sequence[int], keep_special: bool = False) -> str:
+        """Text of the ids, special tokens left out unless `keep_special` (their text kept, as /detokenize
+        gives it)."""
 
     def token_text(self, token: int | None) -> str:
         """One token's own text (a special token's too)."""

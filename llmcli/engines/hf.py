@@ -67,8 +67,8 @@ class HFEngine:
                              "Constrained output needs a fast byte-level BPE or SentencePiece tokenizer, as GPT-2-, "
                              "Llama- and most chat models have.") from exc
 
-    def decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+    def decode(self, ids: Sequence[int], keep_special: bool = False) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=not keep_special)
 
     def set_seed(self, seed: int) -> None:
         from transformers import set_seed

@@ -264,18 +264,18 @@ class LlamaCppEngine:
             count = self.lib.llama_tokenize(self.vocab, data, len(data), tokens, -count, add_special, True)
         return list(tokens[:count])
 
-    def decode(self, ids: Sequence[int]) -> str:
-        """Text of the ids with special tokens left out (skip_special_tokens); an incomplete UTF-8
-        character at the end becomes U+FFFD, which the streamer holds back."""
+    def decode(self, ids: Sequence[int], keep_special: bool = False) -> str:
+        """Text of the ids with special tokens left out (skip_special_tokens) unless `keep_special`; an
+        incomplete UTF-8 character at the end becomes U+FFFD, which the streamer holds back."""
         if not ids:
             return ""
         array = (self.lib.llama_token * len(ids))(*ids)
         room = 16 * len(ids) + 16
         buffer = ctypes.create_string_buffer(room)
-        size = self.lib.llama_detokenize(self.vocab, array, len(ids), buffer, room, False, False)
+        size = self.lib.llama_detokenize(self.vocab, array, len(ids), buffer, room, False, keep_special)
         if size < 0:
             buffer = ctypes.create_string_buffer(-size)
-            size = self.lib.llama_detokenize(self.vocab, array, len(ids), buffer, -size, False, False)
+            size = self.lib.llama_detokenize(self.vocab, array, len(ids), buffer, -size, False, keep_special)
         return buffer.raw[:size].decode("utf-8", errors="replace")
 
     def token_text(self, token: int | None) -> str:

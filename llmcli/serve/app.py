@@ -8,9 +8,9 @@ server and the command cannot drift apart. Log-probabilities come from the engin
 the computation `llmcli eval` sums. Every error is OpenAI's JSON shape, `{"error": {"message", "type",
 "param", "code"}}`, with its HTTP status; no traceback ever reaches a client. `/metrics`: metrics.py.
 
-This module is the app itself: middleware (size, key, access log), errors, health, metrics and the
-model listing; each endpoint family has its module (completions.py, chat.py; as vLLM's
-entrypoints/openai lays them out), what they share is common.py.
+This module is the app itself: middleware (size, key, access log), errors, health, metrics, the model
+listing and the schema's page (/docs); each endpoint family has its module (completions.py, chat.py,
+tokenize.py; as vLLM's entrypoints lay them out), what they share is common.py.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmcli import strict_json
 from llmcli.engines import Engine
-from llmcli.serve import chat, completions, embeddings, responses
+from llmcli.serve import chat, completions, embeddings, responses, tokenize
 from llmcli.serve.common import known_model
 from llmcli.serve.errors import ApiError, error_response, log_internal_error, route_error, validation_error
 from llmcli.serve.metrics import CONTENT_TYPE_LATEST, Metrics
@@ -54,11 +54,15 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
         yield
         worker.close()
 
-    # the schema and its page, as FastAPI publishes them: client generators and schemathesis read it
+    # the schema and its page, as FastAPI publishes them: client generators and schemathesis read it. The
+    # page's Swagger UI script, style and icon come from fastapi-offline's copy, served here (FastAPI's
+    # own page loads them from a CDN, and is blank offline)
+    from fastapi_offline import FastAPIOffline
+
     from llmcli import __version__
 
-    app = FastAPI(title="llmcli", version=__version__, docs_url="/docs", redoc_url=None, openapi_url="/openapi.json",
-                  lifespan=lifespan)
+    app = FastAPIOffline(title="llmcli", version=__version__, docs_url="/docs", redoc_url=None,
+                         openapi_url="/openapi.json", static_url="/docs-assets", lifespan=lifespan)
     app.state.worker = worker
     app.add_middleware(Gate, settings=settings)  # size limit, API key and access log, before any parsing
 
@@ -104,6 +108,7 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
     chat.add_route(app, engine, settings, worker, scheduler, metrics)
     responses.add_route(app, engine, settings, worker, scheduler, metrics)
     embeddings.add_route(app, settings)
+    tokenize.add_routes(app, engine, settings, scheduler.cells if scheduler else engine.context_length)
 
     return app
 
@@ -163,7 +168,7 @@ class Gate:
         length = headers.get("content-length", "")
         if length.isdigit() and int(length) > self.settings.max_body_bytes:
             return too_large(self.settings)
-        if self.settings.api_key and scope["path"].startswith("/v1"):
+        if self.settings.api_key and (scope["path"].startswith("/v1") or scope["path"] in tokenize.PATHS):
             given = headers.get("authorization", "")
             expected = f"Bearer {self.settings.api_key}"
             if not hmac.compare_digest(given.encode(), expected.encode()):
