@@ -314,13 +314,21 @@ def table_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def folder_name(model: str) -> str:
+    """The folder under --output-path for a model's results: lm-eval's `org__name` for a hub id, and
+    nothing a shell would need quoted ("SmolLM2-135M-Instruct (embedded)" -> "SmolLM2-135M-Instruct-embedded")."""
+    import re
+
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", model.replace("/", "__")).strip("-.") or "model"
+
+
 def save(results: TaskResults, output_path: str) -> Path:
     """lm-eval's own results file (and samples files, when logged), through its EvaluationTracker."""
     from lm_eval.loggers import EvaluationTracker
 
     tracker = EvaluationTracker(output_path=output_path)
     tracker.general_config_tracker.model_name = results.model
-    tracker.general_config_tracker.model_name_sanitized = results.model.replace("/", "__")
+    tracker.general_config_tracker.model_name_sanitized = folder_name(results.model)
     everything = dict(results.results)
     samples = everything.pop("samples", None)
     tracker.save_results_aggregated(results=everything, samples=samples)
