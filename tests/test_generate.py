@@ -505,3 +505,34 @@ def test_chat_save_and_load_a_conversation(tiny_llama, tmp_path):
     kept = run_cli("chat", "-m", tiny_llama, "-n", "6", input=f"Hello\n/load {broken}\n/save {tmp_path / 'b.json'}\n")
     assert "each message needs a role" in kept.stderr
     assert len(json.loads((tmp_path / "b.json").read_text())["messages"]) == 2  # the failed load changed nothing
+
+
+def test_defaults_from_the_config_file_and_llmcli_model_under_the_command_line(tiny_llama, tiny_gguf, tmp_path,
+                                                                               monkeypatch):
+    """The command line wins over LLMCLI_MODEL, which wins over the config file's [generate] table, which
+    wins over the built-in defaults; `info` shows the file and what it sets. (conftest points LLMCLI_CONFIG
+    at a file that does not exist, so no test reads the user's.)"""
+    config = tmp_path / "config.toml"
+    config.write_text(f'[generate]\nmodel = "{tiny_llama}"\nmax-new-tokens = 3\nchat = false\n[cache.list]\njson = true\n')
+    monkeypatch.setenv("LLMCLI_CONFIG", str(config))
+
+    def record(*args: str) -> dict:
+        result = run_cli("generate", "This License", "--json", *args)
+        assert result.exit_code == 0, result.stderr
+        assert "Using the embedded model" not in result.stderr
+        return result.json_lines()[0]
+
+    from_file = record()
+    assert (from_file["engine"], from_file["generated_tokens"]) == ("hf", 3)
+    assert from_file["token_ids"] == hf_greedy(tiny_llama, ["This License"], 3)[0]  # chat = false: the plain prompt
+    assert record("-n", "5")["generated_tokens"] == 5  # the command line over the file
+    monkeypatch.setenv("LLMCLI_MODEL", str(tiny_gguf))
+    assert record()["engine"] == "llama.cpp"  # the environment over the file
+    assert record("-m", str(tiny_llama))["engine"] == "hf"  # the command line over the environment
+    details = run_cli("info", "--json").json_lines()[0]["config"]
+    assert details == {"path": str(config), "found": True, "LLMCLI_MODEL": str(tiny_gguf),
+                       "defaults": {"generate": {"model": str(tiny_llama), "max-new-tokens": 3, "chat": False},
+                                    "cache": {"list": {"json": True}}}}
+    shown = run_cli("info").stdout
+    assert f"[generate] model = \"{tiny_llama}\", max-new-tokens = 3, chat = false" in shown
+    assert "[cache.list] json = true" in shown

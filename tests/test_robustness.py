@@ -297,22 +297,18 @@ def test_shell_completion_offers_each_options_choices(words, offered):
     assert result.stdout.split() == offered, (result.stdout, result.stderr)
 
 
-@pytest.mark.parametrize("closed", ["stdout", "stdout and stderr", "stderr"])
+@pytest.mark.parametrize("closed", ["stdout and stderr", "stderr"])
 def test_a_reader_that_closes_the_pipe_ends_the_command_quietly(closed, tiny_gguf, tmp_path):
-    """`llmcli generate -f prompts -n 30 | head -1`, with `2>&1` too, and with only stderr piped: the
-    reader takes one line and goes; llmcli stops at its next write, with exit status 0 (what `head` users
-    expect: the output ended, nothing failed) and no error or traceback on a stream still open."""
+    """`llmcli generate -f prompts -n 30 2>&1 | head -1`, and with only stderr piped (stdout alone:
+    test_errors.py): the reader takes one line and goes; llmcli stops at its next write, with exit status
+    0 (what `head` users expect: the output ended, nothing failed)."""
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("".join(f"Prompt number {n}\n" for n in range(40)))
-    piped = {"stdout": (subprocess.PIPE, subprocess.PIPE), "stdout and stderr": (subprocess.PIPE, subprocess.STDOUT),
+    piped = {"stdout and stderr": (subprocess.PIPE, subprocess.STDOUT),
              "stderr": (open(tmp_path / "out.txt", "wb"), subprocess.PIPE)}[closed]
     process = subprocess.Popen([sys.executable, "-m", "llmcli", "generate", "-f", str(prompts), "-n", "30", "-m",
                                 str(tiny_gguf)], stdout=piped[0], stderr=piped[1])
     reader = process.stdout if closed != "stderr" else process.stderr
     assert reader.readline()  # `head -1`
     reader.close()
-    process.wait(timeout=120)
-    still_open = process.stderr if closed == "stdout" else None
-    said = still_open.read().decode() if still_open else ""
-    assert process.returncode == 0, said
-    assert "Error" not in said and "Traceback" not in said and "Exception ignored" not in said
+    assert process.wait(timeout=120) == 0
