@@ -202,6 +202,7 @@ def test_the_embedded_model_equals_lm_evals_hf_model_on_a_multiple_choice_task(t
     assert {(r["engine"], r["weights"]) for r in records} == {("llama.cpp", "F16")}
     assert {r["metric"]: r["value"] for r in records}["acc"] == theirs["acc,none"]
     [samples] = (tmp_path / "llama").rglob("samples_*.jsonl")
+    assert samples.parent.name == "SmolLM2-135M-Instruct-embedded"  # nothing a shell must quote
     mine = answers([json.loads(line) for line in samples.read_text().splitlines()])
     apart = [abs(float(a[0][0]) - float(b[0][0])) for a, b in zip(mine, answers(expected["samples"]["license_mc"]),
                                                                   strict=True)]
@@ -215,6 +216,14 @@ def task_yaml(path, data: str) -> str:
     path.write_text(f"task: {path.stem}\n{source}test_split: test\noutput_type: loglikelihood_rolling\n"
                     "doc_to_text: ''\ndoc_to_target: '{{text}}'\nmetric_list:\n  - metric: word_perplexity\n")
     return str(path)
+
+
+def test_results_folders_are_named_without_what_a_shell_must_quote():
+    from llmcli.tasks.benchmark import folder_name
+
+    assert folder_name("SmolLM2-135M-Instruct (embedded)") == "SmolLM2-135M-Instruct-embedded"
+    assert folder_name("HuggingFaceTB/SmolLM2-360M") == "HuggingFaceTB__SmolLM2-360M"  # lm-eval's own form
+    assert folder_name("my model.Q4_K_M.gguf") == "my-model.Q4_K_M.gguf"
 
 
 def test_bad_task_requests_are_one_error_each(tmp_path, task_files, tiny_llama):
