@@ -30,7 +30,7 @@ install: $(STAMP)
 
 # Each slow step says what it does and about how long it takes first (the compile prints nothing for minutes).
 # setuptools' "Editable installation" notice (a boxed warning about folders named like the package) is
-# information only, and PYTHONWARNINGS reaches the build backend that prints it.
+# information only; pip 26 shows it even with --quiet, as a BuildBackendWarning that PYTHONWARNINGS filters.
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
