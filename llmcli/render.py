@@ -14,38 +14,50 @@ from rich.table import Table
 
 from llmcli import strict_json
 
-# rich honours NO_COLOR and drops styling when stderr is not a terminal.
-stderr = Console(stderr=True, highlight=False)
-
-
 class OutputClosed(Exception):
-    """stdout was closed by its reader (`llmcli ... | head`). Not an OSError on purpose: click turns
-    an EPIPE OSError into a silent exit 1, and a closed pipe is not an error."""
+    """stdout or stderr was closed by its reader (`llmcli ... | head`, `llmcli ... 2>&1 | head`). Not an
+    OSError on purpose: click turns an EPIPE OSError into a silent exit 1, and a closed pipe is not an
+    error."""
 
 
-class GuardedStdout:
-    """sys.stdout (looked up at each write, as tests replace it) with a closed pipe raised as OutputClosed."""
+class GuardedStream:
+    """sys.stdout or sys.stderr (looked up at each write, as tests replace them) with a closed pipe
+    raised as OutputClosed."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def target(self) -> Any:
+        stream = getattr(sys, self.name)
+        # under a rich spinner or progress bar sys.stderr is rich's proxy, which prints through this console
+        return getattr(stream, "rich_proxied_file", stream)
 
     def write(self, text: str) -> int:
         try:
-            return sys.stdout.write(text)
+            return self.target().write(text)
         except BrokenPipeError as exc:
             raise OutputClosed from exc
 
     def flush(self) -> None:
         try:
-            sys.stdout.flush()
+            self.target().flush()
         except BrokenPipeError as exc:
             raise OutputClosed from exc
 
     def isatty(self) -> bool:
-        return sys.stdout.isatty()
+        return self.target().isatty()
 
     def fileno(self) -> int:
-        return sys.stdout.fileno()
+        return self.target().fileno()
+
+    @property
+    def encoding(self) -> str:
+        return getattr(self.target(), "encoding", None) or "utf-8"
 
 
-stdout = GuardedStdout()
+stdout = GuardedStream("stdout")
+# rich honours NO_COLOR and drops styling when stderr is not a terminal.
+stderr = Console(file=GuardedStream("stderr"), highlight=False)
 
 
 def stdout_console() -> Console:
@@ -310,6 +322,23 @@ def llama_cpp_rows(build: dict[str, Any] | None) -> list[tuple[str, str]]:
         return [("llama.cpp", f"cannot run here: {build['why']}")]
     state = "on" if build["extra_buffers"] else "off"
     return [("llama.cpp", " ".join(build["features"])), ("", f"extra buffer types {state} ({build['why']})")]
+
+
+def config_lines(config: dict[str, Any]) -> None:
+    """`llmcli info`'s defaults: the config file and what it sets for each command, then LLMCLI_MODEL."""
+    write(f"{'config':<15} {config['path']}{'' if config['found'] else ' (none)'}\n")
+
+    def tables(table: dict[str, Any], where: str) -> None:
+        values = {k: v for k, v in table.items() if not isinstance(v, dict)}
+        if values:
+            write(f"{'':<15} [{where}] " + ", ".join(f"{k} = {strict_json.dumps(v)}" for k, v in values.items()) + "\n")
+        for name, value in table.items():
+            if isinstance(value, dict):
+                tables(value, f"{where}.{name}" if where else name)
+
+    tables(config["defaults"], "")
+    if config["LLMCLI_MODEL"]:
+        write(f"{'LLMCLI_MODEL':<15} {config['LLMCLI_MODEL']}\n")
 
 
 def info_table(details: dict[str, Any]) -> None:

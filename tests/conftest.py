@@ -26,6 +26,11 @@ def isolated_cache(tmp_path_factory):
     if "LLMCLI_CACHE" not in os.environ:
         os.environ["LLMCLI_CACHE"] = str(tmp_path_factory.mktemp("llmcli-cache"))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # never the user's defaults: no config file (tests that want one write their own) and no LLMCLI_MODEL
+    config_home = tmp_path_factory.mktemp("config")
+    os.environ["XDG_CONFIG_HOME"] = str(config_home)
+    os.environ["LLMCLI_CONFIG"] = str(config_home / "llmcli" / "config.toml")
+    os.environ.pop("LLMCLI_MODEL", None)
     # The exactness tests compare with references computed on the CPU, so commands run there even on a
     # GPU machine; tests/test_gpu.py passes --device cuda itself.
     os.environ["LLMCLI_DEVICE"] = "cpu"

@@ -223,6 +223,12 @@ MATRIX = [
     ("serve -m {gpt2} --max-tokens-limit 0", "--max-tokens-limit must be at least 1, got 0"),
     ("serve -m {gpt2} --api-key ''", "--api-key is empty"),
     ("serve -m {ws}/missing-model", "does not exist"),
+    # one model per command: a second -m is refused before anything loads, not silently preferred
+    ("generate hi -m smollm2 -m {gpt2}", "-m/--model was given 2 times, and generate runs one model"),
+    ("chat -m smollm2 --model={gpt2}", "-m/--model was given 2 times, and chat runs one model"),
+    ("serve -m smollm2 -m {gpt2}", "-m/--model was given 2 times, and serve runs one model"),
+    ("fill-mask 'a [MASK]' -m {bert} -m{bert}", "-m/--model was given 2 times, and fill-mask runs one model"),
+    ("finetune -d {ws}/gpl.txt -m smollm2 -m {gpt2}", "-m/--model was given 2 times, and finetune runs one model"),
 ]
 
 
@@ -487,3 +493,27 @@ def test_help_names_arguments_without_python_types():
         result = run_cli(*args, "--help")
         assert result.exit_code == 0, result.stderr
         assert "<list[" not in result.stdout and "name <str>" not in result.stdout, args
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("[generate]\nmax-new-tokens = 'many'\n", "[generate] max-new-tokens = 'many': 'many' is not a valid int"),
+    ("[generate]\ntemprature = 0.5\n", "[generate] temprature is not an option of llmcli generate"),
+    ("[generat]\nmodel = 'x'\n", "[generat] is not an llmcli command"),
+    ("[generate]\nstream = 'yes'\n", "[generate] stream must be true or false"),
+    ("[generate]\nmodel = ['a', 'b']\n", "[generate] model takes one value, not a list"),
+    ("generate = 3\n", "generate must be a table ([generate]) of option values"),
+    ("[generate\n", "is not valid TOML"),
+])
+def test_an_invalid_config_file_is_one_error_naming_the_file_and_key(text, fragment, tmp_path, monkeypatch):
+    config = tmp_path / "config.toml"
+    config.write_text(text)
+    monkeypatch.setenv("LLMCLI_CONFIG", str(config))
+    assert_clean_error(run_cli("generate", "hi"), f"Error: the config file {config}", fragment)
+
+
+def test_the_config_file_is_found_in_the_xdg_config_directory(tmp_path, monkeypatch):
+    monkeypatch.delenv("LLMCLI_CONFIG")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    (tmp_path / "llmcli").mkdir()
+    (tmp_path / "llmcli" / "config.toml").write_text("[generate]\nmax-new-tokens = 'many'\n")
+    assert_clean_error(run_cli("generate", "hi"), f"{tmp_path / 'llmcli' / 'config.toml'}: [generate] max-new-tokens")

@@ -587,12 +587,25 @@ def test_a_finished_run_extends_from_its_last_step(tiny_gpt2, gpl_file, tmp_path
 
 def test_a_lora_adapter_names_its_base_so_that_it_survives_the_cache(tiny_gguf, gpl_file, tmp_path, monkeypatch):
     """An adapter trained on a GGUF model records the .gguf file (not the cache's conversion of it):
-    after `cache rm --all` the adapter still loads (the base is converted again) and generates the same."""
+    after `cache rm --all` the adapter still loads (the base is converted again) and generates the same.
+    Saving it never asks the hub: peft's default looks there for the config.json of a base that is not a
+    directory (a .gguf file, the smollm2 alias), a network attempt and a UserWarning on every run."""
     import json
+    import warnings
+
+    import peft.utils.save_and_load
 
     monkeypatch.setenv("LLMCLI_CACHE", str(tmp_path / "cache"))  # this test's own cache, emptied below
+    asked = []
+    monkeypatch.setattr(peft.utils.save_and_load, "check_file_exists_on_hf_hub",
+                        lambda *args, **kwargs: asked.append(args))
     adapter = tmp_path / "adapter"
-    finetune("--data", gpl_file, "-m", tiny_gguf, "--lora", "--lora-r", "2", "--max-steps", "2", *TRAIN, "-o", adapter)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        finetune("--data", gpl_file, "-m", tiny_gguf, "--lora", "--lora-r", "2", "--max-steps", "2", *TRAIN, "-o",
+                 adapter)
+    assert asked == []
+    assert not [w for w in caught if "peft" in w.filename], [str(w.message) for w in caught]
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(tiny_gguf.resolve())
 
@@ -637,3 +650,4 @@ def test_the_progress_bar_moves_every_optimizer_step(tiny_gpt2, gpl_file, tmp_pa
                               max_length=64, batch_size=2, log_every=4)
     run(options, Reporter(step=steps.append, log=lambda record: logged.append(record["step"])))
     assert steps == [1, 2, 3, 4, 5] and logged == [4, 5]
+

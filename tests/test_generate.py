@@ -197,7 +197,10 @@ def test_streamer_holds_back_a_partial_stop_string(tiny_tokenizer):
 def test_chat_repl_keeps_history(tiny_llama):
     result = run_cli("chat", "-m", tiny_llama, "-n", "3", input="Hello\n/system Be brief.\nAgain\n/reset\n/exit\nnever\n")
     assert result.exit_code == 0, result.stderr
-    assert "System message set" in result.stderr and "Conversation cleared." in result.stderr
+    # /system and /reset say the same thing: /reset clears the conversation and keeps the system message
+    assert "System message set; the conversation goes on (/reset clears the conversation and keeps the system " \
+           "message)." in result.stderr
+    assert "Conversation cleared; the system message stays (/system alone removes it)." in result.stderr
     assert len(result.stdout.splitlines()) == 2  # two replies; nothing after /exit
 
 
@@ -240,18 +243,24 @@ def test_chat_second_turn_sees_the_first(tiny_llama, tmp_path):
     assert result.stdout == first + "\n" + second + "\n"
 
 
-def test_chat_drops_the_oldest_turns_when_the_context_is_full(tiny_gguf):
+def test_chat_drops_the_oldest_turns_when_the_context_is_full(tiny_gguf, tmp_path):
     """Context 256: long messages push the oldest turns out (said once each time, the system message
     kept) and the chat goes on; a message that cannot fit alone is an error line, and the next is answered."""
     words = GPL3.read_text().split()
     long = [" ".join(words[i * 60:(i + 1) * 60]) for i in range(5)]
     too_long = " ".join(words[:400])
-    script = "\n".join([long[0], long[1], too_long, long[2], long[3]]) + "\n"
+    saved = tmp_path / "talk.json"
+    script = "\n".join([long[0], long[1], too_long, long[2], long[3], f"/save {saved}"]) + "\n"
     result = run_cli("chat", "-m", tiny_gguf, "-n", "20", "--system", "Be brief.", input=script)
     assert result.exit_code == 0, result.stderr
     assert len(result.stdout.splitlines()) == 4  # every message but the one too long was answered
     assert "messages were dropped (the system message is kept)" in result.stderr
     assert result.stderr.count("Error:") == 1 and "context" in result.stderr
+    # /save writes the whole conversation, the turns the model no longer sees included, and says so
+    messages = json.loads(saved.read_text())["messages"]
+    assert [m["content"] for m in messages if m["role"] == "user"] == [long[0], long[1], long[2], long[3]]
+    assert [m["role"] for m in messages] == ["system"] + ["user", "assistant"] * 4
+    assert "Saved 8 messages" in result.stderr and "of them no longer in the model's context)" in result.stderr
 
 
 def test_a_stopped_reply_stays_in_the_conversation_with_its_message(tiny_gguf):
@@ -505,3 +514,34 @@ def test_chat_save_and_load_a_conversation(tiny_llama, tmp_path):
     kept = run_cli("chat", "-m", tiny_llama, "-n", "6", input=f"Hello\n/load {broken}\n/save {tmp_path / 'b.json'}\n")
     assert "each message needs a role" in kept.stderr
     assert len(json.loads((tmp_path / "b.json").read_text())["messages"]) == 2  # the failed load changed nothing
+
+
+def test_defaults_from_the_config_file_and_llmcli_model_under_the_command_line(tiny_llama, tiny_gguf, tmp_path,
+                                                                               monkeypatch):
+    """The command line wins over LLMCLI_MODEL, which wins over the config file's [generate] table, which
+    wins over the built-in defaults; `info` shows the file and what it sets. (conftest points LLMCLI_CONFIG
+    at a file that does not exist, so no test reads the user's.)"""
+    config = tmp_path / "config.toml"
+    config.write_text(f'[generate]\nmodel = "{tiny_llama}"\nmax-new-tokens = 3\nchat = false\n[cache.list]\njson = true\n')
+    monkeypatch.setenv("LLMCLI_CONFIG", str(config))
+
+    def record(*args: str) -> dict:
+        result = run_cli("generate", "This License", "--json", *args)
+        assert result.exit_code == 0, result.stderr
+        assert "Using the embedded model" not in result.stderr
+        return result.json_lines()[0]
+
+    from_file = record()
+    assert (from_file["engine"], from_file["generated_tokens"]) == ("hf", 3)
+    assert from_file["token_ids"] == hf_greedy(tiny_llama, ["This License"], 3)[0]  # chat = false: the plain prompt
+    assert record("-n", "5")["generated_tokens"] == 5  # the command line over the file
+    monkeypatch.setenv("LLMCLI_MODEL", str(tiny_gguf))
+    assert record()["engine"] == "llama.cpp"  # the environment over the file
+    assert record("-m", str(tiny_llama))["engine"] == "hf"  # the command line over the environment
+    details = run_cli("info", "--json").json_lines()[0]["config"]
+    assert details == {"path": str(config), "found": True, "LLMCLI_MODEL": str(tiny_gguf),
+                       "defaults": {"generate": {"model": str(tiny_llama), "max-new-tokens": 3, "chat": False},
+                                    "cache": {"list": {"json": True}}}}
+    shown = run_cli("info").stdout
+    assert f"[generate] model = \"{tiny_llama}\", max-new-tokens = 3, chat = false" in shown
+    assert "[cache.list] json = true" in shown

@@ -295,3 +295,20 @@ def test_shell_completion_offers_each_options_choices(words, offered):
                             env={**os.environ, "_LLMCLI_COMPLETE": "complete_bash",
                                  "COMP_WORDS": f"llmcli {words}", "COMP_CWORD": str(current)})
     assert result.stdout.split() == offered, (result.stdout, result.stderr)
+
+
+@pytest.mark.parametrize("closed", ["stdout and stderr", "stderr"])
+def test_a_reader_that_closes_the_pipe_ends_the_command_quietly(closed, tiny_gguf, tmp_path):
+    """`llmcli generate -f prompts -n 30 2>&1 | head -1`, and with only stderr piped (stdout alone:
+    test_errors.py): the reader takes one line and goes; llmcli stops at its next write, with exit status
+    0 (what `head` users expect: the output ended, nothing failed)."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"Prompt number {n}\n" for n in range(40)))
+    piped = {"stdout and stderr": (subprocess.PIPE, subprocess.STDOUT),
+             "stderr": (open(tmp_path / "out.txt", "wb"), subprocess.PIPE)}[closed]
+    process = subprocess.Popen([sys.executable, "-m", "llmcli", "generate", "-f", str(prompts), "-n", "30", "-m",
+                                str(tiny_gguf)], stdout=piped[0], stderr=piped[1])
+    reader = process.stdout if closed != "stderr" else process.stderr
+    assert reader.readline()  # `head -1`
+    reader.close()
+    assert process.wait(timeout=120) == 0

@@ -202,16 +202,38 @@ def test_the_embedded_model_equals_lm_evals_hf_model_on_a_multiple_choice_task(t
     assert {(r["engine"], r["weights"]) for r in records} == {("llama.cpp", "F16")}
     assert {r["metric"]: r["value"] for r in records}["acc"] == theirs["acc,none"]
     [samples] = (tmp_path / "llama").rglob("samples_*.jsonl")
+    assert samples.parent.name == "SmolLM2-135M-Instruct-embedded"  # nothing a shell must quote
     mine = answers([json.loads(line) for line in samples.read_text().splitlines()])
     apart = [abs(float(a[0][0]) - float(b[0][0])) for a, b in zip(mine, answers(expected["samples"]["license_mc"]),
                                                                   strict=True)]
     assert max(apart) < EMBEDDED_F16_NATS, max(apart)
 
 
+def task_yaml(path, data: str) -> str:
+    """A perplexity task reading `data`: `dataset_path: json` with a local file, or a hub data set's id."""
+    source = (f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n" if data.endswith(".jsonl")
+              else f"dataset_path: {data}\n")
+    path.write_text(f"task: {path.stem}\n{source}test_split: test\noutput_type: loglikelihood_rolling\n"
+                    "doc_to_text: ''\ndoc_to_target: '{{text}}'\nmetric_list:\n  - metric: word_perplexity\n")
+    return str(path)
+
+
+def test_results_folders_are_named_without_what_a_shell_must_quote():
+    from llmcli.tasks.benchmark import folder_name
+
+    assert folder_name("SmolLM2-135M-Instruct (embedded)") == "SmolLM2-135M-Instruct-embedded"
+    assert folder_name("HuggingFaceTB/SmolLM2-360M") == "HuggingFaceTB__SmolLM2-360M"  # lm-eval's own form
+    assert folder_name("my model.Q4_K_M.gguf") == "my-model.Q4_K_M.gguf"
+
+
 def test_bad_task_requests_are_one_error_each(tmp_path, task_files, tiny_llama):
     broken = tmp_path / "broken.yaml"
     broken.write_text("dataset_path: json\n")
+    missing_data = task_yaml(tmp_path / "missing_data.yaml", str(tmp_path / "gone.jsonl"))
+    uncached = task_yaml(tmp_path / "uncached.yaml", "llmcli-tests/no-such-dataset")  # HF_HUB_OFFLINE=1 here
     cases = [
+        (["--tasks", missing_data], f"data file is missing (Unable to find '{tmp_path / 'gone.jsonl'}')"),
+        (["--tasks", uncached], "data set is not in the cache, and HF_HUB_OFFLINE is set"),
         (["--tasks", "no_such_task_anywhere"], "no task 'no_such_task_anywhere'"),
         (["--tasks", str(tmp_path / "missing.yaml")], "no such file"),
         (["--tasks", str(broken)], "has no 'task:' name"),
@@ -229,6 +251,26 @@ def test_bad_task_requests_are_one_error_each(tmp_path, task_files, tiny_llama):
         errors = [line for line in result.stderr.splitlines() if line.startswith("Error: ")]
         assert len(errors) == 1 and fragment in errors[0], (args, result.stderr)
         assert "Traceback" not in result.stderr
+
+
+def test_a_task_whose_data_cannot_be_fetched_fails_at_once_when_the_hub_is_unreachable(tmp_path, tiny_gguf):
+    """No HF_HUB_OFFLINE, and a hub that refuses connections: llmcli finds the hub out of reach with one
+    socket check and sets HF_HUB_OFFLINE, so datasets fails at once (OfflineModeIsEnabled) instead of
+    retrying for ~30 s; one Error line, exit 2."""
+    import os
+    import subprocess
+    import sys
+
+    uncached = task_yaml(tmp_path / "uncached.yaml", "llmcli-tests/no-such-dataset")
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE",
+                                                            "TRANSFORMERS_OFFLINE")}
+    env["HF_ENDPOINT"] = "https://127.0.0.1"  # nothing listens on 127.0.0.1:443 here
+    run = subprocess.run([sys.executable, "-m", "llmcli", "eval", "--tasks", uncached, "--limit", "2", "-m",
+                          str(tiny_gguf)], capture_output=True, text=True, env=env, timeout=300)
+    errors = [line for line in run.stderr.splitlines() if line.startswith("Error: ")]
+    assert run.returncode == 2 and len(errors) == 1, run.stderr
+    assert "not in the cache, and the hub is unreachable" in errors[0]
+    assert "OfflineModeIsEnabled" in errors[0]  # datasets was told not to try the network at all
 
 
 def test_two_processes_a_lora_adapter_and_its_merge(tiny_llama, task_files, tmp_path):

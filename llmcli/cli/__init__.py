@@ -23,7 +23,8 @@ from llmcli.cli import app as app_state
 from llmcli.cli import generate, fill_mask, embed, evaluate, finetune, chat, serve, export, info  # noqa: F401, I001
 from llmcli.cli.app import app
 from llmcli.cli.common import Terminated
-from llmcli.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, LlmcliError
+from llmcli.cli.config import command_defaults
+from llmcli.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, LlmcliError, UsageError
 
 
 def with_resume_default(argv: list[str]) -> list[str]:
@@ -35,6 +36,36 @@ def with_resume_default(argv: list[str]) -> list[str]:
             argv.insert(i + 1, "latest")
             break
     return argv
+
+
+# Options where a second value is a mistake rather than an override: each command runs one model
+# (eval's --model is a list, and is left alone), and click would keep the last one silently.
+ONE_VALUE_ONLY = ("model",)
+
+
+def refuse_repeated_options(group) -> None:
+    """Make a repeated ONE_VALUE_ONLY option a usage error on every command of `group`: each command's
+    parse first reads its arguments with its own click parser, which lists every option occurrence."""
+    for command in group.commands.values():
+        if hasattr(command, "commands"):  # a group of its own (cache)
+            refuse_repeated_options(command)
+            continue
+        watched = [p for p in command.params if p.name in ONE_VALUE_ONLY and not getattr(p, "multiple", True)]
+        if watched:
+            command.parse_args = checked_parse(command, command.parse_args, watched)
+
+
+def checked_parse(command, parse_args, watched):
+    def parse(ctx, args):
+        if not ctx.resilient_parsing:  # shell completion parses half-typed lines
+            _, _, order = command.make_parser(ctx).parse_args(args=list(args))
+            for param in watched:
+                if order.count(param) > 1:
+                    raise UsageError(f"{param.opts[-1]}/{param.opts[0]} was given {order.count(param)} times, and "
+                                     f"{command.name} runs one model", f"Pass {param.opts[0]} once.")
+        return parse_args(ctx, args)
+
+    return parse
 
 
 def interrupt_on_sigterm() -> None:
@@ -85,9 +116,11 @@ def main(argv: list[str] | None = None) -> None:
     if distributed.is_worker() and distributed.rank() != 0:
         render.quiet_other_ranks()
     command = typer.main.get_command(app)
+    refuse_repeated_options(command)
     app_state.command_line = with_resume_default(sys.argv[1:] if argv is None else argv)
     try:
-        code = command.main(args=app_state.command_line, prog_name="llmcli", standalone_mode=False)
+        code = command.main(args=app_state.command_line, prog_name="llmcli", standalone_mode=False,
+                            default_map=command_defaults(command))
         if code == EXIT_INTERRUPTED:  # typer turns Ctrl-C into Exit(130), which click returns
             report_error("interrupted", None, EXIT_INTERRUPTED)
     except typer.Exit as exc:
@@ -106,9 +139,7 @@ def main(argv: list[str] | None = None) -> None:
             traceback.print_exc()
         code = report_error(exc.message, exc.hint, exc.exit_code)
     except (render.OutputClosed, BrokenPipeError):  # `llmcli generate ... | head` closed the pipe: not an error
-        import os
-
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail
+        end_quietly()
         code = 0
     except Exception as exc:
         if app_state.debug_mode:
@@ -124,6 +155,20 @@ def main(argv: list[str] | None = None) -> None:
     if distributed.is_worker():
         distributed.exit_worker(code or 0)
     sys.exit(code or 0)
+
+
+def end_quietly() -> None:
+    """The reader of stdout or stderr has gone (`| head`, `2>&1 | head`): both now write to /dev/null, so
+    that nothing said from here on (the exit's flush included) fails again (the Python docs' SIGPIPE
+    recipe, with exit status 0 as for the end of the output)."""
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            os.dup2(devnull, stream.fileno())
+        except (OSError, ValueError):  # a stream without a file descriptor (a test's capture)
+            pass
 
 
 def report_error(message: str, hint: str | None, code: int) -> int:

@@ -33,7 +33,8 @@ def evaluate(
                                               "(--output-path).")] = False,
     output_path: Annotated[Optional[str], typer.Option(help="--tasks: a folder for lm-eval's results JSON (and "
                                                        "samples).", show_default=False)] = None,
-    model: Annotated[Optional[list[str]], typer.Option("--model", "-m", metavar="MODEL", help="Model to evaluate (repeatable: one "
+    model: Annotated[Optional[list[str]], typer.Option("--model", "-m", metavar="MODEL", envvar="LLMCLI_MODEL",
+                                                       show_envvar=True, help="Model to evaluate (repeatable: one "
                                                        "row each). Default: the embedded SmolLM2.")] = None,
     metric: Annotated[Optional[str], typer.Option(autocompletion=completes("perplexity", "pseudo-perplexity",
                                                                            "accuracy"), help="perplexity (causal LMs), pseudo-perplexity or accuracy "

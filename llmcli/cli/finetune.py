@@ -111,7 +111,7 @@ def finetune(
         check_request(export_gguf, "f16", overwrite, option="--export-gguf")  # before hours of training, not after
     launch_if_asked(num_processes, nnodes, node_rank, master_addr, master_port, device)
     if model is None and not from_scratch:
-        render.notice("Using the embedded model SmolLM2-135M-Instruct (pass --model to choose another).")
+        render.notice("Using the embedded model SmolLM2-135M-Instruct (pass --model, or set LLMCLI_MODEL, to choose another).")
     from llmcli.distributed import rank
 
     main_process = rank() == 0

@@ -15,10 +15,23 @@ def info(json_output: Annotated[bool, typer.Option("--json", help="One JSON obje
     from llmcli.inventory import machine_info
 
     details = machine_info()
+    details["config"] = config_summary()
     if json_output:
         render.json_line(details)
     else:
         render.info_table(details)
+        render.config_lines(details["config"])
+
+
+def config_summary() -> dict:
+    """The config file read (checked at start-up), the defaults it sets per command, and LLMCLI_MODEL."""
+    import os
+
+    from llmcli.cli.config import config_path, read_config
+
+    path = config_path()
+    return {"path": str(path), "found": path.is_file(), "defaults": read_config(path),
+            "LLMCLI_MODEL": os.environ.get("LLMCLI_MODEL")}
 
 
 cache_app = typer.Typer(help="The model cache: GGUF conversions made once (safetensors for hf, F16 for llama.cpp).",

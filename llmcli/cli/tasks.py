@@ -27,6 +27,9 @@ def run_tasks_command(models: list[Optional[str]], tasks: list[str], *, num_fews
         raise UsageError("--fewshot-as-multiturn needs --apply-chat-template", "Pass both, or neither.")
     if log_samples and output_path is None:
         raise UsageError("--log-samples writes the samples beside the results", "Pass --output-path DIR too.")
+    from llmcli.models import offline_unless_reachable
+
+    offline_unless_reachable()  # before datasets is imported: uncached data then fails at once, not after ~30 s
     import_lm_eval()  # its absence, or an unknown task, is said before any model loads
     resolve_tasks(tasks)
     options = TaskOptions(tasks=tasks, num_fewshot=num_fewshot, limit=limit, apply_chat_template=apply_chat_template,

@@ -203,7 +203,7 @@ def embedded_notice(notice: Callable[[str], None]) -> None:
     """Said once the options are known to be valid, so a bad option's error stays the only output."""
     from llmcli import models
 
-    notice(f"Using the embedded model {models.EMBEDDED_NAME} (pass --model to choose another).")
+    notice(f"Using the embedded model {models.EMBEDDED_NAME} (pass --model, or set LLMCLI_MODEL, to choose another).")
 
 
 def load_llama_cpp(source: Any, embedded: bool, command: str, kind: str, device: str | None, dtype: str,

@@ -341,6 +341,19 @@ async def until_done_or_gone(request: Request, future: asyncio.Future, cancelled
             raise ApiError(499, "the client closed the connection", "client_closed")
 
 
+async def next_event(events: asyncio.Queue, future: asyncio.Future) -> Any:
+    """The job's next streamed event, or None once the job has finished. The wait for the queue is
+    cancelled however this ends: a client that hangs up cancels this await, and a get() left pending
+    would be logged as "Task was destroyed but it is pending!"."""
+    getter = asyncio.ensure_future(events.get())
+    try:
+        done, _ = await asyncio.wait({getter, future}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not getter.done():
+            getter.cancel()
+    return getter.result() if getter in done else None
+
+
 def job_result(future: asyncio.Future) -> Any:
     try:
         return future.result()
@@ -362,34 +375,28 @@ async def sse_events(request: Request, header: dict[str, Any], kind: str, events
         return f"data: {strict_json.dumps({**header, 'object': chunk_kind, 'choices': choices, **extra})}\n\n"
 
     try:
-        while True:
-            getter = asyncio.ensure_future(events.get())
-            done, _ = await asyncio.wait({getter, future}, return_when=asyncio.FIRST_COMPLETED)
-            if getter in done:
-                yield chunk([getter.result()])
-                continue
-            getter.cancel()
-            while not events.empty():  # what the job emitted before it finished
-                yield chunk([events.get_nowait()])
-            try:
-                result = job_result(future)
-            except ApiError as error:
-                tally.failed(error)
-                yield f"data: {json.dumps(error_body(error.message, error.kind, error.param, error.code))}\n\n"
-                return
-            tally.finished(result)
-            streamed = result.pop("logprobs_streamed", False)  # each token's came with its text already
-            for choice in result["choices"]:
-                last = {"index": choice["index"], "finish_reason": choice["finish_reason"],
-                        "logprobs": None if streamed else choice["logprobs"]}
-                last.update({"delta": {}} if kind == "chat.completion" else {"text": ""})
-                yield chunk([last])
-            if with_usage:  # OpenAI sends the usage chunk only when stream_options.include_usage asks for it
-                yield chunk([], usage=result["usage"])
-            request.state.tokens = result["usage"]["total_tokens"]
-            request.state.batch = result.pop("batch", 1)
-            yield "data: [DONE]\n\n"
+        while (event := await next_event(events, future)) is not None:
+            yield chunk([event])
+        while not events.empty():  # what the job emitted before it finished
+            yield chunk([events.get_nowait()])
+        try:
+            result = job_result(future)
+        except ApiError as error:
+            tally.failed(error)
+            yield f"data: {json.dumps(error_body(error.message, error.kind, error.param, error.code))}\n\n"
             return
+        tally.finished(result)
+        streamed = result.pop("logprobs_streamed", False)  # each token's came with its text already
+        for choice in result["choices"]:
+            last = {"index": choice["index"], "finish_reason": choice["finish_reason"],
+                    "logprobs": None if streamed else choice["logprobs"]}
+            last.update({"delta": {}} if kind == "chat.completion" else {"text": ""})
+            yield chunk([last])
+        if with_usage:  # OpenAI sends the usage chunk only when stream_options.include_usage asks for it
+            yield chunk([], usage=result["usage"])
+        request.state.tokens = result["usage"]["total_tokens"]
+        request.state.batch = result.pop("batch", 1)
+        yield "data: [DONE]\n\n"
     finally:
         cancelled.set()  # finished, or the client went away mid-stream: either way the job stops
         tally.failed()  # counted once: a client gone mid-stream is an abort

@@ -20,7 +20,7 @@ from pydantic import BaseModel, Field, ValidationError
 from llmcli import strict_json
 from llmcli.engines import Engine
 from llmcli.serve.chat import chat_start
-from llmcli.serve.common import Tally, job_result, run_to_end, start_streaming
+from llmcli.serve.common import Tally, job_result, next_event, run_to_end, start_streaming
 from llmcli.serve.errors import ApiError, error_body, validation_error
 from llmcli.serve.metrics import Metrics
 from llmcli.serve.schemas import ChatRequest
@@ -272,32 +272,26 @@ class Reply:
         try:
             yield self.event("response.created", response=self.envelope("in_progress", [], None))
             yield self.event("response.in_progress", response=self.envelope("in_progress", [], None))
-            while True:
-                getter = asyncio.ensure_future(queue.get())
-                done, _ = await asyncio.wait({getter, future}, return_when=asyncio.FIRST_COMPLETED)
-                if getter in done:
-                    for event in stream.delta(getter.result()["delta"]):
-                        yield event
-                    continue
-                getter.cancel()
-                while not queue.empty():
-                    for event in stream.delta(queue.get_nowait()["delta"]):
-                        yield event
-                try:
-                    result = job_result(future)
-                except ApiError as error:
-                    tally.failed(error)
-                    yield self.event("error", **error_body(error.message, error.kind, error.param, error.code)["error"])
-                    return
-                tally.finished(result)
-                request.state.tokens = result["usage"]["total_tokens"]
-                response = self.finish(result)
-                for event in stream.close(response["output"]):
+            while (delta := await next_event(queue, future)) is not None:
+                for event in stream.delta(delta["delta"]):
                     yield event
-                # response.completed even when the status is incomplete: the SDK's stream helper and
-                # openai-agents wait for that event alone ("Model did not produce a final response!")
-                yield self.event("response.completed", response=response)
+            while not queue.empty():
+                for event in stream.delta(queue.get_nowait()["delta"]):
+                    yield event
+            try:
+                result = job_result(future)
+            except ApiError as error:
+                tally.failed(error)
+                yield self.event("error", **error_body(error.message, error.kind, error.param, error.code)["error"])
                 return
+            tally.finished(result)
+            request.state.tokens = result["usage"]["total_tokens"]
+            response = self.finish(result)
+            for event in stream.close(response["output"]):
+                yield event
+            # response.completed even when the status is incomplete: the SDK's stream helper and
+            # openai-agents wait for that event alone ("Model did not produce a final response!")
+            yield self.event("response.completed", response=response)
         finally:
             cancelled.set()
             tally.failed()

@@ -146,5 +146,9 @@ def settle(future: asyncio.Future, result: Any, error: BaseException | None) -> 
         return
     if error is not None:
         future.set_exception(error)
+        if isinstance(error, Cancelled):
+            # its client has gone, so nothing may await it, and asyncio would log "Future exception was
+            # never retrieved" with a traceback on the server's stderr; a waiter still gets the exception
+            future.exception()
     else:
         future.set_result(result)

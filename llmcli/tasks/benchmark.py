@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from llmcli.engines import Engine
-from llmcli.errors import UsageError
+from llmcli.errors import DataError, UsageError
 
 LM_EVAL_INSTALL_HINT = "Install lm-evaluation-harness with: pip install 'llmcli[tasks]' (make install includes it)."
 DEFAULT_MAX_LENGTH = 2048  # lm-eval's, for a model that states no context length
@@ -266,10 +266,32 @@ def resolve_tasks(tasks: list[str]) -> tuple[list[str], Any]:
 def task_manager(folders: tuple[str, ...], own_only: bool) -> Any:
     """lm-eval's index of tasks. Indexing its own few thousand YAML files takes 6.5 s here (measured), so
     tasks given only as files that include nothing of lm-eval's are indexed alone; one index serves
-    every model of a command."""
+    every model of a command. Loading a task reads its data, and data that cannot be read is the user's
+    to fix (a missing file, a data set neither cached nor downloadable): one error line, not a traceback."""
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=list(folders) or None, include_defaults=not own_only)
+    class CheckedTaskManager(TaskManager):
+        def load(self, task_list: Any) -> Any:
+            try:
+                return super().load(task_list)
+            except (FileNotFoundError, ConnectionError) as exc:
+                raise task_data_error(exc) from exc
+
+    return CheckedTaskManager(include_path=list(folders) or None, include_defaults=not own_only)
+
+
+def task_data_error(exc: OSError) -> DataError:
+    """What datasets said when a task's data could not be read, as the user's error: a data file that is
+    missing ("Unable to find '/path/x.jsonl'"), or a hub data set that is not cached while the hub is
+    out of reach (`offline_unless_reachable` turned its ~30 s of retries into an immediate failure)."""
+    from llmcli.models import offline_reason
+
+    if isinstance(exc, ConnectionError):
+        return DataError(f"--tasks: a task's data set is not in the cache, and {offline_reason()} ({exc})",
+                         "Run it once where the hub is reachable (the data is cached then), or use a task YAML "
+                         "whose data_files are local.")
+    return DataError(f"--tasks: a task's data file is missing ({exc})",
+                     "Check the path in the task YAML's dataset_kwargs.data_files (or its dataset_path).")
 
 
 def task_names(tasks: list[str]) -> tuple[list[str], list[str], bool]:
@@ -314,13 +336,21 @@ def table_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def folder_name(model: str) -> str:
+    """The folder under --output-path for a model's results: lm-eval's `org__name` for a hub id, and
+    nothing a shell would need quoted ("SmolLM2-135M-Instruct (embedded)" -> "SmolLM2-135M-Instruct-embedded")."""
+    import re
+
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", model.replace("/", "__")).strip("-.") or "model"
+
+
 def save(results: TaskResults, output_path: str) -> Path:
     """lm-eval's own results file (and samples files, when logged), through its EvaluationTracker."""
     from lm_eval.loggers import EvaluationTracker
 
     tracker = EvaluationTracker(output_path=output_path)
     tracker.general_config_tracker.model_name = results.model
-    tracker.general_config_tracker.model_name_sanitized = results.model.replace("/", "__")
+    tracker.general_config_tracker.model_name_sanitized = folder_name(results.model)
     everything = dict(results.results)
     samples = everything.pop("samples", None)
     tracker.save_results_aggregated(results=everything, samples=samples)

@@ -17,8 +17,9 @@ from llmcli.engines import Engine
 from llmcli.errors import DataError, LlmcliError, UsageError
 from llmcli.tasks.generate import GenerateOptions, TextCallback, encode_prompt, generate
 
-HELP = ('Commands: /reset clears the conversation, /system TEXT sets the system message (the conversation '
-        'goes on), /save FILE writes the conversation as JSON, /load FILE goes on from one, /help (or /?) '
+HELP = ('Commands: /reset clears the conversation (the system message stays), /system TEXT sets the system '
+        'message (the conversation goes on; /system alone removes it), /save FILE writes the whole conversation '
+        'as JSON, /load FILE goes on from one, /help (or /?) '
         'shows this, /exit (or /quit, /bye, Ctrl-D) leaves. A line of """ starts and ends a message of '
         'several lines.')
 
@@ -40,6 +41,7 @@ class ChatSession:
     history: list[dict[str, str]] = field(default_factory=list)
     on_notice: TextCallback | None = None
     cut: int | None = None  # the last reply's length, when it stopped at max_new_tokens
+    dropped: list[dict[str, str]] = field(default_factory=list)  # the oldest turns, trimmed to fit the context
 
     def handle(self, line: str, on_text: TextCallback) -> str | None:
         """React to one message: a /command returns a notice, a message streams a reply and returns ""
@@ -51,11 +53,13 @@ class ChatSession:
             return HELP
         if text == "/reset":
             self.history.clear()
-            return "Conversation cleared."
+            self.dropped.clear()
+            return f"Conversation cleared{'; the system message stays (/system alone removes it)' if self.system else ''}."
         if text == "/system" or text.startswith("/system "):
             # the conversation goes on under the new system message, as ollama's /set system does
             self.system = text[len("/system"):].strip() or None
-            return f"System message {'set' if self.system else 'removed'}; the conversation goes on (/reset clears it)."
+            return (f"System message {'set' if self.system else 'removed'}; the conversation goes on (/reset clears "
+                    "the conversation and keeps the system message).")
         for command, act in (("/save", self.save), ("/load", self.load)):
             if text == command or text.startswith(command + " "):
                 path = text[len(command):].strip()
@@ -93,11 +97,12 @@ class ChatSession:
         return ""
 
     def messages(self) -> list[dict[str, str]]:
-        return ([{"role": "system", "content": self.system}] if self.system else []) + self.history
+        """The whole conversation, the turns trimmed from the model's context included."""
+        return ([{"role": "system", "content": self.system}] if self.system else []) + self.dropped + self.history
 
     def save(self, path: Path) -> str:
-        """The conversation as one JSON object {"messages": [...]}: a line that `generate --file` reads
-        too. An existing file is left alone (a new name is asked for); the file appears whole or not at all."""
+        """The whole conversation (the turns trimmed to fit the context too) as one JSON object
+        {"messages": [...]}: a line that `generate --file` reads too. An existing file is left alone (a new name is asked for); the file appears whole or not at all."""
         temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
             temporary.write_text(json.dumps({"messages": self.messages()}, ensure_ascii=False) + "\n", encoding="utf-8")
@@ -108,7 +113,8 @@ class ChatSession:
             raise UsageError(f"cannot write {path}: {exc.strerror}", "/save to another place.") from None
         finally:
             temporary.unlink(missing_ok=True)
-        return f"Saved {len(self.history)} messages to {path}."
+        trimmed = f" ({len(self.dropped)} of them no longer in the model's context)" if self.dropped else ""
+        return f"Saved {len(self.dropped) + len(self.history)} messages to {path}{trimmed}."
 
     def load(self, path: Path) -> str:
         """Go on from a saved conversation (or any JSON object with OpenAI-style "messages"): it replaces
@@ -128,6 +134,7 @@ class ChatSession:
         system = [m["content"] for m in messages if m["role"] == "system"]
         self.system = system[-1] if system else None
         self.history = [{"role": m["role"], "content": m["content"]} for m in messages if m["role"] != "system"]
+        self.dropped = []
         self.cut = None
         return f"Loaded {len(self.history)} messages from {path}; the conversation goes on from there."
 
@@ -140,7 +147,9 @@ class ChatSession:
             else context - options.max_new_tokens
         dropped = 0
         while len(self.history) > 1 and len(encode_prompt(self.engine, Prompt(messages=self.history), options)) > room:
-            del self.history[:2 if len(self.history) > 2 else 1]  # a user message and its reply
+            turn = 2 if len(self.history) > 2 else 1  # a user message and its reply
+            self.dropped += self.history[:turn]  # out of the model's sight, still in what /save writes
+            del self.history[:turn]
             dropped += 2
         if dropped and self.on_notice:
             self.on_notice(f"The conversation outgrew the model's context of {context} tokens: the oldest "

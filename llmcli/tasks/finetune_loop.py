@@ -9,7 +9,6 @@ import shutil
 import signal
 import threading
 import time
-import warnings
 from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
@@ -187,10 +186,16 @@ def save_final(output: Path, model: Any, tokenizer: Any, options: FinetuneOption
         model = model.merge_and_unload()
     elif options.lora:
         model.peft_config["default"].base_model_name_or_path = base
-    with warnings.catch_warnings():
-        # peft looks for a config.json at the base's path to see whether the vocabulary grew; a .gguf
-        # base or an alias has none, and the vocabulary is never resized here
-        warnings.filterwarnings("ignore", message="Could not find a config file")
+    if options.lora and not options.merge_lora:
+        # peft's "auto" looks for the base's config.json, on the hub when the base is not a directory (an
+        # alias, a .gguf file: a network attempt and a warning on every run), to see whether the vocabulary
+        # grew; it never does here, so the embedding layers are saved exactly when LoRA targets them
+        from peft.utils.other import EMBEDDING_LAYER_NAMES
+
+        targets = model.peft_config["default"].target_modules
+        embeddings = not isinstance(targets, str) and any(name in targets for name in EMBEDDING_LAYER_NAMES)
+        model.save_pretrained(tmp, safe_serialization=True, save_embedding_layers=embeddings)
+    else:
         model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     umask = os.umask(0)
