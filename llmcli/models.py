@@ -277,6 +277,7 @@ def write_cache_entry(gguf_path: Path, metadata: dict[str, Any], target: Path) -
     tmp = target.parent / f".tmp-{target.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         tmp.mkdir()
+        quiet_libraries()  # `embed` converts before any load_model call has quieted transformers' bars
         quiet_gguf_progress()
         named = gguf_path
         if gguf_path.suffix.lower() != ".gguf":  # transformers reads any other name as pickled weights

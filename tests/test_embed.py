@@ -456,8 +456,8 @@ def test_an_unknown_prompt_name_is_a_usage_error_naming_the_models_prompts(tmp_p
 
 
 def test_the_cache_commands_see_every_entry_and_each_conversion_says_its_size(tmp_path, monkeypatch, tiny_gguf):
-    """The embedding model's files (MiniLM unpacked, llama.cpp's copy of it) and a GGUF's conversion are
-    each said once, with the size they add; `cache list` shows them all, each with its size on disk and
+    """The embedding model's files (MiniLM unpacked, llama.cpp's copy of it), a GGUF's safetensors
+    conversion and a quantized GGUF's F16 copy are each said once, with the size they add; `cache list` shows them all, each with its size on disk and
     the total; `cache rm` removes any of them; `info` names the embedded embedding model."""
     from pathlib import Path
 
@@ -471,9 +471,13 @@ def test_the_cache_commands_see_every_entry_and_each_conversion_says_its_size(tm
     assert again.exit_code == 0 and "in the cache" not in again.stderr, again.stderr  # said once, not each run
     converted = run_cli("embed", "hello", "-m", tiny_gguf)
     assert converted.exit_code == 0, converted.stderr
-    said = [line for line in (first.stderr + converted.stderr).splitlines() if "in the cache" in line]
+    runs = [first, converted]
+    if llama_cpp_installed():  # the embedded Q4_1 model runs from an F16 copy on llama.cpp
+        runs.append(run_cli("generate", "hi", "-n", "1", "--engine", "llama.cpp"))
+        assert runs[-1].exit_code == 0, runs[-1].stderr
+    said = [line for run in runs for line in run.stderr.splitlines() if "in the cache" in line]
     listed = run_cli("cache", "list", "--json").json_lines()
-    kinds = ["embedding model", "safetensors"] + (["BERT GGUF"] if llama_cpp_installed() else [])
+    kinds = ["embedding model", "safetensors"] + (["BERT GGUF", "F16 GGUF"] if llama_cpp_installed() else [])
     assert sorted(entry["kind"] for entry in listed) == sorted(kinds)
     assert len(said) == len(listed)
     files = [f for folder in ("gguf", "embedding") for f in (cache / folder).rglob("*")
