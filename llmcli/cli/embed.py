@@ -14,8 +14,9 @@ from llmcli.errors import UsageError
 OUTPUT_SUFFIXES = (".jsonl", ".npy", ".parquet")
 
 EmbeddingModelOption = Annotated[Optional[str], typer.Option(
-    "--model", "-m", help="A sentence-transformers or Hugging Face encoder directory, or a hub id. Default: the "
-    "embedded all-MiniLM-L6-v2 ('minilm').")]
+    "--model", "-m", help="A sentence-transformers or Hugging Face encoder directory, a causal LM (directory, "
+    ".gguf file or smollm2), a LoRA adapter directory, or a hub id. Default: the embedded all-MiniLM-L6-v2 "
+    "('minilm').")]
 BatchOption = Annotated[int, typer.Option(help="Inputs per forward pass.")]
 PromptOption = Annotated[Optional[str], typer.Option(
     help="One of the model's named prompts (e.g. query), or a text put before every input.")]
@@ -45,12 +46,34 @@ def load(model: Optional[str], pooling: str, device: Optional[str], trust_remote
     return loaded
 
 
+class FileTexts:
+    """read_text_lines as a collect_inputs reader, remembering what it read for the notice."""
+
+    def __init__(self) -> None:
+        self.source: Optional[str] = None
+        self.blank_lines = 0
+
+    def __call__(self, path: str) -> list[str]:
+        from llmcli.data import STDIN, read_text_lines
+
+        found = read_text_lines(path)
+        self.source = "standard input" if path == STDIN else path
+        self.blank_lines = found.blank_lines
+        return found.texts
+
+    def summary(self, verb: str, count: int) -> str:
+        """'Embedded 40 texts from lines.txt (3 blank lines skipped).': rows match the other lines, in order."""
+        skipped = f" ({self.blank_lines} blank line{'s' if self.blank_lines != 1 else ''} skipped)" \
+            if self.blank_lines else ""
+        return f"{verb} {count} text{'s' if count != 1 else ''} from {self.source}{skipped}."
+
+
 @app.command()
 def embed(
     texts: Annotated[Optional[list[str]], typer.Argument(help="Texts to embed; '-' reads stdin, one per line.",
                                                          show_default=False, metavar="TEXT")] = None,
-    file: Annotated[Optional[str], typer.Option("--file", "-f", help="Read texts from a file: one per line, "
-                                                "or JSONL with 'text'.")] = None,
+    file: Annotated[Optional[str], typer.Option("--file", "-f", help="Read texts from a file: one per line "
+                                                "(blank lines skipped), or JSONL with 'text' (or 'prompt').")] = None,
     model: EmbeddingModelOption = None,
     output: Annotated[Optional[str], typer.Option(
         "--output", "-o", help="Write FILE.jsonl, FILE.npy (float32, a row per input) or FILE.parquet (index, "
@@ -65,6 +88,8 @@ def embed(
     truncate: Annotated[bool, typer.Option(help="Cut an input over the limit to it (with a notice), or refuse "
                                            "it with --no-truncate.")] = True,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --output file.")] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="JSON Lines {index, text, embedding, tokens} on "
+                                              "stdout: one object per input text.")] = False,
     stats: Annotated[bool, typer.Option(help="Print the engine, inputs/s, tokens/s and peak memory to "
                                         "stderr.")] = False,
     engine: EmbedEngineOption = "auto",
@@ -74,11 +99,13 @@ def embed(
 ) -> None:
     """Embed texts as sentence vectors, equal to sentence-transformers' encode on the same model. JSON
     Lines {"index", "embedding", "tokens"} on stdout, or --output FILE.jsonl|FILE.npy|FILE.parquet."""
-    from llmcli.data import read_texts_without_gaps
     from llmcli.tasks.embed import EmbedOptions, embed_texts
 
+    if json_output and output:
+        raise UsageError("--json prints to stdout and --output writes a file", "Pass one of them.")
     target = check_output(output, overwrite)
-    inputs = collect_inputs(texts or [], file, read_texts_without_gaps, "text")
+    reader = FileTexts()
+    inputs = collect_inputs(texts or [], file, reader, "text")
     options = EmbedOptions(batch_size=batch_size, prompt=prompt, dimensions=dimensions, normalize=normalize,
                            max_length=max_length, truncate=truncate)
     loaded = load(model, pooling, device, trust_remote_code, engine, threads)
@@ -88,9 +115,12 @@ def embed(
     if result.truncated:
         render.notice(f"{result.truncated} of {len(inputs)} inputs were cut to the model's limit of "
                       f"{max_length or loaded.max_length} tokens (--no-truncate refuses them).")
+    if reader.source is not None:
+        render.notice(reader.summary("Embedded", len(inputs)))
     if target is None:
         for number, (vector, tokens) in enumerate(zip(result.vectors, result.tokens)):
-            render.json_line({"index": number, "embedding": vector.tolist(), "tokens": tokens})
+            record = {"index": number, "text": inputs[number]} if json_output else {"index": number}
+            render.json_line({**record, "embedding": vector.tolist(), "tokens": tokens})
     else:
         write_vectors(target, result.vectors, result.tokens)
     if stats:
@@ -149,8 +179,8 @@ def write_vectors(target: Path, vectors, tokens: list[int]) -> None:
 @app.command()
 def similar(
     query: Annotated[str, typer.Argument(help="The text to find neighbours of.", show_default=False)],
-    file: Annotated[str, typer.Option("--file", "-f", help="The texts to search: one per line, or JSONL with "
-                                      "'text'.")],
+    file: Annotated[str, typer.Option("--file", "-f", help="The texts to search: one per line (blank lines "
+                                      "skipped), or JSONL with 'text' (or 'prompt').")],
     top_k: Annotated[int, typer.Option("--top-k", "-k", help="How many to list.")] = 5,
     embeddings: Annotated[Optional[str], typer.Option(
         help="Vectors of FILE saved by embed --output FILE.npy (same model and options), instead of embedding "
@@ -167,19 +197,20 @@ def similar(
     trust_remote_code: TrustOption = False,
 ) -> None:
     """The lines of FILE nearest to QUERY by cosine similarity, best first."""
-    from llmcli.data import read_texts_without_gaps
     from llmcli.tasks.embed import EmbedOptions, embed_texts, nearest, read_vectors
 
     if top_k < 1:
         raise UsageError(f"--top-k must be at least 1, got {top_k}")
     if not query.strip():
         raise UsageError("empty query", "Pass some text.")
-    lines = read_texts_without_gaps(file)
+    reader = FileTexts()
+    lines = reader(file)
     saved = read_vectors(embeddings, len(lines)) if embeddings else None
     loaded = load(model, pooling, device, trust_remote_code, engine, threads)
     options = EmbedOptions(batch_size=batch_size, prompt=prompt, dimensions=dimensions)
     [query_vector] = embed_texts(loaded, [query], options).vectors
     vectors = saved if saved is not None else embed_texts(loaded, lines, options).vectors
+    render.notice(reader.summary("Ranked", len(lines)))
     for rank, (row, score) in enumerate(nearest(query_vector, vectors, top_k), 1):
         if json_output:
             render.json_line({"rank": rank, "index": row, "score": score, "text": lines[row]})

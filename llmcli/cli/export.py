@@ -38,4 +38,4 @@ def export(
                             allow_requantize=allow_requantize)
     merged = " (the LoRA adapter merged into its base)" if result.merged_adapter else ""
     render.notice(f"Wrote {result.path}: {result.architecture}, {result.type.upper()}, {result.tensors} tensors, "
-                  f"{result.size_mb:.0f} MB, in {result.seconds:.1f} s{merged}.")
+                  f"{render.human_size(result.size_mb * 2**20)}, in {result.seconds:.1f} s{merged}.")

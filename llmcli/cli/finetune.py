@@ -126,4 +126,5 @@ def finetune(
             from llmcli.tasks.export import export
 
             exported = export(result.output, export_gguf, "f16", overwrite)
-            render.notice(f"Wrote {exported.path} ({exported.size_mb:.0f} MB): llmcli generate -m {exported.path}")
+            size = render.human_size(exported.size_mb * 2**20)
+            render.notice(f"Wrote {exported.path} ({size}): llmcli generate -m {exported.path}")

@@ -34,26 +34,33 @@ def config_summary() -> dict:
             "LLMCLI_MODEL": os.environ.get("LLMCLI_MODEL")}
 
 
-cache_app = typer.Typer(help="The model cache: GGUF conversions made once (safetensors for hf, F16 for llama.cpp).",
-                        no_args_is_help=True)
+cache_app = typer.Typer(help="The model cache: GGUF conversions made once (safetensors for hf, F16 for llama.cpp) "
+                        "and the embedding models' files.", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
 
 
 @cache_app.command("list")
 def cache_list(json_output: Annotated[bool, typer.Option("--json", help="JSON Lines: one object per entry.")] = False
                ) -> None:
-    """Each cached conversion (name, kind, size and the file it came from), then the models in the Hugging
-    Face hub cache (which 'hf cache' manages)."""
+    """Each cache entry (name, kind, size and what it came from) and their total, then the models in the
+    Hugging Face hub cache (which 'hf cache' manages)."""
     from llmcli.inventory import cache_entries, hub_entries
+    from llmcli.models import cache_root
 
-    entries = cache_entries() + hub_entries()
-    for entry in entries:
+    own, hub = cache_entries(), hub_entries()
+    for entry in own + hub:
         if json_output:
             render.json_line(entry.__dict__)
         else:
-            render.write(f"{entry.name}  {entry.kind}  {entry.size_mb:.0f} MB  {entry.source or ''}".rstrip() + "\n")
-    if not entries and not json_output:
-        render.notice("The cache is empty.")
+            size = render.human_size(entry.size_bytes or entry.size_mb * 2**20)
+            render.write(f"{entry.name}  {entry.kind}  {size}  {entry.source or ''}".rstrip() + "\n")
+    if json_output:
+        return
+    if own:
+        render.write(f"total  {render.human_size(sum(e.size_bytes for e in own))} in {cache_root()} "
+                     "(llmcli cache rm NAME|--all)\n")
+    else:
+        render.notice(f"The cache at {cache_root()} is empty.")
 
 
 @cache_app.command("rm")
@@ -62,7 +69,7 @@ def cache_rm(
                                                        "'llmcli cache list'.", show_default=False, metavar="NAME")] = None,
     everything: Annotated[bool, typer.Option("--all", help="Remove every entry.")] = False,
 ) -> None:
-    """Remove one cached conversion, or all with --all (they are rebuilt when next needed)."""
+    """Remove one cache entry, or all with --all (each is rebuilt when next needed)."""
     from llmcli.inventory import remove_cache_entries
 
     for removed in remove_cache_entries(name, everything):

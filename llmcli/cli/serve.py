@@ -71,6 +71,11 @@ def serve(
     check_speculation(speculation, draft_model)
     if api_key is not None and not api_key.strip():
         raise UsageError("--api-key is empty", "Pass a secret, or drop --api-key.")
+    from llmcli.serve.embeddings import check_embedding_model
+
+    embedding_unavailable = check_embedding_model(embedding_model)
+    if embedding_unavailable:
+        render.notice(f"/v1/embeddings is off: {embedding_unavailable} (pass --embedding-model DIR, or install it).")
     import socket
 
     with socket.socket() as probe:  # a taken port is a one-line error before the slow model load
@@ -94,4 +99,4 @@ def serve(
                max_batch=max_batch, parallel=parallel, ctx_size=ctx_size, prefix_cache=prefix_cache,
                speculative=speculative, draft_max=draft_max,
                max_body_bytes=max_body, json_logs=json_logs, served_name=served_model_name, on_notice=render.notice,
-               embedding_model=embedding_model)
+               embedding_model=embedding_model, embedding_unavailable=embedding_unavailable)

@@ -31,6 +31,8 @@ CONVERSION = 1  # bump when the written file changes, so older cache entries are
 def unsupported(recipe: Any) -> str | None:
     """Why this model cannot run on llama.cpp here, or None when it can."""
     location = recipe.location
+    if recipe.adapter is not None:
+        return "it is a LoRA adapter"
     config = json.loads((location / "config.json").read_text())
     if config.get("model_type") != "bert":
         return f"its architecture is {config.get('model_type')!r}, and the llama.cpp path runs BERT models"
@@ -61,11 +63,13 @@ def bert_gguf(location: Path) -> Path:
         partial = target.with_name(f".tmp-{target.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         try:
             write_bert_gguf(location, partial)
+            target.with_suffix(".json").write_text(json.dumps({"source": str(location)}))  # for cache list
             os.replace(partial, target)
         finally:
             partial.unlink(missing_ok=True)
     finally:
         lock.close()
+    models.announce_cache_entry(target, f"llama.cpp's copy of {location.name}")
     return target
 
 

@@ -118,9 +118,11 @@ def file_type(lib: Any, path: Path) -> int | None:
         lib.llama_model_free(model)
 
 
+CONVERSION_FORMAT = 2  # the F16 file's own version: models.CACHE_FORMAT moved on for the safetensors entry alone
+
+
 def converted_path(path: Path, name: str) -> Path:
-    entry = models.gguf_cache_dir(path)
-    return entry.parent / f"{entry.name}.{name}.gguf"
+    return models.cache_root() / "gguf" / f"{path.stem}-{models.content_key(path)}-v{CONVERSION_FORMAT}.{name}.gguf"
 
 
 def convert_to_f16(lib: Any, path: Path, threads: int, on_notice: Callable[[str], None]) -> Path:
@@ -147,6 +149,7 @@ def convert_to_f16(lib: Any, path: Path, threads: int, on_notice: Callable[[str]
             tmp.unlink(missing_ok=True)
     finally:
         lock.close()
+    models.announce_cache_entry(target, f"The F16 copy of {path.name}")
     for stale in target.parent.glob(f"{path.stem}-*.F16.gguf"):  # conversions of an older version of this file
         if stale != target:
             stale.unlink(missing_ok=True)

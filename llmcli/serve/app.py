@@ -91,13 +91,15 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
 
     embedding_card = {**model_card, "id": embeddings.embedding_model_id(settings.embedding_model)}
 
+    cards = [model_card] + ([] if settings.embedding_unavailable else [embedding_card])
+
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
-        return {"object": "list", "data": [model_card, embedding_card]}
+        return {"object": "list", "data": cards}
 
     @app.get("/v1/models/{name:path}")
     async def retrieve_model(name: str) -> dict[str, Any]:
-        if name == embedding_card["id"]:
+        if name == embedding_card["id"] and embedding_card in cards:
             return embedding_card
         if not known_model(name, settings):
             raise ApiError(404, f"no model {name!r} here; this server runs {settings.model_name!r}",

