@@ -579,7 +579,7 @@ def test_openai_agents_runs_an_agent_with_a_function_tool_to_its_final_output(ap
         model = (agents.OpenAIResponsesModel if api == "responses" else agents.OpenAIChatCompletionsModel)(
             "smollm2", client)
         agent = agents.Agent(name="weather", instructions="Use the weather tool.", tools=[get_weather], model=model,
-                             # one call a turn: greedy, this model repeats a call up to the grammar's 8
+                             # one call a turn, as llama-server's default has it
                              model_settings=agents.ModelSettings(temperature=0, max_tokens=64, tool_choice="required",
                                                                  parallel_tool_calls=False),
                              tool_use_behavior="stop_on_first_tool")
