@@ -33,6 +33,9 @@ NUMBER_DIGITS, EXPONENT_DIGITS = 17, 3
 class Constraint:
     kind: str  # "schema" | "regex" | "grammar" | "choice"
     text: str  # the schema's JSON, the regex, the Lark grammar, or the choices one per line
+    # true of the text so far when it should end now (EOS next), though the grammar would go on: the
+    # tool layer's repeated call. A hashable callable (a frozen dataclass), as constraints are dict keys.
+    ends: Callable[[str], bool] | None = None
 
     def grammar(self) -> str:
         """llguidance's grammar for it (not yet checked: `compile_grammar` does that)."""
@@ -41,12 +44,12 @@ class Constraint:
         if self.kind == "schema":
             # compact JSON: no run of whitespace a sampler could loop in up to max_tokens
             schema = json.dumps(bounded_strings(json.loads(self.text)))
-            return LLMatcher.grammar_from_json_schema(schema, defaults={"whitespace_flexible": False})
+            return LLMatcher.grammar_from_json_schema(ascii_patterns(schema), defaults={"whitespace_flexible": False})
         if self.kind == "grammar":
             return LLMatcher.grammar_from_lark(self.text)
         if self.kind == "choice":
             return LLMatcher.grammar_from_regex("|".join(f"({re.escape(c)})" for c in self.text.split("\n")))
-        return LLMatcher.grammar_from_regex(self.text)
+        return LLMatcher.grammar_from_regex(ascii_classes(self.text))
 
 
 def bounded_strings(schema: Any) -> Any:
@@ -63,6 +66,86 @@ def bounded_strings(schema: Any) -> Any:
     if is_string and not any(key in schema for key in ("maxLength", "enum", "const", "format", "pattern")):
         bounded["maxLength"] = DEFAULT_STRING_LENGTH
     return bounded
+
+
+def closed_objects(schema: Any) -> Any:
+    """The schema with `additionalProperties: false` on every object that lists its properties and
+    says nothing of others, as OpenAI's strict mode has it: a small model otherwise fills an object with
+    keys copied from the schema itself (seen on the embedded model). Everything it allows is valid for
+    the schema as given."""
+    if isinstance(schema, list):
+        return [closed_objects(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    closed = {key: value if key in ("enum", "const", "default", "examples") else closed_objects(value)
+              for key, value in schema.items()}
+    if "properties" in schema and "additionalProperties" not in schema and "patternProperties" not in schema:
+        closed["additionalProperties"] = False
+    return closed
+
+
+# Python's `re.ASCII` classes: the regex library under llguidance (Rust's) reads \d, \w and \s as Unicode
+# classes, so `\d{4}` let the embedded model write four U+1FBF8 (a segmented digit 8). Inside a class
+# the negated ones nest as classes, which Rust's syntax allows.
+ASCII_CLASSES = {"d": "0-9", "w": "0-9A-Za-z_", "s": "\\t\\n\\x0B\\f\\r "}
+
+
+def ascii_classes(regex: str) -> str:
+    """The regex with \\d, \\w, \\s (and \\D, \\W, \\S) meaning ASCII digits, word characters and
+    whitespace, in and out of [classes]; \\p{Nd} and the like still name Unicode classes."""
+    out, depth, at = [], 0, 0
+    while at < len(regex):
+        char = regex[at]
+        if char == "\\" and at + 1 < len(regex):
+            escaped = regex[at + 1]
+            members = ASCII_CLASSES.get(escaped.lower())
+            if members is None:
+                out.append(regex[at:at + 2])
+            elif escaped.islower():
+                out.append(members if depth else f"[{members}]")
+            else:
+                out.append(f"[^{members}]")
+            at += 2
+            continue
+        if char == "[":
+            depth += 1
+            out.append(char)
+            at += 1
+            if regex.startswith("^", at):
+                out.append("^")
+                at += 1
+            if regex.startswith("]", at):  # a `]` first in a class is one of its members
+                out.append("]")
+                at += 1
+            continue
+        if char == "]" and depth:
+            depth -= 1
+        out.append(char)
+        at += 1
+    return "".join(out)
+
+
+def ascii_patterns(schema: str) -> str:
+    """A JSON schema's text with `ascii_classes` applied to its patterns (`pattern`, and the keys of
+    `patternProperties`)."""
+    def walk(node: Any) -> Any:
+        if isinstance(node, list):
+            return [walk(item) for item in node]
+        if not isinstance(node, dict):
+            return node
+        out = {}
+        for key, value in node.items():
+            if key in ("enum", "const", "default", "examples"):
+                out[key] = value
+            elif key == "pattern" and isinstance(value, str):
+                out[key] = ascii_classes(value)
+            elif key == "patternProperties" and isinstance(value, dict):
+                out[key] = {ascii_classes(pattern): walk(item) for pattern, item in value.items()}
+            else:
+                out[key] = walk(value)
+        return out
+
+    return json.dumps(walk(json.loads(schema)))
 
 
 def constraint_from_options(schema: str | None, regex: str | None, grammar: str | None,
@@ -162,7 +245,7 @@ class Constraints:
         if grammar is None:
             return None
         numbers = self.number_digits() if constraint.kind == "schema" else None
-        return Matcher(self.tokenizer, grammar, self.n_vocab, numbers)
+        return Matcher(self.tokenizer, grammar, self.n_vocab, numbers, constraint.ends)
 
     def number_digits(self) -> NumberDigits:
         if self.digits is None:
@@ -234,13 +317,17 @@ class NumberState:
 class Matcher:
     """One sequence's constraint state: masks its logits, then follows the token sampled."""
 
-    def __init__(self, tokenizer: Any, grammar: str, n_vocab: int, numbers: NumberDigits | None = None) -> None:
+    def __init__(self, tokenizer: Any, grammar: str, n_vocab: int, numbers: NumberDigits | None = None,
+                 ends: Callable[[str], bool] | None = None) -> None:
         import llguidance.numpy as masks
         from llguidance import LLMatcher
 
         self.masks, self.matcher, self.n_vocab = masks, LLMatcher(tokenizer, grammar, log_level=0), n_vocab
         self.bitmask = masks.allocate_token_bitmask(1, n_vocab)
         self.numbers, self.state = numbers, NumberState()  # JSON: the digit bound
+        self.tokenizer, self.ends = tokenizer, ends
+        self.text = b""  # what the sequence wrote so far, for `ends`
+        self.ending = False  # `ends` said yes: EOS is the one token allowed
 
     def mask(self, logits: Any) -> None:
         """Disallowed tokens' logits (a writable float32 array of the vocabulary) become -inf."""
@@ -253,6 +340,10 @@ class Matcher:
         """The tokens allowed next, as a NumPy bool array over the vocabulary."""
         import numpy
 
+        if self.ending:
+            allowed = numpy.zeros(self.n_vocab, dtype=bool)
+            allowed[self.tokenizer.eos_token] = True
+            return allowed
         self.masks.fill_next_token_bitmask(self.matcher, self.bitmask)
         # bit i of the little-endian 32-bit words is token i
         allowed = numpy.unpackbits(self.bitmask[0].view(numpy.uint8), bitorder="little")[:self.n_vocab].view(bool)
@@ -274,10 +365,19 @@ class Matcher:
         """Follows the sampled token; returns the EOS id to end the sequence with when the constrained
         text is now complete (EOS is the one token its mask allows next: taken without a step), if the
         sequence has `room` for another token and did not just end at EOS."""
+        if self.ending:
+            return None  # the EOS it was told to take, which the grammar would refuse
         if not self.matcher.consume_token(token):
             raise RuntimeError(f"the constraint rejected token {token}: {self.matcher.get_error()}")
         if self.numbers is not None:
             self.state.follow(self.numbers.text(token))
+        if self.ends is not None:
+            piece = self.tokenizer.decode_bytes([token])
+            self.text += piece
+            # asked only when a token closes an object: where a tool call can end
+            self.ending = b"}" in piece and self.ends(self.text.decode("utf-8", errors="replace"))
+            if self.ending and token not in eos and eos_id is not None and room > 0:
+                return eos_id
         if self.matcher.is_stopped() and token not in eos and eos_id is not None and room > 0:
             return eos_id
         return None

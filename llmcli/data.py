@@ -90,7 +90,9 @@ def parse_json_object(line: str, where: str, example: str) -> dict[str, Any]:
     try:
         record = json.loads(line)
     except json.JSONDecodeError as exc:
-        raise DataError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})", "Fix the line or remove it.") from exc
+        # json's messages for a place end in "at" ("Unterminated string starting at"): the column follows it
+        raise DataError(f"{where}: invalid JSON ({exc.msg.removesuffix(' at')} at column {exc.colno})",
+                        "Fix the line or remove it.") from exc
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}", f"Use {example}.")
     return record

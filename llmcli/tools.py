@@ -23,11 +23,11 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from llmcli.constraints import Constraint, bounded_strings
+from llmcli.constraints import Constraint, bounded_strings, closed_objects
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
-# calls in one reply at most: a small model repeats a call until max_tokens otherwise (seen on the
-# embedded model at temperature 0), as JSON strings and numbers are bounded by default
+# calls in one reply at most: a bound on any loop of calls, as JSON strings and numbers are bounded by
+# default (a reply also ends at its first repeated call: `RepeatedCall`)
 MAX_CALLS = 8
 COMPACT = {"whitespace_flexible": False}  # llguidance's JSON options: `,` and `:` with no spaces
 
@@ -154,22 +154,6 @@ def call_schema(tool: Tool) -> dict[str, Any]:
             "required": ["name", "arguments"], "additionalProperties": False}
 
 
-def closed_objects(schema: Any) -> Any:
-    """The schema with `additionalProperties: false` on every object that lists its properties and
-    says nothing of others, as OpenAI's strict mode has it: a small model otherwise fills a call with
-    keys copied from the schema itself (seen on the embedded model). Every call it allows is valid for
-    the schema as given."""
-    if isinstance(schema, list):
-        return [closed_objects(item) for item in schema]
-    if not isinstance(schema, dict):
-        return schema
-    closed = {key: value if key in ("enum", "const", "default", "examples") else closed_objects(value)
-              for key, value in schema.items()}
-    if "properties" in schema and "additionalProperties" not in schema and "patternProperties" not in schema:
-        closed["additionalProperties"] = False
-    return closed
-
-
 def one_of(schemas: list[dict[str, Any]]) -> dict[str, Any]:
     return schemas[0] if len(schemas) == 1 else {"anyOf": schemas}
 
@@ -181,6 +165,7 @@ def constraint(use: ToolUse, form: str) -> Constraint | None:
         return None
     call = one_of([call_schema(tool) for tool in use.callable_tools()])
     single = not use.parallel or use.choice not in ("auto", "required")
+    ends = None if single else RepeatedCall(form)
     if form == "generic":
         calls = {"type": "array", "items": call, "minItems": 1, "maxItems": 1 if single else MAX_CALLS}
         options = [{"type": "object", "properties": {"tool_calls": calls}, "required": ["tool_calls"],
@@ -189,7 +174,7 @@ def constraint(use: ToolUse, form: str) -> Constraint | None:
             answer = use.answer_schema if use.answer_schema is not None else {"type": "string"}
             options.append({"type": "object", "properties": {"response": answer}, "required": ["response"],
                             "additionalProperties": False})
-        return Constraint("schema", json.dumps(one_of(options)))
+        return Constraint("schema", json.dumps(one_of(options)), ends)
     body = f'"\\n"? %json {json.dumps({"x-guidance": COMPACT, **call})} "\\n"? "{CLOSE}"'
     more = "" if single else f' ("\\n"? call){{0,{MAX_CALLS - 1}}}'
     rules = [f"call: \"{OPEN}\" body", f"body: {body}"]
@@ -201,7 +186,21 @@ def constraint(use: ToolUse, form: str) -> Constraint | None:
     else:  # free text without the marker, or text up to the first marker (lazy: it ends there) and calls
         rules.insert(0, f"start: TEXT | prefix body{more}")
         rules += [f"prefix[lazy]: /(.|\\n)*{OPEN}/", f"TEXT: /(.|\\n)*/ & ~/(.|\\n)*{OPEN}(.|\\n)*/"]
-    return Constraint("grammar", "\n".join(rules))
+    return Constraint("grammar", "\n".join(rules), ends)
+
+
+@dataclass(frozen=True)
+class RepeatedCall:
+    """Ends a reply at its first call identical to an earlier one (same name and arguments): the
+    embedded model, given room for several calls, writes one call again and again until MAX_CALLS or
+    max_tokens cuts it. The repeat is dropped from the reply (`whole_calls`), so it ends with the calls
+    before it and finish_reason "tool_calls"; distinct calls (a real parallel request) go on."""
+
+    form: str
+
+    def __call__(self, text: str) -> bool:
+        done = [call for call in Scanner(self.form).read(text, finished=False).calls if call.done]
+        return len(whole_calls(done)) < len(done)
 
 
 # ------------------------------------------------------------------ reading a reply
@@ -343,17 +342,39 @@ def partial_string(body: str) -> str:
     return ""
 
 
+def whole_calls(calls: list[Call]) -> list[Call]:
+    """The calls a reply carries: complete (a reply cut by max_tokens or a stop string may end inside
+    one), with arguments that are a JSON object (the grammar makes them valid for the tool's schema),
+    and each (name, arguments) once, as a repeat is no second request."""
+    whole, seen = [], []
+    for call in calls:
+        if not call.done:
+            continue
+        try:
+            arguments = json.loads(call.arguments)
+        except ValueError:
+            continue
+        if isinstance(arguments, dict) and (call.name, arguments) not in seen:
+            seen.append((call.name, arguments))
+            whole.append(call)
+    return whole
+
+
 class ReplyReader:
     """One choice's reply read as it streams: `feed` returns the chat-completion deltas for the text
-    added (content, then each call's header once and its arguments in fragments); `reply` is the
-    finished reply, its calls with the ids the stream sent."""
+    added (content as it comes; each call once it is whole, in one delta with its id, name and
+    arguments); `reply` is the finished reply, its calls those the stream sent, with the same ids.
+
+    A call is held until it is whole so that a stream never sends arguments that a cut then leaves
+    unparsable (clients parse what they were sent: LangChain reads a cut call as `args: {}`), nor a
+    repeat that the finished reply drops; OpenAI's clients reassemble a call sent in one delta."""
 
     def __init__(self, form: str) -> None:
         self.scanner = Scanner(form)
         self.text = ""
         self.ids: list[str] = []
         self.content_sent = 0
-        self.arguments_sent: list[int] = []
+        self.calls_sent = 0
 
     def feed(self, piece: str, finished: bool = False) -> list[dict[str, Any]]:
         self.text += piece
@@ -363,15 +384,10 @@ class ReplyReader:
         if len(content) > self.content_sent:
             deltas.append({"content": content[self.content_sent:]})
             self.content_sent = len(content)
-        for index, call in enumerate(reply.calls):
-            if index == len(self.arguments_sent):
-                self.arguments_sent.append(0)
-                deltas.append({"tool_calls": [{"index": index, "id": call.id, "type": "function",
-                                               "function": {"name": call.name, "arguments": ""}}]})
-            if len(call.arguments) > self.arguments_sent[index]:
-                fragment = call.arguments[self.arguments_sent[index]:]
-                deltas.append({"tool_calls": [{"index": index, "function": {"arguments": fragment}}]})
-                self.arguments_sent[index] = len(call.arguments)
+        for index, call in enumerate(reply.calls[self.calls_sent:], start=self.calls_sent):
+            deltas.append({"tool_calls": [{"index": index, "id": call.id, "type": "function",
+                                           "function": {"name": call.name, "arguments": call.arguments}}]})
+        self.calls_sent = len(reply.calls)
         return deltas
 
     def read(self, finished: bool) -> Reply:
@@ -380,6 +396,7 @@ class ReplyReader:
             self.ids.append(new_call_id())
         for call, ident in zip(reply.calls, self.ids):
             call.id = ident
+        reply.calls = whole_calls(reply.calls)
         return reply
 
     def reply(self) -> Reply:

@@ -276,3 +276,50 @@ def test_free_strings_get_a_default_length_that_a_schema_lifts(tiny, monkeypatch
     monkeypatch.setattr(constraints, "DEFAULT_STRING_LENGTH", 5)
     [record] = generate(tiny, "This License", "--no-chat", "--schema", '{"type": "string"}', "-n", "60")
     assert record["finish_reason"] == "eos" and len(json.loads(record["text"])) <= 5, record
+
+
+@pytest.mark.parametrize("regex, ascii_regex", [
+    (r"\d{4}", "[0-9]{4}"), (r"[\d.]+", "[0-9.]+"), (r"[^\d]", "[^0-9]"), (r"\D", "[^0-9]"),
+    (r"[\D]x", "[[^0-9]]x"), (r"\w+\s", r"[0-9A-Za-z_]+[\t\n\x0B\f\r ]"), (r"\\d", r"\\d"), (r"[]\d]", "[]0-9]"),
+    (r"\p{Nd}", r"\p{Nd}"), (r"[[:alpha:]\d]", "[[:alpha:]0-9]"),
+])
+def test_regex_classes_are_rewritten_as_ascii(regex, ascii_regex):
+    from llmcli.constraints import ascii_classes
+
+    assert ascii_classes(regex) == ascii_regex
+
+
+def test_digits_words_and_spaces_are_ascii_in_regexes_and_schema_patterns():
+    """The regex library under llguidance reads \\d as any Unicode digit: `--regex '\\d{4}'` made the
+    embedded model write U+1FBF8 (a segmented 8) to the token limit. \\d, \\w and \\s are now ASCII, in
+    a regex and in a schema's pattern (checked on the embedded model's vocabulary); \\p{Nd} still
+    names every digit; and the embedded model writes a year."""
+    pytest.importorskip("llama_cpp")
+    from llguidance import LLMatcher
+
+    from llmcli.constraints import Constraint, compile_grammar
+    from llmcli.engines import choose_engine
+
+    engine = choose_engine(None, "llama.cpp", fast=True)
+    vocabulary = engine.guidance_tokenizer()
+
+    def allows(rule: Constraint, text: str) -> bool:
+        matcher = LLMatcher(vocabulary, compile_grammar(rule, vocabulary), log_level=0)
+        return all(matcher.consume_token(token) for token in engine.encode(text, add_special=False)) \
+            and matcher.is_accepting()
+
+    def pattern(regex: str) -> Constraint:
+        return Constraint("schema", json.dumps({"type": "string", "pattern": f"^{regex}$"}))
+
+    for make, quote in ((lambda regex: Constraint("regex", regex), str),
+                        (pattern, lambda text: json.dumps(text, ensure_ascii=False))):
+        assert allows(make(r"\d{4}"), quote("2024")) and not allows(make(r"\d{4}"), quote("\U0001FBF8" * 4))
+        assert not allows(make(r"\w+"), quote("café")) and allows(make(r"\W"), quote("é"))
+        assert not allows(make(r"a\sb"), quote("a\u00a0b")) and allows(make(r"[\s\d]+"), quote(" 1"))
+        assert allows(make(r"\p{Nd}"), quote("\U0001FBF8"))
+    shown = " ".join(run_cli("generate", "--help").stdout.replace("│", " ").split())  # the help says so
+    assert r"\d, \w and \s are ASCII" in shown and "a pattern, \\d, \\w and \\s are ASCII" in shown
+    result = run_cli("generate", "What year is it?", "--regex", r"\d{4}", "-n", "10", "--json")
+    assert result.exit_code == 0, result.stderr
+    [record] = result.json_lines()
+    assert re.fullmatch("[0-9]{4}", record["text"]) and record["finish_reason"] == "eos", record

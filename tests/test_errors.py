@@ -129,7 +129,7 @@ MATRIX = [
     ("generate -f {ws}/utf16.txt", "utf16.txt is UTF-16 text, not UTF-8"),
     ("generate -f {ws}/data.bin", "binary file"),
     ("generate -f {ws}/latin1.txt", "not valid UTF-8"),
-    ("generate -f {ws}/broken.jsonl", "broken.jsonl line 2: invalid JSON"),
+    ("generate -f {ws}/broken.jsonl", "broken.jsonl line 2: invalid JSON (Unterminated string starting at column 12)"),
     ("generate -f {ws}/list.jsonl", "list.jsonl line 2: expected a JSON object"),
     ("generate -f {ws}/nofield.jsonl", "nofield.jsonl line 3: expected a non-empty string 'prompt'"),
     ("generate -f {ws}/prompt5.jsonl", "prompt5.jsonl line 1: expected a non-empty string 'prompt'"),

@@ -140,3 +140,36 @@ def test_a_schema_that_cannot_be_compiled_is_a_400_by_name(tiny_gguf, response_f
         assert body["error"]["param"] == "response_format", body
         status, _, body = server.post("/v1/completions", {"prompt": "hi", "max_tokens": 3})
         assert status == 200, body
+
+
+PLACE = {"type": "object", "properties": {"location": {"type": "object", "properties": {
+    "lat": {"type": "number"}, "lon": {"type": "number"}}, "required": ["lat", "lon"]}},
+    "required": ["location"], "additionalProperties": False}  # the nested object says nothing of other keys
+
+
+def test_strict_closes_every_object_of_the_schema():
+    """OpenAI's strict mode: no object has keys beyond its properties. The embedded model added
+    address, description, zoom... to the nested object when strict was ignored; with strict: true on
+    chat and on Responses it writes lat and lon alone. Without strict the schema is held as given (the
+    request for tools and an answer in the schema likewise)."""
+    pytest.importorskip("llama_cpp")
+    from llmcli.serve.schemas import ChatRequest
+
+    with serving() as server:
+        client = server.client()
+        for prompt in ("Give the location of Paris as JSON.", "Show a map of Paris."):
+            answer = client.chat.completions.create(
+                model="smollm2", messages=[{"role": "user", "content": prompt}], temperature=0, max_tokens=100,
+                response_format=json_schema_format(PLACE)).choices[0]
+            assert answer.finish_reason == "stop" and set(json.loads(answer.message.content)["location"]) == \
+                {"lat", "lon"}, answer.message.content
+        response = client.responses.create(
+            model="smollm2", input="Give the location of Paris as JSON.", temperature=0, max_output_tokens=100,
+            text={"format": {"type": "json_schema", "name": "place", "schema": PLACE, "strict": True}})
+        assert set(json.loads(response.output_text)["location"]) == {"lat", "lon"}, response.output_text
+    request = {"messages": [{"role": "user", "content": "hi"}], "response_format": json_schema_format(PLACE),
+               "tools": [{"type": "function", "function": {"name": "f"}}]}
+    closed = ChatRequest.model_validate(request).tool_use().answer_schema
+    assert closed["properties"]["location"]["additionalProperties"] is False
+    request["response_format"]["json_schema"]["strict"] = False
+    assert ChatRequest.model_validate(request).tool_use().answer_schema == PLACE

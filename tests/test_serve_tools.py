@@ -262,6 +262,82 @@ def test_bad_tool_requests_are_answered_by_name_and_the_server_keeps_serving(tin
         assert code == 200
 
 
+def sse_data(server, path: str, body: dict) -> list[dict]:
+    """A streamed request's events as the server wrote them (each `data:` line parsed; [DONE] left out)."""
+    import urllib.request
+
+    request = urllib.request.Request(server.url + path, data=json.dumps({**body, "stream": True}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as response:
+        lines = response.read().decode().splitlines()
+    return [json.loads(line[6:]) for line in lines if line.startswith("data: ") and line != "data: [DONE]"]
+
+
+def streamed_calls(chunks: list[dict]) -> list[tuple[str, str]]:
+    """(name, arguments) of each call in a chat stream, its deltas joined by index."""
+    calls: dict[int, list[str]] = {}
+    for chunk in chunks:
+        for choice in chunk["choices"]:
+            for delta in choice["delta"].get("tool_calls") or []:
+                call = calls.setdefault(delta["index"], ["", ""])
+                call[0] += delta["function"].get("name") or ""
+                call[1] += delta["function"].get("arguments") or ""
+    return [tuple(calls[index]) for index in sorted(calls)]
+
+
+OSLO = "What is the weather in Oslo, and what time is it in UTC?"
+# free strings: with these the embedded model writes two calls, then repeats them (with TOOLS, one)
+OPEN_TOOLS = [{"type": "function", "function": {
+    "name": name, "description": description,
+    "parameters": {"type": "object", "properties": {field: {"type": "string"}}, "required": [field]}}}
+    for name, description, field in (("get_weather", "The weather in a city now.", "city"),
+                                      ("get_time", "The time in a time zone.", "zone"))]
+
+
+def test_the_embedded_model_s_calls_are_whole_and_each_once_when_cut_or_repeating():
+    """Greedy on the embedded model with room for several calls, the model writes its two calls again
+    and again (up to the grammar's 8 before): the reply ends at the first repeat, with the two calls and
+    finish_reason tool_calls. Cut by max_tokens inside a call, chat (plain and streamed) and Responses
+    (plain and streamed) carry only the whole calls before it, say length (Responses: incomplete, its
+    calls completed, the stream ending with response.incomplete) and stream nothing of the cut call.
+    A streamed reply with tools starts with content null, as the finished message has it."""
+    pytest.importorskip("llama_cpp")
+    fields = dict(model="smollm2", messages=[{"role": "user", "content": OSLO}], tools=OPEN_TOOLS,
+                  tool_choice="required", temperature=0)
+    flat_tools = [{"type": "function", **tool["function"]} for tool in OPEN_TOOLS]
+    asked = dict(model="smollm2", input=OSLO, tools=flat_tools, tool_choice="required", temperature=0)
+    with serving() as server:
+        client = server.client()
+        whole = client.chat.completions.create(max_tokens=400, **fields)
+        choice = whole.choices[0]
+        calls = [(call.function.name, call.function.arguments) for call in choice.message.tool_calls]
+        assert choice.finish_reason == "tool_calls" and len(set(calls)) == len(calls) == 2, calls
+        chunks = sse_data(server, "/v1/chat/completions", {**fields, "max_tokens": 400})
+        assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": None}
+        assert streamed_calls(chunks) == calls and choice.message.content is None
+        # inside the repeat, which was to be dropped; inside the second call
+        for max_tokens in (whole.usage.completion_tokens - 3, whole.usage.completion_tokens // 2):
+            cut = client.chat.completions.create(max_tokens=max_tokens, **fields).choices[0]
+            kept = [(call.function.name, call.function.arguments) for call in cut.message.tool_calls or []]
+            assert cut.finish_reason == "length" and kept == calls[:len(kept)], (max_tokens, kept)
+            assert len(kept) == (2 if max_tokens > whole.usage.completion_tokens // 2 else 1)
+            chunks = sse_data(server, "/v1/chat/completions", {**fields, "max_tokens": max_tokens})
+            assert streamed_calls(chunks) == kept and chunks[-1]["choices"][0]["finish_reason"] == "length"
+        # Responses, cut inside the second call (the last max_tokens above)
+        response = client.responses.create(max_output_tokens=max_tokens, **asked)
+        assert response.status == "incomplete" and response.incomplete_details.reason == "max_output_tokens"
+        assert [(item.name, item.arguments, item.status) for item in response.output] == \
+            [(name, arguments, "completed") for name, arguments in kept]
+        events = sse_data(server, "/v1/responses", {**asked, "max_output_tokens": max_tokens})
+        assert events[-1]["type"] == "response.incomplete" and events[-1]["response"]["status"] == "incomplete"
+        assert [(event["item"]["name"], event["item"]["arguments"]) for event in events
+                if event["type"] == "response.output_item.done"] == kept
+        # the SDK's stream helper has a final response only after response.completed, as against OpenAI
+        with client.responses.stream(max_output_tokens=max_tokens, **asked) as stream:
+            with pytest.raises(RuntimeError, match="response.completed"):
+                stream.get_final_response()
+
+
 # ------------------------------------------------------------------ below the server
 
 def streamed(form: str, text: str) -> tuple[str, dict[int, list[str]], "object"]:
@@ -292,16 +368,51 @@ def streamed(form: str, text: str) -> tuple[str, dict[int, list[str]], "object"]
                '<tool_call>{"name":"get_time","arguments":{"zone":"CET"}}</tool_call>', "Let me look.\n",
      [("get_weather", '{"city":"Oslo"}'), ("get_time", '{"zone":"CET"}')]),
     ("marker", "a < b and <tool but no call", "a < b and <tool but no call", []),
+    # cut by max_tokens inside the second call: only the whole first one, streamed or not
+    ("generic", '{"tool_calls":[{"name":"get_weather","arguments":{"city":"Oslo"}},{"name":"get_weather",'
+                '"arguments":{"city":"Os', None, [("get_weather", '{"city":"Oslo"}')]),
+    ("generic", '{"tool_calls":[{"name":"get_weather","arguments":{"city":"Oslo"', None, []),
+    ("marker", '<tool_call>{"name":"get_time","arguments":{"zone":"UTC"}}</tool_call>\n<tool_call>{"name":"get_ti',
+     None, [("get_time", '{"zone":"UTC"}')]),
+    # a repeat (the same arguments in another key order too) is not a second call
+    ("generic", '{"tool_calls":[{"name":"get_time","arguments":{"zone":"UTC","exact":true}},{"name":"get_weather",'
+                '"arguments":{"city":"Oslo"}},{"name":"get_time","arguments":{"exact":true,"zone":"UTC"}}', None,
+     [("get_time", '{"zone":"UTC","exact":true}'), ("get_weather", '{"city":"Oslo"}')]),
 ])
 def test_a_reply_read_as_it_streams_adds_up_to_the_finished_reply(form, text, content, calls):
     """Deltas for each character (a marker's start held back, escapes decoded whole) add up to the
-    finished reply's content and calls; a call's header comes once, with its id."""
+    finished reply's content and calls; a call comes once it is whole, in one delta with its id, and
+    a call that was cut or repeats an earlier one is neither streamed nor in the reply."""
     streamed_content, streamed_calls, reply = streamed(form, text)
     assert reply.content == content
     assert [(call.name, call.arguments) for call in reply.calls] == calls
     assert streamed_content == (content or "")
     assert [tuple(streamed_calls[index]) for index in sorted(streamed_calls)] == calls
     assert all(call.id.startswith("call_") for call in reply.calls)
+
+
+def test_a_repeated_call_ends_the_reply_where_distinct_calls_go_on():
+    """On the embedded model's vocabulary, with room for several calls: after two distinct calls the
+    grammar still lets a third begin; once a call repeats an earlier one, EOS is the one token allowed
+    (on llama.cpp the matcher hands it back at once), in both formats."""
+    pytest.importorskip("llama_cpp")
+    from llmcli.engines import choose_engine
+    from llmcli.tools import Tool, ToolUse, constraint
+
+    engine = choose_engine(None, "llama.cpp", fast=True)
+    tools = (Tool("get_weather", "", WEATHER), Tool("get_time", "", CLOCK))
+    oslo, utc = '{"name":"get_weather","arguments":{"city":"Oslo"}}', '{"name":"get_time","arguments":{"zone":"UTC"}}'
+    texts = {"generic": ('{"tool_calls":[' + oslo + "," + utc, "," + oslo),
+             "marker": (f"<tool_call>{oslo}</tool_call>\n<tool_call>{utc}</tool_call>", f"\n<tool_call>{oslo}")}
+    for form, (distinct, repeat) in texts.items():
+        matcher = engine.constraints.matcher(constraint(ToolUse(tools, "required"), form))
+        ends = [matcher.accept(token, engine.eos_ids, engine.eos_id, 100)
+                for token in engine.encode(distinct, add_special=False)]
+        assert ends[-1] is None and matcher.allowed().sum() > 1  # another call may begin
+        ends = [matcher.accept(token, engine.eos_ids, engine.eos_id, 100)
+                for token in engine.encode(repeat, add_special=False)]
+        assert ends[-1] == engine.eos_id and ends[:-1] == [None] * (len(ends) - 1), form
+        assert matcher.allowed().nonzero()[0].tolist() == [engine.eos_id]
 
 
 def test_the_prompt_renders_tools_and_history_for_each_format():
@@ -378,7 +489,7 @@ def test_the_grammar_allows_exactly_the_calls_each_choice_allows():
 
 def test_responses_plain_streamed_with_a_tool_and_a_previous_response(tiny_gguf):
     """responses.create on the embedded model: plain; streamed (the whole event sequence, numbered
-    from 0, the SDK's helper ending at response.completed); a function tool; the call's result sent with
+    from 0, ending at response.incomplete when cut, the SDK's helper ending at response.completed); a function tool; the call's result sent with
     previous_response_id (the stored turn is read again, from the prefix cache); an unknown id is a 404."""
     pytest.importorskip("llama_cpp")
     tools = [{"type": "function", "name": "get_weather", "description": "The weather in a city now.",
@@ -387,7 +498,8 @@ def test_responses_plain_streamed_with_a_tool_and_a_previous_response(tiny_gguf)
         client = server.client()
         plain = client.responses.create(model="smollm2", input="Say hello.", max_output_tokens=12, temperature=0)
         assert plain.object == "response" and plain.output[0].type == "message" and plain.output_text
-        assert plain.status in ("completed", "incomplete") and plain.usage.output_tokens <= 12
+        # 12 tokens cut this reply: the response and its cut message are incomplete
+        assert plain.status == plain.output[0].status == "incomplete" and plain.usage.output_tokens == 12
         chat = client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "Say hello."}],
                                               max_tokens=12, temperature=0)
         assert plain.output_text == chat.choices[0].message.content  # the same path underneath
@@ -398,14 +510,16 @@ def test_responses_plain_streamed_with_a_tool_and_a_previous_response(tiny_gguf)
         assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added",
                              "response.content_part.added"]
         assert kinds[-4:] == ["response.output_text.done", "response.content_part.done",
-                              "response.output_item.done", "response.completed"]
+                              "response.output_item.done", "response.incomplete"]  # OpenAI's last event when cut
+        assert events[-1].response.status == events[-2].item.status == "incomplete"
         assert [event.sequence_number for event in events] == list(range(len(events)))
         deltas = [event for event in events if event.type == "response.output_text.delta"]
         assert "".join(event.delta for event in deltas) == plain.output_text
         assert all(event.output_index == 0 and event.content_index == 0 for event in deltas)
-        with client.responses.stream(model="smollm2", input="Say hello.", max_output_tokens=12,
-                                     temperature=0) as stream:
-            assert stream.get_final_response().output_text == plain.output_text
+        with client.responses.stream(model="smollm2", input="Say hello.", max_output_tokens=100,
+                                     temperature=0) as stream:  # room to finish: response.completed
+            final = stream.get_final_response()
+        assert final.status == "completed" and final.output_text.startswith(plain.output_text)
 
         called = client.responses.create(model="smollm2", input="What is the weather in Paris?", tools=tools,
                                          tool_choice="required", temperature=0)
@@ -465,7 +579,7 @@ def test_openai_agents_runs_an_agent_with_a_function_tool_to_its_final_output(ap
         model = (agents.OpenAIResponsesModel if api == "responses" else agents.OpenAIChatCompletionsModel)(
             "smollm2", client)
         agent = agents.Agent(name="weather", instructions="Use the weather tool.", tools=[get_weather], model=model,
-                             # one call a turn: greedy, this model repeats a call up to the grammar's 8
+                             # one call a turn, as llama-server's default has it
                              model_settings=agents.ModelSettings(temperature=0, max_tokens=64, tool_choice="required",
                                                                  parallel_tool_calls=False),
                              tool_use_behavior="stop_on_first_tool")

@@ -61,9 +61,12 @@ LogitBiasOption = Annotated[Optional[list[str]], typer.Option(metavar="ID=BIAS",
 # accelerate's big-model inference (hf engine): a model bigger than one device
 # structured output (llmcli.constraints): generate and chat
 SchemaOption = Annotated[Optional[str], typer.Option(help="Output valid for this JSON schema (a file or inline JSON; "
-                                                     "'json' for any JSON object).", show_default=False)]
-RegexOption = Annotated[Optional[str], typer.Option(help="Output matching this regular expression.",
-                                                    show_default=False)]
+                                                     "'json' for any JSON object). In a pattern, \\d, \\w and \\s "
+                                                     "are ASCII, as in --regex.", show_default=False)]
+RegexOption = Annotated[Optional[str], typer.Option(help="Output matching this regular expression (Rust syntax). "
+                                                    "\\d, \\w and \\s are ASCII, as with Python's re.ASCII: "
+                                                    "[0-9], [A-Za-z0-9_], [ \\t\\n\\r\\f\\v]; \\p{Nd} is any "
+                                                    "Unicode digit.", show_default=False)]
 GrammarOption = Annotated[Optional[str], typer.Option(help="Output in this Lark grammar (a file).", show_default=False)]
 ChoiceOption = Annotated[Optional[list[str]], typer.Option(help="Output exactly one of these (repeatable).",
                                                            show_default=False, metavar="TEXT")]

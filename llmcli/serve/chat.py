@@ -66,7 +66,12 @@ def reply_shape(use: tools.ToolUse | None, form: str) -> Any:
 
 class ToolChat:
     """A reply read for tool calls (`tools.ReplyReader`): streamed as content and tool-call deltas,
-    finished as a message with `tool_calls` and content null, finish_reason "tool_calls"."""
+    finished as a message with `tool_calls` and content null, finish_reason "tool_calls" (or "length"
+    where max_tokens cut the reply: a call it cut is not among the calls)."""
+
+    # a stream's first delta: content null, as OpenAI starts a reply that calls tools (and as the
+    # finished message has it)
+    opening = {"role": "assistant", "content": None}
 
     def __init__(self, form: str) -> None:
         self.form = form
@@ -108,8 +113,7 @@ def run_chat(engine: Engine, body: ChatRequest, prompt: Prompt, shape: Any, opti
 
     if emit:
         for index in range(body.n):
-            emit({"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                  "finish_reason": None})
+            emit({"index": index, "delta": dict(shape.opening), "logprobs": None, "finish_reason": None})
     # with logprobs a stream sends each token's with its delta, as OpenAI does: the text is streamed
     # once the choice is generated and scored
     live = emit is not None and not body.logprobs

@@ -68,7 +68,7 @@ def response_constraint(body: Any) -> Constraint | None:
         return None
     if chosen.type == "json_object":
         return Constraint("schema", ANY_JSON_OBJECT)
-    return Constraint("schema", json.dumps(chosen.json_schema.schema_))
+    return Constraint("schema", json.dumps(chosen.json_schema.enforced()))
 
 
 async def check_constraint(engine: Engine, options: GenerateOptions, param: str = "response_format") -> None:
@@ -121,6 +121,8 @@ def first_token_at(began: float, generated: list[Generation]) -> float | None:
 
 class PlainChat:
     """A chat reply as OpenAI's message: the text is the content."""
+
+    opening = {"role": "assistant", "content": ""}  # a stream's first delta
 
     def emitter(self, emit: Callable[[dict], None], place: int) -> Callable[[str], None]:
         return lambda piece: emit({"index": place, "delta": {"content": piece}, "logprobs": None,
@@ -212,8 +214,7 @@ def decode_together(scheduler: Scheduler, engine: Engine, prompts: list[Prompt],
                 seed = None if body.seed is None else (body.seed + index) % SEEDS
                 place = number * body.n + index
                 if emit and chat:
-                    emit({"index": place, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                          "finish_reason": None})
+                    emit({"index": place, "delta": dict(shape.opening), "logprobs": None, "finish_reason": None})
                 elif emit and body.echo:
                     emit({"index": place, "text": prompt.text, "logprobs": None, "finish_reason": None})
                 pieces = (shape.emitter(emit, place) if chat else piece_emitter(emit, place)) if emit else None

@@ -186,7 +186,7 @@ def chat_request(body: ResponsesRequest, conversation: list[dict[str, Any]]) -> 
     chosen = body.text.format if body.text else None
     if chosen is not None and chosen.type == "json_schema":
         fields["response_format"] = {"type": "json_schema", "json_schema": {
-            "name": chosen.name or "response", "schema": chosen.schema_ or {"type": "object"}}}
+            "name": chosen.name or "response", "schema": chosen.schema_ or {"type": "object"}, "strict": chosen.strict}}
     elif chosen is not None and chosen.type == "json_object":
         fields["response_format"] = {"type": "json_object"}
     try:
@@ -229,16 +229,19 @@ class Reply:
                 "truncation": "disabled", "usage": usage}
 
     def output(self, message: dict[str, Any], incomplete: bool) -> list[dict[str, Any]]:
-        status = "incomplete" if incomplete else "completed"
+        """The output items; in a response cut by max_output_tokens only the text that was cut is
+        incomplete: its calls are whole (the chat reply holds no call that was cut)."""
+        calls = message.get("tool_calls") or []
         items = []
         if message.get("content"):
-            items.append(self.message_item(message["content"], status))
-        for number, call in enumerate(message.get("tool_calls") or []):
+            items.append(self.message_item(message["content"], "incomplete" if incomplete and not calls
+                                           else "completed"))
+        for number, call in enumerate(calls):
             while len(self.call_ids) <= number:
                 self.call_ids.append(new_id("fc"))
             items.append({"type": "function_call", "id": self.call_ids[number], "call_id": call["id"],
                           "name": call["function"]["name"], "arguments": call["function"]["arguments"],
-                          "status": status})
+                          "status": "completed"})
         return items
 
     def message_item(self, text: str | None, status: str) -> dict[str, Any]:
@@ -289,9 +292,10 @@ class Reply:
             response = self.finish(result)
             for event in stream.close(response["output"]):
                 yield event
-            # response.completed even when the status is incomplete: the SDK's stream helper and
-            # openai-agents wait for that event alone ("Model did not produce a final response!")
-            yield self.event("response.completed", response=response)
+            # OpenAI's last event is named by the status: response.incomplete for a response cut
+            # by max_output_tokens, so that a client does not take it for a finished one (the
+            # SDK's stream helper then has no final response, as against OpenAI)
+            yield self.event(f"response.{response['status']}", response=response)
         finally:
             cancelled.set()
             tally.failed()

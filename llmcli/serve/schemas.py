@@ -11,6 +11,7 @@ from typing import Any, Literal, Optional, Union
 from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from llmcli.constraints import closed_objects
 from llmcli.tools import Tool, ToolUse
 
 MAX_CHOICES = 16  # n above this is refused: every choice is a full generation
@@ -36,7 +37,12 @@ class JsonSchemaFormat(BaseModel):
     name: str = Field(max_length=64, pattern=r"^[A-Za-z0-9_-]+$")  # OpenAI's rule for the name
     description: Optional[str] = None
     schema_: dict[str, Any] = Field(default_factory=lambda: {"type": "object"}, alias="schema")
-    strict: Optional[bool] = None  # the schema is always enforced here, strict or not
+    strict: Optional[bool] = None  # the schema is always enforced; strict also closes its objects
+
+    def enforced(self) -> dict[str, Any]:
+        """The schema the reply is held to: with strict, OpenAI's strict mode, where an object has no
+        keys but its properties (a small model otherwise adds keys until max_tokens)."""
+        return closed_objects(self.schema_) if self.strict else self.schema_
 
 
 class ResponseFormat(BaseModel):
@@ -192,7 +198,7 @@ class FunctionTool(BaseModel):
     name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for a function's name
     description: str = ""
     parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
-    strict: Optional[bool] = None  # the schema is always enforced here, strict or not
+    strict: Optional[bool] = None  # strict or not, the arguments are held to the schema with its objects closed
 
     @field_validator("parameters")
     @classmethod
@@ -248,6 +254,7 @@ class ChatRequest(Sampling):
         chosen = self.tool_choice or "auto"
         answer = None
         if self.response_format is not None and self.response_format.type != "text":
-            answer = self.response_format.json_schema.schema_ if self.response_format.json_schema else {"type": "object"}
+            chosen_format = self.response_format.json_schema
+            answer = chosen_format.enforced() if chosen_format else {"type": "object"}
         return ToolUse(tuple(Tool(t.function.name, t.function.description, t.function.parameters) for t in self.tools),
                        chosen if isinstance(chosen, str) else chosen.function.name, self.parallel_tool_calls, answer)
