@@ -77,6 +77,10 @@ class DraftModel:
         self.lib.llama_batch_free(self.batch)
         self.lib.llama_free(self.context)
 
+    def empty(self) -> None:
+        self.held.clear()
+        self.lib.llama_memory_clear(self.memory, False)
+
     def forget(self, seq_id: int) -> None:
         self.held.pop(seq_id, None)
         self.lib.llama_memory_seq_rm(self.memory, seq_id, -1, -1)
