@@ -689,6 +689,12 @@ MUTANTS = [
            "                    return tokens[after:after + limit]",
            "                    return tokens[max(0, after - limit):after]",
            "tests/test_speculative.py -k embedded_model"),
+    Mutant("a seeded request keeps the cache's layout", "llmcli/engines/llama_sequences.py",
+           "        if afresh and not self.live:\n            self.empty_cache()\n", "",
+           "tests/test_llama_batch.py -k afresh"),
+    Mutant("the server does not ask a seeded request for an emptied cache", "llmcli/serve/scheduler.py",
+           "draft_max=self.draft_max, afresh=seeded)", "draft_max=self.draft_max)",
+           "tests/test_serve_llama.py -k seeded_request_repeats"),
 
 ]
 
