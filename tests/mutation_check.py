@@ -695,6 +695,12 @@ MUTANTS = [
     Mutant("the server does not ask a seeded request for an emptied cache", "llmcli/serve/scheduler.py",
            "draft_max=self.draft_max, afresh=seeded)", "draft_max=self.draft_max)",
            "tests/test_serve_llama.py -k seeded_request_repeats"),
+    Mutant("auto trusts every n-gram match", "llmcli/engines/llama_speculation.py",
+           "return max(0.0, 1 - 1.35 / matched) if matched else DRAFT_MODEL_ACCEPTANCE", "return 0.9",
+           "tests/test_speculative.py -k never_drafts_what_cannot_pay"),
+    Mutant("n-gram drafts run past an end of generation", "llmcli/engines/llama_speculation.py",
+           "return draft[:next((i + 1 for i, token in enumerate(draft) if token in ends), len(draft))]",
+           "return draft", "tests/test_speculative.py -k never_drafts_what_cannot_pay"),
 
 ]
 

@@ -307,13 +307,15 @@ class SequenceSet:
             if limit <= 0:
                 continue
             if isinstance(speculation.drafter, NgramDrafter):
-                draft = speculation.drafter.propose(sequence.prompt + sequence.new, limit)
-                if draft and speculation.wants_draft(base, len(draft)):
-                    sequence.draft = draft
-                    base += len(draft)
-            elif speculation.wants_draft(base, limit):
-                wanted.append((sequence, limit))
-                base += limit
+                draft = speculation.drafter.propose(sequence.prompt + sequence.new, limit, self.engine.eos_ids)
+                size = speculation.draft_length(base, len(draft), speculation.drafter.matched) if draft else 0
+                sequence.draft = draft[:size]
+                base += size
+            else:
+                size = speculation.draft_length(base, limit)
+                if size:
+                    wanted.append((sequence, size))
+                    base += size
         if wanted:
             drafts = self.draft_model.propose([(s.seq_id, s.prompt + s.new, limit) for s, limit in wanted])
             for (sequence, _), draft in zip(wanted, drafts):
