@@ -137,3 +137,55 @@ def test_a_sample_whose_leader_is_cancelled_mid_prefill_goes_on_alone(tiny_gguf)
         assert follower.new == alone
     finally:
         sequences.close()
+
+
+def lone_decode_rows(engine, prompt: list[int], idle: list[list[int]], afresh: bool):
+    """The logits rows a lone greedy sequence samples from (16 tokens) in a server-sized set whose cache
+    first holds `idle` prompts as idle entries; and the idle entries left when it starts."""
+    import numpy as np
+
+    from llmcli.engines.llama_sequences import SequenceSet
+    from llmcli.tasks.generate import GenerateOptions
+
+    options = GenerateOptions(max_new_tokens=16, temperature=0.0)
+    sequences = SequenceSet(engine, 4096, 8, 512, keep_idle=8)
+    rows = []
+    sample = sequences.sample
+
+    def recording(sequence, eos):
+        rows.append(np.array(engine.logits_row(sequences.context, sequence.output)))
+        return sample(sequence, eos)
+
+    try:
+        for tokens in idle:
+            entry = sequences.add(tokens, engine.sampler(options, tokens), 1)
+            while not entry.done:
+                sequences.step(engine.eos_ids)
+        sequences.sample = recording
+        live = sequences.add(prompt, engine.sampler(options, prompt), 16, afresh=afresh)
+        idle_left = len(sequences.idle)
+        while not live.done:
+            sequences.step(engine.eos_ids)
+        return rows, idle_left
+    finally:
+        sequences.close()
+
+
+def test_a_lone_sequence_afresh_decodes_as_on_a_fresh_cache():
+    """The embedded model on 2 threads. Idle entries holding cells 0-219 put a chat's cells across cell
+    256, where llama.cpp 0.3.36's attention sums a one-token decode in one cell range per thread once 512
+    cells are in use: its logits differ from a fresh cache's (what made seeded server requests differ).
+    With `afresh` (what the server asks for a seeded request on an idle server) the cache is emptied
+    first, and every row it samples from is bit-identical to a fresh cache's."""
+    from llmcli.engines import choose_engine
+
+    engine = choose_engine(None, "llama.cpp", threads=2)
+    filler = engine.encode("the cat sat on the mat " * 40, add_special=False)
+    idle = [filler[:120], filler[60:160]]  # 220 cells: the second shares no cells with the first
+    prompt = engine.encode_chat([{"role": "user", "content": "Tell me a short tale about a fox and a crow."}])
+    fresh, _ = lone_decode_rows(engine, prompt, [], afresh=False)
+    across, _ = lone_decode_rows(engine, prompt, idle, afresh=False)
+    repeated, idle_left = lone_decode_rows(engine, prompt, idle, afresh=True)
+    assert any((a != b).any() for a, b in zip(fresh, across)), "the layout no longer changes the logits"
+    assert idle_left == 0 and len(repeated) == len(fresh) == 16
+    assert all((a == b).all() for a, b in zip(fresh, repeated))

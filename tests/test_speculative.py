@@ -122,7 +122,9 @@ def test_samples_follow_the_model_distribution_under_forced_drafts(tiny_gguf, mo
     likeliest = {token: distribution(prompt + [token])[0][0] for token in first}
 
     class Forced:  # the drafter: the likeliest token after the first one
-        def propose(self, tokens, limit):
+        matched = 0
+
+        def propose(self, tokens, limit, ends=()):
             return [likeliest[tokens[-1]]][:limit] if len(tokens) == len(prompt) + 1 else []
 
     monkeypatch.setattr(llama_sequences, "NgramDrafter", Forced)
@@ -210,29 +212,58 @@ def test_the_embedded_model_quoting_its_prompt_keeps_most_drafts_and_reports_the
 
 
 def test_auto_stops_drafting_where_it_does_not_pay_and_probes_again():
-    """A sequence whose drafts are rejected stops drafting, probes after 16 plain steps, then after 32;
-    one whose drafts are kept goes on."""
+    """A sequence whose drafts (after a long match) are rejected stops drafting, probes after 16 plain
+    steps, then after 32; one whose drafts are kept goes on."""
     from llmcli.engines.llama_speculation import PROBE_AFTER, Speculation, extra_cost
 
     assert 2 < extra_cost(1, 8) < 3 and extra_cost(8, 8) > extra_cost(1, 8)  # 8 drafts cost more in a batch
     losing = Speculation("auto", 8, drafter=None)
-    decisions = []
-    for _ in range(60):
-        drafts = losing.wants_draft(1, 8)
-        decisions.append(drafts)
-        if drafts:
-            losing.checked(8, 0)
-    first_rest = decisions.index(False)
-    assert first_rest <= 2 and decisions[first_rest + PROBE_AFTER] is True
-    assert decisions.count(True) == first_rest + 2  # two probes in 60 steps, the second after twice the rest
+    sizes = []
+    for _ in range(80):
+        size = losing.draft_length(1, 8, matched=8)
+        sizes.append(size)
+        if size:
+            losing.checked(size, 0)
+    first_rest = sizes.index(0)
+    assert 1 <= first_rest <= 3
+    probes = [i for i, size in enumerate(sizes) if size and i > first_rest]
+    assert probes == [first_rest + PROBE_AFTER, first_rest + 3 * PROBE_AFTER + 1]  # then twice the rest
     winning = Speculation("auto", 8, drafter=None)
     for _ in range(60):
-        assert winning.wants_draft(1, 8)
-        winning.checked(8, 6)
-    assert Speculation("on", 8, drafter=None).wants_draft(64, 8)  # "on" always drafts
+        size = winning.draft_length(1, 8, matched=8)
+        assert size >= 4
+        winning.checked(size, size)
+    assert Speculation("on", 8, drafter=None).draft_length(64, 8) == 8  # "on" always drafts
     # a draft model as big as the target costs a target decode per drafted token: auto does not draft
-    assert not Speculation("auto", 8, drafter=None, draft_cost=1.0).wants_draft(1, 8)
-    assert Speculation("auto", 8, drafter=None, draft_cost=0.05).wants_draft(1, 8)
+    assert Speculation("auto", 8, drafter=None, draft_cost=1.0).draft_length(1, 8) == 0
+    assert Speculation("auto", 8, drafter=None, draft_cost=0.05).draft_length(1, 8) > 0
+
+
+def test_auto_never_drafts_what_cannot_pay():
+    """The decision, not a timing. A 3-token match in a fresh sequence (a common phrase: "The capital of
+    France" against the prompt's "capital of France? Answer in one sentence.") is not drafted, while a
+    long match is; the same match with one token left to the answer's end is not; a draft stops at an
+    end of generation (nothing after it is ever kept). Then the demo: the embedded model answers in 8
+    tokens, drafting nothing in auto, where `on` drafts (and loses) a 7-token draft."""
+    from llmcli.engines.llama_speculation import NgramDrafter, Speculation
+
+    def fresh():
+        return Speculation("auto", 12, NgramDrafter())
+
+    assert fresh().draft_length(1, 12, matched=3) == 0
+    assert fresh().draft_length(1, 12, matched=8) > 0 and fresh().draft_length(1, 12, matched=32) > 0
+    assert fresh().draft_length(1, 1, matched=8) == 0
+    drafter = NgramDrafter()
+    assert drafter.propose([1, 2, 3, 4, 5, 99, 7, 8, 1, 2, 3], 12, ends={99}) == [4, 5, 99]
+    assert drafter.matched == 3
+    drafter = NgramDrafter()
+    assert drafter.propose([9, 6, 1, 2, 3, 4, 5, 0, 9, 6, 1, 2, 3], 12) == [4, 5, 0, 9, 6, 1, 2, 3]
+    assert drafter.matched == 5  # the 4-gram's match reaches back over the 9 before it
+    question = "What is the capital of France? Answer in one sentence."
+    [auto] = cli_json(question, "-n", "48")
+    [always] = cli_json(question, "-n", "48", "--speculative", "on")
+    assert auto["token_ids"] == always["token_ids"] and len(auto["token_ids"]) < 16
+    assert always["drafted"] > 0 and always["accepted"] == 0 and auto["drafted"] == 0
 
 
 def test_chat_turns_speculate_and_reuse_the_conversation(tiny_gguf_2k, monkeypatch):

@@ -14,6 +14,12 @@ and vLLM's engine step do. The step API (`add`, `step`, `cancel`) is what `gener
   entry, or a live sequence's decoded part) gets those cells by llama_memory_seq_cp and decodes only
   the rest, as llama-server's prompt cache does: a chat client resending its conversation, a shared
   system prompt.
+- Where a sequence's cells lie changes its logits in the last bits: llama.cpp's CPU flash attention
+  (0.3.36) sums a one-token decode over the cells in one range per thread once the cache's used span
+  (n_kv) reaches 512 cells, a prompt of 64 tokens or more in tiles of 64 cells, and otherwise in cell
+  order (so cells out of position order, filling holes, sum differently). A sequence that must repeat
+  (`afresh`: a seeded sample) and starts with nothing else live gets an emptied cache first, so its
+  cells lie as on a fresh context: from cell 0, in order.
 
 - Speculation (llama_speculation): a decoding sequence may carry drafted tokens after its last sample;
   the step decodes them with logits at each, samples them in order with the sequence's own chain,
@@ -112,11 +118,15 @@ class SequenceSet:
 
     def add(self, prompt: list[int], chain: Any, max_new_tokens: int, share_prefill_of: Live | None = None,
             reuse_prefix: bool = False, matcher: Any = None, speculative: str = "off",
-            draft_max: int = 0) -> Live:
+            draft_max: int = 0, afresh: bool = False) -> Live:
         """A new sequence. With `share_prefill_of` (still prefilling), another sample of that sequence's
         prompt, sharing its prefill; with `reuse_prefix`, the longest prefix of the prompt any
         sequence's cells hold is copied, not decoded. `speculative` "auto" or "on" drafts up to
-        `draft_max` tokens a step: with the engine's draft model if it has one, else n-gram lookup."""
+        `draft_max` tokens a step: with the engine's draft model if it has one, else n-gram lookup.
+        With `afresh` and no sequence live, the cache is emptied first (its idle entries dropped), so
+        that the sequence decodes as on a fresh context."""
+        if afresh and not self.live:
+            self.empty_cache()
         if share_prefill_of is not None and (share_prefill_of.new or share_prefill_of.done):
             share_prefill_of, reuse_prefix = None, True  # its prompt is decoded already: copy its cells
         source, shared = self.longest_prefix(prompt) if reuse_prefix else (None, 0)
@@ -153,6 +163,15 @@ class SequenceSet:
             if shared > size:
                 best, size = seq_id, shared
         return best, size
+
+    def empty_cache(self) -> None:
+        """With nothing live: every idle entry dropped, and the cache's cells and search head reset
+        (llama_memory_clear; seq_rm leaves the head where the last free cell was), as in a new context."""
+        self.idle.clear()
+        self.lib.llama_memory_clear(self.memory, False)
+        self.free_ids = list(range(self.n_seq))
+        if self.draft_model is not None:  # its greedy drafts set the verify steps' shapes
+            self.draft_model.empty()
 
     def evict_idle(self, keep: int | None = None) -> bool:
         """Frees the least recently used idle entry (not `keep`); False when there is none."""
@@ -288,13 +307,15 @@ class SequenceSet:
             if limit <= 0:
                 continue
             if isinstance(speculation.drafter, NgramDrafter):
-                draft = speculation.drafter.propose(sequence.prompt + sequence.new, limit)
-                if draft and speculation.wants_draft(base, len(draft)):
-                    sequence.draft = draft
-                    base += len(draft)
-            elif speculation.wants_draft(base, limit):
-                wanted.append((sequence, limit))
-                base += limit
+                draft = speculation.drafter.propose(sequence.prompt + sequence.new, limit, self.engine.eos_ids)
+                size = speculation.draft_length(base, len(draft), speculation.drafter.matched) if draft else 0
+                sequence.draft = draft[:size]
+                base += size
+            else:
+                size = speculation.draft_length(base, limit)
+                if size:
+                    wanted.append((sequence, size))
+                    base += size
         if wanted:
             drafts = self.draft_model.propose([(s.seq_id, s.prompt + s.new, limit) for s, limit in wanted])
             for (sequence, _), draft in zip(wanted, drafts):

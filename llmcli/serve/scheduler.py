@@ -209,14 +209,15 @@ class Scheduler:
             leader = next((live for live, running in self.running.items()
                            if running.job is job and running.number == number - 1), None)
         chain = self.engine.sampler(choice.options, choice.ids, seed=choice.seed)
-        # A seeded sample repeats only from the same logits, and cells reused from another prompt were
-        # computed in another batch shape, which moves logits in their last bits (enough to change a draw
-        # after ~10 tokens, measured): a seeded request decodes its whole prompt afresh. Greedy reuses.
+        # A seeded sample repeats only from the same logits. Cells reused from another prompt were computed
+        # in another batch shape, and where the cells lie in the cache changes how attention sums them
+        # (SequenceSet), either enough to move a draw: a seeded request decodes its whole prompt, and one
+        # that starts on an idle server starts from an emptied cache. Greedy reuses.
         seeded = choice.seed is not None and choice.options.temperature > 0
         live = self.sequences.add(choice.ids, chain, choice.options.max_new_tokens, share_prefill_of=leader,
                                   reuse_prefix=self.prefix_cache and not seeded,
                                   matcher=self.engine.matcher(choice.options), speculative=self.speculative,
-                                  draft_max=self.draft_max)
+                                  draft_max=self.draft_max, afresh=seeded)
         if choice.index == 0:  # the prompt's first sample: later ones reuse what it decoded
             job.cached_tokens += live.reused
         streamer = TokenStreamer(self.engine.decode, choice.on_text, choice.options.stop, self.engine.eos_ids)
