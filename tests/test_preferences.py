@@ -1,0 +1,148 @@
+"""`llmcli finetune --objective dpo | kto | orpo`: equal to TRL's trainers, bad input, resume.
+
+The equality tests train the tiny Llama with llmcli and with TRL 1.16 in the same test, on the same
+records in the same order (TRL reads them sequentially in llmcli's shuffled order), with the same
+hyperparameters on the CPU in float32, and compare every step's loss and metrics and the final weights.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli
+from test_errors import assert_clean_error
+
+STEPS, BATCH, LR, SEED = 3, 2, 1e-3, 42
+RTOL = 1e-5
+
+PAIRS = [
+    ("The license is", " free software for all", " a secret contract"),
+    ("You may copy", " and share the program", " nothing at all"),
+    ("Source code is", " the preferred form for making changes", " hidden"),
+    ("Warranty:", " there is no warranty", " full warranty forever"),
+    ("Patents may", " not restrict your freedom", " be used against users"),
+    ("Distribute copies", " with the license text", " without notice"),
+]
+
+
+def string_pairs() -> list[dict]:
+    return [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in PAIRS]
+
+
+def chat_pairs() -> list[dict]:
+    return [{"prompt": [{"role": "user", "content": p}], "chosen": [{"role": "assistant", "content": c.strip()}],
+             "rejected": [{"role": "assistant", "content": r.strip()}]} for p, c, r in PAIRS]
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def llmcli_order(size: int) -> list[int]:
+    """The record order of llmcli's first epoch (one process)."""
+    from llmcli.tasks.finetune_loop import epoch_batches
+
+    return [i for batch in epoch_batches(size, 0, SEED, BATCH, 1, 0) for i in batch]
+
+
+def run_llmcli(model_dir: Path, data: Path, output: Path, *options: str) -> tuple[list[dict], dict]:
+    result = run_cli("finetune", "-d", str(data), "-m", str(model_dir), "-o", str(output), "--max-steps", str(STEPS),
+                     "--batch-size", str(BATCH), "--lr", str(LR), "--seed", str(SEED), "--log-every", "1", *options)
+    assert result.exit_code == 0, result.stderr
+    from safetensors.torch import load_file
+
+    records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    return records, load_file(str(output / "model.safetensors"))
+
+
+def run_trl(trainer_name: str, model_dir: Path, records: list[dict], output: Path, **config) -> tuple[list[dict], dict]:
+    """TRL's trainer on the records in llmcli's order, read sequentially, with llmcli's hyperparameters."""
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import trl
+    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+    trainer_class, config_class = {"dpo": (trl.DPOTrainer, trl.DPOConfig), "kto": (trl.KTOTrainer, trl.KTOConfig),
+                                   "orpo": (ORPOTrainer, ORPOConfig)}[trainer_name]
+    ordered = [records[i] for i in llmcli_order(len(records))]
+    args = config_class(
+        output_dir=str(output), max_steps=STEPS, per_device_train_batch_size=BATCH, learning_rate=LR, seed=SEED,
+        lr_scheduler_type="linear", warmup_steps=0, max_grad_norm=1.0, weight_decay=0.0, logging_steps=1,
+        save_strategy="no", report_to="none", use_cpu=True, train_sampling_strategy="sequential",
+        max_length=256, disable_tqdm=True, bf16=False, **config)  # TRL defaults to bf16; the comparison is float32
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="float32")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    trainer = trainer_class(model=model, args=args, train_dataset=datasets.Dataset.from_list(ordered),
+                            processing_class=tokenizer)
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    return logs, {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+
+
+def relative_error(ours: float, theirs: float) -> float:
+    return abs(ours - theirs) / max(abs(theirs), 1e-12)
+
+
+def compare(ours: list[dict], theirs: list[dict], keys: tuple[str, ...], our_weights: dict, their_weights: dict,
+            beta: float) -> None:
+    """Every step's `keys` within RTOL relative, and the final weights within RTOL (atol 1e-7).
+
+    A reward is beta * (log p - log p_ref) of sequences whose log-probabilities are around -50 to -100:
+    the difference of two nearly equal float32 sums. After the first update the two trainers' weights
+    differ in the last bits (TRL's chunked log-softmax has its own backward), so a reward can differ by
+    an ulp of those sums. Rewards and margins are therefore held to RTOL relative to the sums they are
+    made of (beta * |logps|), the loss and the log-probabilities to RTOL relative to themselves."""
+    import torch
+
+    assert [r["step"] for r in ours] == list(range(1, STEPS + 1)) and len(theirs) == STEPS
+    worst: dict[str, float] = {}
+    for step, (mine, reference) in enumerate(zip(ours, theirs), start=1):
+        scale = beta * max(abs(reference.get(k, 0.0)) for k in ("logps/chosen", "logps/rejected"))
+        for key in keys:
+            if key.startswith("rewards/") and key != "rewards/accuracies":
+                error = abs(mine[key] - reference[key]) / scale
+            else:
+                error = relative_error(mine[key], reference[key]) if reference[key] else abs(mine[key])
+            assert error <= RTOL, (step, key, mine[key], reference[key], error)
+            worst[key] = max(worst.get(key, 0.0), error)
+    assert our_weights.keys() <= their_weights.keys()
+    # Adam turns a gradient at rounding level into a step of about lr for that weight, so weights are held
+    # to 1e-5 absolute (they are about 0.02 in size, the steps about 1e-3), not relative per element
+    weight_error = 0.0
+    for name, tensor in our_weights.items():
+        torch.testing.assert_close(tensor, their_weights[name], rtol=RTOL, atol=RTOL, msg=name)
+        weight_error = max(weight_error, (tensor - their_weights[name]).abs().max().item())
+    print("\nlargest differences from TRL:", {k: f"{v:.1e}" for k, v in worst.items()},
+          f"weights (absolute) {weight_error:.1e}")
+
+
+DPO_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+            "logps/chosen", "logps/rejected")
+
+
+@pytest.mark.parametrize("loss_type, label_smoothing", [("sigmoid", 0.0), ("ipo", 0.0), ("hinge", 0.0),
+                                                         ("robust", 0.1)])
+def test_dpo_equals_trl(loss_type, label_smoothing, tiny_llama, tmp_path):
+    records = string_pairs()
+    ours, our_weights = run_llmcli(tiny_llama, write_jsonl(tmp_path / "pairs.jsonl", records), tmp_path / "ours",
+                                   "--objective", "dpo", "--beta", "0.1", "--loss-type", loss_type,
+                                   "--label-smoothing", str(label_smoothing))
+    theirs, their_weights = run_trl("dpo", tiny_llama, records, tmp_path / "trl", beta=0.1, loss_type=[loss_type],
+                                    label_smoothing=label_smoothing)
+    compare(ours, theirs, DPO_KEYS, our_weights, their_weights, 0.1)
+    assert ours[-1]["rewards/margins"] != 0.0  # it learned something, so the comparison means something
+
+
+def test_dpo_on_chat_messages_equals_trl(tiny_llama, tmp_path):
+    records = chat_pairs()
+    ours, our_weights = run_llmcli(tiny_llama, write_jsonl(tmp_path / "chat.jsonl", records), tmp_path / "ours")
+    theirs, their_weights = run_trl("dpo", tiny_llama, records, tmp_path / "trl", beta=0.1)
+    compare(ours, theirs, DPO_KEYS, our_weights, their_weights, 0.1)
+    run = json.loads((tmp_path / "ours" / "run.json").read_text())
+    assert run["resolved"]["objective"] == "dpo" and run["resolved"]["data_format"] == "preference"
+    assert run["resolved"]["reference"] == "a frozen copy of the starting model"
