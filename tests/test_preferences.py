@@ -56,7 +56,9 @@ def run_llmcli(model_dir: Path, data: Path, output: Path, *options: str) -> tupl
     from safetensors.torch import load_file
 
     records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
-    return records, load_file(str(output / "model.safetensors"))
+    trained, start = load_file(str(output / "model.safetensors")), load_file(str(model_dir / "model.safetensors"))
+    assert any((trained[name] != start[name]).any() for name in start)  # training moved the weights
+    return records, trained
 
 
 def run_trl(trainer_name: str, model_dir: Path, records: list[dict], output: Path, **config) -> tuple[list[dict], dict]:
@@ -77,6 +79,7 @@ def run_trl(trainer_name: str, model_dir: Path, records: list[dict], output: Pat
         max_length=256, disable_tqdm=True, bf16=False, **config)  # TRL defaults to bf16; the comparison is float32
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="float32")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.pad_token = tokenizer.eos_token  # ORPO's collator wants one; padding is masked out either way
     trainer = trainer_class(model=model, args=args, train_dataset=datasets.Dataset.from_list(ordered),
                             processing_class=tokenizer)
     trainer.train()
@@ -96,7 +99,8 @@ def compare(ours: list[dict], theirs: list[dict], keys: tuple[str, ...], our_wei
     the difference of two nearly equal float32 sums. After the first update the two trainers' weights
     differ in the last bits (TRL's chunked log-softmax has its own backward), so a reward can differ by
     an ulp of those sums. Rewards and margins are therefore held to RTOL relative to the sums they are
-    made of (beta * |logps|), the loss and the log-probabilities to RTOL relative to themselves."""
+    made of (beta * |logps|; KTO's kl to |logps|), the loss and the log-probabilities to RTOL relative
+    to themselves."""
     import torch
 
     assert [r["step"] for r in ours] == list(range(1, STEPS + 1)) and len(theirs) == STEPS
@@ -104,8 +108,13 @@ def compare(ours: list[dict], theirs: list[dict], keys: tuple[str, ...], our_wei
     for step, (mine, reference) in enumerate(zip(ours, theirs), start=1):
         scale = beta * max(abs(reference.get(k, 0.0)) for k in ("logps/chosen", "logps/rejected"))
         for key in keys:
+            if key not in reference:  # KTO: a batch without a desirable (or undesirable) completion
+                assert key not in mine, (step, key)
+                continue
             if key.startswith("rewards/") and key != "rewards/accuracies":
                 error = abs(mine[key] - reference[key]) / scale
+            elif key == "kl":  # KTO's KL estimate: also a difference of sums of log-probabilities
+                error = abs(mine[key] - reference[key]) / (scale / beta)
             else:
                 error = relative_error(mine[key], reference[key]) if reference[key] else abs(mine[key])
             assert error <= RTOL, (step, key, mine[key], reference[key], error)
@@ -146,3 +155,36 @@ def test_dpo_on_chat_messages_equals_trl(tiny_llama, tmp_path):
     run = json.loads((tmp_path / "ours" / "run.json").read_text())
     assert run["resolved"]["objective"] == "dpo" and run["resolved"]["data_format"] == "preference"
     assert run["resolved"]["reference"] == "a frozen copy of the starting model"
+
+
+KTO_KEYS = ("loss", "kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected")
+
+
+def labelled_completions() -> list[dict]:
+    return [{"prompt": p, "completion": answer, "label": good}
+            for p, c, r in PAIRS for answer, good in ((c, True), (r, False))][:8]
+
+
+def test_kto_equals_trl(tiny_llama, tmp_path):
+    records = labelled_completions()
+    records[0]["label"] = records[1]["label"] = False  # unbalanced, so a batch may lack desirable answers
+    ours, our_weights = run_llmcli(tiny_llama, write_jsonl(tmp_path / "kto.jsonl", records), tmp_path / "ours",
+                                   "--objective", "kto", "--desirable-weight", "1.3", "--undesirable-weight", "0.8")
+    theirs, their_weights = run_trl("kto", tiny_llama, records, tmp_path / "trl", beta=0.1, desirable_weight=1.3,
+                                    undesirable_weight=0.8)
+    compare(ours, theirs, KTO_KEYS, our_weights, their_weights, 0.1)
+    assert any(r["kl"] > 0 for r in ours[1:])  # the KL estimate is in play after the first step
+
+
+ORPO_KEYS = DPO_KEYS + ("nll_loss", "log_odds_ratio", "log_odds_chosen")
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_orpo_equals_trl(chat, tiny_llama, tmp_path):
+    records = chat_pairs() if chat else string_pairs()
+    ours, our_weights = run_llmcli(tiny_llama, write_jsonl(tmp_path / "pairs.jsonl", records), tmp_path / "ours",
+                                   "--objective", "orpo", "--beta", "0.2")
+    theirs, their_weights = run_trl("orpo", tiny_llama, records, tmp_path / "trl", beta=0.2)
+    compare(ours, theirs, ORPO_KEYS, our_weights, their_weights, 0.2)
+    run = json.loads((tmp_path / "ours" / "run.json").read_text())
+    assert run["resolved"]["reference"] == "none"

@@ -228,6 +228,161 @@ def dpo(tokenizer: Any, max_length: int, settings: PreferenceSettings) -> Object
     return objective
 
 
+# ---------------------------------------------------------------- KTO
+
+def kto(tokenizer: Any, max_length: int, settings: PreferenceSettings) -> Objective:
+    """Kahneman-Tversky optimisation over single completions labelled desirable or not, as TRL 1.16.
+    The KL term is estimated on mismatched pairs: each prompt with the batch's previous completion
+    (rotated by one within the batch, the set TRL's comment asks for), under the policy without grad."""
+    import torch
+
+    pad = pad_id(tokenizer)
+
+    def prepare(dataset: Any, where: str) -> Any:
+        check_chat_template(tokenizer, dataset)
+
+        def tokenize(row: dict[str, Any]) -> dict[str, Any]:
+            prompt_ids, (completion_ids,) = tokenize_texts(tokenizer, row["prompt"], [row["completion"]])
+            return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "label": row["label"]}
+
+        rows = dataset.map(tokenize, remove_columns=dataset.column_names, desc="Tokenizing", load_from_cache_file=False)
+        return keep_fitting(rows, max_length, where)
+
+    def collate(rows: list[dict[str, Any]]) -> dict[str, Any]:
+        prompts, completions = [r["prompt_ids"] for r in rows], [r["completion_ids"] for r in rows]
+        mismatched = completions[-1:] + completions[:-1]
+        return {**completion_batch(prompts, completions, max_length, pad),
+                **completion_batch(prompts, mismatched, max_length, pad, prefix="KL_"),
+                "label": torch.tensor([r["label"] for r in rows], dtype=torch.bool)}
+
+    def loss(model: Any, batch: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        import torch.nn.functional as F
+
+        beta = settings.beta
+        with torch.no_grad():
+            kl_logps = completion_logps(model, batch, "KL_")
+        logps = completion_logps(model, batch)
+        ref_logps, ref_kl_logps = reference_logps(objective, model, batch, ("", "KL_"))
+        kl = (kl_logps - ref_kl_logps).mean().detach()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(kl)  # TRL gathers the estimate over all processes
+            kl = kl / torch.distributed.get_world_size()
+        kl = kl.clamp(min=0)
+        desirable = batch["label"]
+        chosen_ratio = (logps - ref_logps)[desirable]
+        rejected_ratio = (logps - ref_logps)[~desirable]
+        losses = torch.cat((settings.desirable_weight * (1 - F.sigmoid(beta * (chosen_ratio - kl))),
+                            settings.undesirable_weight * (1 - F.sigmoid(beta * (kl - rejected_ratio)))))
+        metrics: dict[str, Any] = {"kl": kl}
+        for side, ratio, rows in (("chosen", chosen_ratio, desirable), ("rejected", rejected_ratio, ~desirable)):
+            if len(ratio):
+                metrics[f"rewards/{side}"] = (beta * ratio.detach()).nansum() / len(ratio)
+                metrics[f"logps/{side}"] = logps.detach()[rows].nansum() / len(ratio)
+        if len(chosen_ratio) and len(rejected_ratio):
+            metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
+        return losses.nanmean(), metrics
+
+    objective = Objective("kto", prepare, collate, loss, lambda batch: batch["label"].new_tensor(len(batch["label"]), dtype=torch.long),
+                          ("kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen",
+                           "logps/rejected"))
+    return objective
+
+
+# ---------------------------------------------------------------- ORPO
+
+def chat_strings(tokenizer: Any, row: dict[str, Any]) -> tuple[str, str, str]:
+    """A chat record rendered as text, as TRL's maybe_apply_chat_template does for ORPO: the prompt with
+    the generation prompt, cut to what it shares with prompt+chosen and prompt+rejected."""
+    prompt = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=False)
+    full = [tokenizer.apply_chat_template(row["prompt"] + row[key], tokenize=False) for key in ("chosen", "rejected")]
+    for text in full:
+        prompt = prompt[:common_prefix_length(list(prompt), list(text))]
+    return prompt, full[0][len(prompt):], full[1][len(prompt):]
+
+
+def orpo_sequence(tokenizer: Any, prompt: str, answer: str, max_length: int) -> tuple[list[int], list[int]]:
+    """(ids, labels) of prompt+answer as TRL's ORPOTrainer.tokenize_row builds them: no special tokens
+    from the tokenizer, the prompt's last token moved to the answer when the two merge, BOS before and
+    EOS after where missing, the answer cut to fit max_length; labels -100 on the prompt."""
+    full = tokenizer(prompt + answer, add_special_tokens=False)["input_ids"]
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    start = len(prompt_ids) - (prompt_ids != full[:len(prompt_ids)])
+    prompt_ids, answer_ids = full[:start], full[start:]
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    if bos is not None and (not prompt_ids or prompt_ids[0] != bos):
+        prompt_ids = [bos] + prompt_ids
+    if not answer_ids or answer_ids[-1] != eos:
+        answer_ids = answer_ids + [eos]
+    answer_ids = answer_ids[:max(0, max_length - len(prompt_ids))]
+    return prompt_ids + answer_ids, [-100] * len(prompt_ids) + answer_ids
+
+
+def log1mexp(x: Any) -> Any:
+    """log(1 - exp(x)) for x < 0, branching at -ln 2 to avoid cancellation (TRL's, from Maechler 2012)."""
+    import torch
+
+    return torch.where(x < -0.6931471805599453, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+def orpo(tokenizer: Any, max_length: int, settings: PreferenceSettings) -> Objective:
+    """Odds-ratio preference optimisation, as TRL 1.16's ORPOTrainer: no reference model; the loss is
+    the NLL of the chosen sequence (TRL scores its prompt tokens too) minus beta times the log-sigmoid
+    of the log odds ratio of the chosen and rejected answers' mean token log-probabilities."""
+    import torch
+
+    pad = pad_id(tokenizer)
+
+    def prepare(dataset: Any, where: str) -> Any:
+        check_chat_template(tokenizer, dataset)
+
+        def tokenize(row: dict[str, Any]) -> dict[str, Any]:
+            prompt, chosen, rejected = chat_strings(tokenizer, row) if isinstance(row["prompt"], list) else \
+                (row["prompt"], row["chosen"], row["rejected"])
+            chosen_ids, chosen_labels = orpo_sequence(tokenizer, prompt, chosen, max_length)
+            rejected_ids, rejected_labels = orpo_sequence(tokenizer, prompt, rejected, max_length)
+            return {"chosen_ids": chosen_ids, "chosen_labels": chosen_labels, "rejected_ids": rejected_ids,
+                    "rejected_labels": rejected_labels}
+
+        rows = dataset.map(tokenize, remove_columns=dataset.column_names, desc="Tokenizing", load_from_cache_file=False)
+        kept = rows.filter(lambda row: any(t != -100 for t in row["chosen_labels"] + row["rejected_labels"]),
+                           load_from_cache_file=False)
+        if len(kept) == 0:
+            raise DataError(f"{where}: every prompt fills --max-length {max_length}", "Raise --max-length.")
+        return kept
+
+    def collate(rows: list[dict[str, Any]]) -> dict[str, Any]:
+        ids = [r["chosen_ids"] for r in rows] + [r["rejected_ids"] for r in rows]
+        return {"input_ids": pad_rows(ids, pad), "attention_mask": pad_rows([[1] * len(i) for i in ids], 0),
+                "labels": pad_rows([r["chosen_labels"] for r in rows] + [r["rejected_labels"] for r in rows], -100)}
+
+    def loss(model: Any, batch: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        import torch.nn.functional as F
+
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        logits = logits[:, :-1].float()
+        pairs = len(logits) // 2
+        seen = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)[:, 1:]
+        nll = F.cross_entropy(logits[:pairs].reshape(-1, logits.size(-1)), seen[:pairs].reshape(-1))
+        labels = batch["labels"][:, 1:]
+        scored = labels != -100
+        token_logps = logits.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+        mean_logps = (token_logps * scored).sum(-1) / scored.sum(-1)
+        chosen, rejected = mean_logps.chunk(2, dim=0)
+        log_odds = (chosen - rejected) - (log1mexp(chosen) - log1mexp(rejected))
+        ratio = F.logsigmoid(log_odds)
+        chosen_rewards, rejected_rewards = settings.beta * chosen.detach(), settings.beta * rejected.detach()
+        return nll - (settings.beta * ratio).mean(), {
+            "rewards/chosen": chosen_rewards.mean(), "rewards/rejected": rejected_rewards.mean(),
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+            "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+            "logps/chosen": chosen.detach().mean(), "logps/rejected": rejected.detach().mean(),
+            "nll_loss": nll.detach(), "log_odds_ratio": ratio.detach().mean(), "log_odds_chosen": log_odds.detach().mean()}
+
+    return Objective("orpo", prepare, collate, loss, lambda batch: batch["input_ids"].new_tensor(len(batch["input_ids"]) // 2),
+                     ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+                      "logps/rejected", "nll_loss", "log_odds_ratio", "log_odds_chosen"))
+
+
 # ---------------------------------------------------------------- building one
 
 def disable_dropout(model: Any) -> None:
@@ -254,7 +409,7 @@ def build(name: str, tokenizer: Any, data_format: str, max_length: int, settings
           lm_settings: dict[str, Any]) -> Objective:
     if name in ("clm", "mlm"):
         return language_modeling(name, tokenizer, data_format, lm_settings)
-    return {"dpo": dpo}[name](tokenizer, max_length, settings)
+    return {"dpo": dpo, "kto": kto, "orpo": orpo}[name](tokenizer, max_length, settings)
 
 
 def attach_reference(objective: Objective, model: Any, lora: bool) -> None:
