@@ -188,3 +188,35 @@ def test_orpo_equals_trl(chat, tiny_llama, tmp_path):
     compare(ours, theirs, ORPO_KEYS, our_weights, their_weights, 0.2)
     run = json.loads((tmp_path / "ours" / "run.json").read_text())
     assert run["resolved"]["reference"] == "none"
+
+
+@pytest.mark.parametrize("records, objective, fragments", [
+    ([{"prompt": "a", "rejected": "b"}], "dpo", ["line 1: no 'chosen' field"]),
+    ([{"prompt": "a", "chosen": "b", "rejected": "c"}, {"prompt": "a", "chosen": " same", "rejected": " same"}], "dpo",
+     ["line 2: 'chosen' equals 'rejected'"]),
+    ([{"prompt": [{"role": "user", "content": "a"}], "chosen": "b", "rejected": "c"}], "dpo",
+     ["'prompt' is a list of messages but 'chosen' is a str"]),
+    ([{"prompt": "a", "completion": "b", "label": "yes"}], "kto", ["'label' must be true or false"]),
+    ([{"text": "plain text"}], "dpo", ["--objective dpo needs records with prompt, chosen and rejected", "text records"]),
+    ([{"prompt": "a", "completion": "b"}], "kto", ["--objective kto needs records with prompt, completion and label"]),
+    ([{"prompt": "a", "chosen": "b", "rejected": "c"}], "kto", ["--objective kto does not fit", "preference records"]),
+    ([{"prompt": "a", "chosen": "b", "rejected": "c"}], "clm", ["--objective clm does not fit", "dpo or orpo"]),
+])
+def test_bad_preference_input_is_one_error_line(records, objective, fragments, tiny_llama, tmp_path):
+    data = write_jsonl(tmp_path / "bad.jsonl", records)
+    output = tmp_path / "out"
+    result = run_cli("finetune", "-d", str(data), "-m", str(tiny_llama), "-o", str(output), "--objective", objective,
+                     "--max-steps", "1")
+    assert_clean_error(result, *fragments)
+    assert not output.exists()  # nothing written
+
+
+def test_bad_preference_options(tiny_llama, tmp_path):
+    data = write_jsonl(tmp_path / "pairs.jsonl", string_pairs())
+    for options, fragment in ((["--loss-type", "nope"], "unknown --loss-type 'nope'"),
+                              (["--beta", "0"], "--beta must be positive"),
+                              (["--label-smoothing", "0.5"], "--label-smoothing must be in [0, 0.5)"),
+                              (["--packing"], "--packing does not apply to --objective dpo")):
+        result = run_cli("finetune", "-d", str(data), "-m", str(tiny_llama), "-o", str(tmp_path / "out"), *options)
+        assert_clean_error(result, fragment)
+        assert not (tmp_path / "out").exists()

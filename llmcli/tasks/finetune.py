@@ -202,15 +202,14 @@ def preference_objective(options: FinetuneOptions, data_format: str, data: str) 
     wanted = options.objective
     if data_format in ("preference", "unpaired-preference"):
         fitting = [name for name, form in PREFERENCE_OBJECTIVES.items() if form == data_format]
-        if wanted == "auto":
-            return fitting[0]
-        if wanted not in fitting:
+        chosen = fitting[0] if wanted == "auto" else wanted
+        if chosen not in fitting:
             raise UsageError(f"--objective {wanted} does not fit {data}, which holds {data_format} records",
                              f"Use --objective {' or '.join(fitting)}, or data made for {wanted}.")
         if options.packing:
-            raise UsageError(f"--packing does not apply to --objective {wanted}: each record is one example",
+            raise UsageError(f"--packing does not apply to --objective {chosen}: each record is one example",
                              "Drop --packing.")
-        return wanted
+        return chosen
     if wanted in PREFERENCE_OBJECTIVES:
         needed = "prompt, chosen and rejected" if PREFERENCE_OBJECTIVES[wanted] == "preference" else \
             "prompt, completion and label"
