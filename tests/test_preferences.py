@@ -220,3 +220,23 @@ def test_bad_preference_options(tiny_llama, tmp_path):
         result = run_cli("finetune", "-d", str(data), "-m", str(tiny_llama), "-o", str(tmp_path / "out"), *options)
         assert_clean_error(result, fragment)
         assert not (tmp_path / "out").exists()
+
+
+def test_dpo_kill_and_resume_equals_uninterrupted(tiny_llama, tmp_path):
+    """SIGKILL after checkpoint 2 of 5, then --resume: bit-identical weights and the same metrics, the
+    reference staying the starting model (not the checkpoint's weights)."""
+    from test_finetune import kill_after_checkpoint, same_weights, weights
+
+    args = ["-d", write_jsonl(tmp_path / "pairs.jsonl", string_pairs()), "-m", tiny_llama, "--max-steps", "5",
+            "--batch-size", "2", "--lr", "1e-3", "--log-every", "1", "--save-every", "1"]
+    straight = tmp_path / "straight"
+    assert run_cli("finetune", *map(str, args), "-o", str(straight)).exit_code == 0
+    killed = tmp_path / "killed"
+    kill_after_checkpoint(args, killed, 2)
+    resumed = run_cli("finetune", *map(str, args), "-o", str(killed), "--resume")
+    assert resumed.exit_code == 0, resumed.stderr
+    assert same_weights(weights(killed), weights(straight))
+    assert (killed / "metrics.jsonl").read_text().count("rewards/margins") == 5
+    lines = lambda path: [{k: v for k, v in json.loads(line).items() if k != "tokens_per_second"}
+                          for line in (path / "metrics.jsonl").read_text().splitlines()]
+    assert lines(killed) == lines(straight)
