@@ -56,12 +56,16 @@ def run_llmcli(model_dir: Path, data: Path, output: Path, *options: str) -> tupl
     from safetensors.torch import load_file
 
     records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    if (output / "adapter_model.safetensors").is_file():  # LoRA: named as in the PeftModel's state dict
+        adapter = load_file(str(output / "adapter_model.safetensors"))
+        return records, {name.replace(".weight", ".default.weight"): t for name, t in adapter.items()}
     trained, start = load_file(str(output / "model.safetensors")), load_file(str(model_dir / "model.safetensors"))
     assert any((trained[name] != start[name]).any() for name in start)  # training moved the weights
     return records, trained
 
 
-def run_trl(trainer_name: str, model_dir: Path, records: list[dict], output: Path, **config) -> tuple[list[dict], dict]:
+def run_trl(trainer_name: str, model_dir: Path, records: list[dict], output: Path, lora: bool = False,
+            **config) -> tuple[list[dict], dict]:
     """TRL's trainer on the records in llmcli's order, read sequentially, with llmcli's hyperparameters."""
     import datasets
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -78,10 +82,16 @@ def run_trl(trainer_name: str, model_dir: Path, records: list[dict], output: Pat
         save_strategy="no", report_to="none", use_cpu=True, train_sampling_strategy="sequential",
         max_length=256, disable_tqdm=True, bf16=False, **config)  # TRL defaults to bf16; the comparison is float32
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="float32")
+    extra: dict = {}
+    if lora:  # llmcli's defaults for --lora
+        from peft import LoraConfig
+
+        extra["peft_config"] = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules="all-linear",
+                                          task_type="CAUSAL_LM")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokenizer.pad_token = tokenizer.eos_token  # ORPO's collator wants one; padding is masked out either way
     trainer = trainer_class(model=model, args=args, train_dataset=datasets.Dataset.from_list(ordered),
-                            processing_class=tokenizer)
+                            processing_class=tokenizer, **extra)
     trainer.train()
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     return logs, {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
@@ -134,17 +144,29 @@ DPO_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", 
             "logps/chosen", "logps/rejected")
 
 
-@pytest.mark.parametrize("loss_type, label_smoothing", [("sigmoid", 0.0), ("ipo", 0.0), ("hinge", 0.0),
-                                                         ("robust", 0.1)])
-def test_dpo_equals_trl(loss_type, label_smoothing, tiny_llama, tmp_path):
+@pytest.mark.parametrize("loss_type, beta, label_smoothing", [("sigmoid", 0.1, 0.0), ("ipo", 0.5, 0.0),
+                                                               ("hinge", 0.2, 0.0), ("robust", 0.1, 0.1)])
+def test_dpo_equals_trl(loss_type, beta, label_smoothing, tiny_llama, tmp_path):
     records = string_pairs()
     ours, our_weights = run_llmcli(tiny_llama, write_jsonl(tmp_path / "pairs.jsonl", records), tmp_path / "ours",
-                                   "--objective", "dpo", "--beta", "0.1", "--loss-type", loss_type,
+                                   "--objective", "dpo", "--beta", str(beta), "--loss-type", loss_type,
                                    "--label-smoothing", str(label_smoothing))
-    theirs, their_weights = run_trl("dpo", tiny_llama, records, tmp_path / "trl", beta=0.1, loss_type=[loss_type],
+    theirs, their_weights = run_trl("dpo", tiny_llama, records, tmp_path / "trl", beta=beta, loss_type=[loss_type],
                                     label_smoothing=label_smoothing)
-    compare(ours, theirs, DPO_KEYS, our_weights, their_weights, 0.1)
+    compare(ours, theirs, DPO_KEYS, our_weights, their_weights, beta)
     assert ours[-1]["rewards/margins"] != 0.0  # it learned something, so the comparison means something
+
+
+def test_dpo_with_lora_equals_trl_with_peft(tiny_llama, tmp_path):
+    """--lora: the reference is the same model with its adapter disabled, as TRL does with a PeftModel."""
+    records = string_pairs()
+    ours, our_weights = run_llmcli(tiny_llama, write_jsonl(tmp_path / "pairs.jsonl", records), tmp_path / "ours",
+                                   "--lora", "--beta", "0.3")
+    theirs, their_weights = run_trl("dpo", tiny_llama, records, tmp_path / "trl", lora=True, beta=0.3)
+    compare(ours, theirs, DPO_KEYS, our_weights, their_weights, 0.3)
+    assert any(r["rewards/margins"] != 0 for r in ours)
+    run = json.loads((tmp_path / "ours" / "run.json").read_text())
+    assert run["resolved"]["reference"] == "the base model with the LoRA adapter disabled"
 
 
 def test_dpo_on_chat_messages_equals_trl(tiny_llama, tmp_path):
