@@ -177,6 +177,8 @@ def test_dpo_on_chat_messages_equals_trl(tiny_llama, tmp_path):
     run = json.loads((tmp_path / "ours" / "run.json").read_text())
     assert run["resolved"]["objective"] == "dpo" and run["resolved"]["data_format"] == "preference"
     assert run["resolved"]["reference"] == "a frozen copy of the starting model"
+    png = (tmp_path / "ours" / "loss.png").read_bytes()
+    assert int.from_bytes(png[16:20], "big") == 1200  # two panels: the loss, and the rewards beside it
 
 
 KTO_KEYS = ("loss", "kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected")
@@ -238,7 +240,8 @@ def test_bad_preference_options(tiny_llama, tmp_path):
     for options, fragment in ((["--loss-type", "nope"], "unknown --loss-type 'nope'"),
                               (["--beta", "0"], "--beta must be positive"),
                               (["--label-smoothing", "0.5"], "--label-smoothing must be in [0, 0.5)"),
-                              (["--packing"], "--packing does not apply to --objective dpo")):
+                              (["--packing"], "--packing does not apply to --objective dpo"),
+                              (["--from-scratch", "--arch", "llama"], "not random weights")):
         result = run_cli("finetune", "-d", str(data), "-m", str(tiny_llama), "-o", str(tmp_path / "out"), *options)
         assert_clean_error(result, fragment)
         assert not (tmp_path / "out").exists()

@@ -209,6 +209,9 @@ def preference_objective(options: FinetuneOptions, data_format: str, data: str) 
         if options.packing:
             raise UsageError(f"--packing does not apply to --objective {chosen}: each record is one example",
                              "Drop --packing.")
+        if options.from_scratch:
+            raise UsageError(f"--objective {chosen} tunes a pretrained model's preferences, not random weights",
+                             "Drop --from-scratch, or train on text first and pass that model with --model.")
         return chosen
     if wanted in PREFERENCE_OBJECTIVES:
         needed = "prompt, chosen and rejected" if PREFERENCE_OBJECTIVES[wanted] == "preference" else \

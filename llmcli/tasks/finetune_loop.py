@@ -154,7 +154,16 @@ def plot_losses(output: Path, records: list[dict[str, Any]]) -> bool:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    figure, axes = plt.subplots(figsize=(7, 4))
+    reward_names = [n for n in ("rewards/chosen", "rewards/rejected", "rewards/margins") if any(n in r for r in records)]
+    figure, panels = plt.subplots(1, 2 if reward_names else 1, figsize=(12 if reward_names else 7, 4), squeeze=False)
+    axes = panels[0][0]
+    for name in reward_names:  # preference objectives: the rewards beside the loss
+        panels[0][1].plot(*zip(*[(r["step"], r[name]) for r in records if name in r]), label=name)
+    if reward_names:
+        panels[0][1].set_xlabel("step")
+        panels[0][1].set_title("rewards")
+        panels[0][1].legend()
+        panels[0][1].grid(alpha=0.3)
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
     if train:
