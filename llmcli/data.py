@@ -294,6 +294,10 @@ def jsonl_records(path: str) -> tuple[str, list[dict[str, Any]]]:
         record = parse_json_object(line, where, '{"text": "..."}')
         expected = expected or record_format(record) or "text"
         records.append(check_training_record(record, expected, where))
+        # one column type per field (a datasets.Dataset needs it): chat or strings, like the first record
+        if "prompt" in records[-1] and isinstance(records[-1]["prompt"], list) != isinstance(records[0]["prompt"], list):
+            raise DataError(f"{where}: a {'chat' if isinstance(records[-1]['prompt'], list) else 'string'} record "
+                            "among records of the other kind", "Use chat messages on every line, or strings on every line.")
     return expected, records
 
 

@@ -265,3 +265,14 @@ def test_dpo_kill_and_resume_equals_uninterrupted(tiny_llama, tmp_path):
     lines = lambda path: [{k: v for k, v in json.loads(line).items() if k != "tokens_per_second"}
                           for line in (path / "metrics.jsonl").read_text().splitlines()]
     assert lines(killed) == lines(straight)
+
+
+def test_chat_and_string_records_are_not_mixed(tmp_path):
+    from llmcli.data import load_training_data
+    from llmcli.errors import DataError
+
+    data = write_jsonl(tmp_path / "mixed.jsonl", string_pairs()[:1] + chat_pairs()[1:2])
+    with pytest.raises(DataError, match="line 2: a chat record among records of the other kind"):
+        load_training_data(str(data))
+    assert load_training_data(str(write_jsonl(tmp_path / "kto.jsonl", labelled_completions())))[0] == \
+        "unpaired-preference"
