@@ -276,7 +276,7 @@ def train(options: FinetuneOptions, output: Path, model: Any, tokenizer: Any, tr
     # the objective's metrics: per name a sum over the micro-batches that gave it and their count
     names = objective.metric_names
     metric_sums = torch.tensor(state.get("interval_metrics", [[0.0, 0.0]] * len(names)), device=accelerator.device,
-                               dtype=torch.float64).reshape(len(names), 2)
+                               dtype=torch.float32).reshape(len(names), 2)  # float32: MPS has no float64
     interrupts = StepBoundaryInterrupts(accelerator)
     try:
         while state["step"] < steps:
@@ -298,7 +298,7 @@ def train(options: FinetuneOptions, output: Path, model: Any, tokenizer: Any, tr
                     accelerator.backward(loss)
                 for i, name in enumerate(names):
                     if batch_metrics.get(name) is not None:  # KTO has no chosen-side metrics in a batch without one
-                        metric_sums[i] += torch.stack([batch_metrics[name].detach().double(), metric_sums.new_ones(())])
+                        metric_sums[i] += torch.stack([batch_metrics[name].detach().float(), metric_sums.new_ones(())])
                 step_loss += loss.detach()
                 # `loss` holds this step's autograd graph: kept alive into the next forward, its nodes sit
                 # among the freed activations and fragment the heap (+50 MB peak RSS measured on CPU)
