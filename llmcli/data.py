@@ -216,11 +216,21 @@ def read_document(path: str) -> str:
 
 # ---------------------------------------------------------------- training data
 
-TRAINING_FORMATS = {"text": ("text",), "prompt-completion": ("prompt", "completion"), "chat": ("messages",)}
+# Preference formats first: their records also hold a prompt (and a completion), so they must be
+# recognised before prompt-completion (TRL's "preference" and "unpaired preference" formats)
+TRAINING_FORMATS = {"preference": ("prompt", "chosen", "rejected"), "unpaired-preference": ("prompt", "completion", "label"),
+                    "text": ("text",), "prompt-completion": ("prompt", "completion"), "chat": ("messages",)}
 TRAINING_HINT = 'Use {"text": ...}, {"prompt": ..., "completion": ...} or {"messages": [...]} on every line.'
+PREFERENCE_HINT = ('Use {"prompt": ..., "chosen": ..., "rejected": ...} on every line (strings, or a list of '
+                   'messages for prompt and lists of assistant messages for chosen and rejected).')
+UNPAIRED_HINT = 'Use {"prompt": ..., "completion": ..., "label": true|false} on every line.'
 
 
 def record_format(record: dict[str, Any]) -> str | None:
+    if "chosen" in record or "rejected" in record:
+        return "preference"
+    if "label" in record and ("prompt" in record or "completion" in record):
+        return "unpaired-preference"
     if "messages" in record:
         return "chat"
     if "prompt" in record and "completion" in record:
@@ -239,6 +249,8 @@ def check_training_record(record: dict[str, Any], expected: str, where: str) -> 
     if found != expected:
         raise DataError(f"{where}: a {found} record in a {expected} file (formats must not be mixed; "
                         "the first record sets the format)", TRAINING_HINT)
+    if expected in ("preference", "unpaired-preference"):
+        return check_preference_record(record, expected, where)
     if expected == "chat":
         return {"messages": parse_messages(record["messages"], where)}
     for key in TRAINING_FORMATS[expected]:
@@ -249,6 +261,40 @@ def check_training_record(record: dict[str, Any], expected: str, where: str) -> 
     return {key: record[key] for key in TRAINING_FORMATS[expected]}
 
 
+def check_preference_record(record: dict[str, Any], expected: str, where: str) -> dict[str, Any]:
+    """prompt/chosen/rejected (or prompt/completion/label): all strings, or all chat messages (TRL's
+    conversational form: the prompt a list of messages, the answers lists of assistant messages)."""
+    hint = PREFERENCE_HINT if expected == "preference" else UNPAIRED_HINT
+    texts = ("prompt", "chosen", "rejected") if expected == "preference" else ("prompt", "completion")
+    for key in TRAINING_FORMATS[expected]:
+        if key not in record:
+            raise DataError(f"{where}: no '{key}' field (keys: {', '.join(sorted(record))})", hint)
+    conversational = isinstance(record["prompt"], list)
+    checked: dict[str, Any] = {}
+    for key in texts:
+        value = record[key]
+        if conversational:
+            if not isinstance(value, list):
+                raise DataError(f"{where}: 'prompt' is a list of messages but '{key}' is a "
+                                f"{type(value).__name__}", hint)
+            checked[key] = parse_messages(value, f"{where} '{key}'")
+        elif not isinstance(value, str):
+            raise DataError(f"{where}: '{key}' must be a string or a list of messages, got {type(value).__name__}",
+                            hint)
+        elif not value.strip() and key != "prompt":
+            raise DataError(f"{where}: empty '{key}'", "Remove the line or fill it in.")
+        else:
+            checked[key] = value
+    if expected == "preference" and checked["chosen"] == checked["rejected"]:
+        raise DataError(f"{where}: 'chosen' equals 'rejected', so the record prefers nothing",
+                        "Remove the line or give it two different answers.")
+    if expected == "unpaired-preference":
+        if not isinstance(record["label"], bool):
+            raise DataError(f"{where}: 'label' must be true or false, got {json.dumps(record['label'])[:40]}", hint)
+        checked["label"] = record["label"]
+    return checked
+
+
 def jsonl_records(path: str) -> tuple[str, list[dict[str, Any]]]:
     name, lines, _ = numbered_lines(path, "records")
     records, expected = [], None
@@ -257,6 +303,10 @@ def jsonl_records(path: str) -> tuple[str, list[dict[str, Any]]]:
         record = parse_json_object(line, where, '{"text": "..."}')
         expected = expected or record_format(record) or "text"
         records.append(check_training_record(record, expected, where))
+        # one column type per field (a datasets.Dataset needs it): chat or strings, like the first record
+        if "prompt" in records[-1] and isinstance(records[-1]["prompt"], list) != isinstance(records[0]["prompt"], list):
+            raise DataError(f"{where}: a {'chat' if isinstance(records[-1]['prompt'], list) else 'string'} record "
+                            "among records of the other kind", "Use chat messages on every line, or strings on every line.")
     return expected, records
 
 
@@ -301,7 +351,7 @@ def saved_dataset_records(path: str) -> tuple[str, Any]:
         if "train" not in dataset:
             raise DataError(f"{path} holds splits {list(dataset)} but no 'train'", "Save the train split.")
         dataset = dataset["train"]
-    for format_name, columns in TRAINING_FORMATS.items():
+    for format_name, columns in TRAINING_FORMATS.items():  # preference formats are tried first
         if all(c in dataset.column_names for c in columns) and format_name != "text":
             return format_name, dataset.select_columns(list(columns))
     if "text" in dataset.column_names:

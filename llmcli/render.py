@@ -293,7 +293,11 @@ def training_progress(enabled: bool = True) -> Iterator[Any]:
         parts = [f"loss {record['loss']:.4f}" if "loss" in record else "",
                  f"lr {record['lr']:.2e}" if "lr" in record else "",
                  f"{record['tokens_per_second']:.0f} tok/s" if "tokens_per_second" in record else "",
-                 f"eval {record['eval_loss']:.4f}" if "eval_loss" in record else ""]
+                 f"eval {record['eval_loss']:.4f}" if "eval_loss" in record else "",
+                 # preference objectives: how often and by how much the chosen answer wins
+                 f"acc {record['rewards/accuracies']:.2f}" if "rewards/accuracies" in record else "",
+                 f"margin {record['rewards/margins']:.3f}" if "rewards/margins" in record else "",
+                 f"kl {record['kl']:.3f}" if "kl" in record else ""]
         bar.update(task, completed=record["step"], status="  ".join(p for p in parts if p))
         if not stderr.is_terminal and enabled:
             notice(strict_json.dumps(record))

@@ -553,7 +553,7 @@ def test_from_scratch_llama_heads_follow_and_a_failed_run_leaves_nothing(gpl_fil
     common = ["--data", gpl_file, "--from-scratch", "--arch", "llama", "--tokenizer-vocab-size", "400",
               "-o", output, "--max-steps", "3", *TRAIN]
     with monkeypatch.context() as patched:
-        patched.setattr(finetune_loop, "forward_options", lambda objective: 1 / 0)
+        patched.setattr(finetune_loop, "StepBoundaryInterrupts", lambda accelerator: 1 / 0)
         failed = run_cli("finetune", *common, "--config-overrides", "hidden_size=64,num_attention_heads=4")
     assert failed.exit_code != 0 and "ZeroDivisionError" in failed.stderr
     assert output.is_dir() and not any(output.iterdir())

@@ -15,13 +15,26 @@ from llmcli.errors import UsageError
 
 @app.command()
 def finetune(
-    data: Annotated[str, typer.Option("--data", "-d", help="Training data: JSONL (text, prompt+completion or "
-                                      "messages), .txt, .csv, or a save_to_disk directory.", show_default=False)],
+    data: Annotated[str, typer.Option("--data", "-d", help="Training data: JSONL (text, prompt+completion, "
+                                      "messages, prompt+chosen+rejected, or prompt+completion+label), .txt, .csv, "
+                                      "or a save_to_disk directory.", show_default=False)],
     output: Annotated[str, typer.Option("--output", "-o", help="Output directory for the model, metrics and "
                                         "checkpoints.")] = "llmcli-finetuned",
     data_eval: Annotated[Optional[str], typer.Option(help="Evaluation data, same format.")] = None,
     model: ModelOption = None,
-    objective: Annotated[str, typer.Option(autocompletion=completes("auto", "clm", "mlm"), help="auto (from the model), clm or mlm.")] = "auto",
+    objective: Annotated[str, typer.Option(autocompletion=completes("auto", "clm", "mlm", "dpo", "kto", "orpo"),
+                                           help="auto (from the model and data), clm, mlm, or a preference "
+                                           "objective: dpo, kto, orpo.")] = "auto",
+    beta: Annotated[float, typer.Option(help="dpo/kto/orpo: strength of the preference (DPO's beta; ORPO's "
+                                        "lambda).")] = 0.1,
+    loss_type: Annotated[str, typer.Option(autocompletion=completes("sigmoid", "ipo", "hinge", "robust"),
+                                           help="dpo: sigmoid, ipo, hinge or robust (TRL's formulas).")] = "sigmoid",
+    label_smoothing: Annotated[float, typer.Option(help="dpo --loss-type robust: the assumed rate of flipped "
+                                                   "preferences, in [0, 0.5).")] = 0.0,
+    desirable_weight: Annotated[float, typer.Option(help="kto: weight of the loss on label=true "
+                                                    "completions.")] = 1.0,
+    undesirable_weight: Annotated[float, typer.Option(help="kto: weight of the loss on label=false "
+                                                      "completions.")] = 1.0,
     from_scratch: Annotated[bool, typer.Option(help="Random weights instead of pretrained ones.")] = False,
     arch: Annotated[Optional[str], typer.Option(autocompletion=completes("gpt2", "llama", "bert"), help="Architecture for --from-scratch: gpt2, llama or bert.")] = None,
     config_overrides: Annotated[str, typer.Option(help="Config changes for --from-scratch, e.g. "
@@ -102,7 +115,8 @@ def finetune(
         lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_targets=lora_targets, merge_lora=merge_lora,
         mixed_precision="bf16" if bf16 else "fp16" if fp16 else "no", grad_checkpointing=grad_checkpointing,
         overwrite=overwrite, device=device, trust_remote_code=trust_remote_code, num_processes=num_processes,
-        allow_pickle=allow_pickle,
+        allow_pickle=allow_pickle, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
+        desirable_weight=desirable_weight, undesirable_weight=undesirable_weight,
     )
     validate(options)
     if export_gguf:

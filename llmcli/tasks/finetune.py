@@ -29,7 +29,7 @@ class FinetuneOptions:
     output: str
     data_eval: str | None = None
     model: str | None = None
-    objective: str = "auto"  # auto | clm | mlm
+    objective: str = "auto"  # auto | clm | mlm | dpo | kto | orpo
     from_scratch: bool = False
     arch: str | None = None
     config_overrides: str = ""
@@ -68,6 +68,15 @@ class FinetuneOptions:
     trust_remote_code: bool = False
     allow_pickle: bool = False
     num_processes: int = 1
+    # preference objectives (TRL's names and defaults)
+    beta: float = 0.1
+    loss_type: str = "sigmoid"  # dpo: sigmoid | ipo | hinge | robust
+    label_smoothing: float = 0.0  # dpo --loss-type robust
+    desirable_weight: float = 1.0  # kto
+    undesirable_weight: float = 1.0  # kto
+
+
+OBJECTIVES = ("auto", "clm", "mlm", "dpo", "kto", "orpo")
 
 
 @dataclass
@@ -98,7 +107,15 @@ class Reporter:
 
 def validate(options: FinetuneOptions) -> None:
     checks = [
-        (options.objective in ("auto", "clm", "mlm"), f"unknown --objective {options.objective!r}", "Use auto, clm or mlm."),
+        (options.objective in OBJECTIVES, f"unknown --objective {options.objective!r}",
+         "Use auto, clm, mlm, dpo, kto or orpo."),
+        (options.beta > 0, f"--beta must be positive, got {options.beta}", None),
+        (options.loss_type in ("sigmoid", "ipo", "hinge", "robust"), f"unknown --loss-type {options.loss_type!r}",
+         "Use sigmoid, ipo, hinge or robust."),
+        (0 <= options.label_smoothing < 0.5, f"--label-smoothing must be in [0, 0.5), got {options.label_smoothing}",
+         None),
+        (options.desirable_weight > 0 and options.undesirable_weight > 0,
+         "--desirable-weight and --undesirable-weight must be positive", None),
         (options.epochs > 0, f"--epochs must be positive, got {options.epochs}", None),
         (options.max_steps is None or options.max_steps > 0, f"--max-steps must be at least 1, got {options.max_steps}", None),
         (options.lr > 0, f"--lr must be positive, got {options.lr}", None),
@@ -177,6 +194,33 @@ def load_datasets(options: FinetuneOptions) -> tuple[str, Any, Any]:
     return data_format, train, evaluation
 
 
+def preference_objective(options: FinetuneOptions, data_format: str, data: str) -> str | None:
+    """The preference objective the options and data ask for (None: language modeling), or a UsageError
+    when they do not fit each other. `auto` picks DPO for pairs and KTO for labelled completions."""
+    from llmcli.tasks.objectives import PREFERENCE_OBJECTIVES
+
+    wanted = options.objective
+    if data_format in ("preference", "unpaired-preference"):
+        fitting = [name for name, form in PREFERENCE_OBJECTIVES.items() if form == data_format]
+        chosen = fitting[0] if wanted == "auto" else wanted
+        if chosen not in fitting:
+            raise UsageError(f"--objective {wanted} does not fit {data}, which holds {data_format} records",
+                             f"Use --objective {' or '.join(fitting)}, or data made for {wanted}.")
+        if options.packing:
+            raise UsageError(f"--packing does not apply to --objective {chosen}: each record is one example",
+                             "Drop --packing.")
+        if options.from_scratch:
+            raise UsageError(f"--objective {chosen} tunes a pretrained model's preferences, not random weights",
+                             "Drop --from-scratch, or train on text first and pass that model with --model.")
+        return chosen
+    if wanted in PREFERENCE_OBJECTIVES:
+        needed = "prompt, chosen and rejected" if PREFERENCE_OBJECTIVES[wanted] == "preference" else \
+            "prompt, completion and label"
+        raise UsageError(f"--objective {wanted} needs records with {needed}, but {data} holds {data_format} records",
+                         "Pass preference data, or --objective auto to train on this data as it is.")
+    return None
+
+
 def load_model(options: FinetuneOptions, train: Any, data_format: str) -> tuple[Any, Any, str, str]:
     """(model, tokenizer, kind, base location): pretrained, or a fresh model from scratch."""
     from llmcli import models
@@ -194,7 +238,7 @@ def load_model(options: FinetuneOptions, train: Any, data_format: str) -> tuple[
         model, tokenizer, kind = build_from_scratch(options.arch, base_config, base_tokenizer, options.config_overrides,
                                                     options.tokenizer_vocab_size, train, data_format)
         return model, tokenizer, kind, ""
-    kind = {"auto": "auto", "clm": "causal", "mlm": "masked"}[options.objective]
+    kind = {"auto": "auto", "mlm": "masked"}.get(options.objective, "causal")
     loaded = models.load_model(options.model, kind=kind, device="cpu", dtype="float32",
                                trust_remote_code=options.trust_remote_code, allow_pickle=options.allow_pickle)
     return loaded.model, loaded.tokenizer, loaded.kind, models.portable_reference(loaded.source)

@@ -26,12 +26,14 @@ from llmcli.tasks.finetune import (
     check_resume_config,
     load_datasets,
     load_model,
+    preference_objective,
     refuse_finished_run,
     training_config,
     validate,
     versions,
 )
-from llmcli.training_data import make_collator
+from llmcli.tasks import objectives
+from llmcli.tasks.objectives import Objective
 
 
 def make_accelerator(options: FinetuneOptions) -> Any:
@@ -45,11 +47,6 @@ def make_accelerator(options: FinetuneOptions) -> Any:
     # cpu=True is what turns a torchrun launch on CPU into gloo DDP (MULTI_CPU)
     use_cpu = options.device == "cpu" or not (torch.cuda.is_available() or torch.backends.mps.is_available())
     return Accelerator(cpu=use_cpu, mixed_precision=options.mixed_precision)
-
-
-def forward_options(objective: str) -> dict[str, Any]:
-    """A causal LM in training has no use for the KV cache its forward builds by default."""
-    return {"use_cache": False} if objective == "clm" else {}
 
 
 def use_fused_gelu(model: Any) -> None:
@@ -110,25 +107,24 @@ def total_steps(options: FinetuneOptions, batches_per_epoch: int) -> int:
     return options.max_steps or max(1, math.ceil(options.epochs * steps_per_epoch))
 
 
-def evaluate_loss(model: Any, blocks: Any, collate: Any, options: FinetuneOptions, accelerator: Any,
-                  objective: str) -> float:
-    """Token-weighted mean loss over the evaluation blocks, summed across processes. The RNG is
-    forked and seeded, so MLM's eval masking is the same every time and training randomness is untouched."""
+def evaluate_loss(model: Any, blocks: Any, objective: Objective, options: FinetuneOptions, accelerator: Any) -> float:
+    """Mean loss over the evaluation blocks (weighted by scored tokens, or by pairs for preferences),
+    summed across processes. The RNG is forked and seeded, so MLM's eval masking is the same every time
+    and training randomness is untouched."""
     import torch
 
     model.eval()
-    total = torch.zeros(2, device=accelerator.device)  # summed loss, scored tokens
+    total = torch.zeros(2, device=accelerator.device)  # summed loss, weight
     indices = list(range(accelerator.process_index, len(blocks), accelerator.num_processes))
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(options.seed)
         for start in range(0, len(indices), options.batch_size):
-            batch = collate([blocks[i] for i in indices[start:start + options.batch_size]])
+            batch = objective.collate([blocks[i] for i in indices[start:start + options.batch_size]])
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             with accelerator.autocast():
-                loss = model(**batch, **forward_options(objective)).loss
-            labels = batch["labels"][:, 1:] if objective == "clm" else batch["labels"]  # CLM shifts by one
-            tokens = (labels != -100).sum()
-            total += torch.stack([loss.float() * tokens, tokens.float()])
+                loss, _ = objective.loss(model, batch)
+            weight = objective.batch_weight(batch)
+            total += torch.stack([loss.float() * weight, weight.float()])
     model.train()
     total = accelerator.reduce(total, "sum")
     return (total[0] / total[1].clamp(min=1)).item()
@@ -157,7 +153,16 @@ def plot_losses(output: Path, records: list[dict[str, Any]]) -> bool:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    figure, axes = plt.subplots(figsize=(7, 4))
+    reward_names = [n for n in ("rewards/chosen", "rewards/rejected", "rewards/margins") if any(n in r for r in records)]
+    figure, panels = plt.subplots(1, 2 if reward_names else 1, figsize=(12 if reward_names else 7, 4), squeeze=False)
+    axes = panels[0][0]
+    for name in reward_names:  # preference objectives: the rewards beside the loss
+        panels[0][1].plot(*zip(*[(r["step"], r[name]) for r in records if name in r]), label=name)
+    if reward_names:
+        panels[0][1].set_xlabel("step")
+        panels[0][1].set_title("rewards")
+        panels[0][1].legend()
+        panels[0][1].grid(alpha=0.3)
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
     if train:
@@ -208,7 +213,7 @@ def save_final(output: Path, model: Any, tokenizer: Any, options: FinetuneOption
 
 
 def train(options: FinetuneOptions, output: Path, model: Any, tokenizer: Any, train_blocks: Any, eval_blocks: Any,
-          resolved: dict[str, Any], reporter: Reporter, resume_from: Path | None) -> FinetuneResult:
+          resolved: dict[str, Any], reporter: Reporter, resume_from: Path | None, objective: Objective) -> FinetuneResult:
     import torch
     from transformers import get_scheduler, set_seed
 
@@ -216,7 +221,7 @@ def train(options: FinetuneOptions, output: Path, model: Any, tokenizer: Any, tr
     rank, world = accelerator.process_index, accelerator.num_processes
     main = accelerator.is_main_process
     set_seed(options.seed)
-    collate = make_collator(tokenizer, resolved["objective"])
+    collate = objective.collate
     batches_per_epoch = len(epoch_batches(len(train_blocks), 0, options.seed, options.batch_size, world, rank))
     steps = total_steps(options, batches_per_epoch)
     warmup = int(options.warmup * steps) if options.warmup < 1 else int(options.warmup)
@@ -225,6 +230,7 @@ def train(options: FinetuneOptions, output: Path, model: Any, tokenizer: Any, tr
     optimizer = optimizer_for(model, options)
     scheduler = get_scheduler(options.scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=steps)
     model, optimizer = accelerator.prepare(model, optimizer)
+    objective.place(accelerator)
 
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "tokens": 0}
     history: list[dict[str, Any]] = []
@@ -259,12 +265,12 @@ def train(options: FinetuneOptions, output: Path, model: Any, tokenizer: Any, tr
         # the loss summed since the last record, so a resumed run logs the same mean
         state["interval_loss"] = (accelerator.reduce(interval[0], "mean") if world > 1 else interval[0]).item()
         state["interval_steps"] = interval[1]
+        state["interval_metrics"] = (accelerator.reduce(metric_sums, "mean") if world > 1 else metric_sums).tolist()
         if main:
             checkpoints.save_checkpoint(output, state["step"], accelerator.unwrap_model(model), optimizer, scheduler,
                                         dict(state), rank_rngs, options.keep_checkpoints)
         accelerator.wait_for_everyone()
 
-    forward_extra = forward_options(resolved["objective"])
     reporter.start(steps, state["step"])
     began, tokens_at_start = time.perf_counter(), state["tokens"]
     order = epoch_batches(len(train_blocks), state["epoch"], options.seed, options.batch_size, world, rank)
@@ -272,6 +278,10 @@ def train(options: FinetuneOptions, output: Path, model: Any, tokenizer: Any, tr
     # the logged loss is the mean over the steps since the previous record, as Trainer logs it
     interval = [torch.tensor(float(state.get("interval_loss", 0.0)), device=accelerator.device),
                 int(state.get("interval_steps", 0))]
+    # the objective's metrics: per name a sum over the micro-batches that gave it and their count
+    names = objective.metric_names
+    metric_sums = torch.tensor(state.get("interval_metrics", [[0.0, 0.0]] * len(names)), device=accelerator.device,
+                               dtype=torch.float32).reshape(len(names), 2)  # float32: MPS has no float64
     interrupts = StepBoundaryInterrupts(accelerator)
     try:
         while state["step"] < steps:
@@ -288,8 +298,12 @@ def train(options: FinetuneOptions, output: Path, model: Any, tokenizer: Any, tr
                 batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
                 with no_sync_unless(micro == options.grad_accum - 1, accelerator, model):
                     with accelerator.autocast():
-                        loss = model(**batch, **forward_extra).loss / options.grad_accum
+                        loss, batch_metrics = objective.loss(model, batch)
+                        loss = loss / options.grad_accum
                     accelerator.backward(loss)
+                for i, name in enumerate(names):
+                    if batch_metrics.get(name) is not None:  # KTO has no chosen-side metrics in a batch without one
+                        metric_sums[i] += torch.stack([batch_metrics[name].detach().float(), metric_sums.new_ones(())])
                 step_loss += loss.detach()
                 # `loss` holds this step's autograd graph: kept alive into the next forward, its nodes sit
                 # among the freed activations and fragment the heap (+50 MB peak RSS measured on CPU)
@@ -315,11 +329,15 @@ def train(options: FinetuneOptions, output: Path, model: Any, tokenizer: Any, tr
                 record = {"step": state["step"], "epoch": round(state["epoch"] + state["batch_in_epoch"] / len(order), 4),
                           "loss": last_loss, "lr": scheduler.get_last_lr()[0], "tokens": state["tokens"],
                           "tokens_per_second": (state["tokens"] - tokens_at_start) / seconds if seconds else 0.0}
+                if names:
+                    sums = (accelerator.reduce(metric_sums, "sum") if world > 1 else metric_sums).tolist()
+                    record.update({name: total / count for name, (total, count) in zip(names, sums) if count})
+                    metric_sums.zero_()
             if eval_blocks is not None and options.eval_every and (state["step"] % options.eval_every == 0
                                                                     or state["step"] == steps):
-                last_eval = evaluate_loss(model, eval_blocks, collate, options, accelerator, resolved["objective"])
+                last_eval = evaluate_loss(model, eval_blocks, objective, options, accelerator)
                 record = record or {"step": state["step"]}
-                record.update(eval_loss=last_eval, eval_perplexity=math.exp(min(last_eval, 700)))
+                record.update(eval_record(last_eval, objective))
             if record:
                 history.append(record)
                 if main:
@@ -340,8 +358,8 @@ def train(options: FinetuneOptions, output: Path, model: Any, tokenizer: Any, tr
         interrupts.restore()
     loop_seconds = time.perf_counter() - began  # training throughput, like Trainer's: saving is not training
     if eval_blocks is not None and last_eval is None:
-        last_eval = evaluate_loss(model, eval_blocks, collate, options, accelerator, resolved["objective"])
-        history.append({"step": state["step"], "eval_loss": last_eval, "eval_perplexity": math.exp(min(last_eval, 700))})
+        last_eval = evaluate_loss(model, eval_blocks, objective, options, accelerator)
+        history.append({"step": state["step"], **eval_record(last_eval, objective)})
         if main:
             write_metrics(output, history)
     accelerator.wait_for_everyone()
@@ -355,6 +373,13 @@ def train(options: FinetuneOptions, output: Path, model: Any, tokenizer: Any, tr
     return FinetuneResult(str(output), resolved["objective"], resolved["data_format"], state["step"],
                           len(train_blocks), last_loss, last_eval, seconds, state["tokens"],
                           trained / loop_seconds if loop_seconds else 0.0, world, history)
+
+
+def eval_record(loss: float, objective: Objective) -> dict[str, float]:
+    """A perplexity only where the loss is a language model's mean token loss."""
+    if objective.name in ("clm", "mlm"):
+        return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 700))}
+    return {"eval_loss": loss}
 
 
 def tensorboard_writer(output: Path) -> Any:
@@ -394,13 +419,18 @@ def run(options: FinetuneOptions, reporter: Reporter | None = None) -> FinetuneR
                              "Pass a new or empty --output, or the checkpoint's own run directory.")
         check_resume_config(source_run, options)
     data_format, train_data, eval_data = load_datasets(options)
+    preference = preference_objective(options, data_format, options.data)
     set_seed(options.seed)  # before any weights are made: from-scratch and LoRA initialisation
     model, tokenizer, kind, base = load_model(options, train_data, data_format)
-    objective = {"causal": "clm", "masked": "mlm"}[kind]
-    if options.objective != "auto" and options.objective != objective:
+    objective = preference or {"causal": "clm", "masked": "mlm"}[kind]
+    if preference and kind != "causal":
+        raise UsageError(f"--objective {preference} trains a causal language model, not this {kind} model",
+                         "Use a causal LM (a --model for generate).")
+    if not preference and options.objective != "auto" and options.objective != objective:
         raise UsageError(f"--objective {options.objective} does not fit this {kind} model",
                          f"Use --objective {objective} or auto.")
-    packing = options.packing if options.packing is not None else data_format == "text" or objective == "mlm"
+    packing = False if preference else options.packing if options.packing is not None else \
+        data_format == "text" or objective == "mlm"
     mask_prompt = options.mask_prompt if options.mask_prompt is not None else data_format != "text"
     context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
     if options.max_length is None:  # the default fits the model: a small model's context caps it
@@ -411,22 +441,30 @@ def run(options: FinetuneOptions, reporter: Reporter | None = None) -> FinetuneR
     elif context and options.max_length > context:
         raise UsageError(f"--max-length {options.max_length} is above the model's context of {context} tokens",
                          f"Use --max-length {context} or less.")
-    from llmcli.training_data import prepare
-
     settings = dict(objective=objective, max_length=options.max_length, packing=packing, mask_prompt=mask_prompt)
-    train_blocks = prepare(train_data, tokenizer, data_format, name=options.data, **settings)
-    eval_blocks = prepare(eval_data, tokenizer, data_format, name=options.data_eval or "validation split",
-                          **settings) if eval_data is not None else None
+    preferences = objectives.PreferenceSettings(options.beta, options.loss_type, options.label_smoothing,
+                                                options.desirable_weight, options.undesirable_weight)
+    built = objectives.build(objective, tokenizer, data_format, options.max_length, preferences, settings)
+    train_blocks = built.prepare(train_data, options.data)
+    eval_blocks = built.prepare(eval_data, options.data_eval or "validation split") if eval_data is not None else None
+    if preference:
+        objectives.disable_dropout(model)
+        objectives.attach_reference(built, model, options.lora)
     if options.lora:
         model = add_lora(model, options, kind)
+        if preference:
+            objectives.disable_dropout(model)  # LoRA's own dropout too, as TRL's disable_dropout does
     if options.grad_checkpointing:
         model.gradient_checkpointing_enable()
     resolved = {"objective": objective, "data_format": data_format, "packing": packing, "mask_prompt": mask_prompt,
                 "train_blocks": len(train_blocks), "eval_blocks": len(eval_blocks) if eval_blocks else 0,
                 "base_model": base}
+    if preference:
+        resolved.update(packing=None, mask_prompt=None, reference=built.reference)
     fresh = resume_from is None and (options.overwrite or not output.is_dir() or not any(output.iterdir()))
     try:
-        return train(options, output, model, tokenizer, train_blocks, eval_blocks, resolved, reporter, resume_from)
+        return train(options, output, model, tokenizer, train_blocks, eval_blocks, resolved, reporter, resume_from,
+                     built)
     except BaseException:
         if fresh and not checkpoints.checkpoint_dirs(output):
             # nothing to resume from: what the run wrote (run.json, metrics) would only make the
