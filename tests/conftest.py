@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -184,6 +185,23 @@ def tiny_llama(tmp_path_factory, tiny_tokenizer) -> Path:
 def tiny_llama_2k(tmp_path_factory, tiny_tokenizer) -> Path:
     """The tiny Llama with a context of 2048: room for prompts that describe tools."""
     return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama-2k"), tiny_tokenizer, 2048)
+
+
+@pytest.fixture(scope="session")
+def bos_llama(tiny_llama, tmp_path_factory) -> Path:
+    """The tiny Llama with a tokenizer that puts a BOS before every text, as Llama-family tokenizers do:
+    there `add_special_tokens` changes the ids."""
+    from tokenizers import processors
+    from transformers import AutoTokenizer
+
+    path = tmp_path_factory.mktemp("bos-llama") / "model"
+    shutil.copytree(tiny_llama, path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer._tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", tokenizer.bos_token_id)])
+    tokenizer.save_pretrained(path)
+    assert AutoTokenizer.from_pretrained(path)("a").input_ids[0] == tokenizer.bos_token_id
+    return path
 
 
 @dataclass

@@ -167,24 +167,6 @@ def test_rolling_windows_are_lm_evals(tiny_llama):
     assert len(windows[-1].ids) == max_length + 1  # the short last window still gets full context
 
 
-@pytest.fixture(scope="module")
-def bos_llama(tiny_llama, tmp_path_factory):
-    """The tiny Llama with a tokenizer that puts a BOS before every text, as Llama-family tokenizers do."""
-    import shutil
-
-    from tokenizers import processors
-    from transformers import AutoTokenizer
-
-    path = tmp_path_factory.mktemp("bos-llama") / "model"
-    shutil.copytree(tiny_llama, path)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    tokenizer._tokenizer.post_processor = processors.TemplateProcessing(
-        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", tokenizer.bos_token_id)])
-    tokenizer.save_pretrained(path)
-    assert AutoTokenizer.from_pretrained(path)("a").input_ids[0] == tokenizer.bos_token_id
-    return path
-
-
 @pytest.mark.parametrize("model", ["tiny_gpt2", "bos_llama"])
 def test_llama_cpp_layout(model, request, text_file):
     """Chunks of ctx tokens, only positions ctx/2+1 .. ctx-1 of each scored, leftover tokens dropped; where

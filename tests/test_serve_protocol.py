@@ -169,24 +169,6 @@ def test_streamed_logprobs_come_with_each_tokens_delta(model, request):
     assert "Traceback" not in server.stderr
 
 
-@pytest.fixture(scope="module")
-def bos_llama(tiny_llama, tmp_path_factory):
-    """The tiny Llama with a tokenizer that puts a BOS before every text, as Llama-family tokenizers do:
-    there `add_special_tokens` changes the ids."""
-    import shutil
-
-    from tokenizers import processors
-    from transformers import AutoTokenizer
-
-    path = tmp_path_factory.mktemp("bos-llama") / "model"
-    shutil.copytree(tiny_llama, path)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    tokenizer._tokenizer.post_processor = processors.TemplateProcessing(
-        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", tokenizer.bos_token_id)])
-    tokenizer.save_pretrained(path)
-    return path
-
-
 CHAT = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is This License?"}]
 CHAT_WITH_TOOLS = [*CHAT, {"role": "assistant", "content": None, "tool_calls": [
     {"id": "call_1", "type": "function", "function": {"name": "look_up", "arguments": '{"term": "License"}'}}]},
