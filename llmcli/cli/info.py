@@ -52,7 +52,7 @@ def cache_list(json_output: Annotated[bool, typer.Option("--json", help="JSON Li
         if json_output:
             render.json_line(entry.__dict__)
         else:
-            size = render.human_size(entry.size_bytes or entry.size_mb * 2**20)
+            size = render.human_size(entry.size_bytes)
             render.write(f"{entry.name}  {entry.kind}  {size}  {entry.source or ''}".rstrip() + "\n")
     if json_output:
         return
