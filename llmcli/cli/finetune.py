@@ -22,19 +22,52 @@ def finetune(
                                         "checkpoints.")] = "llmcli-finetuned",
     data_eval: Annotated[Optional[str], typer.Option(help="Evaluation data, same format.")] = None,
     model: ModelOption = None,
-    objective: Annotated[str, typer.Option(autocompletion=completes("auto", "clm", "mlm", "dpo", "kto", "orpo"),
-                                           help="auto (from the model and data), clm, mlm, or a preference "
-                                           "objective: dpo, kto, orpo.")] = "auto",
-    beta: Annotated[float, typer.Option(help="dpo/kto/orpo: strength of the preference (DPO's beta; ORPO's "
-                                        "lambda).")] = 0.1,
+    objective: Annotated[str, typer.Option(autocompletion=completes("auto", "clm", "mlm", "dpo", "kto", "orpo",
+                                                                    "simpo", "grpo"),
+                                           help="auto (from the model and data), clm, mlm, a preference "
+                                           "objective: dpo, kto, orpo, simpo, or grpo (rewards on sampled "
+                                           "completions).")] = "auto",
+    beta: Annotated[Optional[float], typer.Option(help="dpo/kto/orpo/simpo: strength of the preference (DPO's "
+                                                  "beta; ORPO's lambda), default 0.1. grpo: weight of the KL to "
+                                                  "the starting model, default 0.0 as TRL's GRPOConfig (no "
+                                                  "reference model kept); e.g. 0.04.", show_default=False)] = None,
     loss_type: Annotated[str, typer.Option(autocompletion=completes("sigmoid", "ipo", "hinge", "robust"),
                                            help="dpo: sigmoid, ipo, hinge or robust (TRL's formulas).")] = "sigmoid",
-    label_smoothing: Annotated[float, typer.Option(help="dpo --loss-type robust: the assumed rate of flipped "
-                                                   "preferences, in [0, 0.5).")] = 0.0,
+    label_smoothing: Annotated[float, typer.Option(help="dpo --loss-type robust and simpo: the assumed rate "
+                                                   "of flipped preferences, in [0, 0.5).")] = 0.0,
     desirable_weight: Annotated[float, typer.Option(help="kto: weight of the loss on label=true "
                                                     "completions.")] = 1.0,
     undesirable_weight: Annotated[float, typer.Option(help="kto: weight of the loss on label=false "
                                                       "completions.")] = 1.0,
+    simpo_gamma: Annotated[float, typer.Option(help="simpo: the margin the chosen answer's mean token "
+                                               "log-probability should win by, times --beta (TRL's "
+                                               "simpo_gamma).")] = 0.5,
+    reference: Annotated[str, typer.Option(autocompletion=completes("auto", "copy", "precomputed"),
+                                           help="dpo/kto: the reference model. precomputed: one no-grad pass "
+                                           "over the data before training, no second model in memory; copy: "
+                                           "a frozen copy beside the policy (the model's weights twice in "
+                                           "memory), scored every step; auto: the base with the adapter "
+                                           "disabled under --lora, else precomputed (grpo with --beta: a "
+                                           "frozen copy, as its completions are new every step).")] = "auto",
+    reward: Annotated[Optional[list[str]], typer.Option(help="grpo: a reward function (repeatable): "
+                                                        "regex:PATTERN, json-schema:FILE, exact-match[:FIELD], "
+                                                        "number-match[:FIELD[:TOL]], length:MIN-MAX, or "
+                                                        "FILE.py:NAME (TRL's reward-function signature).",
+                                                        show_default=False)] = None,
+    reward_weights: Annotated[Optional[list[float]], typer.Option(help="grpo: the weight of each --reward, in "
+                                                                  "order (repeatable; default 1 each).",
+                                                                  show_default=False)] = None,
+    num_generations: Annotated[int, typer.Option(help="grpo: completions sampled per prompt (G, at least 2). "
+                                                 "--batch-size counts prompts, so a micro-batch holds "
+                                                 "batch-size x G completions: TRL's per_device_train_batch_size "
+                                                 "counts completions (it is batch-size x G).")] = 8,
+    max_completion_length: Annotated[int, typer.Option(help="grpo: tokens per sampled completion at most.")] = 512,
+    temperature: Annotated[float, typer.Option("--temperature", "-t", help="grpo: sampling temperature (above "
+                                               "0); log-probabilities are scored at it, as TRL.")] = 1.0,
+    top_p: Annotated[float, typer.Option(help="grpo: nucleus sampling threshold in (0, 1].")] = 1.0,
+    top_k: Annotated[int, typer.Option(help="grpo: sample among the k most likely tokens (0 = off).")] = 0,
+    epsilon: Annotated[float, typer.Option(help="grpo: clip range of the probability ratio (TRL's "
+                                           "epsilon).")] = 0.2,
     from_scratch: Annotated[bool, typer.Option(help="Random weights instead of pretrained ones.")] = False,
     arch: Annotated[Optional[str], typer.Option(autocompletion=completes("gpt2", "llama", "bert"), help="Architecture for --from-scratch: gpt2, llama or bert.")] = None,
     config_overrides: Annotated[str, typer.Option(help="Config changes for --from-scratch, e.g. "
@@ -46,7 +79,8 @@ def finetune(
     epochs: Annotated[float, typer.Option(help="Passes over the data (fractions allowed).")] = 1.0,
     max_steps: Annotated[Optional[int], typer.Option(help="Optimizer steps; overrides --epochs.")] = None,
     lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 5e-5,
-    batch_size: Annotated[int, typer.Option(help="Examples per batch per process.")] = 8,
+    batch_size: Annotated[int, typer.Option(help="Examples per batch per process (grpo: prompts, each with "
+                                            "--num-generations completions).")] = 8,
     grad_accum: Annotated[int, typer.Option(help="Batches per optimizer step.")] = 1,
     max_length: Annotated[Optional[int], typer.Option(help="Tokens per example (block size when packing). Default: "
                                                       "512, or the model's context if smaller.",
@@ -116,7 +150,10 @@ def finetune(
         mixed_precision="bf16" if bf16 else "fp16" if fp16 else "no", grad_checkpointing=grad_checkpointing,
         overwrite=overwrite, device=device, trust_remote_code=trust_remote_code, num_processes=num_processes,
         allow_pickle=allow_pickle, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
-        desirable_weight=desirable_weight, undesirable_weight=undesirable_weight,
+        desirable_weight=desirable_weight, undesirable_weight=undesirable_weight, simpo_gamma=simpo_gamma,
+        reference=reference, reward=reward or [], reward_weights=reward_weights, num_generations=num_generations,
+        max_completion_length=max_completion_length, temperature=temperature, top_p=top_p, top_k=top_k,
+        epsilon=epsilon,
     )
     validate(options)
     if export_gguf:
@@ -142,3 +179,4 @@ def finetune(
             exported = export(result.output, export_gguf, "f16", overwrite)
             size = render.human_size(exported.size_mb * 2**20)
             render.notice(f"Wrote {exported.path} ({size}): llmcli generate -m {exported.path}")
+

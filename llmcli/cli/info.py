@@ -34,8 +34,9 @@ def config_summary() -> dict:
             "LLMCLI_MODEL": os.environ.get("LLMCLI_MODEL")}
 
 
-cache_app = typer.Typer(help="The model cache: GGUF conversions made once (safetensors for hf, F16 for llama.cpp) "
-                        "and the embedding models' files.", no_args_is_help=True)
+cache_app = typer.Typer(help="The model cache: GGUF conversions made once (safetensors for hf, F16 for llama.cpp), "
+                        "the embedding models' files, and the models 'llmcli pull' put in the Hugging Face cache.",
+                        no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
 
 
@@ -43,7 +44,7 @@ app.add_typer(cache_app, name="cache")
 def cache_list(json_output: Annotated[bool, typer.Option("--json", help="JSON Lines: one object per entry.")] = False
                ) -> None:
     """Each cache entry (name, kind, size and what it came from) and their total, then the models in the
-    Hugging Face hub cache (which 'hf cache' manages)."""
+    Hugging Face hub cache (pulled: org/name, or org/name:QUANT for a GGUF file)."""
     from llmcli.inventory import cache_entries, hub_entries
     from llmcli.models import cache_root
 
@@ -66,10 +67,14 @@ def cache_list(json_output: Annotated[bool, typer.Option("--json", help="JSON Li
 @cache_app.command("rm")
 def cache_rm(
     name: Annotated[Optional[str], typer.Argument(help="An entry's name (or a unique start of it), from "
-                                                       "'llmcli cache list'.", show_default=False, metavar="NAME")] = None,
-    everything: Annotated[bool, typer.Option("--all", help="Remove every entry.")] = False,
+                                                       "'llmcli cache list'; a pulled model: org/name (the whole "
+                                                       "repository) or org/name:QUANT (that GGUF file).",
+                                                  show_default=False, metavar="NAME")] = None,
+    everything: Annotated[bool, typer.Option("--all", help="Remove every entry of llmcli's own (conversions, "
+                                             "embedding models), not the shared Hugging Face cache.")] = False,
 ) -> None:
-    """Remove one cache entry, or all with --all (each is rebuilt when next needed)."""
+    """Remove one cache entry, or all of llmcli's own with --all (each is rebuilt when next needed); a pulled
+    model is gone until pulled again."""
     from llmcli.inventory import remove_cache_entries
 
     for removed in remove_cache_entries(name, everything):

@@ -17,8 +17,9 @@ def completes(*values: str):
 # Options shared by the commands that load a model.
 ModelOption = Annotated[
     Optional[str],
-    typer.Option("--model", "-m", envvar="LLMCLI_MODEL", show_envvar=True, help="Hub id, local save_pretrained "
-                 "dir, .gguf file, or 'smollm2'. Default: the embedded SmolLM2-135M-Instruct."),
+    typer.Option("--model", "-m", envvar="LLMCLI_MODEL", show_envvar=True, help="Hub id (org/name, or "
+                 "org/name:QUANT for a GGUF file; from the cache, see 'llmcli pull'), local save_pretrained dir, "
+                 ".gguf file, or 'smollm2'. Default: the embedded SmolLM2-135M-Instruct."),
 ]
 DeviceOption = Annotated[Optional[str], typer.Option(envvar="LLMCLI_DEVICE", show_envvar=True,
                                                      help="cpu, cuda, cuda:N or mps. Default: accelerate's choice.")]

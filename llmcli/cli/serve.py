@@ -42,6 +42,9 @@ def serve(
     embedding_model: Annotated[Optional[str], typer.Option(
         help="/v1/embeddings' model: a sentence-transformers or encoder directory (default: the embedded "
         "all-MiniLM-L6-v2, loaded at the first request).", show_default=False)] = None,
+    rerank_model: Annotated[Optional[str], typer.Option(
+        help="/v1/rerank's cross-encoder: a sentence-transformers CrossEncoder directory or a sequence-"
+        "classification model with one label (loaded at the first request).", show_default=False)] = None,
     speculative: SpeculativeOption = "auto",
     draft_max: DraftMaxOption = 12,
     draft_model: DraftModelOption = None,
@@ -53,8 +56,9 @@ def serve(
     allow_pickle: PickleOption = False,
 ) -> None:
     """Serve the model over the OpenAI HTTP API (/v1/completions, /v1/chat/completions, /v1/responses,
-    /v1/embeddings, /v1/models, /health, /metrics; the schema at /openapi.json), streaming as server-sent events. Ctrl-C or SIGTERM:
-    stop accepting, let requests in flight finish for up to 5 s, then cut their generations, exit 0."""
+    /v1/embeddings, /v1/rerank, /v1/models, /health, /metrics; the schema at /openapi.json), streaming as
+    server-sent events. Ctrl-C or SIGTERM: stop accepting, let requests in flight finish for up to 5 s, then
+    cut their generations, exit 0."""
     for name, value in (("--port", port), ("--queue-size", queue_size), ("--max-body", max_body),
                         ("--max-batch", max_batch), ("--parallel", parallel), ("--ctx-size", 1 if ctx_size is None else ctx_size)):
         if value <= 0 or (name == "--port" and value > 65535):
@@ -73,7 +77,10 @@ def serve(
         raise UsageError("--api-key is empty", "Pass a secret, or drop --api-key.")
     from llmcli.serve.embeddings import check_embedding_model
 
+    from llmcli.serve.rerank import check_rerank_model
+
     embedding_unavailable = check_embedding_model(embedding_model)
+    check_rerank_model(rerank_model)
     if embedding_unavailable:
         render.notice(f"/v1/embeddings is off: {embedding_unavailable} (pass --embedding-model DIR, or install it).")
     import socket
@@ -99,4 +106,4 @@ def serve(
                max_batch=max_batch, parallel=parallel, ctx_size=ctx_size, prefix_cache=prefix_cache,
                speculative=speculative, draft_max=draft_max,
                max_body_bytes=max_body, json_logs=json_logs, served_name=served_model_name, on_notice=render.notice,
-               embedding_model=embedding_model, embedding_unavailable=embedding_unavailable)
+               embedding_model=embedding_model, embedding_unavailable=embedding_unavailable, rerank_model=rerank_model)

@@ -17,8 +17,8 @@ def exposure_warning(host: str, api_key: str | None) -> str | None:
 
 
 def model_id(engine: Any, served_name: str | None = None) -> str:
-    """The name /v1/models lists: --served-model-name, else the embedded model's alias, a hub id, or the
-    file or directory's own name (no spaces, no full paths)."""
+    """The name /v1/models lists: --served-model-name, else the embedded model's alias, a hub id (org/name:QUANT
+    for a pulled GGUF), or the file or directory's own name (no spaces, no full paths)."""
     from pathlib import Path
 
     from llmcli.models import EMBEDDED_ALIAS, EMBEDDED_NAME
@@ -28,7 +28,11 @@ def model_id(engine: Any, served_name: str | None = None) -> str:
         return served_name
     if source.name == EMBEDDED_NAME:
         return EMBEDDED_ALIAS
-    return source.location if source.kind == "hub" else Path(source.location).name
+    from llmcli.hub_cache import looks_like_spec
+
+    if source.kind == "hub" or looks_like_spec(source.name):  # org/name, or a pulled org/name:QUANT
+        return source.name
+    return Path(source.location).name
 
 
 def model_aliases(engine: Any) -> frozenset[str]:

@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmcli import strict_json
 from llmcli.engines import Engine
-from llmcli.serve import chat, completions, embeddings, responses, tokenize
+from llmcli.serve import chat, completions, embeddings, rerank, responses, tokenize
 from llmcli.serve.common import known_model
 from llmcli.serve.errors import ApiError, error_response, log_internal_error, route_error, validation_error
 from llmcli.serve.metrics import CONTENT_TYPE_LATEST, Metrics
@@ -92,6 +92,8 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
     embedding_card = {**model_card, "id": embeddings.embedding_model_id(settings.embedding_model)}
 
     cards = [model_card] + ([] if settings.embedding_unavailable else [embedding_card])
+    if settings.rerank_model:
+        cards.append({**model_card, "id": rerank.rerank_model_id(settings.rerank_model)})
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
@@ -99,8 +101,9 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
 
     @app.get("/v1/models/{name:path}")
     async def retrieve_model(name: str) -> dict[str, Any]:
-        if name == embedding_card["id"] and embedding_card in cards:
-            return embedding_card
+        card = next((card for card in cards[1:] if card["id"] == name), None)
+        if card is not None:
+            return card
         if not known_model(name, settings):
             raise ApiError(404, f"no model {name!r} here; this server runs {settings.model_name!r}",
                            "not_found_error", param="model", code="model_not_found")
@@ -110,6 +113,7 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
     chat.add_route(app, engine, settings, worker, scheduler, metrics)
     responses.add_route(app, engine, settings, worker, scheduler, metrics)
     embeddings.add_route(app, settings)
+    rerank.add_routes(app, settings)
     tokenize.add_routes(app, engine, settings, scheduler.cells if scheduler else engine.context_length)
 
     return app
@@ -170,7 +174,8 @@ class Gate:
         length = headers.get("content-length", "")
         if length.isdigit() and int(length) > self.settings.max_body_bytes:
             return too_large(self.settings)
-        if self.settings.api_key and (scope["path"].startswith("/v1") or scope["path"] in tokenize.PATHS):
+        if self.settings.api_key and (scope["path"].startswith("/v1") or scope["path"] in tokenize.PATHS
+                                     or scope["path"] in rerank.PATHS):
             given = headers.get("authorization", "")
             expected = f"Bearer {self.settings.api_key}"
             if not hmac.compare_digest(given.encode(), expected.encode()):

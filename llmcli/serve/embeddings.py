@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import threading
-from typing import Any, Literal, Optional, Union
+from typing import Any, Callable, Literal, Optional, Union
 
 from fastapi import FastAPI
 from pydantic import BaseModel, Field, field_validator
@@ -46,12 +46,25 @@ class EmbeddingModel:
         self.running = threading.Lock()  # one request's batch at a time on the model
 
     def get(self) -> Any:
-        from llmcli.sentence_models import load_sentence_model
-
         with self.lock:
             if self.model is None:
-                self.model = load_sentence_model(self.location)
+                self.model = self.load()
             return self.model
+
+    def use(self, work: Callable[[Any], Any], task: str, code: str) -> Any:
+        """work(model) with the model to itself. A model that cannot load is the server's fault, not the
+        request's: a 503, never a 400."""
+        try:
+            model = self.get()
+        except LlmcliError as exc:
+            raise ApiError(503, f"this server cannot {task}: {exc.message}", "server_error", code=code) from exc
+        with self.running:
+            return work(model)
+
+    def load(self) -> Any:
+        from llmcli.sentence_models import load_sentence_model
+
+        return load_sentence_model(self.location)
 
 
 def embedding_model_id(location: str | None) -> str:
@@ -99,13 +112,7 @@ def add_route(app: FastAPI, settings: Settings) -> None:
 
 
 def run(holder: EmbeddingModel, body: EmbeddingRequest) -> tuple[Any, list[int]]:
-    try:
-        model = holder.get()
-    except LlmcliError as exc:  # the server's embedding model is at fault, not the request: never a 400
-        raise ApiError(503, f"this server cannot embed: {exc.message}", "server_error",
-                       code="embedding_model_unavailable") from exc
-    with holder.running:
-        return embed_request(model, body)
+    return holder.use(lambda model: embed_request(model, body), "embed", "embedding_model_unavailable")
 
 
 def embed_request(model: Any, body: EmbeddingRequest) -> tuple[Any, list[int]]:

@@ -25,6 +25,7 @@ class Settings:
     fingerprint: str = ""  # system_fingerprint: what produced the answers (create_app fills it in)
     embedding_model: str | None = None  # /v1/embeddings' model (None: the embedded all-MiniLM-L6-v2)
     embedding_unavailable: str | None = None  # why /v1/embeddings is off (the default model is not installed)
+    rerank_model: str | None = None  # /v1/rerank's cross-encoder (None: /v1/rerank says how to start one)
 
 
 def system_fingerprint(engine: Engine) -> str:

@@ -29,7 +29,7 @@ class FinetuneOptions:
     output: str
     data_eval: str | None = None
     model: str | None = None
-    objective: str = "auto"  # auto | clm | mlm | dpo | kto | orpo
+    objective: str = "auto"  # auto | clm | mlm | dpo | kto | orpo | simpo
     from_scratch: bool = False
     arch: str | None = None
     config_overrides: str = ""
@@ -69,14 +69,25 @@ class FinetuneOptions:
     allow_pickle: bool = False
     num_processes: int = 1
     # preference objectives (TRL's names and defaults)
-    beta: float = 0.1
+    beta: float | None = None  # None: the objective's own (TRL's): 0.1 for dpo, kto and orpo, 0.0 for grpo
     loss_type: str = "sigmoid"  # dpo: sigmoid | ipo | hinge | robust
-    label_smoothing: float = 0.0  # dpo --loss-type robust
+    label_smoothing: float = 0.0  # dpo --loss-type robust, simpo
     desirable_weight: float = 1.0  # kto
     undesirable_weight: float = 1.0  # kto
+    simpo_gamma: float = 0.5  # simpo: the target margin (TRL's simpo_gamma)
+    reference: str = "auto"  # dpo/kto: auto | copy | precomputed
+    # grpo (TRL GRPOConfig's names and defaults)
+    reward: list[str] = field(default_factory=list)  # reward specs, see llmcli.tasks.rewards
+    reward_weights: list[float] | None = None  # one per --reward; None: 1.0 each
+    num_generations: int = 8
+    max_completion_length: int = 512
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    epsilon: float = 0.2
 
 
-OBJECTIVES = ("auto", "clm", "mlm", "dpo", "kto", "orpo")
+OBJECTIVES = ("auto", "clm", "mlm", "dpo", "kto", "orpo", "simpo", "grpo")
 
 
 @dataclass
@@ -108,14 +119,36 @@ class Reporter:
 def validate(options: FinetuneOptions) -> None:
     checks = [
         (options.objective in OBJECTIVES, f"unknown --objective {options.objective!r}",
-         "Use auto, clm, mlm, dpo, kto or orpo."),
-        (options.beta > 0, f"--beta must be positive, got {options.beta}", None),
+         "Use auto, clm, mlm, dpo, kto, orpo, simpo or grpo."),
+        (options.beta is None or options.beta >= 0, f"--beta must not be negative, got {options.beta}", None),
+        (options.num_generations >= 2, f"--num-generations must be at least 2, got {options.num_generations}",
+         "GRPO scores each completion against the others sampled for its prompt: use 2 or more (TRL's default is 8)."),
+        (options.max_completion_length >= 1,
+         f"--max-completion-length must be at least 1, got {options.max_completion_length}", None),
+        (options.temperature > 0, f"--temperature must be positive, got {options.temperature}",
+         "GRPO samples its completions: greedy ones would all be alike."),
+        (0 < options.top_p <= 1, f"--top-p must be in (0, 1], got {options.top_p}", None),
+        (options.top_k >= 0, f"--top-k must not be negative, got {options.top_k}", None),
+        (options.epsilon > 0, f"--epsilon must be positive, got {options.epsilon}", None),
+        (options.objective != "grpo" or options.reward, "--objective grpo needs at least one --reward to score the "
+         "completions", "Add e.g. --reward 'regex:^\\d+$' or --reward my_rewards.py:score (repeatable)."),
+        (not options.reward or options.objective in ("auto", "grpo"),
+         f"--reward applies to --objective grpo, not {options.objective}",
+         "Drop --reward, or train on prompts with --objective grpo."),
+        (options.reward_weights is None or len(options.reward_weights) == len(options.reward),
+         f"--reward-weights has {len(options.reward_weights or [])} weights for {len(options.reward)} --reward",
+         "Give one weight per --reward, in the same order."),
         (options.loss_type in ("sigmoid", "ipo", "hinge", "robust"), f"unknown --loss-type {options.loss_type!r}",
          "Use sigmoid, ipo, hinge or robust."),
         (0 <= options.label_smoothing < 0.5, f"--label-smoothing must be in [0, 0.5), got {options.label_smoothing}",
          None),
         (options.desirable_weight > 0 and options.undesirable_weight > 0,
          "--desirable-weight and --undesirable-weight must be positive", None),
+        (options.reference in ("auto", "copy", "precomputed"), f"unknown --reference {options.reference!r}",
+         "Use auto, copy or precomputed."),
+        (not (options.lora and options.reference == "copy"),
+         "--reference copy with --lora: the reference is the base model with the adapter disabled, no copy needed",
+         "Drop --reference copy (or use --reference precomputed)."),
         (options.epochs > 0, f"--epochs must be positive, got {options.epochs}", None),
         (options.max_steps is None or options.max_steps > 0, f"--max-steps must be at least 1, got {options.max_steps}", None),
         (options.lr > 0, f"--lr must be positive, got {options.lr}", None),
@@ -178,8 +211,12 @@ def _writable(path: Path) -> bool:
 def load_datasets(options: FinetuneOptions) -> tuple[str, Any, Any]:
     from llmcli.data import load_training_data
 
-    data_format, train = load_training_data(options.data, options.text_column, options.line_by_line)
+    prompts_only = options.objective == "grpo"  # every field but the prompt goes to the rewards, even 'label'
+    data_format, train = load_training_data(options.data, options.text_column, options.line_by_line, prompts_only)
     evaluation = None
+    if data_format == "prompt-only" and (options.data_eval or options.val_split):
+        raise UsageError("--data-eval and --val-split are not supported with --objective grpo yet",
+                         "Drop them; the reward and its per-function means in metrics.jsonl show the progress.")
     if options.data_eval:
         eval_format, evaluation = load_training_data(options.data_eval, options.text_column, options.line_by_line)
         if eval_format != data_format:
@@ -200,7 +237,7 @@ def preference_objective(options: FinetuneOptions, data_format: str, data: str) 
     from llmcli.tasks.objectives import PREFERENCE_OBJECTIVES
 
     wanted = options.objective
-    if data_format in ("preference", "unpaired-preference"):
+    if data_format in ("preference", "unpaired-preference", "prompt-only"):
         fitting = [name for name, form in PREFERENCE_OBJECTIVES.items() if form == data_format]
         chosen = fitting[0] if wanted == "auto" else wanted
         if chosen not in fitting:
@@ -214,8 +251,8 @@ def preference_objective(options: FinetuneOptions, data_format: str, data: str) 
                              "Drop --from-scratch, or train on text first and pass that model with --model.")
         return chosen
     if wanted in PREFERENCE_OBJECTIVES:
-        needed = "prompt, chosen and rejected" if PREFERENCE_OBJECTIVES[wanted] == "preference" else \
-            "prompt, completion and label"
+        needed = {"preference": "prompt, chosen and rejected", "unpaired-preference": "prompt, completion and label",
+                  "prompt-only": "a prompt (and the fields the rewards read)"}[PREFERENCE_OBJECTIVES[wanted]]
         raise UsageError(f"--objective {wanted} needs records with {needed}, but {data} holds {data_format} records",
                          "Pass preference data, or --objective auto to train on this data as it is.")
     return None

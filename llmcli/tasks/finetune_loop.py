@@ -32,7 +32,7 @@ from llmcli.tasks.finetune import (
     validate,
     versions,
 )
-from llmcli.tasks import objectives
+from llmcli.tasks import objectives, reference
 from llmcli.tasks.objectives import Objective
 
 
@@ -107,6 +107,14 @@ def total_steps(options: FinetuneOptions, batches_per_epoch: int) -> int:
     return options.max_steps or max(1, math.ceil(options.epochs * steps_per_epoch))
 
 
+def batch_tokens(batch: dict[str, Any]) -> int:
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    if "prompt_mask" in batch:  # GRPO: prompts and their sampled completions
+        return int(batch["prompt_mask"].sum() + batch["completion_mask"].sum())
+    return batch["input_ids"].numel()
+
+
 def evaluate_loss(model: Any, blocks: Any, objective: Objective, options: FinetuneOptions, accelerator: Any) -> float:
     """Mean loss over the evaluation blocks (weighted by scored tokens, or by pairs for preferences),
     summed across processes. The RNG is forked and seeded, so MLM's eval masking is the same every time
@@ -115,11 +123,11 @@ def evaluate_loss(model: Any, blocks: Any, objective: Objective, options: Finetu
 
     model.eval()
     total = torch.zeros(2, device=accelerator.device)  # summed loss, weight
-    indices = list(range(accelerator.process_index, len(blocks), accelerator.num_processes))
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(options.seed)
-        for start in range(0, len(indices), options.batch_size):
-            batch = objective.collate([blocks[i] for i in indices[start:start + options.batch_size]])
+        for indices in eval_batches(len(blocks), options.batch_size, accelerator.num_processes,
+                                    accelerator.process_index):
+            batch = objective.collate([blocks[i] for i in indices])
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             with accelerator.autocast():
                 loss, _ = objective.loss(model, batch)
@@ -128,6 +136,28 @@ def evaluate_loss(model: Any, blocks: Any, objective: Objective, options: Finetu
     model.train()
     total = accelerator.reduce(total, "sum")
     return (total[0] / total[1].clamp(min=1)).item()
+
+
+def eval_batches(size: int, batch_size: int, world: int, rank: int) -> list[list[int]]:
+    """This rank's evaluation batches: every world-th example from its rank on, in order."""
+    indices = list(range(rank, size, world))
+    return [indices[start:start + batch_size] for start in range(0, len(indices), batch_size)]
+
+
+def precomputed_reference(objective: Objective, model: Any, train_blocks: Any, eval_blocks: Any,
+                          options: FinetuneOptions, accelerator: Any, output: Path, resume_from: Path | None,
+                          reporter: Reporter) -> tuple[Any, Any]:
+    """The rows with the reference's log-probabilities (reference.py), scored in the batches the first
+    epoch and every evaluation use."""
+    world = accelerator.num_processes
+    splits = {"train": (train_blocks, [epoch_batches(len(train_blocks), 0, options.seed, options.batch_size, world, r)
+                                       for r in range(world)])}
+    if eval_blocks is not None:
+        splits["eval"] = (eval_blocks, [eval_batches(len(eval_blocks), options.batch_size, world, r)
+                                        for r in range(world)])
+    rows = reference.attach(objective, model, splits, accelerator, output,
+                            checkpoints.run_dir(resume_from) if resume_from is not None else None, reporter.note)
+    return rows["train"], rows.get("eval")
 
 
 def read_metrics(output: Path, up_to_step: int) -> list[dict[str, Any]]:
@@ -153,7 +183,8 @@ def plot_losses(output: Path, records: list[dict[str, Any]]) -> bool:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    reward_names = [n for n in ("rewards/chosen", "rewards/rejected", "rewards/margins") if any(n in r for r in records)]
+    reward_names = [n for n in ("rewards/chosen", "rewards/rejected", "rewards/margins", "reward")
+                    if any(n in r for r in records)]
     figure, panels = plt.subplots(1, 2 if reward_names else 1, figsize=(12 if reward_names else 7, 4), squeeze=False)
     axes = panels[0][0]
     for name in reward_names:  # preference objectives: the rewards beside the loss
@@ -246,6 +277,9 @@ def train(options: FinetuneOptions, output: Path, model: Any, tokenizer: Any, tr
     if main:
         output.mkdir(parents=True, exist_ok=True)  # resuming another run's checkpoint starts a new directory
     accelerator.wait_for_everyone()
+    if objective.precompute:
+        train_blocks, eval_blocks = precomputed_reference(objective, model, train_blocks, eval_blocks, options,
+                                                          accelerator, output, resume_from, reporter)
     if main:
         run = {"training": training_config(options), "resolved": {**resolved, "total_steps": steps,
                "max_steps": options.max_steps, "epochs": options.epochs,
@@ -287,14 +321,22 @@ def train(options: FinetuneOptions, output: Path, model: Any, tokenizer: Any, tr
         while state["step"] < steps:
             step_loss = torch.zeros((), device=accelerator.device)
             step_tokens = 0
+            step_began = time.perf_counter()
+            step_rows = []
             for micro in range(options.grad_accum):
                 if state["batch_in_epoch"] >= len(order):
                     state["epoch"] += 1
                     state["batch_in_epoch"] = 0
                     order = epoch_batches(len(train_blocks), state["epoch"], options.seed, options.batch_size, world, rank)
-                batch = collate([train_blocks[i] for i in order[state["batch_in_epoch"]]])
+                step_rows.append([train_blocks[i] for i in order[state["batch_in_epoch"]]])
+                state["batch_in_epoch"] += 1
+            # GRPO makes the step's batches up front (rollouts, rewards, the step's token count); the others
+            # collate each micro-batch just before its forward, so the RNG (MLM masks, dropout) is used in order
+            made = objective.begin_step(model, step_rows, state["step"]) if objective.begin_step else None
+            for micro in range(options.grad_accum):
+                batch = made[micro] if made is not None else collate(step_rows[micro])
                 # counted on the CPU: reading a GPU tensor would wait for the GPU every micro-batch
-                step_tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+                step_tokens += batch_tokens(batch)
                 batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
                 with no_sync_unless(micro == options.grad_accum - 1, accelerator, model):
                     with accelerator.autocast():
@@ -308,12 +350,14 @@ def train(options: FinetuneOptions, output: Path, model: Any, tokenizer: Any, tr
                 # `loss` holds this step's autograd graph: kept alive into the next forward, its nodes sit
                 # among the freed activations and fragment the heap (+50 MB peak RSS measured on CPU)
                 del loss
-                state["batch_in_epoch"] += 1
             if options.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(model.parameters(), options.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            if objective.end_step:  # metrics of the whole step (GRPO: rewards, and where the time went)
+                for name, value in objective.end_step(time.perf_counter() - step_began).items():
+                    metric_sums[names.index(name)] += torch.tensor([value, 1.0], device=accelerator.device)
             state["step"] += 1
             if world > 1:
                 step_tokens = int(accelerator.reduce(torch.tensor(step_tokens, device=accelerator.device), "sum"))
@@ -420,6 +464,13 @@ def run(options: FinetuneOptions, reporter: Reporter | None = None) -> FinetuneR
         check_resume_config(source_run, options)
     data_format, train_data, eval_data = load_datasets(options)
     preference = preference_objective(options, data_format, options.data)
+    beta = objectives.DEFAULT_BETA.get(preference, 0.1) if options.beta is None else options.beta
+    if beta == 0 and preference and preference != "grpo":
+        raise UsageError(f"--beta must be positive for --objective {preference}, got 0",
+                         "Use e.g. --beta 0.1 (the default).")
+    if options.reference != "auto" and not objectives.needs_reference(preference or "", beta):
+        raise UsageError(f"--reference {options.reference}: --objective {preference or options.objective} has no "
+                         f"reference model", "Drop --reference; it applies to dpo, kto and grpo with --beta above 0.")
     set_seed(options.seed)  # before any weights are made: from-scratch and LoRA initialisation
     model, tokenizer, kind, base = load_model(options, train_data, data_format)
     objective = preference or {"causal": "clm", "masked": "mlm"}[kind]
@@ -442,17 +493,22 @@ def run(options: FinetuneOptions, reporter: Reporter | None = None) -> FinetuneR
         raise UsageError(f"--max-length {options.max_length} is above the model's context of {context} tokens",
                          f"Use --max-length {context} or less.")
     settings = dict(objective=objective, max_length=options.max_length, packing=packing, mask_prompt=mask_prompt)
-    preferences = objectives.PreferenceSettings(options.beta, options.loss_type, options.label_smoothing,
-                                                options.desirable_weight, options.undesirable_weight)
-    built = objectives.build(objective, tokenizer, data_format, options.max_length, preferences, settings)
+    preferences = objectives.PreferenceSettings(beta, options.loss_type, options.label_smoothing,
+                                                options.desirable_weight, options.undesirable_weight,
+                                                options.simpo_gamma)
+    grpo = grpo_settings(options, objective, beta, train_data)
+    built = objectives.build(objective, tokenizer, data_format, options.max_length, preferences, settings, grpo)
     train_blocks = built.prepare(train_data, options.data)
     eval_blocks = built.prepare(eval_data, options.data_eval or "validation split") if eval_data is not None else None
-    if preference:
+    # TRL turns dropout off for DPO, KTO and ORPO (their disable_dropout defaults to True), not for GRPO
+    dropout_off = preference in ("dpo", "kto", "orpo", "simpo")
+    if dropout_off:
         objectives.disable_dropout(model)
-        objectives.attach_reference(built, model, options.lora)
+    if preference:
+        objectives.attach_reference(built, model, options.lora, options.reference, beta)
     if options.lora:
         model = add_lora(model, options, kind)
-        if preference:
+        if dropout_off:
             objectives.disable_dropout(model)  # LoRA's own dropout too, as TRL's disable_dropout does
     if options.grad_checkpointing:
         model.gradient_checkpointing_enable()
@@ -460,7 +516,10 @@ def run(options: FinetuneOptions, reporter: Reporter | None = None) -> FinetuneR
                 "train_blocks": len(train_blocks), "eval_blocks": len(eval_blocks) if eval_blocks else 0,
                 "base_model": base}
     if preference:
-        resolved.update(packing=None, mask_prompt=None, reference=built.reference)
+        resolved.update(packing=None, mask_prompt=None, reference=built.reference, beta=beta)
+    if grpo is not None:
+        resolved.update(rewards=dict(zip(grpo.rewards.names, grpo.rewards.weights)), loss_type="dapo",
+                        scale_rewards="group")
     fresh = resume_from is None and (options.overwrite or not output.is_dir() or not any(output.iterdir()))
     try:
         return train(options, output, model, tokenizer, train_blocks, eval_blocks, resolved, reporter, resume_from,
@@ -471,6 +530,28 @@ def run(options: FinetuneOptions, reporter: Reporter | None = None) -> FinetuneR
             # corrected command fail with "not empty"
             replace_dir_contents(output) if output.is_dir() else None
         raise
+
+
+def grpo_settings(options: FinetuneOptions, objective: str, beta: float, train_data: Any) -> Any:
+    """GRPO's settings with its reward functions loaded (a missing file or function is an error now, before
+    any training); None for the other objectives, which must not be given --reward."""
+    if objective != "grpo":
+        if options.reward:
+            raise UsageError(f"--reward applies to --objective grpo, not {objective}",
+                             "Drop --reward, or train on prompts with --objective grpo.")
+        return None
+    if not options.reward:  # --objective auto on prompts (an explicit grpo is checked with the other options)
+        raise UsageError("--objective grpo needs at least one --reward to score the completions",
+                         "Add e.g. --reward 'regex:^\\d+$' or --reward my_rewards.py:score (repeatable).")
+    from llmcli.tasks.objectives import GRPOSettings
+    from llmcli.tasks.rewards import load_rewards
+    from llmcli.tasks.rollouts import SamplingSettings
+
+    rewards = load_rewards(options.reward, options.reward_weights,
+                           [c for c in train_data.column_names if c != "prompt"])
+    sampling = SamplingSettings(options.num_generations, options.max_completion_length, options.temperature,
+                                options.top_p, options.top_k)
+    return GRPOSettings(sampling, rewards, options.epsilon, beta, options.seed)
 
 
 def epoch_batches(size: int, epoch: int, seed: int, batch_size: int, world: int, rank: int) -> list[list[int]]:
