@@ -1010,6 +1010,12 @@ MUTANTS = [
     Mutant("GRPO with one generation accepted", "llmcli/tasks/finetune.py",
            "(options.num_generations >= 2, ", "(options.num_generations >= 1, ",
            "tests/test_grpo.py -k bad_grpo_input"),
+    Mutant("a mid-step interrupt saves the half step's data position", "llmcli/tasks/finetune_loop.py",
+           'state["epoch"], state["batch_in_epoch"] = step_start["epoch"], step_start["batch_in_epoch"]',
+           'state["epoch"] = state["epoch"]', "tests/test_finetune.py -k interrupt_mid_step"),
+    Mutant("a mid-step interrupt saves the half step's RNG", "llmcli/tasks/finetune_loop.py",
+           'checkpoints.restore_rng_states(step_start["rngs"])', 'pass',
+           "tests/test_finetune.py -k interrupt_mid_step"),
 ]
 
 

@@ -199,6 +199,33 @@ def test_interrupt_saves_a_checkpoint_and_resume_equals_uninterrupted(tiny_gpt2,
     assert same_weights(ours, reference)
 
 
+def test_an_interrupt_mid_step_saves_the_step_before_it(tiny_gpt2, gpl_file, tmp_path, monkeypatch):
+    """A further Ctrl-C stops at once, mid-step: the checkpoint is the last finished step, with the data
+    position and RNG it had, so --resume still ends with an uninterrupted run's weights (the half step's
+    rows taken or its dropout drawn would make it skip rows or drift)."""
+    from llmcli.tasks import finetune_loop
+
+    args = ["--data", gpl_file, "-m", tiny_gpt2, "--max-steps", "8", *TRAIN, "--batch-size", "4", "--grad-accum", "2"]
+    count_tokens, calls = finetune_loop.batch_tokens, []
+
+    def interrupted(batch):
+        calls.append(batch)
+        if len(calls) == 12:  # step 6's second micro-batch: both its rows taken, the first one's dropout drawn
+            raise KeyboardInterrupt
+        return count_tokens(batch)
+
+    monkeypatch.setattr(finetune_loop, "batch_tokens", interrupted)
+    output = tmp_path / "out"
+    result = run_cli("finetune", *args, "-o", output)
+    monkeypatch.undo()
+    assert result.exit_code == 130 and "saved checkpoints/step-5" in result.stderr, result.stderr
+    [checkpoint] = (output / "checkpoints").iterdir()
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["step"] == 5
+    finetune(*args, "-o", output, "--resume")
+    finetune(*args, "-o", tmp_path / "straight")
+    assert same_weights(weights(output), weights(tmp_path / "straight"))
+
+
 def test_two_process_cpu_ddp_splits_the_global_batch(tiny_llama, gpl_file, tmp_path):
     """Two ranks of 4 examples must see disjoint halves of the batch that one process of 8 sees.
     DDP averages the two halves' gradients, (a + b) / 2, which is bit for bit what accumulating two

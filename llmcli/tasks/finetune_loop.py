@@ -317,11 +317,16 @@ def train(options: FinetuneOptions, output: Path, model: Any, tokenizer: Any, tr
     metric_sums = torch.tensor(state.get("interval_metrics", [[0.0, 0.0]] * len(names)), device=accelerator.device,
                                dtype=torch.float32).reshape(len(names), 2)  # float32: MPS has no float64
     interrupts = StepBoundaryInterrupts(accelerator)
+    step_start: dict[str, Any] | None = None
     try:
         while state["step"] < steps:
             step_loss = torch.zeros((), device=accelerator.device)
             step_tokens = 0
             step_began = time.perf_counter()
+            # a further Ctrl-C stops mid-step: the checkpoint then saved must be this step's start (its rows
+            # not yet taken, its RNG not yet used), or the resumed run would skip rows and drift
+            step_start = {"epoch": state["epoch"], "batch_in_epoch": state["batch_in_epoch"],
+                          "rngs": checkpoints.rng_states(), "metric_sums": metric_sums.clone()}
             step_rows = []
             for micro in range(options.grad_accum):
                 if state["batch_in_epoch"] >= len(order):
@@ -352,6 +357,7 @@ def train(options: FinetuneOptions, output: Path, model: Any, tokenizer: Any, tr
                 del loss
             if options.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(model.parameters(), options.max_grad_norm)
+            step_start["updating"] = True  # from here to the step's count, the weights are neither before nor after
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -363,6 +369,7 @@ def train(options: FinetuneOptions, output: Path, model: Any, tokenizer: Any, tr
                 step_tokens = int(accelerator.reduce(torch.tensor(step_tokens, device=accelerator.device), "sum"))
             state["tokens"] += step_tokens
             interval[0], interval[1] = interval[0] + step_loss, interval[1] + 1
+            step_start = None
             reporter.step(state["step"])
             record: dict[str, Any] = {}
             if state["step"] % options.log_every == 0 or state["step"] == steps:
@@ -394,7 +401,14 @@ def train(options: FinetuneOptions, output: Path, model: Any, tokenizer: Any, tr
                 checkpoint()
             interrupts.stop_here()
     except KeyboardInterrupt:
-        if state["step"] > 0:
+        if step_start is not None and step_start.get("updating"):
+            reporter.note("Interrupted while the weights were being updated: nothing saved; the last checkpoint "
+                          "stands.")
+        elif state["step"] > 0:
+            if step_start is not None:  # stopped mid-step: save the state before it
+                state["epoch"], state["batch_in_epoch"] = step_start["epoch"], step_start["batch_in_epoch"]
+                checkpoints.restore_rng_states(step_start["rngs"])
+                metric_sums.copy_(step_start["metric_sums"])
             checkpoint()
             reporter.note(f"Interrupted: saved checkpoints/step-{state['step']}; continue with --resume.")
         raise
