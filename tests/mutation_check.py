@@ -1010,6 +1010,20 @@ MUTANTS = [
     Mutant("GRPO with one generation accepted", "llmcli/tasks/finetune.py",
            "(options.num_generations >= 2, ", "(options.num_generations >= 1, ",
            "tests/test_grpo.py -k bad_grpo_input"),
+    Mutant("reasoning split off by one (the end marker's last character left in the answer)", "llmcli/reasoning.py",
+           'self.state, buffer = "after", buffer[at + len(self.end):]',
+           'self.state, buffer = "after", buffer[at + len(self.end) - 1:]',
+           "tests/test_reasoning.py -k budget_forces"),
+    Mutant("reasoning answer constraint starts one token after the end marker", "llmcli/reasoning.py",
+           "if self.recent[-len(end):] == end:", "if self.recent[-len(end) - 1:-1] == end:",
+           "tests/test_reasoning.py -k schema"),
+    Mutant("reasoning budget ignored", "llmcli/reasoning.py",
+           "if budget is None or self.forcing or len(self.recent) < budget:",
+           "if True or budget is None or self.forcing or len(self.recent) < budget:",
+           "tests/test_reasoning.py -k budget_forces"),
+    Mutant("reasoning constraint applied from the start of the thinking", "llmcli/reasoning.py",
+           'self.phase = "thinking" if thinking.opened else "start"', 'self.phase = "answer"',
+           "tests/test_reasoning.py -k schema"),
 ]
 
 

@@ -13,7 +13,7 @@ from llmcli.cli.options import (completes, ModelOption, DeviceOption, DtypeOptio
                                  DeviceMapOption, MaxMemoryOption, OffloadDirOption, NumProcessesOption,
                                  NnodesOption, NodeRankOption, MasterAddrOption, MasterPortOption,
                                  PresencePenaltyOption, FrequencyPenaltyOption, LogitBiasOption, CtxSizeOption,
-                                 ChatTemplateOption, SpeculativeOption, DraftMaxOption, DraftModelOption)
+                                 ChatTemplateOption, ReasoningFormatOption, ReasoningOption, ReasoningBudgetOption, HideReasoningOption, SpeculativeOption, DraftMaxOption, DraftModelOption)
 from llmcli.errors import UsageError
 
 if TYPE_CHECKING:
@@ -44,6 +44,10 @@ def generate(
                                                       metavar="TEXT")] = None,
     system: Annotated[Optional[str], typer.Option(help="System message for the chat template.")] = None,
     chat_template: ChatTemplateOption = None,
+    reasoning_format: ReasoningFormatOption = "auto",
+    reasoning: ReasoningOption = "auto",
+    reasoning_budget: ReasoningBudgetOption = None,
+    hide_reasoning: HideReasoningOption = False,
     chat: Annotated[Optional[bool], typer.Option("--chat/--no-chat", help="Apply the chat template. Default: "
                                                  "when the tokenizer has one.", show_default=False)] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Prompts decoded together: left-padded into one "
@@ -103,6 +107,10 @@ def generate(
 
     options = replace(options, constraint=constraint_from_options(schema, regex, grammar, choice))
     validate(options)  # before the slow model load
+    from llmcli.reasoning import check_controls, markers
+
+    markers(None, reasoning_format)
+    check_controls(reasoning, reasoning_budget)
     check_speculation(options, draft_model)
     from llmcli.data import Prompt, read_prompts
 
@@ -121,6 +129,7 @@ def generate(
                          dtype=dtype, fast=fast,
                          threads=threads, hf_only=hf_only_drafting(draft_model), draft_model=draft_model,
                          trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, placement=placement)
+    options = with_reasoning(runner, options, reasoning_format, reasoning, reasoning_budget, render.notice)
     check_engine_speculation(runner, options, draft_model)
     if batch_size is None:
         options = replace(options, batch_size=runner.default_batch_size)
@@ -137,8 +146,10 @@ def generate(
             return
         streaming = False
     else:
+        show_thinking = not hide_reasoning and not json_output and render.thinking_on_stderr()
         produced = run_generate(runner, prompt_list, options, on_text=render.write if streaming else None,
-                                on_notice=render.notice)
+                                on_notice=render.notice,
+                                on_reasoning=render.thinking if streaming and show_thinking else None)
     results = []
     for result in produced:
         results.append(result)
@@ -147,6 +158,8 @@ def generate(
             continue
         if not single:
             render.generation_header(result, show_index=num_return_sequences > 1)
+        if not streaming and result.reasoning and not hide_reasoning and render.thinking_on_stderr():
+            render.thinking(result.reasoning + "\n")
         if not streaming:
             render.write(result.text)
         render.write("\n")
@@ -155,6 +168,28 @@ def generate(
     if stats:
         render.generation_stats(results, runner.peak_memory_mb(),
                                 runner.constraints.seconds if options.constraint is not None else None)
+
+
+def with_reasoning(runner: Any, options: "GenerateOptions", reasoning_format: str, mode: str,
+                   budget: int | None, on_notice: Any) -> "GenerateOptions":
+    """The options with the model's thinking markers, budget and template switch (--reasoning-format,
+    --reasoning, --reasoning-budget); says when --reasoning has no switch to turn."""
+    from dataclasses import replace
+
+    from llmcli import reasoning
+
+    thinking = reasoning.thinking_for(runner, reasoning_format, budget, mode)
+    if mode != "auto" and not reasoning.has_switch(runner.chat_template):
+        if thinking is None:
+            on_notice(f"--reasoning {mode}: this model's chat template writes no thinking markers; nothing changes.")
+        elif mode == "off":
+            on_notice("--reasoning off: the chat template has no enable_thinking switch, so a thinking block the "
+                      "model opens is closed at once (an empty thinking).")
+    if budget is not None and thinking is None:
+        on_notice("--reasoning-budget: this model's chat template writes no thinking markers (--reasoning-format "
+                  "deepseek names <think>…</think>); it is not applied.")
+    return replace(options, reasoning=thinking,
+                   template_kwargs=reasoning.template_kwargs(runner.chat_template, mode))
 
 
 def check_speculation(options: "GenerateOptions", draft_model: str | None) -> None:

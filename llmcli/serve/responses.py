@@ -212,6 +212,7 @@ class Reply:
         self.body, self.settings, self.store, self.conversation = body, settings, store, conversation
         self.ident, self.created = new_id("resp"), int(time.time())
         self.message_id, self.call_ids = new_id("msg"), []  # item ids, the same streamed and finished
+        self.reasoning_id = new_id("rs")
         self.sequence = 0
 
     def envelope(self, status: str, output: list[dict[str, Any]], usage: dict[str, Any] | None,
@@ -232,7 +233,7 @@ class Reply:
         """The output items; in a response cut by max_output_tokens only the text that was cut is
         incomplete: its calls are whole (the chat reply holds no call that was cut)."""
         calls = message.get("tool_calls") or []
-        items = []
+        items = [self.reasoning_item(message["reasoning_content"])] if message.get("reasoning_content") else []
         if message.get("content"):
             items.append(self.message_item(message["content"], "incomplete" if incomplete and not calls
                                            else "completed"))
@@ -243,6 +244,12 @@ class Reply:
                           "name": call["function"]["name"], "arguments": call["function"]["arguments"],
                           "status": "completed"})
         return items
+
+    def reasoning_item(self, text: str | None, status: str = "completed") -> dict[str, Any]:
+        """A thinking model's thinking, as vLLM's Responses API returns it: a `reasoning` item whose content
+        is the text (no summary: nothing here summarizes)."""
+        content = [] if text is None else [{"type": "reasoning_text", "text": text}]
+        return {"type": "reasoning", "id": self.reasoning_id, "summary": [], "content": content, "status": status}
 
     def message_item(self, text: str | None, status: str) -> dict[str, Any]:
         content = [] if text is None else [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]
@@ -312,6 +319,16 @@ class EventStream:
 
     def delta(self, delta: dict[str, Any]) -> list[str]:
         events, reply = [], self.reply
+        if delta.get("reasoning_content"):
+            if not self.items or self.items[-1]["type"] != "reasoning":
+                events += self.open(reply.reasoning_item(None, "in_progress"))
+                events.append(reply.event("response.content_part.added", output_index=len(self.items) - 1,
+                                          content_index=0, item_id=reply.reasoning_id,
+                                          part={"type": "reasoning_text", "text": ""}))
+                self.items[-1]["text"] = ""
+            self.items[-1]["text"] += delta["reasoning_content"]
+            events.append(reply.event("response.reasoning_text.delta", output_index=len(self.items) - 1,
+                                      content_index=0, item_id=reply.reasoning_id, delta=delta["reasoning_content"]))
         if delta.get("content"):
             if not self.items or self.items[-1]["type"] != "message":
                 events += self.open(reply.message_item(None, "in_progress"))
@@ -349,6 +366,14 @@ class EventStream:
         if not self.items:
             return []
         index, reply, item = len(self.items) - 1, self.reply, self.items[-1]
+        if item["type"] == "reasoning":
+            done = finished or reply.reasoning_item(item.get("text", ""))
+            text = done["content"][0]["text"] if done["content"] else ""
+            return [reply.event("response.reasoning_text.done", output_index=index, content_index=0,
+                                item_id=reply.reasoning_id, text=text),
+                    reply.event("response.content_part.done", output_index=index, content_index=0,
+                                item_id=reply.reasoning_id, part={"type": "reasoning_text", "text": text}),
+                    reply.event("response.output_item.done", output_index=index, item=done)]
         if item["type"] == "message":
             done = finished or reply.message_item(item.get("text", ""), "completed")
             text = done["content"][0]["text"] if done["content"] else ""
