@@ -203,10 +203,17 @@ def stream_router(thinking: Thinking | None, on_answer: Callable[[str], None] | 
 
 
 def thinking_block(reasoning: str | None) -> dict[str, Any] | None:
-    """An Anthropic Messages `thinking` content block for a reply's reasoning (None without one)."""
+    """An Anthropic Messages `thinking` content block for a reply's reasoning (Generation.reasoning), or
+    None without one; it goes before the text block. No signature: nothing here signs thinking."""
     if not reasoning:
         return None
     return {"type": "thinking", "thinking": reasoning, "signature": ""}
+
+
+def thinking_delta(piece: str) -> dict[str, Any]:
+    """A streamed piece of thinking (generate's on_reasoning) as a Messages `content_block_delta` delta,
+    inside a block started with thinking_block("") fields {"type": "thinking", "thinking": ""}."""
+    return {"type": "thinking_delta", "thinking": piece}
 
 
 # ------------------------------------------------------------------ tokens
@@ -218,13 +225,15 @@ def needs_matcher(options: Any) -> bool:
     return thinking is not None and (thinking.budget is not None or getattr(options, "constraint", None) is not None)
 
 
-def sequence_matcher(constraints: Any, options: Any) -> Any:
+def sequence_matcher(engine: Any, options: Any) -> Any:
     """One sequence's matcher: the constraint's (llmcli.constraints.Matcher), wrapped by a
     ThinkingMatcher when the model thinks first; None when neither applies."""
     constraint = getattr(options, "constraint", None)
+    constraints = engine.constraints
     if not needs_matcher(options):
         return constraints.matcher(constraint)
-    return ThinkingMatcher(options.reasoning, constraints.matcher(constraint), constraints.n_vocab)
+    return ThinkingMatcher(options.reasoning, constraints.matcher(constraint), constraints.n_vocab,
+                           lambda token: engine.decode([token], keep_special=True))
 
 
 class ThinkingMatcher:
@@ -233,8 +242,9 @@ class ThinkingMatcher:
     forced, and once the end marker is written the answer's constraint (`inner`) takes over. Without the
     block opened by the prompt, the first token is the constraint's or the start marker's."""
 
-    def __init__(self, thinking: Thinking, inner: Any, n_vocab: int) -> None:
-        self.thinking, self.inner, self.n_vocab = thinking, inner, n_vocab
+    def __init__(self, thinking: Thinking, inner: Any, n_vocab: int, token_text: Callable[[int], str]) -> None:
+        self.thinking, self.inner, self.n_vocab, self.token_text = thinking, inner, n_vocab, token_text
+        self.text = ""  # the thinking's end, token by token: the end marker is found whatever its tokens
         self.phase = "thinking" if thinking.opened else "start"
         self.started = 0  # start-marker tokens taken
         self.recent: list[int] = []  # tokens since the thinking began
@@ -299,9 +309,9 @@ class ThinkingMatcher:
             self.phase = "answer"
             return self.accept(token, eos, eos_id, room)
         self.recent.append(token)
+        self.text = (self.text + self.token_text(token))[-256:]  # a window: the marker is short
         if self.forcing and token == self.forcing[0]:
             self.forcing.pop(0)
-        end = list(self.thinking.end_ids)
-        if self.recent[-len(end):] == end:
+        if self.thinking.end in self.text:
             self.phase, self.forcing = "answer", []
         return None

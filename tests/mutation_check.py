@@ -1015,7 +1015,7 @@ MUTANTS = [
            'self.state, buffer = "after", buffer[at + len(self.end) - 1:]',
            "tests/test_reasoning.py -k budget_forces"),
     Mutant("reasoning answer constraint starts one token after the end marker", "llmcli/reasoning.py",
-           "if self.recent[-len(end):] == end:", "if self.recent[-len(end) - 1:-1] == end:",
+           "if self.thinking.end in self.text:", "if self.thinking.end in self.text[:-1]:",
            "tests/test_reasoning.py -k schema"),
     Mutant("reasoning budget ignored", "llmcli/reasoning.py",
            "if budget is None or self.forcing or len(self.recent) < budget:",

@@ -111,7 +111,8 @@ def test_the_budget_forces_the_end_marker_after_n_thinking_tokens(model, templat
     assert budgeted["text"] == engine.decode(ids[BUDGET + len(end):]).lstrip()
     assert budgeted["text"]
     # without a budget the untrained model thinks to the end: all of it is thinking
-    assert free["text"] == "" and free["reasoning"] == engine.decode(free["token_ids"]).strip()
+    # (a character cut by the token limit is dropped, as from any text)
+    assert free["text"] == "" and free["reasoning"] == engine.decode(free["token_ids"]).rstrip("\ufffd").strip()
 
 
 def test_the_streamed_split_joins_to_the_whole(model):

@@ -82,7 +82,6 @@ def chat(
     runner = load_engine(model, engine, ctx_size, chat_template, command="chat", device=device, dtype=dtype,
                          fast=fast, threads=threads, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
                          hf_only=hf_only_drafting(draft_model), draft_model=draft_model)
-    check_engine_speculation(runner, options, draft_model)
     if not runner.chat_template:
         from llmcli.tasks.chat import plain_chat
 
@@ -90,6 +89,7 @@ def chat(
         render.notice("This model has no chat template: the conversation is written as plain 'User:' and "
                       "'Assistant:' lines (--chat-template FILE gives it another).")
     options = with_reasoning(runner, options, reasoning_format, reasoning, reasoning_budget, render.notice)
+    check_engine_speculation(runner, options, draft_model)
     runner.constraints.compile(options.constraint)  # a constraint the vocabulary cannot express fails now, once
     session = ChatSession(runner, options, system=system, on_notice=render.notice)
     interactive = sys.stdin.isatty()

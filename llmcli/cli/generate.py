@@ -214,10 +214,12 @@ def check_engine_speculation(runner: Any, options: "GenerateOptions", draft_mode
     if options.speculative == "on" and not (draft_model or options.prompt_lookup):
         raise UsageError("--speculative on is for the llama.cpp engine", "On hf pass --prompt-lookup N or "
                          "--draft-model MODEL.")
-    if options.constraint is not None and (draft_model or options.prompt_lookup):
+    from llmcli.reasoning import needs_matcher
+
+    if (options.constraint is not None or needs_matcher(options)) and (draft_model or options.prompt_lookup):
         raise UsageError(f"{'--draft-model' if draft_model else '--prompt-lookup'} proposes tokens that the hf "
-                         "engine cannot check against a constraint", "Drop it, or the constraint, or use a .gguf "
-                         "model on the llama.cpp engine.")
+                         "engine cannot check against a constraint or a --reasoning-budget", "Drop it, or the "
+                         "constraint and budget, or use a .gguf model on the llama.cpp engine.")
 
 
 def incomplete_notice(result: "Generation", several: bool) -> str:

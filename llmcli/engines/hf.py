@@ -96,7 +96,7 @@ class HFEngine:
         from llmcli.reasoning import sequence_matcher
 
         rows = len(batch) * options.num_return_sequences
-        matchers = [sequence_matcher(self.constraints, options) for _ in range(rows)]
+        matchers = [sequence_matcher(self, options) for _ in range(rows)]
         processors = [ConstrainedLogits(matchers, self.eos_ids)] if matchers[0] is not None else []
         presence, frequency = getattr(options, "presence_penalty", 0.0), getattr(options, "frequency_penalty", 0.0)
         if presence or frequency:

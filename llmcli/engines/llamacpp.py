@@ -409,7 +409,7 @@ class LlamaCppEngine:
         """A fresh matcher for one sequence (its constraint, a thinking model's budget), or None."""
         from llmcli.reasoning import sequence_matcher
 
-        return sequence_matcher(self.constraints, options)
+        return sequence_matcher(self, options)
 
     def guidance_tokenizer(self) -> Any:
         """llguidance's tokenizer of this vocabulary."""

@@ -41,7 +41,7 @@ class TextOptions(BaseModel):
 
 
 class ResponsesRequest(BaseModel):
-    """The fields this server reads; others (metadata, user, reasoning, truncation...) are ignored."""
+    """The fields this server reads; others (metadata, user, truncation...) are ignored."""
 
     model: Optional[str] = None
     input: Union[str, list[dict[str, Any]]] = Field(min_length=1)
@@ -57,6 +57,8 @@ class ResponsesRequest(BaseModel):
     stream: bool = False
     store: bool = True
     previous_response_id: Optional[str] = None
+    reasoning: Optional[dict[str, Any]] = None  # {"effort": ...}: chat completions' reasoning_effort
+    chat_template_kwargs: Optional[dict[str, Any]] = None  # as on chat completions (vLLM takes it here too)
 
 
 class Store:
@@ -183,6 +185,10 @@ def chat_request(body: ResponsesRequest, conversation: list[dict[str, Any]]) -> 
     }
     if tools:
         fields.update(tools=tools, tool_choice=choice)
+    if body.reasoning and body.reasoning.get("effort") is not None:
+        fields["reasoning_effort"] = body.reasoning["effort"]
+    if body.chat_template_kwargs:
+        fields["chat_template_kwargs"] = body.chat_template_kwargs
     chosen = body.text.format if body.text else None
     if chosen is not None and chosen.type == "json_schema":
         fields["response_format"] = {"type": "json_schema", "json_schema": {
