@@ -115,8 +115,9 @@ class ToolChat:
         if not reply.calls:
             return (with_reasoning({"role": "assistant", "content": reply.content or ""}, result),
                     finish_reason(result.finish_reason))
-        message = {"role": "assistant", "content": reply.content, "tool_calls": [call.openai() for call in reply.calls]}
-        return with_reasoning(message, result), "length" if result.finish_reason == "length" else "tool_calls"
+        message = with_reasoning({"role": "assistant", "content": reply.content,
+                                  "tool_calls": [call.openai() for call in reply.calls]}, result)
+        return message, "length" if result.finish_reason == "length" else "tool_calls"
 
 
 def run_chat(engine: Engine, body: ChatRequest, prompt: Prompt, shape: Any, options: GenerateOptions,
