@@ -176,11 +176,23 @@ def test_the_server_returns_reasoning_content_whole_and_streamed(model, template
         for off in ({"chat_template_kwargs": {"enable_thinking": False}}, {"reasoning_effort": "none"}):
             message = chat(server, **off)["choices"][0]["message"]
             assert "reasoning_content" not in message and message["content"]
-        request = urllib.request.Request(server.url + "/v1/responses", method="POST", data=json.dumps(
-            {"input": PROMPT, "max_output_tokens": 30, "temperature": 0}).encode(),
-            headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=60) as response:
-            output = json.loads(response.read())["output"]
+        output = respond(server)["output"]
         assert [item["type"] for item in output] == ["reasoning", "message"]
         assert output[0]["content"] == [{"type": "reasoning_text", "text": whole["reasoning_content"]}]
         assert output[1]["content"][0]["text"] == whole["content"]
+        events = respond(server, stream=True)
+        deltas = [event["delta"] for event in events if event["type"] == "response.reasoning_text.delta"]
+        assert len(deltas) > 1 and "".join(deltas) == whole["reasoning_content"]
+        assert events[-1]["response"]["output"] == [{**item, "id": events[-1]["response"]["output"][n]["id"]}
+                                                    for n, item in enumerate(output)]
+
+
+def respond(server, **body):
+    """A /v1/responses answer: the response, or (streamed) its events."""
+    request = urllib.request.Request(server.url + "/v1/responses", method="POST", data=json.dumps(
+        {"input": PROMPT, "max_output_tokens": 30, "temperature": 0, **body}).encode(),
+        headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        if not body.get("stream"):
+            return json.loads(response.read())
+        return [json.loads(line[6:]) for line in response.read().decode().splitlines() if line.startswith("data: ")]
