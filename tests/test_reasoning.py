@@ -196,3 +196,40 @@ def respond(server, **body):
         if not body.get("stream"):
             return json.loads(response.read())
         return [json.loads(line[6:]) for line in response.read().decode().splitlines() if line.startswith("data: ")]
+
+
+def test_off_without_a_switch_closes_the_thinking_at_once_and_none_splits_nothing(tiny_llama, tmp_path):
+    from transformers import AutoTokenizer
+
+    no_switch = tmp_path / "no-switch.jinja"
+    no_switch.write_text(TEMPLATE.replace("enable_thinking is defined and not enable_thinking", "false"))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    end = tokenizer("</think>", add_special_tokens=False)["input_ids"]
+    result = run_cli("generate", "-m", tiny_llama, "--chat-template", no_switch, "--json", "-n", "20",
+                     "--reasoning", "off", PROMPT)
+    assert result.exit_code == 0 and "no enable_thinking switch" in result.stderr
+    [record] = result.json_lines()
+    assert record["token_ids"][:len(end)] == end and record["reasoning"] == "" and record["text"]
+    [plain] = run_cli("generate", "-m", tiny_llama, "--chat-template", no_switch, "--json", "-n", "20",
+                      "--reasoning-format", "none", PROMPT).json_lines()
+    assert "reasoning" not in plain  # the whole reply is the answer
+    assert plain["text"] == tokenizer.decode(plain["token_ids"], skip_special_tokens=True).rstrip("\ufffd")
+
+
+def test_chat_shows_the_thinking_unless_hidden(tiny_llama, template):
+    shown = run_cli("chat", "-m", tiny_llama, "--chat-template", template, "-n", "20", "--reasoning-budget", "4",
+                    input="hello\n")
+    hidden = run_cli("chat", "-m", tiny_llama, "--chat-template", template, "-n", "20", "--reasoning-budget", "4",
+                     "--hide-reasoning", input="hello\n")
+    assert shown.exit_code == 0 and hidden.exit_code == 0, shown.stderr + hidden.stderr
+    answer = hidden.stdout.strip()
+    assert answer and shown.stdout.strip().endswith(answer) and len(shown.stdout.strip()) > len(answer)
+    assert "</think>" not in shown.stdout
+
+
+@pytest.mark.parametrize("args, fragment", [(("--reasoning-format", "qwen"), "--reasoning-format 'qwen'"),
+                                            (("--reasoning", "maybe"), "--reasoning 'maybe'"),
+                                            (("--reasoning-budget", "-1"), "--reasoning-budget must be 0 or more")])
+def test_bad_reasoning_options_are_one_error_line(args, fragment):
+    result = run_cli("generate", "-m", "/nonexistent-model", *args, "hi")
+    assert result.exit_code == 2 and fragment in result.stderr and "Traceback" not in result.stderr
