@@ -76,6 +76,24 @@ def thinking_for(engine: Any, reasoning_format: str = "auto", budget: int | None
                     tuple(engine.encode(end, add_special=False)), budget)
 
 
+def with_thinking(engine: Any, options: Any, reasoning_format: str, mode: str, budget: int | None,
+                  on_notice: Callable[[str], None]) -> Any:
+    """generate's and chat's options (a GenerateOptions) with the model's thinking markers, budget and
+    template switch (--reasoning-format, --reasoning, --reasoning-budget); says where an option has
+    nothing to act on."""
+    thinking = thinking_for(engine, reasoning_format, budget, mode)
+    if mode != "auto" and not has_switch(engine.chat_template):
+        if thinking is None:
+            on_notice(f"--reasoning {mode}: this model's chat template writes no thinking markers; nothing changes.")
+        elif mode == "off":
+            on_notice("--reasoning off: the chat template has no enable_thinking switch, so a thinking block the "
+                      "model opens is closed at once (an empty thinking).")
+    if budget is not None and thinking is None:
+        on_notice("--reasoning-budget: this model's chat template writes no thinking markers (--reasoning-format "
+                  "deepseek names <think>…</think>); it is not applied.")
+    return replace(options, reasoning=thinking, template_kwargs=template_kwargs(engine.chat_template, mode))
+
+
 def has_switch(template: str | None) -> bool:
     return bool(template) and SWITCH in template
 

@@ -12,7 +12,8 @@ from llmcli.cli.common import Terminated, load_engine, parse_logit_bias
 from llmcli.cli.options import (ModelOption, DeviceOption, DtypeOption, TrustOption, PickleOption, EngineOption,
                                  ThreadsOption, SchemaOption, RegexOption, GrammarOption, ChoiceOption,
                                  PresencePenaltyOption, FrequencyPenaltyOption, LogitBiasOption, CtxSizeOption,
-                                 ChatTemplateOption, ReasoningFormatOption, ReasoningOption, ReasoningBudgetOption, HideReasoningOption, SpeculativeOption, DraftMaxOption, DraftModelOption)
+                                 ChatTemplateOption, ReasoningFormatOption, ReasoningOption, ReasoningBudgetOption,
+                                 HideReasoningOption, SpeculativeOption, DraftMaxOption, DraftModelOption)
 from llmcli.errors import LlmcliError
 
 
@@ -72,11 +73,11 @@ def chat(
         constraint=constraint_from_options(schema, regex, grammar, choice),
     )
     validate(options)
-    from llmcli.reasoning import check_controls, markers
+    from llmcli.reasoning import check_controls, markers, with_thinking
 
     markers(None, reasoning_format)
     check_controls(reasoning, reasoning_budget)
-    from llmcli.cli.generate import check_engine_speculation, check_speculation, hf_only_drafting, with_reasoning
+    from llmcli.cli.generate import check_engine_speculation, check_speculation, hf_only_drafting
 
     check_speculation(options, draft_model)
     runner = load_engine(model, engine, ctx_size, chat_template, command="chat", device=device, dtype=dtype,
@@ -88,7 +89,7 @@ def chat(
         options = plain_chat(runner, options)
         render.notice("This model has no chat template: the conversation is written as plain 'User:' and "
                       "'Assistant:' lines (--chat-template FILE gives it another).")
-    options = with_reasoning(runner, options, reasoning_format, reasoning, reasoning_budget, render.notice)
+    options = with_thinking(runner, options, reasoning_format, reasoning, reasoning_budget, render.notice)
     check_engine_speculation(runner, options, draft_model)
     runner.constraints.compile(options.constraint)  # a constraint the vocabulary cannot express fails now, once
     session = ChatSession(runner, options, system=system, on_notice=render.notice)

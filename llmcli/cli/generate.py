@@ -13,7 +13,8 @@ from llmcli.cli.options import (completes, ModelOption, DeviceOption, DtypeOptio
                                  DeviceMapOption, MaxMemoryOption, OffloadDirOption, NumProcessesOption,
                                  NnodesOption, NodeRankOption, MasterAddrOption, MasterPortOption,
                                  PresencePenaltyOption, FrequencyPenaltyOption, LogitBiasOption, CtxSizeOption,
-                                 ChatTemplateOption, ReasoningFormatOption, ReasoningOption, ReasoningBudgetOption, HideReasoningOption, SpeculativeOption, DraftMaxOption, DraftModelOption)
+                                 ChatTemplateOption, ReasoningFormatOption, ReasoningOption, ReasoningBudgetOption,
+                                 HideReasoningOption, SpeculativeOption, DraftMaxOption, DraftModelOption)
 from llmcli.errors import UsageError
 
 if TYPE_CHECKING:
@@ -129,7 +130,9 @@ def generate(
                          dtype=dtype, fast=fast,
                          threads=threads, hf_only=hf_only_drafting(draft_model), draft_model=draft_model,
                          trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, placement=placement)
-    options = with_reasoning(runner, options, reasoning_format, reasoning, reasoning_budget, render.notice)
+    from llmcli.reasoning import with_thinking
+
+    options = with_thinking(runner, options, reasoning_format, reasoning, reasoning_budget, render.notice)
     check_engine_speculation(runner, options, draft_model)
     if batch_size is None:
         options = replace(options, batch_size=runner.default_batch_size)
@@ -168,28 +171,6 @@ def generate(
     if stats:
         render.generation_stats(results, runner.peak_memory_mb(),
                                 runner.constraints.seconds if options.constraint is not None else None)
-
-
-def with_reasoning(runner: Any, options: "GenerateOptions", reasoning_format: str, mode: str,
-                   budget: int | None, on_notice: Any) -> "GenerateOptions":
-    """The options with the model's thinking markers, budget and template switch (--reasoning-format,
-    --reasoning, --reasoning-budget); says when --reasoning has no switch to turn."""
-    from dataclasses import replace
-
-    from llmcli import reasoning
-
-    thinking = reasoning.thinking_for(runner, reasoning_format, budget, mode)
-    if mode != "auto" and not reasoning.has_switch(runner.chat_template):
-        if thinking is None:
-            on_notice(f"--reasoning {mode}: this model's chat template writes no thinking markers; nothing changes.")
-        elif mode == "off":
-            on_notice("--reasoning off: the chat template has no enable_thinking switch, so a thinking block the "
-                      "model opens is closed at once (an empty thinking).")
-    if budget is not None and thinking is None:
-        on_notice("--reasoning-budget: this model's chat template writes no thinking markers (--reasoning-format "
-                  "deepseek names <think>…</think>); it is not applied.")
-    return replace(options, reasoning=thinking,
-                   template_kwargs=reasoning.template_kwargs(runner.chat_template, mode))
 
 
 def check_speculation(options: "GenerateOptions", draft_model: str | None) -> None:

@@ -9,8 +9,8 @@ from llmcli import render
 from llmcli.cli.app import app
 from llmcli.cli.common import load_engine
 from llmcli.cli.options import (ModelOption, DeviceOption, DtypeOption, TrustOption, PickleOption, EngineOption,
-                                 ThreadsOption, ChatTemplateOption, ReasoningFormatOption, ReasoningOption, ReasoningBudgetOption, SpeculativeOption, DraftMaxOption,
-                                 DraftModelOption)
+                                 ThreadsOption, ChatTemplateOption, ReasoningFormatOption, ReasoningOption,
+                                 ReasoningBudgetOption, SpeculativeOption, DraftMaxOption, DraftModelOption)
 from llmcli.errors import UsageError
 
 
