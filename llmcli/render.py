@@ -116,6 +116,25 @@ def write(text: str) -> None:
         _line_open[0] = not text.endswith("\n")
 
 
+def thinking_on_stderr() -> bool:
+    """generate shows a thinking model's thinking only where a person reads stderr."""
+    return stderr.is_terminal and not quiet
+
+
+def thinking(text: str) -> None:
+    """A piece of a thinking model's thinking, dimmed on stderr (generate: stdout keeps the answer alone)."""
+    stderr.print(text, style="dim", markup=False, highlight=False, soft_wrap=True, end="")
+
+
+def chat_thinking(text: str) -> None:
+    """A piece of the thinking in chat, dimmed within the conversation on stdout (plain when it is no
+    terminal, or under NO_COLOR: rich decides)."""
+    stdout_console().print(text, style="dim", markup=False, highlight=False, soft_wrap=True, end="")
+    stdout.flush()
+    if text:
+        _line_open[0] = not text.endswith("\n")
+
+
 def end_open_line() -> None:
     """Before an error on a terminal: end the line a cut stream left open (Ctrl-C mid-text), so that
     `Error:` starts a line of its own. Redirected output is left as it was written."""
@@ -142,6 +161,8 @@ def generation_record(generation: Any) -> dict[str, Any]:
     record.pop("time_to_first_token")
     if record.get("incomplete") is None:  # only constrained output has the flag
         record.pop("incomplete", None)
+    if record.get("reasoning") is None:  # only a thinking model's reply has it
+        record.pop("reasoning", None)
     if record.get("drafted") is None:  # only a speculating sequence counts drafts
         record.pop("drafted", None)
         record.pop("accepted", None)

@@ -1016,6 +1016,20 @@ MUTANTS = [
     Mutant("a mid-step interrupt saves the half step's RNG", "llmcli/tasks/finetune_loop.py",
            'checkpoints.restore_rng_states(step_start["rngs"])', 'pass',
            "tests/test_finetune.py -k interrupt_mid_step"),
+    Mutant("reasoning split off by one (the end marker's last character left in the answer)", "llmcli/reasoning.py",
+           'self.state, buffer = "after", buffer[at + len(self.end):]',
+           'self.state, buffer = "after", buffer[at + len(self.end) - 1:]',
+           "tests/test_reasoning.py -k budget_forces"),
+    Mutant("reasoning answer constraint starts one token after the end marker", "llmcli/reasoning.py",
+           "if self.thinking.end in self.text:", "if self.thinking.end in self.text[:-1]:",
+           "tests/test_reasoning.py -k schema"),
+    Mutant("reasoning budget ignored", "llmcli/reasoning.py",
+           "if budget is None or self.forcing or len(self.recent) < budget:",
+           "if True or budget is None or self.forcing or len(self.recent) < budget:",
+           "tests/test_reasoning.py -k budget_forces"),
+    Mutant("reasoning constraint applied from the start of the thinking", "llmcli/reasoning.py",
+           'self.phase = "thinking" if thinking.opened else "start"', 'self.phase = "answer"',
+           "tests/test_reasoning.py -k schema"),
 ]
 
 

@@ -12,7 +12,8 @@ from llmcli.cli.common import Terminated, load_engine, parse_logit_bias
 from llmcli.cli.options import (ModelOption, DeviceOption, DtypeOption, TrustOption, PickleOption, EngineOption,
                                  ThreadsOption, SchemaOption, RegexOption, GrammarOption, ChoiceOption,
                                  PresencePenaltyOption, FrequencyPenaltyOption, LogitBiasOption, CtxSizeOption,
-                                 ChatTemplateOption, SpeculativeOption, DraftMaxOption, DraftModelOption)
+                                 ChatTemplateOption, ReasoningFormatOption, ReasoningOption, ReasoningBudgetOption,
+                                 HideReasoningOption, SpeculativeOption, DraftMaxOption, DraftModelOption)
 from llmcli.errors import LlmcliError
 
 
@@ -39,6 +40,10 @@ def chat(
     grammar: GrammarOption = None,
     choice: ChoiceOption = None,
     chat_template: ChatTemplateOption = None,
+    reasoning_format: ReasoningFormatOption = "auto",
+    reasoning: ReasoningOption = "auto",
+    reasoning_budget: ReasoningBudgetOption = None,
+    hide_reasoning: HideReasoningOption = False,
     ctx_size: CtxSizeOption = None,
     fast: Annotated[bool, typer.Option("--fast", help="As for generate: quantized weights on llama.cpp, bfloat16 "
                                        "on the CPU with hf.")] = False,
@@ -68,19 +73,24 @@ def chat(
         constraint=constraint_from_options(schema, regex, grammar, choice),
     )
     validate(options)
+    from llmcli.reasoning import check_controls, markers, with_thinking
+
+    markers(None, reasoning_format)
+    check_controls(reasoning, reasoning_budget)
     from llmcli.cli.generate import check_engine_speculation, check_speculation, hf_only_drafting
 
     check_speculation(options, draft_model)
     runner = load_engine(model, engine, ctx_size, chat_template, command="chat", device=device, dtype=dtype,
                          fast=fast, threads=threads, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
                          hf_only=hf_only_drafting(draft_model), draft_model=draft_model)
-    check_engine_speculation(runner, options, draft_model)
     if not runner.chat_template:
         from llmcli.tasks.chat import plain_chat
 
         options = plain_chat(runner, options)
         render.notice("This model has no chat template: the conversation is written as plain 'User:' and "
                       "'Assistant:' lines (--chat-template FILE gives it another).")
+    options = with_thinking(runner, options, reasoning_format, reasoning, reasoning_budget, render.notice)
+    check_engine_speculation(runner, options, draft_model)
     runner.constraints.compile(options.constraint)  # a constraint the vocabulary cannot express fails now, once
     session = ChatSession(runner, options, system=system, on_notice=render.notice)
     interactive = sys.stdin.isatty()
@@ -101,7 +111,8 @@ def chat(
             render.write("\n")
             raise
         try:
-            reply = session.handle(line, on_text=render.write)
+            reply = session.handle(line, on_text=render.write,
+                                   on_reasoning=None if hide_reasoning else render.chat_thinking)
         except LlmcliError as exc:  # one message that cannot be answered: the conversation goes on
             render.error(exc.message, exc.hint)
             continue

@@ -13,7 +13,8 @@ from llmcli.cli.options import (completes, ModelOption, DeviceOption, DtypeOptio
                                  DeviceMapOption, MaxMemoryOption, OffloadDirOption, NumProcessesOption,
                                  NnodesOption, NodeRankOption, MasterAddrOption, MasterPortOption,
                                  PresencePenaltyOption, FrequencyPenaltyOption, LogitBiasOption, CtxSizeOption,
-                                 ChatTemplateOption, SpeculativeOption, DraftMaxOption, DraftModelOption)
+                                 ChatTemplateOption, ReasoningFormatOption, ReasoningOption, ReasoningBudgetOption,
+                                 HideReasoningOption, SpeculativeOption, DraftMaxOption, DraftModelOption)
 from llmcli.errors import UsageError
 
 if TYPE_CHECKING:
@@ -44,6 +45,10 @@ def generate(
                                                       metavar="TEXT")] = None,
     system: Annotated[Optional[str], typer.Option(help="System message for the chat template.")] = None,
     chat_template: ChatTemplateOption = None,
+    reasoning_format: ReasoningFormatOption = "auto",
+    reasoning: ReasoningOption = "auto",
+    reasoning_budget: ReasoningBudgetOption = None,
+    hide_reasoning: HideReasoningOption = False,
     chat: Annotated[Optional[bool], typer.Option("--chat/--no-chat", help="Apply the chat template. Default: "
                                                  "when the tokenizer has one.", show_default=False)] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Prompts decoded together: left-padded into one "
@@ -103,6 +108,10 @@ def generate(
 
     options = replace(options, constraint=constraint_from_options(schema, regex, grammar, choice))
     validate(options)  # before the slow model load
+    from llmcli.reasoning import check_controls, markers
+
+    markers(None, reasoning_format)
+    check_controls(reasoning, reasoning_budget)
     check_speculation(options, draft_model)
     from llmcli.data import Prompt, read_prompts
 
@@ -121,6 +130,9 @@ def generate(
                          dtype=dtype, fast=fast,
                          threads=threads, hf_only=hf_only_drafting(draft_model), draft_model=draft_model,
                          trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, placement=placement)
+    from llmcli.reasoning import with_thinking
+
+    options = with_thinking(runner, options, reasoning_format, reasoning, reasoning_budget, render.notice)
     check_engine_speculation(runner, options, draft_model)
     if batch_size is None:
         options = replace(options, batch_size=runner.default_batch_size)
@@ -137,8 +149,10 @@ def generate(
             return
         streaming = False
     else:
+        show_thinking = not hide_reasoning and not json_output and render.thinking_on_stderr()
         produced = run_generate(runner, prompt_list, options, on_text=render.write if streaming else None,
-                                on_notice=render.notice)
+                                on_notice=render.notice,
+                                on_reasoning=render.thinking if streaming and show_thinking else None)
     results = []
     for result in produced:
         results.append(result)
@@ -147,6 +161,8 @@ def generate(
             continue
         if not single:
             render.generation_header(result, show_index=num_return_sequences > 1)
+        if not streaming and result.reasoning and not hide_reasoning and render.thinking_on_stderr():
+            render.thinking(result.reasoning + "\n")
         if not streaming:
             render.write(result.text)
         render.write("\n")
@@ -179,10 +195,12 @@ def check_engine_speculation(runner: Any, options: "GenerateOptions", draft_mode
     if options.speculative == "on" and not (draft_model or options.prompt_lookup):
         raise UsageError("--speculative on is for the llama.cpp engine", "On hf pass --prompt-lookup N or "
                          "--draft-model MODEL.")
-    if options.constraint is not None and (draft_model or options.prompt_lookup):
+    from llmcli.reasoning import needs_matcher
+
+    if (options.constraint is not None or needs_matcher(options)) and (draft_model or options.prompt_lookup):
         raise UsageError(f"{'--draft-model' if draft_model else '--prompt-lookup'} proposes tokens that the hf "
-                         "engine cannot check against a constraint", "Drop it, or the constraint, or use a .gguf "
-                         "model on the llama.cpp engine.")
+                         "engine cannot check against a constraint or a --reasoning-budget", "Drop it, or the "
+                         "constraint and budget, or use a .gguf model on the llama.cpp engine.")
 
 
 def incomplete_notice(result: "Generation", several: bool) -> str:

@@ -43,6 +43,19 @@ CtxSizeOption = Annotated[Optional[int], typer.Option(
 ChatTemplateOption = Annotated[Optional[str], typer.Option(
     metavar="FILE", show_default=False, help="A Jinja chat template file used in place of the model's own (as "
     "transformers renders templates).")]
+# reasoning models (generate, chat and serve): llama-server's option names
+ReasoningFormatOption = Annotated[str, typer.Option(
+    autocompletion=completes("auto", "deepseek", "none"), help="Split a reply into thinking and answer: auto (by "
+    "the markers the chat template writes, such as <think>…</think>), deepseek (<think>…</think>), none (no split).")]
+ReasoningOption = Annotated[str, typer.Option(
+    "--reasoning", autocompletion=completes("auto", "on", "off"), help="Thinking on or off through the template's "
+    "switch (enable_thinking); off on a template without one forces an empty thinking block. auto: the template's "
+    "default.")]
+ReasoningBudgetOption = Annotated[Optional[int], typer.Option(
+    metavar="N", show_default=False, help="Thinking tokens at most: then the end marker (</think>) is forced and "
+    "the answer follows. 0: no thinking.")]
+HideReasoningOption = Annotated[bool, typer.Option("--hide-reasoning", help="Do not show a thinking model's "
+                                                   "thinking (only its answer).")]
 # llama.cpp's speculative decoding: generate, chat and serve
 SpeculativeOption = Annotated[str, typer.Option(
     autocompletion=completes("auto", "on", "off"), help="llama.cpp: propose tokens (n-gram lookup in the prompt and "

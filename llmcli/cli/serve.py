@@ -9,8 +9,8 @@ from llmcli import render
 from llmcli.cli.app import app
 from llmcli.cli.common import load_engine
 from llmcli.cli.options import (ModelOption, DeviceOption, DtypeOption, TrustOption, PickleOption, EngineOption,
-                                 ThreadsOption, ChatTemplateOption, SpeculativeOption, DraftMaxOption,
-                                 DraftModelOption)
+                                 ThreadsOption, ChatTemplateOption, ReasoningFormatOption, ReasoningOption,
+                                 ReasoningBudgetOption, SpeculativeOption, DraftMaxOption, DraftModelOption)
 from llmcli.errors import UsageError
 
 
@@ -39,6 +39,9 @@ def serve(
                                                              "alias, file or directory name).", show_default=False)] = None,
     json_logs: Annotated[bool, typer.Option("--json-logs", help="Access log lines as JSON.")] = False,
     chat_template: ChatTemplateOption = None,
+    reasoning_format: ReasoningFormatOption = "auto",
+    reasoning: ReasoningOption = "auto",
+    reasoning_budget: ReasoningBudgetOption = None,
     embedding_model: Annotated[Optional[str], typer.Option(
         help="/v1/embeddings' model: a sentence-transformers or encoder directory (default: the embedded "
         "all-MiniLM-L6-v2, loaded at the first request).", show_default=False)] = None,
@@ -70,6 +73,10 @@ def serve(
     from llmcli.cli.generate import check_speculation
     from llmcli.tasks.generate import GenerateOptions, validate
 
+    from llmcli.reasoning import check_controls, markers
+
+    markers(None, reasoning_format)  # an unknown format is refused before the model loads
+    check_controls(reasoning, reasoning_budget)
     speculation = GenerateOptions(speculative=speculative, draft_max=draft_max)
     validate(speculation)
     check_speculation(speculation, draft_model)
@@ -104,6 +111,7 @@ def serve(
         render.notice(warning)
     run_server(runner, host, port, api_key=api_key, max_tokens_limit=max_tokens_limit, queue_size=queue_size,
                max_batch=max_batch, parallel=parallel, ctx_size=ctx_size, prefix_cache=prefix_cache,
-               speculative=speculative, draft_max=draft_max,
+               speculative=speculative, draft_max=draft_max, reasoning_format=reasoning_format,
+               reasoning=reasoning, reasoning_budget=reasoning_budget,
                max_body_bytes=max_body, json_logs=json_logs, served_name=served_model_name, on_notice=render.notice,
                embedding_model=embedding_model, embedding_unavailable=embedding_unavailable, rerank_model=rerank_model)

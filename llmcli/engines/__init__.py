@@ -52,9 +52,11 @@ class Engine(Protocol):
 
     def encode(self, text: str, add_special: bool = True) -> list[int]: ...
 
-    def encode_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
+    def encode_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
+                    template_kwargs: dict[str, Any] | None = None) -> list[int]:
         """Ids of the chat template rendered with a generation prompt (its special tokens parsed); `tools`
-        (OpenAI function specs) go to the template's `tools`."""
+        (OpenAI function specs) go to the template's `tools`, `template_kwargs` are more of its variables
+        (enable_thinking)."""
 
     def decode(self, ids: Sequence[int], keep_special: bool = False) -> str:
         """Text of the ids, special tokens left out unless `keep_special` (their text kept, as /detokenize
@@ -64,7 +66,7 @@ class Engine(Protocol):
         """One token's own text (a special token's too)."""
 
     def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-                    tools: list[dict[str, Any]] | None = None) -> str:
+                    tools: list[dict[str, Any]] | None = None, template_kwargs: dict[str, Any] | None = None) -> str:
         """The chat template's text for `messages`."""
 
     def set_seed(self, seed: int) -> None: ...

@@ -53,8 +53,17 @@ def compile_template(source: str) -> Any:
     return environment.from_string(source)
 
 
+# the variables a template is rendered with already: a request's chat_template_kwargs cannot replace them
+RESERVED = ("messages", "add_generation_prompt", "tools", "documents", "bos_token", "eos_token")
+
+
+def template_variables(given: dict[str, Any] | None) -> dict[str, Any]:
+    """Extra template variables (enable_thinking, a request's chat_template_kwargs), the reserved ones left out."""
+    return {name: value for name, value in (given or {}).items() if name not in RESERVED}
+
+
 def render(source: str, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-           tools: list[dict[str, Any]] | None = None, **special: str) -> str:
+           tools: list[dict[str, Any]] | None = None, **special: Any) -> str:
     """The template's text for `messages` (and `tools`, OpenAI function specs, as transformers passes
     them); `special` gives bos_token, eos_token and the like."""
     from jinja2.exceptions import TemplateError

@@ -44,14 +44,19 @@ class HFEngine:
         return "" if token is None else self.tokenizer.convert_ids_to_tokens(token)
 
     def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-                    tools: list[dict[str, Any]] | None = None) -> str:
+                    tools: list[dict[str, Any]] | None = None, template_kwargs: dict[str, Any] | None = None) -> str:
+        from llmcli.engines.chat_template import template_variables
+
         # self.chat_template, not the tokenizer's: --chat-template may replace it
         return self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, tools=tools,
-                                                  add_generation_prompt=add_generation_prompt, tokenize=False)
+                                                  add_generation_prompt=add_generation_prompt, tokenize=False,
+                                                  **template_variables(template_kwargs))
 
-    def encode_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
+    def encode_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
+                    template_kwargs: dict[str, Any] | None = None) -> list[int]:
         # The template already holds the special tokens; adding them again would double the BOS.
-        return self.tokenizer(self.render_chat(messages, tools=tools), add_special_tokens=False)["input_ids"]
+        text = self.render_chat(messages, tools=tools, template_kwargs=template_kwargs)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def guidance_tokenizer(self) -> Any:
         """llguidance's tokenizer of this (fast) tokenizer, ending at generate's EOS ids."""
@@ -88,10 +93,11 @@ class HFEngine:
             decoding["cache_implementation"] = "static"
         from transformers import LogitsProcessorList, StoppingCriteriaList
 
+        from llmcli.reasoning import sequence_matcher
+
         rows = len(batch) * options.num_return_sequences
-        constraint = getattr(options, "constraint", None)
-        processors = [] if constraint is None else [
-            ConstrainedLogits([self.constraints.matcher(constraint) for _ in range(rows)], self.eos_ids)]
+        matchers = [sequence_matcher(self, options) for _ in range(rows)]
+        processors = [ConstrainedLogits(matchers, self.eos_ids)] if matchers[0] is not None else []
         presence, frequency = getattr(options, "presence_penalty", 0.0), getattr(options, "frequency_penalty", 0.0)
         if presence or frequency:
             processors.insert(0, OpenAIPenalties(inputs["input_ids"].shape[1], presence, frequency))

@@ -287,14 +287,17 @@ class LlamaCppEngine:
         return self.lib.llama_vocab_get_text(self.vocab, token).decode("utf-8", errors="replace")
 
     def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-                    tools: list[dict[str, Any]] | None = None) -> str:
-        from llmcli.engines.chat_template import render
+                    tools: list[dict[str, Any]] | None = None, template_kwargs: dict[str, Any] | None = None) -> str:
+        from llmcli.engines.chat_template import render, template_variables
 
         return render(self.chat_template, messages, add_generation_prompt, tools=tools,
+                      **template_variables(template_kwargs),
                       bos_token=self.token_text(self.bos_id), eos_token=self.token_text(self.eos_id))
 
-    def encode_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
-        return self.encode(self.render_chat(messages, tools=tools), add_special=False)
+    def encode_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
+                    template_kwargs: dict[str, Any] | None = None) -> list[int]:
+        return self.encode(self.render_chat(messages, tools=tools, template_kwargs=template_kwargs),
+                           add_special=False)
 
     # ------------------------------------------------------------ running the model
 
@@ -403,8 +406,10 @@ class LlamaCppEngine:
         return chain
 
     def matcher(self, options: Any) -> Any:
-        """A fresh constraint matcher for one sequence, or None without a constraint."""
-        return self.constraints.matcher(getattr(options, "constraint", None))
+        """A fresh matcher for one sequence (its constraint, a thinking model's budget), or None."""
+        from llmcli.reasoning import sequence_matcher
+
+        return sequence_matcher(self, options)
 
     def guidance_tokenizer(self) -> Any:
         """llguidance's tokenizer of this vocabulary."""

@@ -9,12 +9,13 @@ from typing import Any, Callable
 
 from fastapi import FastAPI, Request
 
-from llmcli import tools
+from llmcli import reasoning, tools
 from llmcli.data import Prompt
 from llmcli.engines import Engine, Window
 from llmcli.serve.common import (PlainChat, Start, batch_job, check_constraint, check_max_tokens, check_model,
-                                 choices, decode_together, finish_reason, first_token_at, on_worker, respond,
-                                 sampling_options, token_pieces, token_text, usage)
+                                 choices, decode_together, finish_reason, first_token_at, on_worker,
+                                 reasoning_emitter, respond, sampling_options, token_pieces, token_text, usage,
+                                 with_reasoning)
 from llmcli.serve.metrics import Metrics
 from llmcli.serve.schemas import ChatRequest
 from llmcli.serve.settings import Settings
@@ -43,6 +44,7 @@ async def chat_start(engine: Engine, body: ChatRequest, settings: Settings, work
         await check_constraint(engine, options, param="tools")
     else:
         await check_constraint(engine, options)
+    options = reasoning_options(engine, body, settings, options)
     prompt, shape = chat_prompt(body, use, form), reply_shape(use, form)
 
     def work(emit: Callable[[dict], None] | None, cancelled: Callable[[], bool]) -> dict[str, Any]:
@@ -53,6 +55,22 @@ async def chat_start(engine: Engine, body: ChatRequest, settings: Settings, work
     # a default length is capped by the batch's longest prompt: only explicit lengths batch
     batchable = None if body.logprobs or asked is None else batch_job(engine, prompt, body, options, shape)
     return on_worker(worker, work, batchable)
+
+
+def reasoning_options(engine: Engine, body: ChatRequest, settings: Settings,
+                      options: GenerateOptions) -> GenerateOptions:
+    """The server's thinking settings with the request's: reasoning_effort "none" (or the template switch
+    given in chat_template_kwargs) turns thinking off, another effort on."""
+    mode = settings.reasoning
+    given = dict(body.chat_template_kwargs or {})
+    if body.reasoning_effort is not None:
+        mode = "off" if body.reasoning_effort == "none" else "on"
+        given.setdefault("reasoning_effort", body.reasoning_effort)  # gpt-oss's templates read it
+    if isinstance(given.get(reasoning.SWITCH), bool):
+        mode = "on" if given[reasoning.SWITCH] else "off"
+    thinking = reasoning.thinking_for(engine, settings.reasoning_format, settings.reasoning_budget, mode)
+    return replace(options, reasoning=thinking,
+                   template_kwargs=reasoning.template_kwargs(engine.chat_template, mode, given))
 
 
 def chat_prompt(body: ChatRequest, use: tools.ToolUse | None, form: str) -> Prompt:
@@ -95,8 +113,10 @@ class ToolChat:
                 emit({"index": place, "delta": delta, "logprobs": None, "finish_reason": None})
         reply = reader.reply()
         if not reply.calls:
-            return {"role": "assistant", "content": reply.content or ""}, finish_reason(result.finish_reason)
-        message = {"role": "assistant", "content": reply.content, "tool_calls": [call.openai() for call in reply.calls]}
+            return (with_reasoning({"role": "assistant", "content": reply.content or ""}, result),
+                    finish_reason(result.finish_reason))
+        message = with_reasoning({"role": "assistant", "content": reply.content,
+                                  "tool_calls": [call.openai() for call in reply.calls]}, result)
         return message, "length" if result.finish_reason == "length" else "tool_calls"
 
 
@@ -111,13 +131,17 @@ def run_chat(engine: Engine, body: ChatRequest, prompt: Prompt, shape: Any, opti
             emitters[index] = shape.emitter(emit, index)
         emitters[index](piece)
 
+    def on_reasoning(index: int, piece: str) -> None:
+        reasoning_emitter(emit, index)(piece)
+
     if emit:
         for index in range(body.n):
             emit({"index": index, "delta": dict(shape.opening), "logprobs": None, "finish_reason": None})
     # with logprobs a stream sends each token's with its delta, as OpenAI does: the text is streamed
     # once the choice is generated and scored
     live = emit is not None and not body.logprobs
-    generated = choices(engine, prompt, options, body.n, body.seed, on_text if live else None, cancelled)
+    generated = choices(engine, prompt, options, body.n, body.seed, on_text if live else None, cancelled,
+                        on_reasoning if live else None)
     out = []
     for index, result in enumerate(generated):
         message, reason = shape.message(result, index, emit if live else None)

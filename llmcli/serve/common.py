@@ -90,14 +90,16 @@ async def check_constraint(engine: Engine, options: GenerateOptions, param: str 
 
 
 def choices(engine: Engine, prompt: Prompt, options: GenerateOptions, n: int, seed: int | None,
-            on_text: Callable[[int, str], None] | None, cancelled: Callable[[], bool]) -> list[Generation]:
+            on_text: Callable[[int, str], None] | None, cancelled: Callable[[], bool],
+            on_reasoning: Callable[[int, str], None] | None = None) -> list[Generation]:
     """n generations of one prompt; choice i samples with seed + i, so a seeded request repeats."""
     results = []
     for index in range(n):
         # OpenAI takes any integer as a seed: folded into the engines' range
         chosen = replace(options, seed=None if seed is None else (seed + index) % SEEDS)
         stream = (lambda text, index=index: on_text(index, text)) if on_text else None
-        [result] = generate(engine, [prompt], chosen, on_text=stream, cancelled=cancelled)
+        thinking = (lambda text, index=index: on_reasoning(index, text)) if on_reasoning else None
+        [result] = generate(engine, [prompt], chosen, on_text=stream, cancelled=cancelled, on_reasoning=thinking)
         results.append(result)
         if cancelled():
             break
@@ -119,6 +121,19 @@ def first_token_at(began: float, generated: list[Generation]) -> float | None:
     return began + times[0] if times else None
 
 
+def reasoning_emitter(emit: Callable[[dict], None], place: int) -> Callable[[str], None]:
+    """Where a streamed chat reply's thinking goes: `reasoning_content` deltas, as llama-server and vLLM
+    send them."""
+    return lambda piece: emit({"index": place, "delta": {"reasoning_content": piece}, "logprobs": None,
+                               "finish_reason": None})
+
+
+def with_reasoning(message: dict[str, Any], result: Generation) -> dict[str, Any]:
+    """The message with the reply's thinking as `reasoning_content` (left out when there was none, as
+    llama-server leaves it out)."""
+    return {**message, "reasoning_content": result.reasoning} if result.reasoning else message
+
+
 class PlainChat:
     """A chat reply as OpenAI's message: the text is the content."""
 
@@ -130,7 +145,7 @@ class PlainChat:
 
     def message(self, result: Generation, place: int,
                 emit: Callable[[dict], None] | None = None) -> tuple[dict[str, Any], str]:
-        return {"role": "assistant", "content": result.text}, finish_reason(result.finish_reason)
+        return with_reasoning({"role": "assistant", "content": result.text}, result), finish_reason(result.finish_reason)
 
 
 def batch_job(engine: Engine, prompt: Prompt, body: Any, options: GenerateOptions,
@@ -218,7 +233,8 @@ def decode_together(scheduler: Scheduler, engine: Engine, prompts: list[Prompt],
                 elif emit and body.echo:
                     emit({"index": place, "text": prompt.text, "logprobs": None, "finish_reason": None})
                 pieces = (shape.emitter(emit, place) if chat else piece_emitter(emit, place)) if emit else None
-                choices.append(Choice(prompt, ids, options, index, seed, pieces))
+                thinking = reasoning_emitter(emit, place) if emit and chat else None
+                choices.append(Choice(prompt, ids, options, index, seed, pieces, thinking))
 
         def answer(results: list[Generation], cached_tokens: int) -> dict[str, Any]:
             out = []

@@ -41,7 +41,7 @@ class TextOptions(BaseModel):
 
 
 class ResponsesRequest(BaseModel):
-    """The fields this server reads; others (metadata, user, reasoning, truncation...) are ignored."""
+    """The fields this server reads; others (metadata, user, truncation...) are ignored."""
 
     model: Optional[str] = None
     input: Union[str, list[dict[str, Any]]] = Field(min_length=1)
@@ -57,6 +57,8 @@ class ResponsesRequest(BaseModel):
     stream: bool = False
     store: bool = True
     previous_response_id: Optional[str] = None
+    reasoning: Optional[dict[str, Any]] = None  # {"effort": ...}: chat completions' reasoning_effort
+    chat_template_kwargs: Optional[dict[str, Any]] = None  # as on chat completions (vLLM takes it here too)
 
 
 class Store:
@@ -183,6 +185,10 @@ def chat_request(body: ResponsesRequest, conversation: list[dict[str, Any]]) -> 
     }
     if tools:
         fields.update(tools=tools, tool_choice=choice)
+    if body.reasoning and body.reasoning.get("effort") is not None:
+        fields["reasoning_effort"] = body.reasoning["effort"]
+    if body.chat_template_kwargs:
+        fields["chat_template_kwargs"] = body.chat_template_kwargs
     chosen = body.text.format if body.text else None
     if chosen is not None and chosen.type == "json_schema":
         fields["response_format"] = {"type": "json_schema", "json_schema": {
@@ -212,6 +218,7 @@ class Reply:
         self.body, self.settings, self.store, self.conversation = body, settings, store, conversation
         self.ident, self.created = new_id("resp"), int(time.time())
         self.message_id, self.call_ids = new_id("msg"), []  # item ids, the same streamed and finished
+        self.reasoning_id = new_id("rs")
         self.sequence = 0
 
     def envelope(self, status: str, output: list[dict[str, Any]], usage: dict[str, Any] | None,
@@ -232,7 +239,7 @@ class Reply:
         """The output items; in a response cut by max_output_tokens only the text that was cut is
         incomplete: its calls are whole (the chat reply holds no call that was cut)."""
         calls = message.get("tool_calls") or []
-        items = []
+        items = [self.reasoning_item(message["reasoning_content"])] if message.get("reasoning_content") else []
         if message.get("content"):
             items.append(self.message_item(message["content"], "incomplete" if incomplete and not calls
                                            else "completed"))
@@ -243,6 +250,12 @@ class Reply:
                           "name": call["function"]["name"], "arguments": call["function"]["arguments"],
                           "status": "completed"})
         return items
+
+    def reasoning_item(self, text: str | None, status: str = "completed") -> dict[str, Any]:
+        """A thinking model's thinking, as vLLM's Responses API returns it: a `reasoning` item whose content
+        is the text (no summary: nothing here summarizes)."""
+        content = [] if text is None else [{"type": "reasoning_text", "text": text}]
+        return {"type": "reasoning", "id": self.reasoning_id, "summary": [], "content": content, "status": status}
 
     def message_item(self, text: str | None, status: str) -> dict[str, Any]:
         content = [] if text is None else [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]
@@ -312,6 +325,16 @@ class EventStream:
 
     def delta(self, delta: dict[str, Any]) -> list[str]:
         events, reply = [], self.reply
+        if delta.get("reasoning_content"):
+            if not self.items or self.items[-1]["type"] != "reasoning":
+                events += self.open(reply.reasoning_item(None, "in_progress"))
+                events.append(reply.event("response.content_part.added", output_index=len(self.items) - 1,
+                                          content_index=0, item_id=reply.reasoning_id,
+                                          part={"type": "reasoning_text", "text": ""}))
+                self.items[-1]["text"] = ""
+            self.items[-1]["text"] += delta["reasoning_content"]
+            events.append(reply.event("response.reasoning_text.delta", output_index=len(self.items) - 1,
+                                      content_index=0, item_id=reply.reasoning_id, delta=delta["reasoning_content"]))
         if delta.get("content"):
             if not self.items or self.items[-1]["type"] != "message":
                 events += self.open(reply.message_item(None, "in_progress"))
@@ -349,6 +372,14 @@ class EventStream:
         if not self.items:
             return []
         index, reply, item = len(self.items) - 1, self.reply, self.items[-1]
+        if item["type"] == "reasoning":
+            done = finished or reply.reasoning_item(item.get("text", ""))
+            text = done["content"][0]["text"] if done["content"] else ""
+            return [reply.event("response.reasoning_text.done", output_index=index, content_index=0,
+                                item_id=reply.reasoning_id, text=text),
+                    reply.event("response.content_part.done", output_index=index, content_index=0,
+                                item_id=reply.reasoning_id, part={"type": "reasoning_text", "text": text}),
+                    reply.event("response.output_item.done", output_index=index, item=done)]
         if item["type"] == "message":
             done = finished or reply.message_item(item.get("text", ""), "completed")
             text = done["content"][0]["text"] if done["content"] else ""

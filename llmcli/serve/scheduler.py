@@ -34,6 +34,7 @@ class Choice:
     index: int  # which of its prompt's samples this is
     seed: int | None = None
     on_text: Callable[[str], None] | None = None
+    on_reasoning: Callable[[str], None] | None = None  # a thinking model's thinking, streamed apart
 
 
 @dataclass
@@ -220,7 +221,8 @@ class Scheduler:
                                   draft_max=self.draft_max, afresh=seeded)
         if choice.index == 0:  # the prompt's first sample: later ones reuse what it decoded
             job.cached_tokens += live.reused
-        streamer = TokenStreamer(self.engine.decode, choice.on_text, choice.options.stop, self.engine.eos_ids)
+        streamer = TokenStreamer(self.engine.decode, choice.on_text, choice.options.stop, self.engine.eos_ids,
+                                 thinking=choice.options.reasoning, on_reasoning=choice.on_reasoning)
         self.running[live] = Running(job, number, streamer, time.perf_counter())
         self.reserved += self.need(choice)
 
@@ -261,7 +263,8 @@ class Scheduler:
         ttft = running.streamer.first_token_at - running.began if running.streamer.first_token_at else None
         result = generation_of(self.engine, choice.prompt, choice.index, live.new, choice.options.stop,
                                len(choice.ids), now - running.began, ttft,
-                               constrained=choice.options.constraint is not None)
+                               constrained=choice.options.constraint is not None,
+                               thinking=choice.options.reasoning)
         if live.speculation is not None:
             result = replace(result, drafted=live.speculation.drafted, accepted=live.speculation.accepted)
         job.results[running.number] = result

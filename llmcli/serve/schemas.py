@@ -231,6 +231,10 @@ class ChatRequest(Sampling):
     tools: Optional[list[ToolSpec]] = None
     tool_choice: Optional[Union[Literal["none", "auto", "required"], NamedToolChoice]] = None
     parallel_tool_calls: bool = True
+    # thinking models: OpenAI's effort ("none" turns thinking off; passed to the template too, as vLLM does)
+    # and vLLM's and llama-server's extra chat-template variables (Qwen3's enable_thinking)
+    reasoning_effort: Optional[Literal["none", "minimal", "low", "medium", "high"]] = None
+    chat_template_kwargs: Optional[dict[str, Any]] = None
 
     @model_validator(mode="after")
     def choice_among_tools(self) -> "ChatRequest":

@@ -26,6 +26,9 @@ class Settings:
     embedding_model: str | None = None  # /v1/embeddings' model (None: the embedded all-MiniLM-L6-v2)
     embedding_unavailable: str | None = None  # why /v1/embeddings is off (the default model is not installed)
     rerank_model: str | None = None  # /v1/rerank's cross-encoder (None: /v1/rerank says how to start one)
+    reasoning_format: str = "auto"  # thinking models: how replies are split (llmcli.reasoning.FORMATS)
+    reasoning: str = "auto"  # thinking on, off, or as the template has it, unless a request says
+    reasoning_budget: int | None = None  # thinking tokens at most before the end marker is forced
 
 
 def system_fingerprint(engine: Engine) -> str:

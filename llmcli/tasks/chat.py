@@ -43,7 +43,7 @@ class ChatSession:
     cut: int | None = None  # the last reply's length, when it stopped at max_new_tokens
     dropped: list[dict[str, str]] = field(default_factory=list)  # the oldest turns, trimmed to fit the context
 
-    def handle(self, line: str, on_text: TextCallback) -> str | None:
+    def handle(self, line: str, on_text: TextCallback, on_reasoning: TextCallback | None = None) -> str | None:
         """React to one message: a /command returns a notice, a message streams a reply and returns ""
         (`cut` says whether -n stopped it). Returns None when the user asks to leave."""
         text = line.strip()
@@ -78,14 +78,21 @@ class ChatSession:
             self.history.pop()  # this message alone does not fit: the conversation before it stays
             raise
         pieces: list[str] = []
+        thought = [False]  # the reply's thinking was shown: the answer starts on a line of its own
 
         def stream(piece: str) -> None:
+            if thought[0] and not pieces:
+                on_text("\n")
             pieces.append(piece)
             on_text(piece)
 
+        def think(piece: str) -> None:
+            thought[0] = True
+            on_reasoning(piece)
+
         try:
             [reply] = list(generate(self.engine, [Prompt(messages=list(self.history))], options, on_text=stream,
-                                    on_notice=self.on_notice))
+                                    on_notice=self.on_notice, on_reasoning=think if on_reasoning else None))
         except KeyboardInterrupt:  # stopped by the user: the message and the reply so far stay
             self.history.append({"role": "assistant", "content": "".join(pieces)})
             raise

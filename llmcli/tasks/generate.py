@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Iterator
 
+from llmcli import reasoning
 from llmcli.data import Prompt
 from llmcli.engines import Engine, as_engine
 from llmcli.errors import ContextOverflow, DataError, UsageError
@@ -46,13 +47,15 @@ class GenerateOptions:
     truncate: str = "error"  # a prompt too long for the context: "error" or "left" (keep its end)
     reuse_prefix: bool = False  # a chat's next turn: engines that can may keep the cached prompt prefix
     constraint: Any = None  # structured output (llmcli.constraints.Constraint): only tokens it allows are sampled
+    reasoning: Any = None  # a thinking model's markers and budget (llmcli.reasoning.Thinking): the reply is split
+    template_kwargs: dict[str, Any] = field(default_factory=dict)  # extra chat-template variables (enable_thinking)
 
 
 @dataclass
 class Generation:
     prompt: str
     index: int  # which of the prompt's --num-return-sequences this is
-    text: str  # the continuation only, cut before any stop string
+    text: str  # the continuation only, cut before any stop string; a thinking model's answer only
     token_ids: list[int]
     finish_reason: str  # "length" | "stop" | "eos"
     prompt_tokens: int
@@ -65,6 +68,7 @@ class Generation:
     incomplete: bool | None = None  # under a constraint: the text ended before the constraint was satisfied
     drafted: int | None = None  # speculative decoding: tokens proposed (None: it did not speculate)
     accepted: int | None = None  # of those, the ones kept
+    reasoning: str | None = None  # a thinking model's thinking (None: the reply had no thinking block)
 
 
 def uses_chat_template(engine: Engine, prompt: Prompt, options: GenerateOptions) -> bool:
@@ -94,7 +98,7 @@ def encode_prompt(engine: Engine, prompt: Prompt, options: GenerateOptions) -> l
     messages = prompt.messages or [{"role": "user", "content": prompt.text}]
     if options.system is not None and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": options.system}, *messages]
-    return engine.encode_chat(messages, prompt.tools)
+    return engine.encode_chat(messages, prompt.tools, options.template_kwargs or None)
 
 
 def find_stop(text: str, stops: list[str]) -> int | None:
@@ -133,9 +137,12 @@ class TokenStreamer:
     """
 
     def __init__(self, decode: Callable[[list[int]], str], on_text: TextCallback | None, stops: list[str],
-                 eos: set[int], single: bool = True) -> None:
+                 eos: set[int], single: bool = True, thinking: Any = None,
+                 on_reasoning: TextCallback | None = None) -> None:
         self.decode, self.on_text, self.stops, self.eos = decode, on_text, stops, eos
-        self.follow = single and (on_text is not None or bool(stops))
+        self.follow = single and (on_text is not None or on_reasoning is not None or bool(stops))
+        # a thinking model's text goes through the splitter: the answer to on_text, the thinking to on_reasoning
+        self.route = reasoning.stream_router(thinking, on_text, on_reasoning)
         self.ids: list[int] = []
         self.emitted = 0
         self.done = False
@@ -163,16 +170,16 @@ class TokenStreamer:
         end = len(text)
         stop_at = find_stop(text, self.stops)
         if stop_at is not None:
-            end, self.done = stop_at, True
+            end, self.done, final = stop_at, True, True
         elif not final:
             for stop in self.stops:
                 for size in range(min(len(stop) - 1, end), 0, -1):
                     if text[:end].endswith(stop[:size]):
                         end -= size
                         break
-        if end > self.emitted and self.on_text is not None:
-            self.on_text(text[self.emitted:end])
-            self.emitted = end
+        if end > self.emitted or final:
+            self.route(text[self.emitted:end], final)
+            self.emitted = max(end, self.emitted)
 
 
 def validate(options: GenerateOptions) -> None:
@@ -283,8 +290,10 @@ def generate(
     on_text: TextCallback | None = None,
     on_notice: TextCallback | None = None,
     cancelled: Callable[[], bool] | None = None,
+    on_reasoning: TextCallback | None = None,
 ) -> Iterator[Generation]:
-    """Yield generations in input order, batch by batch; `on_text` streams a lone sequence's text.
+    """Yield generations in input order, batch by batch; `on_text` streams a lone sequence's text (a
+    thinking model's answer; `on_reasoning` its thinking).
 
     `engine` may also be a models.LoadedModel, which runs on the Hugging Face engine."""
     engine = as_engine(engine)
@@ -298,7 +307,8 @@ def generate(
             # process (shifted by share_options) draws exactly what one process would
             engine.set_seed((options.seed + start * options.num_return_sequences) % SEEDS)
         streamer = TokenStreamer(engine.decode, on_text if single else None, options.stop, engine.eos_ids,
-                                 single=len(batch_ids) == 1 and options.num_return_sequences == 1)
+                                 single=len(batch_ids) == 1 and options.num_return_sequences == 1,
+                                 thinking=options.reasoning, on_reasoning=on_reasoning if single else None)
         began = time.perf_counter()
         # a server's client that went away (`cancelled`) stops decoding at the next token, as a stop string does
         rows = engine.generate(batch_ids, options, on_tokens=streamer.add,
@@ -312,7 +322,7 @@ def generate(
             drafted, accepted = checked[row]
             yield replace(generation_of(engine, prompts[prompt_index], row % options.num_return_sequences, token_ids,
                                         options.stop, len(encoded[prompt_index]), seconds, ttft,
-                                        constrained=options.constraint is not None),
+                                        constrained=options.constraint is not None, thinking=options.reasoning),
                           prompt_number=prompt_index, drafted=drafted, accepted=accepted)
 
 
@@ -327,6 +337,10 @@ def prepare(engine: Engine, prompts: list[Prompt], options: GenerateOptions,
     engine.constraints.compile(options.constraint)  # compiled now: its error comes first, its time is not decoding's
     encoded = [encode_prompt(engine, prompt, options) for prompt in prompts]
     options = cap_default_length(options, encoded, engine.context_length, on_notice)
+    if options.reasoning is not None and encoded:
+        # whether the reply starts inside the thinking: decided by the generation prompt, which a run's
+        # prompts share (a template renders the same one after every conversation)
+        options = replace(options, reasoning=reasoning.for_prompt(options.reasoning, engine, encoded[0]))
     outside = outside_vocabulary(options.logit_bias, engine)
     if outside is not None:
         raise UsageError(f"--logit-bias names token {outside}, outside this model's vocabulary of "
@@ -340,12 +354,15 @@ def outside_vocabulary(tokens: Iterable[int], engine: Engine) -> int | None:
 
 
 def generation_of(engine: Engine, prompt: Prompt, index: int, token_ids: list[int], stops: list[str],
-                  prompt_tokens: int, seconds: float, ttft: float | None, constrained: bool = False) -> Generation:
+                  prompt_tokens: int, seconds: float, ttft: float | None, constrained: bool = False,
+                  thinking: Any = None) -> Generation:
     """One decoded sequence as a result: its text cut at EOS or a stop string, and why it ended. Under
     a constraint only EOS ends a satisfied text (the mask allows EOS nowhere else), so a length or a
-    stop string leaves it incomplete."""
+    stop string leaves it incomplete. A thinking model's text is split into its thinking and answer."""
     text, kept, reason = finish(engine.decode, token_ids, engine.eos_ids, stops)
+    thought, text = reasoning.split(text, thinking)
     return Generation(prompt=prompt.display(), index=index, text=text, token_ids=kept, finish_reason=reason,
+                      reasoning=thought,
                       prompt_tokens=prompt_tokens, generated_tokens=len(kept), seconds=seconds,
                       time_to_first_token=ttft, engine=engine.name, weights=engine.weights,
                       incomplete=reason != "eos" if constrained else None)
