@@ -1010,6 +1010,12 @@ MUTANTS = [
     Mutant("GRPO with one generation accepted", "llmcli/tasks/finetune.py",
            "(options.num_generations >= 2, ", "(options.num_generations >= 1, ",
            "tests/test_grpo.py -k bad_grpo_input"),
+    Mutant("MCP consent skipped", "llmcli/agent.py",
+           "        if \"all\" in self.approved or name in self.approved:\n            return True\n",
+           "        return True\n", "tests/test_mcp.py -k asks_before"),
+    Mutant("MCP tool result dropped", "llmcli/agent.py",
+           'REFUSED if record.result is None\n                      else record.result}',
+           'REFUSED if record.result is None\n                      else ""}', "tests/test_mcp.py -k reaches_the_server"),
 ]
 
 
