@@ -307,17 +307,20 @@ def test_mcp_server_git_status_and_its_refusal(tmp_path):
 
 # ------------------------------------------------------------------ no orphans
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_an_interrupt_leaves_no_server_running(tiny_llama_2k, probe, signum):
+@pytest.mark.parametrize("signum, when", [(signal.SIGINT, "mid-call"), (signal.SIGTERM, "server started")])
+def test_an_interrupt_leaves_no_server_running(tiny_llama_2k, probe, signum, when):
+    """Ctrl-C inside a call that never ends (the command waits on the server), or SIGTERM as soon as the
+    server runs (the model loading or generating): exit 130, and the server (in a session of its own,
+    which a terminal's Ctrl-C does not reach) is gone."""
     command = [sys.executable, "-m", "llmcli", "generate", "-m", str(tiny_llama_2k), "--mcp", str(probe.config()),
-               "--tool-choice", "probe_hang", "--approve", "all", "--tool-timeout", "600", "hi"]
+               "--tool-choice", "probe_hang", "--approve", "all", "--tool-timeout", "600", "-n", CALL_TOKENS, "hi"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                preexec_fn=default_sigint)
     try:
         deadline = time.monotonic() + 120
-        while not probe.calls():  # the server is inside the call that never ends
+        while not (probe.calls() if when == "mid-call" else probe.started()):
             assert process.poll() is None and time.monotonic() < deadline, process.communicate()
-            time.sleep(0.2)
+            time.sleep(0.1)
         [pid] = probe.started()
         assert alive(pid)
         process.send_signal(signum)
@@ -346,7 +349,8 @@ def test_smollm2_asks_mcp_server_time(time_server):
     """SmolLM2 (which would not call on its own) is made to call get_current_time: the arguments are
     valid for the server's schema, the server's answer is recorded, and an answer comes back."""
     result = run_cli("generate", "--mcp", time_server, "--tools", "time_get_current_time", "--tool-choice",
-                     "time_get_current_time", "--approve", "all", "-n", "64", "--json", "What time is it in Tokyo?")
+                     "time_get_current_time", "--approve", "all", "--max-tool-steps", "2", "-n", "64", "--json",
+                     "What time is it in Tokyo?")
     assert result.exit_code == 0, result.stderr
     [record] = result.json_lines()
     [call] = record["tool_calls"][:1]
