@@ -149,8 +149,8 @@ def parse_logit_bias(items: list[str] | None) -> dict[int, float]:
 def tool_setup(mcp: str | None, tools: str | None, tool_choice: str, approve: list[str] | None,
                max_tool_steps: int, tool_timeout: float, constraint: object = None,
                ask: object = None):
-    """The tool options checked (before the model loads) into what the agent loop takes, or None
-    without --mcp: (servers, --tools list, agent options, consent)."""
+    """The tool options checked (before the model loads) into an agent.ToolSetup, or None without --mcp.
+    `ask` is how consent is asked for (chat); None refuses what --approve does not cover (generate)."""
     from llmcli.agent import AgentOptions, Consent, ToolSetup
     from llmcli.mcp_tools import read_config
 

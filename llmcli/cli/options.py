@@ -101,7 +101,7 @@ McpOption = Annotated[Optional[str], typer.Option(
 ToolsOption = Annotated[Optional[str], typer.Option(
     "--tools", metavar="TOOL,...", help="Offer only these tools (SERVER_TOOL names). Default: every tool.")]
 ToolChoiceOption = Annotated[str, typer.Option(
-    "--tool-choice", metavar="auto|required|none|TOOL", help="As OpenAI's tool_choice; required and TOOL force a "
+    "--tool-choice", metavar="auto|required|none|TOOL", autocompletion=completes("auto", "required", "none"), help="As OpenAI's tool_choice; required and TOOL force a "
     "call on the first step only (a small model often needs that).")]
 ApproveOption = Annotated[Optional[list[str]], typer.Option(
     "--approve", metavar="TOOL,...|all", help="Run these tools without asking (repeatable). generate runs only "
