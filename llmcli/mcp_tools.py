@@ -153,6 +153,9 @@ class McpTools:
         from mcp import Client
 
         ready = asyncio.get_running_loop().create_future()
+        # read whatever happens: a start cancelled by an interrupt leaves no one waiting for it, and asyncio
+        # would print "Future exception was never retrieved" with a traceback
+        ready.add_done_callback(lambda done: done.cancelled() or done.exception())
         stop = asyncio.Event()
 
         async def hold() -> None:
@@ -205,12 +208,13 @@ class McpTools:
 
     async def stop_all(self) -> None:
         await asyncio.gather(*(self.stop(name) for name in list(self.sessions)))
-        # what the SDK left (a stream's reader): cancelled, so that the loop closes without warnings
+        # what is left: a server still starting when an interrupt came (its shielded shutdown kills the
+        # process, so it is waited for) and the SDK's stream readers; cancelled, and the loop closes clean
         others = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
         for task in others:
             task.cancel()
         if others:
-            await asyncio.wait(others, timeout=1)
+            await asyncio.wait(others, timeout=STOP_TIMEOUT)
 
     # ---------------------------------------------------------------- the command's side
 
@@ -243,7 +247,7 @@ class McpTools:
             return
         interrupted: BaseException | None = None
         future = asyncio.run_coroutine_threadsafe(self.stop_all(), self.loop)
-        deadline = time.monotonic() + STOP_TIMEOUT + 2
+        deadline = time.monotonic() + 2 * STOP_TIMEOUT + 2  # the sessions, then what was still starting
         while time.monotonic() < deadline:
             try:
                 future.result(max(0.0, deadline - time.monotonic()))
