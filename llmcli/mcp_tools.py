@@ -108,8 +108,9 @@ def result_text(result: Any) -> str:
             parts.append(item.text)
         elif getattr(item, "type", None) == "resource" and hasattr(item.resource, "text"):
             parts.append(item.resource.text)
-        else:
-            parts.append(f"[{getattr(item, 'type', 'content')}: {getattr(item, 'mime_type', '') or ''}]".replace(": ]", "]"))
+        else:  # an image or audio: named, as the model reads text only
+            kind, mime = getattr(item, "type", "content"), getattr(item, "mime_type", None)
+            parts.append(f"[{kind}: {mime}]" if mime else f"[{kind}]")
     if not parts and getattr(result, "structured_content", None) is not None:
         parts.append(json.dumps(result.structured_content, ensure_ascii=False))
     return "\n".join(parts)
