@@ -1111,6 +1111,10 @@ def main() -> None:
                                        3 if args.long else 1, lora=not args.quick, checkpointing=args.long)
             if wanted("P25"):
                 figures += grpo_figures(Path(tmp), 12 if args.long else 3 if args.quick else 5, 3 if args.long else 1)
+    if wanted("P26") and args.device == "cpu" and importlib.util.find_spec("mcp"):
+        from mcp_roundtrip import mcp_figures
+
+        figures += mcp_figures(3 if args.quick else 10, 20 if args.quick else 100)
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         bert, gpt2 = small_models(workdir)

@@ -1030,6 +1030,12 @@ MUTANTS = [
     Mutant("reasoning constraint applied from the start of the thinking", "llmcli/reasoning.py",
            'self.phase = "thinking" if thinking.opened else "start"', 'self.phase = "answer"',
            "tests/test_reasoning.py -k schema"),
+    Mutant("MCP consent skipped", "llmcli/agent.py",
+           "        if \"all\" in self.approved or name in self.approved:\n            return True\n",
+           "        return True\n", "tests/test_mcp.py -k asks_before"),
+    Mutant("MCP tool result dropped", "llmcli/agent.py",
+           'REFUSED if record.result is None\n                      else record.result}',
+           'REFUSED if record.result is None\n                      else ""}', "tests/test_mcp.py -k reaches_the_server"),
 ]
 
 

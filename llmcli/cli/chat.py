@@ -8,12 +8,14 @@ import typer
 
 from llmcli import render
 from llmcli.cli.app import app
-from llmcli.cli.common import Terminated, load_engine, parse_logit_bias
+from llmcli.cli.common import Terminated, load_engine, parse_logit_bias, started_tools, tool_notice, tool_setup
 from llmcli.cli.options import (ModelOption, DeviceOption, DtypeOption, TrustOption, PickleOption, EngineOption,
                                  ThreadsOption, SchemaOption, RegexOption, GrammarOption, ChoiceOption,
                                  PresencePenaltyOption, FrequencyPenaltyOption, LogitBiasOption, CtxSizeOption,
                                  ChatTemplateOption, ReasoningFormatOption, ReasoningOption, ReasoningBudgetOption,
-                                 HideReasoningOption, SpeculativeOption, DraftMaxOption, DraftModelOption)
+                                 HideReasoningOption, SpeculativeOption, DraftMaxOption, DraftModelOption,
+                                 McpOption, ToolsOption, ToolChoiceOption, ApproveOption, MaxToolStepsOption,
+                                 ToolTimeoutOption)
 from llmcli.errors import LlmcliError
 
 
@@ -39,6 +41,12 @@ def chat(
     regex: RegexOption = None,
     grammar: GrammarOption = None,
     choice: ChoiceOption = None,
+    mcp: McpOption = None,
+    tools: ToolsOption = None,
+    tool_choice: ToolChoiceOption = "auto",
+    approve: ApproveOption = None,
+    max_tool_steps: MaxToolStepsOption = 8,
+    tool_timeout: ToolTimeoutOption = 60.0,
     chat_template: ChatTemplateOption = None,
     reasoning_format: ReasoningFormatOption = "auto",
     reasoning: ReasoningOption = "auto",
@@ -59,9 +67,10 @@ def chat(
 ) -> None:
     """Chat interactively, keeping the conversation. Commands: /reset, /system TEXT, /save FILE, /load FILE,
     /exit (or Ctrl-D). A --schema, --regex, --grammar or --choice constrains every reply. A model without
-    a chat template gets plain User:/Assistant: lines (or pass --chat-template FILE)."""
+    a chat template gets plain User:/Assistant: lines (or pass --chat-template FILE). With --mcp the model
+    may call the servers' tools: each call is shown and asked for (y / n / a = always for this tool) unless
+    --approve covers it."""
     from llmcli.constraints import constraint_from_options
-    from llmcli.tasks.chat import ChatSession
     from llmcli.tasks.generate import GenerateOptions, validate
 
     options = GenerateOptions(
@@ -73,10 +82,27 @@ def chat(
         constraint=constraint_from_options(schema, regex, grammar, choice),
     )
     validate(options)
-    from llmcli.reasoning import check_controls, markers, with_thinking
+    from llmcli.reasoning import check_controls, markers
 
     markers(None, reasoning_format)
     check_controls(reasoning, reasoning_budget)
+    thinking = (reasoning_format, reasoning, reasoning_budget, hide_reasoning)
+    setup = tool_setup(mcp, tools, tool_choice, approve, max_tool_steps, tool_timeout, options.constraint,
+                       ask=ask_consent)
+    if setup is None:
+        return converse(options, system, model, engine, ctx_size, chat_template, device, dtype, fast, threads,
+                        trust_remote_code, allow_pickle, draft_model, thinking)
+    with started_tools(setup) as toolbox:
+        converse(options, system, model, engine, ctx_size, chat_template, device, dtype, fast, threads,
+                 trust_remote_code, allow_pickle, draft_model, thinking, (setup, toolbox))
+
+
+def converse(options, system, model, engine, ctx_size, chat_template, device, dtype, fast, threads,
+             trust_remote_code, allow_pickle, draft_model, thinking, tools=None) -> None:
+    """Load the model and hold the conversation (`thinking`: the reasoning options and --hide-reasoning;
+    with `tools`: agent.ToolSetup and its toolbox)."""
+    from llmcli.reasoning import with_thinking
+    from llmcli.tasks.chat import ChatSession
     from llmcli.cli.generate import check_engine_speculation, check_speculation, hf_only_drafting
 
     check_speculation(options, draft_model)
@@ -89,10 +115,12 @@ def chat(
         options = plain_chat(runner, options)
         render.notice("This model has no chat template: the conversation is written as plain 'User:' and "
                       "'Assistant:' lines (--chat-template FILE gives it another).")
+    reasoning_format, reasoning, reasoning_budget, hide_reasoning = thinking
     options = with_thinking(runner, options, reasoning_format, reasoning, reasoning_budget, render.notice)
     check_engine_speculation(runner, options, draft_model)
     runner.constraints.compile(options.constraint)  # a constraint the vocabulary cannot express fails now, once
-    session = ChatSession(runner, options, system=system, on_notice=render.notice)
+    session = ChatSession(runner, options, system=system, on_notice=render.notice, tools=tools,
+                          on_call=tool_notice)
     interactive = sys.stdin.isatty()
     if interactive:
         import readline  # noqa: F401  (line editing and history for input())
@@ -134,6 +162,17 @@ def chat(
             render.write("\n")
             if session.cut:
                 render.notice(f"(reply cut at {session.cut} tokens; -n sets the limit)")
+
+
+def ask_consent(name: str, arguments: dict) -> str:
+    """Whether a tool call may run: y, n, or always (for this tool, for the rest of the chat). The
+    question reads the next line of input, as a message does; end of input refuses."""
+    interactive = sys.stdin.isatty()
+    try:
+        answer = input(f"Run {name}? [y]es / [n]o / [a]lways for this tool: " if interactive else "")
+    except EOFError:
+        return "n"
+    return {"y": "y", "yes": "y", "a": "always", "always": "always"}.get(answer.strip().lower(), "n")
 
 
 def read_message(read_line: Callable[[bool], str]) -> str:

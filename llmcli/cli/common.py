@@ -3,6 +3,7 @@ engine, gather inputs."""
 
 
 import sys
+from contextlib import contextmanager
 
 import typer
 
@@ -143,3 +144,61 @@ def parse_logit_bias(items: list[str] | None) -> dict[int, float]:
         except ValueError:
             raise UsageError(f"bad --logit-bias {item!r}", "Write ID=BIAS, a token id and a number: 504=-100.") from None
     return biases
+
+
+def tool_setup(mcp: str | None, tools: str | None, tool_choice: str, approve: list[str] | None,
+               max_tool_steps: int, tool_timeout: float, constraint: object = None,
+               ask: object = None):
+    """The tool options checked (before the model loads) into an agent.ToolSetup, or None without --mcp.
+    `ask` is how consent is asked for (chat); None refuses what --approve does not cover (generate)."""
+    from llmcli.agent import AgentOptions, Consent, ToolSetup
+    from llmcli.mcp_tools import read_config
+
+    if mcp is None:
+        given = [name for name, value in (("--tools", tools), ("--approve", approve)) if value]
+        given += ["--tool-choice"] if tool_choice != "auto" else []
+        if given:
+            raise UsageError(f"{', '.join(given)} choose among MCP tools, and no --mcp FILE is given", "Add --mcp FILE.json.")
+        return None
+    import importlib.util
+
+    if importlib.util.find_spec("mcp") is None:
+        raise UsageError("--mcp needs the MCP SDK, which is not installed", "pip install 'llmcli[mcp]'")
+    if constraint is not None:
+        raise UsageError("--schema, --regex, --grammar and --choice constrain the whole reply, which with --mcp is "
+                         "the tool calls' format", "Drop the constraint, or --mcp.")
+    if max_tool_steps < 1:
+        raise UsageError(f"--max-tool-steps must be at least 1, got {max_tool_steps}", "Use --tool-choice none "
+                         "for no tools.")
+    if tool_timeout <= 0:
+        raise UsageError(f"--tool-timeout must be above 0 seconds, got {tool_timeout}")
+    only = names_list(tools) if tools else None
+    approved = set(name for item in approve or [] for name in names_list(item))
+    return ToolSetup(read_config(mcp), only, AgentOptions(tool_choice, max_tool_steps), Consent(approved, ask),
+                     tool_timeout)
+
+
+@contextmanager
+def started_tools(setup):
+    """The MCP servers started and their tools listed and checked (the choice names one, generate has
+    approved them all); stopped when the command ends, however it ends."""
+    from llmcli.agent import check_approved, check_choice
+    from llmcli.mcp_tools import McpTools, McpToolbox
+
+    with McpTools(setup.servers, setup.timeout) as hub:
+        toolbox = McpToolbox(hub, setup.only)
+        with render.status("Starting MCP servers"):
+            offered = toolbox.offered()
+        check_choice(setup.agent, offered)
+        check_approved(setup.consent, offered)
+        yield toolbox
+
+
+def tool_notice(name: str, arguments: dict) -> None:
+    import json
+
+    render.notice(f"Tool call: {name} {json.dumps(arguments, ensure_ascii=False)}")
+
+
+def names_list(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]

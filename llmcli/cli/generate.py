@@ -7,14 +7,17 @@ import typer
 
 from llmcli import render
 from llmcli.cli.app import app
-from llmcli.cli.common import collect_inputs, launch_if_asked, load_engine, parse_logit_bias, placement_from
+from llmcli.cli.common import (collect_inputs, launch_if_asked, load_engine, parse_logit_bias, placement_from,
+                               started_tools, tool_notice, tool_setup)
 from llmcli.cli.options import (completes, ModelOption, DeviceOption, DtypeOption, TrustOption, PickleOption, EngineOption,
                                  ThreadsOption, SchemaOption, RegexOption, GrammarOption, ChoiceOption,
                                  DeviceMapOption, MaxMemoryOption, OffloadDirOption, NumProcessesOption,
                                  NnodesOption, NodeRankOption, MasterAddrOption, MasterPortOption,
                                  PresencePenaltyOption, FrequencyPenaltyOption, LogitBiasOption, CtxSizeOption,
                                  ChatTemplateOption, ReasoningFormatOption, ReasoningOption, ReasoningBudgetOption,
-                                 HideReasoningOption, SpeculativeOption, DraftMaxOption, DraftModelOption)
+                                 HideReasoningOption, SpeculativeOption, DraftMaxOption, DraftModelOption,
+                                 McpOption, ToolsOption, ToolChoiceOption, ApproveOption, MaxToolStepsOption,
+                                 ToolTimeoutOption)
 from llmcli.errors import UsageError
 
 if TYPE_CHECKING:
@@ -67,6 +70,12 @@ def generate(
     regex: RegexOption = None,
     grammar: GrammarOption = None,
     choice: ChoiceOption = None,
+    mcp: McpOption = None,
+    tools: ToolsOption = None,
+    tool_choice: ToolChoiceOption = "auto",
+    approve: ApproveOption = None,
+    max_tool_steps: MaxToolStepsOption = 8,
+    tool_timeout: ToolTimeoutOption = 60.0,
     fast: Annotated[bool, typer.Option("--fast", help="llama.cpp: the GGUF's own quantized weights (~1.25x, answers "
                                        "differ more from fp32). hf on CPU: bfloat16 weights (~1.5x). hf on CUDA: a "
                                        "static KV cache and a compiled decode step (~8x, after ~45 s of compiling). "
@@ -113,6 +122,13 @@ def generate(
     markers(None, reasoning_format)
     check_controls(reasoning, reasoning_budget)
     check_speculation(options, draft_model)
+    setup = tool_setup(mcp, tools, tool_choice, approve, max_tool_steps, tool_timeout, options.constraint)
+    if setup is not None:
+        several = [name for name, value in (("--num-return-sequences", num_return_sequences > 1),
+                                            ("--num-processes", num_processes > 1), ("--nnodes", nnodes > 1)) if value]
+        if several:
+            raise UsageError(f"--mcp runs one conversation per prompt, and {several[0]} asks for several at once",
+                             f"Drop {several[0]}.")
     from llmcli.data import Prompt, read_prompts
 
     prompt_list = [p if isinstance(p, Prompt) else Prompt(text=p)
@@ -126,14 +142,21 @@ def generate(
     from llmcli.distributed import Workers
 
     workers = Workers(device)
-    runner = load_engine(model, engine, ctx_size, chat_template, command="generate", device=device or workers.device,
-                         dtype=dtype, fast=fast,
-                         threads=threads, hf_only=hf_only_drafting(draft_model), draft_model=draft_model,
-                         trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, placement=placement)
     from llmcli.reasoning import with_thinking
 
+    def load() -> Any:
+        runner = load_engine(model, engine, ctx_size, chat_template, command="generate",
+                             device=device or workers.device, dtype=dtype, fast=fast, threads=threads,
+                             hf_only=hf_only_drafting(draft_model), draft_model=draft_model,
+                             trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, placement=placement)
+        check_engine_speculation(runner, options, draft_model)
+        return runner
+
+    if setup is not None:
+        return generate_with_tools(setup, load, prompt_list, options, streaming, json_output, stats)
+    runner = load()
     options = with_thinking(runner, options, reasoning_format, reasoning, reasoning_budget, render.notice)
-    check_engine_speculation(runner, options, draft_model)
+    check_engine_speculation(runner, options, draft_model)  # again: a thinking budget is one more thing to check
     if batch_size is None:
         options = replace(options, batch_size=runner.default_batch_size)
     if workers.size > 1:  # each process generates for its share of the prompts; rank 0 prints them all
@@ -171,6 +194,31 @@ def generate(
     if stats:
         render.generation_stats(results, runner.peak_memory_mb(),
                                 runner.constraints.seconds if options.constraint is not None else None)
+
+
+def generate_with_tools(setup: Any, load: Any, prompts: list, options: "GenerateOptions", streaming: bool,
+                        json_output: bool, stats: bool) -> None:
+    """Each prompt a conversation in which the model may call the MCP servers' tools (llmcli.agent).
+    The servers start (and the approvals are checked) before the model loads."""
+    from llmcli.agent import answer_prompts
+
+    with started_tools(setup) as toolbox:
+        runner = load()
+        results = []
+        for reply in answer_prompts(runner, prompts, options, toolbox, setup, render.write if streaming else None,
+                                    tool_notice, render.notice):
+            results.append(reply.generation)
+            if json_output:
+                render.json_line({**render.generation_record(reply.generation),
+                                  "tool_calls": [call.record() for call in reply.calls], "steps": len(reply.prompts)})
+                continue
+            if len(prompts) > 1:
+                render.generation_header(reply.generation, show_index=False)
+            if not streaming:
+                render.write(reply.text)
+            render.write("\n")
+        if stats:
+            render.generation_stats(results, runner.peak_memory_mb())
 
 
 def check_speculation(options: "GenerateOptions", draft_model: str | None) -> None:

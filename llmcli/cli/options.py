@@ -107,3 +107,20 @@ MasterAddrOption = Annotated[str, typer.Option(help="Machine 0's address, as the
 MasterPortOption = Annotated[Optional[int], typer.Option(help="A free TCP port on machine 0 (needed with --nnodes "
                                                          "above 1).", show_default=False,
                                                          rich_help_panel="Processes")]
+# Tools from MCP servers (chat, generate): llmcli/agent.py runs the loop, llmcli/mcp_tools.py the servers
+McpOption = Annotated[Optional[str], typer.Option(
+    "--mcp", metavar="FILE.json", help='MCP servers whose tools the model may call, in Claude Desktop\'s format: '
+    '{"mcpServers": {NAME: {"command", "args", "env"} | {"url", "headers"}}}. Tools are named SERVER_TOOL.')]
+ToolsOption = Annotated[Optional[str], typer.Option(
+    "--tools", metavar="TOOL,...", help="Offer only these tools (SERVER_TOOL names). Default: every tool.")]
+ToolChoiceOption = Annotated[str, typer.Option(
+    "--tool-choice", metavar="auto|required|none|TOOL", autocompletion=completes("auto", "required", "none"), help="As OpenAI's tool_choice; required and TOOL force a "
+    "call on the first step only (a small model often needs that).")]
+ApproveOption = Annotated[Optional[list[str]], typer.Option(
+    "--approve", metavar="TOOL,...|all", help="Run these tools without asking (repeatable). generate runs only "
+    "approved tools; chat asks about the others.")]
+MaxToolStepsOption = Annotated[int, typer.Option(
+    "--max-tool-steps", help="Model replies that may call tools in one turn; the next one must answer.")]
+ToolTimeoutOption = Annotated[float, typer.Option(
+    "--tool-timeout", help="Seconds a tool call may take; a server that takes longer is stopped and the call "
+    "fails (the conversation goes on).")]

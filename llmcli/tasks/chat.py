@@ -11,6 +11,7 @@ import json
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any, Callable
 
 from llmcli.data import Prompt
 from llmcli.engines import Engine
@@ -42,6 +43,10 @@ class ChatSession:
     on_notice: TextCallback | None = None
     cut: int | None = None  # the last reply's length, when it stopped at max_new_tokens
     dropped: list[dict[str, str]] = field(default_factory=list)  # the oldest turns, trimmed to fit the context
+    # --mcp: (agent.ToolSetup, its toolbox); a reply may then call tools (llmcli.agent), and the calls and
+    # results stay in the history as OpenAI's messages
+    tools: tuple[Any, Any] | None = None
+    on_call: Callable[[str, dict[str, Any]], None] | None = None
 
     def handle(self, line: str, on_text: TextCallback, on_reasoning: TextCallback | None = None) -> str | None:
         """React to one message: a /command returns a notice, a message streams a reply and returns ""
@@ -91,6 +96,8 @@ class ChatSession:
             on_reasoning(piece)
 
         try:
+            if self.tools is not None:
+                return self.answer_with_tools(options, stream)
             [reply] = list(generate(self.engine, [Prompt(messages=list(self.history))], options, on_text=stream,
                                     on_notice=self.on_notice, on_reasoning=think if on_reasoning else None))
         except KeyboardInterrupt:  # stopped by the user: the message and the reply so far stay
@@ -102,6 +109,25 @@ class ChatSession:
         self.history.append({"role": "assistant", "content": reply.text})
         self.cut = reply.generated_tokens if reply.finish_reason == "length" else None
         return ""
+
+    def answer_with_tools(self, options: GenerateOptions, stream: TextCallback) -> str:
+        from llmcli.agent import run_turn
+
+        setup, toolbox = self.tools
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        reply = run_turn(self.engine, system + self.history, replace(options, system=None), toolbox, setup.consent,
+                         setup.agent, on_text=stream, on_call=self.on_call, on_notice=self.on_notice)
+        self.history += reply.messages
+        self.cut = reply.generation.generated_tokens if reply.generation.finish_reason == "length" else None
+        return ""
+
+    def prompt(self) -> Prompt:
+        """The history as the engine reads it: with tools, calls and results in the template's form."""
+        if self.tools is None:
+            return Prompt(messages=self.history)
+        from llmcli import tools
+
+        return Prompt(messages=tools.prompt_messages(self.history, None, tools.call_format(self.engine.chat_template))[0])
 
     def messages(self) -> list[dict[str, str]]:
         """The whole conversation, the turns trimmed from the model's context included."""
@@ -153,11 +179,12 @@ class ChatSession:
         room = context - min(options.max_new_tokens, context // 2) if options.default_length \
             else context - options.max_new_tokens
         dropped = 0
-        while len(self.history) > 1 and len(encode_prompt(self.engine, Prompt(messages=self.history), options)) > room:
-            turn = 2 if len(self.history) > 2 else 1  # a user message and its reply
+        while len(self.history) > 1 and len(encode_prompt(self.engine, self.prompt(), options)) > room:
+            # a user message and what answered it (with tools: calls and results too), up to the next one
+            turn = next((at for at in range(1, len(self.history)) if self.history[at]["role"] == "user"), 1)
             self.dropped += self.history[:turn]  # out of the model's sight, still in what /save writes
             del self.history[:turn]
-            dropped += 2
+            dropped += turn
         if dropped and self.on_notice:
             self.on_notice(f"The conversation outgrew the model's context of {context} tokens: the oldest "
                            f"{dropped} messages were dropped{' (the system message is kept)' if self.system else ''}.")
