@@ -1010,6 +1010,28 @@ MUTANTS = [
     Mutant("GRPO with one generation accepted", "llmcli/tasks/finetune.py",
            "(options.num_generations >= 2, ", "(options.num_generations >= 1, ",
            "tests/test_grpo.py -k bad_grpo_input"),
+    Mutant("an Anthropic stream ends without message_stop", "llmcli/serve/messages.py",
+           '            yield event("message_stop")', "            return",
+           "tests/test_serve_messages.py -k streamed_message"),
+    Mutant("a message that calls a tool says end_turn", "llmcli/serve/messages.py",
+           '        return "tool_use"', '        return "end_turn"',
+           "tests/test_serve_messages.py -k tools_round_trip"),
+    Mutant("count_tokens ignores the system prompt", "llmcli/serve/messages.py",
+           '        return {"input_tokens": await asyncio.to_thread(prompt_tokens, engine, chat_request(body))}',
+           '        return {"input_tokens": await asyncio.to_thread(prompt_tokens, engine, chat_request('
+           'body.model_copy(update={"system": None})))}',
+           "tests/test_serve_messages.py -k equals_the_chat_completion"),
+    Mutant("the stop sequence named is the first one asked", "llmcli/serve/messages.py",
+           '            message["stop_sequence"] = min(ended, key=len) if ended else None',
+           '            message["stop_sequence"] = self.stops[0]',
+           "tests/test_serve_messages.py -k equals_the_chat_completion"),
+    Mutant("x-api-key is not taken as the API key", "llmcli/serve/app.py",
+           '            if not (bearer or anthropic):', '            if not bearer:',
+           "tests/test_serve_messages.py -k errors_are"),
+    Mutant("/v1/messages errors in OpenAI's shape", "llmcli/serve/app.py",
+           "        return error_response(error, messages.speaks_anthropic(request.url.path))",
+           "        return error_response(error)",
+           "tests/test_serve_messages.py -k errors_are"),
 ]
 
 
