@@ -24,6 +24,8 @@ TOOLS = [{"name": "get_weather", "description": "The weather in a city now.", "i
          {"name": "get_time", "description": "The time in a zone.",
           "input_schema": {"type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"]}}]
 QUESTION = [{"role": "user", "content": "What is the weather in Paris?"}]
+# the SDK (2.x) has no sampling parameters; Anthropic's API and this server still take them
+GREEDY = {"temperature": 0}
 
 
 @pytest.fixture(scope="module", params=["hf", "llama.cpp"])
@@ -47,7 +49,9 @@ def model_of(server) -> str:
 
 def sse_events(server, body: dict, headers: dict | None = None) -> list[tuple[str, dict]]:
     """A streamed request's events as the server wrote them: (the `event:` line's name, the data)."""
-    request = urllib.request.Request(server.url + "/v1/messages", data=json.dumps({**body, "stream": True}).encode(),
+    body = {**{key: value for key, value in body.items() if key != "extra_body"}, **body.get("extra_body", {}),
+            "stream": True}
+    request = urllib.request.Request(server.url + "/v1/messages", data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json", "x-api-key": KEY, **(headers or {})})
     with urllib.request.urlopen(request, timeout=120) as response:
         assert response.headers["Content-Type"].startswith("text/event-stream")
@@ -76,7 +80,7 @@ def test_a_message_equals_the_chat_completion_and_counts_its_tokens(server):
     reply is max_tokens; a stop sequence found in that text ends the reply before it, named."""
     model, messages = model_of(server), client(server).messages
     system = "You answer in French."
-    asked = dict(model=model, max_tokens=16, temperature=0, messages=QUESTION)
+    asked = dict(model=model, max_tokens=16, extra_body=GREEDY, messages=QUESTION)
     reply = messages.create(system=system, **asked)
     chat = server.client(KEY).chat.completions.create(
         model=model, max_tokens=16, temperature=0, messages=[{"role": "system", "content": system}, *QUESTION])
@@ -111,7 +115,7 @@ def test_a_streamed_message_is_anthropics_event_sequence(server):
     content_block_stop, message_delta (stop_reason, usage), message_stop, each named on its `event:`
     line; the SDK's stream helper gives the same text and final message as the plain request."""
     model = model_of(server)
-    asked = dict(model=model, max_tokens=12, temperature=0, messages=QUESTION)
+    asked = dict(model=model, max_tokens=12, extra_body=GREEDY, messages=QUESTION)
     plain = client(server).messages.create(**asked)
     events = sse_events(server, asked)
     names = [name for name, _ in events]
@@ -127,15 +131,15 @@ def test_a_streamed_message_is_anthropics_event_sequence(server):
     assert "".join(data["delta"]["text"] for name, data in events if name == "content_block_delta") == \
         plain.content[0].text
     final = events[-2][1]
-    assert final["delta"] == {"stop_reason": "max_tokens", "stop_sequence": None}
-    assert final["usage"]["output_tokens"] == 12
+    assert final["delta"] == {"stop_reason": plain.stop_reason, "stop_sequence": None}
+    assert final["usage"]["output_tokens"] == plain.usage.output_tokens
     assert final["usage"]["input_tokens"] + final["usage"]["cache_read_input_tokens"] == counted
 
     with client(server).messages.stream(**asked) as stream:
         text = "".join(stream.text_stream)
         message = stream.get_final_message()
     assert text == message.content[0].text == plain.content[0].text
-    assert (message.stop_reason, message.usage.output_tokens) == ("max_tokens", 12)
+    assert (message.stop_reason, message.usage.output_tokens) == (plain.stop_reason, plain.usage.output_tokens)
 
 
 def test_tools_round_trip_with_tool_choice(server):
@@ -143,7 +147,7 @@ def test_tools_round_trip_with_tool_choice(server):
     tool's schema (plain and streamed alike); the tool_result sent back is read: a longer result is a
     longer prompt, and the reply is a message."""
     model, messages = model_of(server), client(server).messages
-    asked = dict(model=model, max_tokens=120, temperature=0, messages=QUESTION, tools=TOOLS)
+    asked = dict(model=model, max_tokens=120, extra_body=GREEDY, messages=QUESTION, tools=TOOLS)
     named = messages.create(tool_choice={"type": "tool", "name": "get_weather"}, **asked)
     assert named.stop_reason == "tool_use" and named.stop_sequence is None
     [call] = [block for block in named.content if block.type == "tool_use"]
@@ -171,7 +175,7 @@ def test_tools_round_trip_with_tool_choice(server):
     long = messages.count_tokens(model=model, messages=answered("18 C, sunny, a light wind from the west"),
                                  tools=TOOLS).input_tokens
     assert long > short > messages.count_tokens(model=model, messages=QUESTION, tools=TOOLS).input_tokens
-    then = messages.create(model=model, max_tokens=8, temperature=0, messages=answered("18 C"), tools=TOOLS,
+    then = messages.create(model=model, max_tokens=8, extra_body=GREEDY, messages=answered("18 C"), tools=TOOLS,
                            tool_choice={"type": "none"})
     assert then.content[0].type == "text" and then.usage.input_tokens + then.usage.cache_read_input_tokens == \
         messages.count_tokens(model=model, messages=answered("18 C"), tools=TOOLS,
@@ -216,20 +220,20 @@ def test_the_embedded_model_ends_its_turn_and_answers_a_tool_result():
     with serving() as server:
         messages = anthropic.Anthropic(base_url=server.url, api_key="none", max_retries=0, timeout=120).messages
         hello = [{"role": "user", "content": "Say hello."}]
-        reply = messages.create(model="smollm2", max_tokens=100, temperature=0, messages=hello)
+        reply = messages.create(model="smollm2", max_tokens=100, extra_body=GREEDY, messages=hello)
         chat = server.client().chat.completions.create(model="smollm2", max_tokens=100, temperature=0, messages=hello)
         assert chat.choices[0].finish_reason == "stop" and reply.stop_reason == "end_turn"
         assert reply.content[0].text == chat.choices[0].message.content and reply.stop_sequence is None
-        with messages.stream(model="smollm2", max_tokens=100, temperature=0, messages=hello) as stream:
+        with messages.stream(model="smollm2", max_tokens=100, extra_body=GREEDY, messages=hello) as stream:
             final = stream.get_final_message()
         assert (final.content[0].text, final.stop_reason) == (reply.content[0].text, "end_turn")
 
-        called = messages.create(model="smollm2", max_tokens=100, temperature=0, messages=QUESTION, tools=TOOLS[:1],
+        called = messages.create(model="smollm2", max_tokens=100, extra_body=GREEDY, messages=QUESTION, tools=TOOLS[:1],
                                  tool_choice={"type": "tool", "name": "get_weather"})
         [call] = called.content
         assert called.stop_reason == "tool_use" and call.type == "tool_use"
         jsonschema.validate(call.input, WEATHER)
-        then = messages.create(model="smollm2", max_tokens=60, temperature=0, tools=TOOLS[:1], messages=[
+        then = messages.create(model="smollm2", max_tokens=60, extra_body=GREEDY, tools=TOOLS[:1], messages=[
             *QUESTION, {"role": "assistant", "content": called.content},
             {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call.id, "content": "18 C and sunny"}]}])
         assert then.stop_reason in ("end_turn", "tool_use", "max_tokens")

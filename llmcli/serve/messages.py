@@ -93,7 +93,9 @@ def add_routes(app: FastAPI, engine: Engine, settings: Settings, worker: Any, sc
         tally = Tally(metrics, time.perf_counter(), settings.prefix_cache)
         reply = Reply(settings.model_name)
         if not body.stream:
-            return reply.finish(await run_to_end(request, start, tally))
+            result = await run_to_end(request, start, tally)
+            request.state.batch = result.get("batch", 1)  # for the access log
+            return reply.finish(result)
         # Anthropic's message_start carries the input tokens, before any is generated: counted here
         # (the job counts them again, on the engine's thread)
         counted = await asyncio.to_thread(prompt_tokens, engine, chat)
