@@ -235,12 +235,27 @@ def test_the_embedded_model_ends_its_turn_and_answers_a_tool_result():
         [call] = called.content
         assert called.stop_reason == "tool_use" and call.type == "tool_use"
         jsonschema.validate(call.input, WEATHER)
+        result = "18 C and sunny"
         then = messages.create(model="smollm2", max_tokens=60, extra_body=GREEDY, tools=TOOLS[:1], messages=[
             *QUESTION, {"role": "assistant", "content": called.content},
-            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call.id, "content": "18 C and sunny"}]}])
-        assert then.stop_reason in ("end_turn", "tool_use", "max_tokens")
-        assert then.content and then.usage.input_tokens + then.usage.cache_read_input_tokens > \
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call.id, "content": result}]}])
+        # the same conversation in OpenAI's shape: the same prompt, the same reply
+        chat = server.client().chat.completions.create(
+            model="smollm2", max_tokens=60, temperature=0, tools=[{"type": "function", "function": {
+                "name": "get_weather", "description": TOOLS[0]["description"], "parameters": WEATHER}}],
+            messages=[*QUESTION, {"role": "assistant", "content": None, "tool_calls": [{
+                "id": call.id, "type": "function",
+                "function": {"name": call.name, "arguments": json.dumps(call.input)}}]},
+                {"role": "tool", "tool_call_id": call.id, "content": result}])
+        assert then.usage.input_tokens + then.usage.cache_read_input_tokens == chat.usage.prompt_tokens
+        assert then.usage.input_tokens + then.usage.cache_read_input_tokens > \
             called.usage.input_tokens + called.usage.cache_read_input_tokens
+        [choice] = chat.choices
+        assert then.stop_reason == {"tool_calls": "tool_use", "stop": "end_turn", "length": "max_tokens"}[
+            choice.finish_reason]
+        assert "".join(block.text for block in then.content if block.type == "text") == (choice.message.content or "")
+        assert [(block.name, block.input) for block in then.content if block.type == "tool_use"] == \
+            [(c.function.name, json.loads(c.function.arguments)) for c in choice.message.tool_calls or []]
 
 
 def test_streamed_deltas_become_blocks_in_order():

@@ -11,7 +11,6 @@ import asyncio
 import json
 import threading
 import time
-import uuid
 from typing import Any, AsyncIterator, Callable, Literal, Optional, Union
 
 from fastapi import FastAPI, Request
@@ -26,6 +25,7 @@ from llmcli.serve.common import (Tally, check_model, job_result, next_event, run
                                  start_streaming)
 from llmcli.serve.errors import ApiError, anthropic_body, api_error, validation_error
 from llmcli.serve.metrics import Metrics
+from llmcli.serve.responses import new_id
 from llmcli.serve.schemas import ChatRequest
 from llmcli.serve.settings import Settings
 from llmcli.tasks.generate import Generation, encode_prompt, find_stop
@@ -233,10 +233,6 @@ class StopSequenceShape:
 
 
 # ------------------------------------------------------------------ chat -> message
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}_{uuid.uuid4().hex[:24]}"
-
 
 def tool_use_id(call_id: str) -> str:
     return "toolu_" + call_id.removeprefix("call_")
