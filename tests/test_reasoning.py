@@ -185,6 +185,19 @@ def test_the_server_returns_reasoning_content_whole_and_streamed(model, template
         assert len(deltas) > 1 and "".join(deltas) == whole["reasoning_content"]
         assert events[-1]["response"]["output"] == [{**item, "id": events[-1]["response"]["output"][n]["id"]}
                                                     for n, item in enumerate(output)]
+        # Anthropic's Messages: a thinking block, and thinking disabled through the template's switch
+        blocks = message_blocks(server)
+        assert blocks == [{"type": "thinking", "thinking": whole["reasoning_content"], "signature": ""},
+                          {"type": "text", "text": whole["content"]}]
+        assert [b["type"] for b in message_blocks(server, thinking={"type": "disabled"})] == ["text"]
+
+
+def message_blocks(server, **body) -> list[dict]:
+    request = urllib.request.Request(server.url + "/v1/messages", method="POST", data=json.dumps(
+        {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": 30, "temperature": 0, **body}).encode(),
+        headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.loads(response.read())["content"]
 
 
 def respond(server, **body):

@@ -80,7 +80,8 @@ def test_the_schema_errors_and_unsupported_fields(tiny_gpt2):
         status, _, schema = get(server, "/openapi.json")
         assert status == 200 and schema["openapi"].startswith("3.")
         served = {"/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/models", "/v1/models/{name}",
-                  "/v1/responses/{ident}", "/health", "/metrics", "/tokenize", "/detokenize", "/tokenizer_info"}
+                  "/v1/responses/{ident}", "/v1/messages", "/v1/messages/count_tokens", "/health", "/metrics",
+                  "/tokenize", "/detokenize", "/tokenizer_info"}
         assert served <= set(schema["paths"]), schema["paths"].keys()
         for path in schema["paths"]:  # every published route answers (no 404)
             concrete = path.replace("{name}", "x")

@@ -10,7 +10,7 @@ the computation `llmcli eval` sums. Every error is OpenAI's JSON shape, `{"error
 
 This module is the app itself: middleware (size, key, access log), errors, health, metrics, the model
 listing and the schema's page (/docs); each endpoint family has its module (completions.py, chat.py,
-tokenize.py; as vLLM's entrypoints lay them out), what they share is common.py.
+responses.py, messages.py, tokenize.py; as vLLM's entrypoints lay them out), what they share is common.py.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmcli import strict_json
 from llmcli.engines import Engine
-from llmcli.serve import chat, completions, embeddings, rerank, responses, tokenize
+from llmcli.serve import chat, completions, embeddings, messages, rerank, responses, tokenize
 from llmcli.serve.common import known_model
 from llmcli.serve.errors import ApiError, error_response, log_internal_error, route_error, validation_error
 from llmcli.serve.metrics import CONTENT_TYPE_LATEST, Metrics
@@ -68,15 +68,15 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, error: ApiError) -> JSONResponse:
-        return error_response(error)
+        return error_response(error, messages.speaks_anthropic(request.url.path))
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
-        return error_response(validation_error(error.errors()[0]))
+        return error_response(validation_error(error.errors()[0]), messages.speaks_anthropic(request.url.path))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
-        return error_response(route_error(app, request, error))
+        return error_response(route_error(app, request, error), messages.speaks_anthropic(request.url.path))
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -112,6 +112,7 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
     completions.add_route(app, engine, settings, worker, scheduler, metrics)
     chat.add_route(app, engine, settings, worker, scheduler, metrics)
     responses.add_route(app, engine, settings, worker, scheduler, metrics)
+    messages.add_routes(app, engine, settings, worker, scheduler, metrics)
     embeddings.add_route(app, settings)
     rerank.add_routes(app, settings)
     tokenize.add_routes(app, engine, settings, scheduler.cells if scheduler else engine.context_length)
@@ -132,6 +133,7 @@ class Gate:
             return await self.app(scope, receive, send)
         began, status = time.perf_counter(), [0]
         scope.setdefault("state", {})
+        anthropic = messages.speaks_anthropic(scope["path"])
 
         async def send_and_note(message: dict) -> None:
             if message["type"] == "http.response.start":
@@ -141,7 +143,7 @@ class Gate:
         try:
             refusal = self.refuse(scope)
             if refusal is not None:
-                await error_response(refusal)(scope, receive, send_and_note)
+                await error_response(refusal, anthropic)(scope, receive, send_and_note)
                 return
             received = [0]
 
@@ -156,12 +158,12 @@ class Gate:
                 await self.app(scope, limited_receive, send_and_note)
             except BodyTooLarge:
                 if not status[0]:
-                    await error_response(too_large(self.settings))(scope, receive, send_and_note)
+                    await error_response(too_large(self.settings), anthropic)(scope, receive, send_and_note)
             except Exception as exc:  # answered here, so the server's log gets one line, not a traceback
                 log_internal_error(exc)
                 if not status[0]:
                     error = ApiError(500, f"internal error: {type(exc).__name__}", "server_error")
-                    await error_response(error)(scope, receive, send_and_note)
+                    await error_response(error, anthropic)(scope, receive, send_and_note)
         finally:
             self.log(scope, status[0], began)
 
@@ -176,10 +178,12 @@ class Gate:
             return too_large(self.settings)
         if self.settings.api_key and (scope["path"].startswith("/v1") or scope["path"] in tokenize.PATHS
                                      or scope["path"] in rerank.PATHS):
-            given = headers.get("authorization", "")
-            expected = f"Bearer {self.settings.api_key}"
-            if not hmac.compare_digest(given.encode(), expected.encode()):
-                return ApiError(401, "a valid API key is required (Authorization: Bearer KEY)",
+            key = self.settings.api_key.encode()
+            bearer = hmac.compare_digest(headers.get("authorization", "").encode(), b"Bearer " + key)
+            # Anthropic's clients send the key as x-api-key (ANTHROPIC_AUTH_TOKEN as a Bearer token)
+            anthropic = hmac.compare_digest(headers.get("x-api-key", "").encode(), key)
+            if not (bearer or anthropic):
+                return ApiError(401, "a valid API key is required (Authorization: Bearer KEY, or x-api-key: KEY)",
                                 "authentication_error", code="invalid_api_key")
         return None
 

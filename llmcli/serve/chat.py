@@ -32,8 +32,10 @@ def add_route(app: FastAPI, engine: Engine, settings: Settings, worker: Any, sch
 CHAT_DEFAULT_TOKENS = 512  # a chat request without max_tokens: this, or what the context leaves
 
 
-async def chat_start(engine: Engine, body: ChatRequest, settings: Settings, worker: Any, scheduler: Any) -> Start:
-    """The checked request, ready to run: on the scheduler (llama.cpp) or the engine thread (hf)."""
+async def chat_start(engine: Engine, body: ChatRequest, settings: Settings, worker: Any, scheduler: Any,
+                     shape_of: Callable[[tools.ToolUse | None, str], Any] | None = None) -> Start:
+    """The checked request, ready to run: on the scheduler (llama.cpp) or the engine thread (hf).
+    `shape_of` makes the reply's shape (default `reply_shape`; another API's face may wrap it)."""
     check_model(body.model, settings)
     asked = body.max_completion_tokens or body.max_tokens
     max_tokens = check_max_tokens(asked, CHAT_DEFAULT_TOKENS, settings)
@@ -45,7 +47,7 @@ async def chat_start(engine: Engine, body: ChatRequest, settings: Settings, work
     else:
         await check_constraint(engine, options)
     options = reasoning_options(engine, body, settings, options)
-    prompt, shape = chat_prompt(body, use, form), reply_shape(use, form)
+    prompt, shape = chat_prompt(body, use, form), (shape_of or reply_shape)(use, form)
 
     def work(emit: Callable[[dict], None] | None, cancelled: Callable[[], bool]) -> dict[str, Any]:
         return run_chat(engine, body, prompt, shape, options, emit, cancelled)

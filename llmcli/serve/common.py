@@ -188,7 +188,9 @@ def batch_job(engine: Engine, prompt: Prompt, body: Any, options: GenerateOption
                 answers.append(exc)
         return answers
 
-    return Batchable(key=("chat" if chat else "completion", repr(options)), item=prompt, run_batch=run_batch)
+    # the batch's answers are made by its first request's shape: only requests of one shape batch together
+    return Batchable(key=(type(shape).__name__ if chat else "completion", repr(options)), item=prompt,
+                     run_batch=run_batch)
 
 
 def token_pieces(engine: Engine, ids: list[int], text: str) -> list[str]:

@@ -26,9 +26,27 @@ def error_body(message: str, kind: str, param: str | None = None, code: str | No
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-def error_response(error: ApiError) -> JSONResponse:
+def error_response(error: ApiError, anthropic: bool = False) -> JSONResponse:
+    """The error as OpenAI shapes it, or (`anthropic`: on /v1/messages) as Anthropic does."""
+    if anthropic:
+        return JSONResponse(anthropic_body(error), status_code=anthropic_status(error), headers=error.headers)
     return JSONResponse(error_body(error.message, error.kind, error.param, error.code), status_code=error.status,
                         headers=error.headers)
+
+
+# Anthropic's error types by HTTP status (docs.anthropic.com, "Errors"); any other 4xx is an invalid
+# request, any other 5xx an api_error
+ANTHROPIC_KINDS = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+                   413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error"}
+
+
+def anthropic_body(error: ApiError) -> dict[str, Any]:
+    kind = ANTHROPIC_KINDS.get(error.status, "api_error" if error.status >= 500 else "invalid_request_error")
+    return {"type": "error", "error": {"type": kind, "message": error.message}}
+
+
+def anthropic_status(error: ApiError) -> int:
+    return 529 if error.status == 503 else error.status  # Anthropic's status for overloaded, which its clients retry
 
 
 UNION_BRANCHES = ("str", "int", "float", "bool", "list", "dict")  # pydantic names the union member it tried
