@@ -33,7 +33,7 @@ CHAT_DEFAULT_TOKENS = 512  # a chat request without max_tokens: this, or what th
 
 async def chat_start(engine: Engine, body: ChatRequest, settings: Settings, worker: Any, scheduler: Any) -> Start:
     """The checked request, ready to run: on the scheduler (llama.cpp) or the engine thread (hf)."""
-    check_model(body.model, settings)
+    adapter = check_model(body.model, settings)
     asked = body.max_completion_tokens or body.max_tokens
     max_tokens = check_max_tokens(asked, CHAT_DEFAULT_TOKENS, settings)
     options = replace(sampling_options(body, max_tokens, chat=True), default_length=asked is None)
@@ -43,7 +43,7 @@ async def chat_start(engine: Engine, body: ChatRequest, settings: Settings, work
         await check_constraint(engine, options, param="tools")
     else:
         await check_constraint(engine, options)
-    prompt, shape = chat_prompt(body, use, form), reply_shape(use, form)
+    prompt, shape = replace(chat_prompt(body, use, form), adapter=adapter), reply_shape(use, form)
 
     def work(emit: Callable[[dict], None] | None, cancelled: Callable[[], bool]) -> dict[str, Any]:
         return run_chat(engine, body, prompt, shape, options, emit, cancelled)

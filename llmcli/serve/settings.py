@@ -26,6 +26,7 @@ class Settings:
     embedding_model: str | None = None  # /v1/embeddings' model (None: the embedded all-MiniLM-L6-v2)
     embedding_unavailable: str | None = None  # why /v1/embeddings is off (the default model is not installed)
     rerank_model: str | None = None  # /v1/rerank's cross-encoder (None: /v1/rerank says how to start one)
+    adapters: tuple[str, ...] = ()  # LoRA adapters on the model (serve --adapter NAME=DIR), offered by NAME
 
 
 def system_fingerprint(engine: Engine) -> str:
