@@ -17,7 +17,7 @@ from conftest import bare_llama, run_cli
 PROMPTS = ["This License", "the work", "You may convey verbatim copies"]
 
 
-def make_adapter(base: Path, path: Path, seed: int, alpha: int, base_reference: str | None = None) -> Path:
+def make_adapter(base: Path | None, path: Path, seed: int, alpha: int, base_reference: str | None = None) -> Path:
     """A rank-4 LoRA on every linear layer with random (not zero) B factors: it changes greedy text at once,
     as a trained adapter does, without training. alpha != rank, so an ignored alpha shows."""
     import torch
@@ -25,7 +25,7 @@ def make_adapter(base: Path, path: Path, seed: int, alpha: int, base_reference: 
 
     from llmcli import models
 
-    loaded = models.load_model(str(base), device="cpu", dtype="float32")
+    loaded = models.load_model(None if base is None else str(base), device="cpu", dtype="float32")
     torch.manual_seed(seed)
     config = LoraConfig(r=4, lora_alpha=alpha, target_modules="all-linear", init_lora_weights=False,
                         task_type="CAUSAL_LM")
@@ -154,7 +154,8 @@ def test_a_llama_cpp_engine_switches_adapters_per_prompt_and_per_sequence(tiny_g
     assert rows == [row for pair in zip(base, adapted) for row in pair]
     sequences = SequenceSet(engine, 512, len(prompts), 64)
     try:
-        live = [sequences.add(engine.encode(p.text), engine.sampler(options, []), 12, adapter=p.adapter) for p in prompts]
+        live = [sequences.add(engine.encode(p.text), engine.sampler(options, []), 12, adapter=p.adapter)
+                for p in prompts]
         while sequences.live:
             sequences.step(engine.eos_ids)
     finally:

@@ -12,9 +12,9 @@ from fastapi import FastAPI, Request
 from llmcli import tools
 from llmcli.data import Prompt
 from llmcli.engines import Engine, Window
-from llmcli.serve.common import (PlainChat, Start, batch_job, check_constraint, check_max_tokens, check_model,
-                                 choices, decode_together, finish_reason, first_token_at, on_worker, respond,
-                                 sampling_options, token_pieces, token_text, usage)
+from llmcli.serve.common import (PlainChat, Start, adapter_logprobs, batch_job, check_constraint, check_max_tokens,
+                                 check_model, choices, decode_together, finish_reason, first_token_at, on_worker,
+                                 respond, sampling_options, token_pieces, token_text, usage)
 from llmcli.serve.metrics import Metrics
 from llmcli.serve.schemas import ChatRequest
 from llmcli.serve.settings import Settings
@@ -34,6 +34,8 @@ CHAT_DEFAULT_TOKENS = 512  # a chat request without max_tokens: this, or what th
 async def chat_start(engine: Engine, body: ChatRequest, settings: Settings, worker: Any, scheduler: Any) -> Start:
     """The checked request, ready to run: on the scheduler (llama.cpp) or the engine thread (hf)."""
     adapter = check_model(body.model, settings)
+    if adapter and body.logprobs:
+        raise adapter_logprobs()
     asked = body.max_completion_tokens or body.max_tokens
     max_tokens = check_max_tokens(asked, CHAT_DEFAULT_TOKENS, settings)
     options = replace(sampling_options(body, max_tokens, chat=True), default_length=asked is None)

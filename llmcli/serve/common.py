@@ -42,6 +42,11 @@ def check_model(name: str | None, settings: Settings) -> str | None:
     return name if name in settings.adapters else None
 
 
+def adapter_logprobs() -> ApiError:
+    """Scores run the model as loaded; an adapter's would be the base's numbers under its name."""
+    return ApiError(400, "logprobs are not computed for LoRA adapters yet", param="logprobs")
+
+
 def check_max_tokens(asked: int | None, default: int, settings: Settings) -> int:
     limit = settings.max_tokens_limit
     if asked is not None and limit is not None and asked > limit:

@@ -11,9 +11,9 @@ from fastapi import FastAPI, Request
 
 from llmcli.data import Prompt
 from llmcli.engines import Engine, Window
-from llmcli.serve.common import (batch_job, check_constraint, check_max_tokens, check_model, choices,
-                                 decode_together, finish_reason, first_token_at, on_worker, respond, sampling_options,
-                                 token_pieces, token_text, usage)
+from llmcli.serve.common import (adapter_logprobs, batch_job, check_constraint, check_max_tokens, check_model,
+                                 choices, decode_together, finish_reason, first_token_at, on_worker, respond,
+                                 sampling_options, token_pieces, token_text, usage)
 from llmcli.serve.errors import ApiError
 from llmcli.serve.metrics import Metrics
 from llmcli.serve.schemas import CompletionRequest
@@ -25,6 +25,8 @@ def add_route(app: FastAPI, engine: Engine, settings: Settings, worker: Any, sch
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Any:
         adapter = check_model(body.model, settings)
+        if adapter and body.logprobs is not None:
+            raise adapter_logprobs()
         max_tokens = check_max_tokens(body.max_tokens, 16, settings)
         options = sampling_options(body, max_tokens, chat=False)
         await check_constraint(engine, options)
@@ -44,7 +46,8 @@ def add_route(app: FastAPI, engine: Engine, settings: Settings, worker: Any, sch
 
 
 def run_completions(engine: Engine, body: CompletionRequest, prompts: list[Prompt], options: GenerateOptions,
-                    max_tokens: int, emit: Callable[[dict], None] | None, cancelled: Callable[[], bool]) -> dict[str, Any]:
+                    max_tokens: int, emit: Callable[[dict], None] | None,
+                    cancelled: Callable[[], bool]) -> dict[str, Any]:
     out, prompt_tokens, completion_tokens, began, first = [], 0, 0, time.perf_counter(), None
     for number, prompt in enumerate(prompts):
         text = prompt.text
