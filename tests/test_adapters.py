@@ -7,6 +7,7 @@ adapter loading through llama-cpp-python's `Llama(lora_path=...)`."""
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 from pathlib import Path
 
@@ -50,11 +51,21 @@ def llama_adapters(tiny_llama, tmp_path_factory) -> tuple[Path, Path]:
 
 
 @pytest.fixture(scope="module")
-def gguf_adapter(tiny_gguf, tmp_path_factory) -> Path:
-    """An adapter of a GGUF base (as `finetune --lora` on the embedded model makes): trained on its
-    Hugging Face conversion, naming the .gguf file as its base."""
-    return make_adapter(tiny_gguf, tmp_path_factory.mktemp("gguf-adapter") / "lora", seed=3, alpha=16,
-                        base_reference=str(tiny_gguf))
+def gguf_base(tiny_llama, tmp_path_factory) -> Path:
+    """The tiny Llama exported to an F32 GGUF: a GGUF base, as the embedded model is for `finetune --lora`."""
+    path = tmp_path_factory.mktemp("gguf-base") / "tiny-llama-f32.gguf"
+    assert run_cli("export", tiny_llama, "-o", path, "--type", "f32").exit_code == 0
+    return path
+
+
+@pytest.fixture(scope="module")
+def gguf_adapter(llama_adapters, gguf_base, tmp_path_factory) -> Path:
+    """The first adapter naming the GGUF export of its base (the same weights) as its base model."""
+    path = tmp_path_factory.mktemp("gguf-adapter") / "lora"
+    shutil.copytree(llama_adapters[0], path)
+    settings = json.loads((path / "adapter_config.json").read_text())
+    (path / "adapter_config.json").write_text(json.dumps({**settings, "base_model_name_or_path": str(gguf_base)}))
+    return path
 
 
 def greedy(model, engine: str, tokens: int, *prompts: str) -> list[list[int]]:
@@ -123,20 +134,32 @@ def test_an_exported_adapter_is_llama_cpps_lora_gguf_and_decodes_as_peft(tiny_ll
     assert agreeing >= 0.75 * sum(len(row) for row in reference), agreeing
 
 
-def test_the_llama_cpp_engine_runs_an_adapter_on_its_base_gguf_unmerged(tiny_gguf, gguf_adapter):
+def test_the_llama_cpp_engine_runs_an_adapter_on_its_base_gguf_unmerged(tiny_llama, llama_adapters, gguf_base,
+                                                                        gguf_adapter, tmp_path):
     """`generate -m ADAPTER_DIR --engine llama.cpp`: the base GGUF with the adapter's LoRA GGUF applied by
-    llama.cpp (made once into the cache), equal to peft on the base's conversion; the base alone differs."""
+    llama.cpp (made once into the cache). On a GGUF base it equals peft; on a Hugging Face base (exported
+    once to F16 into the cache) it equals llama.cpp's own `Llama(lora_path=...)` on those files."""
     pytest.importorskip("llama_cpp")
-    reference = greedy(gguf_adapter, "hf", 16)
-    assert greedy(gguf_adapter, "llama.cpp", 16) == reference
-    assert greedy(tiny_gguf, "llama.cpp", 16) != reference
+    from transformers import AutoTokenizer
+
     from llmcli.engines import choose_engine
 
+    reference = greedy(llama_adapters[0], "hf", 16)
+    assert greedy(gguf_adapter, "llama.cpp", 16) == reference
+    assert greedy(gguf_base, "llama.cpp", 16) != reference
     engine = choose_engine(str(gguf_adapter), "llama.cpp")
-    assert engine.path == Path(tiny_gguf) and engine.adapter in engine.adapters and len(engine.adapters) == 1
+    assert engine.path == gguf_base and engine.adapter in engine.adapters and len(engine.adapters) == 1
+
+    second = llama_adapters[1]
+    base16 = tmp_path / "base-f16.gguf"
+    assert run_cli("export", tiny_llama, "-o", base16, "--type", "f16").exit_code == 0
+    lora = export_adapter(second, tmp_path / "second.gguf", "--type", "f32")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    expected = [llama_cpp_greedy(base16, lora, tokenizer(p)["input_ids"], 16) for p in PROMPTS]
+    assert greedy(second, "llama.cpp", 16) == expected
 
 
-def test_a_llama_cpp_engine_switches_adapters_per_prompt_and_per_sequence(tiny_gguf, gguf_adapter):
+def test_a_llama_cpp_engine_switches_adapters_per_prompt_and_per_sequence(gguf_base, gguf_adapter):
     """One base, its adapter added: prompts (generate's batch) and a SequenceSet's sequences (a server's
     continuous batch) each run with their own adapter, stepping groups in turn."""
     pytest.importorskip("llama_cpp")
@@ -145,8 +168,8 @@ def test_a_llama_cpp_engine_switches_adapters_per_prompt_and_per_sequence(tiny_g
     from llmcli.engines.llama_sequences import SequenceSet
     from llmcli.tasks.generate import GenerateOptions, generate
 
-    base, adapted = greedy(tiny_gguf, "llama.cpp", 12), greedy(gguf_adapter, "llama.cpp", 12)
-    engine = choose_engine(str(tiny_gguf), "llama.cpp")
+    base, adapted = greedy(gguf_base, "llama.cpp", 12), greedy(gguf_adapter, "llama.cpp", 12)
+    engine = choose_engine(str(gguf_base), "llama.cpp")
     add_adapter_dir(engine, "tuned", str(gguf_adapter), lambda message: None)
     prompts = [Prompt(text=text, adapter=name) for text in PROMPTS for name in (None, "tuned")]
     options = GenerateOptions(max_new_tokens=12, temperature=0.0, chat=False, batch_size=len(prompts))

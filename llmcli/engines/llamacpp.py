@@ -284,10 +284,13 @@ class LlamaCppEngine:
         llama_decode on it (it changes nothing when they are already set)."""
         lib = self.lib
         if name is None:
-            lib.llama_set_adapters_lora(context, None, 0, None)
-            return
-        adapters = (lib.llama_adapter_lora_p_ctypes * 1)(self.adapters[name])
-        lib.llama_set_adapters_lora(context, adapters, 1, (ctypes.c_float * 1)(1.0))  # peft's scale: alpha / rank
+            code = lib.llama_set_adapters_lora(context, None, 0, None)
+        else:
+            adapters = (lib.llama_adapter_lora_p_ctypes * 1)(self.adapters[name])
+            code = lib.llama_set_adapters_lora(context, adapters, 1, (ctypes.c_float * 1)(1.0))  # scale: alpha / rank
+        if code != 0:
+            raise ModelLoadError(f"llama.cpp could not set the LoRA adapter {name} on a context (code {code})",
+                                 "Pass an adapter finetuned on this base model.")
 
     # ------------------------------------------------------------ tokens and text
 
@@ -488,16 +491,19 @@ class LlamaCppEngine:
         whole context), rows back in the batch's order."""
         samples, own = options.num_return_sequences, self.adapter
         rows: list[list[list[int]]] = [[] for _ in batch]
+        checked: list[list[tuple[int | None, int | None]]] = [[] for _ in batch]
         wanted = [name or own for name in adapters]
         try:
             for name in dict.fromkeys(wanted):
                 members = [i for i, chosen in enumerate(wanted) if chosen == name]
                 self.use_adapter(name)
                 out = self.generate([batch[i] for i in members], options, on_tokens, should_stop)
+                drafts = self.drafts_checked or [(None, None)] * len(out)
                 for k, i in enumerate(members):
-                    rows[i] = out[k * samples:(k + 1) * samples]
+                    rows[i], checked[i] = out[k * samples:(k + 1) * samples], drafts[k * samples:(k + 1) * samples]
         finally:
             self.use_adapter(own)
+        self.drafts_checked = [pair for prompt_pairs in checked for pair in prompt_pairs]
         return [row for prompt_rows in rows for row in prompt_rows]
 
     def decode_together(self, batch: list[list[int]], options: Any, on_tokens: TokensCallback,
