@@ -58,14 +58,24 @@ def gguf_base(tiny_llama, tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def gguf_adapter(llama_adapters, gguf_base, tmp_path_factory) -> Path:
-    """The first adapter naming the GGUF export of its base (the same weights) as its base model."""
-    path = tmp_path_factory.mktemp("gguf-adapter") / "lora"
-    shutil.copytree(llama_adapters[0], path)
+def rebased(adapter: Path, base: Path, path: Path) -> Path:
+    """A copy of `adapter` naming `base` (the same weights in another form) as its base model."""
+    shutil.copytree(adapter, path)
     settings = json.loads((path / "adapter_config.json").read_text())
-    (path / "adapter_config.json").write_text(json.dumps({**settings, "base_model_name_or_path": str(gguf_base)}))
+    (path / "adapter_config.json").write_text(json.dumps({**settings, "base_model_name_or_path": str(base)}))
     return path
+
+
+@pytest.fixture(scope="module")
+def gguf_adapters(llama_adapters, gguf_base, tmp_path_factory) -> tuple[Path, Path]:
+    """The adapters naming the GGUF export of their base as their base model."""
+    root = tmp_path_factory.mktemp("gguf-adapters")
+    return tuple(rebased(adapter, gguf_base, root / adapter.name) for adapter in llama_adapters)
+
+
+@pytest.fixture(scope="module")
+def gguf_adapter(gguf_adapters) -> Path:
+    return gguf_adapters[0]
 
 
 def greedy(model, engine: str, tokens: int, *prompts: str) -> list[list[int]]:
@@ -218,21 +228,28 @@ def test_export_adapter_refuses_what_llama_cpp_cannot_hold(llama_adapters, tmp_p
     assert not (tmp_path / "a.gguf").exists()
 
 
-def test_serve_offers_adapters_as_models_and_concurrent_requests_get_their_own_text(tiny_llama, llama_adapters):
+@pytest.mark.parametrize("engine", ["hf", "llama.cpp"])
+def test_serve_offers_adapters_as_models_and_concurrent_requests_get_their_own_text(engine, request):
     """`serve -m BASE --adapter NAME=DIR ...`: /v1/models lists each adapter with its parent; eight
-    concurrent requests over the base and two adapters (batched together) each get their own model's text."""
+    concurrent requests over the base and two adapters (batched together: peft's mixed batch on hf, turns
+    of one adapter per step on llama.cpp) each get the text `generate -m` gives on its own model."""
     from test_serve import serving
 
-    first, second = llama_adapters
+    if engine == "llama.cpp":
+        pytest.importorskip("llama_cpp")
+        base, (first, second) = request.getfixturevalue("gguf_base"), request.getfixturevalue("gguf_adapters")
+    else:
+        base, (first, second) = request.getfixturevalue("tiny_llama"), request.getfixturevalue("llama_adapters")
     expected = {}
-    for name, model in (("base", tiny_llama), ("first", first), ("second", second)):
-        expected[name] = [run_cli("generate", p, "-m", model, "--engine", "hf", "--no-chat", "-n", "12",
-                                  "--json").json_lines()[0]["text"] for p in PROMPTS]
-    with serving("-m", tiny_llama, "--engine", "hf", "--adapter", f"first={first}", "--adapter",
-                 f"second={second}", "--max-batch", "8") as server:
+    for name, model in (("base", base), ("first", first), ("second", second)):
+        result = run_cli("generate", *PROMPTS, "-m", model, "--engine", engine, "--no-chat", "-n", "12", "--json")
+        expected[name] = [record["text"] for record in result.json_lines()]
+    assert expected["base"] != expected["first"] != expected["second"]
+    with serving("-m", base, "--engine", engine, "--adapter", f"first={first}", "--adapter", f"second={second}",
+                 "--max-batch", "8") as server:
         with server.client() as client:
             cards = {card.id: card for card in client.models.list().data}
-            base_id = Path(tiny_llama).name
+            base_id = Path(base).name
             assert cards["first"].parent == cards["second"].parent == base_id
             answers: dict[int, tuple[str, str]] = {}
             asked = [(["base", "first", "second"][i % 3], i % 3) for i in range(8)]
