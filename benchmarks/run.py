@@ -623,6 +623,30 @@ def llama_serving(client_counts: list[int], new_tokens: int) -> list[Figure]:
     return figures
 
 
+def adapter_serving(engine: str, clients: int, requests: int, new_tokens: int, workdir: Path) -> Figure:
+    """P27: one `llmcli serve` of the embedded model with two LoRA adapters (--adapter NAME=DIR), under
+    `clients` streaming chat clients whose requests name the base and the two adapters in turn, against
+    the same clients all on the base. Aggregate generated tok/s (serve_load.py's load). On llama.cpp the
+    sequences of each adapter decode in their own steps (one adapter set per llama_decode); on hf peft
+    mixes them in one batch."""
+    from serve_load import chat_load, stream_chat, summary
+    from test_adapters import make_adapter
+
+    from llmcli.models import EMBEDDED_ALIAS
+
+    adapters = [make_adapter(None, workdir / f"lora-{n}", seed=n, alpha=16, base_reference=EMBEDDED_ALIAS)
+                for n in (1, 2)]
+    flags = [f for n, path in enumerate(adapters) for f in ("--adapter", f"tuned{n}={path}")]
+    with serving_process(["--engine", engine, *flags, "--queue-size", str(requests)]) as (client, model):
+        stream_chat(client, model, [{"role": "user", "content": "Hi"}], 4)  # warm-up
+        mixed = summary(*chat_load(client, [model, "tuned0", "tuned1"], clients, requests, new_tokens))
+        base = summary(*chat_load(client, model, clients, requests, new_tokens))
+    note = (f"{clients} clients, {requests} greedy chat requests of {new_tokens} tokens, base and 2 adapters in turn "
+            f"against all on the base; TTFT p50 {mixed['ttft_p50_s']:.2f} vs {base['ttft_p50_s']:.2f} s")
+    return Figure(f"P27 serve ({engine}) base + 2 adapters vs base alone", mixed["tok_per_s"], base["tok_per_s"],
+                  "tok/s", goal=0.8 if engine == "llama.cpp" else 0.9, note=note, raw={"mixed": mixed, "base": base})
+
+
 def chat_prefix_reuse(turns: int, new_tokens: int) -> Figure:
     """P15: a `turns`-turn chat through `llmcli serve` on llama.cpp, each turn resending the whole
     conversation: time to the first token of the last turn with the prefix cache (default) and
@@ -1131,6 +1155,9 @@ def main() -> None:
             figures += data_parallel(bert, workdir, args.quick, args.device)
         if wanted("P23") and args.device == "cpu" and importlib.util.find_spec("sentence_transformers"):
             figures.append(reranking(workdir, 1000, 1 if args.quick else repeats))
+        if wanted("P27") and args.device == "cpu":
+            for engine in ("hf", "llama.cpp") if importlib.util.find_spec("llama_cpp") else ("hf",):
+                figures.append(adapter_serving(engine, 8, 16 if args.quick else 48, 32 if args.quick else 64, workdir))
         if wanted("P7"):
             figures += scaling(loaded, gpt2, [1, 4] if args.quick else [1, 4, 16],
                                [10_000, 100_000] if args.quick else [10_000, 100_000, 1_000_000], args.device)

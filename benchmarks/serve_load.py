@@ -36,8 +36,11 @@ def stream_chat(client, model: str, messages: list[dict], max_tokens: int) -> tu
     return "".join(pieces), (first or time.perf_counter()) - began, time.perf_counter() - began, tokens or len(pieces)
 
 
-def chat_load(client, model: str, clients: int, requests: int, tokens: int) -> tuple[float, dict[int, tuple]]:
-    """Wall seconds and each request's stream_chat result, by request number."""
+def chat_load(client, model: str | list[str], clients: int, requests: int,
+              tokens: int) -> tuple[float, dict[int, tuple]]:
+    """Wall seconds and each request's stream_chat result, by request number. A list of models: request n
+    names model n modulo its length (a base and its adapters in turn)."""
+    names = [model] if isinstance(model, str) else model
     results: dict[int, tuple] = {}
     numbers = iter(range(requests))
     lock = threading.Lock()
@@ -49,7 +52,8 @@ def chat_load(client, model: str, clients: int, requests: int, tokens: int) -> t
             if number is None:
                 return
             prompt = f"Write a long story about {TOPICS[number % len(TOPICS)]}."
-            results[number] = stream_chat(client, model, [{"role": "user", "content": prompt}], tokens)
+            results[number] = stream_chat(client, names[number % len(names)], [{"role": "user", "content": prompt}],
+                                          tokens)
 
     threads = [threading.Thread(target=user) for _ in range(clients)]
     began = time.perf_counter()

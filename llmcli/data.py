@@ -23,6 +23,7 @@ class Prompt:
     messages: list[dict[str, Any]] | None = None
     ids: list[int] | None = None
     tools: list[dict[str, Any]] | None = None  # OpenAI function specs for the chat template's `tools`
+    adapter: str | None = None  # a LoRA adapter the engine holds (its add_adapter name) to run it with
 
     def display(self) -> str:
         """The prompt as reported in results: its text, or the last user message of a chat."""

@@ -461,21 +461,26 @@ def portable_reference(source: ModelSource) -> str:
     return source.location if source.kind == "hub" else str(Path(source.location).resolve())
 
 
+def adapter_base(location: str | Path) -> str:
+    """The base model a LoRA adapter directory names (base_model_name_or_path), checked to be there."""
+    config = json.loads((Path(location) / "adapter_config.json").read_text())
+    base_path = config.get("base_model_name_or_path")
+    if not base_path:
+        raise ModelLoadError(f"{location} is a LoRA adapter without a base model path",
+                             "Set base_model_name_or_path in its adapter_config.json.")
+    if Path(base_path).is_absolute() and not Path(base_path).exists():
+        raise ModelLoadError(f"the base model of the LoRA adapter {location} is gone: {base_path}",
+                             "Set base_model_name_or_path in its adapter_config.json to the model it was trained "
+                             "on (smollm2 for the embedded model, a .gguf file, a directory or a hub id).")
+    return base_path
+
+
 def load_adapter(source: ModelSource, kind: str, device: str | None, dtype: str, trust_remote_code: bool) -> LoadedModel:
     """A LoRA adapter saved by `llmcli finetune --lora`: its base model with the adapter applied."""
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    config = json.loads((Path(source.location) / "adapter_config.json").read_text())
-    base_path = config.get("base_model_name_or_path")
-    if not base_path:
-        raise ModelLoadError(f"{source.location} is a LoRA adapter without a base model path",
-                             "Set base_model_name_or_path in its adapter_config.json.")
-    if Path(base_path).is_absolute() and not Path(base_path).exists():
-        raise ModelLoadError(f"the base model of the LoRA adapter {source.location} is gone: {base_path}",
-                             "Set base_model_name_or_path in its adapter_config.json to the model it was trained "
-                             "on (smollm2 for the embedded model, a .gguf file, a directory or a hub id).")
-    base = load_model(base_path, kind=kind, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+    base = load_model(adapter_base(source.location), kind=kind, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     model = PeftModel.from_pretrained(base.model, source.location).to(base.device).eval()
     tokenizer = AutoTokenizer.from_pretrained(source.location)
     return LoadedModel(model=model, tokenizer=tokenizer, source=source, device=base.device, kind=base.kind)

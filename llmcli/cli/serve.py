@@ -48,6 +48,9 @@ def serve(
     rerank_model: Annotated[Optional[str], typer.Option(
         help="/v1/rerank's cross-encoder: a sentence-transformers CrossEncoder directory or a sequence-"
         "classification model with one label (loaded at the first request).", show_default=False)] = None,
+    adapter: Annotated[Optional[list[str]], typer.Option(
+        "--adapter", help="NAME=DIR: a LoRA adapter of the model (`finetune --lora`'s output), offered as model NAME "
+        "and run on the loaded model per request (repeatable).", show_default=False)] = None,
     speculative: SpeculativeOption = "auto",
     draft_max: DraftMaxOption = 12,
     draft_model: DraftModelOption = None,
@@ -90,6 +93,7 @@ def serve(
     check_rerank_model(rerank_model)
     if embedding_unavailable:
         render.notice(f"/v1/embeddings is off: {embedding_unavailable} (pass --embedding-model DIR, or install it).")
+    adapters = adapter_options(adapter or [])
     import socket
 
     with socket.socket() as probe:  # a taken port is a one-line error before the slow model load
@@ -104,7 +108,11 @@ def serve(
     if (draft_model or speculative == "on") and runner.name != "llama.cpp":
         raise UsageError(f"serve's {'--draft-model' if draft_model else '--speculative on'} is for the llama.cpp "
                          "engine", "Serve a .gguf model, or drop it.")
+    from llmcli.engines import add_adapter_dir
     from llmcli.serve import exposure_warning, run_server
+
+    for name, directory in adapters.items():
+        add_adapter_dir(runner, name, directory, render.notice)
 
     warning = exposure_warning(host, api_key)
     if warning:
@@ -114,4 +122,23 @@ def serve(
                speculative=speculative, draft_max=draft_max, reasoning_format=reasoning_format,
                reasoning=reasoning, reasoning_budget=reasoning_budget,
                max_body_bytes=max_body, json_logs=json_logs, served_name=served_model_name, on_notice=render.notice,
-               embedding_model=embedding_model, embedding_unavailable=embedding_unavailable, rerank_model=rerank_model)
+               embedding_model=embedding_model, embedding_unavailable=embedding_unavailable, rerank_model=rerank_model,
+               adapters=tuple(adapters))
+
+
+def adapter_options(values: list[str]) -> dict[str, str]:
+    """--adapter NAME=DIR options as {NAME: DIR}, checked before the slow load."""
+    from pathlib import Path
+
+    adapters: dict[str, str] = {}
+    for value in values:
+        name, _, directory = value.partition("=")
+        if not name.strip() or not directory.strip():
+            raise UsageError(f"--adapter {value!r} is not NAME=DIR", "e.g. --adapter support=out/support-lora.")
+        if name in adapters:
+            raise UsageError(f"--adapter {name} is given twice", "Give each adapter its own name.")
+        if not (Path(directory).expanduser() / "adapter_config.json").is_file():
+            raise UsageError(f"--adapter {value}: {directory} is not a LoRA adapter directory (no adapter_config.json)",
+                             "Pass the --output directory of `llmcli finetune --lora`.")
+        adapters[name.strip()] = directory
+    return adapters

@@ -157,8 +157,8 @@ def resolve_engine_name(requested: str, source: Any, hf_only: list[str]) -> str:
     if requested == "llama.cpp":
         if hf_only:
             raise UsageError(f"{hf_only[0]} runs on the hf engine only", "Drop it, or pass --engine hf.")
-        if source.kind != "gguf":
-            raise UsageError(f"--engine llama.cpp runs .gguf files, and {source.name} is not one",
+        if source.kind not in ("gguf", "adapter"):  # an adapter runs on its base's GGUF (llama_adapters)
+            raise UsageError(f"--engine llama.cpp runs .gguf files and LoRA adapters, and {source.name} is neither",
                              "Pass a .gguf model, or use --engine hf.")
         if not llama_cpp_installed():
             raise UsageError("the llama.cpp engine is not installed", LLAMA_INSTALL_HINT)
@@ -188,6 +188,28 @@ def choose_engine(model: str | None, requested: str = "auto", *, command: str = 
         engine = load_hf(model, kind, device, dtype, fast, threads, draft_model, trust_remote_code, allow_pickle,
                          notice, placement)
     return engine
+
+
+def add_adapter_dir(engine: Engine, name: str, directory: str, notice: Callable[[str], None]) -> None:
+    """A LoRA adapter directory (`finetune --lora`'s output) loaded beside the engine's model as `name`:
+    peft's on the hf engine, its LoRA GGUF (made once into the cache) on llama.cpp."""
+    from llmcli import models
+
+    source = models.resolve_model(directory)
+    if source.kind != "adapter":
+        raise UsageError(f"--adapter {name}={directory}: not a LoRA adapter directory (no adapter_config.json)",
+                         "Pass the --output directory of `llmcli finetune --lora`.")
+    base = models.resolve_model(models.adapter_base(source.location))
+    runs = engine.source if engine.source.kind != "adapter" else models.resolve_model(models.adapter_base(engine.source.location))
+    if Path(base.location).resolve() != Path(runs.location).resolve():  # an export of the same weights is fine
+        notice(f"The adapter {name} was finetuned on {base.name}, and this runs {runs.name}: its output is only "
+               "right on the same weights.")
+    if engine.name == "llama.cpp":
+        from llmcli.engines.llama_adapters import adapter_gguf
+
+        engine.add_adapter(name, adapter_gguf(source, notice))
+    else:
+        engine.add_adapter(name, source.location)
 
 
 def gguf_draft(draft_model: str) -> Any:
@@ -227,9 +249,20 @@ def load_llama_cpp(source: Any, embedded: bool, command: str, kind: str, device:
     llama_host.setting()  # a bad LLMCLI_LLAMA_EXTRA_BUFFERS is the only output, before any notice
     if embedded:
         embedded_notice(notice)
-    return LlamaCppEngine.load(source, weights="as-is" if fast or command == "eval" else "default",
-                               threads=threads or physical_cores(),
-                               gpu=None if device in (None, "auto") else device != "cpu", on_notice=notice)
+    adapter = None
+    if source.kind == "adapter":
+        from llmcli.engines import llama_adapters
+
+        adapter = source
+        source = llama_adapters.base_gguf(llama_adapters.adapter_base_source(adapter), notice)
+    engine = LlamaCppEngine.load(source, weights="as-is" if fast or command == "eval" else "default",
+                                 threads=threads or physical_cores(),
+                                 gpu=None if device in (None, "auto") else device != "cpu", on_notice=notice)
+    if adapter is not None:
+        engine.add_adapter(adapter.name, llama_adapters.adapter_gguf(adapter, notice))
+        engine.use_adapter(adapter.name)
+        engine.source = adapter  # what runs is named by the adapter, as on the hf engine
+    return engine
 
 
 def load_hf(model: str | None, kind: str, device: str | None, dtype: str, fast: bool, threads: int | None,

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+from pathlib import Path
 from typing import Any, Callable, Container, Sequence
 
 from llmcli.engines import ProgressCallback, TokensCallback, Window, process_peak_rss_mb, same_shape_batches
@@ -32,6 +34,39 @@ class HFEngine:
         from llmcli.constraints import Constraints
 
         self.constraints = Constraints(self.guidance_tokenizer, config.vocab_size)  # structured output
+        self.adapters: set[str] = set()  # peft adapters loaded beside the base by add_adapter
+        self.base_wrapped = False  # the model is a base that add_adapter wrapped in a PeftModel
+
+    def add_adapter(self, name: str, directory: str | Path) -> None:
+        """A peft LoRA adapter of this model's base loaded beside it as `name` (peft's load_adapter), so that
+        one base serves several adapters: generate's `adapters` chooses one per prompt."""
+        from peft import PeftModel
+
+        model = self.loaded.model
+        if isinstance(model, PeftModel):
+            model.load_adapter(str(directory), adapter_name=name)
+        else:
+            self.loaded.model = PeftModel.from_pretrained(model, str(directory), adapter_name=name).eval()
+            self.base_wrapped = True
+        self.adapters.add(name)
+
+    def adapter_names(self, adapters: Sequence[str | None] | None, prompts: int, rows: int) -> dict[str, Any]:
+        """generate's `adapter_names` (peft's mixed batches: each row's adapter, "__base__" for none), or
+        nothing when no prompt names one and the model runs as loaded."""
+        adapters = list(adapters) if adapters else [None] * prompts
+        if not any(adapters) and not self.base_wrapped:
+            return {}
+        unknown = [name for name in adapters if name is not None and name not in self.adapters]
+        if unknown:
+            raise KeyError(unknown[0])
+        # a prompt of a plain call runs the model as loaded: its own adapter, or the base when wrapped
+        default = "__base__" if self.base_wrapped else "default"
+        names = [name or default for name in adapters]
+        return {"adapter_names": [name for name in names for _ in range(rows // len(names))]}
+
+    def as_loaded(self) -> Any:
+        """Scores and plain generations of a base that add_adapter wrapped run the base, as before."""
+        return self.loaded.model.disable_adapter() if self.base_wrapped else nullcontext()
 
     @property
     def tokenizer(self) -> Any:
@@ -81,8 +116,10 @@ class HFEngine:
         set_seed(seed)
 
     def generate(self, batch: list[list[int]], options: Any, on_tokens: TokensCallback,
-                 should_stop: Callable[[], bool]) -> list[list[int]]:
-        """`model.generate` on the left-padded batch; stop strings are generate's own `stop_strings`."""
+                 should_stop: Callable[[], bool], adapters: Sequence[str | None] | None = None) -> list[list[int]]:
+        """`model.generate` on the left-padded batch; stop strings are generate's own `stop_strings`.
+        `adapters`: per prompt, the name of an adapter (add_adapter) to run it with, or None for the model as
+        loaded; prompts of different adapters share the batch (peft's `adapter_names`)."""
         tokenizer, model = self.tokenizer, self.loaded.model
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -101,7 +138,9 @@ class HFEngine:
         presence, frequency = getattr(options, "presence_penalty", 0.0), getattr(options, "frequency_penalty", 0.0)
         if presence or frequency:
             processors.insert(0, OpenAIPenalties(inputs["input_ids"].shape[1], presence, frequency))
-        output = model.generate(**inputs, **sampling_kwargs(options), **decoding, streamer=StepStreamer(on_tokens),
+        output = model.generate(**inputs, **sampling_kwargs(options), **decoding,
+                                **self.adapter_names(adapters, len(batch), rows),
+                                streamer=StepStreamer(on_tokens),
                                 tokenizer=tokenizer, pad_token_id=tokenizer.pad_token_id,
                                 logits_processor=LogitsProcessorList(processors),
                                 stopping_criteria=StoppingCriteriaList([AskedToStop(should_stop)]))
@@ -114,7 +153,7 @@ class HFEngine:
         import torch
 
         nlls: list[float] = []
-        with torch.inference_mode():
+        with torch.inference_mode(), self.as_loaded():
             for run in same_shape_batches(windows, batch_size):
                 ids = torch.tensor([w.ids for w in run], device=self.device)
                 scored = run[0].scored
@@ -142,7 +181,7 @@ class HFEngine:
             rows_of.setdefault(tuple(sequence[:-1]), []).append(number)
         inputs = sorted(rows_of, key=len, reverse=True)
         answers: list[tuple[float, bool]] = [(0.0, False)] * len(sequences)
-        with torch.inference_mode():
+        with torch.inference_mode(), self.as_loaded():
             for begin in range(0, len(inputs), batch_size):
                 run = inputs[begin:begin + batch_size]
                 width = len(run[0])
@@ -166,7 +205,7 @@ class HFEngine:
         """As token_nlls computes them (one window, the same operations), plus the top tokens."""
         import torch
 
-        with torch.inference_mode():
+        with torch.inference_mode(), self.as_loaded():
             ids = torch.tensor([window.ids], device=self.device)
             logits = self.loaded.model(input_ids=ids[:, :-1], logits_to_keep=window.scored).logits.float()
             logprobs = logits.log_softmax(-1)

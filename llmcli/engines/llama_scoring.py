@@ -75,6 +75,7 @@ class SharedPrefixScorer:
         if not context:
             raise ModelLoadError(f"llama.cpp could not allocate a context of {params.n_ctx} tokens",
                                  "Use a shorter text or a smaller --top-k.")
+        engine.apply_adapter(context, engine.adapter)
         return context, lib.llama_batch_init(BATCH, 0, seq_ids)
 
     def decode(self, context: Any, batch: Any, entries: list[tuple[int, int, int | list[int], bool]]) -> None:

@@ -59,6 +59,7 @@ class Live:
     matcher: Any = None  # its structured-output constraint (llmcli.constraints.Matcher), if any
     speculation: Any = None  # its drafting (llama_speculation.Speculation), if it speculates
     draft: list[int] = field(default_factory=list)  # this step's drafted tokens, after pending[0]
+    adapter: str | None = None  # the engine's LoRA adapter it runs with (None: the base model)
 
     def cached_tokens(self) -> list[int]:
         """The tokens its cells hold, in order (a sampled token is decoded the step after)."""
@@ -105,6 +106,8 @@ class SequenceSet:
         self.live: list[Live] = []
         self.keep_idle = keep_idle
         self.idle: dict[int, list[int]] = {}  # seq id -> the tokens its cells hold; oldest first
+        self.idle_adapters: dict[int, str | None] = {}  # seq id -> the adapter its idle cells were computed with
+        self.turn = 0  # steps so far: sequences of different adapters take turns (one adapter per llama_decode)
         self.decoded = 0  # tokens decoded so far (prompt and sampled), for tests and metrics
         self.draft_model: DraftModel | None = None  # made when a sequence first drafts with engine.draft
 
@@ -118,21 +121,23 @@ class SequenceSet:
 
     def add(self, prompt: list[int], chain: Any, max_new_tokens: int, share_prefill_of: Live | None = None,
             reuse_prefix: bool = False, matcher: Any = None, speculative: str = "off",
-            draft_max: int = 0, afresh: bool = False) -> Live:
+            draft_max: int = 0, afresh: bool = False, adapter: str | None = "engine") -> Live:
         """A new sequence. With `share_prefill_of` (still prefilling), another sample of that sequence's
         prompt, sharing its prefill; with `reuse_prefix`, the longest prefix of the prompt any
         sequence's cells hold is copied, not decoded. `speculative` "auto" or "on" drafts up to
         `draft_max` tokens a step: with the engine's draft model if it has one, else n-gram lookup.
         With `afresh` and no sequence live, the cache is emptied first (its idle entries dropped), so
-        that the sequence decodes as on a fresh context."""
+        that the sequence decodes as on a fresh context. `adapter`: the engine's LoRA adapter it runs with
+        (None: the base model; by default the engine's own)."""
+        adapter = self.engine.adapter if adapter == "engine" else adapter
         if afresh and not self.live:
             self.empty_cache()
         if share_prefill_of is not None and (share_prefill_of.new or share_prefill_of.done):
             share_prefill_of, reuse_prefix = None, True  # its prompt is decoded already: copy its cells
-        source, shared = self.longest_prefix(prompt) if reuse_prefix else (None, 0)
+        source, shared = self.longest_prefix(prompt, adapter) if reuse_prefix else (None, 0)
         if not self.free_ids:
             self.evict_idle(keep=source)
-        sequence = Live(self.free_ids.pop(0), prompt, chain, max_new_tokens, matcher=matcher)
+        sequence = Live(self.free_ids.pop(0), prompt, chain, max_new_tokens, matcher=matcher, adapter=adapter)
         if speculative != "off" and draft_max > 0:
             drafter = self.drafting_model() if getattr(self.engine, "draft", None) is not None else NgramDrafter()
             sequence.speculation = Speculation(speculative, draft_max, drafter,
@@ -152,12 +157,12 @@ class SequenceSet:
             self.draft_model = DraftModel(self.engine.draft, self.engine, self.n_ctx, self.n_seq, self.batch_size)
         return self.draft_model
 
-    def longest_prefix(self, prompt: list[int]) -> tuple[int | None, int]:
-        """The sequence id whose cells hold the longest prefix of `prompt`, and its length; at least the
-        prompt's last token is left to decode, for the logits of the first sample."""
+    def longest_prefix(self, prompt: list[int], adapter: str | None = None) -> tuple[int | None, int]:
+        """The sequence id whose cells hold the longest prefix of `prompt` computed with `adapter`, and its
+        length; at least the prompt's last token is left to decode, for the logits of the first sample."""
         best, size = None, 0
-        holders = [(seq_id, tokens) for seq_id, tokens in self.idle.items()]
-        holders += [(s.seq_id, s.cached_tokens()) for s in self.live if s.leader is None]
+        holders = [(seq_id, tokens) for seq_id, tokens in self.idle.items() if self.idle_adapters[seq_id] == adapter]
+        holders += [(s.seq_id, s.cached_tokens()) for s in self.live if s.leader is None and s.adapter == adapter]
         for seq_id, tokens in holders:
             shared = min(common_prefix(tokens, prompt), len(prompt) - 1)
             if shared > size:
@@ -200,6 +205,7 @@ class SequenceSet:
                 follower.pending, follower.position = follower.prompt[kept:], kept
         if self.keep_idle and sequence.position:
             self.idle[sequence.seq_id] = sequence.cached_tokens()
+            self.idle_adapters[sequence.seq_id] = sequence.adapter
             while len(self.idle) > self.keep_idle:
                 self.evict_idle()
         else:
@@ -211,8 +217,9 @@ class SequenceSet:
         sequence got (in the order the sequences were added): one, or with drafts kept, more. A
         sequence ends at EOS or its max_new_tokens."""
         lib, batch = self.lib, self.batch
-        decoding = [s for s in self.live if s.new and s.pending]
-        prefilling = [s for s in self.live if not s.new and s.pending]
+        adapter = self.adapter_to_step()
+        decoding = [s for s in self.live if s.new and s.pending and s.adapter == adapter]
+        prefilling = [s for s in self.live if not s.new and s.pending and s.adapter == adapter]
         self.propose(decoding)
         count = 0
         for sequence in decoding + prefilling:
@@ -239,6 +246,7 @@ class SequenceSet:
         if count == 0:
             return []
         batch.n_tokens = count
+        self.engine.apply_adapter(self.context, adapter)
         code = lib.llama_decode(self.context, batch)
         while code == 1 and self.evict_idle():  # no room in the cache: idle prefixes make way
             code = lib.llama_decode(self.context, batch)
@@ -261,6 +269,15 @@ class SequenceSet:
             else:
                 sequence.pending = [tokens[-1]]
         return sampled
+
+    def adapter_to_step(self) -> str | None:
+        """The adapter whose sequences this step decodes: llama.cpp runs one set of adapters per decode, so
+        sequences of different adapters take turns, one step each, as llama-server's slots do."""
+        adapters = list(dict.fromkeys(s.adapter for s in self.live if s.pending))
+        if len(adapters) <= 1:
+            return adapters[0] if adapters else self.engine.adapter
+        self.turn += 1
+        return adapters[self.turn % len(adapters)]
 
     def sample(self, sequence: Live, eos: Any) -> list[int]:
         """The sequence's tokens from this step's logits: one, then one more for each draft its samples

@@ -229,6 +229,8 @@ class LlamaCppEngine:
         self.context = None
         self.context_size = 0
         self.cached: list[int] = []  # the tokens whose keys and values the context holds, in order
+        self.adapters: dict[str, Any] = {}  # LoRA adapters loaded beside the model (add_adapter), by name
+        self.adapter: str | None = None  # the one this engine's own generations and scores run with
         self.batch = lib.llama_batch_init(BATCH, 0, 1)
         from llmcli.constraints import Constraints
 
@@ -253,6 +255,42 @@ class LlamaCppEngine:
                              f"({draft.token_text(different)!r} against {self.token_text(different)!r})",
                              "Pass a draft model of the same family (the same tokenizer).")
         self.draft = draft
+
+    # ------------------------------------------------------------ LoRA adapters
+
+    def add_adapter(self, name: str, path: Path) -> None:
+        """A LoRA adapter GGUF (`llmcli export --adapter`) loaded beside the model as `name`; llama.cpp
+        frees it with the model."""
+        handle = self.lib.llama_adapter_lora_init(self.model, str(path).encode())
+        if not handle:
+            raise ModelLoadError(f"llama.cpp could not load the LoRA adapter {path} on {self.path.name}",
+                                 "Pass an adapter finetuned on this base model (its GGUF from llmcli export --adapter).")
+        self.adapters[name] = handle
+
+    def use_adapter(self, name: str | None) -> None:
+        """The adapter (None: the base model) this engine's generations and scores run with from now on.
+        What its contexts hold was computed with the previous one, so it is not reused."""
+        if name is not None and name not in self.adapters:
+            raise KeyError(name)
+        if name != self.adapter:
+            self.adapter = name
+            self.cached = []
+            if self.turns is not None:
+                self.turns.close()
+                self.turns = None
+
+    def apply_adapter(self, context: Any, name: str | None) -> None:
+        """Sets `name`'s adapter (None: none) on a context: llama.cpp applies adapters per context, to every
+        llama_decode on it (it changes nothing when they are already set)."""
+        lib = self.lib
+        if name is None:
+            code = lib.llama_set_adapters_lora(context, None, 0, None)
+        else:
+            adapters = (lib.llama_adapter_lora_p_ctypes * 1)(self.adapters[name])
+            code = lib.llama_set_adapters_lora(context, adapters, 1, (ctypes.c_float * 1)(1.0))  # scale: alpha / rank
+        if code != 0:
+            raise ModelLoadError(f"llama.cpp could not set the LoRA adapter {name} on a context (code {code})",
+                                 "Pass an adapter finetuned on this base model.")
 
     # ------------------------------------------------------------ tokens and text
 
@@ -326,6 +364,7 @@ class LlamaCppEngine:
                 raise ModelLoadError(f"llama.cpp could not allocate a context of {size} tokens",
                                      "Use a shorter prompt or fewer new tokens.")
             self.context_size = size
+        self.apply_adapter(self.context, self.adapter)
         memory = lib.llama_get_memory(self.context)
         if keep:
             lib.llama_memory_seq_rm(memory, 0, keep, -1)
@@ -428,10 +467,14 @@ class LlamaCppEngine:
         return numpy.ctypeslib.as_array(self.lib.llama_get_logits_ith(context, index), shape=(self.n_vocab,))
 
     def generate(self, batch: list[list[int]], options: Any, on_tokens: TokensCallback,
-                 should_stop: Callable[[], bool]) -> list[list[int]]:
+                 should_stop: Callable[[], bool], adapters: Sequence[str | None] | None = None) -> list[list[int]]:
         """Every prompt and sample of the batch decoded together (one llama_decode per step), or, for one
-        sequence or a chat's next turn (whose cached prefix lives in the engine's own context), alone."""
+        sequence or a chat's next turn (whose cached prefix lives in the engine's own context), alone.
+        `adapters`: per prompt, an adapter (add_adapter's name) to run it with, None for the engine's own."""
         from llmcli.engines.llama_sequences import MAX_SEQUENCES
+
+        if adapters and any(name is not None and name != self.adapter for name in adapters):
+            return self.generate_per_adapter(batch, options, on_tokens, should_stop, adapters)
 
         samples = options.num_return_sequences
         self.drafts_checked = []
@@ -446,6 +489,27 @@ class LlamaCppEngine:
         for begin in range(0, len(batch), per_set):
             rows.extend(self.decode_together(batch[begin:begin + per_set], options, on_tokens, should_stop))
         return rows
+
+    def generate_per_adapter(self, batch: list[list[int]], options: Any, on_tokens: TokensCallback,
+                             should_stop: Callable[[], bool], adapters: Sequence[str | None]) -> list[list[int]]:
+        """The prompts of each adapter as one generate with that adapter (llama.cpp applies adapters to a
+        whole context), rows back in the batch's order."""
+        samples, own = options.num_return_sequences, self.adapter
+        rows: list[list[list[int]]] = [[] for _ in batch]
+        checked: list[list[tuple[int | None, int | None]]] = [[] for _ in batch]
+        wanted = [name or own for name in adapters]
+        try:
+            for name in dict.fromkeys(wanted):
+                members = [i for i, chosen in enumerate(wanted) if chosen == name]
+                self.use_adapter(name)
+                out = self.generate([batch[i] for i in members], options, on_tokens, should_stop)
+                drafts = self.drafts_checked or [(None, None)] * len(out)
+                for k, i in enumerate(members):
+                    rows[i], checked[i] = out[k * samples:(k + 1) * samples], drafts[k * samples:(k + 1) * samples]
+        finally:
+            self.use_adapter(own)
+        self.drafts_checked = [pair for prompt_pairs in checked for pair in prompt_pairs]
+        return [row for prompt_rows in rows for row in prompt_rows]
 
     def decode_together(self, batch: list[list[int]], options: Any, on_tokens: TokensCallback,
                         should_stop: Callable[[], bool]) -> list[list[int]]:

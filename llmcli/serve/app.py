@@ -94,6 +94,7 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
     cards = [model_card] + ([] if settings.embedding_unavailable else [embedding_card])
     if settings.rerank_model:
         cards.append({**model_card, "id": rerank.rerank_model_id(settings.rerank_model)})
+    cards += [{**model_card, "id": name, "parent": settings.model_name} for name in settings.adapters]  # vLLM's field
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:

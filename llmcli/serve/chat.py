@@ -12,8 +12,8 @@ from fastapi import FastAPI, Request
 from llmcli import reasoning, tools
 from llmcli.data import Prompt
 from llmcli.engines import Engine, Window
-from llmcli.serve.common import (PlainChat, Start, batch_job, check_constraint, check_max_tokens, check_model,
-                                 choices, decode_together, finish_reason, first_token_at, on_worker,
+from llmcli.serve.common import (PlainChat, Start, adapter_logprobs, batch_job, check_constraint, check_max_tokens,
+                                 check_model, choices, decode_together, finish_reason, first_token_at, on_worker,
                                  reasoning_emitter, respond, sampling_options, token_pieces, token_text, usage,
                                  with_reasoning)
 from llmcli.serve.metrics import Metrics
@@ -36,7 +36,9 @@ async def chat_start(engine: Engine, body: ChatRequest, settings: Settings, work
                      shape_of: Callable[[tools.ToolUse | None, str], Any] | None = None) -> Start:
     """The checked request, ready to run: on the scheduler (llama.cpp) or the engine thread (hf).
     `shape_of` makes the reply's shape (default `reply_shape`; another API's face may wrap it)."""
-    check_model(body.model, settings)
+    adapter = check_model(body.model, settings)
+    if adapter and body.logprobs:
+        raise adapter_logprobs()
     asked = body.max_completion_tokens or body.max_tokens
     max_tokens = check_max_tokens(asked, CHAT_DEFAULT_TOKENS, settings)
     options = replace(sampling_options(body, max_tokens, chat=True), default_length=asked is None)
@@ -47,7 +49,7 @@ async def chat_start(engine: Engine, body: ChatRequest, settings: Settings, work
     else:
         await check_constraint(engine, options)
     options = reasoning_options(engine, body, settings, options)
-    prompt, shape = chat_prompt(body, use, form), (shape_of or reply_shape)(use, form)
+    prompt, shape = replace(chat_prompt(body, use, form), adapter=adapter), (shape_of or reply_shape)(use, form)
 
     def work(emit: Callable[[dict], None] | None, cancelled: Callable[[], bool]) -> dict[str, Any]:
         return run_chat(engine, body, prompt, shape, options, emit, cancelled)

@@ -29,14 +29,22 @@ from llmcli.tasks.generate import SEEDS, Generation, GenerateOptions, generate, 
 
 
 def known_model(name: str, settings: Settings) -> bool:
-    return name == settings.model_name or name in settings.model_aliases
+    return name == settings.model_name or name in settings.model_aliases or name in settings.adapters
 
 
-def check_model(name: str | None, settings: Settings) -> None:
-    """OpenAI answers a model it does not have with 404 model_not_found."""
+def check_model(name: str | None, settings: Settings) -> str | None:
+    """OpenAI answers a model it does not have with 404 model_not_found. Returns the LoRA adapter the
+    request names (run on the model), or None for the model itself."""
     if name is not None and not known_model(name, settings):
-        raise ApiError(404, f"unknown model {name!r}; this server runs {settings.model_name!r}", param="model",
+        offered = ", ".join(repr(model) for model in (settings.model_name, *settings.adapters))
+        raise ApiError(404, f"unknown model {name!r}; this server runs {offered}", param="model",
                        code="model_not_found")
+    return name if name in settings.adapters else None
+
+
+def adapter_logprobs() -> ApiError:
+    """Scores run the model as loaded; an adapter's would be the base's numbers under its name."""
+    return ApiError(400, "logprobs are not computed for LoRA adapters yet", param="logprobs")
 
 
 def check_max_tokens(asked: int | None, default: int, settings: Settings) -> int:
@@ -276,7 +284,8 @@ Start = Callable[[Callable[[dict], None] | None, threading.Event], asyncio.Futur
 async def respond(request: Request, start: Start, body: Any, kind: str, settings: Settings,
                   metrics: Metrics) -> Any:
     ident = f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-    header = {"id": ident, "object": kind, "created": int(time.time()), "model": settings.model_name,
+    model = body.model if body.model in settings.adapters else settings.model_name  # an adapter answers as itself
+    header = {"id": ident, "object": kind, "created": int(time.time()), "model": model,
               "system_fingerprint": settings.fingerprint}
     tally = Tally(metrics, time.perf_counter(), settings.prefix_cache)
     if not body.stream:

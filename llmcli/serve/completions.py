@@ -4,15 +4,16 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any, Callable
 
 from fastapi import FastAPI, Request
 
 from llmcli.data import Prompt
 from llmcli.engines import Engine, Window
-from llmcli.serve.common import (batch_job, check_constraint, check_max_tokens, check_model, choices,
-                                 decode_together, finish_reason, first_token_at, on_worker, respond, sampling_options,
-                                 token_pieces, token_text, usage)
+from llmcli.serve.common import (adapter_logprobs, batch_job, check_constraint, check_max_tokens, check_model,
+                                 choices, decode_together, finish_reason, first_token_at, on_worker, respond,
+                                 sampling_options, token_pieces, token_text, usage)
 from llmcli.serve.errors import ApiError
 from llmcli.serve.metrics import Metrics
 from llmcli.serve.schemas import CompletionRequest
@@ -23,15 +24,18 @@ from llmcli.tasks.generate import Generation, GenerateOptions, encode_prompt, ou
 def add_route(app: FastAPI, engine: Engine, settings: Settings, worker: Any, scheduler: Any, metrics: Metrics) -> None:
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Any:
-        check_model(body.model, settings)
+        adapter = check_model(body.model, settings)
+        if adapter and body.logprobs is not None:
+            raise adapter_logprobs()
         max_tokens = check_max_tokens(body.max_tokens, 16, settings)
         options = sampling_options(body, max_tokens, chat=False)
         await check_constraint(engine, options)
 
-        def work(emit: Callable[[dict], None] | None, cancelled: Callable[[], bool]) -> dict[str, Any]:
-            return run_completions(engine, body, options, max_tokens, emit, cancelled)
+        prompts = [replace(prompt, adapter=adapter) for prompt in completion_prompts(engine, body)]
 
-        prompts = completion_prompts(engine, body)
+        def work(emit: Callable[[dict], None] | None, cancelled: Callable[[], bool]) -> dict[str, Any]:
+            return run_completions(engine, body, prompts, options, max_tokens, emit, cancelled)
+
         if scheduler is not None and body.logprobs is None and max_tokens > 0:
             start = decode_together(scheduler, engine, prompts, body, options)
         else:
@@ -41,10 +45,11 @@ def add_route(app: FastAPI, engine: Engine, settings: Settings, worker: Any, sch
         return await respond(request, start, body, "text_completion", settings, metrics)
 
 
-def run_completions(engine: Engine, body: CompletionRequest, options: GenerateOptions, max_tokens: int,
-                    emit: Callable[[dict], None] | None, cancelled: Callable[[], bool]) -> dict[str, Any]:
+def run_completions(engine: Engine, body: CompletionRequest, prompts: list[Prompt], options: GenerateOptions,
+                    max_tokens: int, emit: Callable[[dict], None] | None,
+                    cancelled: Callable[[], bool]) -> dict[str, Any]:
     out, prompt_tokens, completion_tokens, began, first = [], 0, 0, time.perf_counter(), None
-    for number, prompt in enumerate(completion_prompts(engine, body)):
+    for number, prompt in enumerate(prompts):
         text = prompt.text
         prompt_ids = encode_prompt(engine, prompt, options)
         prompt_tokens += len(prompt_ids)

@@ -218,7 +218,8 @@ class Scheduler:
         live = self.sequences.add(choice.ids, chain, choice.options.max_new_tokens, share_prefill_of=leader,
                                   reuse_prefix=self.prefix_cache and not seeded,
                                   matcher=self.engine.matcher(choice.options), speculative=self.speculative,
-                                  draft_max=self.draft_max, afresh=seeded)
+                                  draft_max=self.draft_max, afresh=seeded,
+                                  adapter=choice.prompt.adapter or self.engine.adapter)
         if choice.index == 0:  # the prompt's first sample: later ones reuse what it decoded
             job.cached_tokens += live.reused
         streamer = TokenStreamer(self.engine.decode, choice.on_text, choice.options.stop, self.engine.eos_ids,

@@ -87,18 +87,28 @@ def export(model: str, output: str, type_name: str = "f16", overwrite: bool = Fa
     loaded, merged = load_full_precision(model)
     architecture = architecture_of(loaded.model)
     pre = llama_cpp_pre_tokenizer(loaded.tokenizer)  # unsupported tokenizers fail before any writing
-    # a temporary file beside the target, renamed into place only when complete
+
+    def write(temporary: Path) -> int:
+        if type_name in WRITTEN:
+            return write_gguf(loaded, architecture, pre, temporary, type_name, on_progress)
+        with tempfile.NamedTemporaryFile(suffix=".f32.gguf", dir=target.parent, delete=True) as full:
+            tensors = write_gguf(loaded, architecture, pre, Path(full.name), "f32", on_progress)
+            if on_notice:
+                on_notice(f"Quantizing to {type_name.upper()} with llama.cpp.")
+            quantize(Path(full.name), temporary, type_name)
+        return tensors
+
+    tensors = write_atomically(target, write)
+    return Exported(target, type_name, architecture, tensors, target.stat().st_size / 2**20,
+                    time.perf_counter() - began, merged)
+
+
+def write_atomically(target: Path, write: Callable[[Path], int]) -> int:
+    """`write` into a temporary file beside the target, renamed into place only when complete."""
     handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
     os.close(handle)
     try:
-        if type_name in WRITTEN:
-            tensors = write_gguf(loaded, architecture, pre, Path(temporary), type_name, on_progress)
-        else:
-            with tempfile.NamedTemporaryFile(suffix=".f32.gguf", dir=target.parent, delete=True) as full:
-                tensors = write_gguf(loaded, architecture, pre, Path(full.name), "f32", on_progress)
-                if on_notice:
-                    on_notice(f"Quantizing to {type_name.upper()} with llama.cpp.")
-                quantize(Path(full.name), Path(temporary), type_name)
+        written = write(Path(temporary))
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(temporary, 0o666 & ~umask)  # mkstemp's file is private; the export is an ordinary file
@@ -106,8 +116,7 @@ def export(model: str, output: str, type_name: str = "f16", overwrite: bool = Fa
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
-    return Exported(target, type_name, architecture, tensors, target.stat().st_size / 2**20,
-                    time.perf_counter() - began, merged)
+    return written
 
 
 def load_full_precision(model: str) -> tuple[Any, bool]:
@@ -220,16 +229,19 @@ def write_gguf(loaded: Any, architecture: str, pre: str, path: Path, type_name: 
     import gguf
 
     model, config = loaded.model, loaded.model.config
-    arch = {"llama": gguf.MODEL_ARCH.LLAMA, "gpt2": gguf.MODEL_ARCH.GPT2}[architecture]
     n_vocab = model.get_output_embeddings().weight.shape[0]
-    writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[arch])
+    writer = gguf.GGUFWriter(str(path), architecture)  # gguf's MODEL_ARCH_NAMES spell them so
     writer.add_name(Path(loaded.source.name).name)
     write_hyperparameters(writer, architecture, config, n_vocab, type_name)
     eos = loaded.model.generation_config.eos_token_id
     eos_ids = eos if isinstance(eos, list) else ([] if eos is None else [eos])
     with tempfile.TemporaryDirectory() as workdir:
         write_vocab(writer, loaded.tokenizer, pre, n_vocab, eos_ids, Path(workdir))
-    tensors = list(converted_tensors(model, architecture, arch, type_name))
+    return write_tensors(writer, list(converted_tensors(model, architecture, type_name)), on_progress)
+
+
+def write_tensors(writer: Any, tensors: list[tuple[str, Any, Any]], on_progress: ProgressCallback | None) -> int:
+    """The header, the metadata already added, then (name, array, raw type) tensors, and close."""
     for name, data, raw_type in tensors:
         writer.add_tensor_info(name, data.shape, data.dtype, data.nbytes, raw_dtype=raw_type)
     writer.write_header_to_file()
@@ -276,37 +288,66 @@ def write_hyperparameters(writer: Any, architecture: str, config: Any, n_vocab: 
         writer.add_value_length(head_dim)
 
 
-def converted_tensors(model: Any, architecture: str, arch: Any, type_name: str):
+def converted_tensors(model: Any, architecture: str, type_name: str):
     """(gguf name, array, raw type) for each weight, in the layout and type llama.cpp expects."""
-    import gguf
-    import torch
-
     config = model.config
-    blocks = config.n_layer if architecture == "gpt2" else config.num_hidden_layers
-    names = gguf.get_tensor_name_map(arch, blocks)
+    names = tensor_names(architecture, config)
     tied = getattr(config, "tie_word_embeddings", False)
     for hf_name, tensor in model.state_dict().items():
         if tied and hf_name == "lm_head.weight":
             continue  # llama.cpp reads the token embedding for the output when output.weight is absent
         if hf_name.endswith((".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")):
             continue  # buffers, not weights
-        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-        if name is None:
-            raise UsageError(f"export does not know where the tensor {hf_name} goes in a GGUF {architecture} file")
+        name = gguf_name(names, hf_name, architecture)
         data = tensor.detach().float()
-        if architecture == "llama" and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
-            data = unpermute_rotary(data, config.num_attention_heads)
-        elif architecture == "llama" and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
-            data = unpermute_rotary(data, getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+        heads = rotary_heads(hf_name, architecture, config)
+        if heads:
+            data = unpermute_rotary(data, heads)
         elif architecture == "gpt2" and hf_name.endswith((".c_attn.weight", ".c_proj.weight", ".c_fc.weight")):
             data = data.T  # Conv1D stores (in, out)
         keep_f32 = data.dim() <= 1 or name.endswith("_norm.weight")  # as convert_hf_to_gguf.py keeps them
-        if type_name == "f32" or keep_f32:
-            yield name, data.contiguous().numpy(), None
-        elif type_name == "f16":
-            yield name, data.to(torch.float16).contiguous().numpy(), None
-        else:  # bf16, rounded by torch as llama.cpp's converter does, stored as its 16-bit patterns
-            yield name, data.to(torch.bfloat16).contiguous().view(torch.int16).numpy(), gguf.GGMLQuantizationType.BF16
+        yield stored(name, data, "f32" if keep_f32 else type_name)
+
+
+def stored(name: str, data: Any, type_name: str) -> tuple[str, Any, Any]:
+    """(name, array, raw type) of a float32 tensor written as f32, f16 or bf16."""
+    import gguf
+    import torch
+
+    if type_name == "f32":
+        return name, data.contiguous().numpy(), None
+    if type_name == "f16":
+        return name, data.to(torch.float16).contiguous().numpy(), None
+    # bf16, rounded by torch as llama.cpp's converter does, stored as its 16-bit patterns
+    return name, data.to(torch.bfloat16).contiguous().view(torch.int16).numpy(), gguf.GGMLQuantizationType.BF16
+
+
+def tensor_names(architecture: str, config: Any) -> Any:
+    """gguf's map from Hugging Face tensor names to GGUF ones for this architecture and depth."""
+    import gguf
+
+    arch = {"llama": gguf.MODEL_ARCH.LLAMA, "gpt2": gguf.MODEL_ARCH.GPT2}[architecture]
+    return gguf.get_tensor_name_map(arch, config.n_layer if architecture == "gpt2" else config.num_hidden_layers)
+
+
+def gguf_name(names: Any, hf_name: str, architecture: str) -> str:
+    """The GGUF name of a Hugging Face weight (gguf's tensor-name map, as convert_hf_to_gguf.py uses it)."""
+    name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+    if name is None:
+        raise UsageError(f"export does not know where the tensor {hf_name} goes in a GGUF {architecture} file")
+    return name
+
+
+def rotary_heads(hf_name: str, architecture: str, config: Any) -> int | None:
+    """The head count whose rotary layout a Llama query or key weight (or bias) is permuted with; None for
+    any other tensor."""
+    if architecture != "llama":
+        return None
+    if hf_name.endswith(("q_proj.weight", "q_proj.bias")):
+        return config.num_attention_heads
+    if hf_name.endswith(("k_proj.weight", "k_proj.bias")):
+        return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return None
 
 
 def unpermute_rotary(weights: Any, heads: int) -> Any:

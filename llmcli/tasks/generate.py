@@ -311,8 +311,10 @@ def generate(
                                  thinking=options.reasoning, on_reasoning=on_reasoning if single else None)
         began = time.perf_counter()
         # a server's client that went away (`cancelled`) stops decoding at the next token, as a stop string does
+        adapters = [prompt.adapter for prompt in prompts[start:start + options.batch_size]]
         rows = engine.generate(batch_ids, options, on_tokens=streamer.add,
-                               should_stop=lambda: streamer.done or bool(cancelled and cancelled()))
+                               should_stop=lambda: streamer.done or bool(cancelled and cancelled()),
+                               **({"adapters": adapters} if any(adapters) else {}))
         streamer.end()
         seconds = time.perf_counter() - began
         ttft = streamer.first_token_at - began if streamer.first_token_at else None
