@@ -1010,6 +1010,15 @@ MUTANTS = [
     Mutant("GRPO with one generation accepted", "llmcli/tasks/finetune.py",
            "(options.num_generations >= 2, ", "(options.num_generations >= 1, ",
            "tests/test_grpo.py -k bad_grpo_input"),
+    Mutant("GRPO llama.cpp rollouts: sync writes nothing (llama.cpp keeps the old weights)",
+           "llmcli/tasks/llama_rollouts.py", "            self.views[name][...] = data\n",
+           "            pass\n", "tests/test_grpo.py -k llama_rollouts_follow"),
+    Mutant("GRPO llama.cpp rollouts: sync skipped each step", "llmcli/tasks/llama_rollouts.py",
+           "        rollouts.sync(model)\n", "        pass\n",
+           "tests/test_grpo.py::test_grpo_raises_the_reward[llama]"),
+    Mutant("GRPO llama.cpp rollouts not seeded", "llmcli/tasks/llama_rollouts.py",
+           "self.engine.set_seed(seed % 2**32)", "self.engine.seed = None",
+           "tests/test_grpo.py -k llama_rollouts_sample"),
 ]
 
 

@@ -216,7 +216,9 @@ def write_vocab(writer: Any, tokenizer: Any, pre: str, n_vocab: int, eos_ids: li
 
 
 def write_gguf(loaded: Any, architecture: str, pre: str, path: Path, type_name: str,
-               on_progress: ProgressCallback | None) -> int:
+               on_progress: ProgressCallback | None, weights: dict[str, Any] | None = None) -> int:
+    """`weights`: the tensors by Hugging Face name, when not the model's state_dict (GRPO's llama.cpp
+    rollouts pass a LoRA policy's weights with the adapter merged)."""
     import gguf
 
     model, config = loaded.model, loaded.model.config
@@ -229,7 +231,7 @@ def write_gguf(loaded: Any, architecture: str, pre: str, path: Path, type_name: 
     eos_ids = eos if isinstance(eos, list) else ([] if eos is None else [eos])
     with tempfile.TemporaryDirectory() as workdir:
         write_vocab(writer, loaded.tokenizer, pre, n_vocab, eos_ids, Path(workdir))
-    tensors = list(converted_tensors(model, architecture, arch, type_name))
+    tensors = list(converted_tensors(model, architecture, arch, type_name, weights))
     for name, data, raw_type in tensors:
         writer.add_tensor_info(name, data.shape, data.dtype, data.nbytes, raw_dtype=raw_type)
     writer.write_header_to_file()
@@ -276,8 +278,10 @@ def write_hyperparameters(writer: Any, architecture: str, config: Any, n_vocab: 
         writer.add_value_length(head_dim)
 
 
-def converted_tensors(model: Any, architecture: str, arch: Any, type_name: str):
-    """(gguf name, array, raw type) for each weight, in the layout and type llama.cpp expects."""
+def converted_tensors(model: Any, architecture: str, arch: Any, type_name: str,
+                      weights: dict[str, Any] | None = None):
+    """(gguf name, array, raw type) for each weight (of `weights` if given, else of the model's state_dict),
+    in the layout and type llama.cpp expects."""
     import gguf
     import torch
 
@@ -285,7 +289,7 @@ def converted_tensors(model: Any, architecture: str, arch: Any, type_name: str):
     blocks = config.n_layer if architecture == "gpt2" else config.num_hidden_layers
     names = gguf.get_tensor_name_map(arch, blocks)
     tied = getattr(config, "tie_word_embeddings", False)
-    for hf_name, tensor in model.state_dict().items():
+    for hf_name, tensor in (model.state_dict() if weights is None else weights).items():
         if tied and hf_name == "lm_head.weight":
             continue  # llama.cpp reads the token embedding for the output when output.weight is absent
         if hf_name.endswith((".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")):
