@@ -360,8 +360,8 @@ def test_rollout_engine_llama_without_llama_cpp_is_one_error_line(tiny_llama, tm
 
     monkeypatch.setattr(llmcli.engines, "llama_cpp_installed", lambda: False)
     output = tmp_path / "out"
-    result = run_cli("finetune", *grpo_args(tiny_llama, tmp_path, "--max-steps", 1, "--rollout-engine", "llama"),
-                     "-o", output)
+    result = run_cli("finetune", *grpo_args(tiny_llama, tmp_path, "--max-steps", 1, "--rollout-engine", "llama",
+                                            "--max-length", 256), "-o", output)  # (no note on the length first)
     assert_clean_error(result, "--rollout-engine llama needs the llama.cpp engine", "pip install")
     assert not output.exists()
     auto = run_cli("finetune", *grpo_args(tiny_llama, tmp_path, "--max-steps", 1), "-o", output)

@@ -136,6 +136,10 @@ def finetune(
     master_port: MasterPortOption = None,
 ) -> None:
     """Finetune a model (or train one from scratch) on your data, with checkpoints that resume exactly."""
+    if reward and rollout_engine != "hf":  # GRPO may decode on llama.cpp: set before torch loads libgomp
+        from llmcli.engines.llama_import import gentle_openmp
+
+        gentle_openmp()
     from llmcli.tasks.finetune import FinetuneOptions, validate
     from llmcli.tasks.finetune_loop import run
 

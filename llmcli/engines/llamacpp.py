@@ -38,12 +38,9 @@ def import_llama_cpp() -> Any:
     global _silent_log
     llama_host.require_runnable(host_check())
     llama_host.report_illegal_instructions()
-    if "OMP_WAIT_POLICY" not in os.environ:
-        # llama.cpp's OpenMP threads spin at every op's barrier (libgomp's default: 300000 spins), so with
-        # other processes on the cores a spinning thread holds the core its partner needs: 0.4 tok/s
-        # with 4 busy processes on 2 cores. 1000 spins, then sleep: 11 tok/s busy, the same speed idle
-        # (docs/engines.md, "Every x86 host"). libgomp reads it when llama_cpp loads it, just below.
-        os.environ.setdefault("GOMP_SPINCOUNT", "1000")
+    from llmcli.engines.llama_import import gentle_openmp
+
+    gentle_openmp()
     try:
         from llmcli.engines.llama_import import bindings
 

@@ -56,6 +56,25 @@ def policy_weights(model: Any, changed_only: bool) -> tuple[Any, dict[str, Any]]
         return base, {**weights, **merged}
 
 
+def tensor_views(path: Path, tensors: Any) -> dict[str, Any]:
+    """Writable views of each tensor's data in the GGUF file that gguf's writer made of `tensors` (gguf name,
+    array, raw type), in their order: each at an offset aligned to GGUF_DEFAULT_ALIGNMENT, padded, the last
+    one ending the file. numpy's r+ memmap is MAP_SHARED, as llama.cpp's. (gguf.GGUFReader finds the same
+    offsets but parses the whole vocabulary first: 18 s for SmolLM2's on a busy 2-core host.)"""
+    import gguf
+    import numpy
+
+    arrays = [(name, data) for name, data, _ in tensors]
+    padded = lambda size: gguf.GGUFWriter.ggml_pad(size, gguf.GGUF_DEFAULT_ALIGNMENT)  # noqa: E731
+    mapped = numpy.memmap(path, mode="r+")
+    offset = len(mapped) - sum(padded(data.nbytes) for _, data in arrays)
+    views = {}
+    for name, data in arrays:
+        views[name] = mapped[offset:offset + data.nbytes].view(data.dtype).reshape(data.shape)
+        offset += padded(data.nbytes)
+    return views
+
+
 class LlamaRollouts:
     """The policy on llama.cpp, its weights kept equal to the hf model's (in F16) by `sync`."""
 
@@ -64,7 +83,7 @@ class LlamaRollouts:
 
         from llmcli.engines import physical_cores
         from llmcli.engines.llamacpp import LlamaCppEngine, import_llama_cpp
-        from llmcli.tasks.export import architecture_of, llama_cpp_pre_tokenizer, write_gguf
+        from llmcli.tasks.export import architecture_of, converted_tensors, llama_cpp_pre_tokenizer, write_gguf
 
         lib = import_llama_cpp()
         base, weights = policy_weights(model, changed_only=False)
@@ -75,8 +94,7 @@ class LlamaRollouts:
         self.path = Path(self.directory.name) / "policy.f16.gguf"
         loaded = SimpleNamespace(model=base, tokenizer=tokenizer, source=SimpleNamespace(name="policy"))
         write_gguf(loaded, self.architecture, llama_cpp_pre_tokenizer(tokenizer), self.path, "f16", None, weights)
-        reader = gguf.GGUFReader(self.path, "r+")  # numpy's r+ memmap is MAP_SHARED, as llama.cpp's map
-        self.views = {tensor.name: tensor.data for tensor in reader.tensors}
+        self.views = tensor_views(self.path, converted_tensors(base, self.architecture, self.arch, "f16", weights))
         self.engine = LlamaCppEngine(lib, None, self.path, physical_cores(), 0, extra_buffers=False)
         self.engine.eos_ids = frozenset(stop)  # the hf path's stops (llama.cpp's end-of-generation set may differ)
 
