@@ -15,6 +15,11 @@ llmcli through its loop's progress callback (this file run as `preferences.py ll
     python benchmarks/preferences.py trl-grpo --model DIR --data FILE --max-steps 4 ...
 
 each printing one JSON line (step end times, peak RSS and, for GRPO, the split of each step).
+P25 runs llmcli with each `--rollout-engine` (hf, llama). Whether both engines train the same way:
+
+    python benchmarks/preferences.py reward-curves 10
+
+runs docs/finetune.md's sums example with each engine and prints each one's reward per step.
 """
 
 from __future__ import annotations
