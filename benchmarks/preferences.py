@@ -15,6 +15,11 @@ llmcli through its loop's progress callback (this file run as `preferences.py ll
     python benchmarks/preferences.py trl-grpo --model DIR --data FILE --max-steps 4 ...
 
 each printing one JSON line (step end times, peak RSS and, for GRPO, the split of each step).
+P25 runs llmcli with each `--rollout-engine` (hf, llama). Whether both engines train the same way:
+
+    python benchmarks/preferences.py reward-curves 10
+
+runs docs/finetune.md's sums example with each engine and prints each one's reward per step.
 """
 
 from __future__ import annotations
@@ -169,57 +174,92 @@ def llmcli_has_grpo() -> bool:
 
 
 def grpo_split(records: list[dict]) -> dict[str, float]:
-    """Median seconds per step in generating, scoring and updating, over the steps after the first."""
-    keys = ("time/generate", "time/score", "time/update")
+    """Median seconds per step in generating, syncing llama.cpp's weights (llama rollouts only), scoring and
+    updating, over the steps after the first."""
+    keys = [k for k in ("time/generate", "time/sync", "time/score", "time/update") if k in (records[-1] if records else {})]
     timed = [r for r in records[1:] if all(k in r for k in keys)]
     return {k.split("/")[1]: statistics.median(r[k] for r in timed) for k in keys} if timed else {}
+
+
+ROLLOUT_ENGINES = {"hf": "hf rollouts", "llama": "llama.cpp rollouts"}
 
 
 def grpo_figures(workdir: Path, steps: int, repeats: int) -> list:
     """P25: GRPO, 2 prompts a step x 4 completions (TRL's per_device_train_batch_size counts
     completions: 8), at most 32 new tokens, temperature 1.0, beta 0.04 (a frozen reference on both
     sides), one regex reward (the answer is a number), lr 1e-6; seconds per step after the first, with
-    each side's split of a step into generating, scoring and the update; gradient checkpointing off on
-    both (TRL's default is on)."""
+    each side's split of a step into generating, (llama.cpp: syncing its weights,) scoring and the update;
+    gradient checkpointing off on both (TRL's default is on). llmcli runs with each --rollout-engine, the
+    three runs alternating."""
     from run import Figure
 
     if not llmcli_has_grpo():
         print("P25 skipped: llmcli has no grpo objective yet (finetune --help lists no --num-generations)")
         return []
+    engines = [e for e in ROLLOUT_ENGINES if e == "hf" or "--rollout-engine" in finetune_help()]
     model_dir = embedded_model_dir()
     data = workdir / "questions.jsonl"
     data.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": q}]}) + "\n" for q in QUESTIONS))
     prompts, generations, length = 2, 4, 32
     common = ["--max-steps", str(steps), "--lr", "1e-6", "--beta", "0.04", "--seed", "42", "--temperature", "1.0",
               "--num-generations", str(generations), "--max-completion-length", str(length)]
-    ours_runs, trl_runs = [], []
+    ours_runs: dict[str, list[dict]] = {engine: [] for engine in engines}
+    trl_runs: list[dict] = []
+
+    def summary(run: dict) -> dict:
+        return {"seconds_per_step": 1 / steps_per_second(run["step_ends"]),
+                "cpu_seconds_per_step": cpu_seconds_per_step(run["cpu_ends"]), "split": run["split"],
+                "peak_rss_mb": run["peak_rss_mb"], "completion_length": run["completion_length"]}
+
     for attempt in range(repeats):
-        ours = run_llmcli(data, workdir / f"grpo-{attempt}", workdir / "report.json",
-                          ["--objective", "grpo", *common, "--batch-size", str(prompts),
-                           "--reward", f"regex:{NUMBER_ONLY}"])
-        ours.update(split=grpo_split(ours["records"]), completion_length=statistics.mean(
-            r.get("completion_length", 0.0) for r in ours["records"][1:]))
+        for engine in engines:
+            ours = run_llmcli(data, workdir / f"grpo-{engine}-{attempt}", workdir / "report.json",
+                              ["--objective", "grpo", *common, "--batch-size", str(prompts),
+                               "--reward", f"regex:{NUMBER_ONLY}", "--rollout-engine", engine])
+            ours.update(split=grpo_split(ours["records"]), completion_length=statistics.mean(
+                r.get("completion_length", 0.0) for r in ours["records"][1:]))
+            ours_runs[engine].append(summary(ours))
         theirs = run_trl("grpo", model_dir, data, workdir / f"trl-grpo-{attempt}",
                          [*common, "--batch-size", str(prompts * generations), "--reward-pattern", NUMBER_ONLY])
-        for runs, run in ((ours_runs, ours), (trl_runs, theirs)):
-            runs.append({"seconds_per_step": 1 / steps_per_second(run["step_ends"]),
-                         "cpu_seconds_per_step": cpu_seconds_per_step(run["cpu_ends"]), "split": run["split"],
-                         "peak_rss_mb": run["peak_rss_mb"], "completion_length": run["completion_length"]})
-    seconds, cpu = ([statistics.median(r[key] for r in runs) for runs in (ours_runs, trl_runs)]
-                    for key in ("seconds_per_step", "cpu_seconds_per_step"))
+        trl_runs.append(summary(theirs))
+
+    def median(runs: list[dict], key: str) -> float:
+        return statistics.median(r[key] for r in runs)
 
     def split(runs: list[dict]) -> str:
         parts = {k: statistics.median(r["split"][k] for r in runs) for k in runs[0]["split"]}
-        return " / ".join(f"{v:.2f}" for v in parts.values()) + " s" if parts else "none logged"
+        return " / ".join(f"{k} {v:.2f}" for k, v in parts.items()) + " s" if parts else "none logged"
 
-    lengths = [statistics.median(r["completion_length"] for r in runs) for runs in (ours_runs, trl_runs)]
-    return [Figure("P25 finetune --objective grpo vs TRL GRPOTrainer (no vLLM)", seconds[0], seconds[1], "s/step",
-                   higher_is_better=False, goal=1.5, raw={"llmcli": ours_runs, "trl": trl_runs},
-                   note=f"embedded SmolLM2-135M fp32, {steps} steps of {prompts} prompts x {generations} completions "
-                        f"of at most {length} tokens (mean {lengths[0]:.1f} vs TRL's {lengths[1]:.1f}); "
-                        f"generate / score / update per step: llmcli {split(ours_runs)}, TRL {split(trl_runs)}; "
-                        f"CPU time per step {cpu[0]:.1f} s vs TRL's {cpu[1]:.1f} s; first step excluded; median of "
-                        f"{repeats}")]
+    figures = []
+    for engine, runs in ours_runs.items():
+        figures.append(Figure(
+            f"P25 finetune --objective grpo ({ROLLOUT_ENGINES[engine]}) vs TRL GRPOTrainer (no vLLM)",
+            median(runs, "seconds_per_step"), median(trl_runs, "seconds_per_step"), "s/step", higher_is_better=False,
+            goal=1.5, raw={"llmcli": runs, "trl": trl_runs},
+            note=f"embedded SmolLM2-135M fp32, {steps} steps of {prompts} prompts x {generations} completions of at "
+                 f"most {length} tokens (mean {median(runs, 'completion_length'):.1f} vs TRL's "
+                 f"{median(trl_runs, 'completion_length'):.1f}); per step: llmcli {split(runs)}, TRL {split(trl_runs)}; "
+                 f"CPU time per step {median(runs, 'cpu_seconds_per_step'):.1f} s vs TRL's "
+                 f"{median(trl_runs, 'cpu_seconds_per_step'):.1f} s; first step excluded; median of {repeats}"))
+    return figures
+
+
+def grpo_reward_curves(workdir: Path, steps: int) -> dict[str, list[float]]:
+    """Same training with either rollout engine? The worked example of docs/finetune.md ("Rewards"): the
+    sums of examples/sums.jsonl, rewarded for ending with 'Answer: N', LoRA; each engine's per-step
+    answer_format reward and seconds per step (run as `preferences.py reward-curves STEPS`)."""
+    examples = ROOT.parent / "examples"
+    curves = {}
+    for engine in ROLLOUT_ENGINES:
+        run = run_llmcli(examples / "sums.jsonl", workdir / f"sums-{engine}", workdir / "report.json",
+                         ["--objective", "grpo", "--reward", f"{examples / 'rewards.py'}:answer_format",
+                          "--num-generations", "4", "--batch-size", "2", "--max-completion-length", "48",
+                          "--max-steps", str(steps), "--lora", "--lr", "2e-3", "--scheduler", "constant",
+                          "--rollout-engine", engine])
+        curves[engine] = [round(r["reward"], 3) for r in run["records"]]
+        curves[f"{engine} s/step"] = [round(b - a, 1) for a, b in zip([0.0, *run["step_ends"]], run["step_ends"])]
+        curves[f"{engine} split"] = grpo_split(run["records"])
+    return curves
 
 
 # ---------------------------------------------------------------- TRL's side (run as a script)
@@ -332,6 +372,12 @@ def trl_grpo(args: argparse.Namespace) -> dict:
 def main() -> None:
     if sys.argv[1:2] == ["llmcli"]:
         llmcli_timed(sys.argv[2], sys.argv[3:])
+        return
+    if sys.argv[1:2] == ["reward-curves"]:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            print(json.dumps(grpo_reward_curves(Path(tmp), int(sys.argv[2]))))
         return
     parser = argparse.ArgumentParser(description="TRL's side of P24 (trl-dpo) and P25 (trl-grpo).")
     parser.add_argument("trainer", choices=["trl-dpo", "trl-grpo"])

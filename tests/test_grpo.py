@@ -136,7 +136,8 @@ def test_grpo_equals_trl_on_fixed_completions(beta, temperature, grad_accum, tin
                      "--reward-weights", 0.5,
                      "--num-generations", G, "--batch-size", PROMPTS_PER_STEP // grad_accum, "--grad-accum", grad_accum,
                      "--max-steps", STEPS, "--lr", LR,
-                     "--seed", SEED, "--log-every", 1, "--beta", beta, "--temperature", temperature)
+                     "--seed", SEED, "--log-every", 1, "--beta", beta, "--temperature", temperature,
+                     "--rollout-engine", "hf")  # the fixed completions replace the hf engine's sampling
     assert result.exit_code == 0, result.stderr
     ours = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     module = load_module(rewards)
@@ -184,11 +185,13 @@ def grpo_args(tiny_llama: Path, tmp_path: Path, *extra) -> list[str]:
             "--num-generations", 4, "--batch-size", 3, "--max-completion-length", 4, "--log-every", 1, *extra]
 
 
-def test_grpo_raises_the_reward(tiny_llama, tmp_path):
-    """Sampled rollouts on the tiny model and a reward it meets half the time: 20 steps raise the mean."""
+@pytest.mark.parametrize("engine", ["hf", "llama"])
+def test_grpo_raises_the_reward(engine, tiny_llama, tmp_path):
+    """Sampled rollouts on the tiny model and a reward it meets half the time: 20 steps raise the mean, with
+    either rollout engine (llama.cpp's only learns if its weights follow the trained ones)."""
     output = tmp_path / "run"
     result = run_cli("finetune", *grpo_args(tiny_llama, tmp_path, "--max-steps", 20, "--lr", 3e-2, "--scheduler",
-                                            "constant"), "-o", output)
+                                            "constant", "--rollout-engine", engine), "-o", output)
     assert result.exit_code == 0, result.stderr
     records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     rewards = [r["reward"] for r in records]
@@ -198,19 +201,23 @@ def test_grpo_raises_the_reward(tiny_llama, tmp_path):
                 "time/score", "time/update"} <= record.keys()
         assert record["completion_length"] <= 4
         assert "kl" not in record  # beta is 0 by default, as TRL's
+        assert ("time/sync" in record) == (engine == "llama")
     run = json.loads((output / "run.json").read_text())
     assert run["resolved"]["objective"] == "grpo" and run["resolved"]["reference"] == "none"
+    assert run["resolved"]["rollout_engine"] == engine
     png = (output / "loss.png").read_bytes()
     assert int.from_bytes(png[16:20], "big") == 1200  # two panels: the loss, and the reward beside it
 
 
-def test_grpo_kill_and_resume_equals_uninterrupted(tiny_llama, tmp_path):
+@pytest.mark.parametrize("engine", ["hf", "llama"])
+def test_grpo_kill_and_resume_equals_uninterrupted(engine, tiny_llama, tmp_path):
     """SIGKILL after checkpoint 2 of 5, then --resume: bit-identical weights and metrics, so the resumed run
-    sampled the same completions (the sampling RNG comes from seed, step, micro-batch and rank)."""
+    sampled the same completions (the sampling seed comes from seed, step, micro-batch and rank; llama.cpp's
+    weights are written again from the resumed ones, and its batches decode on a fresh context each step)."""
     from test_finetune import kill_after_checkpoint, same_weights, weights
 
     args = grpo_args(tiny_llama, tmp_path, "--max-steps", 5, "--lr", 1e-2, "--save-every", 1, "--beta", 0.04,
-                     "--grad-accum", 2, "--batch-size", 1)
+                     "--grad-accum", 2, "--batch-size", 1, "--rollout-engine", engine)
     straight = tmp_path / "straight"
     assert run_cli("finetune", *args, "-o", straight).exit_code == 0
     killed = tmp_path / "killed"
@@ -262,3 +269,102 @@ def test_grpo_with_lora_takes_the_base_as_reference(tiny_llama, tmp_path):
     run = json.loads((output / "run.json").read_text())
     assert run["resolved"]["reference"] == "the base model with the LoRA adapter disabled"
     assert (output / "adapter_model.safetensors").is_file()
+
+
+# ---------------------------------------------------------------- llama.cpp rollouts
+
+def hf_logprobs(model, ids: list[int]):
+    """log p(ids[i] | ids[:i]) for i >= 1 under the hf model, in float64."""
+    import torch
+
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits[0, :-1].double()
+    return logits.log_softmax(-1).gather(-1, torch.tensor(ids[1:]).unsqueeze(-1)).squeeze(-1)
+
+
+def llama_logprobs(rollouts, ids: list[int]):
+    import torch
+
+    from llmcli.engines import Window
+
+    values, _ = rollouts.engine.token_logprobs(Window(ids, len(ids) - 1), 0)
+    return torch.tensor(values, dtype=torch.float64)
+
+
+F16_LOGPROB_TOLERANCE = 2e-3  # the tiny model's log-probabilities on F16 weights vs float32: 3e-4 at most measured
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_llama_rollouts_follow_the_trained_weights(lora, tiny_llama):
+    """llama.cpp's log-probabilities equal hf's within F16 rounding; after the weights move (all of them, or
+    a LoRA adapter's), they stay the old ones until `sync`, then equal the new ones."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmcli.tasks.llama_rollouts import LlamaRollouts
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype="float32")
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    ids = tokenizer("The license is free and you may copy it")["input_ids"]
+    rollouts = LlamaRollouts(model, tokenizer, [tokenizer.eos_token_id])
+    torch.testing.assert_close(llama_logprobs(rollouts, ids), hf_logprobs(model, ids), rtol=0,
+                               atol=F16_LOGPROB_TOLERANCE)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # a training step's worth of change, and more
+        for name, parameter in model.named_parameters():
+            if parameter.requires_grad:
+                parameter.add_(torch.randn(parameter.shape, generator=generator) * (0.3 if lora else 0.05))
+    moved = hf_logprobs(model, ids)
+    assert (llama_logprobs(rollouts, ids) - moved).abs().max() > 20 * F16_LOGPROB_TOLERANCE  # not yet synced
+    rollouts.sync(model)
+    torch.testing.assert_close(llama_logprobs(rollouts, ids), moved, rtol=0, atol=F16_LOGPROB_TOLERANCE)
+
+
+def test_llama_rollouts_sample_what_hf_scores(tiny_llama):
+    """The completions' ids are the hf model's own (no text round trip): with top-k 1 each token is hf's
+    likeliest (within F16 rounding of a near tie), a completion ends at its first stop or at the length limit,
+    a prompt's G rows differ, and the same seed samples the same rows again."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmcli.tasks.llama_rollouts import LlamaRollouts
+    from llmcli.tasks.rollouts import SamplingSettings
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype="float32")
+    stop = tokenizer.eos_token_id
+    rollouts = LlamaRollouts(model, tokenizer, [stop])
+    prompts = [tokenizer(p)["input_ids"] for p in PROMPTS[:2]]
+    greedy = rollouts.sample(prompts, 2, SamplingSettings(2, 8, 1.0, 1.0, 1), seed=7)
+    assert len(greedy) == 4
+    for row, prompt in zip(greedy, [p for p in prompts for _ in range(2)]):
+        assert 1 <= len(row) <= 8 and all(t != stop for t in row[:-1]) and (len(row) == 8 or row[-1] == stop)
+        import torch
+
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([prompt + row])).logits[0, len(prompt) - 1:-1]
+        chosen = logits.gather(-1, torch.tensor(row).unsqueeze(-1)).squeeze(-1)
+        assert (logits.max(-1).values - chosen).max() < 1e-2, row
+    settings = SamplingSettings(4, 8, 1.0, 1.0, 0)
+    first = rollouts.sample(prompts, 4, settings, seed=11)
+    assert first == rollouts.sample(prompts, 4, settings, seed=11)
+    assert first != rollouts.sample(prompts, 4, settings, seed=12)
+    assert len({tuple(row) for row in first[:4]}) > 1  # each row its own seed
+
+
+def test_rollout_engine_llama_without_llama_cpp_is_one_error_line(tiny_llama, tmp_path, monkeypatch):
+    import llmcli.engines
+
+    monkeypatch.setattr(llmcli.engines, "llama_cpp_installed", lambda: False)
+    output = tmp_path / "out"
+    result = run_cli("finetune", *grpo_args(tiny_llama, tmp_path, "--max-steps", 1, "--rollout-engine", "llama",
+                                            "--max-length", 256), "-o", output)  # (no note on the length first)
+    assert_clean_error(result, "--rollout-engine llama needs the llama.cpp engine", "pip install")
+    assert not output.exists()
+    auto = run_cli("finetune", *grpo_args(tiny_llama, tmp_path, "--max-steps", 1, "--rollout-engine", "auto"),
+                   "-o", output)
+    assert auto.exit_code == 0, auto.stderr
+    assert json.loads((output / "run.json").read_text())["resolved"]["rollout_engine"] == "hf"

@@ -15,6 +15,19 @@ import sys
 from typing import Any
 
 
+def gentle_openmp() -> None:
+    """llama.cpp's OpenMP threads spin at every op's barrier (libgomp's default: 300000 spins), so with
+    other processes on the cores a spinning thread holds the core its partner needs: 0.4 tok/s with 4
+    busy processes on 2 cores. 1000 spins, then sleep: 11 tok/s busy, the same speed idle
+    (docs/engines.md, "Every x86 host"). libgomp reads it once, when it is first loaded: by llama_cpp,
+    or earlier by torch (whose libgomp.so.1 llama.cpp then shares), so a process that will run both
+    (GRPO's llama.cpp rollouts) calls this before importing torch."""
+    import os
+
+    if "OMP_WAIT_POLICY" not in os.environ:
+        os.environ.setdefault("GOMP_SPINCOUNT", "1000")
+
+
 def bindings() -> Any:
     """The `llama_cpp` package with its ctypes bindings loaded (ImportError when not installed)."""
     if "llama_cpp" in sys.modules:

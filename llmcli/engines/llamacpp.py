@@ -38,12 +38,9 @@ def import_llama_cpp() -> Any:
     global _silent_log
     llama_host.require_runnable(host_check())
     llama_host.report_illegal_instructions()
-    if "OMP_WAIT_POLICY" not in os.environ:
-        # llama.cpp's OpenMP threads spin at every op's barrier (libgomp's default: 300000 spins), so with
-        # other processes on the cores a spinning thread holds the core its partner needs: 0.4 tok/s
-        # with 4 busy processes on 2 cores. 1000 spins, then sleep: 11 tok/s busy, the same speed idle
-        # (docs/engines.md, "Every x86 host"). libgomp reads it when llama_cpp loads it, just below.
-        os.environ.setdefault("GOMP_SPINCOUNT", "1000")
+    from llmcli.engines.llama_import import gentle_openmp
+
+    gentle_openmp()
     try:
         from llmcli.engines.llama_import import bindings
 
@@ -79,16 +76,19 @@ def host_check() -> llama_host.HostCheck:
     return _host_checks[setting]
 
 
-def model_params(lib: Any, gpu_layers: int, vocab_only: bool = False) -> Any:
+def model_params(lib: Any, gpu_layers: int, vocab_only: bool = False, extra_buffers: bool | None = None) -> Any:
+    """extra_buffers None: the host's choice. False keeps every CPU weight in the file's memory map (the
+    repacking buffer types copy weights out of it), which GRPO's rollouts rewrite in place."""
     params = lib.llama_model_default_params()
     params.n_gpu_layers = gpu_layers
     params.vocab_only = vocab_only
-    params.use_extra_bufts = host_check().extra_buffers
+    params.use_extra_bufts = host_check().extra_buffers if extra_buffers is None else extra_buffers
     return params
 
 
-def load_model_file(lib: Any, path: Path, gpu_layers: int, vocab_only: bool = False) -> Any:
-    params = model_params(lib, gpu_layers, vocab_only)
+def load_model_file(lib: Any, path: Path, gpu_layers: int, vocab_only: bool = False,
+                    extra_buffers: bool | None = None) -> Any:
+    params = model_params(lib, gpu_layers, vocab_only, extra_buffers)
     model = lib.llama_model_load_from_file(str(path).encode(), params)
     if not model:
         raise ModelLoadError(f"{path} is not a readable GGUF model for llama.cpp",
@@ -207,9 +207,10 @@ class LlamaCppEngine:
         gpu_layers = -1 if offload and gpu is not False else 0  # a GPU build offloads every layer, as ollama does
         return cls(lib, source, path, threads, gpu_layers)
 
-    def __init__(self, lib: Any, source: Any, path: Path, threads: int, gpu_layers: int) -> None:
+    def __init__(self, lib: Any, source: Any, path: Path, threads: int, gpu_layers: int,
+                 extra_buffers: bool | None = None) -> None:
         self.lib, self.source, self.path, self.threads = lib, source, path, threads
-        self.model = load_model_file(lib, path, gpu_layers)
+        self.model = load_model_file(lib, path, gpu_layers, extra_buffers=extra_buffers)
         self.vocab = lib.llama_model_get_vocab(self.model)
         self.n_vocab = lib.llama_vocab_n_tokens(self.vocab)
         self.context_length = lib.llama_model_n_ctx_train(self.model) or None

@@ -225,7 +225,9 @@ def write_vocab(writer: Any, tokenizer: Any, pre: str, n_vocab: int, eos_ids: li
 
 
 def write_gguf(loaded: Any, architecture: str, pre: str, path: Path, type_name: str,
-               on_progress: ProgressCallback | None) -> int:
+               on_progress: ProgressCallback | None, weights: dict[str, Any] | None = None) -> int:
+    """`weights`: the tensors by Hugging Face name, when not the model's state_dict (GRPO's llama.cpp
+    rollouts pass a LoRA policy's weights with the adapter merged)."""
     import gguf
 
     model, config = loaded.model, loaded.model.config
@@ -237,7 +239,7 @@ def write_gguf(loaded: Any, architecture: str, pre: str, path: Path, type_name: 
     eos_ids = eos if isinstance(eos, list) else ([] if eos is None else [eos])
     with tempfile.TemporaryDirectory() as workdir:
         write_vocab(writer, loaded.tokenizer, pre, n_vocab, eos_ids, Path(workdir))
-    return write_tensors(writer, list(converted_tensors(model, architecture, type_name)), on_progress)
+    return write_tensors(writer, list(converted_tensors(model, architecture, type_name, weights)), on_progress)
 
 
 def write_tensors(writer: Any, tensors: list[tuple[str, Any, Any]], on_progress: ProgressCallback | None) -> int:
@@ -288,12 +290,13 @@ def write_hyperparameters(writer: Any, architecture: str, config: Any, n_vocab: 
         writer.add_value_length(head_dim)
 
 
-def converted_tensors(model: Any, architecture: str, type_name: str):
-    """(gguf name, array, raw type) for each weight, in the layout and type llama.cpp expects."""
+def converted_tensors(model: Any, architecture: str, type_name: str, weights: dict[str, Any] | None = None):
+    """(gguf name, array, raw type) for each weight (of `weights` if given, else of the model's state_dict),
+    in the layout and type llama.cpp expects."""
     config = model.config
     names = tensor_names(architecture, config)
     tied = getattr(config, "tie_word_embeddings", False)
-    for hf_name, tensor in model.state_dict().items():
+    for hf_name, tensor in (model.state_dict() if weights is None else weights).items():
         if tied and hf_name == "lm_head.weight":
             continue  # llama.cpp reads the token embedding for the output when output.weight is absent
         if hf_name.endswith((".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")):

@@ -510,7 +510,7 @@ def run(options: FinetuneOptions, reporter: Reporter | None = None) -> FinetuneR
     preferences = objectives.PreferenceSettings(beta, options.loss_type, options.label_smoothing,
                                                 options.desirable_weight, options.undesirable_weight,
                                                 options.simpo_gamma)
-    grpo = grpo_settings(options, objective, beta, train_data)
+    grpo = grpo_settings(options, objective, beta, train_data, model, tokenizer)
     built = objectives.build(objective, tokenizer, data_format, options.max_length, preferences, settings, grpo)
     train_blocks = built.prepare(train_data, options.data)
     eval_blocks = built.prepare(eval_data, options.data_eval or "validation split") if eval_data is not None else None
@@ -533,7 +533,7 @@ def run(options: FinetuneOptions, reporter: Reporter | None = None) -> FinetuneR
         resolved.update(packing=None, mask_prompt=None, reference=built.reference, beta=beta)
     if grpo is not None:
         resolved.update(rewards=dict(zip(grpo.rewards.names, grpo.rewards.weights)), loss_type="dapo",
-                        scale_rewards="group")
+                        scale_rewards="group", rollout_engine=grpo.rollout_engine)
     fresh = resume_from is None and (options.overwrite or not output.is_dir() or not any(output.iterdir()))
     try:
         return train(options, output, model, tokenizer, train_blocks, eval_blocks, resolved, reporter, resume_from,
@@ -546,7 +546,8 @@ def run(options: FinetuneOptions, reporter: Reporter | None = None) -> FinetuneR
         raise
 
 
-def grpo_settings(options: FinetuneOptions, objective: str, beta: float, train_data: Any) -> Any:
+def grpo_settings(options: FinetuneOptions, objective: str, beta: float, train_data: Any, model: Any = None,
+                  tokenizer: Any = None) -> Any:
     """GRPO's settings with its reward functions loaded (a missing file or function is an error now, before
     any training); None for the other objectives, which must not be given --reward."""
     if objective != "grpo":
@@ -557,6 +558,9 @@ def grpo_settings(options: FinetuneOptions, objective: str, beta: float, train_d
     if not options.reward:  # --objective auto on prompts (an explicit grpo is checked with the other options)
         raise UsageError("--objective grpo needs at least one --reward to score the completions",
                          "Add e.g. --reward 'regex:^\\d+$' or --reward my_rewards.py:score (repeatable).")
+    import torch
+
+    from llmcli.tasks.llama_rollouts import resolve_rollout_engine
     from llmcli.tasks.objectives import GRPOSettings
     from llmcli.tasks.rewards import load_rewards
     from llmcli.tasks.rollouts import SamplingSettings
@@ -565,7 +569,9 @@ def grpo_settings(options: FinetuneOptions, objective: str, beta: float, train_d
                            [c for c in train_data.column_names if c != "prompt"])
     sampling = SamplingSettings(options.num_generations, options.max_completion_length, options.temperature,
                                 options.top_p, options.top_k)
-    return GRPOSettings(sampling, rewards, options.epsilon, beta, options.seed)
+    on_cpu = options.device == "cpu" or not (torch.cuda.is_available() or torch.backends.mps.is_available())
+    engine = resolve_rollout_engine(options.rollout_engine, model, tokenizer, on_cpu)
+    return GRPOSettings(sampling, rewards, options.epsilon, beta, options.seed, engine)
 
 
 def epoch_batches(size: int, epoch: int, seed: int, batch_size: int, world: int, rank: int) -> list[list[int]]:

@@ -476,6 +476,7 @@ class GRPOSettings:
     epsilon: float = 0.2
     beta: float = 0.0
     seed: int = 42
+    rollout_engine: str = "hf"  # "hf" (model.generate) or "llama" (llama_rollouts), resolved
 
 
 def group_advantages(rewards: Any, group: int) -> Any:
@@ -520,10 +521,12 @@ def grpo(tokenizer: Any, settings: GRPOSettings) -> Objective:
 
     import torch
 
-    from llmcli.tasks.rollouts import rollout_seed, sample_completions
+    from llmcli.tasks.llama_rollouts import open_or_sync
+    from llmcli.tasks.rollouts import eos_ids, rollout_seed, sample_completions
 
     pad, group, rewards = pad_id(tokenizer), settings.sampling.num_generations, settings.rewards
     step_metrics: dict[str, list[Any]] = {}
+    llama = None  # the llama.cpp rollouts (--rollout-engine llama), made at the first step
 
     def prepare(dataset: Any, where: str) -> list[dict[str, Any]]:
         chat = isinstance(dataset[0]["prompt"], list)
@@ -541,7 +544,10 @@ def grpo(tokenizer: Any, settings: GRPOSettings) -> Objective:
     def rollout(model: Any, rows: list[dict[str, Any]], seed: int) -> tuple[dict[str, Any], Any, float, float]:
         began = time.perf_counter()
         prompt_ids = [r["prompt_ids"] for r in rows for _ in range(group)]
-        completion_ids = sample_completions(objective.unwrap(model), tokenizer, prompt_ids, settings.sampling, seed)
+        if llama is not None:
+            completion_ids = llama.sample([r["prompt_ids"] for r in rows], group, settings.sampling, seed)
+        else:
+            completion_ids = sample_completions(objective.unwrap(model), tokenizer, prompt_ids, settings.sampling, seed)
         generated = time.perf_counter()
         texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
         chat = isinstance(rows[0]["prompt"], list)
@@ -558,6 +564,11 @@ def grpo(tokenizer: Any, settings: GRPOSettings) -> Objective:
         return batch, per_function, total, generated - began, scored - generated
 
     def begin_step(model: Any, micro_rows: list[list[dict[str, Any]]], step: int) -> list[dict[str, Any]]:
+        nonlocal llama
+        sync_s = 0.0
+        if settings.rollout_engine == "llama":  # llama.cpp gets the weights of this step's policy
+            unwrapped = objective.unwrap(model)
+            llama, sync_s = open_or_sync(llama, unwrapped, tokenizer, eos_ids(unwrapped, tokenizer))
         accelerator = objective.accelerator
         rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
         batches, scores, totals, generate_s, score_s = [], [], [], 0.0, 0.0
@@ -581,13 +592,15 @@ def grpo(tokenizer: Any, settings: GRPOSettings) -> Objective:
         step_metrics.clear()
         step_metrics.update({"reward": total.nanmean(), "reward_std": nanstd(total),
                              "completion_length": lengths.mean(), "time/generate": generate_s, "time/score": score_s})
+        if llama is not None:
+            step_metrics["time/sync"] = sync_s
         for i, name in enumerate(rewards.names):
             step_metrics[f"rewards/{name}/mean"] = per_function[:, i].nanmean()
         return batches
 
     def end_step(seconds: float) -> dict[str, float]:
         metrics = {k: float(v) for k, v in step_metrics.items()}
-        metrics["time/update"] = seconds - metrics["time/generate"] - metrics["time/score"]
+        metrics["time/update"] = seconds - metrics["time/generate"] - metrics["time/score"] - metrics.get("time/sync", 0.0)
         return metrics
 
     def loss(model: Any, batch: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
@@ -611,7 +624,8 @@ def grpo(tokenizer: Any, settings: GRPOSettings) -> Objective:
         return (per_token * mask).sum() / batch["normalizer"], metrics
 
     names = ("reward", "reward_std", *(f"rewards/{n}/mean" for n in rewards.names), "completion_length",
-             *(("kl",) if settings.beta != 0 else ()), "clip_ratio", "time/generate", "time/score", "time/update")
+             *(("kl",) if settings.beta != 0 else ()), "clip_ratio", "time/generate",
+             *(("time/sync",) if settings.rollout_engine == "llama" else ()), "time/score", "time/update")
     objective = Objective("grpo", prepare, lambda rows: rows, loss,
                           lambda batch: batch["completion_mask"].sum(), names, begin_step=begin_step, end_step=end_step)
     return objective
