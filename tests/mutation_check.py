@@ -273,7 +273,7 @@ MUTANTS = [
     Mutant("echoed logprobs shifted by one token", "llmcli/serve/completions.py",
            "    scored_from = max(first, 1)", "    scored_from = max(first, 2)",
            "tests/test_serve.py -k echoed"),
-    Mutant("the server never batches", "llmcli/serve/app.py",
+    Mutant("the server never batches", "llmcli/serve/router.py",
            "EngineWorker(settings.queue_size, settings.max_batch)", "EngineWorker(settings.queue_size, 1)",
            "tests/test_serve.py -k batched"),
     Mutant("batched answers go to the wrong requests", "llmcli/serve/worker.py",
@@ -1010,6 +1010,16 @@ MUTANTS = [
     Mutant("GRPO with one generation accepted", "llmcli/tasks/finetune.py",
            "(options.num_generations >= 2, ", "(options.num_generations >= 1, ",
            "tests/test_grpo.py -k bad_grpo_input"),
+    Mutant("LRU picks the wrong victim", "llmcli/serve/router.py",
+           "        return min(idle, key=lambda served: served.last_used, default=None)",
+           "        return max(idle, key=lambda served: served.last_used, default=None)",
+           "tests/test_router.py -k least_recently_used"),
+    Mutant("an unload during a stream", "llmcli/serve/router.py",
+           "            served.busy += 1\n            future.add_done_callback(lambda _: self.release(served))\n", "",
+           "tests/test_router.py -k long_stream"),
+    Mutant("keep-alive ignored", "llmcli/serve/router.py",
+           "                if served.busy == 0 and served.idle_until <= now:", "                if False:",
+           "tests/test_router.py -k keep_alive"),
 ]
 
 

@@ -12,28 +12,29 @@ from fastapi import FastAPI, Request
 from llmcli import tools
 from llmcli.data import Prompt
 from llmcli.engines import Engine, Window
-from llmcli.serve.common import (PlainChat, Start, batch_job, check_constraint, check_max_tokens, check_model,
-                                 choices, decode_together, finish_reason, first_token_at, on_worker, respond,
+from llmcli.serve.common import (PlainChat, Start, batch_job, check_constraint, check_max_tokens, choices,
+                                 decode_together, finish_reason, first_token_at, on_worker, respond,
                                  sampling_options, token_pieces, token_text, usage)
 from llmcli.serve.metrics import Metrics
+from llmcli.serve.router import Router, Served
 from llmcli.serve.schemas import ChatRequest
-from llmcli.serve.settings import Settings
 from llmcli.tasks.generate import GenerateOptions, Generation, encode_prompt
 
 
-def add_route(app: FastAPI, engine: Engine, settings: Settings, worker: Any, scheduler: Any, metrics: Metrics) -> None:
+def add_route(app: FastAPI, router: Router, metrics: Metrics) -> None:
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request) -> Any:
-        start = await chat_start(engine, body, settings, worker, scheduler)
-        return await respond(request, start, body, "chat.completion", settings, metrics)
+        async with router.use(body.model, body.keep_alive) as model:
+            start = router.hold(model, await chat_start(model, body))
+            return await respond(request, start, body, "chat.completion", model.settings, metrics)
 
 
 CHAT_DEFAULT_TOKENS = 512  # a chat request without max_tokens: this, or what the context leaves
 
 
-async def chat_start(engine: Engine, body: ChatRequest, settings: Settings, worker: Any, scheduler: Any) -> Start:
-    """The checked request, ready to run: on the scheduler (llama.cpp) or the engine thread (hf)."""
-    check_model(body.model, settings)
+async def chat_start(model: Served, body: ChatRequest) -> Start:
+    """The checked request, ready to run on its model: on the scheduler (llama.cpp) or the engine thread (hf)."""
+    engine, settings, worker, scheduler = model.engine, model.settings, model.worker, model.scheduler
     asked = body.max_completion_tokens or body.max_tokens
     max_tokens = check_max_tokens(asked, CHAT_DEFAULT_TOKENS, settings)
     options = replace(sampling_options(body, max_tokens, chat=True), default_length=asked is None)

@@ -28,17 +28,6 @@ from llmcli.serve.worker import Batchable, Busy, Cancelled, EngineWorker
 from llmcli.tasks.generate import SEEDS, Generation, GenerateOptions, generate, outside_vocabulary, prepare
 
 
-def known_model(name: str, settings: Settings) -> bool:
-    return name == settings.model_name or name in settings.model_aliases
-
-
-def check_model(name: str | None, settings: Settings) -> None:
-    """OpenAI answers a model it does not have with 404 model_not_found."""
-    if name is not None and not known_model(name, settings):
-        raise ApiError(404, f"unknown model {name!r}; this server runs {settings.model_name!r}", param="model",
-                       code="model_not_found")
-
-
 def check_max_tokens(asked: int | None, default: int, settings: Settings) -> int:
     limit = settings.max_tokens_limit
     if asked is not None and limit is not None and asked > limit:
