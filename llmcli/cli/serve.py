@@ -112,7 +112,7 @@ def serve(
     from llmcli.serve.offers import FOREVER, parse_keep_alive
 
     idle = None if keep_alive is None else parse_keep_alive(keep_alive)
-    offers = offered_models(model or [], models_dir, models_file, engine)
+    offers = offered_models(model or [], models_dir, models_file)
     preloaded = None
     if len(offers) == 1 and not (models_dir or models_file):  # one -m: loaded now, as serve always did
         preloaded = load_engine(model[0] if model else None, engine, chat_template=chat_template, command="generate",
@@ -143,16 +143,13 @@ def serve(
                embedding_model=embedding_model, embedding_unavailable=embedding_unavailable, rerank_model=rerank_model)
 
 
-def offered_models(models: list[str], models_dir: str | None, models_file: str | None, engine: str) -> list:
+def offered_models(models: list[str], models_dir: str | None, models_file: str | None) -> list:
     """-m values, then --models-dir's models, then --models' (checked: each exists, names are unique);
-    none of them: the embedded model."""
-    from dataclasses import replace
-
+    none of them: the embedded model. Each runs on --engine unless its table in the file names one."""
     from llmcli.serve.offers import check_names, offer_for, offers_in_directory, offers_in_file
 
-    offers = [offer_for(value) for value in models] if models else []
+    offers = [offer_for(value) for value in models]
     offers += offers_in_directory(models_dir) if models_dir else []
-    offers = [replace(offer, engine=engine) for offer in offers]  # --engine, unless the file names one
     offers += offers_in_file(models_file) if models_file else []
     if not offers:
         offers = [offer_for(None)]
