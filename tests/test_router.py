@@ -181,3 +181,22 @@ def test_models_dir_offers_models_and_adapters_with_their_parent(tiny_llama, tin
         assert complete(server, "tuned") == expected
         assert complete(server, "tiny-llama-f32") == generate_text("This License", "-m", tiny_gguf, "--no-chat",
                                                                    "-n", "12")  # a file's stem names it too
+
+
+def test_bad_model_offers_are_one_line_errors(tiny_gguf, tmp_path):
+    """Mistakes in what to offer stop `serve` before it listens: exit 2, one Error line naming the input."""
+    from conftest import run_cli
+    from test_serve import free_port
+
+    duplicate = models_file(tmp_path, [{"name": "a", "model": str(tiny_gguf)}, {"name": "a", "model": str(tiny_gguf)}])
+    unknown = tmp_path / "unknown.toml"
+    unknown.write_text(f'[[model]]\nmodel = "{tiny_gguf}"\ncontext = 4096\n')
+    for args, message in ((("-m", tiny_gguf, "-m", tiny_gguf, "--keep-alive", "5x"), "--keep-alive '5x' is not a"),
+                          (("--models", duplicate), "two models are named 'a'"),
+                          (("--models", unknown), "model 1: unknown key 'context'"),
+                          (("-m", tiny_gguf, "--models-dir", tmp_path / "nowhere"), "is not a directory"),
+                          (("--models", duplicate, "--max-loaded", "0"), "--max-loaded must be at least 1"),
+                          (("--models-dir", tiny_gguf.parent, "--served-model-name", "x"), "for a server of one model")):
+        result = run_cli("serve", "--port", free_port(), *args)
+        errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+        assert result.exit_code == 2 and len(errors) == 1 and message in errors[0], (args, result.stderr)
