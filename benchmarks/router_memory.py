@@ -4,7 +4,7 @@ one request -> unload, three times, and the server process's resident set (VmRSS
 step. The first load also pays for imports (torch, llama.cpp) that stay; what matters is that RSS after
 an unload falls back to the level before the load, and does not climb from cycle to cycle.
 
-    python benchmarks/router_memory.py            # both engines; JSON on stdout
+    python benchmarks/router_memory.py [llama.cpp] [hf]     # default both engines; JSON on stdout
 
 The hf engine converts the GGUF to safetensors once (cached), as `llmcli generate --engine hf` does.
 """
@@ -70,7 +70,8 @@ def measure(engine: str, port: int, cycles: int = 3) -> dict:
 def main() -> None:
     from llmcli.distributed import free_port
 
-    results = {engine: measure(engine, free_port()) for engine in ("llama.cpp", "hf")}
+    engines = sys.argv[1:] or ["llama.cpp", "hf"]
+    results = {engine: measure(engine, free_port()) for engine in engines}
     results["host"] = f"{os.cpu_count()} CPUs, {sys.platform}"
     print(json.dumps(results, indent=1))
 

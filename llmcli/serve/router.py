@@ -223,10 +223,9 @@ class Router:
         if self.loaded.get(name) is not served or served.busy:
             return
         del self.loaded[name]
-        scheduler = served.scheduler
+        if served.scheduler is not None:  # read now: no reference to the engine may outlive stop_model
+            self.decoded_by_unloaded += served.scheduler.sequences.decoded
         await asyncio.to_thread(stop_model, served)
-        if scheduler is not None:
-            self.decoded_by_unloaded += scheduler.sequences.decoded
         if self.metrics:
             self.metrics.model_unloaded(name)
         self.notify()
