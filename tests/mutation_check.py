@@ -273,7 +273,7 @@ MUTANTS = [
     Mutant("echoed logprobs shifted by one token", "llmcli/serve/completions.py",
            "    scored_from = max(first, 1)", "    scored_from = max(first, 2)",
            "tests/test_serve.py -k echoed"),
-    Mutant("the server never batches", "llmcli/serve/app.py",
+    Mutant("the server never batches", "llmcli/serve/router.py",
            "EngineWorker(settings.queue_size, settings.max_batch)", "EngineWorker(settings.queue_size, 1)",
            "tests/test_serve.py -k batched"),
     Mutant("batched answers go to the wrong requests", "llmcli/serve/worker.py",
@@ -1044,9 +1044,9 @@ MUTANTS = [
            '        return "tool_use"', '        return "end_turn"',
            "tests/test_serve_messages.py -k tools_round_trip"),
     Mutant("count_tokens ignores the system prompt", "llmcli/serve/messages.py",
-           '        return {"input_tokens": await asyncio.to_thread(prompt_tokens, engine, chat_request(body))}',
-           '        return {"input_tokens": await asyncio.to_thread(prompt_tokens, engine, chat_request('
-           'body.model_copy(update={"system": None})))}',
+           '    async def count_tokens(body: Conversation) -> dict[str, int]:\n        chat = chat_request(body)',
+           '    async def count_tokens(body: Conversation) -> dict[str, int]:\n'
+           '        chat = chat_request(body.model_copy(update={"system": None}))',
            "tests/test_serve_messages.py -k equals_the_chat_completion"),
     Mutant("the stop sequence named is the first one asked", "llmcli/serve/messages.py",
            '            message["stop_sequence"] = min(ended, key=len) if ended else None',
@@ -1093,6 +1093,16 @@ MUTANTS = [
     Mutant("GRPO llama.cpp rollouts not seeded", "llmcli/tasks/llama_rollouts.py",
            "self.engine.set_seed(seed % 2**32)", "self.engine.seed = None",
            "tests/test_grpo.py -k llama_rollouts_sample"),
+    Mutant("LRU picks the wrong victim", "llmcli/serve/router.py",
+           "        return min(idle, key=lambda served: served.last_used, default=None)",
+           "        return max(idle, key=lambda served: served.last_used, default=None)",
+           "tests/test_router.py -k least_recently_used"),
+    Mutant("an unload during a stream", "llmcli/serve/router.py",
+           "            served.busy += 1\n            future.add_done_callback(lambda _: self.release(served))\n", "",
+           "tests/test_router.py -k long_stream"),
+    Mutant("keep-alive ignored", "llmcli/serve/router.py",
+           "                if served.busy == 0 and served.idle_until <= now:", "                if False:",
+           "tests/test_router.py -k keep_alive"),
 ]
 
 

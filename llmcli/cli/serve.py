@@ -8,7 +8,7 @@ import typer
 from llmcli import render
 from llmcli.cli.app import app
 from llmcli.cli.common import load_engine
-from llmcli.cli.options import (ModelOption, DeviceOption, DtypeOption, TrustOption, PickleOption, EngineOption,
+from llmcli.cli.options import (DeviceOption, DtypeOption, TrustOption, PickleOption, EngineOption,
                                  ThreadsOption, ChatTemplateOption, ReasoningFormatOption, ReasoningOption,
                                  ReasoningBudgetOption, SpeculativeOption, DraftMaxOption, DraftModelOption)
 from llmcli.errors import UsageError
@@ -16,7 +16,23 @@ from llmcli.errors import UsageError
 
 @app.command()
 def serve(
-    model: ModelOption = None,
+    model: Annotated[Optional[list[str]], typer.Option(
+        "--model", "-m", envvar="LLMCLI_MODEL", show_envvar=True, show_default=False,
+        help="Hub id (org/name, or org/name:QUANT for a GGUF file; from the cache, see 'llmcli pull'), local "
+        "save_pretrained dir, .gguf file, or 'smollm2'. Default: the embedded SmolLM2-135M-Instruct. Repeat it to "
+        "offer several models (each loaded at its first request).")] = None,
+    models_dir: Annotated[Optional[str], typer.Option(
+        help="Offer every .gguf file and model or adapter directory in DIR, named by its file or folder name.",
+        show_default=False)] = None,
+    models_file: Annotated[Optional[str], typer.Option(
+        "--models", help="A TOML file of [[model]] tables (name, model, engine, ctx_size, threads, parallel, "
+        "keep_alive, aliases) to offer.", show_default=False)] = None,
+    max_loaded: Annotated[Optional[int], typer.Option(
+        help="Models loaded at once at most; loading another unloads the least recently used idle one "
+        "(default: no limit).", show_default=False)] = None,
+    keep_alive: Annotated[Optional[str], typer.Option(
+        help="How long an idle model stays loaded: seconds or 30s, 5m, 1h; -1 always, 0 unloaded once idle "
+        "(default: 5m when several models are offered, always for one).", show_default=False)] = None,
     host: Annotated[str, typer.Option(help="Address to listen on; 0.0.0.0 exposes the model to the network "
                                       "(set --api-key then).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
@@ -71,6 +87,8 @@ def serve(
             raise UsageError(f"{name} must be {'in 1..65535' if name == '--port' else 'at least 1'}, got {value}")
     if max_tokens_limit is not None and max_tokens_limit <= 0:
         raise UsageError(f"--max-tokens-limit must be at least 1, got {max_tokens_limit}")
+    if max_loaded is not None and max_loaded <= 0:
+        raise UsageError(f"--max-loaded must be at least 1, got {max_loaded}")
     if parallel > 128:  # llama.cpp's 256 sequence ids hold the live ones and as many cached prefixes
         raise UsageError(f"--parallel must be at most 128, got {parallel}")
     from llmcli.cli.generate import check_speculation
@@ -102,28 +120,87 @@ def serve(
         except OSError as exc:
             raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror}",
                              "Pick another --port, or stop what is using it.") from exc
-    runner = load_engine(model, engine, chat_template=chat_template, command="generate", device=device, dtype=dtype,
-                         threads=threads, draft_model=draft_model,
-                         trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
-    if (draft_model or speculative == "on") and runner.name != "llama.cpp":
-        raise UsageError(f"serve's {'--draft-model' if draft_model else '--speculative on'} is for the llama.cpp "
-                         "engine", "Serve a .gguf model, or drop it.")
-    from llmcli.engines import add_adapter_dir
+    from llmcli.serve.offers import FOREVER, parse_keep_alive
+
+    idle = None if keep_alive is None else parse_keep_alive(keep_alive)
+    offers = offered_models(model or [], models_dir, models_file)
+    preloaded = None
+    if len(offers) == 1 and not (models_dir or models_file):  # one -m: loaded now, as serve always did
+        preloaded = load_engine(model[0] if model else None, engine, chat_template=chat_template, command="generate",
+                                device=device, dtype=dtype, threads=threads, draft_model=draft_model,
+                                trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+        if (draft_model or speculative == "on") and preloaded.name != "llama.cpp":
+            raise UsageError(f"serve's {'--draft-model' if draft_model else '--speculative on'} is for the llama.cpp "
+                             "engine", "Serve a .gguf model, or drop it.")
+        offers = [single_offer(offers[0], preloaded, served_model_name)]
+    else:
+        for option, value in (("--served-model-name", served_model_name), ("--draft-model", draft_model)):
+            if value:
+                raise UsageError(f"{option} is for a server of one model",
+                                 "Name models (and their options) in a --models file, or serve one model.")
+        idle = 5 * 60 if idle is None else idle  # ollama's default keep-alive
+    load = on_demand_loader(engine, chat_template, device=device, dtype=dtype, threads=threads,
+                            trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     from llmcli.serve import exposure_warning, run_server
+    from llmcli.serve.offers import Offer, check_names
 
-    for name, directory in adapters.items():
-        add_adapter_dir(runner, name, directory, render.notice)
-
+    # each --adapter is a model of its own, run on the first model (loaded beside it, once for all)
+    offers += [Offer(name, directory, parent=offers[0].name, on_parent=True) for name, directory in adapters.items()]
+    check_names(offers)
     warning = exposure_warning(host, api_key)
     if warning:
         render.notice(warning)
-    run_server(runner, host, port, api_key=api_key, max_tokens_limit=max_tokens_limit, queue_size=queue_size,
-               max_batch=max_batch, parallel=parallel, ctx_size=ctx_size, prefix_cache=prefix_cache,
-               speculative=speculative, draft_max=draft_max, reasoning_format=reasoning_format,
-               reasoning=reasoning, reasoning_budget=reasoning_budget,
-               max_body_bytes=max_body, json_logs=json_logs, served_name=served_model_name, on_notice=render.notice,
-               embedding_model=embedding_model, embedding_unavailable=embedding_unavailable, rerank_model=rerank_model,
-               adapters=tuple(adapters))
+    run_server(offers, load, host, port, preloaded=preloaded, max_loaded=max_loaded,
+               keep_alive=FOREVER if idle is None else idle, api_key=api_key, max_tokens_limit=max_tokens_limit,
+               queue_size=queue_size, max_batch=max_batch, parallel=parallel, ctx_size=ctx_size,
+               prefix_cache=prefix_cache, speculative=speculative, draft_max=draft_max,
+               reasoning_format=reasoning_format, reasoning=reasoning, reasoning_budget=reasoning_budget,
+               max_body_bytes=max_body, json_logs=json_logs, on_notice=render.notice,
+               embedding_model=embedding_model, embedding_unavailable=embedding_unavailable, rerank_model=rerank_model)
+
+
+def offered_models(models: list[str], models_dir: str | None, models_file: str | None) -> list:
+    """-m values, then --models-dir's models, then --models' (checked: each exists, names are unique);
+    none of them: the embedded model. Each runs on --engine unless its table in the file names one."""
+    from llmcli.serve.offers import check_names, offer_for, offers_in_directory, offers_in_file
+
+    offers = [offer_for(value) for value in models]
+    offers += offers_in_directory(models_dir) if models_dir else []
+    offers += offers_in_file(models_file) if models_file else []
+    if not offers:
+        offers = [offer_for(None)]
+    check_names(offers)
+    return offers
+
+
+def single_offer(offer, engine, served_name: str | None):
+    """The one model's offer, named as serve always named it (--served-model-name, else its id)."""
+    from dataclasses import replace
+
+    from llmcli.serve import model_aliases, model_id
+
+    return replace(offer, name=model_id(engine, served_name), aliases=model_aliases(engine) | offer.aliases,
+                   engine=engine.name)
+
+
+def on_demand_loader(engine: str, chat_template: str | None, **choices):
+    """How the server loads an offered model at its first request: its engine and threads if it names
+    them, else the command line's (--chat-template read and checked now, before the server starts)."""
+    from llmcli.cli.common import read_chat_template
+
+    template = read_chat_template(chat_template) if chat_template is not None else None
+
+    def load(offer):
+        from llmcli.engines import choose_engine
+
+        options = {**choices, "threads": offer.threads or choices["threads"]}
+        runner = choose_engine(offer.model, offer.engine if offer.engine != "auto" else engine, command="generate",
+                               on_notice=render.notice, **options)
+        if template is not None:
+            runner.chat_template = template
+        return runner
+
+    return load
 
 
 def adapter_options(values: list[str]) -> dict[str, str]:

@@ -1,4 +1,5 @@
-"""`llmcli serve`: the OpenAI HTTP API over one loaded engine, on FastAPI.
+"""`llmcli serve`: the OpenAI HTTP API over the offered models, on FastAPI. Which of them are loaded, and
+when they load and unload, is the router's (router.py): each request asks it for its model.
 
 No model logic here. On llama.cpp requests are decoded together by the scheduler (scheduler.py:
 continuous batching over the engine's sequence step, which `llmcli generate` drives too); on the hf
@@ -15,44 +16,44 @@ responses.py, messages.py, tokenize.py; as vLLM's entrypoints lay them out), wha
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import sys
 import time
 from contextlib import asynccontextmanager
-from dataclasses import replace
 from typing import Any, AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmcli import strict_json
 from llmcli.engines import Engine
 from llmcli.serve import chat, completions, embeddings, messages, rerank, responses, tokenize
-from llmcli.serve.common import known_model
 from llmcli.serve.errors import ApiError, error_response, log_internal_error, route_error, validation_error
 from llmcli.serve.metrics import CONTENT_TYPE_LATEST, Metrics
-from llmcli.serve.scheduler import Scheduler
-from llmcli.serve.settings import Settings, kv_cells, system_fingerprint
-from llmcli.serve.worker import EngineWorker
+from llmcli.serve.offers import Offer
+from llmcli.serve.router import Router
+from llmcli.serve.settings import Settings
 
 
-def create_app(engine: Engine, settings: Settings) -> FastAPI:
-    settings = replace(settings, fingerprint=settings.fingerprint or system_fingerprint(engine))
-    scheduler = None
-    if engine.name == "llama.cpp":
-        worker = scheduler = Scheduler(engine, settings.parallel, settings.queue_size, kv_cells(engine, settings),
-                                       settings.prefix_cache, settings.speculative, settings.draft_max)
-    else:
-        worker = EngineWorker(settings.queue_size, settings.max_batch)
-    metrics = Metrics(worker.running_requests, worker.waiting_requests,
-                      (lambda: scheduler.sequences.decoded) if scheduler else None)
+def create_app(engine: Engine | None, settings: Settings, router: Router | None = None) -> FastAPI:
+    """The app over the router's models; or over `engine` alone, loaded already and named
+    settings.model_name (what tests and a plain `serve -m X` run)."""
+    if router is None:
+        router = single_model(engine, settings)
+    decodes = len(router.offers) > 1 or any(served.scheduler for served in router.loaded.values())
+    metrics = Metrics(router.running_requests, router.waiting_requests, router.decoded_tokens if decodes else None)
+    router.metrics = metrics
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        expiry = asyncio.create_task(router.expire_idle())
         yield
-        worker.close()
+        expiry.cancel()
+        router.close()
 
     # the schema and its page, as FastAPI publishes them: client generators and schemathesis read it. The
     # page's Swagger UI script, style and icon come from fastapi-offline's copy, served here (FastAPI's
@@ -63,7 +64,7 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
 
     app = FastAPIOffline(title="llmcli", version=__version__, docs_url="/docs", redoc_url=None,
                          openapi_url="/openapi.json", static_url="/docs-assets", lifespan=lifespan)
-    app.state.worker = worker
+    app.state.worker = router  # what runs every model: its drain() cuts their requests at shutdown
     app.add_middleware(Gate, settings=settings)  # size limit, API key and access log, before any parsing
 
     @app.exception_handler(ApiError)
@@ -86,39 +87,81 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
     async def metrics_text() -> Response:
         return Response(metrics.text(), media_type=CONTENT_TYPE_LATEST)
 
+    completions.add_route(app, router, metrics)
+    chat.add_route(app, router, metrics)
+    responses.add_route(app, router, metrics)
+    messages.add_routes(app, router, metrics)
+    embedder = embeddings.add_route(app, settings)
+    reranker = rerank.add_routes(app, settings)
+    tokenize.add_routes(app, router)
+    add_model_routes(app, router, embedder, reranker, settings)
+    return app
+
+
+def single_model(engine: Engine, settings: Settings) -> Router:
+    """A router offering one model, loaded already; reloaded (after /models/unload) on its engine."""
+    from llmcli.engines import choose_engine
+
+    offer = Offer(settings.model_name, engine.source.location, engine=engine.name, aliases=settings.model_aliases)
+    router = Router([offer], lambda offer: choose_engine(offer.model, offer.engine), settings)
+    router.preload(engine)
+    return router
+
+
+class ModelName(BaseModel):
+    model: str
+
+
+def add_model_routes(app: FastAPI, router: Router, embedder: Any, reranker: Any, settings: Settings) -> None:
+    """/v1/models (every offered model: its kind, whether it is loaded, an adapter's parent, as vLLM
+    lists them) and llama-server's /models/load and /models/unload."""
     started = int(time.time())
-    model_card = {"id": settings.model_name, "object": "model", "created": started, "owned_by": "llmcli"}
 
-    embedding_card = {**model_card, "id": embeddings.embedding_model_id(settings.embedding_model)}
+    def card(name: str, kind: str, status: str, parent: str | None = None) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": started, "owned_by": "llmcli", "kind": kind,
+                "loaded": status == "loaded", "status": {"value": status}, "parent": parent}
 
-    cards = [model_card] + ([] if settings.embedding_unavailable else [embedding_card])
-    if settings.rerank_model:
-        cards.append({**model_card, "id": rerank.rerank_model_id(settings.rerank_model)})
-    cards += [{**model_card, "id": name, "parent": settings.model_name} for name in settings.adapters]  # vLLM's field
+    def holder_status(holder: Any) -> str:
+        return "loaded" if holder.model is not None else "unloaded"
+
+    def cards() -> list[dict[str, Any]]:
+        listed = [card(offer.name, "chat", router.status(offer.name), router.parent_id(offer))
+                  for offer in router.offers.values()]
+        if not settings.embedding_unavailable:
+            listed.append(card(embeddings.embedding_model_id(settings.embedding_model), "embedding",
+                               holder_status(embedder)))
+        if reranker is not None:
+            listed.append(card(rerank.rerank_model_id(settings.rerank_model), "rerank", holder_status(reranker)))
+        return listed
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
-        return {"object": "list", "data": cards}
+        return {"object": "list", "data": cards()}
 
     @app.get("/v1/models/{name:path}")
     async def retrieve_model(name: str) -> dict[str, Any]:
-        card = next((card for card in cards[1:] if card["id"] == name), None)
-        if card is not None:
-            return card
-        if not known_model(name, settings):
-            raise ApiError(404, f"no model {name!r} here; this server runs {settings.model_name!r}",
-                           "not_found_error", param="model", code="model_not_found")
-        return model_card
+        listed = cards()
+        found = next((listed_card for listed_card in listed if listed_card["id"] == name), None)
+        if found is not None:
+            return found
+        offer = router.find(name)  # an alias (the -m value, the file name); else 404 listing what is offered
+        return next(listed_card for listed_card in listed if listed_card["id"] == offer.name)
 
-    completions.add_route(app, engine, settings, worker, scheduler, metrics)
-    chat.add_route(app, engine, settings, worker, scheduler, metrics)
-    responses.add_route(app, engine, settings, worker, scheduler, metrics)
-    messages.add_routes(app, engine, settings, worker, scheduler, metrics)
-    embeddings.add_route(app, settings)
-    rerank.add_routes(app, settings)
-    tokenize.add_routes(app, engine, settings, scheduler.cells if scheduler else engine.context_length)
+    @app.post("/models/load")
+    async def load_model(body: ModelName) -> dict[str, bool]:
+        offer = router.find(body.model)
+        await router.load(router.offers[offer.parent] if offer.on_parent else offer)  # an adapter: its base
+        return {"success": True}
 
-    return app
+    @app.post("/models/unload")
+    async def unload_model(body: ModelName) -> dict[str, bool]:
+        """Once the model's requests in flight have ended: none is cut."""
+        if not await router.unload_when_idle(body.model):
+            raise ApiError(400, f"model {body.model!r} is not loaded", param="model", code="model_not_loaded")
+        return {"success": True}
+
+
+MODEL_PATHS = ("/models/load", "/models/unload")
 
 
 class Gate:
@@ -178,7 +221,7 @@ class Gate:
         if length.isdigit() and int(length) > self.settings.max_body_bytes:
             return too_large(self.settings)
         if self.settings.api_key and (scope["path"].startswith("/v1") or scope["path"] in tokenize.PATHS
-                                     or scope["path"] in rerank.PATHS):
+                                     or scope["path"] in rerank.PATHS or scope["path"] in MODEL_PATHS):
             key = self.settings.api_key.encode()
             bearer = hmac.compare_digest(headers.get("authorization", "").encode(), b"Bearer " + key)
             # Anthropic's clients send the key as x-api-key (ANTHROPIC_AUTH_TOKEN as a Bearer token)

@@ -13,30 +13,32 @@ from llmcli import reasoning, tools
 from llmcli.data import Prompt
 from llmcli.engines import Engine, Window
 from llmcli.serve.common import (PlainChat, Start, adapter_logprobs, batch_job, check_constraint, check_max_tokens,
-                                 check_model, choices, decode_together, finish_reason, first_token_at, on_worker,
-                                 reasoning_emitter, respond, sampling_options, token_pieces, token_text, usage,
-                                 with_reasoning)
+                                 choices, decode_together, finish_reason, first_token_at, on_worker, reasoning_emitter,
+                                 respond, sampling_options, token_pieces, token_text, usage, with_reasoning)
 from llmcli.serve.metrics import Metrics
+from llmcli.serve.router import Router, Served
 from llmcli.serve.schemas import ChatRequest
-from llmcli.serve.settings import Settings
 from llmcli.tasks.generate import GenerateOptions, Generation, encode_prompt
 
 
-def add_route(app: FastAPI, engine: Engine, settings: Settings, worker: Any, scheduler: Any, metrics: Metrics) -> None:
+def add_route(app: FastAPI, router: Router, metrics: Metrics) -> None:
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request) -> Any:
-        start = await chat_start(engine, body, settings, worker, scheduler)
-        return await respond(request, start, body, "chat.completion", settings, metrics)
+        async with router.use(body.model, body.keep_alive) as model:
+            adapter = router.adapter_of(body.model)
+            start = router.hold(model, await chat_start(model, body, adapter))
+            return await respond(request, start, body, "chat.completion", model.settings, metrics, adapter)
 
 
 CHAT_DEFAULT_TOKENS = 512  # a chat request without max_tokens: this, or what the context leaves
 
 
-async def chat_start(engine: Engine, body: ChatRequest, settings: Settings, worker: Any, scheduler: Any,
+async def chat_start(model: Served, body: ChatRequest, adapter: str | None = None,
                      shape_of: Callable[[tools.ToolUse | None, str], Any] | None = None) -> Start:
-    """The checked request, ready to run: on the scheduler (llama.cpp) or the engine thread (hf).
-    `shape_of` makes the reply's shape (default `reply_shape`; another API's face may wrap it)."""
-    adapter = check_model(body.model, settings)
+    """The checked request, ready to run on its model: on the scheduler (llama.cpp) or the engine thread (hf).
+    `adapter`: the LoRA adapter the request names (router.adapter_of); `shape_of` makes the reply's shape
+    (default `reply_shape`; another API's face may wrap it)."""
+    engine, settings, worker, scheduler = model.engine, model.settings, model.worker, model.scheduler
     if adapter and body.logprobs:
         raise adapter_logprobs()
     asked = body.max_completion_tokens or body.max_tokens

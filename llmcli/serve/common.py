@@ -28,20 +28,6 @@ from llmcli.serve.worker import Batchable, Busy, Cancelled, EngineWorker
 from llmcli.tasks.generate import SEEDS, Generation, GenerateOptions, generate, outside_vocabulary, prepare
 
 
-def known_model(name: str, settings: Settings) -> bool:
-    return name == settings.model_name or name in settings.model_aliases or name in settings.adapters
-
-
-def check_model(name: str | None, settings: Settings) -> str | None:
-    """OpenAI answers a model it does not have with 404 model_not_found. Returns the LoRA adapter the
-    request names (run on the model), or None for the model itself."""
-    if name is not None and not known_model(name, settings):
-        offered = ", ".join(repr(model) for model in (settings.model_name, *settings.adapters))
-        raise ApiError(404, f"unknown model {name!r}; this server runs {offered}", param="model",
-                       code="model_not_found")
-    return name if name in settings.adapters else None
-
-
 def adapter_logprobs() -> ApiError:
     """Scores run the model as loaded; an adapter's would be the base's numbers under its name."""
     return ApiError(400, "logprobs are not computed for LoRA adapters yet", param="logprobs")
@@ -282,9 +268,9 @@ Start = Callable[[Callable[[dict], None] | None, threading.Event], asyncio.Futur
 
 
 async def respond(request: Request, start: Start, body: Any, kind: str, settings: Settings,
-                  metrics: Metrics) -> Any:
+                  metrics: Metrics, adapter: str | None = None) -> Any:
     ident = f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-    model = body.model if body.model in settings.adapters else settings.model_name  # an adapter answers as itself
+    model = adapter or settings.model_name  # an adapter answers as itself
     header = {"id": ident, "object": kind, "created": int(time.time()), "model": model,
               "system_fingerprint": settings.fingerprint}
     tally = Tally(metrics, time.perf_counter(), settings.prefix_cache)

@@ -11,38 +11,43 @@ from fastapi import FastAPI, Request
 
 from llmcli.data import Prompt
 from llmcli.engines import Engine, Window
-from llmcli.serve.common import (adapter_logprobs, batch_job, check_constraint, check_max_tokens, check_model,
-                                 choices, decode_together, finish_reason, first_token_at, on_worker, respond,
-                                 sampling_options, token_pieces, token_text, usage)
+from llmcli.serve.common import (Start, adapter_logprobs, batch_job, check_constraint, check_max_tokens, choices,
+                                 decode_together, finish_reason, first_token_at, on_worker, respond, sampling_options,
+                                 token_pieces, token_text, usage)
 from llmcli.serve.errors import ApiError
 from llmcli.serve.metrics import Metrics
+from llmcli.serve.router import Router, Served
 from llmcli.serve.schemas import CompletionRequest
-from llmcli.serve.settings import Settings
 from llmcli.tasks.generate import Generation, GenerateOptions, encode_prompt, outside_vocabulary
 
 
-def add_route(app: FastAPI, engine: Engine, settings: Settings, worker: Any, scheduler: Any, metrics: Metrics) -> None:
+def add_route(app: FastAPI, router: Router, metrics: Metrics) -> None:
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Any:
-        adapter = check_model(body.model, settings)
-        if adapter and body.logprobs is not None:
-            raise adapter_logprobs()
-        max_tokens = check_max_tokens(body.max_tokens, 16, settings)
-        options = sampling_options(body, max_tokens, chat=False)
-        await check_constraint(engine, options)
+        async with router.use(body.model, body.keep_alive) as model:
+            adapter = router.adapter_of(body.model)
+            start = router.hold(model, await completion_start(model, body, adapter))
+            return await respond(request, start, body, "text_completion", model.settings, metrics, adapter)
 
-        prompts = [replace(prompt, adapter=adapter) for prompt in completion_prompts(engine, body)]
 
-        def work(emit: Callable[[dict], None] | None, cancelled: Callable[[], bool]) -> dict[str, Any]:
-            return run_completions(engine, body, prompts, options, max_tokens, emit, cancelled)
+async def completion_start(model: Served, body: CompletionRequest, adapter: str | None = None) -> Start:
+    """The checked request, ready to run on its model: on the scheduler (llama.cpp) or the engine thread (hf)."""
+    engine, settings, worker, scheduler = model.engine, model.settings, model.worker, model.scheduler
+    if adapter and body.logprobs is not None:
+        raise adapter_logprobs()
+    max_tokens = check_max_tokens(body.max_tokens, 16, settings)
+    options = sampling_options(body, max_tokens, chat=False)
+    await check_constraint(engine, options)
+    prompts = [replace(prompt, adapter=adapter) for prompt in completion_prompts(engine, body)]
 
-        if scheduler is not None and body.logprobs is None and max_tokens > 0:
-            start = decode_together(scheduler, engine, prompts, body, options)
-        else:
-            alone = len(body.prompt) > 1 or body.echo or body.logprobs is not None or max_tokens == 0
-            batchable = None if alone else batch_job(engine, prompts[0], body, options)
-            start = on_worker(worker, work, batchable)
-        return await respond(request, start, body, "text_completion", settings, metrics)
+    def work(emit: Callable[[dict], None] | None, cancelled: Callable[[], bool]) -> dict[str, Any]:
+        return run_completions(engine, body, prompts, options, max_tokens, emit, cancelled)
+
+    if scheduler is not None and body.logprobs is None and max_tokens > 0:
+        return decode_together(scheduler, engine, prompts, body, options)
+    alone = len(body.prompt) > 1 or body.echo or body.logprobs is not None or max_tokens == 0
+    batchable = None if alone else batch_job(engine, prompts[0], body, options)
+    return on_worker(worker, work, batchable)
 
 
 def run_completions(engine: Engine, body: CompletionRequest, prompts: list[Prompt], options: GenerateOptions,

@@ -92,7 +92,8 @@ def check_embedding_model(location: str | None) -> str | None:
     return None
 
 
-def add_route(app: FastAPI, settings: Settings) -> None:
+def add_route(app: FastAPI, settings: Settings) -> EmbeddingModel:
+    """The route; the model's holder is returned for /v1/models (whether it is loaded)."""
     holder = EmbeddingModel(settings.embedding_model)
     name = embedding_model_id(settings.embedding_model)
 
@@ -109,6 +110,8 @@ def add_route(app: FastAPI, settings: Settings) -> None:
                 for number, vector in enumerate(vectors)]
         return {"object": "list", "data": data, "model": name,
                 "usage": {"prompt_tokens": sum(tokens), "total_tokens": sum(tokens)}}
+
+    return holder
 
 
 def run(holder: EmbeddingModel, body: EmbeddingRequest) -> tuple[Any, list[int]]:

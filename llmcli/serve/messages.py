@@ -21,13 +21,13 @@ from llmcli import reasoning, strict_json, tools
 from llmcli.engines import Engine
 from llmcli.errors import LlmcliError
 from llmcli.serve.chat import chat_prompt, chat_start, reply_shape
-from llmcli.serve.common import (Tally, check_model, job_result, next_event, run_to_end, sampling_options,
+from llmcli.serve.common import (Tally, job_result, next_event, run_to_end, sampling_options,
                                  start_streaming)
 from llmcli.serve.errors import ApiError, anthropic_body, api_error, validation_error
 from llmcli.serve.metrics import Metrics
 from llmcli.serve.responses import new_id
+from llmcli.serve.router import Router
 from llmcli.serve.schemas import ChatRequest
-from llmcli.serve.settings import Settings
 from llmcli.tasks.generate import Generation, encode_prompt, find_stop
 
 PREFIX = "/v1/messages"  # the paths whose errors are in Anthropic's shape
@@ -86,30 +86,33 @@ class MessagesRequest(Conversation):
     stream: bool = False
 
 
-def add_routes(app: FastAPI, engine: Engine, settings: Settings, worker: Any, scheduler: Any, metrics: Metrics) -> None:
+def add_routes(app: FastAPI, router: Router, metrics: Metrics) -> None:
     @app.post(PREFIX)
     async def messages(body: MessagesRequest, request: Request) -> Any:
         chat = chat_request(body)
-        start = await chat_start(engine, chat, settings, worker, scheduler,
-                                 lambda use, form: StopSequenceShape(reply_shape(use, form), engine.decode, chat.stop))
-        tally = Tally(metrics, time.perf_counter(), settings.prefix_cache)
-        reply = Reply(settings.model_name)
-        if not body.stream:
-            result = await run_to_end(request, start, tally)
-            request.state.batch = result.get("batch", 1)  # for the access log
-            return reply.finish(result)
-        # Anthropic's message_start carries the input tokens, before any is generated: counted here
-        # (the job counts them again, on the engine's thread)
-        counted = await asyncio.to_thread(prompt_tokens, engine, chat)
-        cancelled = threading.Event()
-        events, future = start_streaming(request, start, cancelled)
-        return StreamingResponse(reply.events(request, counted, events, future, cancelled, tally),
-                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        async with router.use(chat.model) as model:
+            engine, settings, adapter = model.engine, model.settings, router.adapter_of(chat.model)
+            shape_of = lambda use, form: StopSequenceShape(reply_shape(use, form), engine.decode, chat.stop)  # noqa: E731
+            start = router.hold(model, await chat_start(model, chat, adapter, shape_of))
+            tally = Tally(metrics, time.perf_counter(), settings.prefix_cache)
+            reply = Reply(adapter or settings.model_name)
+            if not body.stream:
+                result = await run_to_end(request, start, tally)
+                request.state.batch = result.get("batch", 1)  # for the access log
+                return reply.finish(result)
+            # Anthropic's message_start carries the input tokens, before any is generated: counted here
+            # (the job counts them again, on the engine's thread)
+            counted = await asyncio.to_thread(prompt_tokens, engine, chat)
+            cancelled = threading.Event()
+            events, future = start_streaming(request, start, cancelled)
+            return StreamingResponse(reply.events(request, counted, events, future, cancelled, tally),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     @app.post(PREFIX + "/count_tokens")
     async def count_tokens(body: Conversation) -> dict[str, int]:
-        check_model(body.model, settings)
-        return {"input_tokens": await asyncio.to_thread(prompt_tokens, engine, chat_request(body))}
+        chat = chat_request(body)
+        async with router.use(chat.model) as model:
+            return {"input_tokens": await asyncio.to_thread(prompt_tokens, model.engine, chat)}
 
 
 # ------------------------------------------------------------------ request -> chat

@@ -18,6 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST  # noqa: F401  (the route's me
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
                    240.0, 480.0, 960.0)
+LOAD_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)  # seconds: a tiny GGUF to a 70B
 
 
 class Metrics:
@@ -47,6 +48,12 @@ class Metrics:
                                     registry=registry)
         self.accepted_tokens = Counter("llmcli:spec_decode_num_accepted_tokens", "Drafted tokens the model "
                                        "kept.", registry=registry)
+        # per model (a server may offer several, loaded on demand): llama-server and ollama log these
+        self.model_loads = Counter("llmcli:model_loads", "Loads of each model.", ["model"], registry=registry)
+        self.model_unloads = Counter("llmcli:model_unloads", "Unloads of each model (idle, LRU or asked).",
+                                     ["model"], registry=registry)
+        self.model_load_seconds = Histogram("llmcli:model_load_seconds", "Time to load each model.", ["model"],
+                                            buckets=LOAD_BUCKETS, registry=registry)
         self.cache_hits = Counter("llmcli:prefix_cache_hits", "Prompt tokens found in the prefix cache (not "
                                   "decoded again).", registry=registry)
 
@@ -67,6 +74,13 @@ class Metrics:
         if prefix_cache:
             self.cache_queries.inc(usage["prompt_tokens"])
             self.cache_hits.inc(usage.get("prompt_tokens_details", {}).get("cached_tokens", 0))
+
+    def model_loaded(self, name: str, seconds: float) -> None:
+        self.model_loads.labels(model=name).inc()
+        self.model_load_seconds.labels(model=name).observe(seconds)
+
+    def model_unloaded(self, name: str) -> None:
+        self.model_unloads.labels(model=name).inc()
 
     def aborted(self) -> None:
         self.success.labels(finished_reason="abort").inc()

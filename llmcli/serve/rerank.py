@@ -68,7 +68,8 @@ def check_rerank_model(location: str | None) -> None:
         read_cross_encoder_recipe(location)
 
 
-def add_routes(app: FastAPI, settings: Settings) -> None:
+def add_routes(app: FastAPI, settings: Settings) -> RerankModel | None:
+    """The routes; the model's holder (None without --rerank-model) is returned for /v1/models."""
     holder = RerankModel(settings.rerank_model) if settings.rerank_model else None
     name = rerank_model_id(settings.rerank_model) if settings.rerank_model else None
 
@@ -92,6 +93,7 @@ def add_routes(app: FastAPI, settings: Settings) -> None:
 
     for path in PATHS:
         app.post(path, include_in_schema=path == "/v1/rerank")(rerank)
+    return holder
 
 
 def run(holder: RerankModel, query: str, documents: list[str], top_n: int | None) -> Any:

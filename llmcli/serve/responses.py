@@ -18,11 +18,11 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field, ValidationError
 
 from llmcli import strict_json
-from llmcli.engines import Engine
 from llmcli.serve.chat import chat_start
 from llmcli.serve.common import Tally, job_result, next_event, run_to_end, start_streaming
 from llmcli.serve.errors import ApiError, error_body, validation_error
 from llmcli.serve.metrics import Metrics
+from llmcli.serve.router import Router
 from llmcli.serve.schemas import ChatRequest
 from llmcli.serve.settings import Settings
 
@@ -86,7 +86,7 @@ class Store:
             return self.kept[ident]
 
 
-def add_route(app: FastAPI, engine: Engine, settings: Settings, worker: Any, scheduler: Any, metrics: Metrics) -> None:
+def add_route(app: FastAPI, router: Router, metrics: Metrics) -> None:
     store = Store()
 
     @app.post("/v1/responses")
@@ -94,13 +94,14 @@ def add_route(app: FastAPI, engine: Engine, settings: Settings, worker: Any, sch
         earlier = store.get(body.previous_response_id)[1] if body.previous_response_id else []
         conversation = earlier + input_messages(body.input)
         chat = chat_request(body, conversation)
-        start = await chat_start(engine, chat, settings, worker, scheduler)
-        reply = Reply(body, settings, store, conversation)
-        tally = Tally(metrics, time.perf_counter(), settings.prefix_cache)
-        if not body.stream:
-            return reply.finish(await run_to_end(request, start, tally))
-        cancelled = threading.Event()
-        events, future = start_streaming(request, start, cancelled)
+        async with router.use(body.model) as model:
+            start = router.hold(model, await chat_start(model, chat, router.adapter_of(body.model)))
+            reply = Reply(body, model.settings, store, conversation)
+            tally = Tally(metrics, time.perf_counter(), model.settings.prefix_cache)
+            if not body.stream:
+                return reply.finish(await run_to_end(request, start, tally))
+            cancelled = threading.Event()
+            events, future = start_streaming(request, start, cancelled)
         return StreamingResponse(reply.events(request, events, future, cancelled, tally),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 

@@ -75,6 +75,8 @@ class Sampling(BaseModel):
     min_p: Optional[float] = Field(None, ge=0, le=1)
     repetition_penalty: Optional[float] = Field(None, ge=0.01, le=100)  # as `generate` takes it
     functions: Optional[list[Any]] = None  # OpenAI's deprecated form of tools: refused, naming the new one
+    # ollama's: how long the model stays loaded once idle after this request (seconds, "5m"; -1 always)
+    keep_alive: Optional[Union[str, float]] = None
 
     @field_validator("functions")
     @classmethod
@@ -95,6 +97,19 @@ class Sampling(BaseModel):
                 raise PydanticCustomError("unsupported_field", "{field} is not supported by this server; send the "
                                           "request without it", {"field": name})  # ctx: the error's param
         return data
+
+    @field_validator("keep_alive")
+    @classmethod
+    def a_duration(cls, value: str | float | None) -> float | None:
+        from llmcli.errors import UsageError
+        from llmcli.serve.offers import parse_keep_alive
+
+        if value is None:
+            return None
+        try:
+            return parse_keep_alive(value, "keep_alive")
+        except UsageError as exc:
+            raise ValueError(f"{exc.message}; use seconds or a duration such as 30s, 5m, 1h") from None
 
     @field_validator("logit_bias")
     @classmethod

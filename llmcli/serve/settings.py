@@ -29,7 +29,6 @@ class Settings:
     reasoning_format: str = "auto"  # thinking models: how replies are split (llmcli.reasoning.FORMATS)
     reasoning: str = "auto"  # thinking on, off, or as the template has it, unless a request says
     reasoning_budget: int | None = None  # thinking tokens at most before the end marker is forced
-    adapters: tuple[str, ...] = ()  # LoRA adapters on the model (serve --adapter NAME=DIR), offered by NAME
 
 
 def system_fingerprint(engine: Engine) -> str:

@@ -20,10 +20,9 @@ from pydantic_core import PydanticCustomError
 from llmcli import tools
 from llmcli.engines import Engine
 from llmcli.errors import LlmcliError
-from llmcli.serve.common import check_model
 from llmcli.serve.errors import ApiError
 from llmcli.serve.schemas import Message
-from llmcli.serve.settings import Settings
+from llmcli.serve.router import Router, Served
 from llmcli.tasks.generate import outside_vocabulary
 
 PATHS = ("/tokenize", "/detokenize", "/tokenizer_info")  # at the root, as vLLM and llama-server serve them
@@ -100,27 +99,35 @@ def tokenizer_info(engine: Engine, max_model_len: int | None) -> dict[str, Any]:
             "chat_template": engine.chat_template}
 
 
-def add_routes(app: FastAPI, engine: Engine, settings: Settings, max_model_len: int | None) -> None:
+def add_routes(app: FastAPI, router: Router) -> None:
     """The three routes; tokenizing runs off the event loop (a long prompt or a chat template takes a while)
     but beside generation, as vLLM and llama-server do: tokenizers are safe to share."""
 
     @app.post("/tokenize")
     async def tokenize_route(body: TokenizeRequest) -> dict[str, Any]:
-        check_model(body.model, settings)
-        ids = await asyncio.to_thread(tokenize, engine, body)
-        strings = [engine.token_text(token) for token in ids] if body.return_token_strs else None
-        return {"count": len(ids), "max_model_len": max_model_len, "tokens": ids, "token_strs": strings}
+        async with router.use(body.model) as model:
+            engine = model.engine
+            ids = await asyncio.to_thread(tokenize, engine, body)
+            strings = [engine.token_text(token) for token in ids] if body.return_token_strs else None
+            return {"count": len(ids), "max_model_len": max_model_len_of(model), "tokens": ids, "token_strs": strings}
 
     @app.post("/detokenize")
     async def detokenize_route(body: DetokenizeRequest) -> dict[str, str]:
-        check_model(body.model, settings)
-        outside = outside_vocabulary(body.tokens, engine)
-        if outside is not None:
-            raise ApiError(400, f"token {outside} is outside this model's vocabulary of "
-                           f"{engine.constraints.n_vocab} tokens", param="tokens")
-        # special tokens keep their text, as vLLM's and llama-server's /detokenize give them
-        return {"prompt": await asyncio.to_thread(engine.decode, body.tokens, True)}
+        async with router.use(body.model) as model:
+            engine = model.engine
+            outside = outside_vocabulary(body.tokens, engine)
+            if outside is not None:
+                raise ApiError(400, f"token {outside} is outside this model's vocabulary of "
+                               f"{engine.constraints.n_vocab} tokens", param="tokens")
+            # special tokens keep their text, as vLLM's and llama-server's /detokenize give them
+            return {"prompt": await asyncio.to_thread(engine.decode, body.tokens, True)}
 
     @app.get("/tokenizer_info")
-    async def tokenizer_info_route() -> dict[str, Any]:
-        return tokenizer_info(engine, max_model_len)
+    async def tokenizer_info_route(model: str | None = None) -> dict[str, Any]:
+        async with router.use(model) as served:
+            return tokenizer_info(served.engine, max_model_len_of(served))
+
+
+def max_model_len_of(model: Served) -> int | None:
+    """The most tokens a request may hold: the KV cells its sequences share (llama.cpp), or the context."""
+    return model.scheduler.cells if model.scheduler else model.engine.context_length
