@@ -1103,6 +1103,9 @@ MUTANTS = [
     Mutant("keep-alive ignored", "llmcli/serve/router.py",
            "                if served.busy == 0 and served.idle_until <= now:", "                if False:",
            "tests/test_router.py -k keep_alive"),
+    Mutant("a request for an adapter runs the base without it", "llmcli/serve/router.py",
+           "        return offer.name if offer.on_parent else None", "        return None",
+           "tests/test_adapters.py -k serve_offers"),
 ]
 
 
