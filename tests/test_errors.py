@@ -226,7 +226,8 @@ MATRIX = [
     # one model per command: a second -m is refused before anything loads, not silently preferred
     ("generate hi -m smollm2 -m {gpt2}", "-m/--model was given 2 times, and generate runs one model"),
     ("chat -m smollm2 --model={gpt2}", "-m/--model was given 2 times, and chat runs one model"),
-    ("serve -m smollm2 -m {gpt2}", "-m/--model was given 2 times, and serve runs one model"),
+    # serve offers every -m (loaded on demand), but some options name one model
+    ("serve -m smollm2 -m {gpt2} --served-model-name x", "--served-model-name is for a server of one model"),
     ("fill-mask 'a [MASK]' -m {bert} -m{bert}", "-m/--model was given 2 times, and fill-mask runs one model"),
     ("finetune -d {ws}/gpl.txt -m smollm2 -m {gpt2}", "-m/--model was given 2 times, and finetune runs one model"),
 ]
